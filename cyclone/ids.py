@@ -1,0 +1,63 @@
+"""Time-ordered prediction ids (UUIDv7, RFC 9562).
+
+Ids are made at the edge, so the store can derive `created_at` from the id and
+attach late labels without a lookup table. Within one process ids are strictly
+increasing: a 12-bit counter fills `rand_a` when several ids share a millisecond.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+
+_lock = threading.Lock()
+_last_ms = 0
+_counter = 0
+
+
+def _next_ms_and_counter(n: int) -> tuple[int, int]:
+    """Reserve `n` consecutive counter values in the current millisecond."""
+    global _last_ms, _counter
+    with _lock:
+        now = time.time_ns() // 1_000_000
+        if now > _last_ms:
+            _last_ms, _counter = now, 0
+        elif _counter + n > 0xFFF:
+            # Counter space used up: borrow the next millisecond (monotonic, never repeats).
+            _last_ms, _counter = _last_ms + 1, 0
+        start = _counter
+        _counter += n
+        return _last_ms, start
+
+
+def uuid7_batch(n: int) -> list[str]:
+    """Return `n` new, strictly increasing UUIDv7 strings."""
+    out: list[str] = []
+    while n > 0:
+        take = min(n, 0x1000)
+        ms, start = _next_ms_and_counter(take)
+        rand = os.urandom(8 * take)
+        high = (ms << 16) | 0x7000
+        for i in range(take):
+            low = int.from_bytes(rand[8 * i : 8 * i + 8], "big")
+            low = (low & 0x3FFFFFFFFFFFFFFF) | 0x8000000000000000
+            out.append(str(uuid.UUID(int=((high | (start + i)) << 64) | low)))
+        n -= take
+    return out
+
+
+def uuid7() -> str:
+    """Return one new UUIDv7 string."""
+    return uuid7_batch(1)[0]
+
+
+def uuid7_time(prediction_id: str | uuid.UUID) -> datetime:
+    """The creation time embedded in a UUIDv7 (millisecond precision, UTC)."""
+    value = prediction_id if isinstance(prediction_id, uuid.UUID) else uuid.UUID(prediction_id)
+    if value.version != 7:
+        raise ValueError(f"{prediction_id} is not a UUIDv7")
+    ms = value.int >> 80
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)

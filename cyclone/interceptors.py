@@ -1,0 +1,148 @@
+"""Server interceptor: request id, Prometheus counters and latency per RPC.
+
+One interceptor does both jobs so each call pays for one wrapper, not two.
+Health and reflection calls are not counted: they would drown the real traffic.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+from prometheus_client import Counter, Histogram
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+REQUESTS = Counter("cyclone_grpc_requests", "gRPC requests handled", ["service", "method"])
+ERRORS = Counter("cyclone_grpc_errors", "gRPC requests that failed", ["service", "method", "code"])
+LATENCY = Histogram(
+    "cyclone_grpc_latency_seconds",
+    "gRPC request latency",
+    ["service", "method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)
+
+_SKIPPED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+REQUEST_ID_HEADER = "x-request-id"
+
+
+class _MethodMetrics:
+    """Pre-resolved metric children: `.labels()` is too slow for the hot path."""
+
+    def __init__(self, full_method: str) -> None:
+        service, _, method = full_method.lstrip("/").rpartition("/")
+        self.service, self.method = service, method
+        self.requests = REQUESTS.labels(service, method)
+        self.latency = LATENCY.labels(service, method)
+
+    def error(self, code: grpc.StatusCode) -> None:
+        ERRORS.labels(self.service, self.method, code.name).inc()
+
+
+def _request_id(details: grpc.HandlerCallDetails) -> str:
+    for key, value in details.invocation_metadata or ():  # type: ignore[attr-defined]
+        if key == REQUEST_ID_HEADER:
+            return str(value)
+    return uuid.uuid4().hex
+
+
+def _failed_code(context: aio.ServicerContext[Any, Any], exc: BaseException | None) -> grpc.StatusCode | None:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return None if code == grpc.StatusCode.OK else code
+    if isinstance(code, int) and code != 0:
+        return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    if exc is not None:
+        return grpc.StatusCode.UNKNOWN
+    return None
+
+
+class ObservabilityInterceptor(aio.ServerInterceptor):
+    """Sets the request id (from `x-request-id` or a new one) and records metrics."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, _MethodMetrics] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(_SKIPPED):
+            return handler
+        metrics = self._metrics.get(method)
+        if metrics is None:
+            metrics = self._metrics[method] = _MethodMetrics(method)
+        rid = _request_id(handler_call_details)
+        return _wrap(handler, metrics, rid)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, m: _MethodMetrics, rid: str) -> grpc.RpcMethodHandler:
+    def begin(context: aio.ServicerContext[Any, Any]) -> float:
+        request_id_var.set(rid)
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+        m.requests.inc()
+        return time.perf_counter()
+
+    def end(context: aio.ServicerContext[Any, Any], started: float, exc: BaseException | None) -> None:
+        m.latency.observe(time.perf_counter() - started)
+        code = _failed_code(context, exc)
+        if code is not None:
+            m.error(code)
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            started, exc = begin(context), None
+            try:
+                return await inner_uu(request, context)
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                end(context, started, exc)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+    if handler.stream_unary:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            started, exc = begin(context), None
+            try:
+                return await inner_su(requests, context)
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                end(context, started, exc)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+
+    inner_stream = handler.unary_stream or handler.stream_stream
+
+    async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        started, exc = begin(context), None
+        try:
+            async for item in inner_stream(request, context):
+                yield item
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            end(context, started, exc)
+
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)

@@ -1,0 +1,1 @@
+"""Model files: the `model.yaml` schema, the repository layout, scikit-learn → ONNX."""

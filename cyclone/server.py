@@ -1,0 +1,145 @@
+"""The one gRPC server bootstrap every Cyclone service runs on.
+
+grpc.aio server, per-service health, reflection, request-id + metrics interceptor,
+optional OpenTelemetry, a Prometheus endpoint, message-size limits, and graceful
+shutdown: on SIGTERM/SIGINT health turns NOT_SERVING first, then `stop(grace)` lets
+in-flight calls finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from cyclone.interceptors import ObservabilityInterceptor
+from cyclone.settings import ServerSettings
+from cyclone.telemetry import configure_logging, server_tracing_interceptors
+
+log = logging.getLogger(__name__)
+
+ShutdownHook = Callable[[], Awaitable[None]]
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+class CycloneServer:
+    """A started-on-demand grpc.aio server with Cyclone's cross-cutting parts installed."""
+
+    def __init__(self, component: str, settings: ServerSettings) -> None:
+        self.component = component
+        self.settings = settings
+        configure_logging(settings.log_level)
+        interceptors = [*server_tracing_interceptors(component), ObservabilityInterceptor()]
+        self.grpc = aio.server(
+            interceptors=interceptors,
+            options=[*channel_options(settings.max_message_bytes), ("grpc.so_reuseport", 0)],
+        )
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        self._service_names: list[str] = []
+        self._shutdown_hooks: list[ShutdownHook] = []
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_server: Any = None
+
+    def add_service(self, full_name: str, register: Callable[[aio.Server], None]) -> None:
+        """Register a servicer; `full_name` is its proto name, used by health and reflection."""
+        register(self.grpc)
+        self._service_names.append(full_name)
+
+    def on_shutdown(self, hook: ShutdownHook) -> None:
+        """Run `hook` after the server stopped taking calls (flush buffers, close pools)."""
+        self._shutdown_hooks.append(hook)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self._service_names):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        reflection.enable_server_reflection(
+            (*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            self.grpc,
+        )
+        address = f"{self.settings.host}:{self.settings.port}"
+        self.port = self.grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC port {address}")
+        await self.grpc.start()
+        await self.set_serving(True)
+        self._start_metrics()
+        log.info(
+            "%s listening on %s:%d (metrics %s)",
+            self.component,
+            self.settings.host,
+            self.port,
+            self.metrics_port or "off",
+        )
+        return self.port
+
+    def _start_metrics(self) -> None:
+        if self.settings.metrics_port < 0:
+            return
+        from prometheus_client import start_http_server
+
+        server, _thread = start_http_server(self.settings.metrics_port, addr=self.settings.host)
+        self._metrics_server = server
+        self.metrics_port = int(server.server_port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, finish in-flight calls within `grace`, then run shutdown hooks."""
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(self.settings.grace_seconds if grace is None else grace)
+        for hook in reversed(self._shutdown_hooks):
+            try:
+                await hook()
+            except Exception:
+                log.exception("%s: shutdown hook failed", self.component)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+
+    async def serve_until_signalled(self, ready: Callable[[int], None] | None = None) -> None:
+        """Start, then block until SIGTERM or SIGINT and stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            port = await self.start()
+            if ready is not None:
+                ready(port)
+            await stop.wait()
+            log.info("%s: shutting down", self.component)
+        finally:
+            await self.stop()
+
+
+def abort_on_domain_errors(context: aio.ServicerContext[Any, Any], exc: Exception) -> Awaitable[None]:
+    """Turn a CycloneError into the matching status; anything else is INTERNAL."""
+    from cyclone.errors import CycloneError
+
+    if isinstance(exc, CycloneError):
+        return context.abort(exc.code, exc.message)
+    log.exception("unexpected error", exc_info=exc)
+    return context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")

@@ -1,0 +1,78 @@
+"""OpenTelemetry and logging set-up shared by every service.
+
+Tracing is on only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set: without a collector
+there is nothing to send spans to, and the interceptor costs every call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from cyclone.interceptors import request_id_var
+
+_configured_service: str | None = None
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get() or "-"
+        return True
+
+
+def configure_logging(level: str) -> None:
+    """One log format for every service, with the current request id."""
+    root = logging.getLogger()
+    if any(isinstance(f, _RequestIdFilter) for h in root.handlers for f in h.filters):
+        root.setLevel(level.upper())
+        return
+    handler = logging.StreamHandler()
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+    )
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def tracing_enabled() -> bool:
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def configure_tracing(service_name: str) -> bool:
+    """Install an OTLP span exporter once per process; False when tracing is off."""
+    global _configured_service
+    if not tracing_enabled():
+        return False
+    if _configured_service is not None:
+        return True
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": f"cyclone-{service_name}"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _configured_service = service_name
+    return True
+
+
+def server_tracing_interceptors(service_name: str) -> list[Any]:
+    if not configure_tracing(service_name):
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return [aio_server_interceptor()]
+
+
+def current_trace_id() -> str:
+    """Hex trace id of the active span, or "" when tracing is off."""
+    if _configured_service is None:
+        return ""
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""

@@ -1,0 +1,86 @@
+"""Which models this process serves, and which failed to load (and why)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from cyclone.errors import FailedPrecondition, ModelLoadError, NotFound
+from cyclone.models.repository import ModelRepository
+from services.inference.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class ModelCatalog:
+    """Loaded models by name; one version each (a process serves one revision per model)."""
+
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+        max_batch_rows: int = 10_000,
+    ) -> None:
+        self.repository = ModelRepository(repository)
+        self.pinned_model = model
+        self.pinned_version = version
+        self._threads = (intra_op_threads, inter_op_threads)
+        self.max_batch_rows = max_batch_rows
+        self.models: dict[str, LoadedModel] = {}
+        self.failures: dict[str, str] = {}
+
+    @property
+    def single_revision(self) -> bool:
+        return self.pinned_model is not None
+
+    def load_initial(self) -> None:
+        """Load the pinned revision, or every model of the repository; failures are recorded."""
+        names = [self.pinned_model] if self.pinned_model else self.repository.models()
+        for name in names:
+            try:
+                self.load(name, self.pinned_version if self.pinned_model else None)
+            except (ModelLoadError, NotFound) as exc:
+                log.error("cannot load model %s: %s", name, exc.message)
+
+    def load(self, name: str, version: str | None = None) -> LoadedModel:
+        if self.single_revision and name != self.pinned_model:
+            raise FailedPrecondition(
+                f"model_name: this server serves only {self.pinned_model!r}; "
+                "start it with --all-models to load others"
+            )
+        try:
+            files = self.repository.files(name, version)
+            loaded = LoadedModel(
+                files,
+                intra_op_threads=self._threads[0],
+                inter_op_threads=self._threads[1],
+                max_batch_rows=self.max_batch_rows,
+            )
+        except ModelLoadError as exc:
+            self.failures[name] = exc.message
+            raise
+        self.models[name] = loaded
+        self.failures.pop(name, None)
+        log.info("loaded model %s version %s (%s)", name, loaded.version, loaded.schema.task)
+        return loaded
+
+    def unload(self, name: str) -> None:
+        if name not in self.models:
+            raise NotFound(f"model_name: {name!r} is not loaded")
+        del self.models[name]
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        loaded = self.models.get(name)
+        if loaded is None:
+            if not name:
+                raise NotFound("model: empty model name")
+            if name in self.failures:
+                raise FailedPrecondition(f"model: {name!r} failed to load: {self.failures[name]}")
+            raise NotFound(f"model: {name!r} is not served here (serving: {', '.join(self.models) or 'none'})")
+        if version and version != loaded.version:
+            raise NotFound(f"version: {name!r} version {version!r} is not served here (serving {loaded.version!r})")
+        return loaded

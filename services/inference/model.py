@@ -1,0 +1,205 @@
+"""One loaded model: validates named feature columns and runs onnxruntime on them.
+
+Both front ends (Cyclone's Predict and the Open Inference Protocol) turn their
+request into `dict[name, 1-D numpy column]` and call `LoadedModel.predict`, so
+validation rules and error messages are the same whichever API a caller uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from cyclone.errors import InvalidArgument, ModelLoadError
+from cyclone.models.repository import ModelFiles, sha256_of
+from cyclone.models.schema import FeatureSchema, ModelSchema
+
+log = logging.getLogger(__name__)
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(string)": np.object_,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """Per-row model outputs; `values` for regression, `labels` + `probabilities` otherwise."""
+
+    rows: int
+    values: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    # Raw onnxruntime outputs by name, for the Open Inference Protocol.
+    raw: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+def _describe(value: float) -> str:
+    return "NaN" if np.isnan(value) else repr(float(value))
+
+
+class LoadedModel:
+    def __init__(
+        self, files: ModelFiles, *, intra_op_threads: int = 1, inter_op_threads: int = 1,
+        max_batch_rows: int = 10_000,
+    ) -> None:
+        self.files = files
+        self.schema: ModelSchema = files.read_schema()
+        self.max_batch_rows = max_batch_rows
+        self.sha256 = sha256_of(files.onnx_path)
+        expected = self.schema.extra.get("sha256")
+        if expected and expected != self.sha256:
+            raise ModelLoadError(
+                f"{files.onnx_path}: sha256 {self.sha256[:12]}… does not match model.yaml ({str(expected)[:12]}…)"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                str(files.onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise ModelLoadError(f"{files.onnx_path}: onnxruntime cannot load it: {exc}") from None
+        self.input_meta = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._check_inputs()
+        self._features = self.schema.features
+        self._numeric = [f for f in self._features if f.kind == "numeric"]
+        self._categorical = [f for f in self._features if f.kind == "categorical"]
+        self._category_sets = {
+            f.name: np.array(sorted(f.categories), dtype=object) for f in self._categorical if f.categories
+        }
+
+    @property
+    def name(self) -> str:
+        return self.schema.name
+
+    @property
+    def version(self) -> str:
+        return self.schema.version
+
+    def _check_inputs(self) -> None:
+        source = self.files.schema_path
+        if self.schema.input_layout == "matrix":
+            if list(self.input_meta) != ["input"]:
+                raise ModelLoadError(f"{source}: input_layout matrix needs one ONNX input named 'input'")
+            return
+        missing = [n for n in self.schema.feature_names if n not in self.input_meta]
+        if missing or len(self.input_meta) != len(self.schema.features):
+            raise ModelLoadError(
+                f"{source}: features do not match the ONNX inputs "
+                f"(schema {self.schema.feature_names}, ONNX {list(self.input_meta)})"
+            )
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def _check_numeric(self, f: FeatureSchema, column: np.ndarray) -> None:
+        finite = np.isfinite(column)
+        if not finite.all():
+            bad = ~finite
+            if np.isinf(column).any() or not f.allow_missing:
+                row = int(np.argmax(bad if not f.allow_missing else np.isinf(column)))
+                raise InvalidArgument(
+                    f"features.{f.name}: row {row} is {_describe(column[row])}, "
+                    f"which the schema does not allow"
+                )
+        if f.min is not None or f.max is not None:
+            lo = -np.inf if f.min is None else f.min
+            hi = np.inf if f.max is None else f.max
+            out = ((column < lo) | (column > hi)) & finite
+            if out.any():
+                row = int(np.argmax(out))
+                raise InvalidArgument(
+                    f"features.{f.name}: row {row} is {column[row]!r}, outside the allowed range [{f.min}, {f.max}]"
+                )
+
+    def _check_categorical(self, f: FeatureSchema, column: np.ndarray) -> None:
+        allowed = self._category_sets.get(f.name)
+        if allowed is None:
+            return
+        unknown = ~np.isin(column, allowed)
+        if unknown.any():
+            row = int(np.argmax(unknown))
+            raise InvalidArgument(
+                f"features.{f.name}: row {row} has unknown category {column[row]!r} "
+                f"(allowed: {', '.join(map(str, allowed[:10]))}{'…' if len(allowed) > 10 else ''})"
+            )
+
+    def validate(self, columns: Mapping[str, np.ndarray]) -> int:
+        """Check names, kinds, lengths and values; return the row count."""
+        unknown = [name for name in columns if name not in self._names]
+        if unknown:
+            raise InvalidArgument(
+                f"features.{unknown[0]}: unknown feature (model {self.name!r} takes "
+                f"{', '.join(self.schema.feature_names)})"
+            )
+        rows = -1
+        for f in self._features:
+            column = columns.get(f.name)
+            if column is None:
+                raise InvalidArgument(f"features.{f.name}: missing")
+            if column.ndim != 1:
+                raise InvalidArgument(f"features.{f.name}: expected one value per row")
+            if rows == -1:
+                rows = len(column)
+            elif len(column) != rows:
+                raise InvalidArgument(
+                    f"features.{f.name}: has {len(column)} values, but other features have {rows}"
+                )
+            if f.kind == "numeric":
+                if column.dtype.kind not in "fiub":
+                    raise InvalidArgument(f"features.{f.name}: expected numbers, got text")
+                self._check_numeric(f, column.astype(np.float64, copy=False))
+            else:
+                if column.dtype.kind not in "OUS":
+                    raise InvalidArgument(f"features.{f.name}: expected strings, got numbers")
+        if rows <= 0:
+            raise InvalidArgument("features: the request has no rows")
+        if rows > self.max_batch_rows:
+            raise InvalidArgument(f"features: {rows} rows is more than the limit of {self.max_batch_rows}")
+        for f in self._categorical:
+            self._check_categorical(f, columns[f.name])
+        return rows
+
+    @property
+    def _names(self) -> set[str]:
+        return set(self.schema.feature_names)
+
+    # -- inference ----------------------------------------------------------------------------
+
+    def feed(self, columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.schema.input_layout == "matrix":
+            dtype = _ORT_TO_NUMPY.get(self.input_meta["input"].type, np.float32)
+            matrix = np.empty((len(columns[self._features[0].name]), len(self._features)), dtype=dtype)
+            for i, f in enumerate(self._features):
+                matrix[:, i] = columns[f.name]
+            return {"input": matrix}
+        feed: dict[str, np.ndarray] = {}
+        for f in self._features:
+            dtype = _ORT_TO_NUMPY.get(self.input_meta[f.name].type, np.float32)
+            column = columns[f.name]
+            feed[f.name] = column.astype(dtype, copy=False).reshape(-1, 1)
+        return feed
+
+    def run(self, feed: Mapping[str, np.ndarray], rows: int) -> Outputs:
+        raw_list = self.session.run(None, dict(feed))
+        raw = dict(zip(self.output_names, raw_list, strict=True))
+        if self.schema.task == "regression":
+            return Outputs(rows, values=np.asarray(raw_list[0], dtype=np.float64).reshape(rows), raw=raw)
+        labels = np.asarray(raw_list[0]).reshape(rows)
+        probabilities = np.asarray(raw_list[1], dtype=np.float64).reshape(rows, -1)
+        return Outputs(rows, labels=labels.astype(str), probabilities=probabilities, raw=raw)
+
+    def predict(self, columns: Mapping[str, np.ndarray]) -> Outputs:
+        rows = self.validate(columns)
+        return self.run(self.feed(columns), rows)

@@ -1,0 +1,42 @@
+"""Where served predictions go after the caller has its answer.
+
+The servicer hands every scored batch to a `PredictionSink` and never waits for
+it; the store-backed sink (batching, disk spool) lives in its own module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import numpy as np
+
+from services.inference.model import LoadedModel, Outputs
+
+
+class PredictionSink(Protocol):
+    def submit(
+        self,
+        model: LoadedModel,
+        prediction_ids: list[str],
+        columns: Mapping[str, np.ndarray],
+        outputs: Outputs,
+        latency_ms: float,
+        trace_id: str,
+    ) -> None:
+        """Take one scored batch; must return at once and never raise."""
+
+
+class NullSink:
+    """Logging switched off."""
+
+    def submit(
+        self,
+        model: LoadedModel,
+        prediction_ids: list[str],
+        columns: Mapping[str, np.ndarray],
+        outputs: Outputs,
+        latency_ms: float,
+        trace_id: str,
+    ) -> None:
+        return None

@@ -1,0 +1,122 @@
+"""Prediction ingest (binary COPY) and labels."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+
+import psycopg
+from psycopg import AsyncCursor
+from psycopg.abc import Buffer
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
+from psycopg.rows import TupleRow
+
+from . import queries
+from ._base import Conn, StoreBase
+from .types import LabelResult, PredictionRecord, uuid7_time
+
+log = logging.getLogger(__name__)
+
+_JSONB_OID = 3802
+
+
+class _RawJsonbBinaryDumper(Dumper):
+    """Sends already-serialised JSON as binary jsonb (version byte 1 + UTF-8 text).
+
+    The stock jsonb dumper would json.dumps() a str again; ingest must not re-serialise.
+    """
+
+    format = Format.BINARY
+    oid = _JSONB_OID
+
+    def dump(self, obj: str | bytes) -> Buffer:
+        return b"\x01" + (obj.encode() if isinstance(obj, str) else obj)
+
+
+def prepare_copy_cursor(cur: AsyncCursor[TupleRow]) -> None:
+    """Register the raw jsonb dumper on one cursor only (not the pool's connections)."""
+    cur.adapters.register_dumper(str, _RawJsonbBinaryDumper)
+    cur.adapters.register_dumper(bytes, _RawJsonbBinaryDumper)
+
+
+def _normalise(r: PredictionRecord) -> PredictionRecord:
+    pid = r.prediction_id if isinstance(r.prediction_id, uuid.UUID) else uuid.UUID(r.prediction_id)
+    created = r.created_at if r.created_at is not None else uuid7_time(pid)
+    return r._replace(prediction_id=pid, created_at=created)
+
+
+_COPY_SQL = f"COPY {{table}} ({queries.COPY_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+
+
+async def _copy_rows(conn: Conn, table: str, rows: Sequence[PredictionRecord]) -> None:
+    async with conn.cursor() as cur:
+        prepare_copy_cursor(cur)
+        async with cur.copy(_COPY_SQL.format(table=table).encode()) as copy:
+            copy.set_types(queries.COPY_TYPES)
+            write = copy.write_row
+            for r in rows:
+                # Records from the edge are usually ready; only fix up the odd one.
+                if r.created_at is None or type(r.prediction_id) is not uuid.UUID:
+                    r = _normalise(r)
+                await write(r)
+
+
+class IngestMixin(StoreBase):
+    async def copy_predictions(self, rows: Sequence[PredictionRecord]) -> int:
+        """Ingest one batch; idempotent on prediction id. Returns the number of new rows.
+
+        Fast path: binary COPY straight into ``predictions``. A replayed batch (lost ack) hits
+        the unique index; the batch is then re-sent through a temp table with
+        ``ON CONFLICT DO NOTHING`` so only the missing rows are added.
+        """
+        if not rows:
+            return 0
+        async with self.pool.connection() as conn:
+            try:
+                async with conn.transaction():
+                    await _copy_rows(conn, "predictions", rows)
+                return len(rows)
+            except psycopg.errors.UniqueViolation:
+                log.info("batch of %d overlaps stored predictions; de-duplicating", len(rows))
+            async with conn.transaction():
+                await conn.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS predictions_stage"
+                    " (LIKE predictions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                )
+                await _copy_rows(conn, "predictions_stage", rows)
+                cur = await conn.execute(
+                    "INSERT INTO predictions SELECT * FROM predictions_stage"
+                    " ON CONFLICT (prediction_id, created_at) DO NOTHING"
+                )
+                return cur.rowcount
+
+    async def add_labels(
+        self,
+        items: Iterable[tuple[uuid.UUID | str, str | bytes]],
+        *,
+        model: str | None = None,
+    ) -> LabelResult:
+        """Store labels (JSON text); a repeated id replaces the earlier label.
+
+        Labels whose prediction is not stored (yet) are kept and returned as ``unmatched``.
+        Within one call the last label for an id wins.
+        """
+        latest: dict[uuid.UUID, str] = {}
+        for pid, label in items:
+            key = pid if isinstance(pid, uuid.UUID) else uuid.UUID(pid)
+            latest[key] = label.decode() if isinstance(label, bytes) else label
+        if not latest:
+            return LabelResult(0, [])
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                queries.UPSERT_LABELS,
+                {"ids": list(latest), "labels": list(latest.values()), "model": model},
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return LabelResult(int(row[0]), list(row[1]))
+
+
+__all__ = ["IngestMixin", "prepare_copy_cursor"]

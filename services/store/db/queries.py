@@ -1,0 +1,81 @@
+"""SQL text shared by StoreDB and the TimescaleDB check (psycopg ``%(name)s`` parameters).
+
+Only fixed fragments are concatenated; every value, including model names, feature names and
+page cursors, is a bound parameter.
+"""
+
+from __future__ import annotations
+
+COPY_COLUMNS = (
+    "prediction_id, created_at, model, version, input, output, latency_ms, trace_id"
+)
+COPY_TYPES = ["uuid", "timestamptz", "text", "text", "jsonb", "jsonb", "float4", "text"]
+
+# One round trip: store/replace the labels and report the ones without a stored prediction.
+# The join uses uuid7_time(id) = created_at so each lookup touches one partition/chunk.
+UPSERT_LABELS = """
+WITH u AS (
+    SELECT id, label FROM unnest(%(ids)s::uuid[], %(labels)s::jsonb[]) AS t(id, label)
+), m AS (
+    SELECT u.id, u.label, p.model
+    FROM u
+    LEFT JOIN LATERAL (
+        SELECT pr.model FROM predictions pr
+        WHERE pr.prediction_id = u.id AND pr.created_at = uuid7_time(u.id)
+        LIMIT 1
+    ) p ON true
+), ins AS (
+    INSERT INTO labels AS l (prediction_id, label, labelled_at, model)
+    SELECT id, label, now(), coalesce(model, %(model)s::text) FROM m
+    ON CONFLICT (prediction_id) DO UPDATE
+        SET label = EXCLUDED.label,
+            labelled_at = EXCLUDED.labelled_at,
+            model = coalesce(EXCLUDED.model, l.model)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ins) AS stored,
+       coalesce(array_agg(id) FILTER (WHERE model IS NULL), '{}') AS unmatched
+FROM m
+"""
+
+GET_PREDICTION = """
+SELECT p.prediction_id, p.created_at, p.model, p.version, p.input, p.output, p.latency_ms,
+       p.trace_id, l.label, l.labelled_at
+FROM predictions p LEFT JOIN labels l ON l.prediction_id = p.prediction_id
+WHERE p.prediction_id = %(id)s AND p.created_at = uuid7_time(%(id)s::uuid)
+"""
+
+_TRAINING_SELECT = """
+SELECT p.prediction_id, p.created_at, p.input::text, p.output::text, l.label::text
+FROM predictions p JOIN labels l ON l.prediction_id = p.prediction_id
+WHERE p.model = %(model)s
+"""
+
+
+def training_query(*, window: bool, last_n: bool, version: bool) -> str:
+    """Labelled rows of a model, time ordered: a window, the last N, or the last N of a window."""
+    q = _TRAINING_SELECT
+    if window:
+        q += " AND p.created_at >= %(start)s AND p.created_at < %(end)s"
+    if version:
+        q += " AND p.version = %(version)s"
+    if not last_n:
+        return q + " ORDER BY p.created_at, p.prediction_id"
+    q += " ORDER BY p.created_at DESC, p.prediction_id DESC LIMIT %(last_n)s"
+    return "SELECT * FROM (" + q + ") t ORDER BY 2, 1"
+
+
+PREDICTION_STATS = """
+SELECT model, version, bucket, predictions, avg_latency_ms, p50_latency_ms, max_latency_ms,
+       avg_value
+FROM prediction_stats_1m_range(%(model)s, %(start)s, %(end)s)
+"""
+
+STATS = """
+SELECT p.model, count(*) AS predictions, count(l.prediction_id) AS labels,
+       max(p.created_at) AS last_prediction_at
+FROM predictions p LEFT JOIN labels l ON l.prediction_id = p.prediction_id
+WHERE (%(model)s::text IS NULL OR p.model = %(model)s::text)
+GROUP BY p.model
+ORDER BY p.model
+"""
