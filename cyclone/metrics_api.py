@@ -24,6 +24,7 @@ from cyclone.profile import (
     NumericProfile,
     ReferenceProfile,
     build_profile,
+    to_float,
 )
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "ReferenceProfile",
     "Window",
     "build_profile",
+    "to_float",
 ]
 
 Task = Literal["classification", "regression", "any"]
@@ -137,8 +139,8 @@ class Window:
         if self.labels is None:
             return np.zeros(self.n_rows, dtype=bool)
         if self.task == "classification":
-            return self.label_codes >= 0
-        return ~pd.isna(self.labels)
+            return np.asarray(self.label_codes >= 0)
+        return np.asarray(~pd.isna(self.labels), dtype=bool)
 
     @property
     def n_labelled(self) -> int:
@@ -237,7 +239,7 @@ class CurrentColumn:
     @cached_property
     def numeric(self) -> FloatArray:
         """Finite values as float64 (missing and non-numeric values dropped)."""
-        x = pd.to_numeric(pd.Series(self.values), errors="coerce").to_numpy(dtype=np.float64)
+        x = to_float(self.values)
         return x[np.isfinite(x)]
 
     @cached_property

@@ -184,11 +184,11 @@ class Plugins:
         self._problems: list[PluginProblem] = []
 
     def _collect(self, hook_name: str, kind: type[S]) -> dict[str, S]:
-        caller = getattr(self.pm.hook, hook_name)
+        caller: pluggy.HookCaller = getattr(self.pm.hook, hook_name)
         found: dict[str, S] = {}
         # Call each implementation on its own so one raising plugin cannot hide the others.
-        for impl in reversed(caller.get_hookimpls()):
-            plugin_name = impl.plugin_name
+        for impl in caller.get_hookimpls():  # registration order: built-ins win clashes
+            plugin_name: str = impl.plugin_name
 
             def register(spec: S, _plugin: str = plugin_name) -> None:
                 if not isinstance(spec, kind):

@@ -164,7 +164,7 @@ def build_profile(
 
 
 def profile_numeric(values: npt.ArrayLike, n_quantiles: int = DEFAULT_QUANTILES) -> NumericProfile:
-    x = np.asarray(values, dtype=np.float64)
+    x = to_float(np.asarray(values))
     total = len(x)
     x = x[np.isfinite(x)]
     missing_rate = 1.0 - len(x) / total if total else 0.0
@@ -192,6 +192,14 @@ def bin_counts(x: npt.NDArray[np.float64], edges: npt.NDArray[np.float64]) -> np
     n_bins = max(len(edges) - 1, 1)
     idx = np.searchsorted(edges[1:-1], x, side="right")
     return np.bincount(idx, minlength=n_bins).astype(np.int64)
+
+
+def to_float(values: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    """Values as float64; anything non-numeric becomes NaN (vectorised, no row loop)."""
+    if values.dtype.kind in "fiub":
+        return np.asarray(values, dtype=np.float64)
+    parsed = pd.to_numeric(pd.Series(values), errors="coerce")
+    return np.asarray(parsed.to_numpy(dtype=np.float64, na_value=np.nan), dtype=np.float64)
 
 
 def profile_categorical(values: npt.ArrayLike) -> CategoricalProfile:

@@ -26,6 +26,8 @@ def _confusion(window: Window) -> tuple[npt.NDArray[np.int64], int] | MetricResu
     k = len(w.class_labels)
     if k < 2:
         return MetricResult.not_enough_data("model has fewer than two class labels")
+    if w.n_rows == 0:
+        return MetricResult.not_enough_data("no labelled rows")
     y, p = w.label_codes, w.prediction_codes
     # Predictions outside class_labels count as wrong for every class (own bucket k).
     p = np.where(p < 0, k, p)

@@ -21,13 +21,8 @@ from cyclone.metrics_api import (
     MetricSpec,
     NumericProfile,
     Window,
+    to_float,
 )
-
-
-def _as_float(values: npt.NDArray[np.generic]) -> npt.NDArray[np.float64]:
-    if values.dtype.kind in "fiub":
-        return np.asarray(values, dtype=np.float64)
-    return pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=np.float64)
 
 
 def _missing(name: str, values: npt.NDArray[np.generic], ctx: MetricContext) -> tuple[int, int]:
@@ -59,7 +54,7 @@ def _out_of_range(
         hi = col.max if hi is None else hi
     if lo is None and hi is None:
         return None
-    x = _as_float(values)
+    x = to_float(values)
     x = x[np.isfinite(x)]
     bad = np.zeros(len(x), dtype=bool)
     if lo is not None:

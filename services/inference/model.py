@@ -64,6 +64,9 @@ class LoadedModel:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
         options.log_severity_level = 3
+        # Spinning worker threads would steal the core that gRPC and the caller need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(files.onnx_path), sess_options=options, providers=["CPUExecutionProvider"]

@@ -130,8 +130,16 @@ def start_embedded(
         t0 = time.monotonic()
         try:
             _pg_ctl(
-                ["-w", "-t", str(int(timeout)), "-l", str(pgdata / "log"), "-o", " ".join(opts)]
-                + ["start"],
+                [
+                    "-w",
+                    "-t",
+                    str(int(timeout)),
+                    "-l",
+                    str(pgdata / "log"),
+                    "-o",
+                    " ".join(opts),
+                    "start",
+                ],
                 pgdata,
                 run_as,
                 timeout=timeout + 5,
@@ -186,6 +194,7 @@ def _run(
         out.seek(0)
         output = out.read()
     if proc.returncode != 0:
+        log.error("%s failed (%d):\n%s", Path(args[0]).name, proc.returncode, output)
         raise subprocess.CalledProcessError(proc.returncode, args, output=output)
     return subprocess.CompletedProcess(args, 0, stdout=output)
 
@@ -207,16 +216,21 @@ def _prepare_root(base: Path, run_as: str) -> None:
     p = base
     while True:
         mode = p.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            p.chmod(mode | stat.S_IXOTH)
+        # r+x, as the wheel does: initdb canonicalises paths and needs to read the parents.
+        if mode & 0o055 != 0o055:
+            p.chmod(mode | 0o055)
         if p == p.parent:
             break
         p = p.parent
     pw = pwd.getpwnam(run_as)
     os.chown(base, pw.pw_uid, pw.pw_gid)
     if not (_bin_dir() / "postgres").stat().st_mode & stat.S_IXOTH:
-        for top in (_bin_dir().parent / "bin", _bin_dir().parent / "lib", _bin_dir().parent / "share"):
-            for root, dirs, files in os.walk(top):
+        for top in (
+            _bin_dir().parent / "bin",
+            _bin_dir().parent / "lib",
+            _bin_dir().parent / "share",
+        ):
+            for root, _dirs, files in os.walk(top):
                 os.chmod(root, os.stat(root).st_mode | 0o055)
                 for name in files:
                     f = os.path.join(root, name)
@@ -240,7 +254,9 @@ def _initdb(base: Path, pgdata: Path, run_as: str | None) -> None:
     args += ["--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"]
     _run(args, run_as)
     tmp.rename(pgdata)
-    log.info("initialised embedded PostgreSQL cluster in %.2fs at %s", time.monotonic() - t0, pgdata)
+    log.info(
+        "initialised embedded PostgreSQL cluster in %.2fs at %s", time.monotonic() - t0, pgdata
+    )
 
 
 def _socket_dir(pgdata: Path, run_as: str | None) -> Path:

@@ -30,7 +30,9 @@ def policy_statements(
             stmts.append(
                 f"SELECT add_retention_policy('{table}', drop_after => {_interval(retain_for)})"
             )
-    stmts.append("SELECT remove_continuous_aggregate_policy('prediction_stats_1m', if_exists => true)")
+    stmts.append(
+        "SELECT remove_continuous_aggregate_policy('prediction_stats_1m', if_exists => true)"
+    )
     stmts.append(
         "SELECT add_continuous_aggregate_policy('prediction_stats_1m',"
         f" start_offset => {_interval(aggregate_lookback)},"

@@ -12,7 +12,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from .. import migrations, timescale
-from .partitions import ensure_partitions, drop_partitions_before
+from .partitions import drop_partitions_before, ensure_partitions
 from .types import Mode
 
 log = logging.getLogger("services.store.db")

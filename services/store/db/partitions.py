@@ -43,8 +43,9 @@ async def ensure_partitions(
                 ident, parent = sql.Identifier(name), sql.Identifier(table)
                 default = sql.Identifier(f"{table}_default")
                 await conn.execute(
-                    sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
-                    .format(ident, parent)
+                    sql.SQL(
+                        "CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+                    ).format(ident, parent)
                 )
                 await conn.execute(
                     sql.SQL(
@@ -55,9 +56,9 @@ async def ensure_partitions(
                 )
                 # DDL takes no bind parameters: bounds are client-side literals of our datetimes.
                 await conn.execute(
-                    sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
-                        parent, ident, sql.Literal(lo), sql.Literal(hi)
-                    )
+                    sql.SQL(
+                        "ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})"
+                    ).format(parent, ident, sql.Literal(lo), sql.Literal(hi))
                 )
                 created.append(name)
     if created:

@@ -6,9 +6,7 @@ page cursors, is a bound parameter.
 
 from __future__ import annotations
 
-COPY_COLUMNS = (
-    "prediction_id, created_at, model, version, input, output, latency_ms, trace_id"
-)
+COPY_COLUMNS = "prediction_id, created_at, model, version, input, output, latency_ms, trace_id"
 COPY_TYPES = ["uuid", "timestamptz", "text", "text", "jsonb", "jsonb", "float4", "text"]
 
 # One round trip: store/replace the labels and report the ones without a stored prediction.

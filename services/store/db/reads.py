@@ -65,13 +65,16 @@ class ReadsMixin(StoreBase):
             window=start is not None, last_n=last_n is not None, version=version is not None
         )
         params = {"model": model, "start": start, "end": end, "last_n": last_n, "version": version}
-        async with self.pool.connection() as conn, conn.transaction():
-            async with conn.cursor(name="cyclone_training", binary=True) as cur:
-                cur.itersize = chunk_rows
-                await cur.execute(q, params)
-                while rows := await cur.fetchmany(chunk_rows):
-                    ids, ts, inp, out, lab = zip(*rows, strict=True)
-                    yield TrainingChunk(ids, ts, inp, out, lab)
+        async with (
+            self.pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(name="cyclone_training", binary=True) as cur,
+        ):
+            cur.itersize = chunk_rows
+            await cur.execute(q, params)
+            while rows := await cur.fetchmany(chunk_rows):
+                ids, ts, inp, out, lab = zip(*rows, strict=True)
+                yield TrainingChunk(ids, ts, inp, out, lab)
 
     async def query_predictions(
         self,

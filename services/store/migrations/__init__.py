@@ -16,6 +16,7 @@ from typing import Literal
 
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def migrations_for(mode: Mode) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def detect_mode(conn: AsyncConnection[object]) -> Mode:
+async def detect_mode(conn: AsyncConnection[TupleRow]) -> Mode:
     """The recorded mode if the schema exists, else TimescaleDB when the server offers it."""
     cur = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
     row = await cur.fetchone()
@@ -81,7 +82,7 @@ def _as_mode(value: str) -> Mode:
     raise RuntimeError(f"unknown storage mode recorded in schema_migrations: {value!r}")
 
 
-async def run_migrations(conn: AsyncConnection[object], mode: Mode | None = None) -> Mode:
+async def run_migrations(conn: AsyncConnection[TupleRow], mode: Mode | None = None) -> Mode:
     """Apply pending migrations; returns the storage mode. ``conn`` must be in autocommit."""
     await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
     try:

@@ -1,0 +1,3 @@
+from cyclone.cli import app
+
+app(prog_name="cyclone")

@@ -1,0 +1,71 @@
+"""Async data access for the store (psycopg 3 + psycopg_pool); no gRPC here.
+
+db = StoreDB()
+await db.open(url)          # migrations, partitions/policies; db.mode says which
+await db.copy_predictions(records)
+...
+await db.close()
+"""
+
+from __future__ import annotations
+
+from ._base import Conn
+from .ingest import IngestMixin
+from .outbox import OutboxMixin
+from .reads import ReadsMixin, decode_page_token, encode_page_token
+from .registry import RegistryMixin
+from .types import (
+    Alert,
+    AlreadyExistsError,
+    FeatureFilter,
+    LabelResult,
+    MetricPoint,
+    MinuteStats,
+    Mode,
+    ModelStats,
+    ModelStatus,
+    ModelVersion,
+    NotFoundError,
+    Plan,
+    PredictionRecord,
+    PredictionRow,
+    Rollout,
+    StoreError,
+    TrainingChunk,
+    uuid7,
+    uuid7_time,
+)
+
+
+class StoreDB(IngestMixin, ReadsMixin, RegistryMixin, OutboxMixin):
+    """The store's database: see the mixins for the methods."""
+
+    async def __aenter__(self) -> StoreDB:
+        return self
+
+
+__all__ = [
+    "Alert",
+    "AlreadyExistsError",
+    "Conn",
+    "FeatureFilter",
+    "LabelResult",
+    "MetricPoint",
+    "MinuteStats",
+    "Mode",
+    "ModelStats",
+    "ModelStatus",
+    "ModelVersion",
+    "NotFoundError",
+    "Plan",
+    "PredictionRecord",
+    "PredictionRow",
+    "Rollout",
+    "StoreDB",
+    "StoreError",
+    "TrainingChunk",
+    "decode_page_token",
+    "encode_page_token",
+    "uuid7",
+    "uuid7_time",
+]
