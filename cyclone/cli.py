@@ -47,6 +47,9 @@ def serve_inference(
     intra_op_threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads.")] = None,
     inter_op_threads: Annotated[int | None, typer.Option(help="onnxruntime inter-op threads.")] = None,
     max_batch_rows: Annotated[int | None, typer.Option(help="Most rows one request may carry.")] = None,
+    store: Annotated[str | None, typer.Option(help="Store HOST:PORT; log every prediction there.")] = None,
+    spool_dir: Annotated[Path | None, typer.Option(help="Disk spool for when the store is down.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Cyclone data directory.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Serve ONNX models over Cyclone's API and the Open Inference Protocol."""
@@ -57,6 +60,24 @@ def serve_inference(
     if not settings.model_repository.is_dir():
         fail(f"--model-repository: {settings.model_repository} is not a directory")
     asyncio.run(run_inference(settings))
+
+
+@serve_app.command("store")
+def serve_store(
+    database_url: Annotated[
+        str | None, typer.Option(help="PostgreSQL URL; default: Cyclone's embedded PostgreSQL.")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Cyclone data directory.")] = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the prediction/label/registry store (PostgreSQL, TimescaleDB when available)."""
+    from services.store.main import StoreSettings, run_store
+
+    flags = {k: v for k, v in locals().items() if k != "config"}
+    asyncio.run(run_store(_settings(StoreSettings, flags, config)))
 
 
 @model_app.command("import")

@@ -26,7 +26,7 @@ from cyclone.telemetry import configure_logging, server_tracing_interceptors
 
 log = logging.getLogger(__name__)
 
-ShutdownHook = Callable[[], Awaitable[None]]
+ShutdownHook = Callable[[], Awaitable[None]]  # also used for start hooks
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -52,6 +52,7 @@ class CycloneServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self._service_names: list[str] = []
         self._shutdown_hooks: list[ShutdownHook] = []
+        self._start_hooks: list[ShutdownHook] = []
         self.port = 0
         self.metrics_port = 0
         self._metrics_server: Any = None
@@ -60,6 +61,10 @@ class CycloneServer:
         """Register a servicer; `full_name` is its proto name, used by health and reflection."""
         register(self.grpc)
         self._service_names.append(full_name)
+
+    def on_start(self, hook: ShutdownHook) -> None:
+        """Run `hook` once the server is listening (start background tasks)."""
+        self._start_hooks.append(hook)
 
     def on_shutdown(self, hook: ShutdownHook) -> None:
         """Run `hook` after the server stopped taking calls (flush buffers, close pools)."""
@@ -85,6 +90,8 @@ class CycloneServer:
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {address}")
         await self.grpc.start()
+        for hook in self._start_hooks:
+            await hook()
         await self.set_serving(True)
         self._start_metrics()
         log.info(

@@ -45,9 +45,8 @@ def _convert(name: str, raw: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if raw is None or raw == "":
-            if type(None) in args:
-                return None
+        if (raw is None or raw == "") and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return _convert(name, raw, inner[0])
     try:

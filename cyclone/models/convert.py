@@ -217,8 +217,8 @@ def check_parity(pipeline: Any, onnx_bytes: bytes, schema: ModelSchema, frame: p
 
 def convert_pipeline(pipeline: Any, name: str, version: str = "") -> tuple[bytes, ModelSchema]:
     """Convert a fitted pipeline to ONNX bytes and its schema (no parity check)."""
-    from sklearn.base import is_classifier, is_regressor
     from skl2onnx import convert_sklearn
+    from sklearn.base import is_classifier, is_regressor
 
     validate_name("name", name)
     if is_classifier(pipeline):

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import logging
 from pathlib import Path
+
+import grpc
+from grpc import aio
 
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from cyclone.oip.v2 import open_inference_pb2_grpc as oip_grpc
 from cyclone.server import CycloneServer
 from cyclone.settings import ServerSettings
+from cyclone.store.v1 import store_service_pb2 as store_pb
+from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.inference.catalog import ModelCatalog
 from services.inference.oip import OpenInferenceServicer
 from services.inference.servicer import InferenceServicer, Scorer
 from services.inference.sink import PredictionSink
+from services.inference.store_sink import StoreSink
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,12 @@ class InferenceSettings(ServerSettings):
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     max_batch_rows: int = 10_000
+    # Store address (host:port); predictions are logged there when set.
+    store: str | None = None
+    # Where batches wait while the store is down; default <data_dir>/spool/inference-<port>.
+    spool_dir: Path | None = None
+    spool_max_bytes: int = 1 << 30
+    log_flush_interval: float = 0.2
 
 
 def build_inference_server(
@@ -57,8 +71,68 @@ def build_inference_server(
     return server, scorer
 
 
+async def register_models(address: str, catalog: ModelCatalog, retry_every: float = 2.0) -> None:
+    """Put every served model version in the store's registry; keep trying while it is down."""
+    async with aio.insecure_channel(address) as channel:
+        stub = store_grpc.StoreServiceStub(channel)
+        todo = list(catalog.models.values())
+        while todo:
+            model = todo[0]
+            entry = store_pb.ModelVersion(
+                model=model.name, version=model.version, task=model.schema.task, sha256=model.sha256,
+                artifact_uri=str(model.files.directory.resolve()),
+                schema_json=json.dumps(model.schema.to_dict()),
+            )
+            try:
+                await stub.RegisterModelVersion(
+                    store_pb.RegisterModelVersionRequest(model_version=entry, if_not_exists=True), timeout=5
+                )
+                serving = await stub.ListModelVersions(store_pb.ListModelVersionsRequest(model=model.name), timeout=5)
+                if not any(v.status == store_pb.MODEL_STATUS_SERVING for v in serving.model_versions):
+                    await stub.SetModelStatus(
+                        store_pb.SetModelStatusRequest(
+                            model=model.name, version=model.version, status=store_pb.MODEL_STATUS_SERVING
+                        ),
+                        timeout=5,
+                    )
+                todo.pop(0)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    log.error("store refused to register %s %s: %s", model.name, model.version, exc.details())
+                    todo.pop(0)
+                    continue
+                await asyncio.sleep(retry_every)
+
+
+def attach_store(settings: InferenceSettings, server: CycloneServer, scorer: Scorer) -> StoreSink:
+    """Log every prediction to the store given in settings (started with the server)."""
+    assert settings.store is not None
+    spool_dir = settings.spool_dir or settings.data_dir / "spool" / f"inference-{settings.model or 'all'}-{settings.port}"
+    sink = StoreSink(
+        settings.store, spool_dir, spool_max_bytes=settings.spool_max_bytes,
+        flush_interval=settings.log_flush_interval,
+    )
+    scorer.sink = sink
+    tasks: list[asyncio.Task[None]] = []
+
+    async def stop() -> None:
+        for task in tasks:
+            task.cancel()
+        await sink.stop()
+
+    async def start() -> None:
+        await sink.start()
+        tasks.append(asyncio.create_task(register_models(sink.address, scorer.catalog)))
+
+    server.on_start(start)
+    server.on_shutdown(stop)
+    return sink
+
+
 async def run_inference(settings: InferenceSettings) -> None:
     server, scorer = build_inference_server(settings)
+    if settings.store:
+        attach_store(settings, server, scorer)
     if not scorer.catalog.models:
         # Keep running: a model can still be loaded through the repository API.
         log.warning("no model loaded from %s; OIP ServerReady reports false", settings.model_repository)

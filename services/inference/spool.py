@@ -1,0 +1,61 @@
+"""A bounded, durable, ordered on-disk queue of prediction batches.
+
+Used only while the store is slow or down. Each batch is one file, written to a
+temporary name, fsynced and renamed, so a crash never leaves half a batch; file
+names carry a sequence number so replay keeps the order batches were served in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_SUFFIX = ".batch"
+
+
+class SpoolFull(Exception):
+    """Adding the batch would pass the spool's byte bound."""
+
+
+class Spool:
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.tmp"):
+            stale.unlink(missing_ok=True)
+        self._files = sorted(directory.glob(f"*{_SUFFIX}"))
+        self.bytes = sum(f.stat().st_size for f in self._files)
+        self._next = int(self._files[-1].stem) + 1 if self._files else 0
+        if self._files:
+            log.info("spool %s holds %d batches (%d bytes) to replay", directory, len(self._files), self.bytes)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def append(self, data: bytes) -> None:
+        if self.bytes + len(data) > self.max_bytes:
+            raise SpoolFull(f"spool {self.directory} would exceed {self.max_bytes} bytes")
+        path = self.directory / f"{self._next:016d}{_SUFFIX}"
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.rename(path)
+        self._next += 1
+        self._files.append(path)
+        self.bytes += len(data)
+
+    def peek(self) -> bytes | None:
+        """The oldest batch, or None when empty."""
+        return self._files[0].read_bytes() if self._files else None
+
+    def pop(self) -> None:
+        """Forget the oldest batch (after the store acknowledged it)."""
+        path = self._files.pop(0)
+        self.bytes -= path.stat().st_size
+        path.unlink()

@@ -1,0 +1,214 @@
+"""Streams served predictions to the store in the background; never blocks serving.
+
+`submit` only appends to an in-memory list. A flusher task turns what piled up
+into one `LogPredictions` batch every `flush_interval` (or sooner when a batch
+fills). When the store is slow or down, batches go to a bounded on-disk spool and
+are replayed in order when it answers again; while the spool holds anything, new
+batches queue behind it so the store receives them in serving order. The store is
+idempotent on prediction id, so a batch replayed after a lost acknowledgement is
+stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc import aio
+from prometheus_client import Counter, Gauge
+
+from cyclone.store.v1 import store_service_pb2 as pb
+from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
+from services.inference.model import LoadedModel, Outputs
+from services.inference.spool import Spool, SpoolFull
+
+log = logging.getLogger(__name__)
+
+QUEUED = Gauge("cyclone_store_sink_queued_rows", "Predictions waiting in memory for the store")
+SENT = Counter("cyclone_store_sink_sent_rows", "Predictions the store acknowledged directly")
+SPOOLED = Counter("cyclone_store_sink_spooled_rows", "Predictions written to the disk spool")
+REPLAYED = Counter("cyclone_store_sink_replayed_rows", "Predictions replayed from the spool")
+DROPPED = Counter("cyclone_store_sink_dropped_rows", "Predictions lost because the spool was full")
+SPOOL_BYTES = Gauge("cyclone_store_sink_spool_bytes", "Bytes held in the disk spool")
+
+_Item = tuple[str, str, list[str], Mapping[str, np.ndarray], Outputs, tuple[str, ...], float, str]
+
+
+def _json_column(column: np.ndarray) -> list[Any]:
+    values: list[Any] = column.tolist()
+    if column.dtype.kind == "f" and np.isnan(column).any():
+        return [None if isinstance(v, float) and math.isnan(v) else v for v in values]
+    return values
+
+
+def records_for(item: _Item, request: pb.LogPredictionsRequest) -> int:
+    """Append one scored batch's rows to `request`; returns the row count."""
+    model, version, ids, columns, outputs, class_labels, latency_ms, trace_id = item
+    names = list(columns)
+    cols = [_json_column(columns[n]) for n in names]
+    dumps = json.dumps
+    if outputs.values is not None:
+        out_rows = [dumps({"value": v}).encode() for v in outputs.values.tolist()]
+    else:
+        assert outputs.labels is not None and outputs.probabilities is not None
+        out_rows = [
+            dumps({"label": label, "probabilities": dict(zip(class_labels, probs, strict=True))}).encode()
+            for label, probs in zip(outputs.labels.tolist(), outputs.probabilities.tolist(), strict=True)
+        ]
+    add = request.records.add
+    for i, pid in enumerate(ids):
+        add(
+            prediction_id=pid, model=model, version=version,
+            input_json=dumps(dict(zip(names, (c[i] for c in cols), strict=True))).encode(),
+            output_json=out_rows[i], latency_ms=latency_ms, trace_id=trace_id,
+        )
+    return len(ids)
+
+
+class StoreSink:
+    def __init__(
+        self,
+        address: str,
+        spool_dir: Path,
+        *,
+        flush_interval: float = 0.2,
+        batch_rows: int = 5000,
+        spool_max_bytes: int = 1 << 30,
+        send_timeout: float = 5.0,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self.address = address
+        self.flush_interval = flush_interval
+        self.batch_rows = batch_rows
+        self.send_timeout = send_timeout
+        self.retry_interval = retry_interval
+        self.spool = Spool(spool_dir, spool_max_bytes)
+        SPOOL_BYTES.set(self.spool.bytes)
+        self._pending: list[_Item] = []
+        self._pending_rows = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._channel: aio.Channel | None = None
+        self._stub: pb_grpc.StoreServiceStub | None = None
+        self._store_up = True
+        self._next_retry = 0.0
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    def submit(
+        self,
+        model: LoadedModel,
+        prediction_ids: list[str],
+        columns: Mapping[str, np.ndarray],
+        outputs: Outputs,
+        latency_ms: float,
+        trace_id: str,
+    ) -> None:
+        self._pending.append(
+            (model.name, model.version, prediction_ids, columns, outputs, model.schema.class_labels, latency_ms, trace_id)
+        )
+        self._pending_rows += len(prediction_ids)
+        QUEUED.set(self._pending_rows)
+        if self._pending_rows >= self.batch_rows:
+            self._wake.set()
+
+    # -- background ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._channel = aio.insecure_channel(self.address)
+        self._stub = pb_grpc.StoreServiceStub(self._channel)
+        self._task = asyncio.create_task(self._run(), name="store-sink")
+
+    async def stop(self) -> None:
+        """Flush what is pending (to the store, else to the spool), then close."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush(replay=True)
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("store sink flush failed; will retry")
+
+    def _drain(self) -> pb.LogPredictionsRequest | None:
+        if not self._pending:
+            return None
+        items, self._pending, self._pending_rows = self._pending, [], 0
+        QUEUED.set(0)
+        request = pb.LogPredictionsRequest()
+        for item in items:
+            records_for(item, request)
+        return request
+
+    async def flush(self, *, replay: bool = False) -> None:
+        """Send what is pending; replay the spool when the store may be back."""
+        request = self._drain()
+        if len(self.spool) and (replay or time.monotonic() >= self._next_retry):
+            await self._replay()
+        if request is None:
+            return
+        rows = len(request.records)
+        if not len(self.spool) and await self._send(request):
+            SENT.inc(rows)
+            return
+        try:
+            self.spool.append(request.SerializeToString())
+            SPOOLED.inc(rows)
+        except SpoolFull as exc:
+            DROPPED.inc(rows)
+            log.error("dropping %d predictions: %s", rows, exc)
+        SPOOL_BYTES.set(self.spool.bytes)
+
+    async def _replay(self) -> None:
+        while (data := self.spool.peek()) is not None:
+            request = pb.LogPredictionsRequest.FromString(data)
+            if not await self._send(request):
+                self._next_retry = time.monotonic() + self.retry_interval
+                return
+            self.spool.pop()
+            REPLAYED.inc(len(request.records))
+            SPOOL_BYTES.set(self.spool.bytes)
+        log.info("spool replayed; store is caught up")
+
+    async def _send(self, request: pb.LogPredictionsRequest) -> bool:
+        assert self._stub is not None
+
+        async def one() -> AsyncIterator[pb.LogPredictionsRequest]:
+            yield request
+
+        try:
+            await self._stub.LogPredictions(one(), timeout=self.send_timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # The store will never take this batch; retrying would block all behind it.
+                DROPPED.inc(len(request.records))
+                log.error("store rejected a batch of %d predictions: %s", len(request.records), exc.details())
+                return True
+            if self._store_up:
+                log.warning("store %s unavailable (%s); spooling predictions", self.address, exc.code().name)
+            self._store_up = False
+            self._next_retry = time.monotonic() + self.retry_interval
+            return False
+        if not self._store_up:
+            log.info("store %s is back", self.address)
+        self._store_up = True
+        return True

@@ -1,0 +1,145 @@
+"""Shared fixtures: one model repository per session and real inference servers on free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CREDIT = "credit"
+BENCH = "bench"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRepo:
+    """The session's model repository (read-only: copy it before changing anything)."""
+
+    root: Path
+    credit_pipeline: Any
+    credit_frame: pd.DataFrame
+    bench_model: Any
+    bench_x: np.ndarray
+
+    @property
+    def credit_rows(self) -> pd.DataFrame:
+        """Feature columns of the classifier's training frame."""
+        from cyclone.examples import CREDIT_FEATURES
+
+        return self.credit_frame[CREDIT_FEATURES]
+
+    def copy_to(self, target: Path) -> Path:
+        import shutil
+
+        shutil.copytree(self.root, target)
+        return target
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> ModelRepo:
+    """`credit` (columns layout classifier) and `bench` (matrix layout regressor), version 1."""
+    from cyclone.examples import bench_regressor, credit_frame, credit_pipeline
+    from cyclone.models.convert import import_pipeline
+
+    root = tmp_path_factory.mktemp("model-repo")
+    frame = credit_frame(400, seed=0)
+    pipeline = credit_pipeline(frame)
+    import_pipeline(pipeline, CREDIT, root, sample=frame)
+    model, x = bench_regressor()
+    import_pipeline(model, BENCH, root)
+    return ModelRepo(root, pipeline, frame, model, x)
+
+
+@dataclasses.dataclass
+class RunningServer:
+    server: Any
+    scorer: Any
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def start_inference_server(
+    model_repo: ModelRepo,
+) -> Callable[..., contextlib.AbstractAsyncContextManager[RunningServer]]:
+    """Factory: `async with start_inference_server(**settings) as running:` (port 0, stopped after)."""
+    from services.inference.main import InferenceSettings, build_inference_server
+
+    @contextlib.asynccontextmanager
+    async def start(**overrides: Any) -> AsyncIterator[RunningServer]:
+        settings = InferenceSettings(
+            **{"model_repository": model_repo.root, "port": 0, "log_level": "WARNING", **overrides}
+        )
+        server, scorer = build_inference_server(settings)
+        port = await server.start()
+        try:
+            yield RunningServer(server, scorer, port)
+        finally:
+            await server.stop(0)
+
+    return start
+
+
+@pytest.fixture
+async def inference_server(
+    start_inference_server: Callable[..., contextlib.AbstractAsyncContextManager[RunningServer]],
+) -> AsyncIterator[RunningServer]:
+    """A real in-process inference server serving every model of the session repository."""
+    async with start_inference_server() as running:
+        yield running
+
+
+_LISTENING = re.compile(r"inference listening on [\d.]+:(\d+)")
+
+
+@contextlib.contextmanager
+def cli_server_process(repository: Path, log_path: Path, *extra: str) -> Iterator[str]:
+    """`python -m cyclone serve inference` on a free port; yields its address, terminates it after."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cyclone", "serve", "inference",
+             "--model-repository", str(repository), "--port", "0", *extra],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            found = _LISTENING.search(log_path.read_text(errors="replace"))
+            if found:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"inference server did not start:\n{log_path.read_text()}")
+            time.sleep(0.05)
+        yield f"127.0.0.1:{found.group(1)}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def cli_server(model_repo: ModelRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One CLI-started inference server subprocess for the session; yields its address."""
+    log_path = tmp_path_factory.mktemp("cli-server") / "server.log"
+    with cli_server_process(model_repo.root, log_path) as address:
+        yield address
