@@ -13,8 +13,15 @@ import typer
 app = typer.Typer(help="Cyclone: serve, log, monitor and retrain ML models.", no_args_is_help=True)
 serve_app = typer.Typer(help="Run a Cyclone service.", no_args_is_help=True)
 model_app = typer.Typer(help="Manage models in a model repository.", no_args_is_help=True)
+plan_app = typer.Typer(help="Read and change monitoring plans.", no_args_is_help=True)
+plugins_app = typer.Typer(help="Inspect plugins.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 app.add_typer(model_app, name="model")
+app.add_typer(plan_app, name="plan")
+app.add_typer(plugins_app, name="plugins")
+
+StoreOpt = Annotated[str, typer.Option("--store", help="Store address HOST:PORT.")]
+MonitorOpt = Annotated[str, typer.Option("--monitor", help="Monitor address HOST:PORT.")]
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML settings file.")]
 HostOpt = Annotated[str | None, typer.Option(help="Address to bind.")]
@@ -80,6 +87,22 @@ def serve_store(
     asyncio.run(run_store(_settings(StoreSettings, flags, config)))
 
 
+@serve_app.command("monitor")
+def serve_monitor(
+    store: Annotated[str | None, typer.Option(help="Store HOST:PORT.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Cyclone data directory.")] = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Evaluate monitoring plans on schedule; keep RAG levels; deliver alerts."""
+    from services.monitor.main import MonitorSettings, run_monitor
+
+    flags = {k: v for k, v in locals().items() if k != "config"}
+    asyncio.run(run_monitor(_settings(MonitorSettings, flags, config)))
+
+
 @model_app.command("import")
 def model_import(
     pipeline: Annotated[Path, typer.Argument(help="Fitted scikit-learn pipeline saved with joblib.")],
@@ -87,7 +110,10 @@ def model_import(
     repository: Annotated[Path, typer.Option(help="Model repository directory.")] = Path("models"),
     version: Annotated[str | None, typer.Option(help="Version; default next integer.")] = None,
     sample: Annotated[
-        Path | None, typer.Option(help="CSV of real rows: parity check and feature ranges.")
+        Path | None, typer.Option(help="CSV of real rows: parity check and the drift reference.")
+    ] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="Target column of --sample: baseline metrics.")
     ] = None,
 ) -> None:
     """Convert a scikit-learn pipeline to ONNX, check parity, write it into the repository."""
@@ -109,7 +135,9 @@ def model_import(
         except Exception as exc:
             fail(f"--sample: cannot read {sample}: {exc}")
     try:
-        target, schema, report = import_pipeline(fitted, name, repository, version=version, sample=frame)
+        target, schema, report = import_pipeline(
+            fitted, name, repository, version=version, sample=frame, label_column=label_column
+        )
     except (ConversionError, ValueError) as exc:
         fail(str(exc))
     typer.echo(
@@ -198,6 +226,182 @@ def list_models(
     for m in models:
         features = ", ".join(f.name for f in m.features)
         typer.echo(f"{m.name} {m.version}  [{features}]")
+
+
+def _rpc_fail(exc: Any) -> NoReturn:
+    fail(f"{exc.code().name}: {exc.details()}", 1)
+
+
+@app.command()
+def label(
+    model: Annotated[str, typer.Option(help="Model name.")],
+    prediction_id: Annotated[list[str] | None, typer.Option("--id", help="Prediction id; repeatable.")] = None,
+    value: Annotated[list[str] | None, typer.Option(help="Label for the matching --id; repeatable.")] = None,
+    file: Annotated[
+        Path | None, typer.Option(help="CSV or JSON lines with prediction_id and label columns.")
+    ] = None,
+    store: StoreOpt = "127.0.0.1:8002",
+) -> None:
+    """Send true labels for earlier predictions to the store."""
+    from cyclone.client import StoreClient
+
+    pairs: list[tuple[str, Any]] = list(zip(prediction_id or [], value or [], strict=False))
+    if len(prediction_id or []) != len(value or []):
+        fail("--id and --value must be given the same number of times")
+    if file is not None:
+        if file.suffix == ".csv":
+            import pandas as pd
+
+            frame = pd.read_csv(file, dtype={"prediction_id": str})
+            if not {"prediction_id", "label"} <= set(frame.columns):
+                fail(f"{file}: needs prediction_id and label columns")
+            pairs.extend(zip(frame["prediction_id"], frame["label"].tolist(), strict=True))
+        else:
+            for n, line in enumerate(file.read_text().splitlines(), 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                        pairs.append((str(row["prediction_id"]), row["label"]))
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        fail(f"{file}:{n}: expected a JSON object with prediction_id and label")
+    if not pairs:
+        fail("give labels with --id ID --value LABEL or --file")
+    import grpc
+
+    try:
+        with StoreClient(store) as client:
+            stored, unmatched = client.add_labels(model, pairs)
+    except grpc.RpcError as exc:
+        _rpc_fail(exc)
+    typer.echo(f"stored {stored} label(s)" + (f"; {len(unmatched)} not matched to a stored prediction yet" if unmatched else ""))
+
+
+@app.command()
+def status(
+    store: StoreOpt = "127.0.0.1:8002",
+    monitor: Annotated[str | None, typer.Option(help="Monitor HOST:PORT, for live levels.")] = None,
+) -> None:
+    """Storage mode, per-model traffic, label coverage and health."""
+    import grpc
+    from rich.console import Console
+    from rich.table import Table
+
+    from cyclone.client import StoreClient
+
+    try:
+        with StoreClient(store) as client:
+            stats = client.stats()
+            health = {(h.model, h.version): h for h in client.health()}
+            versions = client.model_versions()
+    except grpc.RpcError as exc:
+        _rpc_fail(exc)
+    console = Console()
+    console.print(f"storage mode: [bold]{stats.storage_mode}[/bold]")
+    table = Table("model", "serving", "predictions", "labels", "coverage", "ingest lag", "health")
+    serving = {v.model: v.version for v in versions if v.status == 3}
+    for m in stats.models:
+        h = health.get((m.model, serving.get(m.model, "")))
+        table.add_row(
+            m.model, serving.get(m.model, "-"), str(m.predictions), str(m.labels), f"{m.label_coverage:.1%}",
+            f"{m.ingest_lag_seconds:.1f}s", h.level if h else "-",
+        )
+    console.print(table)
+    if monitor:
+        from cyclone.client import MonitorClient
+        from cyclone.monitor.v1 import monitor_service_pb2 as mpb
+
+        try:
+            with MonitorClient(monitor) as mon:
+                statuses = mon.status()
+        except grpc.RpcError as exc:
+            _rpc_fail(exc)
+        for s in statuses:
+            reasons = "; ".join(s.reasons) or "all triggers quiet"
+            level = mpb.Level.Name(s.level).removeprefix("LEVEL_")
+            console.print(f"{s.model} {s.version}: {level} over {s.rows} rows ({reasons})")
+
+
+@plan_app.command("get")
+def plan_get(model: Annotated[str, typer.Argument(help="Model name.")], monitor: MonitorOpt = "127.0.0.1:8003") -> None:
+    """Print a model's monitoring plan (the generated default if none was set)."""
+    import grpc
+
+    from cyclone.client import MonitorClient
+
+    try:
+        with MonitorClient(monitor) as client:
+            plan_yaml, revision = client.get_plan(model)
+    except grpc.RpcError as exc:
+        _rpc_fail(exc)
+    typer.echo(f"# revision {revision}" + (" (generated default)" if revision == 0 else ""))
+    typer.echo(plan_yaml.rstrip())
+
+
+@plan_app.command("set")
+def plan_set(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    plan_file: Annotated[Path, typer.Argument(help="Plan YAML file.")],
+    monitor: MonitorOpt = "127.0.0.1:8003",
+) -> None:
+    """Validate and store a new revision of a model's monitoring plan."""
+    import grpc
+
+    from cyclone.client import MonitorClient
+
+    if not plan_file.is_file():
+        fail(f"PLAN_FILE: {plan_file} does not exist")
+    try:
+        with MonitorClient(monitor) as client:
+            revision = client.set_plan(model, plan_file.read_text())
+    except grpc.RpcError as exc:
+        _rpc_fail(exc)
+    typer.echo(f"plan of {model} saved as revision {revision}")
+
+
+@app.command()
+def alerts(
+    model: Annotated[str, typer.Option(help="Model name; default all.")] = "",
+    monitor: MonitorOpt = "127.0.0.1:8003",
+) -> None:
+    """List alerts, newest first."""
+    import grpc
+
+    from cyclone.client import MonitorClient
+
+    try:
+        with MonitorClient(monitor) as client:
+            listed = client.alerts(model)
+    except grpc.RpcError as exc:
+        _rpc_fail(exc)
+    from cyclone.monitor.v1 import monitor_service_pb2 as mpb
+
+    for a in listed:
+        level = mpb.Level.Name(a.level).removeprefix("LEVEL_")
+        typer.echo(f"#{a.id} {a.model} {a.version} {level} {a.action}->{a.sink} {a.status}: {'; '.join(a.reasons)}")
+
+
+@plugins_app.command("list")
+def plugins_list() -> None:
+    """Show loaded plugins, their package, and what they register."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cyclone.plugins import get_plugins
+
+    plugins = get_plugins()
+    table = Table("plugin", "module", "package", "hooks", "problem")
+    for info in plugins.plugin_infos():
+        package = f"{info.distribution} {info.version}" if info.distribution else "-"
+        table.add_row(info.name, info.module, package, ", ".join(info.hooks), info.error or "")
+    console = Console()
+    console.print(table)
+    console.print(
+        f"metrics: {', '.join(sorted(plugins.metrics))}\n"
+        f"drift tests: {', '.join(sorted(plugins.drift_tests))}\n"
+        f"alert sinks: {', '.join(sorted(plugins.alert_sinks))}"
+    )
+    for problem in plugins.problems:
+        console.print(f"[red]{problem.plugin}: {problem.hook}: {problem.error}[/red]")
 
 
 @app.command()

@@ -87,3 +87,103 @@ class InferenceClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StoreClient:
+    """Blocking client for the parts of `cyclone.store.v1.StoreService` users call."""
+
+    def __init__(self, address: str, *, timeout: float = 30.0) -> None:
+        from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address)
+        self._stub = store_grpc.StoreServiceStub(self._channel)
+
+    def add_labels(self, model: str, labels: Sequence[tuple[str, Any]]) -> tuple[int, list[str]]:
+        """Send (prediction_id, label) pairs; numbers for regression, class labels otherwise.
+
+        Returns (stored, unmatched ids). Unmatched labels are kept and join their
+        prediction when it arrives.
+        """
+        from cyclone.store.v1 import store_service_pb2 as store_pb
+
+        request = store_pb.AddLabelsRequest(model=model)
+        for prediction_id, value in labels:
+            label = request.labels.add(prediction_id=str(prediction_id))
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                label.number = float(value)
+            else:
+                label.text = str(value)
+        response = self._stub.AddLabels(request, timeout=self.timeout)
+        return int(response.stored), list(response.unmatched_prediction_ids)
+
+    def stats(self, model: str = "") -> Any:
+        from cyclone.store.v1 import store_service_pb2 as store_pb
+
+        return self._stub.GetStats(store_pb.GetStatsRequest(model=model), timeout=self.timeout)
+
+    def health(self, model: str = "") -> list[Any]:
+        from cyclone.store.v1 import store_service_pb2 as store_pb
+
+        return list(self._stub.GetHealth(store_pb.GetHealthRequest(model=model), timeout=self.timeout).health)
+
+    def model_versions(self, model: str = "") -> list[Any]:
+        from cyclone.store.v1 import store_service_pb2 as store_pb
+
+        response = self._stub.ListModelVersions(store_pb.ListModelVersionsRequest(model=model), timeout=self.timeout)
+        return list(response.model_versions)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> StoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MonitorClient:
+    """Blocking client for `cyclone.monitor.v1.MonitorService`."""
+
+    def __init__(self, address: str, *, timeout: float = 60.0) -> None:
+        from cyclone.monitor.v1 import monitor_service_pb2_grpc as monitor_grpc
+
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address)
+        self._stub = monitor_grpc.MonitorServiceStub(self._channel)
+
+    def evaluate_now(self, model: str) -> Any:
+        from cyclone.monitor.v1 import monitor_service_pb2 as mpb
+
+        return self._stub.EvaluateNow(mpb.EvaluateNowRequest(model=model), timeout=self.timeout)
+
+    def status(self, model: str = "") -> list[Any]:
+        from cyclone.monitor.v1 import monitor_service_pb2 as mpb
+
+        return list(self._stub.GetStatus(mpb.GetStatusRequest(model=model), timeout=self.timeout).statuses)
+
+    def get_plan(self, model: str) -> tuple[str, int]:
+        from cyclone.monitor.v1 import monitor_service_pb2 as mpb
+
+        response = self._stub.GetPlan(mpb.GetPlanRequest(model=model), timeout=self.timeout)
+        return response.plan_yaml, int(response.revision)
+
+    def set_plan(self, model: str, plan_yaml: str) -> int:
+        from cyclone.monitor.v1 import monitor_service_pb2 as mpb
+
+        return int(self._stub.SetPlan(mpb.SetPlanRequest(model=model, plan_yaml=plan_yaml), timeout=self.timeout).revision)
+
+    def alerts(self, model: str = "", status: str = "") -> list[Any]:
+        from cyclone.monitor.v1 import monitor_service_pb2 as mpb
+
+        return list(self._stub.ListAlerts(mpb.ListAlertsRequest(model=model, status=status), timeout=self.timeout).alerts)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> MonitorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -106,13 +106,30 @@ async def inference_server(
 _LISTENING = re.compile(r"inference listening on [\d.]+:(\d+)")
 
 
+@dataclasses.dataclass
+class CliServer:
+    address: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
 @contextlib.contextmanager
-def cli_server_process(repository: Path, log_path: Path, *extra: str) -> Iterator[str]:
-    """`python -m cyclone serve inference` on a free port; yields its address, terminates it after."""
+def cli_server_process(repository: Path, log_path: Path, *extra: str) -> Iterator[CliServer]:
+    """`python -m cyclone serve inference` on a free port (--port 0, read from its log); terminated after."""
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cyclone", "serve", "inference",
-             "--model-repository", str(repository), "--port", "0", *extra],
+            [
+                sys.executable,
+                "-m",
+                "cyclone",
+                "serve",
+                "inference",
+                "--model-repository",
+                str(repository),
+                "--port",
+                "0",
+                *extra,
+            ],
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -127,7 +144,7 @@ def cli_server_process(repository: Path, log_path: Path, *extra: str) -> Iterato
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"inference server did not start:\n{log_path.read_text()}")
             time.sleep(0.05)
-        yield f"127.0.0.1:{found.group(1)}"
+        yield CliServer(f"127.0.0.1:{found.group(1)}", proc, log_path)
     finally:
         proc.terminate()
         try:
@@ -138,8 +155,14 @@ def cli_server_process(repository: Path, log_path: Path, *extra: str) -> Iterato
 
 
 @pytest.fixture(scope="session")
+def cli_server_process_factory() -> Callable[..., contextlib.AbstractContextManager[CliServer]]:
+    """`with factory(repository, log_path, *extra_flags) as server:` a CLI-started server."""
+    return cli_server_process
+
+
+@pytest.fixture(scope="session")
 def cli_server(model_repo: ModelRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One CLI-started inference server subprocess for the session; yields its address."""
     log_path = tmp_path_factory.mktemp("cli-server") / "server.log"
-    with cli_server_process(model_repo.root, log_path) as address:
-        yield address
+    with cli_server_process(model_repo.root, log_path) as running:
+        yield running.address

@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cyclone.models.repository import MODEL_FILE, ModelRepository, sha256_of
+from cyclone.models.repository import (
+    EVALUATION_FILE,
+    MODEL_FILE,
+    REFERENCE_FILE,
+    ModelRepository,
+    sha256_of,
+)
 from cyclone.models.schema import FeatureSchema, ModelSchema, validate_name
 
 log = logging.getLogger(__name__)
@@ -275,9 +281,15 @@ def import_pipeline(
     *,
     version: str | None = None,
     sample: pd.DataFrame | None = None,
+    label_column: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> tuple[Path, ModelSchema, ParityReport]:
-    """Convert, check parity and write `<repository>/<name>/<version>/`; returns its directory."""
+    """Convert, check parity and write `<repository>/<name>/<version>/`; returns its directory.
+
+    With real `sample` rows the version also gets `reference.json` (the distributions drift
+    is measured against) and, when the sample has `label_column`, `evaluation.json` (baseline
+    metrics for relative triggers).
+    """
     repo = ModelRepository(repository)
     version = version or repo.next_version(name)
     validate_name("version", version)
@@ -286,6 +298,8 @@ def import_pipeline(
         missing = [f for f in schema.feature_names if f not in sample.columns]
         if missing:
             raise ConversionError(f"sample: columns missing: {', '.join(missing)}")
+        if label_column is not None and label_column not in sample.columns:
+            raise ConversionError(f"label_column: {label_column!r} is not a column of the sample")
         schema = with_observed_missing(schema, sample)
         frame = sample[schema.feature_names].head(1000)
     else:
@@ -309,9 +323,30 @@ def import_pipeline(
             },
         )
         schema.write(staging / "model.yaml")
+        if sample is not None:
+            _write_reference(pipeline, schema, sample, label_column, staging)
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("imported %s version %s into %s", name, version, target)
     return target, schema, report
+
+
+def _write_reference(
+    pipeline: Any, schema: ModelSchema, sample: pd.DataFrame, label_column: str | None, directory: Path
+) -> None:
+    import json
+
+    from cyclone.baseline import evaluation_record, reference_profile, window_from_frame
+
+    x = sample[schema.feature_names] if schema.input_layout == "columns" else sample[schema.feature_names].to_numpy()
+    predictions = np.asarray(pipeline.predict(x))
+    probabilities = np.asarray(pipeline.predict_proba(x), dtype=np.float64) if schema.task == "classification" else None
+    labels = sample[label_column].to_numpy() if label_column else None
+    window = window_from_frame(schema, sample, predictions, probabilities, labels)
+    profile = reference_profile(schema, window)
+    profile.save(directory / REFERENCE_FILE)
+    if labels is not None:
+        record = evaluation_record(window, profile, "import sample")
+        (directory / EVALUATION_FILE).write_text(json.dumps(record, indent=2))

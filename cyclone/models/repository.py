@@ -12,6 +12,7 @@ from cyclone.models.schema import ModelSchema, read_schema
 MODEL_FILE = "model.onnx"
 SCHEMA_FILE = "model.yaml"
 REFERENCE_FILE = "reference.json"
+EVALUATION_FILE = "evaluation.json"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ import grpc
 from grpc import aio
 
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from cyclone.models.repository import EVALUATION_FILE, REFERENCE_FILE
 from cyclone.oip.v2 import open_inference_pb2_grpc as oip_grpc
 from cyclone.server import CycloneServer
 from cyclone.settings import ServerSettings
@@ -82,6 +83,8 @@ async def register_models(address: str, catalog: ModelCatalog, retry_every: floa
                 model=model.name, version=model.version, task=model.schema.task, sha256=model.sha256,
                 artifact_uri=str(model.files.directory.resolve()),
                 schema_json=json.dumps(model.schema.to_dict()),
+                reference_profile_json=_read_optional(model.files.directory / REFERENCE_FILE),
+                evaluation_json=_read_optional(model.files.directory / EVALUATION_FILE),
             )
             try:
                 await stub.RegisterModelVersion(
@@ -102,6 +105,10 @@ async def register_models(address: str, catalog: ModelCatalog, retry_every: floa
                     todo.pop(0)
                     continue
                 await asyncio.sleep(retry_every)
+
+
+def _read_optional(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def attach_store(settings: InferenceSettings, server: CycloneServer, scorer: Scorer) -> StoreSink:

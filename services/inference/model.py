@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnxruntime as ort
@@ -82,6 +82,22 @@ class LoadedModel:
         self._category_sets = {
             f.name: np.array(sorted(f.categories), dtype=object) for f in self._categorical if f.categories
         }
+        # Precomputed for the fast paths: they only decide "valid or not"; any doubt falls
+        # back to `validate`, which stays the one place that words the errors.
+        self.feature_names: tuple[str, ...] = tuple(self.schema.feature_names)
+        self._name_set = frozenset(self.feature_names)
+        self.numeric_names: tuple[str, ...] = tuple(f.name for f in self._numeric)
+        self.category_lookup: dict[str, frozenset[str] | None] = {
+            f.name: frozenset(f.categories) if f.categories else None for f in self._categorical
+        }
+        self._lo = np.array([-np.inf if f.min is None else f.min for f in self._numeric], dtype=np.float64)[:, None]
+        self._hi = np.array([np.inf if f.max is None else f.max for f in self._numeric], dtype=np.float64)[:, None]
+        self._bounded = any(f.min is not None or f.max is not None for f in self._numeric)
+        # Matrix models whose features are all numeric and in schema order take the
+        # validated (features, rows) block transposed, with no per-column copies.
+        self._matrix_dtype: type | None = None
+        if self.schema.input_layout == "matrix" and not self._categorical:
+            self._matrix_dtype = _ORT_TO_NUMPY.get(self.input_meta["input"].type, np.float32)
 
     @property
     def name(self) -> str:
@@ -138,6 +154,40 @@ class LoadedModel:
                 f"(allowed: {', '.join(map(str, allowed[:10]))}{'…' if len(allowed) > 10 else ''})"
             )
 
+    def numeric_ok(self, block: np.ndarray) -> bool:
+        """True if a (numeric features, rows) float64 block passes every numeric check."""
+        if not np.isfinite(block).all():
+            return False
+        return not (self._bounded and ((block < self._lo) | (block > self._hi)).any())
+
+    def categories_ok(self, name: str, values: Iterable[object]) -> bool:
+        allowed = self.category_lookup.get(name)
+        return allowed is None or all(v in allowed for v in values)
+
+    def quick_validate(self, columns: Mapping[str, np.ndarray]) -> tuple[int, np.ndarray | None] | None:
+        """Rows and the numeric block when `columns` is plainly valid; None means "ask `validate`"."""
+        if len(columns) != len(self.feature_names) or columns.keys() != self._name_set:
+            return None
+        rows = -1
+        numeric: list[np.ndarray] = []
+        for f in self._features:
+            column = columns[f.name]
+            if column.ndim != 1 or (rows != -1 and len(column) != rows):
+                return None
+            rows = len(column)
+            if f.kind == "numeric":
+                if column.dtype.kind not in "fiub":
+                    return None
+                numeric.append(column)
+            elif column.dtype.kind not in "OUS" or not self.categories_ok(f.name, column.tolist()):
+                return None
+        if not 0 < rows <= self.max_batch_rows:
+            return None
+        block = np.array(numeric, dtype=np.float64) if numeric else None
+        if block is not None and not self.numeric_ok(block):
+            return None
+        return rows, block
+
     def validate(self, columns: Mapping[str, np.ndarray]) -> int:
         """Check names, kinds, lengths and values; return the row count."""
         unknown = [name for name in columns if name not in self._names]
@@ -175,8 +225,8 @@ class LoadedModel:
         return rows
 
     @property
-    def _names(self) -> set[str]:
-        return set(self.schema.feature_names)
+    def _names(self) -> frozenset[str]:
+        return self._name_set
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -194,14 +244,34 @@ class LoadedModel:
             feed[f.name] = column.astype(dtype, copy=False).reshape(-1, 1)
         return feed
 
+    @property
+    def takes_block(self) -> bool:
+        return self._matrix_dtype is not None
+
+    def feed_block(self, block: np.ndarray | None, columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`feed`, but straight from a validated numeric block when the model allows it."""
+        if self._matrix_dtype is not None and block is not None:
+            return {"input": np.ascontiguousarray(block.T, dtype=self._matrix_dtype)}
+        return self.feed(columns)
+
     def run(self, feed: Mapping[str, np.ndarray], rows: int) -> Outputs:
-        raw_list = self.session.run(None, dict(feed))
+        raw_list = self.session.run(self.output_names, feed if isinstance(feed, dict) else dict(feed))
         raw = dict(zip(self.output_names, raw_list, strict=True))
         if self.schema.task == "regression":
             return Outputs(rows, values=np.asarray(raw_list[0], dtype=np.float64).reshape(rows), raw=raw)
         labels = np.asarray(raw_list[0]).reshape(rows)
         probabilities = np.asarray(raw_list[1], dtype=np.float64).reshape(rows, -1)
         return Outputs(rows, labels=labels.astype(str), probabilities=probabilities, raw=raw)
+
+    def slice(self, outputs: Outputs, start: int, stop: int) -> Outputs:
+        """Rows [start, stop) of a batch's outputs, as if those rows had run alone."""
+        return Outputs(
+            stop - start,
+            values=None if outputs.values is None else outputs.values[start:stop],
+            labels=None if outputs.labels is None else outputs.labels[start:stop],
+            probabilities=None if outputs.probabilities is None else outputs.probabilities[start:stop],
+            raw={name: value[start:stop] for name, value in outputs.raw.items()},
+        )
 
     def predict(self, columns: Mapping[str, np.ndarray]) -> Outputs:
         rows = self.validate(columns)

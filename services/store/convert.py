@@ -165,7 +165,9 @@ def _column(values: list[Any], kind: str | None) -> pb.Column:
     return pb.Column(strings=["" if v is None else str(v) for v in values])
 
 
-def chunk_to_pb(chunk: TrainingChunk, kinds: dict[str, str], task: str | None) -> pb.GetTrainingDataResponse:
+def chunk_to_pb(
+    chunk: TrainingChunk, kinds: dict[str, str], task: str | None, class_labels: Sequence[str] = ()
+) -> pb.GetTrainingDataResponse:
     inputs = chunk.inputs()
     outputs = chunk.outputs()
     labels = chunk.labels()
@@ -173,13 +175,20 @@ def chunk_to_pb(chunk: TrainingChunk, kinds: dict[str, str], task: str | None) -
     response = pb.GetTrainingDataResponse(
         prediction_ids=[str(i) for i in chunk.prediction_ids],
         created_at_micros=[int(t.timestamp() * 1_000_000) for t in chunk.created_at],
+        labelled=[v is not None for v in labels],
     )
     for name in names:
         response.features[name].CopyFrom(_column([row.get(name) for row in inputs], kinds.get(name)))
     if task == "classification" or (task is None and outputs and "label" in outputs[0]):
         response.predictions.strings.extend(str(o.get("label", "")) for o in outputs)
-        response.labels.strings.extend(str(v) for v in labels)
+        response.labels.strings.extend("" if v is None else str(v) for v in labels)
+        if class_labels:
+            response.class_labels.extend(class_labels)
+            nan = math.nan
+            response.probabilities.extend(
+                p.get(c, nan) for o in outputs for p in (o.get("probabilities") or {},) for c in class_labels
+            )
     else:
         response.predictions.numbers.extend(float(o.get("value", math.nan)) for o in outputs)
-        response.labels.numbers.extend(float(v) for v in labels)
+        response.labels.numbers.extend(math.nan if v is None else float(v) for v in labels)
     return response

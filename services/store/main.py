@@ -10,8 +10,8 @@ from datetime import timedelta
 
 from cyclone.server import CycloneServer
 from cyclone.settings import ServerSettings
-from cyclone.telemetry import configure_logging
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
+from cyclone.telemetry import configure_logging
 from services.store.db import StoreDB
 from services.store.embedded import EmbeddedPostgres, resolve_database_url
 from services.store.servicer import StoreServicer

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -24,10 +24,11 @@ from services.store.db import (
     AlreadyExistsError,
     FeatureFilter,
     ModelVersion,
-    NotFoundError,
     PredictionRecord,
     StoreDB,
 )
+from services.store.guard import guard as _guard
+from services.store.monitoring_rpcs import MonitoringRpcs
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +39,6 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _OPS = ("=", "!=", "<", "<=", ">", ">=")
 
 T = TypeVar("T")
-
-
-async def _guard(context: aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]) -> T:
-    """Run `call`, mapping domain and store errors to status codes."""
-    try:
-        return await call()
-    except NotFoundError as exc:
-        await context.abort(NotFound.code, str(exc))
-    except AlreadyExistsError as exc:
-        await context.abort(InvalidArgument.code, str(exc))
-    except Exception as exc:
-        await abort_on_domain_errors(context, exc)
-    raise AssertionError("unreachable")
 
 
 def records_from_pb(request: pb.LogPredictionsRequest, offset: int) -> list[PredictionRecord]:
@@ -86,7 +74,7 @@ def _find_bad_json(rows: list[PredictionRecord], offset: int) -> InvalidArgument
     return InvalidArgument("records: the database rejected the batch as malformed")
 
 
-class StoreServicer(pb_grpc.StoreServiceServicer):
+class StoreServicer(MonitoringRpcs, pb_grpc.StoreServiceServicer):
     def __init__(self, db: StoreDB) -> None:
         self.db = db
 
@@ -186,17 +174,19 @@ class StoreServicer(pb_grpc.StoreServiceServicer):
                 end = end or datetime.now(UTC) + timedelta(days=3650)
             if start is None and not request.last_n:
                 start, end = _EPOCH, datetime.now(UTC) + timedelta(days=3650)
-            kinds = {f["name"]: f.get("kind", "numeric") for f in (mv.schema or {}).get("features", [])}
+            schema = mv.schema or {}
+            kinds = {f["name"]: f.get("kind", "numeric") for f in schema.get("features", [])}
+            classes = [str(c) for c in schema.get("class_labels", [])]
         except Exception as exc:
             await abort_on_domain_errors(context, exc)
             raise
         chunks = self.db.training_data(
             request.model, start, end, request.last_n or None, request.version or None,
-            request.chunk_rows or DEFAULT_CHUNK_ROWS,
+            request.chunk_rows or DEFAULT_CHUNK_ROWS, include_unlabelled=request.include_unlabelled,
         )
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
-                yield convert.chunk_to_pb(chunk, kinds, mv.task)
+                yield convert.chunk_to_pb(chunk, kinds, mv.task, classes)
 
     async def QueryPredictions(
         self, request: pb.QueryPredictionsRequest, context: aio.ServicerContext[Any, Any]

@@ -22,7 +22,9 @@ from cyclone.models.repository import ModelRepository, sha256_of
 from cyclone.models.schema import read_schema
 
 
-def _classifier(frame: pd.DataFrame, handle_unknown: str = "ignore", impute: bool = False) -> Pipeline:
+def _classifier(
+    frame: pd.DataFrame, handle_unknown: str = "ignore", impute: bool = False
+) -> Pipeline:
     numeric: Any = StandardScaler()
     if impute:
         numeric = Pipeline([("impute", SimpleImputer()), ("scale", StandardScaler())])
@@ -50,7 +52,9 @@ def numpy_regressor() -> tuple[LinearRegression, np.ndarray]:
     return LinearRegression().fit(x, y), x
 
 
-def test_classifier_columns_layout_without_category_limits(frame: pd.DataFrame, tmp_path: Path) -> None:
+def test_classifier_columns_layout_without_category_limits(
+    frame: pd.DataFrame, tmp_path: Path
+) -> None:
     pipeline = _classifier(frame, handle_unknown="ignore")
     target, schema, report = import_pipeline(pipeline, "credit", tmp_path, sample=frame)
     assert target == tmp_path / "credit" / "1"
@@ -76,7 +80,9 @@ def test_classifier_columns_layout_without_category_limits(frame: pd.DataFrame, 
     assert on_disk.extra["sha256"] == sha256_of(target / "model.onnx")
     assert on_disk.extra["parity"]["rows"] == len(frame)
     assert ModelRepository(tmp_path).versions("credit") == ["1"]
-    assert not [p for p in (tmp_path / "credit").iterdir() if p.name.startswith(".")], "staging dir left"
+    assert not [p for p in (tmp_path / "credit").iterdir() if p.name.startswith(".")], (
+        "staging dir left"
+    )
 
 
 def test_categories_enforced_only_when_encoder_rejects_unknown(frame: pd.DataFrame) -> None:
@@ -109,7 +115,9 @@ def test_sample_with_missing_values_allows_missing(frame: pd.DataFrame, tmp_path
     assert next(f for f in schema.features if f.name == "income").allow_missing
 
 
-def test_numpy_regressor_matrix_layout(numpy_regressor: tuple[Any, np.ndarray], tmp_path: Path) -> None:
+def test_numpy_regressor_matrix_layout(
+    numpy_regressor: tuple[Any, np.ndarray], tmp_path: Path
+) -> None:
     model, x = numpy_regressor
     target, schema, report = import_pipeline(model, "reg", tmp_path)
     assert schema.input_layout == "matrix"
@@ -204,7 +212,9 @@ class _MajorityClassifier(ClassifierMixin, BaseEstimator):
 def test_unconvertible_pipeline_refused(tmp_path: Path) -> None:
     x = np.random.default_rng(0).normal(size=(20, 3))
     model = _MajorityClassifier().fit(x, (x[:, 0] > 0).astype(int))
-    with pytest.raises(ConversionError, match=r"^pipeline: skl2onnx cannot convert _MajorityClassifier"):
+    with pytest.raises(
+        ConversionError, match=r"^pipeline: skl2onnx cannot convert _MajorityClassifier"
+    ):
         import_pipeline(model, "majority", tmp_path)
     assert not (tmp_path / "majority" / "1").exists()
 
@@ -216,9 +226,9 @@ def test_unfitted_pipeline_refused(tmp_path: Path) -> None:
 
 def test_bad_name_refused(numpy_regressor: tuple[Any, np.ndarray], tmp_path: Path) -> None:
     model, _ = numpy_regressor
-    with pytest.raises(ValueError, match="^name: "):
+    with pytest.raises(ValueError, match=r"^name: "):
         import_pipeline(model, "../escape", tmp_path)
-    with pytest.raises(ValueError, match="^version: "):
+    with pytest.raises(ValueError, match=r"^version: "):
         import_pipeline(model, "reg", tmp_path, version="v/1")
     assert not any(tmp_path.iterdir())
 

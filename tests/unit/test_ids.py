@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -41,7 +42,7 @@ def test_batch_returns_exactly_n() -> None:
 def test_ids_strictly_increase_across_calls() -> None:
     ids = [uuid7() for _ in range(10_000)]
     as_ints = [uuid.UUID(i).int for i in ids]
-    assert all(a < b for a, b in zip(as_ints, as_ints[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(as_ints))
     # String order is the same as numeric order (the store sorts by text too).
     assert ids == sorted(ids)
 
@@ -51,13 +52,13 @@ def test_batch_larger_than_counter_space_strictly_increases() -> None:
     ids = uuid7_batch(10_000)
     as_ints = [uuid.UUID(i).int for i in ids]
     assert len(set(as_ints)) == len(as_ints)
-    assert all(a < b for a, b in zip(as_ints, as_ints[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(as_ints))
 
 
 def test_consecutive_batches_strictly_increase() -> None:
     batches = [uuid7_batch(3000) for _ in range(5)]
     flat = [uuid.UUID(i).int for batch in batches for i in batch]
-    assert all(a < b for a, b in zip(flat, flat[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(flat))
 
 
 def test_ids_from_many_threads_are_unique_and_ordered_per_thread() -> None:

@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 
 from cyclone.errors import ModelLoadError
-from cyclone.models.schema import FeatureSchema, ModelSchema, parse_schema, read_schema, validate_name
+from cyclone.models.schema import (
+    FeatureSchema,
+    ModelSchema,
+    parse_schema,
+    read_schema,
+    validate_name,
+)
 
 
 def _good() -> dict[str, Any]:
@@ -74,7 +80,10 @@ def _mutate(**changes: Any) -> dict[str, Any]:
         (_mutate(features=["age"]), "features[0]"),
         (_mutate(features=[{"name": "a"}, {"name": "b", "kind": "text"}]), "features[1].kind"),
         (_mutate(features=[{"name": "a", "dtype": "string"}]), "features[0].dtype"),
-        (_mutate(features=[{"name": "a", "kind": "categorical", "dtype": "int64"}]), "features[0].dtype"),
+        (
+            _mutate(features=[{"name": "a", "kind": "categorical", "dtype": "int64"}]),
+            "features[0].dtype",
+        ),
         (_mutate(features=[{"name": "a", "min": "low"}]), "features[0]"),
         (_mutate(features=[{"name": "a"}, {"name": "a"}]), "features"),
         (_mutate(class_labels=["only"]), "class_labels"),
@@ -90,7 +99,7 @@ def test_parse_errors_name_the_field(raw: dict[str, Any], field: str) -> None:
 
 
 def test_not_a_mapping() -> None:
-    with pytest.raises(ModelLoadError, match="m.yaml: expected a mapping"):
+    with pytest.raises(ModelLoadError, match=r"m\.yaml: expected a mapping"):
         parse_schema(["task"], "m.yaml")
 
 
@@ -124,7 +133,7 @@ def test_valid_names(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["", "-x", ".hidden", "a/b", "a b", "x" * 129, "ü"])
 def test_invalid_names(name: str) -> None:
-    with pytest.raises(ValueError, match="^name: "):
+    with pytest.raises(ValueError, match=r"^name: "):
         validate_name("name", name)
 
 

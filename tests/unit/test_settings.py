@@ -43,7 +43,9 @@ def test_yaml_overrides_defaults(tmp_path: Path) -> None:
 
 def test_env_overrides_yaml(tmp_path: Path) -> None:
     config = _yaml(tmp_path, "port: 9100\nhost: 0.0.0.0\n")
-    settings = load_settings(InferenceSettings, {}, config_file=config, env={"CYCLONE_PORT": "9200"})
+    settings = load_settings(
+        InferenceSettings, {}, config_file=config, env={"CYCLONE_PORT": "9200"}
+    )
     assert settings.port == 9200
     assert settings.host == "0.0.0.0"
 
@@ -88,7 +90,9 @@ def test_values_are_converted_to_declared_types(tmp_path: Path) -> None:
     assert settings.grace_seconds == 2.0
 
 
-@pytest.mark.parametrize(("text", "expected"), [("0", False), ("off", False), ("TRUE", True), ("1", True)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("0", False), ("off", False), ("TRUE", True), ("1", True)]
+)
 def test_bool_spellings(text: str, expected: bool) -> None:
     assert load_settings(ExampleSettings, {}, env={"CYCLONE_ENABLED": text}).enabled is expected
 

@@ -354,6 +354,7 @@ class GetTrainingDataRequest(_message.Message):
     END_FIELD_NUMBER: _builtins.int
     LAST_N_FIELD_NUMBER: _builtins.int
     CHUNK_ROWS_FIELD_NUMBER: _builtins.int
+    INCLUDE_UNLABELLED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name."""
     version: _builtins.str
@@ -362,6 +363,8 @@ class GetTrainingDataRequest(_message.Message):
     """Only the last N labelled rows (within the window, if set); 0 means all."""
     chunk_rows: _builtins.int
     """Rows per chunk; 0 means the server default."""
+    include_unlabelled: _builtins.bool
+    """Also return unlabelled rows (monitoring windows); labelled says which are."""
     @_builtins.property
     def start(self) -> _timestamp_pb2.Timestamp:
         """Window start (inclusive); unset means unbounded."""
@@ -379,10 +382,11 @@ class GetTrainingDataRequest(_message.Message):
         end: _timestamp_pb2.Timestamp | None = ...,
         last_n: _builtins.int = ...,
         chunk_rows: _builtins.int = ...,
+        include_unlabelled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_rows", b"chunk_rows", "end", b"end", "last_n", b"last_n", "model", b"model", "start", b"start", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_rows", b"chunk_rows", "end", b"end", "include_unlabelled", b"include_unlabelled", "last_n", b"last_n", "model", b"model", "start", b"start", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -420,6 +424,9 @@ class GetTrainingDataResponse(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     PREDICTIONS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    CLASS_LABELS_FIELD_NUMBER: _builtins.int
+    PROBABILITIES_FIELD_NUMBER: _builtins.int
+    LABELLED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def prediction_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Prediction ids, oldest first."""
@@ -440,6 +447,18 @@ class GetTrainingDataResponse(_message.Message):
     def labels(self) -> Global___Column:
         """The true labels: numbers (regression) or strings (classification)."""
 
+    @_builtins.property
+    def class_labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Classification: the classes, in the column order of probabilities."""
+
+    @_builtins.property
+    def probabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Classification: row-major served probabilities, rows x len(class_labels)."""
+
+    @_builtins.property
+    def labelled(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Per row: whether it has a label (all true unless include_unlabelled)."""
+
     def __init__(
         self,
         *,
@@ -448,10 +467,13 @@ class GetTrainingDataResponse(_message.Message):
         features: _abc.Mapping[_builtins.str, Global___Column] | None = ...,
         predictions: Global___Column | None = ...,
         labels: Global___Column | None = ...,
+        class_labels: _abc.Iterable[_builtins.str] | None = ...,
+        probabilities: _abc.Iterable[_builtins.float] | None = ...,
+        labelled: _abc.Iterable[_builtins.bool] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "predictions", b"predictions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_micros", b"created_at_micros", "features", b"features", "labels", b"labels", "prediction_ids", b"prediction_ids", "predictions", b"predictions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_labels", b"class_labels", "created_at_micros", b"created_at_micros", "features", b"features", "labelled", b"labelled", "labels", b"labels", "prediction_ids", b"prediction_ids", "predictions", b"predictions", "probabilities", b"probabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1016,3 +1038,670 @@ class GetStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class SavePlanRequest(_message.Message):
+    """SavePlanRequest carries a plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PLAN_YAML_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    plan_yaml: _builtins.str
+    """The plan, YAML."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        plan_yaml: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "plan_yaml", b"plan_yaml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SavePlanRequest: _TypeAlias = SavePlanRequest  # noqa: Y015
+
+@_typing.final
+class SavePlanResponse(_message.Message):
+    """SavePlanResponse returns the new revision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """Revision number, from 1."""
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SavePlanResponse: _TypeAlias = SavePlanResponse  # noqa: Y015
+
+@_typing.final
+class GetPlanRequest(_message.Message):
+    """GetPlanRequest names a plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    revision: _builtins.int
+    """Revision; 0 means the latest."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPlanRequest: _TypeAlias = GetPlanRequest  # noqa: Y015
+
+@_typing.final
+class GetPlanResponse(_message.Message):
+    """GetPlanResponse returns a plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    PLAN_YAML_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    revision: _builtins.int
+    """Revision."""
+    plan_yaml: _builtins.str
+    """The plan, YAML."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was saved."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        plan_yaml: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "model", b"model", "plan_yaml", b"plan_yaml", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPlanResponse: _TypeAlias = GetPlanResponse  # noqa: Y015
+
+@_typing.final
+class MetricPoint(_message.Message):
+    """MetricPoint is one metric value of one evaluation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    DETAILS_JSON_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    version: _builtins.str
+    """Model version."""
+    metric: _builtins.str
+    """Metric name, e.g. accuracy or drift.ks.income."""
+    value: _builtins.float
+    """The value; unset when there was not enough data."""
+    level: _builtins.str
+    """Level of the evaluation it belongs to."""
+    details_json: _builtins.str
+    """Details, JSON."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was computed."""
+
+    def __init__(
+        self,
+        *,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        value: _builtins.float | None = ...,
+        level: _builtins.str = ...,
+        details_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "created_at", b"created_at", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_value", b"_value", "created_at", b"created_at", "details_json", b"details_json", "level", b"level", "metric", b"metric", "model", b"model", "value", b"value", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__value: _TypeAlias = _typing.Literal["value"]  # noqa: Y015
+    _WhichOneofArgType__value: _TypeAlias = _typing.Literal["_value", b"_value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__value) -> _WhichOneofReturnType__value | None: ...
+
+Global___MetricPoint: _TypeAlias = MetricPoint  # noqa: Y015
+
+@_typing.final
+class AlertRecord(_message.Message):
+    """AlertRecord is one alert: a level change to deliver to one sink."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    PREVIOUS_LEVEL_FIELD_NUMBER: _builtins.int
+    REASONS_JSON_FIELD_NUMBER: _builtins.int
+    ACTIONS_JSON_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Alert id."""
+    model: _builtins.str
+    """Model name."""
+    version: _builtins.str
+    """Model version."""
+    level: _builtins.str
+    """New level."""
+    previous_level: _builtins.str
+    """Level before the change."""
+    reasons_json: _builtins.str
+    """Why, JSON list."""
+    actions_json: _builtins.str
+    """What to do and where to deliver, JSON list."""
+    status: _builtins.str
+    """pending, failed, delivered, acknowledged or dead."""
+    attempts: _builtins.int
+    """Delivery attempts so far."""
+    last_error: _builtins.str
+    """Last delivery error."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was raised."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        level: _builtins.str = ...,
+        previous_level: _builtins.str = ...,
+        reasons_json: _builtins.str = ...,
+        actions_json: _builtins.str = ...,
+        status: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions_json", b"actions_json", "attempts", b"attempts", "created_at", b"created_at", "id", b"id", "last_error", b"last_error", "level", b"level", "model", b"model", "previous_level", b"previous_level", "reasons_json", b"reasons_json", "status", b"status", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlertRecord: _TypeAlias = AlertRecord  # noqa: Y015
+
+@_typing.final
+class RecordEvaluationRequest(_message.Message):
+    """RecordEvaluationRequest is one evaluation's outcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    REASONS_JSON_FIELD_NUMBER: _builtins.int
+    SUMMARY_JSON_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    ALERTS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    version: _builtins.str
+    """Model version."""
+    level: _builtins.str
+    """GREEN, AMBER or RED."""
+    reasons_json: _builtins.str
+    """Why, JSON list."""
+    summary_json: _builtins.str
+    """Summary for the status page, JSON object."""
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricPoint]:
+        """Metric values."""
+
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AlertRecord]:
+        """Alerts to queue if the level changed (id and status are ignored)."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        level: _builtins.str = ...,
+        reasons_json: _builtins.str = ...,
+        summary_json: _builtins.str = ...,
+        points: _abc.Iterable[Global___MetricPoint] | None = ...,
+        alerts: _abc.Iterable[Global___AlertRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "level", b"level", "model", b"model", "points", b"points", "reasons_json", b"reasons_json", "summary_json", b"summary_json", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordEvaluationRequest: _TypeAlias = RecordEvaluationRequest  # noqa: Y015
+
+@_typing.final
+class RecordEvaluationResponse(_message.Message):
+    """RecordEvaluationResponse says what changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREVIOUS_LEVEL_FIELD_NUMBER: _builtins.int
+    LEVEL_CHANGED_FIELD_NUMBER: _builtins.int
+    ALERT_IDS_FIELD_NUMBER: _builtins.int
+    previous_level: _builtins.str
+    """Level before this evaluation; empty for the first."""
+    level_changed: _builtins.bool
+    """Whether the level changed (alerts were queued)."""
+    @_builtins.property
+    def alert_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Ids of the queued alerts."""
+
+    def __init__(
+        self,
+        *,
+        previous_level: _builtins.str = ...,
+        level_changed: _builtins.bool = ...,
+        alert_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_ids", b"alert_ids", "level_changed", b"level_changed", "previous_level", b"previous_level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordEvaluationResponse: _TypeAlias = RecordEvaluationResponse  # noqa: Y015
+
+@_typing.final
+class GetHealthRequest(_message.Message):
+    """GetHealthRequest filters health."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name; empty means all."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHealthRequest: _TypeAlias = GetHealthRequest  # noqa: Y015
+
+@_typing.final
+class ModelHealth(_message.Message):
+    """ModelHealth is the current level of one model version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    REASONS_JSON_FIELD_NUMBER: _builtins.int
+    SUMMARY_JSON_FIELD_NUMBER: _builtins.int
+    EVALUATED_AT_FIELD_NUMBER: _builtins.int
+    CHANGED_AT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    version: _builtins.str
+    """Model version."""
+    level: _builtins.str
+    """GREEN, AMBER or RED."""
+    reasons_json: _builtins.str
+    """Why, JSON list."""
+    summary_json: _builtins.str
+    """Summary, JSON object."""
+    @_builtins.property
+    def evaluated_at(self) -> _timestamp_pb2.Timestamp:
+        """Last evaluation."""
+
+    @_builtins.property
+    def changed_at(self) -> _timestamp_pb2.Timestamp:
+        """Last level change."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+        level: _builtins.str = ...,
+        reasons_json: _builtins.str = ...,
+        summary_json: _builtins.str = ...,
+        evaluated_at: _timestamp_pb2.Timestamp | None = ...,
+        changed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["changed_at", b"changed_at", "evaluated_at", b"evaluated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_at", b"changed_at", "evaluated_at", b"evaluated_at", "level", b"level", "model", b"model", "reasons_json", b"reasons_json", "summary_json", b"summary_json", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelHealth: _TypeAlias = ModelHealth  # noqa: Y015
+
+@_typing.final
+class GetHealthResponse(_message.Message):
+    """GetHealthResponse lists levels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEALTH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def health(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelHealth]:
+        """One entry per evaluated model version."""
+
+    def __init__(
+        self,
+        *,
+        health: _abc.Iterable[Global___ModelHealth] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHealthResponse: _TypeAlias = GetHealthResponse  # noqa: Y015
+
+@_typing.final
+class ListMetricPointsRequest(_message.Message):
+    """ListMetricPointsRequest selects history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    metric: _builtins.str
+    """Metric name; empty means all."""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """Start (inclusive); unset means 24 hours ago."""
+
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp:
+        """End (exclusive); unset means now."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        metric: _builtins.str = ...,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "metric", b"metric", "model", b"model", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMetricPointsRequest: _TypeAlias = ListMetricPointsRequest  # noqa: Y015
+
+@_typing.final
+class ListMetricPointsResponse(_message.Message):
+    """ListMetricPointsResponse returns history, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POINTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricPoint]:
+        """The points."""
+
+    def __init__(
+        self,
+        *,
+        points: _abc.Iterable[Global___MetricPoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMetricPointsResponse: _TypeAlias = ListMetricPointsResponse  # noqa: Y015
+
+@_typing.final
+class ClaimAlertsRequest(_message.Message):
+    """ClaimAlertsRequest asks for due alerts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Most alerts to claim; 0 means 100."""
+    lease_seconds: _builtins.int
+    """Seconds the claim holds before another dispatcher may take them; 0 means 60."""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        lease_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimAlertsRequest: _TypeAlias = ClaimAlertsRequest  # noqa: Y015
+
+@_typing.final
+class ClaimAlertsResponse(_message.Message):
+    """ClaimAlertsResponse returns claimed alerts, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AlertRecord]:
+        """The alerts."""
+
+    def __init__(
+        self,
+        *,
+        alerts: _abc.Iterable[Global___AlertRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimAlertsResponse: _TypeAlias = ClaimAlertsResponse  # noqa: Y015
+
+@_typing.final
+class CompleteAlertRequest(_message.Message):
+    """CompleteAlertRequest records a delivery attempt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
+    alert_id: _builtins.int
+    """Alert id."""
+    delivered: _builtins.bool
+    """True when the sink took it."""
+    error: _builtins.str
+    """Why delivery failed."""
+    @_builtins.property
+    def next_attempt_at(self) -> _timestamp_pb2.Timestamp:
+        """Next attempt after a failure; unset means give up."""
+
+    def __init__(
+        self,
+        *,
+        alert_id: _builtins.int = ...,
+        delivered: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        next_attempt_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_attempt_at", b"next_attempt_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "delivered", b"delivered", "error", b"error", "next_attempt_at", b"next_attempt_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteAlertRequest: _TypeAlias = CompleteAlertRequest  # noqa: Y015
+
+@_typing.final
+class CompleteAlertResponse(_message.Message):
+    """CompleteAlertResponse has no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteAlertResponse: _TypeAlias = CompleteAlertResponse  # noqa: Y015
+
+@_typing.final
+class AcknowledgeAlertRequest(_message.Message):
+    """AcknowledgeAlertRequest names an alert."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    alert_id: _builtins.int
+    """Alert id."""
+    def __init__(
+        self,
+        *,
+        alert_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcknowledgeAlertRequest: _TypeAlias = AcknowledgeAlertRequest  # noqa: Y015
+
+@_typing.final
+class AcknowledgeAlertResponse(_message.Message):
+    """AcknowledgeAlertResponse returns the alert."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def alert(self) -> Global___AlertRecord:
+        """The alert."""
+
+    def __init__(
+        self,
+        *,
+        alert: Global___AlertRecord | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcknowledgeAlertResponse: _TypeAlias = AcknowledgeAlertResponse  # noqa: Y015
+
+@_typing.final
+class ListAlertsRequest(_message.Message):
+    """ListAlertsRequest filters alerts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name; empty means all."""
+    status: _builtins.str
+    """Status; empty means all."""
+    limit: _builtins.int
+    """Most alerts; 0 means 100."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        status: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "model", b"model", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsRequest: _TypeAlias = ListAlertsRequest  # noqa: Y015
+
+@_typing.final
+class ListAlertsResponse(_message.Message):
+    """ListAlertsResponse lists alerts, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AlertRecord]:
+        """The alerts."""
+
+    def __init__(
+        self,
+        *,
+        alerts: _abc.Iterable[Global___AlertRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlertsResponse: _TypeAlias = ListAlertsResponse  # noqa: Y015

@@ -86,6 +86,51 @@ class StoreServiceStub:
                 request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.SavePlan = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/SavePlan',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.SavePlanRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.SavePlanResponse.FromString,
+                _registered_method=True)
+        self.GetPlan = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/GetPlan',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetPlanRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetPlanResponse.FromString,
+                _registered_method=True)
+        self.RecordEvaluation = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/RecordEvaluation',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.RecordEvaluationRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.RecordEvaluationResponse.FromString,
+                _registered_method=True)
+        self.GetHealth = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/GetHealth',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetHealthRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetHealthResponse.FromString,
+                _registered_method=True)
+        self.ListMetricPoints = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/ListMetricPoints',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListMetricPointsRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListMetricPointsResponse.FromString,
+                _registered_method=True)
+        self.ClaimAlerts = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/ClaimAlerts',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ClaimAlertsRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ClaimAlertsResponse.FromString,
+                _registered_method=True)
+        self.CompleteAlert = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/CompleteAlert',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CompleteAlertRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CompleteAlertResponse.FromString,
+                _registered_method=True)
+        self.AcknowledgeAlert = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/AcknowledgeAlert',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.AcknowledgeAlertRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.AcknowledgeAlertResponse.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/ListAlerts',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
 
 
 class StoreServiceServicer:
@@ -168,6 +213,73 @@ class StoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SavePlan(self, request, context):
+        """SavePlan stores a new revision of a model's monitoring plan (YAML). The
+        monitor validates plans before saving them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPlan(self, request, context):
+        """GetPlan returns a model's monitoring plan (latest revision by default).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordEvaluation(self, request, context):
+        """RecordEvaluation stores one evaluation: metric points and the model
+        version's level. When the level changed it also queues the given alerts,
+        in the same transaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHealth(self, request, context):
+        """GetHealth returns the current level of every model version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMetricPoints(self, request, context):
+        """ListMetricPoints returns a model's metric history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimAlerts(self, request, context):
+        """ClaimAlerts leases alerts due for delivery to one dispatcher.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteAlert(self, request, context):
+        """CompleteAlert records a delivery attempt: delivered, or failed with the
+        time of the next attempt (none: give up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcknowledgeAlert(self, request, context):
+        """AcknowledgeAlert marks an alert as seen by a person; it is not retried.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """ListAlerts lists alerts, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +332,51 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetStatsRequest.FromString,
                     response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'SavePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.SavePlan,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.SavePlanRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.SavePlanResponse.SerializeToString,
+            ),
+            'GetPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlan,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetPlanRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetPlanResponse.SerializeToString,
+            ),
+            'RecordEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordEvaluation,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.RecordEvaluationRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.RecordEvaluationResponse.SerializeToString,
+            ),
+            'GetHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHealth,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetHealthRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetHealthResponse.SerializeToString,
+            ),
+            'ListMetricPoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMetricPoints,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListMetricPointsRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListMetricPointsResponse.SerializeToString,
+            ),
+            'ClaimAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimAlerts,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ClaimAlertsRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ClaimAlertsResponse.SerializeToString,
+            ),
+            'CompleteAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteAlert,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CompleteAlertRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CompleteAlertResponse.SerializeToString,
+            ),
+            'AcknowledgeAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcknowledgeAlert,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.AcknowledgeAlertRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.AcknowledgeAlertResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -494,6 +651,249 @@ class StoreService:
             '/cyclone.store.v1.StoreService/GetStats',
             cyclone_dot_store_dot_v1_dot_store__service__pb2.GetStatsRequest.SerializeToString,
             cyclone_dot_store_dot_v1_dot_store__service__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SavePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/SavePlan',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.SavePlanRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.SavePlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/GetPlan',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.GetPlanRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.GetPlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/RecordEvaluation',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.RecordEvaluationRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.RecordEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/GetHealth',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.GetHealthRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.GetHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMetricPoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/ListMetricPoints',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ListMetricPointsRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ListMetricPointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/ClaimAlerts',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ClaimAlertsRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ClaimAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/CompleteAlert',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.CompleteAlertRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.CompleteAlertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcknowledgeAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/AcknowledgeAlert',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.AcknowledgeAlertRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.AcknowledgeAlertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/ListAlerts',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,31 @@ class StoreServiceStub:
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.GetStatsRequest, _store_service_pb2.GetStatsResponse]
     """GetStats reports counts, label coverage and ingest lag per model."""
+    SavePlan: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.SavePlanRequest, _store_service_pb2.SavePlanResponse]
+    """SavePlan stores a new revision of a model's monitoring plan (YAML). The
+    monitor validates plans before saving them.
+    """
+    GetPlan: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.GetPlanRequest, _store_service_pb2.GetPlanResponse]
+    """GetPlan returns a model's monitoring plan (latest revision by default)."""
+    RecordEvaluation: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.RecordEvaluationRequest, _store_service_pb2.RecordEvaluationResponse]
+    """RecordEvaluation stores one evaluation: metric points and the model
+    version's level. When the level changed it also queues the given alerts,
+    in the same transaction.
+    """
+    GetHealth: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.GetHealthRequest, _store_service_pb2.GetHealthResponse]
+    """GetHealth returns the current level of every model version."""
+    ListMetricPoints: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ListMetricPointsRequest, _store_service_pb2.ListMetricPointsResponse]
+    """ListMetricPoints returns a model's metric history."""
+    ClaimAlerts: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ClaimAlertsRequest, _store_service_pb2.ClaimAlertsResponse]
+    """ClaimAlerts leases alerts due for delivery to one dispatcher."""
+    CompleteAlert: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.CompleteAlertRequest, _store_service_pb2.CompleteAlertResponse]
+    """CompleteAlert records a delivery attempt: delivered, or failed with the
+    time of the next attempt (none: give up).
+    """
+    AcknowledgeAlert: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.AcknowledgeAlertRequest, _store_service_pb2.AcknowledgeAlertResponse]
+    """AcknowledgeAlert marks an alert as seen by a person; it is not retried."""
+    ListAlerts: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ListAlertsRequest, _store_service_pb2.ListAlertsResponse]
+    """ListAlerts lists alerts, newest first."""
 
 @_typing.type_check_only
 class StoreServiceAsyncStub(StoreServiceStub):
@@ -101,6 +126,31 @@ class StoreServiceAsyncStub(StoreServiceStub):
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_store_service_pb2.GetStatsRequest, _store_service_pb2.GetStatsResponse]  # type: ignore[assignment]
     """GetStats reports counts, label coverage and ingest lag per model."""
+    SavePlan: _aio.UnaryUnaryMultiCallable[_store_service_pb2.SavePlanRequest, _store_service_pb2.SavePlanResponse]  # type: ignore[assignment]
+    """SavePlan stores a new revision of a model's monitoring plan (YAML). The
+    monitor validates plans before saving them.
+    """
+    GetPlan: _aio.UnaryUnaryMultiCallable[_store_service_pb2.GetPlanRequest, _store_service_pb2.GetPlanResponse]  # type: ignore[assignment]
+    """GetPlan returns a model's monitoring plan (latest revision by default)."""
+    RecordEvaluation: _aio.UnaryUnaryMultiCallable[_store_service_pb2.RecordEvaluationRequest, _store_service_pb2.RecordEvaluationResponse]  # type: ignore[assignment]
+    """RecordEvaluation stores one evaluation: metric points and the model
+    version's level. When the level changed it also queues the given alerts,
+    in the same transaction.
+    """
+    GetHealth: _aio.UnaryUnaryMultiCallable[_store_service_pb2.GetHealthRequest, _store_service_pb2.GetHealthResponse]  # type: ignore[assignment]
+    """GetHealth returns the current level of every model version."""
+    ListMetricPoints: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ListMetricPointsRequest, _store_service_pb2.ListMetricPointsResponse]  # type: ignore[assignment]
+    """ListMetricPoints returns a model's metric history."""
+    ClaimAlerts: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ClaimAlertsRequest, _store_service_pb2.ClaimAlertsResponse]  # type: ignore[assignment]
+    """ClaimAlerts leases alerts due for delivery to one dispatcher."""
+    CompleteAlert: _aio.UnaryUnaryMultiCallable[_store_service_pb2.CompleteAlertRequest, _store_service_pb2.CompleteAlertResponse]  # type: ignore[assignment]
+    """CompleteAlert records a delivery attempt: delivered, or failed with the
+    time of the next attempt (none: give up).
+    """
+    AcknowledgeAlert: _aio.UnaryUnaryMultiCallable[_store_service_pb2.AcknowledgeAlertRequest, _store_service_pb2.AcknowledgeAlertResponse]  # type: ignore[assignment]
+    """AcknowledgeAlert marks an alert as seen by a person; it is not retried."""
+    ListAlerts: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ListAlertsRequest, _store_service_pb2.ListAlertsResponse]  # type: ignore[assignment]
+    """ListAlerts lists alerts, newest first."""
 
 class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
     """StoreService keeps every prediction with its late-arriving label, the model
@@ -195,5 +245,84 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_service_pb2.GetStatsResponse, _abc.Awaitable[_store_service_pb2.GetStatsResponse]]:
         """GetStats reports counts, label coverage and ingest lag per model."""
+
+    @_abc_1.abstractmethod
+    def SavePlan(
+        self,
+        request: _store_service_pb2.SavePlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.SavePlanResponse, _abc.Awaitable[_store_service_pb2.SavePlanResponse]]:
+        """SavePlan stores a new revision of a model's monitoring plan (YAML). The
+        monitor validates plans before saving them.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPlan(
+        self,
+        request: _store_service_pb2.GetPlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.GetPlanResponse, _abc.Awaitable[_store_service_pb2.GetPlanResponse]]:
+        """GetPlan returns a model's monitoring plan (latest revision by default)."""
+
+    @_abc_1.abstractmethod
+    def RecordEvaluation(
+        self,
+        request: _store_service_pb2.RecordEvaluationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.RecordEvaluationResponse, _abc.Awaitable[_store_service_pb2.RecordEvaluationResponse]]:
+        """RecordEvaluation stores one evaluation: metric points and the model
+        version's level. When the level changed it also queues the given alerts,
+        in the same transaction.
+        """
+
+    @_abc_1.abstractmethod
+    def GetHealth(
+        self,
+        request: _store_service_pb2.GetHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.GetHealthResponse, _abc.Awaitable[_store_service_pb2.GetHealthResponse]]:
+        """GetHealth returns the current level of every model version."""
+
+    @_abc_1.abstractmethod
+    def ListMetricPoints(
+        self,
+        request: _store_service_pb2.ListMetricPointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.ListMetricPointsResponse, _abc.Awaitable[_store_service_pb2.ListMetricPointsResponse]]:
+        """ListMetricPoints returns a model's metric history."""
+
+    @_abc_1.abstractmethod
+    def ClaimAlerts(
+        self,
+        request: _store_service_pb2.ClaimAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.ClaimAlertsResponse, _abc.Awaitable[_store_service_pb2.ClaimAlertsResponse]]:
+        """ClaimAlerts leases alerts due for delivery to one dispatcher."""
+
+    @_abc_1.abstractmethod
+    def CompleteAlert(
+        self,
+        request: _store_service_pb2.CompleteAlertRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.CompleteAlertResponse, _abc.Awaitable[_store_service_pb2.CompleteAlertResponse]]:
+        """CompleteAlert records a delivery attempt: delivered, or failed with the
+        time of the next attempt (none: give up).
+        """
+
+    @_abc_1.abstractmethod
+    def AcknowledgeAlert(
+        self,
+        request: _store_service_pb2.AcknowledgeAlertRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.AcknowledgeAlertResponse, _abc.Awaitable[_store_service_pb2.AcknowledgeAlertResponse]]:
+        """AcknowledgeAlert marks an alert as seen by a person; it is not retried."""
+
+    @_abc_1.abstractmethod
+    def ListAlerts(
+        self,
+        request: _store_service_pb2.ListAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.ListAlertsResponse, _abc.Awaitable[_store_service_pb2.ListAlertsResponse]]:
+        """ListAlerts lists alerts, newest first."""
 
 def add_StoreServiceServicer_to_server(servicer: StoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,6 +10,7 @@ await db.close()
 from __future__ import annotations
 
 from ._base import Conn
+from .health import EvaluationOutcome, Health, HealthMixin
 from .ingest import IngestMixin
 from .outbox import OutboxMixin
 from .reads import ReadsMixin, decode_page_token, encode_page_token
@@ -37,7 +38,7 @@ from .types import (
 )
 
 
-class StoreDB(IngestMixin, ReadsMixin, RegistryMixin, OutboxMixin):
+class StoreDB(IngestMixin, ReadsMixin, RegistryMixin, OutboxMixin, HealthMixin):
     """The store's database: see the mixins for the methods."""
 
     async def __aenter__(self) -> StoreDB:
@@ -48,7 +49,9 @@ __all__ = [
     "Alert",
     "AlreadyExistsError",
     "Conn",
+    "EvaluationOutcome",
     "FeatureFilter",
+    "Health",
     "LabelResult",
     "MetricPoint",
     "MinuteStats",

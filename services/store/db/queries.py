@@ -50,9 +50,16 @@ WHERE p.model = %(model)s
 """
 
 
-def training_query(*, window: bool, last_n: bool, version: bool) -> str:
-    """Labelled rows of a model, time ordered: a window, the last N, or the last N of a window."""
+def training_query(
+    *, window: bool, last_n: bool, version: bool, include_unlabelled: bool = False
+) -> str:
+    """Labelled rows of a model, time ordered: a window, the last N, or the last N of a window.
+
+    With ``include_unlabelled`` (monitoring windows) unlabelled rows come too, label NULL.
+    """
     q = _TRAINING_SELECT
+    if include_unlabelled:
+        q = q.replace("JOIN labels", "LEFT JOIN labels")
     if window:
         q += " AND p.created_at >= %(start)s AND p.created_at < %(end)s"
     if version:

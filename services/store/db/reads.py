@@ -50,6 +50,7 @@ class ReadsMixin(StoreBase):
         last_n: int | None = None,
         version: str | None = None,
         chunk_rows: int = 10_000,
+        include_unlabelled: bool = False,
     ) -> AsyncIterator[TrainingChunk]:
         """Labelled rows (predictions ⨝ labels), time ordered, in columnar chunks.
 
@@ -62,7 +63,10 @@ class ReadsMixin(StoreBase):
         if start is None and last_n is None:
             raise ValueError("give a time window, last_n, or both")
         q = queries.training_query(
-            window=start is not None, last_n=last_n is not None, version=version is not None
+            window=start is not None,
+            last_n=last_n is not None,
+            version=version is not None,
+            include_unlabelled=include_unlabelled,
         )
         params = {"model": model, "start": start, "end": end, "last_n": last_n, "version": version}
         async with (

@@ -78,7 +78,7 @@ class TrainingChunk:
     created_at: Sequence[datetime]
     input_json: Sequence[str]
     output_json: Sequence[str]
-    label_json: Sequence[str]
+    label_json: Sequence[str | None]
 
     def __len__(self) -> int:
         return len(self.prediction_ids)
@@ -90,7 +90,8 @@ class TrainingChunk:
         return _bulk_json(self.output_json)
 
     def labels(self) -> list[Any]:
-        return _bulk_json(self.label_json)
+        """Labels, None for unlabelled rows (monitoring windows include those)."""
+        return _bulk_json([t if t is not None else "null" for t in self.label_json])
 
 
 @dataclass(frozen=True, slots=True)

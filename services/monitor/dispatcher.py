@@ -1,0 +1,116 @@
+"""Delivers queued alerts to their sinks, with retries and exponential backoff.
+
+Alerts are claimed from the store's outbox under a lease, so two monitors never
+deliver the same alert at once and a monitor that dies mid-delivery hands it on
+when the lease ends. Sinks receive the alert id; a sink that starts work (the
+trainer) uses it to ignore a repeat of an alert it already took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cyclone.metrics_api import Alert
+from cyclone.plugins import alert_sinks
+from cyclone.store.v1 import store_service_pb2 as store_pb
+from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+
+log = logging.getLogger(__name__)
+
+
+def backoff_seconds(attempts: int, cap: float = 300.0) -> float:
+    return float(min(cap, 2 ** min(attempts, 16)))
+
+
+class AlertDispatcher:
+    def __init__(
+        self,
+        store: store_grpc.StoreServiceStub,
+        *,
+        interval: float = 1.0,
+        lease_seconds: int = 60,
+        max_attempts: int = 100,
+    ) -> None:
+        self.store = store
+        self.interval = interval
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="alert-dispatcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.dispatch_once()
+            except grpc.RpcError as exc:
+                log.warning("alert outbox unavailable (%s); retrying", exc.code().name)
+            except Exception:
+                log.exception("alert dispatch failed")
+            await asyncio.sleep(self.interval)
+
+    async def dispatch_once(self) -> int:
+        """Deliver what is due; returns how many alerts were delivered."""
+        claimed = await self.store.ClaimAlerts(
+            store_pb.ClaimAlertsRequest(limit=50, lease_seconds=self.lease_seconds), timeout=10
+        )
+        delivered = 0
+        for record in claimed.alerts:
+            error = await self._deliver(record)
+            if error is None:
+                await self.store.CompleteAlert(store_pb.CompleteAlertRequest(alert_id=record.id, delivered=True), timeout=10)
+                delivered += 1
+                continue
+            attempts = record.attempts + 1
+            request = store_pb.CompleteAlertRequest(alert_id=record.id, delivered=False, error=error[:2000])
+            if attempts < self.max_attempts:
+                retry_at = Timestamp()
+                retry_at.FromDatetime(datetime.now(UTC) + timedelta(seconds=backoff_seconds(attempts)))
+                request.next_attempt_at.CopyFrom(retry_at)
+            log.warning("alert %d delivery failed (attempt %d): %s", record.id, attempts, error)
+            await self.store.CompleteAlert(request, timeout=10)
+        return delivered
+
+    async def _deliver(self, record: store_pb.AlertRecord) -> str | None:
+        """Run every target of the alert; the first error, or None when all took it."""
+        try:
+            targets = json.loads(record.actions_json or "[]")
+            reasons = [str(r) for r in json.loads(record.reasons_json or "[]")]
+        except json.JSONDecodeError as exc:
+            return f"malformed alert: {exc}"
+        sinks = alert_sinks()
+        for target in targets:
+            name = str(target.get("sink", ""))
+            spec = sinks.get(name)
+            if spec is None:
+                return f"unknown alert sink {name!r} (known: {', '.join(sorted(sinks))})"
+            alert = Alert(
+                id=str(record.id),
+                model=record.model,
+                version=record.version,
+                level=record.level,
+                previous_level=record.previous_level,
+                reasons=reasons,
+                actions=[str(target.get("action", ""))],
+                created_at=record.created_at.ToDatetime(tzinfo=UTC),
+            )
+            try:
+                # Sinks do blocking I/O (HTTP); keep them off the event loop.
+                await asyncio.to_thread(spec.deliver, alert, dict(target.get("config") or {}))
+            except Exception as exc:
+                return f"{name}: {type(exc).__name__}: {exc}"
+        return None

@@ -1,0 +1,390 @@
+"""Predictions served by the inference server land in the store: directly, via the disk spool
+while the store is down, and exactly once when the store is killed and restarted under load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pandas as pd
+import psycopg
+import pytest
+from grpc import aio
+from prometheus_client import REGISTRY
+
+from cyclone.client import build_request, predictions_from_response
+from cyclone.inference.v1 import inference_service_pb2 as inf_pb
+from cyclone.inference.v1 import inference_service_pb2_grpc as inf_grpc
+from cyclone.server import CycloneServer
+from cyclone.store.v1 import store_service_pb2 as pb
+from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
+from services.inference.main import InferenceSettings, attach_store, build_inference_server
+from services.store.main import StoreSettings, build_store_server
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "credit"
+FEATURES = ["age", "income", "debt_ratio", "city"]
+
+
+@dataclass(frozen=True)
+class Repo:
+    root: Path
+    frame: pd.DataFrame
+
+    def rows(self, start: int, count: int) -> list[dict[str, Any]]:
+        n = len(self.frame)
+        return [self.frame.iloc[(start + k) % n][FEATURES].to_dict() for k in range(count)]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    from cyclone.examples import credit_frame, credit_pipeline
+    from cyclone.models.convert import import_pipeline
+
+    root = tmp_path_factory.mktemp("logging-repo")
+    frame = credit_frame(200, seed=1)
+    import_pipeline(credit_pipeline(frame), MODEL, root, sample=frame)
+    return Repo(root, frame)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def counter(name: str) -> float:
+    return REGISTRY.get_sample_value(f"cyclone_store_sink_{name}_rows_total") or 0.0
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def store_server(database_url: str, port: int = 0) -> AsyncIterator[CycloneServer]:
+    server = await build_store_server(
+        StoreSettings(port=port, database_url=database_url, log_level="WARNING", pool_min_size=1)
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(0)
+
+
+@dataclass
+class Inference:
+    server: CycloneServer
+    stub: inf_grpc.InferenceServiceStub
+    spool_dir: Path
+
+
+@contextlib.asynccontextmanager
+async def inference_server(repo: Repo, store_address: str, spool_dir: Path, **overrides: Any) -> AsyncIterator[Inference]:
+    settings = InferenceSettings(
+        model_repository=repo.root, port=0, store=store_address, spool_dir=spool_dir,
+        log_flush_interval=0.05, log_level="WARNING", **overrides,
+    )
+    server, scorer = build_inference_server(settings)
+    attach_store(settings, server, scorer)
+    port = await server.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield Inference(server, inf_grpc.InferenceServiceStub(channel), spool_dir)
+    finally:
+        await server.stop(0)
+
+
+async def predict(inference: Inference, repo: Repo, start: int, count: int) -> inf_pb.PredictResponse:
+    response: inf_pb.PredictResponse = await inference.stub.Predict(
+        build_request(MODEL, repo.rows(start, count)), timeout=10
+    )
+    assert len(response.prediction_ids) == count
+    return response
+
+
+def stored_ids(database_url: str) -> list[str]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT prediction_id::text FROM predictions WHERE model = %s", (MODEL,)).fetchall()
+    return [r[0] for r in rows]
+
+
+async def count_stored(database_url: str) -> int:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute("SELECT count(*) FROM predictions WHERE model = %s", (MODEL,))
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# --- store up ------------------------------------------------------------------------------
+
+
+async def test_served_predictions_reach_the_store(repo: Repo, fresh_database_url: str, tmp_path: Path) -> None:
+    sent_before = counter("sent")
+    async with (
+        store_server(fresh_database_url) as store,
+        inference_server(repo, f"127.0.0.1:{store.port}", tmp_path / "spool") as inference,
+        aio.insecure_channel(f"127.0.0.1:{store.port}") as channel,
+    ):
+        stub = pb_grpc.StoreServiceStub(channel)
+        responses = [await predict(inference, repo, start=5 * k, count=5) for k in range(4)]
+        expected = {
+            p.prediction_id: (row, p)
+            for k, response in enumerate(responses)
+            for row, p in zip(repo.rows(5 * k, 5), predictions_from_response(response), strict=True)
+        }
+
+        async def all_stored() -> bool:
+            s = await stub.GetStats(pb.GetStatsRequest(model=MODEL))
+            return bool(s.models) and s.models[0].predictions == 20
+
+        await eventually(all_stored, 10, "20 predictions in the store")
+        page = await stub.QueryPredictions(pb.QueryPredictionsRequest(model=MODEL, page_size=1000))
+        assert sorted(p.prediction_id for p in page.predictions) == sorted(expected)
+        for stored in page.predictions:
+            row, served = expected[stored.prediction_id]
+            assert (stored.model, stored.version) == (MODEL, "1")
+            assert json.loads(stored.input_json) == row
+            output = json.loads(stored.output_json)
+            assert output["label"] == served.label
+            assert served.probabilities is not None
+            assert output["probabilities"] == pytest.approx(served.probabilities, abs=1e-6)
+            assert stored.latency_ms > 0
+            assert stored.label_json == ""
+
+        # The served model is in the registry, as the serving version, with its sha256.
+        info = await inference.stub.GetModel(inf_pb.GetModelRequest(model=MODEL))
+
+        async def registered() -> bool:
+            try:
+                got = await stub.GetModelVersion(pb.GetModelVersionRequest(model=MODEL))
+            except aio.AioRpcError:
+                return False
+            return got.model_version.status == pb.MODEL_STATUS_SERVING
+
+        await eventually(registered, 10, "the model registered as serving")
+        mv = (await stub.GetModelVersion(pb.GetModelVersionRequest(model=MODEL))).model_version
+        assert (mv.version, mv.task, mv.sha256) == ("1", "classification", info.model.sha256)
+        assert json.loads(mv.schema_json)["class_labels"] == ["0", "1"]
+
+        # The model is registered, so labels for what was served are accepted and join.
+        first = next(iter(expected))
+        added = await stub.AddLabels(pb.AddLabelsRequest(model=MODEL, labels=[pb.Label(prediction_id=first, text="1")]))
+        assert (added.stored, list(added.unmatched_prediction_ids)) == (1, [])
+    assert counter("sent") - sent_before >= 20
+    assert not list((tmp_path / "spool").glob("*.batch"))
+
+
+# --- store down: spool, replay, bound --------------------------------------------------------
+
+
+async def test_spooled_while_store_down_then_replayed_in_order(
+    repo: Repo, fresh_database_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    spool_dir = tmp_path / "spool"
+    spooled_before, replayed_before = counter("spooled"), counter("replayed")
+    async with inference_server(repo, f"127.0.0.1:{port}", spool_dir) as inference:
+        served: list[str] = []
+        for k in range(6):
+            response = await predict(inference, repo, start=3 * k, count=3)
+            served.extend(response.prediction_ids)
+            await asyncio.sleep(0.08)  # separate flushes: several batches in the spool
+
+        async def all_spooled() -> bool:
+            return counter("spooled") - spooled_before == 18
+
+        await eventually(all_spooled, 10, "18 spooled predictions")
+        files = sorted(spool_dir.glob("*.batch"))
+        assert len(files) >= 2
+        spooled = [
+            r.prediction_id for f in files for r in pb.LogPredictionsRequest.FromString(f.read_bytes()).records
+        ]
+        assert spooled == served  # in serving order, nothing twice
+        assert counter("replayed") == replayed_before
+
+        async with store_server(fresh_database_url, port=port):
+
+            async def all_stored() -> bool:
+                return await count_stored(fresh_database_url) == 18
+
+            await eventually(all_stored, 15, "the spool replayed into the store")
+            # Served after the store came back: goes straight through behind the replay.
+            late = await predict(inference, repo, start=50, count=2)
+
+            async def late_stored() -> bool:
+                return await count_stored(fresh_database_url) == 20
+
+            await eventually(late_stored, 10, "the late predictions stored")
+
+    ids = stored_ids(fresh_database_url)
+    assert sorted(ids) == sorted([*served, *late.prediction_ids])
+    assert len(ids) == len(set(ids)) == 20
+    assert counter("replayed") - replayed_before == 18
+    assert not list(spool_dir.glob("*.batch"))
+    # Replayed in order: each batch is one transaction, so transaction ids follow the replay order.
+    with psycopg.connect(fresh_database_url) as conn:
+        rows = conn.execute(
+            "SELECT prediction_id::text, xmin::text::bigint FROM predictions WHERE model = %s", (MODEL,)
+        ).fetchall()
+    xmin = dict(rows)
+    order = [xmin[i] for i in served]
+    assert order == sorted(order)
+    assert len(set(order)) >= 2
+
+
+async def test_full_spool_drops_but_serving_goes_on(repo: Repo, tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    dropped_before, spooled_before = counter("dropped"), counter("spooled")
+    async with inference_server(repo, f"127.0.0.1:{free_port()}", spool_dir, spool_max_bytes=64) as inference:
+        for k in range(3):
+            response = await predict(inference, repo, start=4 * k, count=4)
+            assert all(label in ("0", "1") for label in response.labels)
+            await asyncio.sleep(0.08)
+
+        async def all_dropped() -> bool:
+            return counter("dropped") - dropped_before == 12
+
+        await eventually(all_dropped, 10, "12 dropped predictions")
+        assert counter("spooled") == spooled_before
+        assert not list(spool_dir.glob("*.batch"))
+        # Still serving.
+        await predict(inference, repo, start=0, count=1)
+
+
+# --- the store killed and restarted under load -------------------------------------------------
+
+
+class StoreProcess:
+    """`python -m cyclone serve store` on a fixed port, as an operator would run it."""
+
+    def __init__(self, port: int, database_url: str, log_dir: Path) -> None:
+        self.port = port
+        self.database_url = database_url
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"store-{len(self.procs)}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cyclone", "serve", "store", "--port", str(self.port),
+             "--database-url", self.database_url, "--metrics-port", "-1"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    async def ready(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+        async with aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            stub = pb_grpc.StoreServiceStub(channel)
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"store exited:\n{self.log()}")
+                try:
+                    await stub.GetStats(pb.GetStatsRequest(), timeout=1)
+                    return
+                except aio.AioRpcError as exc:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"store not ready ({exc.code()}):\n{self.log()}") from None
+                await asyncio.sleep(0.05)
+
+    def log(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.log_dir.glob("store-*.log")))
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture
+def store_process(fresh_database_url: str, tmp_path: Path) -> Any:
+    store = StoreProcess(free_port(), fresh_database_url, tmp_path)
+    try:
+        yield store
+    finally:
+        store.stop_all()
+
+
+async def test_store_killed_and_restarted_under_load_loses_nothing(
+    repo: Repo, store_process: StoreProcess, fresh_database_url: str, tmp_path: Path
+) -> None:
+    first = store_process.start()
+    await store_process.ready(first)
+    spooled_before = counter("spooled")
+    answered: list[str] = []
+    during_outage = 0
+    outage = asyncio.Event()
+    stop = asyncio.Event()
+
+    async with inference_server(repo, f"127.0.0.1:{store_process.port}", tmp_path / "spool") as inference:
+
+        async def worker(w: int) -> None:
+            nonlocal during_outage
+            k = 0
+            while not stop.is_set():
+                response = await predict(inference, repo, start=w * 37 + k, count=1 + k % 3)
+                answered.extend(response.prediction_ids)
+                if outage.is_set():
+                    during_outage += len(response.prediction_ids)
+                k += 1
+
+        workers = [asyncio.create_task(worker(w)) for w in range(4)]
+        try:
+            await asyncio.sleep(1.5)
+            first.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(first.wait)
+            outage.set()
+            await asyncio.sleep(1.0)
+            second = store_process.start()
+            await store_process.ready(second)
+            outage.clear()
+            await asyncio.sleep(1.5)  # keep serving with the store back (replay + live traffic)
+        finally:
+            stop.set()
+            await asyncio.gather(*workers)
+
+        assert first.returncode == -signal.SIGKILL
+        assert during_outage > 0
+        assert counter("spooled") - spooled_before > 0
+
+        async def all_stored() -> bool:
+            return await count_stored(fresh_database_url) >= len(answered)
+
+        await eventually(all_stored, 20, f"{len(answered)} predictions in the store")
+        await asyncio.sleep(0.3)  # anything extra (a duplicate) would show up now
+
+    ids = stored_ids(fresh_database_url)
+    assert len(answered) > 100
+    assert len(set(answered)) == len(answered)
+    assert len(ids) == len(answered), "duplicates or strays in the store"
+    assert set(ids) == set(answered)
+    assert not list((tmp_path / "spool").glob("*.batch"))
+    assert second.poll() is None

@@ -1,0 +1,89 @@
+"""The inference server's on-disk spool: order, bound, durability across re-open."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.inference.spool import Spool, SpoolFull
+
+
+def drain(spool: Spool) -> list[bytes]:
+    out = []
+    while (data := spool.peek()) is not None:
+        out.append(data)
+        spool.pop()
+    return out
+
+
+def test_fifo_order_and_pop(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    assert len(spool) == 0 and spool.peek() is None and spool.bytes == 0
+    batches = [f"batch-{i}".encode() * (i + 1) for i in range(12)]
+    for b in batches:
+        spool.append(b)
+    assert len(spool) == 12
+    assert spool.bytes == sum(map(len, batches))
+    # peek does not consume.
+    assert spool.peek() == batches[0]
+    assert spool.peek() == batches[0]
+    spool.pop()
+    assert len(spool) == 11
+    assert spool.bytes == sum(map(len, batches[1:]))
+    # Appending after popping keeps the order.
+    spool.append(b"late")
+    assert drain(spool) == [*batches[1:], b"late"]
+    assert spool.bytes == 0
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_bound(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 100)
+    spool.append(b"x" * 60)
+    spool.append(b"y" * 40)  # exactly at the bound is fine
+    with pytest.raises(SpoolFull, match="100 bytes"):
+        spool.append(b"z")
+    # A refused batch leaves nothing behind.
+    assert len(spool) == 2 and spool.bytes == 100
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".batch", ".batch"]
+    spool.pop()
+    spool.append(b"z" * 60)
+    assert drain(spool) == [b"y" * 40, b"z" * 60]
+    # One batch bigger than the whole bound is refused even when empty.
+    with pytest.raises(SpoolFull):
+        spool.append(b"w" * 101)
+
+
+def test_durable_across_reopen(tmp_path: Path) -> None:
+    first = Spool(tmp_path, 1 << 20)
+    for i in range(15):  # more than 9: order must be numeric, not by string length surprises
+        first.append(f"{i}".encode())
+    first.pop()
+    first.pop()
+    # A crash mid-write leaves a .tmp file behind: it is not a batch and is removed.
+    (tmp_path / "0000000000000099.tmp").write_bytes(b"half a batch")
+
+    second = Spool(tmp_path, 1 << 20)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert len(second) == 13
+    assert second.bytes == sum(len(f"{i}".encode()) for i in range(2, 15))
+    assert second.peek() == b"2"
+    # New batches go after the old ones, also after another re-open.
+    second.append(b"new")
+    third = Spool(tmp_path, 1 << 20)
+    assert drain(third) == [f"{i}".encode() for i in range(2, 15)] + [b"new"]
+    # Sequence numbers keep growing after the spool emptied and was re-opened.
+    third.append(b"a")
+    fourth = Spool(tmp_path, 1 << 20)
+    fourth.append(b"b")
+    assert drain(Spool(tmp_path, 1 << 20)) == [b"a", b"b"]
+
+
+def test_reopen_counts_bytes_against_the_bound(tmp_path: Path) -> None:
+    Spool(tmp_path, 100).append(b"x" * 80)
+    again = Spool(tmp_path, 100)
+    assert again.bytes == 80
+    with pytest.raises(SpoolFull):
+        again.append(b"y" * 21)
+    again.append(b"y" * 20)
