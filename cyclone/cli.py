@@ -405,6 +405,16 @@ def plugins_list() -> None:
 
 
 @app.command()
+def demo(
+    workdir: Annotated[Path | None, typer.Option(help="Where models, data and logs go.")] = None,
+) -> None:
+    """Run the whole loop: import, serve, log, label, monitor, detect a dip, alert."""
+    from cyclone.demo import run_demo
+
+    run_demo(workdir)
+
+
+@app.command()
 def version() -> None:
     """Print Cyclone's version."""
     import cyclone

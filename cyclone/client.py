@@ -74,7 +74,9 @@ class InferenceClient:
         return predictions_from_response(response)
 
     def get_model(self, model: str, version: str = "") -> pb.ModelInfo:
-        return self._stub.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout).model
+        response = self._stub.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout)
+        info: pb.ModelInfo = response.model
+        return info
 
     def list_models(self) -> list[pb.ModelInfo]:
         return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)

@@ -7,8 +7,8 @@ Health and reflection calls are not counted: they would drown the real traffic.
 from __future__ import annotations
 
 import contextvars
+import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -44,11 +44,20 @@ class _MethodMetrics:
         ERRORS.labels(self.service, self.method, code.name).inc()
 
 
-def _request_id(details: grpc.HandlerCallDetails) -> str:
-    for key, value in details.invocation_metadata or ():  # type: ignore[attr-defined]
+def _new_request_id() -> str:
+    """A uuid4 hex, from the (fork-safe) `random` generator: `uuid.uuid4()` reads
+    os.urandom, a syscall that drops the GIL on every call and lets gRPC's poller
+    thread take it, which stalls the event loop. Request ids need not be secret."""
+    bits = random.getrandbits(128)
+    bits = (bits & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
+    return f"{bits:032x}"
+
+
+def _request_id(metadata: Any) -> str:
+    for key, value in metadata or ():
         if key == REQUEST_ID_HEADER:
             return str(value)
-    return uuid.uuid4().hex
+    return _new_request_id()
 
 
 def _failed_code(context: aio.ServicerContext[Any, Any], exc: BaseException | None) -> grpc.StatusCode | None:
@@ -66,6 +75,9 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
     """Sets the request id (from `x-request-id` or a new one) and records metrics."""
 
     def __init__(self) -> None:
+        # method -> (handler as registered, its wrapper): the wrapper reads the request
+        # id per call, so it is built once per method instead of once per RPC.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self._metrics: dict[str, _MethodMetrics] = {}
 
     async def intercept_service(
@@ -75,18 +87,23 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method  # type: ignore[attr-defined]
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         if handler is None or method.startswith(_SKIPPED):
             return handler
         metrics = self._metrics.get(method)
         if metrics is None:
             metrics = self._metrics[method] = _MethodMetrics(method)
-        rid = _request_id(handler_call_details)
-        return _wrap(handler, metrics, rid)
+        wrapped = _wrap(handler, metrics)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
-def _wrap(handler: grpc.RpcMethodHandler, m: _MethodMetrics, rid: str) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, m: _MethodMetrics) -> grpc.RpcMethodHandler:
     def begin(context: aio.ServicerContext[Any, Any]) -> float:
-        request_id_var.set(rid)
+        rid = _request_id(context.invocation_metadata())
+        request_id_var.set(rid)  # each RPC runs in its own task, so its own context
         context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
         m.requests.inc()
         return time.perf_counter()

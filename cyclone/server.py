@@ -146,7 +146,10 @@ def abort_on_domain_errors(context: aio.ServicerContext[Any, Any], exc: Exceptio
     """Turn a CycloneError into the matching status; anything else is INTERNAL."""
     from cyclone.errors import CycloneError
 
+    aborted: Awaitable[None]
     if isinstance(exc, CycloneError):
-        return context.abort(exc.code, exc.message)
+        aborted = context.abort(exc.code, exc.message)
+        return aborted
     log.exception("unexpected error", exc_info=exc)
-    return context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+    aborted = context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+    return aborted

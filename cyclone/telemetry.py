@@ -65,7 +65,7 @@ def server_tracing_interceptors(service_name: str) -> list[Any]:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor()]
+    return [aio_server_interceptor()]  # type: ignore[no-untyped-call]
 
 
 def current_trace_id() -> str:

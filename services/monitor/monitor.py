@@ -184,7 +184,8 @@ class Monitor:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(f"model: {model!r} is not registered") from None
             raise Unavailable(f"store: {exc.details()}") from None
-        return response.model_version
+        version: store_pb.ModelVersion = response.model_version
+        return version
 
     async def _window_request(self, mv: store_pb.ModelVersion, plan: Plan) -> store_pb.GetTrainingDataRequest:
         request = store_pb.GetTrainingDataRequest(model=mv.model, version=mv.version, include_unlabelled=True)

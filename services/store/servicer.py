@@ -184,7 +184,7 @@ class StoreServicer(MonitoringRpcs, pb_grpc.StoreServiceServicer):
             request.model, start, end, request.last_n or None, request.version or None,
             request.chunk_rows or DEFAULT_CHUNK_ROWS, include_unlabelled=request.include_unlabelled,
         )
-        async with contextlib.aclosing(chunks):
+        async with contextlib.aclosing(chunks):  # type: ignore[type-var]
             async for chunk in chunks:
                 yield convert.chunk_to_pb(chunk, kinds, mv.task, classes)
 

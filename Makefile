@@ -1,0 +1,47 @@
+# Task runner. `make demo` and `make test` work on a fresh machine with Python 3.11+:
+# they create .venv and install Cyclone with its dev tools first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint typecheck protos-lint generate check-generated bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cyclone demo
+
+# Everything CI checks: stale stubs, lint, types, proto lint, then the test suite.
+test: $(STAMP) check-generated lint typecheck protos-lint
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check cyclone services plugins bench tests
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+protos-lint: $(STAMP)
+	PYTHON=$(PY) bash scripts/lint-protos.sh
+
+generate: $(STAMP)
+	PYTHON=$(PY) bash scripts/generate.sh
+
+check-generated: generate
+	git diff --exit-code --stat -- cyclone || (echo "generated stubs are stale: run make generate and commit" && exit 1)
+	test -z "$$(git status --porcelain --untracked-files=all -- cyclone | grep '_pb2')" || (echo "new generated stubs are not committed" && exit 1)
+
+bench: $(STAMP)
+	$(PY) -m bench.inference
+	$(PY) -m bench.store
+	$(PY) -m bench.monitor
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
