@@ -71,7 +71,7 @@ def _failed_code(context: aio.ServicerContext[Any, Any], exc: BaseException | No
     return None
 
 
-class ObservabilityInterceptor(aio.ServerInterceptor):
+class ObservabilityInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped here
     """Sets the request id (from `x-request-id` or a new one) and records metrics."""
 
     def __init__(self) -> None:
@@ -86,7 +86,7 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]

@@ -227,6 +227,13 @@ def convert_pipeline(pipeline: Any, name: str, version: str = "") -> tuple[bytes
     from sklearn.base import is_classifier, is_regressor
 
     validate_name("name", name)
+    from sklearn.base import BaseEstimator
+
+    if not isinstance(pipeline, BaseEstimator):
+        raise ConversionError(
+            f"pipeline: {type(pipeline).__name__} is not a scikit-learn estimator"
+            " (neither a classifier nor a regressor)"
+        )
     if is_classifier(pipeline):
         task = "classification"
     elif is_regressor(pipeline):

@@ -97,6 +97,7 @@ class StoreSink:
         self._pending_rows = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Future[None] | None = None
         self._channel: aio.Channel | None = None
         self._stub: pb_grpc.StoreServiceStub | None = None
         self._store_up = True
@@ -135,6 +136,11 @@ class StoreSink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._flushing is not None:
+            # A send cancelled half-way would lose its drained batch: let it finish first.
+            with contextlib.suppress(Exception):
+                await self._flushing
+            self._flushing = None
         await self.flush(replay=True)
         if self._channel is not None:
             await self._channel.close()
@@ -144,10 +150,15 @@ class StoreSink:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.flush_interval)
             self._wake.clear()
+            # Shielded: stop() cancels this loop but waits for a flush in progress to end.
+            self._flushing = asyncio.ensure_future(self.flush())
             try:
-                await self.flush()
+                await asyncio.shield(self._flushing)
+            except asyncio.CancelledError:
+                raise
             except Exception:
                 log.exception("store sink flush failed; will retry")
+            self._flushing = None
 
     def _drain(self) -> pb.LogPredictionsRequest | None:
         if not self._pending:

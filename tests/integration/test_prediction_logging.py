@@ -31,7 +31,8 @@ from cyclone.server import CycloneServer
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
 from services.inference.main import InferenceSettings, attach_store, build_inference_server
-from services.store.main import StoreSettings, build_store_server
+from services.store.main import STORE_SERVICE, StoreSettings, build_store_server, open_store
+from services.store.servicer import StoreServicer
 
 pytestmark = pytest.mark.integration
 
@@ -193,6 +194,40 @@ async def test_served_predictions_reach_the_store(repo: Repo, fresh_database_url
         assert (added.stored, list(added.unmatched_prediction_ids)) == (1, [])
     assert counter("sent") - sent_before >= 20
     assert not list((tmp_path / "spool").glob("*.batch"))
+
+
+class SlowStore(StoreServicer):
+    """Takes its time before every LogPredictions, so a send is in flight when we stop."""
+
+    async def LogPredictions(self, request_iterator: Any, context: Any) -> pb.LogPredictionsResponse:
+        await asyncio.sleep(0.6)
+        return await super().LogPredictions(request_iterator, context)
+
+
+async def test_stopping_the_inference_server_finishes_an_inflight_send(
+    repo: Repo, fresh_database_url: str, tmp_path: Path
+) -> None:
+    settings = StoreSettings(port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1)
+    db, _ = await open_store(settings)
+    store = CycloneServer("store", settings)
+    store.add_service(STORE_SERVICE, lambda s: pb_grpc.add_StoreServiceServicer_to_server(SlowStore(db), s))
+    store.on_shutdown(db.close)
+    await store.start()
+    try:
+        async with inference_server(repo, f"127.0.0.1:{store.port}", tmp_path / "spool") as inference:
+            served = (await predict(inference, repo, start=0, count=10)).prediction_ids
+            await asyncio.sleep(0.2)  # flushed after 0.05 s; the store is still sleeping on it
+        # Stopped: what was answered is in the store (or, failing that, in the spool).
+        stored = await count_stored(fresh_database_url)
+        spooled = [
+            r.prediction_id
+            for f in sorted((tmp_path / "spool").glob("*.batch"))
+            for r in pb.LogPredictionsRequest.FromString(f.read_bytes()).records
+        ]
+        assert stored + len(spooled) == len(served) == 10
+        assert stored == 10
+    finally:
+        await store.stop(0)
 
 
 # --- store down: spool, replay, bound --------------------------------------------------------

@@ -25,7 +25,7 @@ from services.store.db import (
     uuid7_time,
 )
 from services.store.embedded import start_embedded
-from services.store.migrations import run_migrations
+from services.store.migrations import migrations_for, run_migrations
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,9 @@ async def test_migrations_idempotent_and_sql_uuid7_time(empty_database_url: str)
         assert await run_migrations(c) == "postgres-partitioned"
         assert await run_migrations(c) == "postgres-partitioned"
         cur = await c.execute("SELECT version, mode FROM schema_migrations ORDER BY version")
-        assert await cur.fetchall() == [(1, "postgres-partitioned"), (2, "postgres-partitioned")]
+        expected = [(m.version, "postgres-partitioned") for m in migrations_for("postgres-partitioned")]
+        assert len(expected) >= 3
+        assert await cur.fetchall() == expected
         u = uuid7(datetime(2025, 3, 4, 5, 6, 7, 891000, tzinfo=UTC))
         cur = await c.execute("SELECT uuid7_time(%s)", (u,))
         row = await cur.fetchone()

@@ -1,0 +1,719 @@
+"""The monitor service end to end, in-process: store (fresh database) + inference (credit model
+with a reference profile and baseline) + monitor, talking gRPC on free ports.
+
+Predictions go through the real inference server, labels through the store, and every
+evaluation through `MonitorService` over the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from grpc import aio
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+from cyclone.client import build_request, predictions_from_response
+from cyclone.inference.v1 import inference_service_pb2_grpc as inf_grpc
+from cyclone.monitor.v1 import monitor_service_pb2 as pb
+from cyclone.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
+from cyclone.plan import default_plan, parse_plan, plan_to_yaml
+from cyclone.server import CycloneServer
+from cyclone.store.v1 import store_service_pb2 as store_pb
+from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from plugins.alert_sinks import read_recorded
+from services.inference.main import InferenceSettings, attach_store, build_inference_server
+from services.monitor import dispatcher as dispatcher_module
+from services.monitor.dispatcher import AlertDispatcher
+from services.monitor.main import MonitorSettings, build_monitor_server
+from services.monitor.monitor import Monitor
+from services.store.main import StoreSettings, build_store_server
+
+pytestmark = pytest.mark.integration
+
+MODEL = "credit"
+FEATURES = ["age", "income", "debt_ratio", "city"]
+LEVEL = pb.Level.Name
+
+
+# --- fixtures and helpers -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The credit model imported with a labelled sample: reference.json + evaluation.json."""
+    from cyclone.examples import credit_frame, credit_pipeline
+    from cyclone.models.convert import import_pipeline
+
+    root = tmp_path_factory.mktemp("monitor-repo")
+    sample = credit_frame(3000, seed=0)
+    directory, _, _ = import_pipeline(
+        credit_pipeline(sample), MODEL, root, sample=sample, label_column="defaulted"
+    )
+    assert (directory / "reference.json").exists() and (directory / "evaluation.json").exists()
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def start_store(database_url: str, port: int = 0) -> CycloneServer:
+    server = await build_store_server(
+        StoreSettings(port=port, database_url=database_url, log_level="WARNING", pool_min_size=1)
+    )
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    return server
+
+
+@dataclass
+class Traffic:
+    frame: pd.DataFrame
+    ids: list[str]
+    predicted: list[str]
+    probability_of_1: list[float]
+
+
+@dataclass
+class Stack:
+    database_url: str
+    store_server: CycloneServer
+    monitor_server: CycloneServer
+    monitor: Monitor
+    store: store_grpc.StoreServiceStub
+    inference: inf_grpc.InferenceServiceStub
+    client: pb_grpc.MonitorServiceStub
+    record_path: Path
+    version: str = ""
+    sent: int = 0
+    servers: list[CycloneServer] = field(default_factory=list)
+
+    async def evaluate(self) -> pb.EvaluateNowResponse:
+        response: pb.EvaluateNowResponse = await self.client.EvaluateNow(
+            pb.EvaluateNowRequest(model=MODEL), timeout=30
+        )
+        return response
+
+    async def send(self, frame: pd.DataFrame, labels: Sequence[str] | None = None) -> Traffic:
+        """Predict `frame` through the inference server; wait until the store has the rows; label."""
+        rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in frame[FEATURES].to_dict("records")]
+        response = await self.inference.Predict(build_request(MODEL, rows), timeout=30)
+        predictions = predictions_from_response(response)
+        assert len(predictions) == len(frame)
+        self.sent += len(frame)
+
+        async def stored() -> bool:
+            stats = await self.store.GetStats(store_pb.GetStatsRequest(model=MODEL), timeout=5)
+            return any(m.model == MODEL and m.predictions >= self.sent for m in stats.models)
+
+        await eventually(stored, 15, f"{self.sent} predictions in the store")
+        ids = [p.prediction_id for p in predictions]
+        if labels is not None:
+            got = await self.store.AddLabels(
+                store_pb.AddLabelsRequest(
+                    model=MODEL,
+                    labels=[store_pb.Label(prediction_id=i, text=str(t)) for i, t in zip(ids, labels, strict=True)],
+                ),
+                timeout=10,
+            )
+            assert got.stored == len(labels) and not got.unmatched_prediction_ids
+        return Traffic(
+            frame,
+            ids,
+            [str(p.label) for p in predictions],
+            [float((p.probabilities or {})["1"]) for p in predictions],
+        )
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    repo: Path,
+    database_url: str,
+    tmp_path: Path,
+    *,
+    alert_interval: float = 0.2,
+    metrics_port: int = -1,
+) -> AsyncIterator[Stack]:
+    servers: list[CycloneServer] = []
+    channels: list[aio.Channel] = []
+    stack: Stack | None = None
+    try:
+        store_server = await start_store(database_url)
+        servers.append(store_server)
+        store_address = f"127.0.0.1:{store_server.port}"
+        inference_settings = InferenceSettings(
+            model_repository=repo, port=0, store=store_address, spool_dir=tmp_path / "spool",
+            log_flush_interval=0.05, log_level="WARNING", data_dir=tmp_path,
+        )
+        inference_server, scorer = build_inference_server(inference_settings)
+        attach_store(inference_settings, inference_server, scorer)
+        servers.append(inference_server)
+        await inference_server.start()
+        record_path = tmp_path / "alerts.jsonl"
+        monitor_server, monitor = build_monitor_server(
+            MonitorSettings(
+                port=0, store=store_address, alert_record_path=record_path, alert_interval=alert_interval,
+                log_level="WARNING", data_dir=tmp_path, metrics_port=metrics_port,
+            ),
+            schedule=False,
+        )
+        servers.append(monitor_server)
+        await monitor_server.start()
+        for port in (store_server.port, inference_server.port, monitor_server.port):
+            channels.append(aio.insecure_channel(f"127.0.0.1:{port}"))
+        stack = Stack(
+            database_url=database_url,
+            store_server=store_server,
+            monitor_server=monitor_server,
+            monitor=monitor,
+            store=store_grpc.StoreServiceStub(channels[0]),
+            inference=inf_grpc.InferenceServiceStub(channels[1]),
+            client=pb_grpc.MonitorServiceStub(channels[2]),
+            record_path=record_path,
+            servers=servers,
+        )
+
+        async def serving() -> bool:
+            listed = await stack.store.ListModelVersions(store_pb.ListModelVersionsRequest(model=MODEL), timeout=5)
+            for v in listed.model_versions:
+                if v.status == store_pb.MODEL_STATUS_SERVING:
+                    stack.version = v.version
+                    return True
+            return False
+
+        await eventually(serving, 15, "the inference server to register the model as serving")
+        yield stack
+    finally:
+        for channel in channels:
+            await channel.close()
+        # The list may have been updated (a restarted store): stop what is there, newest first.
+        for server in reversed(stack.servers if stack is not None else servers):
+            await server.stop(0)
+
+
+@pytest.fixture
+async def stack(repo: Path, fresh_database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    async with running_stack(repo, fresh_database_url, tmp_path) as s:
+        yield s
+
+
+def healthy(rows: int = 400, seed: int = 1) -> pd.DataFrame:
+    from cyclone.examples import credit_frame
+
+    return credit_frame(rows, seed=seed)
+
+
+def shifted(rows: int = 400, seed: int = 2) -> pd.DataFrame:
+    from cyclone.examples import credit_frame
+
+    return credit_frame(rows, seed=seed, shift=1.0)
+
+
+def truth(frame: pd.DataFrame) -> list[str]:
+    return [str(v) for v in frame["defaulted"]]
+
+
+def metrics_of(status: pb.ModelStatus) -> dict[str, pb.MetricValue]:
+    return {m.name: m for m in status.metrics}
+
+
+def plan_yaml(**overrides: Any) -> str:
+    plan: dict[str, Any] = {
+        "model": MODEL,
+        "window": {"kind": "sliding", "duration": "1h", "min_labelled_rows": 50},
+        "metrics": ["accuracy"],
+        "triggers": [{"metric": "accuracy", "condition": "below", "threshold": 0.99, "level": "AMBER"}],
+        "actions": {"AMBER": ["notify"]},
+    }
+    plan.update(overrides)
+    return yaml.safe_dump(plan, sort_keys=False)
+
+
+async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+# --- (1) healthy traffic ----------------------------------------------------------------------
+
+
+async def test_healthy_traffic_is_green_with_metrics_and_no_alerts(stack: Stack) -> None:
+    frame = healthy()
+    traffic = await stack.send(frame, truth(frame))
+
+    response = await stack.evaluate()
+    status = response.status
+
+    assert LEVEL(status.level) == "LEVEL_GREEN", list(status.reasons)
+    assert not status.reasons and not status.actions
+    assert list(response.alert_ids) == []
+    assert status.model == MODEL and status.version == stack.version
+    assert status.rows == len(frame) and status.labelled_rows == len(frame)
+    assert status.plan_revision == 0
+    metrics = metrics_of(status)
+    y = np.array(truth(frame))
+    accuracy = metrics["accuracy"]
+    assert accuracy.status == "ok" and accuracy.HasField("value")
+    assert accuracy.value == pytest.approx(accuracy_score(y, traffic.predicted))
+    assert metrics["f1_macro"].value == pytest.approx(f1_score(y, traffic.predicted, average="macro"))
+    assert metrics["roc_auc"].value == pytest.approx(roc_auc_score(y == "1", traffic.probability_of_1), abs=1e-6)
+    # Drift ran against the imported reference profile and flagged nothing.
+    assert {d.test for d in status.drift} >= {"ks", "psi", "chi_square"}
+    assert not [d.feature for d in status.drift if d.drifted]
+
+    alerts = await stack.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)
+    assert list(alerts.alerts) == []
+    got = await stack.client.GetStatus(pb.GetStatusRequest(), timeout=10)
+    assert [s.model for s in got.statuses] == [MODEL]
+    assert got.statuses[0].evaluated_at == status.evaluated_at
+
+
+# --- (2) + (3) drift and a performance dip ------------------------------------------------------
+
+
+async def test_drift_and_accuracy_dip_go_red_and_alert_exactly_once(stack: Stack) -> None:
+    frame = shifted()
+    traffic = await stack.send(frame, truth(frame))
+    evaluation = json.loads(
+        (await stack.store.GetModelVersion(store_pb.GetModelVersionRequest(model=MODEL), timeout=5)).model_version.evaluation_json
+    )
+
+    response = await stack.evaluate()
+    status = response.status
+
+    assert LEVEL(status.level) == "LEVEL_RED", list(status.reasons)
+    accuracy = metrics_of(status)["accuracy"]
+    assert accuracy.value == pytest.approx(accuracy_score(truth(frame), traffic.predicted))
+    # The dip is real (measured independently) and is what the reason says.
+    assert accuracy.value < 0.9 * evaluation["metrics"]["accuracy"]
+    accuracy_reasons = [r for r in status.reasons if r.startswith("accuracy")]
+    assert accuracy_reasons and "baseline" in accuracy_reasons[0]
+    drifted = sorted({d.feature for d in status.drift if d.drifted})
+    assert {"income", "debt_ratio"} <= set(drifted)
+    drift_reasons = [r for r in status.reasons if "drifted" in r]
+    assert len(drift_reasons) == 1 and all(f in drift_reasons[0] for f in drifted)
+    assert list(status.actions) == ["retrain", "notify"]
+
+    # One outbox row per (action, sink): default plan has no notify sinks, so both go to `record`.
+    alert_ids = list(response.alert_ids)
+    assert len(alert_ids) == 2 and len(set(alert_ids)) == 2
+    listed = (await stack.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)).alerts
+    assert sorted(a.id for a in listed) == sorted(alert_ids)
+    assert sorted(a.action for a in listed) == ["notify", "retrain"]
+    assert {a.sink for a in listed} == {"record"}
+    for a in listed:
+        assert LEVEL(a.level) == "LEVEL_RED" and a.previous_level == pb.LEVEL_UNSPECIFIED
+        assert list(a.reasons) == list(status.reasons)
+        assert a.version == stack.version
+
+    # The running dispatcher (interval 0.2 s) delivers both to the record file.
+    async def delivered() -> bool:
+        return stack.record_path.exists() and len(read_recorded(stack.record_path)) >= 2
+
+    await eventually(delivered, 10, "the dispatcher to write both alerts")
+    await asyncio.sleep(0.5)  # a few more dispatcher ticks: nothing may be written twice
+    recorded = read_recorded(stack.record_path)
+    assert sorted(int(a.id) for a in recorded) == sorted(alert_ids)
+    assert sorted(a.actions[0] for a in recorded) == ["notify", "retrain"]
+    assert all(a.level == "RED" and a.model == MODEL for a in recorded)
+
+    async def all_delivered() -> bool:
+        alerts = (await stack.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)).alerts
+        return all(a.status == "delivered" for a in alerts)
+
+    await eventually(all_delivered, 5, "alerts marked delivered")
+
+    # Same level again: no new alerts, so no second retraining request.
+    again = await stack.evaluate()
+    assert LEVEL(again.status.level) == "LEVEL_RED"
+    assert list(again.alert_ids) == []
+    assert len((await stack.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)).alerts) == 2
+    await asyncio.sleep(0.5)
+    assert len(read_recorded(stack.record_path)) == 2
+
+    # (3) the history and current health are in the store.
+    points = (await stack.store.ListMetricPoints(store_pb.ListMetricPointsRequest(model=MODEL), timeout=10)).points
+    by_metric: dict[str, list[store_pb.MetricPoint]] = {}
+    for p in points:
+        by_metric.setdefault(p.metric, []).append(p)
+    assert len(by_metric["level"]) == 2  # one per evaluation
+    assert all(p.value == pytest.approx(2.0) and p.level == "RED" for p in by_metric["level"])
+    assert [p.value for p in by_metric["accuracy"]] == pytest.approx([accuracy.value] * 2)
+    assert all(p.version == stack.version for p in points)
+    for feature in drifted:
+        drift_points = [p for m, ps in by_metric.items() if m.startswith("drift.") and m.endswith(f".{feature}") for p in ps]
+        assert any(json.loads(p.details_json)["drifted"] for p in drift_points), feature
+    health = (await stack.store.GetHealth(store_pb.GetHealthRequest(model=MODEL), timeout=10)).health
+    assert [(h.model, h.version, h.level) for h in health] == [(MODEL, stack.version, "RED")]
+    assert json.loads(health[0].reasons_json) == list(again.status.reasons)
+    summary = json.loads(health[0].summary_json)
+    assert summary["rows"] == len(frame) and summary["labelled_rows"] == len(frame)
+
+
+# --- (4) WatchStatus ----------------------------------------------------------------------------
+
+
+async def test_watch_status_yields_current_status_then_the_next_evaluation(stack: Stack) -> None:
+    frame = healthy()
+    await stack.send(frame, truth(frame))
+    first = (await stack.evaluate()).status
+
+    call = stack.client.WatchStatus(pb.WatchStatusRequest(model=MODEL), timeout=30)
+    try:
+        current = await asyncio.wait_for(call.read(), 10)
+        assert current.status == first
+        # The shifted traffic changes the next evaluation; the stream must carry that one.
+        more = shifted(200)
+        await stack.send(more, truth(more))
+        second = (await stack.evaluate()).status
+        nxt = await asyncio.wait_for(call.read(), 10)
+        assert nxt.status == second
+        assert nxt.status.rows == len(frame) + len(more)
+        assert nxt.status.evaluated_at.ToDatetime() > first.evaluated_at.ToDatetime()
+    finally:
+        call.cancel()
+
+    # A filter on another model: the current status of credit is not sent.
+    other = stack.client.WatchStatus(pb.WatchStatusRequest(model="nope"), timeout=30)
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(other.read(), 0.3)
+    finally:
+        other.cancel()
+
+
+# --- (5) plans --------------------------------------------------------------------------------
+
+
+async def test_plans_default_custom_and_rejected(stack: Stack) -> None:
+    got = await stack.client.GetPlan(pb.GetPlanRequest(model=MODEL), timeout=10)
+    assert got.revision == 0
+    assert parse_plan(got.plan_yaml) == default_plan(MODEL, "classification")
+    assert got.plan_yaml == plan_to_yaml(default_plan(MODEL, "classification"))
+
+    frame = healthy(300)
+    await stack.send(frame, truth(frame))
+    before = (await stack.evaluate()).status
+    assert LEVEL(before.level) == "LEVEL_GREEN" and before.plan_revision == 0
+    assert metrics_of(before)["accuracy"].value < 0.99  # the custom trigger below must fire
+
+    custom = plan_yaml()
+    saved = await stack.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=custom), timeout=10)
+    assert saved.revision == 1
+    got = await stack.client.GetPlan(pb.GetPlanRequest(model=MODEL), timeout=10)
+    assert (got.revision, got.plan_yaml) == (1, custom)
+
+    after = await stack.evaluate()
+    assert LEVEL(after.status.level) == "LEVEL_AMBER"
+    assert after.status.plan_revision == 1
+    assert [m.name for m in after.status.metrics] == ["accuracy"]
+    assert list(after.status.drift) == []
+    assert len(after.status.reasons) == 1 and after.status.reasons[0].startswith("accuracy")
+    assert "below 0.99" in after.status.reasons[0]
+    assert list(after.status.actions) == ["notify"]
+    assert len(after.alert_ids) == 1
+
+    bad = {
+        "unknown metric": (
+            plan_yaml(metrics=["accuracy", "no_such_metric"]),
+            "metrics[1]: unknown metric 'no_such_metric'",
+        ),
+        "threshold type": (
+            plan_yaml(triggers=[{"metric": "accuracy", "condition": "below", "threshold": "high", "level": "AMBER"}]),
+            "triggers[0].threshold: expected a number, got 'high'",
+        ),
+        "zero duration": (
+            plan_yaml(window={"kind": "sliding", "duration": "0s"}),
+            "window.duration: must be greater than zero",
+        ),
+        "zero rows": (
+            plan_yaml(window={"kind": "sliding", "rows": 0}),
+            "window.rows: must be at least 1",
+        ),
+        "another model": (plan_yaml(model="churn"), "model: the plan is for 'churn', not 'credit'"),
+        "not yaml": ("model: [unclosed", "<yaml>"),
+    }
+    for case, (text, expected) in bad.items():
+        error = await rpc_error(stack.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=text), timeout=10))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+        assert error.details().startswith("plan_yaml: "), (case, error.details())
+        assert expected in error.details(), (case, error.details())
+    error = await rpc_error(stack.client.SetPlan(pb.SetPlanRequest(model="", plan_yaml=custom), timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("model")
+
+    # Nothing rejected was stored.
+    got = await stack.client.GetPlan(pb.GetPlanRequest(model=MODEL), timeout=10)
+    assert (got.revision, got.plan_yaml) == (1, custom)
+    error = await rpc_error(stack.client.GetPlan(pb.GetPlanRequest(model="nope"), timeout=10))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+# --- (6) not enough data ------------------------------------------------------------------------
+
+
+async def test_unlabelled_window_has_no_quality_values_and_level_from_the_rest(stack: Stack) -> None:
+    frame = shifted(300)
+    await stack.send(frame)  # no labels
+
+    status = (await stack.evaluate()).status
+
+    assert status.rows == len(frame) and status.labelled_rows == 0
+    metrics = metrics_of(status)
+    for name in ("accuracy", "f1_macro", "roc_auc", "log_loss"):
+        assert metrics[name].status == "not_enough_data", name
+        assert not metrics[name].HasField("value"), name
+        assert metrics[name].detail, name
+    assert metrics["invalid_probability_rate"].status == "ok"
+    # Drift still decides: shifted inputs make it AMBER, not RED (no accuracy to compare).
+    assert LEVEL(status.level) == "LEVEL_AMBER", list(status.reasons)
+    assert all("drifted" in r for r in status.reasons)
+
+    points = (await stack.store.ListMetricPoints(store_pb.ListMetricPointsRequest(model=MODEL, metric="accuracy"), timeout=10)).points
+    assert len(points) == 1 and not points[0].HasField("value")
+    assert json.loads(points[0].details_json)["status"] == "not_enough_data"
+
+
+async def test_single_class_labels_make_roc_auc_not_enough_data(stack: Stack) -> None:
+    frame = healthy(300)
+    traffic = await stack.send(frame, ["0"] * len(frame))
+
+    status = (await stack.evaluate()).status
+
+    metrics = metrics_of(status)
+    assert metrics["roc_auc"].status == "not_enough_data" and not metrics["roc_auc"].HasField("value")
+    assert "single class" in metrics["roc_auc"].detail
+    assert metrics["accuracy"].value == pytest.approx(accuracy_score(["0"] * len(frame), traffic.predicted))
+    assert metrics["log_loss"].status == "ok"
+
+
+# --- (7) a sink that is down ------------------------------------------------------------------
+
+
+class Hook:
+    """A webhook receiver that is started on demand on a fixed port."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.bodies: list[dict[str, Any]] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        bodies = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server API
+                length = int(self.headers.get("Content-Length", 0))
+                bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+async def test_webhook_down_then_up_is_retried_and_delivered_once(
+    repo: Path, fresh_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Retry at once instead of after 2**attempts seconds; the backoff itself is unit-tested.
+    monkeypatch.setattr(dispatcher_module, "backoff_seconds", lambda attempts, cap=300.0: 0.0)
+    hook = Hook(free_port())
+    # A long interval keeps the server's own dispatcher out of the way: this test drives one.
+    async with running_stack(repo, fresh_database_url, tmp_path, alert_interval=3600) as s:
+        try:
+            url = f"http://127.0.0.1:{hook.port}/hook"
+            plan = plan_yaml(
+                triggers=[{"metric": "accuracy", "condition": "below", "threshold": 0.99, "level": "RED"}],
+                actions={"RED": ["notify"]},
+                notify=[{"sink": "webhook", "config": {"url": url, "timeout": 2}}],
+            )
+            await s.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=plan), timeout=10)
+            frame = healthy(200)
+            await s.send(frame, truth(frame))
+            response = await s.evaluate()
+            assert LEVEL(response.status.level) == "LEVEL_RED"
+            assert len(response.alert_ids) == 1
+            alert_id = response.alert_ids[0]
+            dispatcher = AlertDispatcher(s.monitor.store)
+
+            async def alert() -> pb.Alert:
+                alerts = (await s.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)).alerts
+                assert [a.id for a in alerts] == [alert_id]
+                return alerts[0]
+
+            first = await alert()
+            assert (first.status, first.attempts, first.sink, first.action) == ("pending", 0, "webhook", "notify")
+
+            assert await dispatcher.dispatch_once() == 0
+            failed = await alert()
+            assert failed.status == "failed" and failed.attempts == 1
+            assert failed.last_error.startswith("webhook: ") and "refused" in failed.last_error.lower()
+            assert await dispatcher.dispatch_once() == 0
+            assert (await alert()).attempts == 2
+            failed_only = await s.client.ListAlerts(pb.ListAlertsRequest(model=MODEL, status="failed"), timeout=10)
+            assert [a.id for a in failed_only.alerts] == [alert_id]
+
+            hook.start()
+            assert await dispatcher.dispatch_once() == 1
+            assert await dispatcher.dispatch_once() == 0
+            delivered = await alert()
+            # The successful delivery is the third attempt; its error is cleared.
+            assert (delivered.status, delivered.attempts, delivered.last_error) == ("delivered", 3, "")
+            assert len(hook.bodies) == 1
+            assert hook.bodies[0]["id"] == str(alert_id)
+            assert hook.bodies[0]["model"] == MODEL and hook.bodies[0]["level"] == "RED"
+
+            acked = await s.client.AcknowledgeAlert(pb.AcknowledgeAlertRequest(alert_id=alert_id), timeout=10)
+            assert acked.alert.id == alert_id and acked.alert.status == "acknowledged"
+            assert (await alert()).status == "acknowledged"
+            assert await dispatcher.dispatch_once() == 0
+            assert len(hook.bodies) == 1
+
+            error = await rpc_error(s.client.AcknowledgeAlert(pb.AcknowledgeAlertRequest(alert_id=alert_id + 1000), timeout=10))
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+            assert str(alert_id + 1000) in error.details()
+            error = await rpc_error(s.client.AcknowledgeAlert(pb.AcknowledgeAlertRequest(alert_id=0), timeout=10))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        finally:
+            hook.stop()
+
+
+async def test_acknowledged_failing_alert_is_not_retried(
+    repo: Path, fresh_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatcher_module, "backoff_seconds", lambda attempts, cap=300.0: 0.0)
+    hook = Hook(free_port())
+    async with running_stack(repo, fresh_database_url, tmp_path, alert_interval=3600) as s:
+        try:
+            plan = plan_yaml(notify=[{"sink": "webhook", "config": {"url": f"http://127.0.0.1:{hook.port}/h", "timeout": 2}}])
+            await s.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=plan), timeout=10)
+            frame = healthy(100)
+            await s.send(frame, truth(frame))
+            (alert_id,) = (await s.evaluate()).alert_ids
+            dispatcher = AlertDispatcher(s.monitor.store)
+            assert await dispatcher.dispatch_once() == 0
+            await s.client.AcknowledgeAlert(pb.AcknowledgeAlertRequest(alert_id=alert_id), timeout=10)
+            hook.start()
+            assert await dispatcher.dispatch_once() == 0
+            assert hook.bodies == []
+            (a,) = (await s.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)).alerts
+            assert (a.status, a.attempts) == ("acknowledged", 1)
+        finally:
+            hook.stop()
+
+
+# --- (8) bad input and a store that is down -----------------------------------------------------
+
+
+async def test_bad_requests_and_store_outage(stack: Stack) -> None:
+    error = await rpc_error(stack.client.EvaluateNow(pb.EvaluateNowRequest(model="nope"), timeout=10))
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "nope" in error.details()
+    error = await rpc_error(stack.client.EvaluateNow(pb.EvaluateNowRequest(model=""), timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("model")
+    error = await rpc_error(stack.client.ListAlerts(pb.ListAlertsRequest(status="bogus"), timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "status" in error.details()
+
+    frame = healthy(200)
+    await stack.send(frame, truth(frame))
+    before = (await stack.evaluate()).status
+
+    port = stack.store_server.port
+    await stack.store_server.stop(0)
+    stack.servers.remove(stack.store_server)
+
+    for call in (
+        stack.client.EvaluateNow(pb.EvaluateNowRequest(model=MODEL), timeout=10),
+        stack.client.ListAlerts(pb.ListAlertsRequest(), timeout=10),
+        stack.client.GetPlan(pb.GetPlanRequest(model=MODEL), timeout=10),
+        stack.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=plan_yaml()), timeout=10),
+    ):
+        error = await rpc_error(call)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        assert error.details().startswith("store"), error.details()
+    # Still serving what it has.
+    got = await stack.client.GetStatus(pb.GetStatusRequest(model=MODEL), timeout=10)
+    assert list(got.statuses) == [before]
+
+    # The store comes back on the same address: the monitor recovers without a restart.
+    restarted = await start_store(stack.database_url, port)
+    stack.servers.insert(0, restarted)
+    stack.store_server = restarted
+    result: list[pb.EvaluateNowResponse] = []
+
+    async def evaluates() -> bool:
+        try:
+            result.append(await stack.evaluate())
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+            return False
+        return True
+
+    await eventually(evaluates, 20, "the monitor to reach the restarted store")
+    assert result[-1].status.rows == len(frame)
+    assert result[-1].status.level == before.level
+
+
+# --- (9) Prometheus -----------------------------------------------------------------------------
+
+
+async def test_metrics_endpoint_exposes_health_level(repo: Path, fresh_database_url: str, tmp_path: Path) -> None:
+    async with running_stack(repo, fresh_database_url, tmp_path, metrics_port=0) as s:
+        frame = shifted(200)
+        await s.send(frame)  # unlabelled + shifted: AMBER (drift only)
+        status = (await s.evaluate()).status
+        assert s.monitor_server.metrics_port > 0
+
+        def scrape() -> str:
+            url = f"http://127.0.0.1:{s.monitor_server.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return str(response.read().decode())
+
+        text = await asyncio.to_thread(scrape)
+        line = f'cyclone_model_health_level{{model="{MODEL}",version="{s.version}"}}'
+        values = [float(row.split()[-1]) for row in text.splitlines() if row.startswith(line)]
+        assert values == [float(status.level - 1)]
+        assert LEVEL(status.level) == "LEVEL_AMBER"
+        drifted = len({d.feature for d in status.drift if d.drifted})
+        line = f'cyclone_model_drifted_features{{model="{MODEL}",version="{s.version}"}}'
+        assert [float(r.split()[-1]) for r in text.splitlines() if r.startswith(line)] == [float(drifted)]
