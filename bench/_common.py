@@ -22,7 +22,7 @@ def free_port() -> int:
 
 def start_process(args: list[str], ready_port: int, timeout: float = 30.0, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a server process and wait until its port accepts connections."""
-    log = tempfile.TemporaryFile()
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - it is the server's stderr for its whole life
     proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

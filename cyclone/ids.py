@@ -8,12 +8,17 @@ increasing: a 12-bit counter fills `rand_a` when several ids share a millisecond
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 import uuid
 from datetime import UTC, datetime
 
 _lock = threading.Lock()
+# Seeded from the OS once per process, so processes do not share a sequence.
+_random = random.Random()
+# A forked child must not repeat its parent's sequence.
+os.register_at_fork(after_in_child=_random.seed)
 _last_ms = 0
 _counter = 0
 
@@ -39,11 +44,11 @@ def uuid7_batch(n: int) -> list[str]:
     while n > 0:
         take = min(n, 0x1000)
         ms, start = _next_ms_and_counter(take)
-        rand = os.urandom(8 * take)
         high = (ms << 16) | 0x7000
         for i in range(take):
-            low = int.from_bytes(rand[8 * i : 8 * i + 8], "big")
-            low = (low & 0x3FFFFFFFFFFFFFFF) | 0x8000000000000000
+            # Uniqueness, not secrecy, is what these bits are for; os.urandom would be a
+            # system call per request on the serving path.
+            low = _random.getrandbits(62) | 0x8000000000000000
             out.append(str(uuid.UUID(int=((high | (start + i)) << 64) | low)))
         n -= take
     return out

@@ -125,7 +125,17 @@ class StoreSink:
     # -- background ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._channel = aio.insecure_channel(self.address)
+        # gRPC's default reconnect backoff grows to 120 s: after a long outage the sink would
+        # notice the store is back only minutes later. Cap it near retry_interval.
+        backoff_ms = max(100, int(self.retry_interval * 1000))
+        self._channel = aio.insecure_channel(
+            self.address,
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", backoff_ms),
+                ("grpc.min_reconnect_backoff_ms", backoff_ms),
+                ("grpc.max_reconnect_backoff_ms", 2 * backoff_ms),
+            ],
+        )
         self._stub = pb_grpc.StoreServiceStub(self._channel)
         self._task = asyncio.create_task(self._run(), name="store-sink")
 
@@ -138,8 +148,10 @@ class StoreSink:
             self._task = None
         if self._flushing is not None:
             # A send cancelled half-way would lose its drained batch: let it finish first.
-            with contextlib.suppress(Exception):
+            try:
                 await self._flushing
+            except Exception:
+                log.exception("store sink flush failed while stopping")
             self._flushing = None
         await self.flush(replay=True)
         if self._channel is not None:
@@ -154,8 +166,6 @@ class StoreSink:
             self._flushing = asyncio.ensure_future(self.flush())
             try:
                 await asyncio.shield(self._flushing)
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 log.exception("store sink flush failed; will retry")
             self._flushing = None
