@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 from prometheus_client import Gauge
 
-from cyclone.errors import InvalidArgument, NotFound, Unavailable
+from cyclone.errors import InvalidArgument, NotFound
 from cyclone.metrics_api import Level, ReferenceProfile
 from cyclone.monitor.v1 import monitor_service_pb2 as pb
 from cyclone.plan import Plan, PlanError, Registry, default_plan, parse_plan, plan_to_yaml
@@ -71,6 +72,10 @@ def status_from_evaluation(model: str, version: str, ev: Evaluation, revision: i
     return status
 
 
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def metric_points(status: pb.ModelStatus, at: datetime) -> list[store_pb.MetricPoint]:
     created = _ts(at)
     points = [
@@ -81,10 +86,13 @@ def metric_points(status: pb.ModelStatus, at: datetime) -> list[store_pb.MetricP
         for m in status.metrics
     ]
     for d in status.drift:
+        # A skipped test (too few rows) has NaN statistics: not valid JSON, so store them as null.
         points.append(
             store_pb.MetricPoint(
-                created_at=created, metric=f"drift.{d.test}.{d.feature}", value=d.effect_size,
-                details_json=json.dumps({"statistic": d.statistic, "drifted": d.drifted, "threshold": d.threshold}),
+                created_at=created, metric=f"drift.{d.test}.{d.feature}", value=_finite(d.effect_size),
+                details_json=json.dumps(
+                    {"statistic": _finite(d.statistic), "drifted": d.drifted, "threshold": _finite(d.threshold)}
+                ),
             )
         )
     points.append(store_pb.MetricPoint(created_at=created, metric="level", value=float(status.level - 1)))
@@ -157,6 +165,7 @@ class Monitor:
             raise InvalidArgument("plan_yaml: " + "; ".join(exc.problems)) from None
         if plan.model and plan.model != model:
             raise InvalidArgument(f"plan_yaml: model: the plan is for {plan.model!r}, not {model!r}")
+        await self._model_version(model)  # a plan for an unknown model is a typo, not a plan
         response = await self.store.SavePlan(
             store_pb.SavePlanRequest(model=model, plan_yaml=plan_yaml), timeout=self.request_timeout
         )
@@ -183,7 +192,7 @@ class Monitor:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(f"model: {model!r} is not registered") from None
-            raise Unavailable(f"store: {exc.details()}") from None
+            raise
         version: store_pb.ModelVersion = response.model_version
         return version
 

@@ -16,14 +16,17 @@ from cyclone.server import abort_on_domain_errors
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from services.monitor.monitor import NAME_TO_PB, Monitor
 
-_STORE_CODES = {
+_STORE_CODES: dict[grpc.StatusCode, type[CycloneError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
 }
 
 
 def _from_store(exc: grpc.RpcError) -> CycloneError:
-    return _STORE_CODES.get(exc.code(), Unavailable)(f"store: {exc.details()}")
+    """The store's status, kept: only an unreachable store is UNAVAILABLE."""
+    return _STORE_CODES.get(exc.code(), CycloneError)(f"store: {exc.code().name}: {exc.details()}")
 
 
 def alert_from_store(record: store_pb.AlertRecord) -> pb.Alert:

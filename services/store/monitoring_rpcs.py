@@ -23,9 +23,16 @@ def _json(text: str, field: str, default: Any) -> Any:
     if not text:
         return default
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"{field}: not valid JSON ({exc.msg})") from None
+    except ValueError as exc:
+        raise InvalidArgument(f"{field}: not valid JSON ({exc})") from None
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN/Infinity; JSON (and PostgreSQL's jsonb) does not.
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def alert_to_pb(a: Alert) -> pb.AlertRecord:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,11 +32,15 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if env:
         yield env
         return
-    handle = start_embedded(Path(tmp_path_factory.mktemp("pg")), fast_unsafe=True)
+    # Not under pytest's basetemp: pytest prunes old basetemps, which would delete the data
+    # directory of a server another pytest session is still using.
+    data_dir = Path(tempfile.mkdtemp(prefix="cyclone-test-pg-"))
+    handle = start_embedded(data_dir, fast_unsafe=True)
     try:
         yield handle.url
     finally:
         handle.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def _migrate(url: str) -> None:

@@ -125,7 +125,10 @@ class Stack:
 
     async def send(self, frame: pd.DataFrame, labels: Sequence[str] | None = None) -> Traffic:
         """Predict `frame` through the inference server; wait until the store has the rows; label."""
-        rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in frame[FEATURES].to_dict("records")]
+        rows = [
+            {k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
+            for r in frame[FEATURES].to_dict("records")
+        ]
         response = await self.inference.Predict(build_request(MODEL, rows), timeout=30)
         predictions = predictions_from_response(response)
         assert len(predictions) == len(frame)
@@ -141,7 +144,10 @@ class Stack:
             got = await self.store.AddLabels(
                 store_pb.AddLabelsRequest(
                     model=MODEL,
-                    labels=[store_pb.Label(prediction_id=i, text=str(t)) for i, t in zip(ids, labels, strict=True)],
+                    labels=[
+                        store_pb.Label(prediction_id=i, text=str(t))
+                        for i, t in zip(ids, labels, strict=True)
+                    ],
                 ),
                 timeout=10,
             )
@@ -162,6 +168,7 @@ async def running_stack(
     *,
     alert_interval: float = 0.2,
     metrics_port: int = -1,
+    schedule: bool = False,
 ) -> AsyncIterator[Stack]:
     servers: list[CycloneServer] = []
     channels: list[aio.Channel] = []
@@ -171,8 +178,13 @@ async def running_stack(
         servers.append(store_server)
         store_address = f"127.0.0.1:{store_server.port}"
         inference_settings = InferenceSettings(
-            model_repository=repo, port=0, store=store_address, spool_dir=tmp_path / "spool",
-            log_flush_interval=0.05, log_level="WARNING", data_dir=tmp_path,
+            model_repository=repo,
+            port=0,
+            store=store_address,
+            spool_dir=tmp_path / "spool",
+            log_flush_interval=0.05,
+            log_level="WARNING",
+            data_dir=tmp_path,
         )
         inference_server, scorer = build_inference_server(inference_settings)
         attach_store(inference_settings, inference_server, scorer)
@@ -181,10 +193,16 @@ async def running_stack(
         record_path = tmp_path / "alerts.jsonl"
         monitor_server, monitor = build_monitor_server(
             MonitorSettings(
-                port=0, store=store_address, alert_record_path=record_path, alert_interval=alert_interval,
-                log_level="WARNING", data_dir=tmp_path, metrics_port=metrics_port,
+                port=0,
+                store=store_address,
+                alert_record_path=record_path,
+                alert_interval=alert_interval,
+                log_level="WARNING",
+                data_dir=tmp_path,
+                metrics_port=metrics_port,
+                tick_seconds=0.05,
             ),
-            schedule=False,
+            schedule=schedule,
         )
         servers.append(monitor_server)
         await monitor_server.start()
@@ -203,7 +221,9 @@ async def running_stack(
         )
 
         async def serving() -> bool:
-            listed = await stack.store.ListModelVersions(store_pb.ListModelVersionsRequest(model=MODEL), timeout=5)
+            listed = await stack.store.ListModelVersions(
+                store_pb.ListModelVersionsRequest(model=MODEL), timeout=5
+            )
             for v in listed.model_versions:
                 if v.status == store_pb.MODEL_STATUS_SERVING:
                     stack.version = v.version
@@ -251,7 +271,9 @@ def plan_yaml(**overrides: Any) -> str:
         "model": MODEL,
         "window": {"kind": "sliding", "duration": "1h", "min_labelled_rows": 50},
         "metrics": ["accuracy"],
-        "triggers": [{"metric": "accuracy", "condition": "below", "threshold": 0.99, "level": "AMBER"}],
+        "triggers": [
+            {"metric": "accuracy", "condition": "below", "threshold": 0.99, "level": "AMBER"}
+        ],
         "actions": {"AMBER": ["notify"]},
     }
     plan.update(overrides)
@@ -285,8 +307,12 @@ async def test_healthy_traffic_is_green_with_metrics_and_no_alerts(stack: Stack)
     accuracy = metrics["accuracy"]
     assert accuracy.status == "ok" and accuracy.HasField("value")
     assert accuracy.value == pytest.approx(accuracy_score(y, traffic.predicted))
-    assert metrics["f1_macro"].value == pytest.approx(f1_score(y, traffic.predicted, average="macro"))
-    assert metrics["roc_auc"].value == pytest.approx(roc_auc_score(y == "1", traffic.probability_of_1), abs=1e-6)
+    assert metrics["f1_macro"].value == pytest.approx(
+        f1_score(y, traffic.predicted, average="macro")
+    )
+    assert metrics["roc_auc"].value == pytest.approx(
+        roc_auc_score(y == "1", traffic.probability_of_1), abs=1e-6
+    )
     # Drift ran against the imported reference profile and flagged nothing.
     assert {d.test for d in status.drift} >= {"ks", "psi", "chi_square"}
     assert not [d.feature for d in status.drift if d.drifted]
@@ -305,7 +331,11 @@ async def test_drift_and_accuracy_dip_go_red_and_alert_exactly_once(stack: Stack
     frame = shifted()
     traffic = await stack.send(frame, truth(frame))
     evaluation = json.loads(
-        (await stack.store.GetModelVersion(store_pb.GetModelVersionRequest(model=MODEL), timeout=5)).model_version.evaluation_json
+        (
+            await stack.store.GetModelVersion(
+                store_pb.GetModelVersionRequest(model=MODEL), timeout=5
+            )
+        ).model_version.evaluation_json
     )
 
     response = await stack.evaluate()
@@ -348,7 +378,9 @@ async def test_drift_and_accuracy_dip_go_red_and_alert_exactly_once(stack: Stack
     assert all(a.level == "RED" and a.model == MODEL for a in recorded)
 
     async def all_delivered() -> bool:
-        alerts = (await stack.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)).alerts
+        alerts = (
+            await stack.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)
+        ).alerts
         return all(a.status == "delivered" for a in alerts)
 
     await eventually(all_delivered, 5, "alerts marked delivered")
@@ -357,12 +389,19 @@ async def test_drift_and_accuracy_dip_go_red_and_alert_exactly_once(stack: Stack
     again = await stack.evaluate()
     assert LEVEL(again.status.level) == "LEVEL_RED"
     assert list(again.alert_ids) == []
-    assert len((await stack.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)).alerts) == 2
+    assert (
+        len((await stack.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)).alerts)
+        == 2
+    )
     await asyncio.sleep(0.5)
     assert len(read_recorded(stack.record_path)) == 2
 
     # (3) the history and current health are in the store.
-    points = (await stack.store.ListMetricPoints(store_pb.ListMetricPointsRequest(model=MODEL), timeout=10)).points
+    points = (
+        await stack.store.ListMetricPoints(
+            store_pb.ListMetricPointsRequest(model=MODEL), timeout=10
+        )
+    ).points
     by_metric: dict[str, list[store_pb.MetricPoint]] = {}
     for p in points:
         by_metric.setdefault(p.metric, []).append(p)
@@ -371,9 +410,16 @@ async def test_drift_and_accuracy_dip_go_red_and_alert_exactly_once(stack: Stack
     assert [p.value for p in by_metric["accuracy"]] == pytest.approx([accuracy.value] * 2)
     assert all(p.version == stack.version for p in points)
     for feature in drifted:
-        drift_points = [p for m, ps in by_metric.items() if m.startswith("drift.") and m.endswith(f".{feature}") for p in ps]
+        drift_points = [
+            p
+            for m, ps in by_metric.items()
+            if m.startswith("drift.") and m.endswith(f".{feature}")
+            for p in ps
+        ]
         assert any(json.loads(p.details_json)["drifted"] for p in drift_points), feature
-    health = (await stack.store.GetHealth(store_pb.GetHealthRequest(model=MODEL), timeout=10)).health
+    health = (
+        await stack.store.GetHealth(store_pb.GetHealthRequest(model=MODEL), timeout=10)
+    ).health
     assert [(h.model, h.version, h.level) for h in health] == [(MODEL, stack.version, "RED")]
     assert json.loads(health[0].reasons_json) == list(again.status.reasons)
     summary = json.loads(health[0].summary_json)
@@ -449,7 +495,16 @@ async def test_plans_default_custom_and_rejected(stack: Stack) -> None:
             "metrics[1]: unknown metric 'no_such_metric'",
         ),
         "threshold type": (
-            plan_yaml(triggers=[{"metric": "accuracy", "condition": "below", "threshold": "high", "level": "AMBER"}]),
+            plan_yaml(
+                triggers=[
+                    {
+                        "metric": "accuracy",
+                        "condition": "below",
+                        "threshold": "high",
+                        "level": "AMBER",
+                    }
+                ]
+            ),
             "triggers[0].threshold: expected a number, got 'high'",
         ),
         "zero duration": (
@@ -464,11 +519,15 @@ async def test_plans_default_custom_and_rejected(stack: Stack) -> None:
         "not yaml": ("model: [unclosed", "<yaml>"),
     }
     for case, (text, expected) in bad.items():
-        error = await rpc_error(stack.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=text), timeout=10))
+        error = await rpc_error(
+            stack.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=text), timeout=10)
+        )
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, case
         assert error.details().startswith("plan_yaml: "), (case, error.details())
         assert expected in error.details(), (case, error.details())
-    error = await rpc_error(stack.client.SetPlan(pb.SetPlanRequest(model="", plan_yaml=custom), timeout=10))
+    error = await rpc_error(
+        stack.client.SetPlan(pb.SetPlanRequest(model="", plan_yaml=custom), timeout=10)
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("model")
 
     # Nothing rejected was stored.
@@ -481,7 +540,9 @@ async def test_plans_default_custom_and_rejected(stack: Stack) -> None:
 # --- (6) not enough data ------------------------------------------------------------------------
 
 
-async def test_unlabelled_window_has_no_quality_values_and_level_from_the_rest(stack: Stack) -> None:
+async def test_unlabelled_window_has_no_quality_values_and_level_from_the_rest(
+    stack: Stack,
+) -> None:
     frame = shifted(300)
     await stack.send(frame)  # no labels
 
@@ -498,7 +559,11 @@ async def test_unlabelled_window_has_no_quality_values_and_level_from_the_rest(s
     assert LEVEL(status.level) == "LEVEL_AMBER", list(status.reasons)
     assert all("drifted" in r for r in status.reasons)
 
-    points = (await stack.store.ListMetricPoints(store_pb.ListMetricPointsRequest(model=MODEL, metric="accuracy"), timeout=10)).points
+    points = (
+        await stack.store.ListMetricPoints(
+            store_pb.ListMetricPointsRequest(model=MODEL, metric="accuracy"), timeout=10
+        )
+    ).points
     assert len(points) == 1 and not points[0].HasField("value")
     assert json.loads(points[0].details_json)["status"] == "not_enough_data"
 
@@ -510,9 +575,13 @@ async def test_single_class_labels_make_roc_auc_not_enough_data(stack: Stack) ->
     status = (await stack.evaluate()).status
 
     metrics = metrics_of(status)
-    assert metrics["roc_auc"].status == "not_enough_data" and not metrics["roc_auc"].HasField("value")
+    assert metrics["roc_auc"].status == "not_enough_data" and not metrics["roc_auc"].HasField(
+        "value"
+    )
     assert "single class" in metrics["roc_auc"].detail
-    assert metrics["accuracy"].value == pytest.approx(accuracy_score(["0"] * len(frame), traffic.predicted))
+    assert metrics["accuracy"].value == pytest.approx(
+        accuracy_score(["0"] * len(frame), traffic.predicted)
+    )
     assert metrics["log_loss"].status == "ok"
 
 
@@ -532,7 +601,7 @@ class Hook:
         bodies = self.bodies
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 bodies.append(json.loads(self.rfile.read(length)))
                 self.send_response(200)
@@ -564,7 +633,9 @@ async def test_webhook_down_then_up_is_retried_and_delivered_once(
         try:
             url = f"http://127.0.0.1:{hook.port}/hook"
             plan = plan_yaml(
-                triggers=[{"metric": "accuracy", "condition": "below", "threshold": 0.99, "level": "RED"}],
+                triggers=[
+                    {"metric": "accuracy", "condition": "below", "threshold": 0.99, "level": "RED"}
+                ],
                 actions={"RED": ["notify"]},
                 notify=[{"sink": "webhook", "config": {"url": url, "timeout": 2}}],
             )
@@ -578,20 +649,32 @@ async def test_webhook_down_then_up_is_retried_and_delivered_once(
             dispatcher = AlertDispatcher(s.monitor.store)
 
             async def alert() -> pb.Alert:
-                alerts = (await s.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)).alerts
+                alerts = (
+                    await s.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)
+                ).alerts
                 assert [a.id for a in alerts] == [alert_id]
-                return alerts[0]
+                found: pb.Alert = alerts[0]
+                return found
 
             first = await alert()
-            assert (first.status, first.attempts, first.sink, first.action) == ("pending", 0, "webhook", "notify")
+            assert (first.status, first.attempts, first.sink, first.action) == (
+                "pending",
+                0,
+                "webhook",
+                "notify",
+            )
 
             assert await dispatcher.dispatch_once() == 0
             failed = await alert()
             assert failed.status == "failed" and failed.attempts == 1
-            assert failed.last_error.startswith("webhook: ") and "refused" in failed.last_error.lower()
+            assert (
+                failed.last_error.startswith("webhook: ") and "refused" in failed.last_error.lower()
+            )
             assert await dispatcher.dispatch_once() == 0
             assert (await alert()).attempts == 2
-            failed_only = await s.client.ListAlerts(pb.ListAlertsRequest(model=MODEL, status="failed"), timeout=10)
+            failed_only = await s.client.ListAlerts(
+                pb.ListAlertsRequest(model=MODEL, status="failed"), timeout=10
+            )
             assert [a.id for a in failed_only.alerts] == [alert_id]
 
             hook.start()
@@ -599,21 +682,33 @@ async def test_webhook_down_then_up_is_retried_and_delivered_once(
             assert await dispatcher.dispatch_once() == 0
             delivered = await alert()
             # The successful delivery is the third attempt; its error is cleared.
-            assert (delivered.status, delivered.attempts, delivered.last_error) == ("delivered", 3, "")
+            assert (delivered.status, delivered.attempts, delivered.last_error) == (
+                "delivered",
+                3,
+                "",
+            )
             assert len(hook.bodies) == 1
             assert hook.bodies[0]["id"] == str(alert_id)
             assert hook.bodies[0]["model"] == MODEL and hook.bodies[0]["level"] == "RED"
 
-            acked = await s.client.AcknowledgeAlert(pb.AcknowledgeAlertRequest(alert_id=alert_id), timeout=10)
+            acked = await s.client.AcknowledgeAlert(
+                pb.AcknowledgeAlertRequest(alert_id=alert_id), timeout=10
+            )
             assert acked.alert.id == alert_id and acked.alert.status == "acknowledged"
             assert (await alert()).status == "acknowledged"
             assert await dispatcher.dispatch_once() == 0
             assert len(hook.bodies) == 1
 
-            error = await rpc_error(s.client.AcknowledgeAlert(pb.AcknowledgeAlertRequest(alert_id=alert_id + 1000), timeout=10))
+            error = await rpc_error(
+                s.client.AcknowledgeAlert(
+                    pb.AcknowledgeAlertRequest(alert_id=alert_id + 1000), timeout=10
+                )
+            )
             assert error.code() == grpc.StatusCode.NOT_FOUND
             assert str(alert_id + 1000) in error.details()
-            error = await rpc_error(s.client.AcknowledgeAlert(pb.AcknowledgeAlertRequest(alert_id=0), timeout=10))
+            error = await rpc_error(
+                s.client.AcknowledgeAlert(pb.AcknowledgeAlertRequest(alert_id=0), timeout=10)
+            )
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         finally:
             hook.stop()
@@ -626,14 +721,23 @@ async def test_acknowledged_failing_alert_is_not_retried(
     hook = Hook(free_port())
     async with running_stack(repo, fresh_database_url, tmp_path, alert_interval=3600) as s:
         try:
-            plan = plan_yaml(notify=[{"sink": "webhook", "config": {"url": f"http://127.0.0.1:{hook.port}/h", "timeout": 2}}])
+            plan = plan_yaml(
+                notify=[
+                    {
+                        "sink": "webhook",
+                        "config": {"url": f"http://127.0.0.1:{hook.port}/h", "timeout": 2},
+                    }
+                ]
+            )
             await s.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=plan), timeout=10)
             frame = healthy(100)
             await s.send(frame, truth(frame))
             (alert_id,) = (await s.evaluate()).alert_ids
             dispatcher = AlertDispatcher(s.monitor.store)
             assert await dispatcher.dispatch_once() == 0
-            await s.client.AcknowledgeAlert(pb.AcknowledgeAlertRequest(alert_id=alert_id), timeout=10)
+            await s.client.AcknowledgeAlert(
+                pb.AcknowledgeAlertRequest(alert_id=alert_id), timeout=10
+            )
             hook.start()
             assert await dispatcher.dispatch_once() == 0
             assert hook.bodies == []
@@ -647,11 +751,15 @@ async def test_acknowledged_failing_alert_is_not_retried(
 
 
 async def test_bad_requests_and_store_outage(stack: Stack) -> None:
-    error = await rpc_error(stack.client.EvaluateNow(pb.EvaluateNowRequest(model="nope"), timeout=10))
+    error = await rpc_error(
+        stack.client.EvaluateNow(pb.EvaluateNowRequest(model="nope"), timeout=10)
+    )
     assert error.code() == grpc.StatusCode.NOT_FOUND and "nope" in error.details()
     error = await rpc_error(stack.client.EvaluateNow(pb.EvaluateNowRequest(model=""), timeout=10))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("model")
-    error = await rpc_error(stack.client.ListAlerts(pb.ListAlertsRequest(status="bogus"), timeout=10))
+    error = await rpc_error(
+        stack.client.ListAlerts(pb.ListAlertsRequest(status="bogus"), timeout=10)
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "status" in error.details()
 
     frame = healthy(200)
@@ -697,7 +805,9 @@ async def test_bad_requests_and_store_outage(stack: Stack) -> None:
 # --- (9) Prometheus -----------------------------------------------------------------------------
 
 
-async def test_metrics_endpoint_exposes_health_level(repo: Path, fresh_database_url: str, tmp_path: Path) -> None:
+async def test_metrics_endpoint_exposes_health_level(
+    repo: Path, fresh_database_url: str, tmp_path: Path
+) -> None:
     async with running_stack(repo, fresh_database_url, tmp_path, metrics_port=0) as s:
         frame = shifted(200)
         await s.send(frame)  # unlabelled + shifted: AMBER (drift only)
@@ -716,4 +826,199 @@ async def test_metrics_endpoint_exposes_health_level(repo: Path, fresh_database_
         assert LEVEL(status.level) == "LEVEL_AMBER"
         drifted = len({d.feature for d in status.drift if d.drifted})
         line = f'cyclone_model_drifted_features{{model="{MODEL}",version="{s.version}"}}'
-        assert [float(r.split()[-1]) for r in text.splitlines() if r.startswith(line)] == [float(drifted)]
+        assert [float(r.split()[-1]) for r in text.splitlines() if r.startswith(line)] == [
+            float(drifted)
+        ]
+
+
+# --- tiny windows and window kinds --------------------------------------------------------------
+
+
+async def test_empty_and_one_row_windows_evaluate(stack: Stack) -> None:
+    empty = (await stack.evaluate()).status
+    assert (empty.rows, empty.labelled_rows) == (0, 0)
+    assert LEVEL(empty.level) == "LEVEL_GREEN"
+    assert metrics_of(empty)["accuracy"].status == "not_enough_data"
+
+    # One row: the drift tests are skipped (NaN statistics), which must not break recording.
+    await stack.send(healthy(1))
+    one = (await stack.evaluate()).status
+    assert one.rows == 1
+    assert LEVEL(one.level) == "LEVEL_GREEN"
+    skipped = [d for d in one.drift if d.test == "ks"]
+    assert skipped and not any(d.drifted for d in skipped)
+    points = (
+        await stack.store.ListMetricPoints(
+            store_pb.ListMetricPointsRequest(model=MODEL), timeout=10
+        )
+    ).points
+    ks = [p for p in points if p.metric.startswith("drift.ks.")]
+    assert ks and all(not p.HasField("value") for p in ks)
+    assert all(json.loads(p.details_json)["statistic"] is None for p in ks)
+
+
+async def test_store_rejects_non_json_numbers_in_evaluations(stack: Stack) -> None:
+    request = store_pb.RecordEvaluationRequest(
+        model=MODEL,
+        version=stack.version,
+        level="GREEN",
+        points=[store_pb.MetricPoint(metric="drift.ks.age", details_json='{"statistic": NaN}')],
+    )
+    error = await rpc_error(stack.store.RecordEvaluation(request, timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("points[0].details_json: ") and "NaN" in error.details()
+
+
+async def test_row_window_counts_unlabelled_rows_too(stack: Stack) -> None:
+    labelled = healthy(150)
+    await stack.send(labelled, truth(labelled))
+    await stack.send(healthy(100, seed=3))  # newer, unlabelled
+    plan = plan_yaml(window={"kind": "sliding", "rows": 120, "min_labelled_rows": 10})
+    await stack.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=plan), timeout=10)
+
+    status = (await stack.evaluate()).status
+
+    assert (status.rows, status.labelled_rows) == (120, 20)
+
+
+async def test_expanding_window_takes_everything_since_registration(stack: Stack) -> None:
+    frame = healthy(150)
+    await stack.send(frame, truth(frame))
+    plan = plan_yaml(window={"kind": "expanding", "min_labelled_rows": 10})
+    await stack.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=plan), timeout=10)
+
+    status = (await stack.evaluate()).status
+
+    assert (status.rows, status.labelled_rows) == (150, 150)
+
+
+async def test_one_alert_per_action_and_sink_each_delivered_on_its_own(
+    repo: Path, fresh_database_url: str, tmp_path: Path
+) -> None:
+    notify_path = tmp_path / "notify.jsonl"
+    dead_url = f"http://127.0.0.1:{free_port()}/hook"
+    async with running_stack(repo, fresh_database_url, tmp_path) as s:
+        plan = plan_yaml(
+            triggers=[
+                {"metric": "accuracy", "condition": "below", "threshold": 0.99, "level": "RED"}
+            ],
+            actions={"RED": ["retrain", "notify"]},
+            notify=[
+                {"sink": "record", "config": {"path": str(notify_path)}},
+                {"sink": "webhook", "config": {"url": dead_url, "timeout": 2}},
+            ],
+        )
+        await s.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=plan), timeout=10)
+        frame = healthy(100)
+        await s.send(frame, truth(frame))
+        response = await s.evaluate()
+        assert len(response.alert_ids) == 3
+
+        async def settled() -> bool:
+            alerts = (
+                await s.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)
+            ).alerts
+            return all(a.status != "pending" for a in alerts)
+
+        await eventually(settled, 10, "every alert to be tried")
+        alerts = (await s.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)).alerts
+        got = sorted((a.action, a.sink, a.status) for a in alerts)
+        assert got == [
+            ("notify", "record", "delivered"),
+            ("notify", "webhook", "failed"),
+            ("retrain", "record", "delivered"),
+        ]
+        # retrain goes to the monitor's record file, notify to the plan's sink.
+        assert [a.actions for a in read_recorded(s.record_path)] == [["retrain"]]
+        assert [a.actions for a in read_recorded(notify_path)] == [["notify"]]
+
+
+async def test_acknowledging_an_alert_in_flight_stops_its_retries(
+    repo: Path, fresh_database_url: str, tmp_path: Path
+) -> None:
+    dead_url = f"http://127.0.0.1:{free_port()}/hook"
+    async with running_stack(repo, fresh_database_url, tmp_path, alert_interval=3600) as s:
+        plan = plan_yaml(notify=[{"sink": "webhook", "config": {"url": dead_url, "timeout": 2}}])
+        await s.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=plan), timeout=10)
+        frame = healthy(100)
+        await s.send(frame, truth(frame))
+        (alert_id,) = (await s.evaluate()).alert_ids
+        # What a dispatcher does, with the operator's acknowledgement landing mid-delivery.
+        claimed = await s.store.ClaimAlerts(
+            store_pb.ClaimAlertsRequest(limit=10, lease_seconds=60), timeout=10
+        )
+        assert [a.id for a in claimed.alerts] == [alert_id]
+        await s.client.AcknowledgeAlert(pb.AcknowledgeAlertRequest(alert_id=alert_id), timeout=10)
+        retry = store_pb.CompleteAlertRequest(
+            alert_id=alert_id, delivered=False, error="webhook: down"
+        )
+        retry.next_attempt_at.GetCurrentTime()
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await s.store.CompleteAlert(retry, timeout=10)
+        (alert,) = (await s.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)).alerts
+        assert alert.status == "acknowledged"
+        again = await s.store.ClaimAlerts(
+            store_pb.ClaimAlertsRequest(limit=10, lease_seconds=60), timeout=10
+        )
+        assert list(again.alerts) == []
+
+
+async def test_alert_is_dead_after_max_attempts(
+    repo: Path, fresh_database_url: str, tmp_path: Path
+) -> None:
+    dead_url = f"http://127.0.0.1:{free_port()}/hook"
+    async with running_stack(repo, fresh_database_url, tmp_path, alert_interval=3600) as s:
+        plan = plan_yaml(notify=[{"sink": "webhook", "config": {"url": dead_url, "timeout": 2}}])
+        await s.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=plan), timeout=10)
+        frame = healthy(100)
+        await s.send(frame, truth(frame))
+        (alert_id,) = (await s.evaluate()).alert_ids
+        dispatcher = AlertDispatcher(s.monitor.store, max_attempts=1)
+        assert await dispatcher.dispatch_once() == 0
+        (alert,) = (await s.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)).alerts
+        assert (alert.id, alert.status, alert.attempts) == (alert_id, "dead", 1)
+        claimed = await s.store.ClaimAlerts(store_pb.ClaimAlertsRequest(limit=10), timeout=10)
+        assert list(claimed.alerts) == []
+
+
+async def test_schedule_evaluates_serving_models_on_its_own(
+    repo: Path, fresh_database_url: str, tmp_path: Path
+) -> None:
+    async with running_stack(repo, fresh_database_url, tmp_path, schedule=True) as s:
+        # The first run may already have seen the model with an empty window (next due in 1m).
+        frame = healthy(100)
+        await s.send(frame, truth(frame))
+        # A new plan makes the model due at once; it runs every second from then on.
+        plan = plan_yaml(schedule={"every": "1s"})
+        await s.client.SetPlan(pb.SetPlanRequest(model=MODEL, plan_yaml=plan), timeout=10)
+        seen: list[pb.ModelStatus] = []
+
+        async def evaluated(count: int) -> bool:
+            got = await s.client.GetStatus(pb.GetStatusRequest(model=MODEL), timeout=10)
+            for status in got.statuses:
+                if status.plan_revision == 1 and (
+                    not seen or status.evaluated_at != seen[-1].evaluated_at
+                ):
+                    seen.append(status)
+            return len(seen) >= count
+
+        await eventually(lambda: evaluated(1), 10, "the schedule to evaluate with the new plan")
+        assert (seen[0].model, seen[0].rows, seen[0].labelled_rows) == (MODEL, 100, 100)
+        await eventually(lambda: evaluated(2), 10, "the next scheduled evaluation")
+        gap = seen[1].evaluated_at.ToDatetime() - seen[0].evaluated_at.ToDatetime()
+        assert gap.total_seconds() >= 0.9  # every 1s, not every 0.05s tick
+
+
+async def test_stored_plan_that_no_longer_parses_falls_back_to_the_default(stack: Stack) -> None:
+    # As if a plugin whose metric the plan used was uninstalled after SetPlan validated it.
+    stale = plan_yaml(metrics=["accuracy", "gone_metric"])
+    saved = await stack.store.SavePlan(
+        store_pb.SavePlanRequest(model=MODEL, plan_yaml=stale), timeout=10
+    )
+    assert saved.revision == 1
+    got = await stack.client.GetPlan(pb.GetPlanRequest(model=MODEL), timeout=10)
+    assert got.revision == 0
+    assert got.plan_yaml == plan_to_yaml(default_plan(MODEL, "classification"))
+    status = (await stack.evaluate()).status
+    assert status.plan_revision == 0
+    assert "roc_auc" in {m.name for m in status.metrics}

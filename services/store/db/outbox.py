@@ -104,7 +104,9 @@ class OutboxMixin(StoreBase):
 
     async def mark_alert_delivered(self, alert_id: int) -> None:
         await self._update_alert(
-            "UPDATE alerts SET status = 'delivered', delivered_at = now(),"
+            # An alert a person acknowledged while it was in flight stays acknowledged.
+            "UPDATE alerts SET status = CASE WHEN status = 'acknowledged' THEN status"
+            " ELSE 'delivered' END, delivered_at = now(),"
             " attempts = attempts + 1, next_attempt_at = NULL, last_error = NULL WHERE id = %s",
             (alert_id,),
         )
@@ -114,9 +116,11 @@ class OutboxMixin(StoreBase):
     ) -> None:
         """Record a failed attempt; ``next_attempt_at=None`` gives up (status 'dead')."""
         await self._update_alert(
-            "UPDATE alerts SET status = CASE WHEN %s::timestamptz IS NULL THEN 'dead'"
-            " ELSE 'failed' END, attempts = attempts + 1, last_error = %s,"
-            " next_attempt_at = %s WHERE id = %s",
+            "UPDATE alerts SET status = CASE WHEN status = 'acknowledged' THEN status"
+            " WHEN %s::timestamptz IS NULL THEN 'dead' ELSE 'failed' END,"
+            " attempts = attempts + 1, last_error = %s,"
+            " next_attempt_at = CASE WHEN status = 'acknowledged' THEN NULL ELSE %s::timestamptz END"
+            " WHERE id = %s",
             (next_attempt_at, error, next_attempt_at, alert_id),
         )
 
