@@ -48,7 +48,10 @@ from services.store.embedded import DATABASE_URL_ENV, start_embedded
 SERVICE = "/cyclone.store.v1.StoreService/"
 PREDICT = "/cyclone.inference.v1.InferenceService/Predict"
 MODEL = "bench"
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.max_send_message_length", 256 << 20),
+]
 CITIES = ("lisbon", "porto", "braga", "faro")
 
 
@@ -76,8 +79,14 @@ def log_messages(rows: list[PredictionRecord], per_message: int) -> list[bytes]:
         request = pb.LogPredictionsRequest()
         add = request.records.add
         for r in rows[i : i + per_message]:
-            add(prediction_id=str(r.prediction_id), model=r.model, version=r.version,
-                input_json=r.input_json, output_json=r.output_json, latency_ms=r.latency_ms)
+            add(
+                prediction_id=str(r.prediction_id),
+                model=r.model,
+                version=r.version,
+                input_json=r.input_json,
+                output_json=r.output_json,
+                latency_ms=r.latency_ms,
+            )
         out.append(request.SerializeToString())
     return out
 
@@ -107,7 +116,9 @@ async def raw_copy(url: str, rows: list[PredictionRecord]) -> float:
         t0 = time.perf_counter()
         async with conn.transaction(), conn.cursor() as cur:
             prepare_copy_cursor(cur)
-            async with cur.copy(f"COPY predictions ({COPY_COLUMNS}) FROM STDIN (FORMAT BINARY)".encode()) as copy:
+            async with cur.copy(
+                f"COPY predictions ({COPY_COLUMNS}) FROM STDIN (FORMAT BINARY)".encode()
+            ) as copy:
                 copy.set_types(COPY_TYPES)
                 for r in rows:
                     await copy.write_row(r)
@@ -117,7 +128,11 @@ async def raw_copy(url: str, rows: list[PredictionRecord]) -> float:
 async def raw_select(url: str, chunk_rows: int = 10_000) -> tuple[int, float]:
     """Rows and seconds for the training query through a server-side cursor (the read floor)."""
     q = training_query(window=True, last_n=False, version=False)
-    params = {"model": MODEL, "start": datetime(1970, 1, 1, tzinfo=UTC), "end": datetime.now(UTC) + timedelta(days=1)}
+    params = {
+        "model": MODEL,
+        "start": datetime(1970, 1, 1, tzinfo=UTC),
+        "end": datetime.now(UTC) + timedelta(days=1),
+    }
     async with await psycopg.AsyncConnection.connect(url) as conn:
         t0 = time.perf_counter()
         got = 0
@@ -145,9 +160,13 @@ async def vacuum(url: str) -> None:
 # --- through the store ----------------------------------------------------------------------
 
 
-async def log_predictions(address: str, messages: list[bytes]) -> tuple[float, pb.LogPredictionsResponse]:
+async def log_predictions(
+    address: str, messages: list[bytes]
+) -> tuple[float, pb.LogPredictionsResponse]:
     async with aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        call = channel.stream_unary(SERVICE + "LogPredictions", response_deserializer=pb.LogPredictionsResponse.FromString)
+        call = channel.stream_unary(
+            SERVICE + "LogPredictions", response_deserializer=pb.LogPredictionsResponse.FromString
+        )
 
         async def requests() -> AsyncIterator[bytes]:
             for m in messages:
@@ -160,7 +179,9 @@ async def log_predictions(address: str, messages: list[bytes]) -> tuple[float, p
 
 async def add_labels(address: str, messages: list[bytes]) -> tuple[float, int]:
     async with aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        call = channel.unary_unary(SERVICE + "AddLabels", response_deserializer=pb.AddLabelsResponse.FromString)
+        call = channel.unary_unary(
+            SERVICE + "AddLabels", response_deserializer=pb.AddLabelsResponse.FromString
+        )
         stored = 0
         t0 = time.perf_counter()
         for m in messages:
@@ -169,22 +190,34 @@ async def add_labels(address: str, messages: list[bytes]) -> tuple[float, int]:
 
 
 async def register(address: str) -> None:
-    schema = {"features": [{"name": f"x{k}", "kind": "numeric"} for k in range(10)]
-              + [{"name": n, "kind": "categorical"} for n in ("city", "segment")]}
+    schema = {
+        "features": [{"name": f"x{k}", "kind": "numeric"} for k in range(10)]
+        + [{"name": n, "kind": "categorical"} for n in ("city", "segment")]
+    }
     async with aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(SERVICE + "RegisterModelVersion",
-                                   request_serializer=pb.RegisterModelVersionRequest.SerializeToString,
-                                   response_deserializer=pb.RegisterModelVersionResponse.FromString)
-        mv = pb.ModelVersion(model=MODEL, version="1", task="regression", sha256="0" * 64, schema_json=json.dumps(schema))
+        call = channel.unary_unary(
+            SERVICE + "RegisterModelVersion",
+            request_serializer=pb.RegisterModelVersionRequest.SerializeToString,
+            response_deserializer=pb.RegisterModelVersionResponse.FromString,
+        )
+        mv = pb.ModelVersion(
+            model=MODEL,
+            version="1",
+            task="regression",
+            sha256="0" * 64,
+            schema_json=json.dumps(schema),
+        )
         await call(pb.RegisterModelVersionRequest(model_version=mv, if_not_exists=True))
 
 
 async def training_data(address: str) -> tuple[int, float, int]:
     """Rows, seconds and chunks of one GetTrainingData stream of everything labelled."""
     async with aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        call = channel.unary_stream(SERVICE + "GetTrainingData",
-                                    request_serializer=pb.GetTrainingDataRequest.SerializeToString,
-                                    response_deserializer=pb.GetTrainingDataResponse.FromString)
+        call = channel.unary_stream(
+            SERVICE + "GetTrainingData",
+            request_serializer=pb.GetTrainingDataRequest.SerializeToString,
+            response_deserializer=pb.GetTrainingDataResponse.FromString,
+        )
         rows = chunks = 0
         t0 = time.perf_counter()
         async for chunk in call(pb.GetTrainingDataRequest(model=MODEL)):
@@ -228,18 +261,32 @@ def main() -> None:
     with scratch_database() as url, tempfile.TemporaryDirectory(prefix="cyclone-bench-") as tmp:
         store_port = free_port()
         store = start_process(
-            [PYTHON, "-m", "cyclone", "serve", "store", "--port", str(store_port), "--database-url", url,
-             "--metrics-port", "-1"],
-            store_port, timeout=60,
+            [
+                PYTHON,
+                "-m",
+                "cyclone",
+                "serve",
+                "store",
+                "--port",
+                str(store_port),
+                "--database-url",
+                url,
+                "--metrics-port",
+                "-1",
+            ],
+            store_port,
+            timeout=60,
         )
         address = f"127.0.0.1:{store_port}"
         try:
             rows = make_rows(n, datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1))
             messages = log_messages(rows, args.per_message)
             labels = label_messages(rows, args.per_message)
-            print(f"{n} rows, input JSON ~{len(rows[0].input_json)} B, output ~{len(rows[0].output_json)} B;"
-                  f" {len(messages)} LogPredictions messages of {args.per_message}"
-                  f" ({sum(map(len, messages)) / len(messages) / 1e6:.1f} MB each)")
+            print(
+                f"{n} rows, input JSON ~{len(rows[0].input_json)} B, output ~{len(rows[0].output_json)} B;"
+                f" {len(messages)} LogPredictions messages of {args.per_message}"
+                f" ({sum(map(len, messages)) / len(messages) / 1e6:.1f} MB each)"
+            )
 
             # (a) + (b): alternate, best of `repeats`.
             floor_rates, store_rates = [], []
@@ -251,22 +298,30 @@ def main() -> None:
                 assert (response.received, response.inserted) == (n, n), response
                 store_rates.append(n / seconds)
             copy_floor, store_rate = max(floor_rates), max(store_rates)
-            print(f"raw binary COPY (floor)        {copy_floor:>10,.0f} rows/s  runs {[round(r) for r in floor_rates]}")
-            print(f"LogPredictions                 {store_rate:>10,.0f} rows/s  runs {[round(r) for r in store_rates]}"
-                  f"  ratio {store_rate / copy_floor:.2f} (target >= 0.8)")
+            print(
+                f"raw binary COPY (floor)        {copy_floor:>10,.0f} rows/s  runs {[round(r) for r in floor_rates]}"
+            )
+            print(
+                f"LogPredictions                 {store_rate:>10,.0f} rows/s  runs {[round(r) for r in store_rates]}"
+                f"  ratio {store_rate / copy_floor:.2f} (target >= 0.8)"
+            )
             assert asyncio.run(count(url, "predictions", MODEL)) == n
 
             # Idempotent replay of everything (all duplicates): the de-duplication path.
             seconds, response = asyncio.run(log_predictions(address, messages))
             assert response.inserted == 0, response
-            print(f"LogPredictions replay (dupes)  {n / seconds:>10,.0f} rows/s  (stored 0 of {response.received})")
+            print(
+                f"LogPredictions replay (dupes)  {n / seconds:>10,.0f} rows/s  (stored 0 of {response.received})"
+            )
 
             # (c) labels.
             asyncio.run(register(address))
             seconds, stored = asyncio.run(add_labels(address, labels))
             assert stored == n, stored
             label_rate = n / seconds
-            print(f"AddLabels                      {label_rate:>10,.0f} rows/s  ratio vs raw COPY {label_rate / copy_floor:.2f}")
+            print(
+                f"AddLabels                      {label_rate:>10,.0f} rows/s  ratio vs raw COPY {label_rate / copy_floor:.2f}"
+            )
 
             # (d) training data.
             asyncio.run(vacuum(url))
@@ -281,7 +336,9 @@ def main() -> None:
                 stream_rates.append(n / seconds)
             select_floor, stream_rate = max(select_rates), max(stream_rates)
             print(f"raw SELECT of the rows (floor) {select_floor:>10,.0f} rows/s")
-            print(f"GetTrainingData                {stream_rate:>10,.0f} rows/s  ({chunks} chunks; target >= 100,000 rows/s)")
+            print(
+                f"GetTrainingData                {stream_rate:>10,.0f} rows/s  ({chunks} chunks; target >= 100,000 rows/s)"
+            )
 
             figures_rows = [
                 ("log_predictions_throughput", store_rate, copy_floor),
@@ -300,22 +357,46 @@ def main() -> None:
             for _ in range(2):
                 for mode in ("off", "on"):
                     port = free_port()
-                    extra = ["--store", address, "--spool-dir", str(Path(tmp) / f"spool-{port}")] if mode == "on" else []
+                    extra = (
+                        ["--store", address, "--spool-dir", str(Path(tmp) / f"spool-{port}")]
+                        if mode == "on"
+                        else []
+                    )
                     server = start_process(
-                        [PYTHON, "-m", "cyclone", "serve", "inference", "--model-repository", str(repo), "--model", "rf",
-                         "--port", str(port), "--metrics-port", "-1", *extra],
+                        [
+                            PYTHON,
+                            "-m",
+                            "cyclone",
+                            "serve",
+                            "inference",
+                            "--model-repository",
+                            str(repo),
+                            "--model",
+                            "rf",
+                            "--port",
+                            str(port),
+                            "--metrics-port",
+                            "-1",
+                            *extra,
+                        ],
                         port,
                     )
                     try:
-                        rate, _, _ = asyncio.run(unary_load(f"127.0.0.1:{port}", PREDICT, payload, 8, args.seconds))
+                        rate, _, _ = asyncio.run(
+                            unary_load(f"127.0.0.1:{port}", PREDICT, payload, 8, args.seconds)
+                        )
                     finally:
                         stop_process(server)
                     rates[mode].append(rate)
             off, on = max(rates["off"]), max(rates["on"])
             logged = asyncio.run(count(url, "predictions", "rf"))
-            print(f"Predict c8 logging off         {off:>10,.0f} req/s  runs {[round(r) for r in rates['off']]}")
-            print(f"Predict c8 logging on          {on:>10,.0f} req/s  runs {[round(r) for r in rates['on']]}"
-                  f"  ratio {on / off:.2f} (target >= 0.9); {logged:,} predictions logged")
+            print(
+                f"Predict c8 logging off         {off:>10,.0f} req/s  runs {[round(r) for r in rates['off']]}"
+            )
+            print(
+                f"Predict c8 logging on          {on:>10,.0f} req/s  runs {[round(r) for r in rates['on']]}"
+                f"  ratio {on / off:.2f} (target >= 0.9); {logged:,} predictions logged"
+            )
             figures.add("predict_c8_logging_on_throughput", on, "req/s", off, True)
         finally:
             stop_process(store)

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
+# The protoc plugins (protoc-gen-mypy, ...) live next to the interpreter.
+PATH="$($PY -c 'import os, sys; print(os.path.dirname(sys.executable))'):$PATH"
 googleapis=$($PY -c 'import google.api, os; print(os.path.dirname(os.path.dirname(google.api.__path__[0])))')
 mapfile -t files < <(cd protos && find cyclone -name '*.proto' | sort)
 $PY -m grpc_tools.protoc -I protos -I "$googleapis" \

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pandas as pd
 import psycopg
 import pytest
@@ -100,10 +99,17 @@ class Inference:
 
 
 @contextlib.asynccontextmanager
-async def inference_server(repo: Repo, store_address: str, spool_dir: Path, **overrides: Any) -> AsyncIterator[Inference]:
+async def inference_server(
+    repo: Repo, store_address: str, spool_dir: Path, **overrides: Any
+) -> AsyncIterator[Inference]:
     settings = InferenceSettings(
-        model_repository=repo.root, port=0, store=store_address, spool_dir=spool_dir,
-        log_flush_interval=0.05, log_level="WARNING", **overrides,
+        model_repository=repo.root,
+        port=0,
+        store=store_address,
+        spool_dir=spool_dir,
+        log_flush_interval=0.05,
+        log_level="WARNING",
+        **overrides,
     )
     server, scorer = build_inference_server(settings)
     attach_store(settings, server, scorer)
@@ -115,7 +121,9 @@ async def inference_server(repo: Repo, store_address: str, spool_dir: Path, **ov
         await server.stop(0)
 
 
-async def predict(inference: Inference, repo: Repo, start: int, count: int) -> inf_pb.PredictResponse:
+async def predict(
+    inference: Inference, repo: Repo, start: int, count: int
+) -> inf_pb.PredictResponse:
     response: inf_pb.PredictResponse = await inference.stub.Predict(
         build_request(MODEL, repo.rows(start, count)), timeout=10
     )
@@ -125,7 +133,9 @@ async def predict(inference: Inference, repo: Repo, start: int, count: int) -> i
 
 def stored_ids(database_url: str) -> list[str]:
     with psycopg.connect(database_url) as conn:
-        rows = conn.execute("SELECT prediction_id::text FROM predictions WHERE model = %s", (MODEL,)).fetchall()
+        rows = conn.execute(
+            "SELECT prediction_id::text FROM predictions WHERE model = %s", (MODEL,)
+        ).fetchall()
     return [r[0] for r in rows]
 
 
@@ -140,7 +150,9 @@ async def count_stored(database_url: str) -> int:
 # --- store up ------------------------------------------------------------------------------
 
 
-async def test_served_predictions_reach_the_store(repo: Repo, fresh_database_url: str, tmp_path: Path) -> None:
+async def test_served_predictions_reach_the_store(
+    repo: Repo, fresh_database_url: str, tmp_path: Path
+) -> None:
     sent_before = counter("sent")
     async with (
         store_server(fresh_database_url) as store,
@@ -190,7 +202,9 @@ async def test_served_predictions_reach_the_store(repo: Repo, fresh_database_url
 
         # The model is registered, so labels for what was served are accepted and join.
         first = next(iter(expected))
-        added = await stub.AddLabels(pb.AddLabelsRequest(model=MODEL, labels=[pb.Label(prediction_id=first, text="1")]))
+        added = await stub.AddLabels(
+            pb.AddLabelsRequest(model=MODEL, labels=[pb.Label(prediction_id=first, text="1")])
+        )
         assert (added.stored, list(added.unmatched_prediction_ids)) == (1, [])
     assert counter("sent") - sent_before >= 20
     assert not list((tmp_path / "spool").glob("*.batch"))
@@ -199,7 +213,9 @@ async def test_served_predictions_reach_the_store(repo: Repo, fresh_database_url
 class SlowStore(StoreServicer):
     """Takes its time before every LogPredictions, so a send is in flight when we stop."""
 
-    async def LogPredictions(self, request_iterator: Any, context: Any) -> pb.LogPredictionsResponse:
+    async def LogPredictions(
+        self, request_iterator: Any, context: Any
+    ) -> pb.LogPredictionsResponse:
         await asyncio.sleep(0.6)
         return await super().LogPredictions(request_iterator, context)
 
@@ -207,14 +223,20 @@ class SlowStore(StoreServicer):
 async def test_stopping_the_inference_server_finishes_an_inflight_send(
     repo: Repo, fresh_database_url: str, tmp_path: Path
 ) -> None:
-    settings = StoreSettings(port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1)
+    settings = StoreSettings(
+        port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1
+    )
     db, _ = await open_store(settings)
     store = CycloneServer("store", settings)
-    store.add_service(STORE_SERVICE, lambda s: pb_grpc.add_StoreServiceServicer_to_server(SlowStore(db), s))
+    store.add_service(
+        STORE_SERVICE, lambda s: pb_grpc.add_StoreServiceServicer_to_server(SlowStore(db), s)
+    )
     store.on_shutdown(db.close)
     await store.start()
     try:
-        async with inference_server(repo, f"127.0.0.1:{store.port}", tmp_path / "spool") as inference:
+        async with inference_server(
+            repo, f"127.0.0.1:{store.port}", tmp_path / "spool"
+        ) as inference:
             served = (await predict(inference, repo, start=0, count=10)).prediction_ids
             await asyncio.sleep(0.2)  # flushed after 0.05 s; the store is still sleeping on it
         # Stopped: what was answered is in the store (or, failing that, in the spool).
@@ -253,7 +275,9 @@ async def test_spooled_while_store_down_then_replayed_in_order(
         files = sorted(spool_dir.glob("*.batch"))
         assert len(files) >= 2
         spooled = [
-            r.prediction_id for f in files for r in pb.LogPredictionsRequest.FromString(f.read_bytes()).records
+            r.prediction_id
+            for f in files
+            for r in pb.LogPredictionsRequest.FromString(f.read_bytes()).records
         ]
         assert spooled == served  # in serving order, nothing twice
         assert counter("replayed") == replayed_before
@@ -280,7 +304,8 @@ async def test_spooled_while_store_down_then_replayed_in_order(
     # Replayed in order: each batch is one transaction, so transaction ids follow the replay order.
     with psycopg.connect(fresh_database_url) as conn:
         rows = conn.execute(
-            "SELECT prediction_id::text, xmin::text::bigint FROM predictions WHERE model = %s", (MODEL,)
+            "SELECT prediction_id::text, xmin::text::bigint FROM predictions WHERE model = %s",
+            (MODEL,),
         ).fetchall()
     xmin = dict(rows)
     order = [xmin[i] for i in served]
@@ -291,7 +316,9 @@ async def test_spooled_while_store_down_then_replayed_in_order(
 async def test_full_spool_drops_but_serving_goes_on(repo: Repo, tmp_path: Path) -> None:
     spool_dir = tmp_path / "spool"
     dropped_before, spooled_before = counter("dropped"), counter("spooled")
-    async with inference_server(repo, f"127.0.0.1:{free_port()}", spool_dir, spool_max_bytes=64) as inference:
+    async with inference_server(
+        repo, f"127.0.0.1:{free_port()}", spool_dir, spool_max_bytes=64
+    ) as inference:
         for k in range(3):
             response = await predict(inference, repo, start=4 * k, count=4)
             assert all(label in ("0", "1") for label in response.labels)
@@ -322,9 +349,23 @@ class StoreProcess:
     def start(self) -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"store-{len(self.procs)}.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cyclone", "serve", "store", "--port", str(self.port),
-             "--database-url", self.database_url, "--metrics-port", "-1"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [
+                sys.executable,
+                "-m",
+                "cyclone",
+                "serve",
+                "store",
+                "--port",
+                str(self.port),
+                "--database-url",
+                self.database_url,
+                "--metrics-port",
+                "-1",
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
         self.procs.append(proc)
@@ -342,11 +383,15 @@ class StoreProcess:
                     return
                 except aio.AioRpcError as exc:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"store not ready ({exc.code()}):\n{self.log()}") from None
+                        raise RuntimeError(
+                            f"store not ready ({exc.code()}):\n{self.log()}"
+                        ) from None
                 await asyncio.sleep(0.05)
 
     def log(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.log_dir.glob("store-*.log")))
+        return "\n".join(
+            p.read_text(errors="replace")[-3000:] for p in sorted(self.log_dir.glob("store-*.log"))
+        )
 
     def stop_all(self) -> None:
         for proc in self.procs:
@@ -379,7 +424,9 @@ async def test_store_killed_and_restarted_under_load_loses_nothing(
     outage = asyncio.Event()
     stop = asyncio.Event()
 
-    async with inference_server(repo, f"127.0.0.1:{store_process.port}", tmp_path / "spool") as inference:
+    async with inference_server(
+        repo, f"127.0.0.1:{store_process.port}", tmp_path / "spool"
+    ) as inference:
 
         async def worker(w: int) -> None:
             nonlocal during_outage

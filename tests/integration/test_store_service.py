@@ -38,7 +38,9 @@ BASE = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 
 @pytest.fixture
 async def store(fresh_database_url: str) -> AsyncIterator[Any]:
-    settings = StoreSettings(port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1)
+    settings = StoreSettings(
+        port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1
+    )
     server = await build_store_server(settings)
     await server.start()
     try:
@@ -88,18 +90,29 @@ def batch(records: Iterable[pb.PredictionRecord]) -> pb.LogPredictionsRequest:
     return pb.LogPredictionsRequest(records=list(records))
 
 
-async def log(stub: pb_grpc.StoreServiceStub, *batches: pb.LogPredictionsRequest) -> pb.LogPredictionsResponse:
+async def log(
+    stub: pb_grpc.StoreServiceStub, *batches: pb.LogPredictionsRequest
+) -> pb.LogPredictionsResponse:
     return await stub.LogPredictions(iter(batches))
 
 
 async def register(
-    stub: pb_grpc.StoreServiceStub, model: str, schema: dict[str, Any], task: str, version: str = "1",
-    sha: str = "a" * 64, **kwargs: Any,
+    stub: pb_grpc.StoreServiceStub,
+    model: str,
+    schema: dict[str, Any],
+    task: str,
+    version: str = "1",
+    sha: str = "a" * 64,
+    **kwargs: Any,
 ) -> pb.RegisterModelVersionResponse:
     return await stub.RegisterModelVersion(
         pb.RegisterModelVersionRequest(
             model_version=pb.ModelVersion(
-                model=model, version=version, task=task, sha256=sha, schema_json=json.dumps(schema),
+                model=model,
+                version=version,
+                task=task,
+                sha256=sha,
+                schema_json=json.dumps(schema),
                 artifact_uri=f"/models/{model}/{version}",
             ),
             **kwargs,
@@ -121,11 +134,15 @@ def ts(value: datetime) -> Timestamp:
     return out
 
 
-async def training(stub: pb_grpc.StoreServiceStub, **kwargs: Any) -> list[pb.GetTrainingDataResponse]:
+async def training(
+    stub: pb_grpc.StoreServiceStub, **kwargs: Any
+) -> list[pb.GetTrainingDataResponse]:
     return [chunk async for chunk in stub.GetTrainingData(pb.GetTrainingDataRequest(**kwargs))]
 
 
-async def query_all(stub: pb_grpc.StoreServiceStub, page_size: int = 100, **kwargs: Any) -> list[pb.StoredPrediction]:
+async def query_all(
+    stub: pb_grpc.StoreServiceStub, page_size: int = 100, **kwargs: Any
+) -> list[pb.StoredPrediction]:
     rows: list[pb.StoredPrediction] = []
     token = ""
     while True:
@@ -226,14 +243,18 @@ async def test_empty_stream_stores_nothing(stub: pb_grpc.StoreServiceStub) -> No
 # --- labels --------------------------------------------------------------------------------
 
 
-async def test_labels_before_and_after_predictions_and_replace(stub: pb_grpc.StoreServiceStub) -> None:
+async def test_labels_before_and_after_predictions_and_replace(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
     await register(stub, IRIS, IRIS_SCHEMA, "classification")
     records = [iris_record(i, "setosa") for i in range(6)]
     ids = [r.prediction_id for r in records]
 
     # Labels first: kept, reported unmatched.
     early = await stub.AddLabels(
-        pb.AddLabelsRequest(model=IRIS, labels=text_labels([(ids[0], "setosa"), (ids[1], "versicolor")]))
+        pb.AddLabelsRequest(
+            model=IRIS, labels=text_labels([(ids[0], "setosa"), (ids[1], "versicolor")])
+        )
     )
     assert early.stored == 2
     assert sorted(early.unmatched_prediction_ids) == sorted(ids[:2])
@@ -247,7 +268,9 @@ async def test_labels_before_and_after_predictions_and_replace(stub: pb_grpc.Sto
 
     # Labels after the predictions: matched straight away.
     late = await stub.AddLabels(
-        pb.AddLabelsRequest(model=IRIS, labels=text_labels([(ids[2], "virginica"), (ids[3], "setosa")]))
+        pb.AddLabelsRequest(
+            model=IRIS, labels=text_labels([(ids[2], "virginica"), (ids[3], "setosa")])
+        )
     )
     assert (late.stored, list(late.unmatched_prediction_ids)) == (2, [])
 
@@ -261,7 +284,12 @@ async def test_labels_before_and_after_predictions_and_replace(stub: pb_grpc.Sto
     assert replace.stored == 2
     chunks = await training(stub, model=IRIS)
     got = dict(zip(chunks[0].prediction_ids, chunks[0].labels.strings, strict=True))
-    assert got == {ids[0]: "virginica", ids[1]: "versicolor", ids[2]: "versicolor", ids[3]: "setosa"}
+    assert got == {
+        ids[0]: "virginica",
+        ids[1]: "versicolor",
+        ids[2]: "versicolor",
+        ids[3]: "setosa",
+    }
     assert list(chunks[0].predictions.strings) == ["setosa"] * 4
     s = await stats(stub, IRIS)
     assert (s.predictions, s.labels) == (6, 4)
@@ -272,8 +300,16 @@ async def test_add_labels_stream(stub: pb_grpc.StoreServiceStub) -> None:
     ids = await setup_house(stub, n=25)
     missing = str(uuid7(at(500)))
     requests = [
-        pb.AddLabelsStreamRequest(batch=pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(ids[20], 1.0), (ids[21], 2.0)]))),
-        pb.AddLabelsStreamRequest(batch=pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(ids[22], 3.0), (missing, 4.0)]))),
+        pb.AddLabelsStreamRequest(
+            batch=pb.AddLabelsRequest(
+                model=HOUSE, labels=number_labels([(ids[20], 1.0), (ids[21], 2.0)])
+            )
+        ),
+        pb.AddLabelsStreamRequest(
+            batch=pb.AddLabelsRequest(
+                model=HOUSE, labels=number_labels([(ids[22], 3.0), (missing, 4.0)])
+            )
+        ),
     ]
     response = await stub.AddLabelsStream(iter(requests))
     assert response.stored == 4
@@ -282,10 +318,16 @@ async def test_add_labels_stream(stub: pb_grpc.StoreServiceStub) -> None:
 
     # An error in the second batch names the label by its position in the whole stream.
     bad = [
-        pb.AddLabelsStreamRequest(batch=pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(ids[23], 1.0)] * 3))),
-        pb.AddLabelsStreamRequest(batch=pb.AddLabelsRequest(model=HOUSE, labels=text_labels([(ids[24], "x")]))),
+        pb.AddLabelsStreamRequest(
+            batch=pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(ids[23], 1.0)] * 3))
+        ),
+        pb.AddLabelsStreamRequest(
+            batch=pb.AddLabelsRequest(model=HOUSE, labels=text_labels([(ids[24], "x")]))
+        ),
     ]
-    await expect_error(stub.AddLabelsStream(iter(bad)), grpc.StatusCode.INVALID_ARGUMENT, "labels[3].text")
+    await expect_error(
+        stub.AddLabelsStream(iter(bad)), grpc.StatusCode.INVALID_ARGUMENT, "labels[3].text"
+    )
 
 
 # --- GetTrainingData -----------------------------------------------------------------------
@@ -299,7 +341,10 @@ async def test_training_data_window_columns_and_chunks(stub: pb_grpc.StoreServic
     got_ids = [p for c in chunks for p in c.prediction_ids]
     assert got_ids == ids[5:15]
     micros = [m for c in chunks for m in c.created_at_micros]
-    assert micros == [int((at(i) - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1)) for i in range(5, 15)]
+    assert micros == [
+        int((at(i) - datetime(1970, 1, 1, tzinfo=UTC)) / timedelta(microseconds=1))
+        for i in range(5, 15)
+    ]
     for chunk in chunks:
         assert set(chunk.features) == {"rooms", "city"}
         assert len(chunk.features["rooms"].numbers) == len(chunk.prediction_ids)
@@ -341,7 +386,9 @@ async def test_training_data_classification_columns(stub: pb_grpc.StoreServiceSt
     records = [iris_record(i, "versicolor" if i % 2 else "setosa") for i in range(4)]
     await log(stub, batch(records))
     await stub.AddLabels(
-        pb.AddLabelsRequest(model=IRIS, labels=text_labels((r.prediction_id, "setosa") for r in records))
+        pb.AddLabelsRequest(
+            model=IRIS, labels=text_labels((r.prediction_id, "setosa") for r in records)
+        )
     )
     (chunk,) = await training(stub, model=IRIS)
     assert list(chunk.predictions.strings) == ["setosa", "versicolor", "setosa", "versicolor"]
@@ -397,7 +444,9 @@ async def test_query_label_filter_and_wrong_only(stub: pb_grpc.StoreServiceStub)
     await stub.AddLabels(
         pb.AddLabelsRequest(
             model=IRIS,
-            labels=text_labels([(records[0].prediction_id, "setosa"), (records[1].prediction_id, "virginica")]),
+            labels=text_labels(
+                [(records[0].prediction_id, "setosa"), (records[1].prediction_id, "virginica")]
+            ),
         )
     )
     wrong = await query_all(stub, model=IRIS, wrong_only=True)
@@ -422,7 +471,7 @@ async def test_query_feature_filter_and_injection(stub: pb_grpc.StoreServiceStub
     injections = [
         "rooms') OR 1=1; DROP TABLE predictions; --",
         "rooms' OR '1'='1",
-        "city\"; DELETE FROM labels; --",
+        'city"; DELETE FROM labels; --',
     ]
     for name in injections:
         got = await query_all(stub, model=HOUSE, feature_filter=ff(name, ">", number=-1))
@@ -440,20 +489,31 @@ async def test_registry_register_get_list_and_status(stub: pb_grpc.StoreServiceS
     first = await register(stub, HOUSE, HOUSE_SCHEMA, "regression", sha="a" * 64)
     assert first.created
     mv = first.model_version
-    assert (mv.model, mv.version, mv.status, mv.sha256) == (HOUSE, "1", pb.MODEL_STATUS_STAGED, "a" * 64)
+    assert (mv.model, mv.version, mv.status, mv.sha256) == (
+        HOUSE,
+        "1",
+        pb.MODEL_STATUS_STAGED,
+        "a" * 64,
+    )
     assert json.loads(mv.schema_json) == HOUSE_SCHEMA
     assert mv.created_at.seconds > 0
 
-    again = await register(stub, HOUSE, HOUSE_SCHEMA, "regression", sha="a" * 64, if_not_exists=True)
+    again = await register(
+        stub, HOUSE, HOUSE_SCHEMA, "regression", sha="a" * 64, if_not_exists=True
+    )
     assert not again.created
     assert again.model_version.created_at == mv.created_at
     await expect_error(
         register(stub, HOUSE, HOUSE_SCHEMA, "regression", sha="b" * 64, if_not_exists=True),
-        grpc.StatusCode.INVALID_ARGUMENT, "model_version", "sha256",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "model_version",
+        "sha256",
     )
     await expect_error(
         register(stub, HOUSE, HOUSE_SCHEMA, "regression", sha="a" * 64),
-        grpc.StatusCode.INVALID_ARGUMENT, "model_version", "already registered",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "model_version",
+        "already registered",
     )
 
     await register(stub, HOUSE, HOUSE_SCHEMA, "regression", version="2", sha="c" * 64)
@@ -468,7 +528,9 @@ async def test_registry_register_get_list_and_status(stub: pb_grpc.StoreServiceS
     assert [v.version for v in listed.model_versions] == ["1", "2"]
     everything = await stub.ListModelVersions(pb.ListModelVersionsRequest())
     assert sorted((v.model, v.version) for v in everything.model_versions) == [
-        (HOUSE, "1"), (HOUSE, "2"), (IRIS, "1"),
+        (HOUSE, "1"),
+        (HOUSE, "2"),
+        (IRIS, "1"),
     ]
 
     serving = await stub.SetModelStatus(
@@ -478,13 +540,19 @@ async def test_registry_register_get_list_and_status(stub: pb_grpc.StoreServiceS
     current = await stub.GetModelVersion(pb.GetModelVersionRequest(model=HOUSE))
     assert current.model_version.version == "1"  # empty version: the serving one
 
-    await stub.SetModelStatus(pb.SetModelStatusRequest(model=HOUSE, version="2", status=pb.MODEL_STATUS_SERVING))
+    await stub.SetModelStatus(
+        pb.SetModelStatusRequest(model=HOUSE, version="2", status=pb.MODEL_STATUS_SERVING)
+    )
     statuses = {
         v.version: v.status
-        for v in (await stub.ListModelVersions(pb.ListModelVersionsRequest(model=HOUSE))).model_versions
+        for v in (
+            await stub.ListModelVersions(pb.ListModelVersionsRequest(model=HOUSE))
+        ).model_versions
     }
     assert statuses == {"1": pb.MODEL_STATUS_RETIRED, "2": pb.MODEL_STATUS_SERVING}
-    canary = await stub.SetModelStatus(pb.SetModelStatusRequest(model=IRIS, version="1", status=pb.MODEL_STATUS_CANARY))
+    canary = await stub.SetModelStatus(
+        pb.SetModelStatusRequest(model=IRIS, version="1", status=pb.MODEL_STATUS_CANARY)
+    )
     assert canary.model_version.status == pb.MODEL_STATUS_CANARY
 
 
@@ -492,33 +560,50 @@ async def test_registry_errors(stub: pb_grpc.StoreServiceStub) -> None:
     await register(stub, HOUSE, HOUSE_SCHEMA, "regression")
     await expect_error(
         stub.SetModelStatus(pb.SetModelStatusRequest(model=HOUSE, version="1")),
-        grpc.StatusCode.INVALID_ARGUMENT, "status",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "status",
     )
     await expect_error(
-        stub.SetModelStatus(pb.SetModelStatusRequest(model=HOUSE, version="9", status=pb.MODEL_STATUS_SERVING)),
-        grpc.StatusCode.NOT_FOUND, "version",
-    )
-    await expect_error(
-        stub.GetModelVersion(pb.GetModelVersionRequest(model=HOUSE, version="9")), grpc.StatusCode.NOT_FOUND, "version"
-    )
-    await expect_error(stub.GetModelVersion(pb.GetModelVersionRequest(model="nobody")), grpc.StatusCode.NOT_FOUND)
-    await expect_error(
-        stub.RegisterModelVersion(
-            pb.RegisterModelVersionRequest(model_version=pb.ModelVersion(model=HOUSE, version="3", schema_json="{nope"))
+        stub.SetModelStatus(
+            pb.SetModelStatusRequest(model=HOUSE, version="9", status=pb.MODEL_STATUS_SERVING)
         ),
-        grpc.StatusCode.INVALID_ARGUMENT, "model_version.schema_json",
+        grpc.StatusCode.NOT_FOUND,
+        "version",
+    )
+    await expect_error(
+        stub.GetModelVersion(pb.GetModelVersionRequest(model=HOUSE, version="9")),
+        grpc.StatusCode.NOT_FOUND,
+        "version",
+    )
+    await expect_error(
+        stub.GetModelVersion(pb.GetModelVersionRequest(model="nobody")), grpc.StatusCode.NOT_FOUND
     )
     await expect_error(
         stub.RegisterModelVersion(
             pb.RegisterModelVersionRequest(
-                model_version=pb.ModelVersion(model=HOUSE, version="3", status=pb.MODEL_STATUS_SERVING)
+                model_version=pb.ModelVersion(model=HOUSE, version="3", schema_json="{nope")
             )
         ),
-        grpc.StatusCode.INVALID_ARGUMENT, "model_version.status",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "model_version.schema_json",
     )
     await expect_error(
-        stub.RegisterModelVersion(pb.RegisterModelVersionRequest(model_version=pb.ModelVersion(model=HOUSE))),
-        grpc.StatusCode.INVALID_ARGUMENT, "model_version.version",
+        stub.RegisterModelVersion(
+            pb.RegisterModelVersionRequest(
+                model_version=pb.ModelVersion(
+                    model=HOUSE, version="3", status=pb.MODEL_STATUS_SERVING
+                )
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "model_version.status",
+    )
+    await expect_error(
+        stub.RegisterModelVersion(
+            pb.RegisterModelVersionRequest(model_version=pb.ModelVersion(model=HOUSE))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "model_version.version",
     )
     listed = await stub.ListModelVersions(pb.ListModelVersionsRequest(model=HOUSE))
     assert [v.version for v in listed.model_versions] == ["1"]
@@ -564,7 +649,7 @@ async def _stored(stub: pb_grpc.StoreServiceStub) -> int:
     [
         ({"prediction_id": "not-a-uuid"}, "records[2].prediction_id"),
         ({"prediction_id": str(uuid.uuid4())}, "records[2].prediction_id"),
-        ({"input_json": b"{\"rooms\": 1,"}, "records[2].input_json"),
+        ({"input_json": b'{"rooms": 1,'}, "records[2].input_json"),
         ({"input_json": b"\xff\xfe{}"}, "records[2].input_json"),
         ({"input_json": b""}, "records[2].input_json"),
         ({"output_json": b"{value}"}, "records[2].output_json"),
@@ -583,7 +668,9 @@ async def test_log_predictions_rejects_bad_records(
     # The offset counts records across the stream's messages.
     offset_fragment = fragment.replace("records[2]", "records[6]")
     first = batch(house_record(i) for i in range(10, 14))
-    await expect_error(log(stub, first, batch(records)), grpc.StatusCode.INVALID_ARGUMENT, offset_fragment)
+    await expect_error(
+        log(stub, first, batch(records)), grpc.StatusCode.INVALID_ARGUMENT, offset_fragment
+    )
 
 
 async def test_add_labels_rejects_bad_labels(stub: pb_grpc.StoreServiceStub) -> None:
@@ -595,25 +682,59 @@ async def test_add_labels_rejects_bad_labels(stub: pb_grpc.StoreServiceStub) -> 
 
     cases: list[tuple[pb.AddLabelsRequest, grpc.StatusCode, tuple[str, ...]]] = [
         # A text label for a regression model.
-        (pb.AddLabelsRequest(model=HOUSE, labels=[*number_labels([(ids[0], 1.0)]), *text_labels([(ids[1], "big")])]),
-         grpc.StatusCode.INVALID_ARGUMENT, ("labels[1].text",)),
-        (pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(ids[0], math.inf)])),
-         grpc.StatusCode.INVALID_ARGUMENT, ("labels[0].number",)),
+        (
+            pb.AddLabelsRequest(
+                model=HOUSE,
+                labels=[*number_labels([(ids[0], 1.0)]), *text_labels([(ids[1], "big")])],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ("labels[1].text",),
+        ),
+        (
+            pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(ids[0], math.inf)])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ("labels[0].number",),
+        ),
         # A class the model does not have.
-        (pb.AddLabelsRequest(model=IRIS, labels=text_labels([(iris.prediction_id, "setosa"), (iris.prediction_id, "rose")])),
-         grpc.StatusCode.INVALID_ARGUMENT, ("labels[1]", "rose")),
-        (pb.AddLabelsRequest(model=IRIS, labels=number_labels([(iris.prediction_id, 1.0)])),
-         grpc.StatusCode.INVALID_ARGUMENT, ("labels[0]", "'1'")),
-        (pb.AddLabelsRequest(model="nobody", labels=number_labels([(ids[0], 1.0)])),
-         grpc.StatusCode.NOT_FOUND, ("model", "nobody")),
-        (pb.AddLabelsRequest(model=HOUSE, labels=[pb.Label(prediction_id=ids[0])]),
-         grpc.StatusCode.INVALID_ARGUMENT, ("labels[0]", "no value")),
-        (pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(ids[0], 1.0), ("nope", 2.0)])),
-         grpc.StatusCode.INVALID_ARGUMENT, ("labels[1].prediction_id",)),
-        (pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(str(uuid.uuid4()), 2.0)])),
-         grpc.StatusCode.INVALID_ARGUMENT, ("labels[0].prediction_id",)),
+        (
+            pb.AddLabelsRequest(
+                model=IRIS,
+                labels=text_labels([(iris.prediction_id, "setosa"), (iris.prediction_id, "rose")]),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ("labels[1]", "rose"),
+        ),
+        (
+            pb.AddLabelsRequest(model=IRIS, labels=number_labels([(iris.prediction_id, 1.0)])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ("labels[0]", "'1'"),
+        ),
+        (
+            pb.AddLabelsRequest(model="nobody", labels=number_labels([(ids[0], 1.0)])),
+            grpc.StatusCode.NOT_FOUND,
+            ("model", "nobody"),
+        ),
+        (
+            pb.AddLabelsRequest(model=HOUSE, labels=[pb.Label(prediction_id=ids[0])]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ("labels[0]", "no value"),
+        ),
+        (
+            pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(ids[0], 1.0), ("nope", 2.0)])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ("labels[1].prediction_id",),
+        ),
+        (
+            pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(str(uuid.uuid4()), 2.0)])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ("labels[0].prediction_id",),
+        ),
         (pb.AddLabelsRequest(model=HOUSE), grpc.StatusCode.INVALID_ARGUMENT, ("labels",)),
-        (pb.AddLabelsRequest(labels=number_labels([(ids[0], 1.0)])), grpc.StatusCode.INVALID_ARGUMENT, ("model",)),
+        (
+            pb.AddLabelsRequest(labels=number_labels([(ids[0], 1.0)])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ("model",),
+        ),
     ]
     for request, code, fragments in cases:
         await expect_error(stub.AddLabels(request), code, *fragments)
@@ -637,7 +758,9 @@ async def test_training_data_and_query_reject_bad_requests(stub: pb_grpc.StoreSe
         ({"model": "nobody"}, grpc.StatusCode.NOT_FOUND, "model"),
     ]
     for kwargs, code, fragment in bad_training:
-        await expect_error(drain(stub.GetTrainingData(pb.GetTrainingDataRequest(**kwargs))), code, fragment)
+        await expect_error(
+            drain(stub.GetTrainingData(pb.GetTrainingDataRequest(**kwargs))), code, fragment
+        )
 
     def query(**kwargs: Any) -> Awaitable[pb.QueryPredictionsResponse]:
         return stub.QueryPredictions(pb.QueryPredictionsRequest(model=HOUSE, **kwargs))
@@ -647,14 +770,25 @@ async def test_training_data_and_query_reject_bad_requests(stub: pb_grpc.StoreSe
     await expect_error(query(page_token="%%%not-a-token"), invalid, "page_token")
     await expect_error(query(page_token="bm90IGEgdG9rZW4"), invalid, "page_token")  # "not a token"
     await expect_error(
-        query(feature_filter=pb.FeatureFilter(name="rooms", op="LIKE", number=1)), invalid, "feature_filter.op"
+        query(feature_filter=pb.FeatureFilter(name="rooms", op="LIKE", number=1)),
+        invalid,
+        "feature_filter.op",
     )
     await expect_error(
-        query(feature_filter=pb.FeatureFilter(name="rooms", op="; DROP TABLE predictions", number=1)),
-        invalid, "feature_filter.op",
+        query(
+            feature_filter=pb.FeatureFilter(name="rooms", op="; DROP TABLE predictions", number=1)
+        ),
+        invalid,
+        "feature_filter.op",
     )
-    await expect_error(query(feature_filter=pb.FeatureFilter(name="", op="=", number=1)), invalid, "feature_filter.name")
-    await expect_error(query(feature_filter=pb.FeatureFilter(name="rooms", op="=")), invalid, "feature_filter")
+    await expect_error(
+        query(feature_filter=pb.FeatureFilter(name="", op="=", number=1)),
+        invalid,
+        "feature_filter.name",
+    )
+    await expect_error(
+        query(feature_filter=pb.FeatureFilter(name="rooms", op="=")), invalid, "feature_filter"
+    )
     await expect_error(query(start=ts(at(9)), end=ts(at(1))), invalid, "end")
     await expect_error(stub.QueryPredictions(pb.QueryPredictionsRequest()), invalid, "model")
     # Still all there.

@@ -57,7 +57,7 @@ def test_bound(tmp_path: Path) -> None:
 
 def test_durable_across_reopen(tmp_path: Path) -> None:
     first = Spool(tmp_path, 1 << 20)
-    for i in range(15):  # more than 9: order must be numeric, not by string length surprises
+    for i in range(15):  # more than 9: zero-padded names keep the numeric order
         first.append(f"{i}".encode())
     first.pop()
     first.pop()
