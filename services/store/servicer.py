@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -24,9 +24,9 @@ from services.store.db import (
     AlreadyExistsError,
     FeatureFilter,
     ModelVersion,
-    PredictionRecord,
     StoreDB,
 )
+from services.store.db.copy_binary import RecordError, encode_predictions
 from services.store.guard import guard as _guard
 from services.store.monitoring_rpcs import MonitoringRpcs
 
@@ -41,31 +41,15 @@ _OPS = ("=", "!=", "<", "<=", ">", ">=")
 T = TypeVar("T")
 
 
-def records_from_pb(request: pb.LogPredictionsRequest, offset: int) -> list[PredictionRecord]:
-    rows: list[PredictionRecord] = []
-    append = rows.append
-    for i, r in enumerate(request.records):
-        try:
-            pid = uuid.UUID(r.prediction_id)
-        except ValueError:
-            raise InvalidArgument(f"records[{offset + i}].prediction_id: {r.prediction_id!r} is not a UUID") from None
-        if pid.version != 7:
-            raise InvalidArgument(f"records[{offset + i}].prediction_id: not a time-ordered UUIDv7")
-        if not r.model or not r.version:
-            raise InvalidArgument(f"records[{offset + i}].model: model and version are required")
-        # created_at is the millisecond embedded in the id (the store's invariant).
-        created = _EPOCH + timedelta(milliseconds=pid.int >> 80)
-        append(
-            PredictionRecord(
-                pid, created, r.model, r.version, r.input_json, r.output_json,
-                r.latency_ms or None, r.trace_id or None,
-            )
-        )
-    return rows
+def encode_batch(request: pb.LogPredictionsRequest, offset: int) -> tuple[bytes, int]:
+    try:
+        return encode_predictions(request.records)
+    except RecordError as exc:
+        raise InvalidArgument(f"records[{offset + exc.index}].{exc.field}: {exc.reason}") from None
 
 
-def _find_bad_json(rows: list[PredictionRecord], offset: int) -> InvalidArgument:
-    for i, r in enumerate(rows):
+def _find_bad_json(records: Sequence[pb.PredictionRecord], offset: int) -> InvalidArgument:
+    for i, r in enumerate(records):
         for name, text in (("input_json", r.input_json), ("output_json", r.output_json)):
             try:
                 json.loads(text)
@@ -78,11 +62,12 @@ class StoreServicer(MonitoringRpcs, pb_grpc.StoreServiceServicer):
     def __init__(self, db: StoreDB) -> None:
         self.db = db
 
-    async def _copy(self, rows: list[PredictionRecord], offset: int) -> int:
+    async def _copy(self, request: pb.LogPredictionsRequest, offset: int) -> int:
+        payload, rows = encode_batch(request, offset)
         try:
-            return await self.db.copy_predictions(rows)
+            return await self.db.copy_prediction_payload(payload, rows)
         except psycopg.DataError:
-            raise _find_bad_json(rows, offset) from None
+            raise _find_bad_json(request.records, offset) from None
 
     async def LogPredictions(
         self, request_iterator: AsyncIterator[pb.LogPredictionsRequest], context: aio.ServicerContext[Any, Any]
@@ -92,14 +77,13 @@ class StoreServicer(MonitoringRpcs, pb_grpc.StoreServiceServicer):
             pending: asyncio.Task[int] | None = None
             try:
                 async for request in request_iterator:
-                    rows = records_from_pb(request, received)
-                    # Convert the next batch while the previous COPY is in flight.
+                    # Receive and encode the next batch while the previous COPY is in flight.
                     if pending is not None:
                         inserted += await pending
                         pending = None
-                    if rows:
-                        pending = asyncio.create_task(self._copy(rows, received))
-                    received += len(rows)
+                    if request.records:
+                        pending = asyncio.create_task(self._copy(request, received))
+                    received += len(request.records)
                 if pending is not None:
                     inserted += await pending
                     pending = None

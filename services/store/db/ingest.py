@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import psycopg
 from psycopg import AsyncCursor
@@ -63,29 +63,45 @@ async def _copy_rows(conn: Conn, table: str, rows: Sequence[PredictionRecord]) -
                 await write(r)
 
 
+CopyBody = Callable[[Conn, str], Awaitable[None]]
+
+
+async def _copy_payload(conn: Conn, table: str, payload: bytes) -> None:
+    async with conn.cursor() as cur, cur.copy(_COPY_SQL.format(table=table).encode()) as copy:
+        await copy.write(payload)
+
+
 class IngestMixin(StoreBase):
     async def copy_predictions(self, rows: Sequence[PredictionRecord]) -> int:
-        """Ingest one batch; idempotent on prediction id. Returns the number of new rows.
+        """Ingest one batch; idempotent on prediction id. Returns the number of new rows."""
+        if not rows:
+            return 0
+        return await self._copy_idempotent(lambda conn, table: _copy_rows(conn, table, rows), len(rows))
 
-        Fast path: binary COPY straight into ``predictions``. A replayed batch (lost ack) hits
+    async def copy_prediction_payload(self, payload: bytes, rows: int) -> int:
+        """Ingest a binary COPY payload (see copy_binary); idempotent like copy_predictions."""
+        if not rows:
+            return 0
+        return await self._copy_idempotent(lambda conn, table: _copy_payload(conn, table, payload), rows)
+
+    async def _copy_idempotent(self, body: CopyBody, rows: int) -> int:
+        """Fast path: COPY straight into ``predictions``. A replayed batch (lost ack) hits
         the unique index; the batch is then re-sent through a temp table with
         ``ON CONFLICT DO NOTHING`` so only the missing rows are added.
         """
-        if not rows:
-            return 0
         async with self.pool.connection() as conn:
             try:
                 async with conn.transaction():
-                    await _copy_rows(conn, "predictions", rows)
-                return len(rows)
+                    await body(conn, "predictions")
+                return rows
             except psycopg.errors.UniqueViolation:
-                log.info("batch of %d overlaps stored predictions; de-duplicating", len(rows))
+                log.info("batch of %d overlaps stored predictions; de-duplicating", rows)
             async with conn.transaction():
                 await conn.execute(
                     "CREATE TEMP TABLE IF NOT EXISTS predictions_stage"
                     " (LIKE predictions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
                 )
-                await _copy_rows(conn, "predictions_stage", rows)
+                await body(conn, "predictions_stage")
                 cur = await conn.execute(
                     "INSERT INTO predictions SELECT * FROM predictions_stage"
                     " ON CONFLICT (prediction_id, created_at) DO NOTHING"
