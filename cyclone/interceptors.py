@@ -1,7 +1,9 @@
-"""Server interceptor: request id, Prometheus counters and latency per RPC.
+"""Request id, Prometheus counters and latency per RPC, wrapped around each handler.
 
-One interceptor does both jobs so each call pays for one wrapper, not two.
-Health and reflection calls are not counted: they would drown the real traffic.
+The wrapping happens once, when a servicer is registered (see `CycloneServer.add_service`),
+not in a grpc.aio interceptor: an interceptor runs per call and cost about 100 µs of
+server CPU per request here, a quarter of a small Predict. Health and reflection calls
+are not counted: they would drown the real traffic.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import contextvars
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -71,33 +73,11 @@ def _failed_code(context: aio.ServicerContext[Any, Any], exc: BaseException | No
     return None
 
 
-class ObservabilityInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped here
-    """Sets the request id (from `x-request-id` or a new one) and records metrics."""
-
-    def __init__(self) -> None:
-        # method -> (handler as registered, its wrapper): the wrapper reads the request
-        # id per call, so it is built once per method instead of once per RPC.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-        self._metrics: dict[str, _MethodMetrics] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        if handler is None or method.startswith(_SKIPPED):
-            return handler
-        metrics = self._metrics.get(method)
-        if metrics is None:
-            metrics = self._metrics[method] = _MethodMetrics(method)
-        wrapped = _wrap(handler, metrics)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+def instrument(full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` with request id and metrics around it; health and reflection pass through."""
+    if full_method.startswith(_SKIPPED):
+        return handler
+    return _wrap(handler, _MethodMetrics(full_method))
 
 
 def _wrap(handler: grpc.RpcMethodHandler, m: _MethodMetrics) -> grpc.RpcMethodHandler:

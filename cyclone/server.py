@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from cyclone.interceptors import ObservabilityInterceptor
+from cyclone.interceptors import instrument
 from cyclone.settings import ServerSettings
 from cyclone.telemetry import configure_logging, server_tracing_interceptors
 
@@ -36,6 +36,24 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+class _InstrumentingRegistrar:
+    """Stands in for the server while generated `add_*_to_server` code runs."""
+
+    def __init__(self, server: aio.Server) -> None:
+        self._server = server
+        self.registered = False
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        # The same handlers arrive, by name, in add_registered_method_handlers.
+        return None
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        wrapped = {name: instrument(f"/{service}/{name}", h) for name, h in handlers.items()}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+        self._server.add_registered_method_handlers(service, wrapped)
+        self.registered = True
+
+
 class CycloneServer:
     """A started-on-demand grpc.aio server with Cyclone's cross-cutting parts installed."""
 
@@ -43,9 +61,8 @@ class CycloneServer:
         self.component = component
         self.settings = settings
         configure_logging(settings.log_level)
-        interceptors = [*server_tracing_interceptors(component), ObservabilityInterceptor()]
         self.grpc = aio.server(
-            interceptors=interceptors,
+            interceptors=server_tracing_interceptors(component),
             options=[*channel_options(settings.max_message_bytes), ("grpc.so_reuseport", 0)],
         )
         self.health = health_aio.HealthServicer()
@@ -57,9 +74,16 @@ class CycloneServer:
         self.metrics_port = 0
         self._metrics_server: Any = None
 
-    def add_service(self, full_name: str, register: Callable[[aio.Server], None]) -> None:
-        """Register a servicer; `full_name` is its proto name, used by health and reflection."""
-        register(self.grpc)
+    def add_service(self, full_name: str, register: Callable[[Any], None]) -> None:
+        """Register a servicer through its generated `add_*_to_server`.
+
+        `full_name` is its proto name, used by health and reflection. Every method handler
+        is wrapped with the request id and metrics once, here, instead of per call.
+        """
+        registrar = _InstrumentingRegistrar(self.grpc)
+        register(registrar)
+        if not registrar.registered:
+            raise RuntimeError(f"{full_name}: the generated code registered no methods")
         self._service_names.append(full_name)
 
     def on_start(self, hook: ShutdownHook) -> None:
