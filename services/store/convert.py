@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cyclone.errors import InvalidArgument
 from cyclone.store.v1 import store_service_pb2 as pb
-from services.store.db import ModelStats, ModelVersion, PredictionRow, TrainingChunk
+from services.store.db import ColumnChunk, ModelStats, ModelVersion, PredictionRow, TrainingChunk
 
 STATUS_TO_PB = {
     "staged": pb.MODEL_STATUS_STAGED,
@@ -163,6 +163,43 @@ def _column(values: list[Any], kind: str | None) -> pb.Column:
         array = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
         return pb.Column(numbers=array.tolist())
     return pb.Column(strings=["" if v is None else str(v) for v in values])
+
+
+def _numbers(values: Sequence[float | None]) -> Sequence[float]:
+    if None in values:  # a C-speed scan; missing values become NaN only when there are any
+        return [math.nan if v is None else v for v in values]
+    return values  # type: ignore[return-value]
+
+
+def _strings(values: Sequence[str | None]) -> Sequence[str]:
+    return ["" if v is None else v for v in values] if None in values else values  # type: ignore[return-value]
+
+
+def column_chunk_to_pb(
+    chunk: ColumnChunk, kinds: dict[str, str], task: str, class_labels: Sequence[str]
+) -> pb.GetTrainingDataResponse:
+    response = pb.GetTrainingDataResponse(
+        prediction_ids=chunk.prediction_ids,
+        created_at_micros=chunk.created_at_micros,
+        labelled=chunk.labelled,
+    )
+    for name, values in chunk.features.items():
+        column = response.features[name]
+        if kinds.get(name) == "categorical":
+            column.strings.extend(_strings(values))
+        else:
+            column.numbers.extend(_numbers(values))
+    if task == "classification":
+        response.predictions.strings.extend(_strings(chunk.predictions))
+        response.labels.strings.extend(_strings(chunk.labels))
+        if class_labels and chunk.probabilities:
+            response.class_labels.extend(class_labels)
+            # rows x classes, row-major; None (missing) becomes NaN.
+            response.probabilities.extend(np.array(chunk.probabilities, dtype=np.float64).T.ravel().tolist())
+    else:
+        response.predictions.numbers.extend(_numbers(chunk.predictions))
+        response.labels.numbers.extend(_numbers(chunk.labels))
+    return response
 
 
 def chunk_to_pb(

@@ -164,9 +164,21 @@ class StoreServicer(MonitoringRpcs, pb_grpc.StoreServiceServicer):
         except Exception as exc:
             await abort_on_domain_errors(context, exc)
             raise
+        chunk_rows = request.chunk_rows or DEFAULT_CHUNK_ROWS
+        if kinds and mv.task:
+            # The schema is known: PostgreSQL hands over typed columns, no JSON in Python.
+            columns = self.db.training_columns(
+                request.model, list(kinds.items()), mv.task, classes, start, end,
+                request.last_n or None, request.version or None, chunk_rows,
+                include_unlabelled=request.include_unlabelled,
+            )
+            async with contextlib.aclosing(columns):  # type: ignore[type-var]
+                async for column_chunk in columns:
+                    yield convert.column_chunk_to_pb(column_chunk, kinds, mv.task, classes)
+            return
         chunks = self.db.training_data(
             request.model, start, end, request.last_n or None, request.version or None,
-            request.chunk_rows or DEFAULT_CHUNK_ROWS, include_unlabelled=request.include_unlabelled,
+            chunk_rows, include_unlabelled=request.include_unlabelled,
         )
         async with contextlib.aclosing(chunks):  # type: ignore[type-var]
             async for chunk in chunks:

@@ -59,8 +59,15 @@ def _positional(query: str, params: dict[str, Any]) -> tuple[str, list[Any]]:
     return re.sub(r"%\((\w+)\)s", sub, query), [params[k] for k in order]
 
 
-def _step(name: str, query: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    text, values = _positional(query, params or {})
+def _columns_query(**flags: bool) -> tuple[str, dict[str, Any]]:
+    q, names = queries.training_columns_query([("x", "numeric")], "regression", (), **flags)
+    return q, dict(names)
+
+
+def _step(
+    name: str, query: str, params: dict[str, Any] | None = None, more: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    text, values = _positional(query, {**(params or {}), **(more or {})})
     return {"name": name, "sql": text, "params": values}
 
 
@@ -129,6 +136,16 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
             {"model": "m", "start": old.isoformat(), "end": (old + timedelta(hours=1)).isoformat()},
         ),
         _step(
+            "training_columns",
+            *_columns_query(window=True, last_n=False, version=False),
+            {"model": "m", "start": old.isoformat(), "end": (old + timedelta(hours=1)).isoformat()},
+        ),
+        _step(
+            "training_columns_last_n",
+            *_columns_query(window=False, last_n=True, version=True, include_unlabelled=True),
+            {"model": "m", "last_n": 4, "version": "1"},
+        ),
+        _step(
             "training_last_n",
             queries.training_query(window=False, last_n=True, version=True),
             {"model": "m", "last_n": 2, "version": "1"},
@@ -183,6 +200,9 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
     assert [r["prediction_id"] for r in train] == ids[:3]
     assert [json.loads(r["label"]) for r in train] == [7, 1, 2]
     assert [r["prediction_id"] for r in rows("training_last_n")] == ids[1:3]
+    # Typed columns: same rows, labelled first three; the last-N window includes unlabelled rows.
+    assert len(rows("training_columns")) == 3
+    assert len(rows("training_columns_last_n")) == 4
     stats = rows("stats")
     assert [(s["predictions"], s["max_latency_ms"], s["avg_value"]) for s in stats] == [
         (3, 2.0, 1.0),

@@ -18,6 +18,7 @@ from .registry import RegistryMixin
 from .types import (
     Alert,
     AlreadyExistsError,
+    ColumnChunk,
     FeatureFilter,
     LabelResult,
     MetricPoint,
@@ -48,6 +49,7 @@ class StoreDB(IngestMixin, ReadsMixin, RegistryMixin, OutboxMixin, HealthMixin):
 __all__ = [
     "Alert",
     "AlreadyExistsError",
+    "ColumnChunk",
     "Conn",
     "EvaluationOutcome",
     "FeatureFilter",

@@ -6,6 +6,8 @@ page cursors, is a bound parameter.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 COPY_COLUMNS = "prediction_id, created_at, model, version, input, output, latency_ms, trace_id"
 COPY_TYPES = ["uuid", "timestamptz", "text", "text", "jsonb", "jsonb", "float4", "text"]
 
@@ -50,14 +52,9 @@ WHERE p.model = %(model)s
 """
 
 
-def training_query(
-    *, window: bool, last_n: bool, version: bool, include_unlabelled: bool = False
+def _window_clauses(
+    q: str, *, window: bool, last_n: bool, version: bool, include_unlabelled: bool
 ) -> str:
-    """Labelled rows of a model, time ordered: a window, the last N, or the last N of a window.
-
-    With ``include_unlabelled`` (monitoring windows) unlabelled rows come too, label NULL.
-    """
-    q = _TRAINING_SELECT
     if include_unlabelled:
         q = q.replace("JOIN labels", "LEFT JOIN labels")
     if window:
@@ -68,6 +65,70 @@ def training_query(
         return q + " ORDER BY p.created_at, p.prediction_id"
     q += " ORDER BY p.created_at DESC, p.prediction_id DESC LIMIT %(last_n)s"
     return "SELECT * FROM (" + q + ") t ORDER BY 2, 1"
+
+
+def training_columns_query(
+    features: Sequence[tuple[str, str]],
+    task: str,
+    class_labels: Sequence[str],
+    *,
+    window: bool,
+    last_n: bool,
+    version: bool,
+    include_unlabelled: bool = False,
+) -> tuple[str, dict[str, str]]:
+    """Like `training_query`, but PostgreSQL extracts each feature, the prediction and the
+    label into its own typed column, so the reader never parses JSON in Python.
+
+    Columns: id text, created_at as Unix microseconds, labelled, then one per feature
+    (float8 for numeric, text otherwise), then prediction, [one float8 per class], label.
+    Feature and class names are parameters, never SQL text.
+    """
+    select = [
+        "p.prediction_id::text",
+        "(extract(epoch FROM p.created_at) * 1000000)::int8",
+        "l.prediction_id IS NOT NULL",
+    ]
+    params: dict[str, str] = {}
+    for i, (name, kind) in enumerate(features):
+        params[f"feature_{i}"] = name
+        extract = f"p.input->>%(feature_{i})s"
+        select.append(f"({extract})::float8" if kind == "numeric" else extract)
+    if task == "classification":
+        select.append("p.output->>'label'")
+        for i, label in enumerate(class_labels):
+            params[f"class_{i}"] = label
+            select.append(f"(p.output->'probabilities'->>%(class_{i})s)::float8")
+        select.append("l.label#>>'{}'")
+    else:
+        select.append("(p.output->>'value')::float8")
+        select.append("(l.label#>>'{}')::float8")
+    q = (
+        "SELECT " + ", ".join(select) + " FROM predictions p"
+        " JOIN labels l ON l.prediction_id = p.prediction_id WHERE p.model = %(model)s"
+    )
+    return (
+        _window_clauses(
+            q, window=window, last_n=last_n, version=version, include_unlabelled=include_unlabelled
+        ),
+        params,
+    )
+
+
+def training_query(
+    *, window: bool, last_n: bool, version: bool, include_unlabelled: bool = False
+) -> str:
+    """Labelled rows of a model, time ordered: a window, the last N, or the last N of a window.
+
+    With ``include_unlabelled`` (monitoring windows) unlabelled rows come too, label NULL.
+    """
+    return _window_clauses(
+        _TRAINING_SELECT,
+        window=window,
+        last_n=last_n,
+        version=version,
+        include_unlabelled=include_unlabelled,
+    )
 
 
 PREDICTION_STATS = """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,7 +12,14 @@ from psycopg.types.json import Jsonb
 
 from . import queries
 from ._base import StoreBase
-from .types import FeatureFilter, MinuteStats, ModelStats, PredictionRow, TrainingChunk
+from .types import (
+    ColumnChunk,
+    FeatureFilter,
+    MinuteStats,
+    ModelStats,
+    PredictionRow,
+    TrainingChunk,
+)
 
 _OPS = {"=": "=", "!=": "<>", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 
@@ -79,6 +86,60 @@ class ReadsMixin(StoreBase):
             while rows := await cur.fetchmany(chunk_rows):
                 ids, ts, inp, out, lab = zip(*rows, strict=True)
                 yield TrainingChunk(ids, ts, inp, out, lab)
+
+    async def training_columns(
+        self,
+        model: str,
+        features: Sequence[tuple[str, str]],
+        task: str,
+        class_labels: Sequence[str] = (),
+        start: datetime | None = None,
+        end: datetime | None = None,
+        last_n: int | None = None,
+        version: str | None = None,
+        chunk_rows: int = 10_000,
+        include_unlabelled: bool = False,
+    ) -> AsyncIterator[ColumnChunk]:
+        """`training_data` for a known schema: typed columns, no JSON parsing in Python.
+
+        :param features: (name, "numeric" | "categorical") in the order wanted.
+        """
+        if (start is None) != (end is None):
+            raise ValueError("give both start and end, or neither")
+        if start is None and last_n is None:
+            raise ValueError("give a time window, last_n, or both")
+        q, names = queries.training_columns_query(
+            features,
+            task,
+            class_labels,
+            window=start is not None,
+            last_n=last_n is not None,
+            version=version is not None,
+            include_unlabelled=include_unlabelled,
+        )
+        params: dict[str, object] = {
+            "model": model, "start": start, "end": end, "last_n": last_n, "version": version, **names,
+        }
+        n_features, n_classes = len(features), len(class_labels) if task == "classification" else 0
+        async with (
+            self.pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(name="cyclone_training_columns", binary=True) as cur,
+        ):
+            cur.itersize = chunk_rows
+            await cur.execute(q.encode(), params)
+            while rows := await cur.fetchmany(chunk_rows):
+                cols = list(zip(*rows, strict=True))  # transpose in C
+                feature_cols = cols[3 : 3 + n_features]
+                yield ColumnChunk(
+                    prediction_ids=cols[0],
+                    created_at_micros=cols[1],
+                    labelled=cols[2],
+                    features={name: feature_cols[i] for i, (name, _) in enumerate(features)},
+                    predictions=cols[3 + n_features],
+                    probabilities=cols[4 + n_features : 4 + n_features + n_classes],
+                    labels=cols[-1],
+                )
 
     async def query_predictions(
         self,

@@ -95,6 +95,25 @@ class TrainingChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class ColumnChunk:
+    """Typed columns of labelled (or, for monitoring, all) rows, time ordered.
+
+    Numeric values are floats or None (missing); ``probabilities`` has one column per class.
+    """
+
+    prediction_ids: Sequence[str]
+    created_at_micros: Sequence[int]
+    labelled: Sequence[bool]
+    features: dict[str, Sequence[Any]]
+    predictions: Sequence[Any]
+    probabilities: Sequence[Sequence[float | None]]
+    labels: Sequence[Any]
+
+    def __len__(self) -> int:
+        return len(self.prediction_ids)
+
+
+@dataclass(frozen=True, slots=True)
 class FeatureFilter:
     """``input[name] <op> value``; compared as JSON of the same type (no SQL text from users)."""
 
