@@ -62,8 +62,7 @@ class StoreServicer(MonitoringRpcs, pb_grpc.StoreServiceServicer):
     def __init__(self, db: StoreDB) -> None:
         self.db = db
 
-    async def _copy(self, request: pb.LogPredictionsRequest, offset: int) -> int:
-        payload, rows = encode_batch(request, offset)
+    async def _copy(self, request: pb.LogPredictionsRequest, payload: bytes, rows: int, offset: int) -> int:
         try:
             return await self.db.copy_prediction_payload(payload, rows)
         except psycopg.DataError:
@@ -77,13 +76,14 @@ class StoreServicer(MonitoringRpcs, pb_grpc.StoreServiceServicer):
             pending: asyncio.Task[int] | None = None
             try:
                 async for request in request_iterator:
-                    # Receive and encode the next batch while the previous COPY is in flight.
+                    # Encode this batch while PostgreSQL is still working through the previous one.
+                    payload, rows = encode_batch(request, received)
                     if pending is not None:
                         inserted += await pending
                         pending = None
-                    if request.records:
-                        pending = asyncio.create_task(self._copy(request, received))
-                    received += len(request.records)
+                    if rows:
+                        pending = asyncio.create_task(self._copy(request, payload, rows, received))
+                    received += rows
                 if pending is not None:
                     inserted += await pending
                     pending = None
