@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from itertools import chain
 from typing import Any
@@ -19,7 +18,7 @@ from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from cyclone.server import abort_on_domain_errors
 from cyclone.telemetry import current_trace_id
-from services.inference.batching import ModelBatcher, Prepared, run_batch
+from services.inference.batching import Prepared, run_batch
 from services.inference.catalog import ModelCatalog
 from services.inference.model import LoadedModel, Outputs
 from services.inference.sink import NullSink, PredictionSink
@@ -146,13 +145,6 @@ class Scorer:
     def __init__(self, catalog: ModelCatalog, sink: PredictionSink | None = None) -> None:
         self.catalog = catalog
         self.sink: PredictionSink = sink or NullSink()
-        self._batchers: weakref.WeakKeyDictionary[LoadedModel, ModelBatcher] = weakref.WeakKeyDictionary()
-
-    def _batcher(self, model: LoadedModel) -> ModelBatcher:
-        batcher = self._batchers.get(model)
-        if batcher is None:
-            batcher = self._batchers[model] = ModelBatcher(model)
-        return batcher
 
     async def score(self, model: LoadedModel, columns: Mapping[str, np.ndarray]) -> tuple[list[str], Outputs]:
         started = time.perf_counter()
@@ -161,11 +153,12 @@ class Scorer:
         return await self.score_prepared(model, job, started)
 
     async def score_prepared(self, model: LoadedModel, job: Prepared, started: float) -> tuple[list[str], Outputs]:
-        """Score one validated request; concurrent small requests share an onnxruntime call."""
+        """Score one validated request."""
+        feed = model.feed_block(job.block, job.columns)
         if job.rows > OFFLOAD_ROWS:
-            outputs = await asyncio.to_thread(model.run, model.feed_block(job.block, job.columns), job.rows)
+            outputs = await asyncio.to_thread(model.run, feed, job.rows)
         else:
-            outputs = await self._batcher(model).run(job)
+            outputs = model.run(feed, job.rows)
         ids = uuid7_batch(job.rows)
         latency_ms = (time.perf_counter() - started) * 1000.0
         self.sink.submit(model, ids, job.columns, outputs, latency_ms, current_trace_id())
