@@ -20,10 +20,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_process(args: list[str], ready_port: int, timeout: float = 30.0, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_process(
+    args: list[str], ready_port: int, timeout: float = 30.0, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start a server process and wait until its port accepts connections."""
     log = tempfile.TemporaryFile()  # noqa: SIM115 - it is the server's stderr for its whole life
-    proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen(
+        args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -57,10 +61,27 @@ class Figures:
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
 
-    def add(self, figure: str, value: float, unit: str, floor: float, higher_is_better: bool) -> None:
-        ratio = (value / floor if higher_is_better else floor / value) if value and floor else float("nan")
-        self.rows.append({"figure": figure, "value": round(value, 4), "unit": unit, "floor": round(floor, 4), "ratio": round(ratio, 3)})
-        print(f"  {figure:<40} {value:>12.4g} {unit:<8} floor {floor:>10.4g}  ratio {ratio:.3f}", flush=True)
+    def add(
+        self, figure: str, value: float, unit: str, floor: float, higher_is_better: bool
+    ) -> None:
+        ratio = (
+            (value / floor if higher_is_better else floor / value)
+            if value and floor
+            else float("nan")
+        )
+        self.rows.append(
+            {
+                "figure": figure,
+                "value": round(value, 4),
+                "unit": unit,
+                "floor": round(floor, 4),
+                "ratio": round(ratio, 3),
+            }
+        )
+        print(
+            f"  {figure:<40} {value:>12.4g} {unit:<8} floor {floor:>10.4g}  ratio {ratio:.3f}",
+            flush=True,
+        )
 
     def emit(self) -> None:
         for row in self.rows:

@@ -45,7 +45,9 @@ def infer_payload(row: np.ndarray) -> bytes:
     return request.SerializeToString()
 
 
-async def unary_load(address: str, method: str, payload: bytes, concurrency: int, seconds: float) -> tuple[float, float, float]:
+async def unary_load(
+    address: str, method: str, payload: bytes, concurrency: int, seconds: float
+) -> tuple[float, float, float]:
     """Throughput (req/s), p50 and p99 latency (ms) of `concurrency` closed-loop callers."""
     async with aio.insecure_channel(address) as channel:
         call = channel.unary_unary(method)
@@ -63,10 +65,16 @@ async def unary_load(address: str, method: str, payload: bytes, concurrency: int
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return len(latencies) / elapsed, percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3
+    return (
+        len(latencies) / elapsed,
+        percentile(latencies, 0.5) * 1e3,
+        percentile(latencies, 0.99) * 1e3,
+    )
 
 
-async def stream_load(address: str, method: str, payload: bytes, seconds: float, window: int = 64) -> float:
+async def stream_load(
+    address: str, method: str, payload: bytes, seconds: float, window: int = 64
+) -> float:
     """Messages per second through one bidi stream, with up to `window` in flight."""
     async with aio.insecure_channel(address) as channel:
         call = channel.stream_stream(method)()
@@ -99,7 +107,9 @@ def ort_in_process(model_dir: Path, row: np.ndarray, repeats: int = 3000) -> flo
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
     feed = {"input": row.reshape(1, -1).astype(np.float32)}
     for _ in range(200):
         session.run(None, feed)
@@ -121,19 +131,38 @@ def main() -> None:
         echo_port, inf_port = free_port(), free_port()
         echo = start_process([PYTHON, "-m", "bench.echo_server", str(echo_port)], echo_port)
         server = start_process(
-            [PYTHON, "-m", "cyclone", "serve", "inference", "--model-repository", tmp, "--model", "rf",
-             "--port", str(inf_port), "--metrics-port", "-1"],
+            [
+                PYTHON,
+                "-m",
+                "cyclone",
+                "serve",
+                "inference",
+                "--model-repository",
+                tmp,
+                "--model",
+                "rf",
+                "--port",
+                str(inf_port),
+                "--metrics-port",
+                "-1",
+            ],
             inf_port,
         )
         try:
             run: Callable[..., tuple[float, float, float]] = lambda *a: asyncio.run(unary_load(*a))  # noqa: E731
             predict = predict_payload(row)
             infer = infer_payload(row)
-            stream_msg = pb.PredictStreamRequest(request=pb.PredictRequest.FromString(predict)).SerializeToString()
-            print(f"payload: Predict {len(predict)} B, ModelInfer {len(infer)} B; {args.seconds:.0f}s per figure")
+            stream_msg = pb.PredictStreamRequest(
+                request=pb.PredictRequest.FromString(predict)
+            ).SerializeToString()
+            print(
+                f"payload: Predict {len(predict)} B, ModelInfer {len(infer)} B; {args.seconds:.0f}s per figure"
+            )
             unary: dict[int, float] = {}
             for conc in (1, 32):
-                floor = run(f"127.0.0.1:{echo_port}", "/bench.Echo/Unary", predict, conc, args.seconds)
+                floor = run(
+                    f"127.0.0.1:{echo_port}", "/bench.Echo/Unary", predict, conc, args.seconds
+                )
                 ours = run(f"127.0.0.1:{inf_port}", PREDICT, predict, conc, args.seconds)
                 oip_ours = run(f"127.0.0.1:{inf_port}", INFER, infer, conc, args.seconds)
                 unary[conc] = ours[0]
@@ -143,13 +172,21 @@ def main() -> None:
                 figures.add(f"model_infer_c{conc}_throughput", oip_ours[0], "req/s", floor[0], True)
                 figures.add(f"model_infer_c{conc}_p50", oip_ours[1], "ms", floor[1], False)
                 figures.add(f"model_infer_c{conc}_p99", oip_ours[2], "ms", floor[2], False)
-            stream_floor = asyncio.run(stream_load(f"127.0.0.1:{echo_port}", "/bench.Echo/Stream", stream_msg, args.seconds))
-            stream = asyncio.run(stream_load(f"127.0.0.1:{inf_port}", STREAM, stream_msg, args.seconds))
+            stream_floor = asyncio.run(
+                stream_load(
+                    f"127.0.0.1:{echo_port}", "/bench.Echo/Stream", stream_msg, args.seconds
+                )
+            )
+            stream = asyncio.run(
+                stream_load(f"127.0.0.1:{inf_port}", STREAM, stream_msg, args.seconds)
+            )
             figures.add("predict_stream_throughput", stream, "msg/s", stream_floor, True)
             figures.add("predict_stream_vs_unary_c1", stream, "msg/s", unary[1], True)
             figures.add("predict_stream_vs_unary_c32", stream, "msg/s", unary[32], True)
             floor_ms = 1e3 / unary[1]
-            figures.add("onnxruntime_in_process_1row", ort_in_process(model_dir, row), "ms", floor_ms, False)
+            figures.add(
+                "onnxruntime_in_process_1row", ort_in_process(model_dir, row), "ms", floor_ms, False
+            )
         finally:
             stop_process(server)
             stop_process(echo)

@@ -55,7 +55,8 @@ def window_from_frame(
 
 def reference_profile(schema: ModelSchema, window: Window) -> ReferenceProfile:
     declared = {
-        f.name: ProfileFeature(f.name, f.kind, f.min, f.max, f.categories or None) for f in schema.features
+        f.name: ProfileFeature(f.name, f.kind, f.min, f.max, f.categories or None)
+        for f in schema.features
     }
     return build_profile(
         window.features,
@@ -85,5 +86,7 @@ def baseline_metrics(window: Window, reference: ReferenceProfile | None) -> dict
     return values
 
 
-def evaluation_record(window: Window, reference: ReferenceProfile | None, source: str) -> dict[str, Any]:
+def evaluation_record(
+    window: Window, reference: ReferenceProfile | None, source: str
+) -> dict[str, Any]:
     return {"metrics": baseline_metrics(window, reference), "rows": window.n_rows, "source": source}

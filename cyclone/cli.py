@@ -45,17 +45,29 @@ def _settings(cls: Any, flags: dict[str, Any], config: Path | None) -> Any:
 
 @serve_app.command("inference")
 def serve_inference(
-    model_repository: Annotated[Path | None, typer.Option(help="Model repository directory.")] = None,
+    model_repository: Annotated[
+        Path | None, typer.Option(help="Model repository directory.")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Serve only this model (one revision).")] = None,
     version: Annotated[str | None, typer.Option(help="Version of --model; default latest.")] = None,
     host: HostOpt = None,
     port: PortOpt = None,
     metrics_port: MetricsPortOpt = None,
-    intra_op_threads: Annotated[int | None, typer.Option(help="onnxruntime intra-op threads.")] = None,
-    inter_op_threads: Annotated[int | None, typer.Option(help="onnxruntime inter-op threads.")] = None,
-    max_batch_rows: Annotated[int | None, typer.Option(help="Most rows one request may carry.")] = None,
-    store: Annotated[str | None, typer.Option(help="Store HOST:PORT; log every prediction there.")] = None,
-    spool_dir: Annotated[Path | None, typer.Option(help="Disk spool for when the store is down.")] = None,
+    intra_op_threads: Annotated[
+        int | None, typer.Option(help="onnxruntime intra-op threads.")
+    ] = None,
+    inter_op_threads: Annotated[
+        int | None, typer.Option(help="onnxruntime inter-op threads.")
+    ] = None,
+    max_batch_rows: Annotated[
+        int | None, typer.Option(help="Most rows one request may carry.")
+    ] = None,
+    store: Annotated[
+        str | None, typer.Option(help="Store HOST:PORT; log every prediction there.")
+    ] = None,
+    spool_dir: Annotated[
+        Path | None, typer.Option(help="Disk spool for when the store is down.")
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Cyclone data directory.")] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -105,7 +117,9 @@ def serve_monitor(
 
 @model_app.command("import")
 def model_import(
-    pipeline: Annotated[Path, typer.Argument(help="Fitted scikit-learn pipeline saved with joblib.")],
+    pipeline: Annotated[
+        Path, typer.Argument(help="Fitted scikit-learn pipeline saved with joblib.")
+    ],
     name: Annotated[str, typer.Option(help="Model name.")],
     repository: Annotated[Path, typer.Option(help="Model repository directory.")] = Path("models"),
     version: Annotated[str | None, typer.Option(help="Version; default next integer.")] = None,
@@ -177,9 +191,13 @@ def _read_rows(rows: list[str], file: Path | None) -> list[dict[str, Any]]:
 @app.command()
 def predict(
     model: Annotated[str, typer.Option(help="Model name.")],
-    row: Annotated[list[str] | None, typer.Option(help="One row as a JSON object; repeatable.")] = None,
+    row: Annotated[
+        list[str] | None, typer.Option(help="One row as a JSON object; repeatable.")
+    ] = None,
     file: Annotated[Path | None, typer.Option(help="JSON-lines or CSV file of rows.")] = None,
-    address: Annotated[str, typer.Option(help="Inference server (or Envoy) address.")] = "127.0.0.1:8001",
+    address: Annotated[
+        str, typer.Option(help="Inference server (or Envoy) address.")
+    ] = "127.0.0.1:8001",
     version: Annotated[str, typer.Option(help="Model version; default the served one.")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
@@ -235,8 +253,12 @@ def _rpc_fail(exc: Any) -> NoReturn:
 @app.command()
 def label(
     model: Annotated[str, typer.Option(help="Model name.")],
-    prediction_id: Annotated[list[str] | None, typer.Option("--id", help="Prediction id; repeatable.")] = None,
-    value: Annotated[list[str] | None, typer.Option(help="Label for the matching --id; repeatable.")] = None,
+    prediction_id: Annotated[
+        list[str] | None, typer.Option("--id", help="Prediction id; repeatable.")
+    ] = None,
+    value: Annotated[
+        list[str] | None, typer.Option(help="Label for the matching --id; repeatable.")
+    ] = None,
     file: Annotated[
         Path | None, typer.Option(help="CSV or JSON lines with prediction_id and label columns.")
     ] = None,
@@ -273,7 +295,10 @@ def label(
             stored, unmatched = client.add_labels(model, pairs)
     except grpc.RpcError as exc:
         _rpc_fail(exc)
-    typer.echo(f"stored {stored} label(s)" + (f"; {len(unmatched)} not matched to a stored prediction yet" if unmatched else ""))
+    typer.echo(
+        f"stored {stored} label(s)"
+        + (f"; {len(unmatched)} not matched to a stored prediction yet" if unmatched else "")
+    )
 
 
 @app.command()
@@ -302,8 +327,13 @@ def status(
     for m in stats.models:
         h = health.get((m.model, serving.get(m.model, "")))
         table.add_row(
-            m.model, serving.get(m.model, "-"), str(m.predictions), str(m.labels), f"{m.label_coverage:.1%}",
-            f"{m.ingest_lag_seconds:.1f}s", h.level if h else "-",
+            m.model,
+            serving.get(m.model, "-"),
+            str(m.predictions),
+            str(m.labels),
+            f"{m.label_coverage:.1%}",
+            f"{m.ingest_lag_seconds:.1f}s",
+            h.level if h else "-",
         )
     console.print(table)
     if monitor:
@@ -322,7 +352,10 @@ def status(
 
 
 @plan_app.command("get")
-def plan_get(model: Annotated[str, typer.Argument(help="Model name.")], monitor: MonitorOpt = "127.0.0.1:8003") -> None:
+def plan_get(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    monitor: MonitorOpt = "127.0.0.1:8003",
+) -> None:
     """Print a model's monitoring plan (the generated default if none was set)."""
     import grpc
 
@@ -377,7 +410,9 @@ def alerts(
 
     for a in listed:
         level = mpb.Level.Name(a.level).removeprefix("LEVEL_")
-        typer.echo(f"#{a.id} {a.model} {a.version} {level} {a.action}->{a.sink} {a.status}: {'; '.join(a.reasons)}")
+        typer.echo(
+            f"#{a.id} {a.model} {a.version} {level} {a.action}->{a.sink} {a.status}: {'; '.join(a.reasons)}"
+        )
 
 
 @plugins_app.command("list")

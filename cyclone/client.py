@@ -25,7 +25,11 @@ class Prediction:
 
 
 def _is_number(value: Any) -> bool:
-    return value is None or (isinstance(value, int | float) and not isinstance(value, bool)) or isinstance(value, bool)
+    return (
+        value is None
+        or (isinstance(value, int | float) and not isinstance(value, bool))
+        or isinstance(value, bool)
+    )
 
 
 def build_request(model: str, rows: Rows, version: str = "") -> pb.PredictRequest:
@@ -55,7 +59,11 @@ def predictions_from_response(response: pb.PredictResponse) -> list[Prediction]:
     probs = list(response.probabilities)
     k = len(classes)
     return [
-        Prediction(i, label=label, probabilities=dict(zip(classes, probs[r * k : (r + 1) * k], strict=True)))
+        Prediction(
+            i,
+            label=label,
+            probabilities=dict(zip(classes, probs[r * k : (r + 1) * k], strict=True)),
+        )
         for r, (i, label) in enumerate(zip(ids, response.labels, strict=True))
     ]
 
@@ -63,7 +71,9 @@ def predictions_from_response(response: pb.PredictResponse) -> list[Prediction]:
 class InferenceClient:
     """Blocking client for `cyclone.inference.v1.InferenceService`."""
 
-    def __init__(self, address: str, *, timeout: float = 10.0, max_message_bytes: int = 16 << 20) -> None:
+    def __init__(
+        self, address: str, *, timeout: float = 10.0, max_message_bytes: int = 16 << 20
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
@@ -74,7 +84,9 @@ class InferenceClient:
         return predictions_from_response(response)
 
     def get_model(self, model: str, version: str = "") -> pb.ModelInfo:
-        response = self._stub.GetModel(pb.GetModelRequest(model=model, version=version), timeout=self.timeout)
+        response = self._stub.GetModel(
+            pb.GetModelRequest(model=model, version=version), timeout=self.timeout
+        )
         info: pb.ModelInfo = response.model
         return info
 
@@ -127,12 +139,18 @@ class StoreClient:
     def health(self, model: str = "") -> list[Any]:
         from cyclone.store.v1 import store_service_pb2 as store_pb
 
-        return list(self._stub.GetHealth(store_pb.GetHealthRequest(model=model), timeout=self.timeout).health)
+        return list(
+            self._stub.GetHealth(
+                store_pb.GetHealthRequest(model=model), timeout=self.timeout
+            ).health
+        )
 
     def model_versions(self, model: str = "") -> list[Any]:
         from cyclone.store.v1 import store_service_pb2 as store_pb
 
-        response = self._stub.ListModelVersions(store_pb.ListModelVersionsRequest(model=model), timeout=self.timeout)
+        response = self._stub.ListModelVersions(
+            store_pb.ListModelVersionsRequest(model=model), timeout=self.timeout
+        )
         return list(response.model_versions)
 
     def close(self) -> None:
@@ -163,7 +181,9 @@ class MonitorClient:
     def status(self, model: str = "") -> list[Any]:
         from cyclone.monitor.v1 import monitor_service_pb2 as mpb
 
-        return list(self._stub.GetStatus(mpb.GetStatusRequest(model=model), timeout=self.timeout).statuses)
+        return list(
+            self._stub.GetStatus(mpb.GetStatusRequest(model=model), timeout=self.timeout).statuses
+        )
 
     def get_plan(self, model: str) -> tuple[str, int]:
         from cyclone.monitor.v1 import monitor_service_pb2 as mpb
@@ -174,12 +194,20 @@ class MonitorClient:
     def set_plan(self, model: str, plan_yaml: str) -> int:
         from cyclone.monitor.v1 import monitor_service_pb2 as mpb
 
-        return int(self._stub.SetPlan(mpb.SetPlanRequest(model=model, plan_yaml=plan_yaml), timeout=self.timeout).revision)
+        return int(
+            self._stub.SetPlan(
+                mpb.SetPlanRequest(model=model, plan_yaml=plan_yaml), timeout=self.timeout
+            ).revision
+        )
 
     def alerts(self, model: str = "", status: str = "") -> list[Any]:
         from cyclone.monitor.v1 import monitor_service_pb2 as mpb
 
-        return list(self._stub.ListAlerts(mpb.ListAlertsRequest(model=model, status=status), timeout=self.timeout).alerts)
+        return list(
+            self._stub.ListAlerts(
+                mpb.ListAlertsRequest(model=model, status=status), timeout=self.timeout
+            ).alerts
+        )
 
     def close(self) -> None:
         self._channel.close()

@@ -39,7 +39,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_healthy(address: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
+def _wait_healthy(
+    address: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0
+) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -47,17 +49,24 @@ def _wait_healthy(address: str, proc: subprocess.Popen[bytes], log: Path, timeou
             if proc.poll() is not None:
                 raise RuntimeError(f"{address} exited; log:\n{log.read_text()[-3000:]}")
             with contextlib.suppress(grpc.RpcError):
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             time.sleep(0.2)
-    raise RuntimeError(f"{address} not healthy after {timeout:.0f}s; log:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(
+        f"{address} not healthy after {timeout:.0f}s; log:\n{log.read_text()[-3000:]}"
+    )
 
 
 @contextlib.contextmanager
 def _service(name: str, args: list[str], port: int, logs: Path) -> Iterator[str]:
     log = logs / f"{name}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cyclone", "serve", name, *args], stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cyclone", "serve", name, *args], stdout=out, stderr=out
+        )
     address = f"127.0.0.1:{port}"
     try:
         _wait_healthy(address, proc, log)
@@ -86,15 +95,25 @@ def _traffic(inference: str, store: str, *, rows: int, seed: int, shift: float) 
     ids: list[str] = []
     with InferenceClient(inference) as client:
         for start in range(0, rows, 50):  # the way an application calls: small batches
-            ids.extend(p.prediction_id for p in client.predict("credit", records[start : start + 50]))
+            ids.extend(
+                p.prediction_id for p in client.predict("credit", records[start : start + 50])
+            )
     # Labels arrive later (here: right away); the store joins them to their predictions.
     with StoreClient(store) as client:
         unmatched: list[str] = []
         for start in range(0, rows, 500):
-            pairs = list(zip(ids[start : start + 500], frame["defaulted"].astype(str)[start : start + 500], strict=True))
+            pairs = list(
+                zip(
+                    ids[start : start + 500],
+                    frame["defaulted"].astype(str)[start : start + 500],
+                    strict=True,
+                )
+            )
             unmatched.extend(client.add_labels("credit", pairs)[1])
     if unmatched:
-        console.print(f"    {len(unmatched)} labels arrived before their predictions reached the store; they join later")
+        console.print(
+            f"    {len(unmatched)} labels arrived before their predictions reached the store; they join later"
+        )
     return len(ids)
 
 
@@ -107,7 +126,9 @@ def _show(status: Any) -> None:
     drifted = sorted({d.feature for d in status.drift if d.drifted})
     console.print(
         f"  level [bold {colour}]{level}[/bold {colour}] over {status.rows} rows ({status.labelled_rows} labelled): "
-        + ", ".join(f"{k} {shown[k]:.3f}" for k in ("accuracy", "roc_auc", "f1_macro") if k in shown)
+        + ", ".join(
+            f"{k} {shown[k]:.3f}" for k in ("accuracy", "roc_auc", "f1_macro") if k in shown
+        )
     )
     console.print(f"  drifted features: {', '.join(drifted) or 'none'}")
     for reason in status.reasons:
@@ -125,14 +146,18 @@ def run_demo(workdir: Path | None = None) -> None:
     console.print("\n[bold]1. Train and import a model[/bold]")
     train = credit_frame(4000, seed=0)
     pipeline = credit_pipeline(train)
-    target, schema, parity = import_pipeline(pipeline, "credit", repo, sample=train, label_column="defaulted")
+    target, schema, parity = import_pipeline(
+        pipeline, "credit", repo, sample=train, label_column="defaulted"
+    )
     baseline = json.loads((target / "evaluation.json").read_text())["metrics"]
     console.print(
         f"  credit v{schema.version}: {schema.task}, features {', '.join(schema.feature_names)}; "
         f"ONNX parity max diff {parity.max_abs_diff:.1e}; baseline accuracy {baseline['accuracy']:.3f}"
     )
 
-    console.print("\n[bold]2. Start the mesh[/bold] (store on embedded PostgreSQL, inference, monitor)")
+    console.print(
+        "\n[bold]2. Start the mesh[/bold] (store on embedded PostgreSQL, inference, monitor)"
+    )
     store_port, inference_port, monitor_port = _free_port(), _free_port(), _free_port()
     common = ["--data-dir", str(data)]
     env_port = ["--port"]
@@ -140,11 +165,23 @@ def run_demo(workdir: Path | None = None) -> None:
         _service("store", [*common, *env_port, str(store_port)], store_port, logs) as store,
         _service(
             "inference",
-            [*common, "--model-repository", str(repo), "--model", "credit", "--store", store, "--port", str(inference_port)],
+            [
+                *common,
+                "--model-repository",
+                str(repo),
+                "--model",
+                "credit",
+                "--store",
+                store,
+                "--port",
+                str(inference_port),
+            ],
             inference_port,
             logs,
         ) as inference,
-        _service("monitor", [*common, "--store", store, "--port", str(monitor_port)], monitor_port, logs) as monitor,
+        _service(
+            "monitor", [*common, "--store", store, "--port", str(monitor_port)], monitor_port, logs
+        ) as monitor,
         StoreClient(store) as store_client,
         MonitorClient(monitor) as monitor_client,
     ):
@@ -158,7 +195,9 @@ def run_demo(workdir: Path | None = None) -> None:
         status = monitor_client.evaluate_now("credit").status
         _show(status)
 
-        console.print("\n[bold]4. The world shifts[/bold]: incomes fall, debt rises, the old rule stops holding")
+        console.print(
+            "\n[bold]4. The world shifts[/bold]: incomes fall, debt rises, the old rule stops holding"
+        )
         # A short window, as a team would use for a fast-moving portfolio.
         plan_yaml, _ = monitor_client.get_plan("credit")
         monitor_client.set_plan("credit", plan_yaml.replace("duration: 1h", "rows: 1500"))
@@ -168,12 +207,17 @@ def run_demo(workdir: Path | None = None) -> None:
         _show(response.status)
 
         console.print("\n[bold]5. Alerts[/bold] (outbox → sinks, retried until delivered)")
-        delivered = _until(lambda: [a for a in monitor_client.alerts("credit") if a.status == "delivered"], timeout=20)
+        delivered = _until(
+            lambda: [a for a in monitor_client.alerts("credit") if a.status == "delivered"],
+            timeout=20,
+        )
         for alert in monitor_client.alerts("credit"):
             console.print(f"  #{alert.id} {alert.action} → {alert.sink}: {alert.status}")
         if not delivered:
             raise SystemExit("demo: alerts were not delivered")
-        console.print(f"  retrain requests recorded in {data / 'alerts.jsonl'} (the trainer picks them up once deployed)")
+        console.print(
+            f"  retrain requests recorded in {data / 'alerts.jsonl'} (the trainer picks them up once deployed)"
+        )
 
         stats = store_client.stats("credit").models[0]
         console.print(

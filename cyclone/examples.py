@@ -21,7 +21,9 @@ def credit_frame(rows: int, *, seed: int = 0, shift: float = 0.0) -> pd.DataFram
     income = rng.lognormal(10.3 - shift * 0.5, 0.5, rows).round(2)
     debt_ratio = np.clip(rng.beta(2, 5, rows) + shift * 0.2, 0, 1).round(4)
     city = rng.choice(CITIES, rows, p=(0.4, 0.3, 0.2, 0.1))
-    city_risk = pd.Series(city).map({"lisbon": 0.0, "porto": 0.3, "braga": -0.2, "faro": 0.5}).to_numpy()
+    city_risk = (
+        pd.Series(city).map({"lisbon": 0.0, "porto": 0.3, "braga": -0.2, "faro": 0.5}).to_numpy()
+    )
     # After a shift the relationship itself changes: debt matters less, age more.
     logit = (
         -1.0
@@ -32,7 +34,13 @@ def credit_frame(rows: int, *, seed: int = 0, shift: float = 0.0) -> pd.DataFram
     )
     defaulted = (rng.uniform(size=rows) < 1 / (1 + np.exp(-logit))).astype(int)
     return pd.DataFrame(
-        {"age": age, "income": income, "debt_ratio": debt_ratio, "city": city, "defaulted": defaulted}
+        {
+            "age": age,
+            "income": income,
+            "debt_ratio": debt_ratio,
+            "city": city,
+            "defaulted": defaulted,
+        }
     )
 
 

@@ -62,7 +62,9 @@ def _request_id(metadata: Any) -> str:
     return _new_request_id()
 
 
-def _failed_code(context: aio.ServicerContext[Any, Any], exc: BaseException | None) -> grpc.StatusCode | None:
+def _failed_code(
+    context: aio.ServicerContext[Any, Any], exc: BaseException | None
+) -> grpc.StatusCode | None:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return None if code == grpc.StatusCode.OK else code
@@ -88,7 +90,9 @@ def _wrap(handler: grpc.RpcMethodHandler, m: _MethodMetrics) -> grpc.RpcMethodHa
         m.requests.inc()
         return time.perf_counter()
 
-    def end(context: aio.ServicerContext[Any, Any], started: float, exc: BaseException | None) -> None:
+    def end(
+        context: aio.ServicerContext[Any, Any], started: float, exc: BaseException | None
+    ) -> None:
         m.latency.observe(time.perf_counter() - started)
         code = _failed_code(context, exc)
         if code is not None:

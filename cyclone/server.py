@@ -47,9 +47,13 @@ class _InstrumentingRegistrar:
         # The same handlers arrive, by name, in add_registered_method_handlers.
         return None
 
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
         wrapped = {name: instrument(f"/{service}/{name}", h) for name, h in handlers.items()}
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, wrapped),)
+        )
         self._server.add_registered_method_handlers(service, wrapped)
         self.registered = True
 
@@ -105,8 +109,11 @@ class CycloneServer:
 
     async def start(self) -> int:
         reflection.enable_server_reflection(
-            (*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (
+                *self._service_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.grpc,
         )
         address = f"{self.settings.host}:{self.settings.port}"
@@ -166,7 +173,9 @@ class CycloneServer:
             await self.stop()
 
 
-def abort_on_domain_errors(context: aio.ServicerContext[Any, Any], exc: Exception) -> Awaitable[None]:
+def abort_on_domain_errors(
+    context: aio.ServicerContext[Any, Any], exc: Exception
+) -> Awaitable[None]:
     """Turn a CycloneError into the matching status; anything else is INTERNAL."""
     from cyclone.errors import CycloneError
 

@@ -90,7 +90,9 @@ def load_settings(
     env = os.environ if env is None else env
     hints = typing.get_type_hints(cls)
     file_values: dict[str, Any] = {}
-    config_file = config_file or (Path(env[f"{ENV_PREFIX}CONFIG"]) if f"{ENV_PREFIX}CONFIG" in env else None)
+    config_file = config_file or (
+        Path(env[f"{ENV_PREFIX}CONFIG"]) if f"{ENV_PREFIX}CONFIG" in env else None
+    )
     if config_file is not None:
         try:
             loaded = yaml.safe_load(config_file.read_text()) or {}

@@ -104,7 +104,9 @@ def infer_features(pipeline: Any) -> tuple[tuple[FeatureSchema, ...], str]:
         count = getattr(pipeline, "n_features_in_", None)
         if count is None:
             raise ConversionError("pipeline: not fitted (no n_features_in_)")
-        return tuple(FeatureSchema(f"f{i}", "numeric", "float32") for i in range(int(count))), "matrix"
+        return tuple(
+            FeatureSchema(f"f{i}", "numeric", "float32") for i in range(int(count))
+        ), "matrix"
     kinds: dict[str, FeatureSchema] = {
         str(n): FeatureSchema(str(n), "numeric", "float32") for n in names
     }
@@ -135,7 +137,10 @@ def _initial_types(features: tuple[FeatureSchema, ...], layout: str) -> list[tup
     if layout == "matrix":
         return [("input", FloatTensorType([None, len(features)]))]
     return [
-        (f.name, StringTensorType([None, 1]) if f.kind == "categorical" else FloatTensorType([None, 1]))
+        (
+            f.name,
+            StringTensorType([None, 1]) if f.kind == "categorical" else FloatTensorType([None, 1]),
+        )
         for f in features
     ]
 
@@ -154,7 +159,9 @@ def _known_categories(pipeline: Any) -> dict[str, list[str]]:
     return found
 
 
-def sample_frame(features: tuple[FeatureSchema, ...], pipeline: Any, rows: int = 200) -> pd.DataFrame:
+def sample_frame(
+    features: tuple[FeatureSchema, ...], pipeline: Any, rows: int = 200
+) -> pd.DataFrame:
     """Synthetic rows for the parity check when the caller gave no sample data."""
     rng = np.random.default_rng(0)
     known = _known_categories(pipeline)
@@ -169,7 +176,11 @@ def sample_frame(features: tuple[FeatureSchema, ...], pipeline: Any, rows: int =
         if f.kind == "categorical":
             cats = list(f.categories) or known.get(f.name) or ["a", "b"]
             data[f.name] = rng.choice(cats, size=rows)
-        elif scaler_mean is not None and scaler_scale is not None and len(scaler_mean) == len(features):
+        elif (
+            scaler_mean is not None
+            and scaler_scale is not None
+            and len(scaler_mean) == len(features)
+        ):
             data[f.name] = rng.normal(scaler_mean[i], scaler_scale[i], size=rows)
         else:
             data[f.name] = rng.normal(0.0, 1.0, size=rows)
@@ -182,11 +193,15 @@ def onnx_feed(schema: ModelSchema, frame: pd.DataFrame) -> dict[str, np.ndarray]
     feed: dict[str, np.ndarray] = {}
     for f in schema.features:
         col = frame[f.name].to_numpy()
-        feed[f.name] = (col.astype(str) if f.kind == "categorical" else col.astype(np.float32)).reshape(-1, 1)
+        feed[f.name] = (
+            col.astype(str) if f.kind == "categorical" else col.astype(np.float32)
+        ).reshape(-1, 1)
     return feed
 
 
-def check_parity(pipeline: Any, onnx_bytes: bytes, schema: ModelSchema, frame: pd.DataFrame) -> ParityReport:
+def check_parity(
+    pipeline: Any, onnx_bytes: bytes, schema: ModelSchema, frame: pd.DataFrame
+) -> ParityReport:
     """Compare ONNX Runtime with scikit-learn on `frame`; raise ConversionError when they differ."""
     import onnxruntime as ort
 
@@ -341,15 +356,27 @@ def import_pipeline(
 
 
 def _write_reference(
-    pipeline: Any, schema: ModelSchema, sample: pd.DataFrame, label_column: str | None, directory: Path
+    pipeline: Any,
+    schema: ModelSchema,
+    sample: pd.DataFrame,
+    label_column: str | None,
+    directory: Path,
 ) -> None:
     import json
 
     from cyclone.baseline import evaluation_record, reference_profile, window_from_frame
 
-    x = sample[schema.feature_names] if schema.input_layout == "columns" else sample[schema.feature_names].to_numpy()
+    x = (
+        sample[schema.feature_names]
+        if schema.input_layout == "columns"
+        else sample[schema.feature_names].to_numpy()
+    )
     predictions = np.asarray(pipeline.predict(x))
-    probabilities = np.asarray(pipeline.predict_proba(x), dtype=np.float64) if schema.task == "classification" else None
+    probabilities = (
+        np.asarray(pipeline.predict_proba(x), dtype=np.float64)
+        if schema.task == "classification"
+        else None
+    )
     labels = sample[label_column].to_numpy() if label_column else None
     window = window_from_frame(schema, sample, predictions, probabilities, labels)
     profile = reference_profile(schema, window)

@@ -97,7 +97,9 @@ def _feature(index: int, raw: Any, source: str) -> FeatureSchema:
         raise ModelLoadError(f"{where}.kind: expected numeric or categorical, got {kind!r}")
     dtype = str(raw.get("dtype", "float32" if kind == "numeric" else "string"))
     if kind == "numeric" and dtype not in NUMERIC_DTYPES:
-        raise ModelLoadError(f"{where}.dtype: numeric features take {NUMERIC_DTYPES}, got {dtype!r}")
+        raise ModelLoadError(
+            f"{where}.dtype: numeric features take {NUMERIC_DTYPES}, got {dtype!r}"
+        )
     if kind == "categorical" and dtype != "string":
         raise ModelLoadError(f"{where}.dtype: categorical features take 'string', got {dtype!r}")
     try:

@@ -36,7 +36,9 @@ class Prepared:
 
 
 def _concat_columns(model: LoadedModel, jobs: Sequence[Prepared]) -> dict[str, np.ndarray]:
-    return {name: np.concatenate([job.columns[name] for job in jobs]) for name in model.feature_names}
+    return {
+        name: np.concatenate([job.columns[name] for job in jobs]) for name in model.feature_names
+    }
 
 
 def _run_one(model: LoadedModel, job: Prepared) -> Outputs:

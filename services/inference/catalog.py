@@ -80,7 +80,11 @@ class ModelCatalog:
                 raise NotFound("model: empty model name")
             if name in self.failures:
                 raise FailedPrecondition(f"model: {name!r} failed to load: {self.failures[name]}")
-            raise NotFound(f"model: {name!r} is not served here (serving: {', '.join(self.models) or 'none'})")
+            raise NotFound(
+                f"model: {name!r} is not served here (serving: {', '.join(self.models) or 'none'})"
+            )
         if version and version != loaded.version:
-            raise NotFound(f"version: {name!r} version {version!r} is not served here (serving {loaded.version!r})")
+            raise NotFound(
+                f"version: {name!r} version {version!r} is not served here (serving {loaded.version!r})"
+            )
         return loaded

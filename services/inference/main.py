@@ -64,10 +64,14 @@ def build_inference_server(
     scorer = Scorer(catalog, sink)
     server = CycloneServer("inference", settings)
     server.add_service(
-        INFERENCE_SERVICE, lambda s: pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(scorer), s)
+        INFERENCE_SERVICE,
+        lambda s: pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(scorer), s),
     )
     server.add_service(
-        OIP_SERVICE, lambda s: oip_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(scorer), s)
+        OIP_SERVICE,
+        lambda s: oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            OpenInferenceServicer(scorer), s
+        ),
     )
     return server, scorer
 
@@ -80,7 +84,10 @@ async def register_models(address: str, catalog: ModelCatalog, retry_every: floa
         while todo:
             model = todo[0]
             entry = store_pb.ModelVersion(
-                model=model.name, version=model.version, task=model.schema.task, sha256=model.sha256,
+                model=model.name,
+                version=model.version,
+                task=model.schema.task,
+                sha256=model.sha256,
                 artifact_uri=str(model.files.directory.resolve()),
                 schema_json=json.dumps(model.schema.to_dict()),
                 reference_profile_json=_read_optional(model.files.directory / REFERENCE_FILE),
@@ -88,20 +95,32 @@ async def register_models(address: str, catalog: ModelCatalog, retry_every: floa
             )
             try:
                 await stub.RegisterModelVersion(
-                    store_pb.RegisterModelVersionRequest(model_version=entry, if_not_exists=True), timeout=5
+                    store_pb.RegisterModelVersionRequest(model_version=entry, if_not_exists=True),
+                    timeout=5,
                 )
-                serving = await stub.ListModelVersions(store_pb.ListModelVersionsRequest(model=model.name), timeout=5)
-                if not any(v.status == store_pb.MODEL_STATUS_SERVING for v in serving.model_versions):
+                serving = await stub.ListModelVersions(
+                    store_pb.ListModelVersionsRequest(model=model.name), timeout=5
+                )
+                if not any(
+                    v.status == store_pb.MODEL_STATUS_SERVING for v in serving.model_versions
+                ):
                     await stub.SetModelStatus(
                         store_pb.SetModelStatusRequest(
-                            model=model.name, version=model.version, status=store_pb.MODEL_STATUS_SERVING
+                            model=model.name,
+                            version=model.version,
+                            status=store_pb.MODEL_STATUS_SERVING,
                         ),
                         timeout=5,
                     )
                 todo.pop(0)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    log.error("store refused to register %s %s: %s", model.name, model.version, exc.details())
+                    log.error(
+                        "store refused to register %s %s: %s",
+                        model.name,
+                        model.version,
+                        exc.details(),
+                    )
                     todo.pop(0)
                     continue
                 await asyncio.sleep(retry_every)
@@ -114,9 +133,14 @@ def _read_optional(path: Path) -> str:
 def attach_store(settings: InferenceSettings, server: CycloneServer, scorer: Scorer) -> StoreSink:
     """Log every prediction to the store given in settings (started with the server)."""
     assert settings.store is not None
-    spool_dir = settings.spool_dir or settings.data_dir / "spool" / f"inference-{settings.model or 'all'}-{settings.port}"
+    spool_dir = (
+        settings.spool_dir
+        or settings.data_dir / "spool" / f"inference-{settings.model or 'all'}-{settings.port}"
+    )
     sink = StoreSink(
-        settings.store, spool_dir, spool_max_bytes=settings.spool_max_bytes,
+        settings.store,
+        spool_dir,
+        spool_max_bytes=settings.spool_max_bytes,
         flush_interval=settings.log_flush_interval,
     )
     scorer.sink = sink
@@ -142,5 +166,7 @@ async def run_inference(settings: InferenceSettings) -> None:
         attach_store(settings, server, scorer)
     if not scorer.catalog.models:
         # Keep running: a model can still be loaded through the repository API.
-        log.warning("no model loaded from %s; OIP ServerReady reports false", settings.model_repository)
+        log.warning(
+            "no model loaded from %s; OIP ServerReady reports false", settings.model_repository
+        )
     await server.serve_until_signalled()

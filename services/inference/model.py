@@ -48,7 +48,11 @@ def _describe(value: float) -> str:
 
 class LoadedModel:
     def __init__(
-        self, files: ModelFiles, *, intra_op_threads: int = 1, inter_op_threads: int = 1,
+        self,
+        files: ModelFiles,
+        *,
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
         max_batch_rows: int = 10_000,
     ) -> None:
         self.files = files
@@ -80,7 +84,9 @@ class LoadedModel:
         self._numeric = [f for f in self._features if f.kind == "numeric"]
         self._categorical = [f for f in self._features if f.kind == "categorical"]
         self._category_sets = {
-            f.name: np.array(sorted(f.categories), dtype=object) for f in self._categorical if f.categories
+            f.name: np.array(sorted(f.categories), dtype=object)
+            for f in self._categorical
+            if f.categories
         }
         # Precomputed for the fast paths: they only decide "valid or not"; any doubt falls
         # back to `validate`, which stays the one place that words the errors.
@@ -90,8 +96,12 @@ class LoadedModel:
         self.category_lookup: dict[str, frozenset[str] | None] = {
             f.name: frozenset(f.categories) if f.categories else None for f in self._categorical
         }
-        self._lo = np.array([-np.inf if f.min is None else f.min for f in self._numeric], dtype=np.float64)[:, None]
-        self._hi = np.array([np.inf if f.max is None else f.max for f in self._numeric], dtype=np.float64)[:, None]
+        self._lo = np.array(
+            [-np.inf if f.min is None else f.min for f in self._numeric], dtype=np.float64
+        )[:, None]
+        self._hi = np.array(
+            [np.inf if f.max is None else f.max for f in self._numeric], dtype=np.float64
+        )[:, None]
         self._bounded = any(f.min is not None or f.max is not None for f in self._numeric)
         # Matrix models whose features are all numeric and in schema order take the
         # validated (features, rows) block transposed, with no per-column copies.
@@ -111,7 +121,9 @@ class LoadedModel:
         source = self.files.schema_path
         if self.schema.input_layout == "matrix":
             if list(self.input_meta) != ["input"]:
-                raise ModelLoadError(f"{source}: input_layout matrix needs one ONNX input named 'input'")
+                raise ModelLoadError(
+                    f"{source}: input_layout matrix needs one ONNX input named 'input'"
+                )
             return
         missing = [n for n in self.schema.feature_names if n not in self.input_meta]
         if missing or len(self.input_meta) != len(self.schema.features):
@@ -164,7 +176,9 @@ class LoadedModel:
         allowed = self.category_lookup.get(name)
         return allowed is None or all(v in allowed for v in values)
 
-    def quick_validate(self, columns: Mapping[str, np.ndarray]) -> tuple[int, np.ndarray | None] | None:
+    def quick_validate(
+        self, columns: Mapping[str, np.ndarray]
+    ) -> tuple[int, np.ndarray | None] | None:
         """Rows and the numeric block when `columns` is plainly valid; None means "ask `validate`"."""
         if len(columns) != len(self.feature_names) or columns.keys() != self._name_set:
             return None
@@ -223,7 +237,9 @@ class LoadedModel:
         if rows <= 0:
             raise InvalidArgument("features: the request has no rows")
         if rows > self.max_batch_rows:
-            raise InvalidArgument(f"features: {rows} rows is more than the limit of {self.max_batch_rows}")
+            raise InvalidArgument(
+                f"features: {rows} rows is more than the limit of {self.max_batch_rows}"
+            )
         for f in self._categorical:
             self._check_categorical(f, columns[f.name])
         return rows
@@ -237,7 +253,9 @@ class LoadedModel:
     def feed(self, columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.schema.input_layout == "matrix":
             dtype = _ORT_TO_NUMPY.get(self.input_meta["input"].type, np.float32)
-            matrix = np.empty((len(columns[self._features[0].name]), len(self._features)), dtype=dtype)
+            matrix = np.empty(
+                (len(columns[self._features[0].name]), len(self._features)), dtype=dtype
+            )
             for i, f in enumerate(self._features):
                 matrix[:, i] = columns[f.name]
             return {"input": matrix}
@@ -252,17 +270,23 @@ class LoadedModel:
     def takes_block(self) -> bool:
         return self._matrix_dtype is not None
 
-    def feed_block(self, block: np.ndarray | None, columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def feed_block(
+        self, block: np.ndarray | None, columns: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
         """`feed`, but straight from a validated numeric block when the model allows it."""
         if self._matrix_dtype is not None and block is not None:
             return {"input": np.ascontiguousarray(block.T, dtype=self._matrix_dtype)}
         return self.feed(columns)
 
     def run(self, feed: Mapping[str, np.ndarray], rows: int) -> Outputs:
-        raw_list = self.session.run(self.output_names, feed if isinstance(feed, dict) else dict(feed))
+        raw_list = self.session.run(
+            self.output_names, feed if isinstance(feed, dict) else dict(feed)
+        )
         raw = dict(zip(self.output_names, raw_list, strict=True))
         if self.schema.task == "regression":
-            return Outputs(rows, values=np.asarray(raw_list[0], dtype=np.float64).reshape(rows), raw=raw)
+            return Outputs(
+                rows, values=np.asarray(raw_list[0], dtype=np.float64).reshape(rows), raw=raw
+            )
         labels = np.asarray(raw_list[0]).reshape(rows)
         probabilities = np.asarray(raw_list[1], dtype=np.float64).reshape(rows, -1)
         return Outputs(rows, labels=labels.astype(str), probabilities=probabilities, raw=raw)
@@ -273,7 +297,9 @@ class LoadedModel:
             stop - start,
             values=None if outputs.values is None else outputs.values[start:stop],
             labels=None if outputs.labels is None else outputs.labels[start:stop],
-            probabilities=None if outputs.probabilities is None else outputs.probabilities[start:stop],
+            probabilities=None
+            if outputs.probabilities is None
+            else outputs.probabilities[start:stop],
             raw={name: value[start:stop] for name, value in outputs.raw.items()},
         )
 

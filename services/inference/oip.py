@@ -24,19 +24,41 @@ from services.inference.model import LoadedModel
 from services.inference.servicer import Scorer
 
 _DTYPES: dict[str, Any] = {
-    "BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
+    "BOOL": np.bool_,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "BYTES": np.object_,
 }
 _CONTENTS_FIELD = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-    "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
-    "FP64": "fp64_contents", "BYTES": "bytes_contents",
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
 }
 _ORT_TO_OIP = {
-    "tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(int64)": "INT64",
-    "tensor(int32)": "INT32", "tensor(string)": "BYTES", "tensor(bool)": "BOOL",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(string)": "BYTES",
+    "tensor(bool)": "BOOL",
 }
 PREDICTION_IDS_PARAMETER = "cyclone_prediction_ids"
 
@@ -63,7 +85,9 @@ def decode_bytes_tensor(raw: bytes, count: int, field: str) -> np.ndarray:
         out[i] = raw[offset : offset + length].decode("utf-8", errors="replace")
         offset += length
     if offset != len(raw):
-        raise InvalidArgument(f"{field}: {len(raw) - offset} bytes left over after {count} elements")
+        raise InvalidArgument(
+            f"{field}: {len(raw) - offset} bytes left over after {count} elements"
+        )
     return out
 
 
@@ -97,9 +121,13 @@ def _tensor_array(tensor: Any, raw: bytes | None, field: str) -> np.ndarray:
     else:
         values = getattr(tensor.contents, _CONTENTS_FIELD.get(datatype, ""), None)
         if values is None:
-            raise InvalidArgument(f"{field}.contents: datatype {datatype} cannot be sent as typed contents")
+            raise InvalidArgument(
+                f"{field}.contents: datatype {datatype} cannot be sent as typed contents"
+            )
         if len(values) != count:
-            raise InvalidArgument(f"{field}.contents: has {len(values)} elements, shape {shape} needs {count}")
+            raise InvalidArgument(
+                f"{field}.contents: has {len(values)} elements, shape {shape} needs {count}"
+            )
         if datatype == "BYTES":
             flat = np.array([v.decode("utf-8", errors="replace") for v in values], dtype=object)
         else:
@@ -107,7 +135,9 @@ def _tensor_array(tensor: Any, raw: bytes | None, field: str) -> np.ndarray:
     return flat.reshape(shape)
 
 
-def columns_from_tensors(model: LoadedModel, request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+def columns_from_tensors(
+    model: LoadedModel, request: pb.ModelInferRequest
+) -> dict[str, np.ndarray]:
     if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
         raise InvalidArgument(
             f"raw_input_contents: {len(request.raw_input_contents)} entries for {len(request.inputs)} inputs"
@@ -135,7 +165,9 @@ def columns_from_tensors(model: LoadedModel, request: pb.ModelInferRequest) -> d
         if array.ndim == 2 and array.shape[1] == 1:
             array = array[:, 0]
         elif array.ndim != 1:
-            raise InvalidArgument(f"inputs ({name}).shape: expected [N] or [N, 1], got {list(array.shape)}")
+            raise InvalidArgument(
+                f"inputs ({name}).shape: expected [N] or [N, 1], got {list(array.shape)}"
+            )
         columns[name] = array
     return columns
 
@@ -145,13 +177,19 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.scorer = scorer
         self.catalog = scorer.catalog
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext[Any, Any]) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: aio.ServicerContext[Any, Any]) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=bool(self.catalog.models))
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext[Any, Any]) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.ModelReadyResponse:
         try:
             self.catalog.get(request.name, request.version)
         except CycloneError:
@@ -161,7 +199,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="cyclone", version=cyclone.__version__, extensions=["model_repository"])
+        return pb.ServerMetadataResponse(
+            name="cyclone", version=cyclone.__version__, extensions=["model_repository"]
+        )
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: aio.ServicerContext[Any, Any]
@@ -173,34 +213,46 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         inputs = [
             pb.ModelMetadataResponse.TensorMetadata(
-                name=i.name, datatype=_ORT_TO_OIP.get(i.type, "FP32"),
+                name=i.name,
+                datatype=_ORT_TO_OIP.get(i.type, "FP32"),
                 shape=[-1 if not isinstance(d, int) else d for d in i.shape],
             )
             for i in model.session.get_inputs()
         ]
         outputs = [
             pb.ModelMetadataResponse.TensorMetadata(
-                name=o.name, datatype=_ORT_TO_OIP.get(o.type, "FP32"),
+                name=o.name,
+                datatype=_ORT_TO_OIP.get(o.type, "FP32"),
                 shape=[-1 if not isinstance(d, int) else d for d in o.shape],
             )
             for o in model.session.get_outputs()
         ]
         return pb.ModelMetadataResponse(
-            name=model.name, versions=[model.version], platform="onnxruntime_onnx", inputs=inputs, outputs=outputs
+            name=model.name,
+            versions=[model.version],
+            platform="onnxruntime_onnx",
+            inputs=inputs,
+            outputs=outputs,
         )
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext[Any, Any]) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.ModelInferResponse:
         try:
             model = self.catalog.get(request.model_name, request.model_version)
             wanted = [o.name for o in request.outputs] or model.output_names
             unknown = [n for n in wanted if n not in model.output_names]
             if unknown:
-                raise InvalidArgument(f"outputs: unknown output {unknown[0]!r} (model has {', '.join(model.output_names)})")
+                raise InvalidArgument(
+                    f"outputs: unknown output {unknown[0]!r} (model has {', '.join(model.output_names)})"
+                )
             ids, outputs = await self.scorer.score(model, columns_from_tensors(model, request))
         except Exception as exc:
             await abort_on_domain_errors(context, exc)
             raise
-        response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        response = pb.ModelInferResponse(
+            model_name=model.name, model_version=model.version, id=request.id
+        )
         response.parameters[PREDICTION_IDS_PARAMETER].string_param = ",".join(ids)
         for name in wanted:
             array = np.asarray(outputs.raw[name])
@@ -209,7 +261,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if datatype == "BYTES":
                 response.raw_output_contents.append(encode_bytes_tensor(array))
             else:
-                response.raw_output_contents.append(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
+                response.raw_output_contents.append(
+                    np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+                )
         return response
 
     async def RepositoryIndex(
@@ -226,7 +280,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             elif not request.ready:
                 versions = repo.versions(name)
                 response.models.add(
-                    name=name, version=versions[-1] if versions else "", state="UNAVAILABLE",
+                    name=name,
+                    version=versions[-1] if versions else "",
+                    state="UNAVAILABLE",
                     reason=self.catalog.failures.get(name, "not loaded"),
                 )
         return response
@@ -252,7 +308,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         try:
             if self.catalog.single_revision:
-                raise FailedPrecondition("model_name: a single-revision server cannot unload its model")
+                raise FailedPrecondition(
+                    "model_name: a single-revision server cannot unload its model"
+                )
             self.catalog.unload(request.model_name)
         except Exception as exc:
             await abort_on_domain_errors(context, exc)

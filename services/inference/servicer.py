@@ -43,7 +43,9 @@ def columns_from_proto(features: Mapping[str, pb.FeatureColumn]) -> dict[str, np
     return columns
 
 
-def _quick_from_proto(model: LoadedModel, features: Mapping[str, pb.FeatureColumn]) -> Prepared | None:
+def _quick_from_proto(
+    model: LoadedModel, features: Mapping[str, pb.FeatureColumn]
+) -> Prepared | None:
     """A plainly valid request straight to a (numeric features, rows) block; None when in doubt."""
     if len(features) != len(model.feature_names):
         return None
@@ -57,7 +59,9 @@ def _quick_from_proto(model: LoadedModel, features: Mapping[str, pb.FeatureColum
             strings[name] = texts
         else:
             numbers[name] = column.numbers
-    if len(strings) != len(model.category_lookup) or not all(n in strings for n in model.category_lookup):
+    if len(strings) != len(model.category_lookup) or not all(
+        n in strings for n in model.category_lookup
+    ):
         return None
     try:
         ordered = [numbers[name] for name in model.numeric_names]
@@ -73,7 +77,9 @@ def _quick_from_proto(model: LoadedModel, features: Mapping[str, pb.FeatureColum
     columns: dict[str, np.ndarray] = {}
     block: np.ndarray | None = None
     if ordered:
-        block = np.fromiter(chain.from_iterable(ordered), dtype=np.float64, count=rows * len(ordered))
+        block = np.fromiter(
+            chain.from_iterable(ordered), dtype=np.float64, count=rows * len(ordered)
+        )
         block = block.reshape(len(ordered), rows)
         if not model.numeric_ok(block):
             return None
@@ -125,7 +131,9 @@ def model_info(model: LoadedModel) -> pb.ModelInfo:
     )
 
 
-def response_from_outputs(model: LoadedModel, ids: list[str], outputs: Outputs, request_id: str) -> pb.PredictResponse:
+def response_from_outputs(
+    model: LoadedModel, ids: list[str], outputs: Outputs, request_id: str
+) -> pb.PredictResponse:
     response = pb.PredictResponse(
         model=model.name, version=model.version, prediction_ids=ids, request_id=request_id
     )
@@ -146,13 +154,21 @@ class Scorer:
         self.catalog = catalog
         self.sink: PredictionSink = sink or NullSink()
 
-    async def score(self, model: LoadedModel, columns: Mapping[str, np.ndarray]) -> tuple[list[str], Outputs]:
+    async def score(
+        self, model: LoadedModel, columns: Mapping[str, np.ndarray]
+    ) -> tuple[list[str], Outputs]:
         started = time.perf_counter()
         quick = model.quick_validate(columns)
-        job = Prepared(columns, model.validate(columns)) if quick is None else Prepared(columns, *quick)
+        job = (
+            Prepared(columns, model.validate(columns))
+            if quick is None
+            else Prepared(columns, *quick)
+        )
         return await self.score_prepared(model, job, started)
 
-    async def score_prepared(self, model: LoadedModel, job: Prepared, started: float) -> tuple[list[str], Outputs]:
+    async def score_prepared(
+        self, model: LoadedModel, job: Prepared, started: float
+    ) -> tuple[list[str], Outputs]:
         """Score one validated request."""
         feed = model.feed_block(job.block, job.columns)
         if job.rows > OFFLOAD_ROWS:
@@ -201,7 +217,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.scorer = scorer
         self.catalog = scorer.catalog
 
-    async def Predict(self, request: pb.PredictRequest, context: aio.ServicerContext[Any, Any]) -> pb.PredictResponse:
+    async def Predict(
+        self, request: pb.PredictRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.PredictResponse:
         try:
             started = time.perf_counter()
             model = self.catalog.get(request.model, request.version)
@@ -213,7 +231,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise
 
     async def PredictStream(
-        self, request_iterator: AsyncIterator[pb.PredictStreamRequest], context: aio.ServicerContext[Any, Any]
+        self,
+        request_iterator: AsyncIterator[pb.PredictStreamRequest],
+        context: aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.PredictStreamResponse]:
         # A reader task runs ahead of scoring, so whatever the client has already sent
         # is scored as one batch; responses still go out one per message, in order.
@@ -299,9 +319,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         await flush()
         return out
 
-    async def GetModel(self, request: pb.GetModelRequest, context: aio.ServicerContext[Any, Any]) -> pb.GetModelResponse:
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.GetModelResponse:
         try:
-            return pb.GetModelResponse(model=model_info(self.catalog.get(request.model, request.version)))
+            return pb.GetModelResponse(
+                model=model_info(self.catalog.get(request.model, request.version))
+            )
         except Exception as exc:
             await abort_on_domain_errors(context, exc)
             raise

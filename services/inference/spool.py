@@ -31,7 +31,12 @@ class Spool:
         self.bytes = sum(f.stat().st_size for f in self._files)
         self._next = int(self._files[-1].stem) + 1 if self._files else 0
         if self._files:
-            log.info("spool %s holds %d batches (%d bytes) to replay", directory, len(self._files), self.bytes)
+            log.info(
+                "spool %s holds %d batches (%d bytes) to replay",
+                directory,
+                len(self._files),
+                self.bytes,
+            )
 
     def __len__(self) -> int:
         return len(self._files)

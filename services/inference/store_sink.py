@@ -61,15 +61,23 @@ def records_for(item: _Item, request: pb.LogPredictionsRequest) -> int:
     else:
         assert outputs.labels is not None and outputs.probabilities is not None
         out_rows = [
-            dumps({"label": label, "probabilities": dict(zip(class_labels, probs, strict=True))}).encode()
-            for label, probs in zip(outputs.labels.tolist(), outputs.probabilities.tolist(), strict=True)
+            dumps(
+                {"label": label, "probabilities": dict(zip(class_labels, probs, strict=True))}
+            ).encode()
+            for label, probs in zip(
+                outputs.labels.tolist(), outputs.probabilities.tolist(), strict=True
+            )
         ]
     add = request.records.add
     for i, pid in enumerate(ids):
         add(
-            prediction_id=pid, model=model, version=version,
+            prediction_id=pid,
+            model=model,
+            version=version,
             input_json=dumps(dict(zip(names, (c[i] for c in cols), strict=True))).encode(),
-            output_json=out_rows[i], latency_ms=latency_ms, trace_id=trace_id,
+            output_json=out_rows[i],
+            latency_ms=latency_ms,
+            trace_id=trace_id,
         )
     return len(ids)
 
@@ -115,7 +123,16 @@ class StoreSink:
         trace_id: str,
     ) -> None:
         self._pending.append(
-            (model.name, model.version, prediction_ids, columns, outputs, model.schema.class_labels, latency_ms, trace_id)
+            (
+                model.name,
+                model.version,
+                prediction_ids,
+                columns,
+                outputs,
+                model.schema.class_labels,
+                latency_ms,
+                trace_id,
+            )
         )
         self._pending_rows += len(prediction_ids)
         QUEUED.set(self._pending_rows)
@@ -222,10 +239,16 @@ class StoreSink:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 # The store will never take this batch; retrying would block all behind it.
                 DROPPED.inc(len(request.records))
-                log.error("store rejected a batch of %d predictions: %s", len(request.records), exc.details())
+                log.error(
+                    "store rejected a batch of %d predictions: %s",
+                    len(request.records),
+                    exc.details(),
+                )
                 return True
             if self._store_up:
-                log.warning("store %s unavailable (%s); spooling predictions", self.address, exc.code().name)
+                log.warning(
+                    "store %s unavailable (%s); spooling predictions", self.address, exc.code().name
+                )
             self._store_up = False
             self._next_retry = time.monotonic() + self.retry_interval
             return False

@@ -72,14 +72,20 @@ class AlertDispatcher:
         for record in claimed.alerts:
             error = await self._deliver(record)
             if error is None:
-                await self.store.CompleteAlert(store_pb.CompleteAlertRequest(alert_id=record.id, delivered=True), timeout=10)
+                await self.store.CompleteAlert(
+                    store_pb.CompleteAlertRequest(alert_id=record.id, delivered=True), timeout=10
+                )
                 delivered += 1
                 continue
             attempts = record.attempts + 1
-            request = store_pb.CompleteAlertRequest(alert_id=record.id, delivered=False, error=error[:2000])
+            request = store_pb.CompleteAlertRequest(
+                alert_id=record.id, delivered=False, error=error[:2000]
+            )
             if attempts < self.max_attempts:
                 retry_at = Timestamp()
-                retry_at.FromDatetime(datetime.now(UTC) + timedelta(seconds=backoff_seconds(attempts)))
+                retry_at.FromDatetime(
+                    datetime.now(UTC) + timedelta(seconds=backoff_seconds(attempts))
+                )
                 request.next_attempt_at.CopyFrom(retry_at)
             log.warning("alert %d delivery failed (attempt %d): %s", record.id, attempts, error)
             await self.store.CompleteAlert(request, timeout=10)

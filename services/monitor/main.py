@@ -27,13 +27,18 @@ class MonitorSettings(ServerSettings):
     alert_record_path: Path | None = None
 
 
-def build_monitor_server(settings: MonitorSettings, *, schedule: bool = True) -> tuple[CycloneServer, Monitor]:
+def build_monitor_server(
+    settings: MonitorSettings, *, schedule: bool = True
+) -> tuple[CycloneServer, Monitor]:
     get_plugins()  # load plugins at start-up: a broken plugin set fails here, not mid-evaluation
     record_path = settings.alert_record_path or settings.data_dir / "alerts.jsonl"
     record_path.parent.mkdir(parents=True, exist_ok=True)
     monitor = Monitor(settings.store, record_path=record_path, tick_seconds=settings.tick_seconds)
     server = CycloneServer("monitor", settings)
-    server.add_service(MONITOR_SERVICE, lambda s: pb_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(monitor), s))
+    server.add_service(
+        MONITOR_SERVICE,
+        lambda s: pb_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(monitor), s),
+    )
     dispatcher_box: list[AlertDispatcher] = []
 
     async def start() -> None:

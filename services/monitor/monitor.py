@@ -37,9 +37,15 @@ log = logging.getLogger(__name__)
 LEVEL_TO_PB = {Level.GREEN: pb.LEVEL_GREEN, Level.AMBER: pb.LEVEL_AMBER, Level.RED: pb.LEVEL_RED}
 NAME_TO_PB = {"GREEN": pb.LEVEL_GREEN, "AMBER": pb.LEVEL_AMBER, "RED": pb.LEVEL_RED}
 
-HEALTH = Gauge("cyclone_model_health_level", "RAG level: 0 green, 1 amber, 2 red", ["model", "version"])
-METRIC = Gauge("cyclone_model_metric", "Latest monitored metric value", ["model", "version", "metric"])
-DRIFTED = Gauge("cyclone_model_drifted_features", "Features flagged by any drift test", ["model", "version"])
+HEALTH = Gauge(
+    "cyclone_model_health_level", "RAG level: 0 green, 1 amber, 2 red", ["model", "version"]
+)
+METRIC = Gauge(
+    "cyclone_model_metric", "Latest monitored metric value", ["model", "version", "metric"]
+)
+DRIFTED = Gauge(
+    "cyclone_model_drifted_features", "Features flagged by any drift test", ["model", "version"]
+)
 
 
 def _ts(value: datetime) -> Timestamp:
@@ -48,7 +54,9 @@ def _ts(value: datetime) -> Timestamp:
     return out
 
 
-def status_from_evaluation(model: str, version: str, ev: Evaluation, revision: int, at: datetime) -> pb.ModelStatus:
+def status_from_evaluation(
+    model: str, version: str, ev: Evaluation, revision: int, at: datetime
+) -> pb.ModelStatus:
     status = pb.ModelStatus(
         model=model,
         version=version,
@@ -62,12 +70,19 @@ def status_from_evaluation(model: str, version: str, ev: Evaluation, revision: i
         notes=list(ev.notes),
     )
     for name, result in ev.metrics.items():
-        status.metrics.add(name=name, value=result.value, status=result.status, detail=result.detail)
+        status.metrics.add(
+            name=name, value=result.value, status=result.status, detail=result.detail
+        )
     for test, per_feature in ev.drift.items():
         for feature, d in per_feature.items():
             status.drift.add(
-                test=test, feature=feature, statistic=d.statistic, p_value=d.p_value,
-                effect_size=d.effect_size, drifted=d.drifted, threshold=d.threshold,
+                test=test,
+                feature=feature,
+                statistic=d.statistic,
+                p_value=d.p_value,
+                effect_size=d.effect_size,
+                drifted=d.drifted,
+                threshold=d.threshold,
             )
     return status
 
@@ -80,8 +95,12 @@ def metric_points(status: pb.ModelStatus, at: datetime) -> list[store_pb.MetricP
     created = _ts(at)
     points = [
         store_pb.MetricPoint(
-            created_at=created, metric=m.name, value=m.value if m.HasField("value") else None,
-            details_json=json.dumps({"status": m.status, "detail": m.detail}) if m.status != "ok" else "",
+            created_at=created,
+            metric=m.name,
+            value=m.value if m.HasField("value") else None,
+            details_json=json.dumps({"status": m.status, "detail": m.detail})
+            if m.status != "ok"
+            else "",
         )
         for m in status.metrics
     ]
@@ -89,13 +108,21 @@ def metric_points(status: pb.ModelStatus, at: datetime) -> list[store_pb.MetricP
         # A skipped test (too few rows) has NaN statistics: not valid JSON, so store them as null.
         points.append(
             store_pb.MetricPoint(
-                created_at=created, metric=f"drift.{d.test}.{d.feature}", value=_finite(d.effect_size),
+                created_at=created,
+                metric=f"drift.{d.test}.{d.feature}",
+                value=_finite(d.effect_size),
                 details_json=json.dumps(
-                    {"statistic": _finite(d.statistic), "drifted": d.drifted, "threshold": _finite(d.threshold)}
+                    {
+                        "statistic": _finite(d.statistic),
+                        "drifted": d.drifted,
+                        "threshold": _finite(d.threshold),
+                    }
                 ),
             )
         )
-    points.append(store_pb.MetricPoint(created_at=created, metric="level", value=float(status.level - 1)))
+    points.append(
+        store_pb.MetricPoint(created_at=created, metric="level", value=float(status.level - 1))
+    )
     return points
 
 
@@ -144,17 +171,28 @@ class Monitor:
     async def plan_for(self, model: str, task: str) -> tuple[Plan, int]:
         """The model's stored plan, or the default for its task (revision 0)."""
         try:
-            stored = await self.store.GetPlan(store_pb.GetPlanRequest(model=model), timeout=self.request_timeout)
+            stored = await self.store.GetPlan(
+                store_pb.GetPlanRequest(model=model), timeout=self.request_timeout
+            )
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-            return default_plan(model, "classification" if task == "classification" else "regression"), 0
+            return default_plan(
+                model, "classification" if task == "classification" else "regression"
+            ), 0
         try:
             return parse_plan(stored.plan_yaml, Registry.from_plugins()), stored.revision
         except PlanError as exc:
             # A plan valid when saved can turn invalid if a plugin was removed since.
-            log.error("stored plan of %s (revision %d) is no longer valid: %s", model, stored.revision, exc)
-            return default_plan(model, "classification" if task == "classification" else "regression"), 0
+            log.error(
+                "stored plan of %s (revision %d) is no longer valid: %s",
+                model,
+                stored.revision,
+                exc,
+            )
+            return default_plan(
+                model, "classification" if task == "classification" else "regression"
+            ), 0
 
     async def set_plan(self, model: str, plan_yaml: str) -> int:
         if not model:
@@ -164,7 +202,9 @@ class Monitor:
         except PlanError as exc:
             raise InvalidArgument("plan_yaml: " + "; ".join(exc.problems)) from None
         if plan.model and plan.model != model:
-            raise InvalidArgument(f"plan_yaml: model: the plan is for {plan.model!r}, not {model!r}")
+            raise InvalidArgument(
+                f"plan_yaml: model: the plan is for {plan.model!r}, not {model!r}"
+            )
         await self._model_version(model)  # a plan for an unknown model is a typo, not a plan
         response = await self.store.SavePlan(
             store_pb.SavePlanRequest(model=model, plan_yaml=plan_yaml), timeout=self.request_timeout
@@ -176,7 +216,9 @@ class Monitor:
         mv = await self._model_version(model)
         plan, revision = await self.plan_for(model, mv.task)
         if revision:
-            stored = await self.store.GetPlan(store_pb.GetPlanRequest(model=model), timeout=self.request_timeout)
+            stored = await self.store.GetPlan(
+                store_pb.GetPlanRequest(model=model), timeout=self.request_timeout
+            )
             return stored.plan_yaml, revision
         return plan_to_yaml(plan), 0
 
@@ -196,13 +238,21 @@ class Monitor:
         version: store_pb.ModelVersion = response.model_version
         return version
 
-    async def _window_request(self, mv: store_pb.ModelVersion, plan: Plan) -> store_pb.GetTrainingDataRequest:
-        request = store_pb.GetTrainingDataRequest(model=mv.model, version=mv.version, include_unlabelled=True)
+    async def _window_request(
+        self, mv: store_pb.ModelVersion, plan: Plan
+    ) -> store_pb.GetTrainingDataRequest:
+        request = store_pb.GetTrainingDataRequest(
+            model=mv.model, version=mv.version, include_unlabelled=True
+        )
         now = datetime.now(UTC)
         if plan.window.rows:
             request.last_n = plan.window.rows
         if plan.window.kind == "expanding":
-            request.start.CopyFrom(mv.created_at if mv.HasField("created_at") else _ts(datetime(1970, 1, 1, tzinfo=UTC)))
+            request.start.CopyFrom(
+                mv.created_at
+                if mv.HasField("created_at")
+                else _ts(datetime(1970, 1, 1, tzinfo=UTC))
+            )
             request.end.CopyFrom(_ts(now + timedelta(seconds=1)))
         elif plan.window.duration_seconds:
             request.start.CopyFrom(_ts(now - timedelta(seconds=plan.window.duration_seconds)))
@@ -218,12 +268,20 @@ class Monitor:
         mv = await self._model_version(model)
         plan, revision = await self.plan_for(model, mv.task)
         request = await self._window_request(mv, plan)
-        chunks = [c async for c in self.store.GetTrainingData(request, timeout=self.request_timeout)]
+        chunks = [
+            c async for c in self.store.GetTrainingData(request, timeout=self.request_timeout)
+        ]
         window = window_from_chunks(chunks, mv.task)
-        reference = ReferenceProfile.from_dict(json.loads(mv.reference_profile_json)) if mv.reference_profile_json else None
+        reference = (
+            ReferenceProfile.from_dict(json.loads(mv.reference_profile_json))
+            if mv.reference_profile_json
+            else None
+        )
         evaluation_json = json.loads(mv.evaluation_json) if mv.evaluation_json else {}
         baseline = {
-            k: float(v) for k, v in evaluation_json.get("metrics", {}).items() if isinstance(v, int | float)
+            k: float(v)
+            for k, v in evaluation_json.get("metrics", {}).items()
+            if isinstance(v, int | float)
         }
         # Metric plugins are numpy-bound; keep the event loop free for RPCs meanwhile.
         ev = await asyncio.to_thread(evaluate, plan, window, reference, baseline)
@@ -231,9 +289,13 @@ class Monitor:
         status = status_from_evaluation(model, mv.version, ev, revision, at)
         outcome = await self.store.RecordEvaluation(
             store_pb.RecordEvaluationRequest(
-                model=model, version=mv.version, level=ev.level.value,
+                model=model,
+                version=mv.version,
+                level=ev.level.value,
                 reasons_json=json.dumps(list(ev.reasons)),
-                summary_json=json.dumps({"rows": ev.n_rows, "labelled_rows": ev.n_labelled, "actions": list(ev.actions)}),
+                summary_json=json.dumps(
+                    {"rows": ev.n_rows, "labelled_rows": ev.n_labelled, "actions": list(ev.actions)}
+                ),
                 points=metric_points(status, at),
                 alerts=self._alerts_for(plan, ev),
             ),
@@ -241,8 +303,13 @@ class Monitor:
         )
         if outcome.level_changed:
             log.warning(
-                "%s %s: %s -> %s (%s); %d alert(s) queued", model, mv.version, outcome.previous_level or "-",
-                ev.level.value, "; ".join(ev.reasons) or "no reasons", len(outcome.alert_ids),
+                "%s %s: %s -> %s (%s); %d alert(s) queued",
+                model,
+                mv.version,
+                outcome.previous_level or "-",
+                ev.level.value,
+                "; ".join(ev.reasons) or "no reasons",
+                len(outcome.alert_ids),
             )
         self._publish(status, ev)
         return status, list(outcome.alert_ids)
@@ -253,11 +320,19 @@ class Monitor:
         targets: list[dict[str, Any]] = []
         for action in ev.actions:
             if action == "notify" and plan.notify:
-                targets.extend({"action": action, "sink": s.sink, "config": dict(s.config)} for s in plan.notify)
+                targets.extend(
+                    {"action": action, "sink": s.sink, "config": dict(s.config)}
+                    for s in plan.notify
+                )
             else:
                 # Until a trainer is deployed, retrain/rollback requests are recorded durably.
-                targets.append({"action": action, "sink": "record", "config": {"path": str(self.record_path)}})
-        return [store_pb.AlertRecord(reasons_json=reasons, actions_json=json.dumps([t])) for t in targets]
+                targets.append(
+                    {"action": action, "sink": "record", "config": {"path": str(self.record_path)}}
+                )
+        return [
+            store_pb.AlertRecord(reasons_json=reasons, actions_json=json.dumps([t]))
+            for t in targets
+        ]
 
     def _publish(self, status: pb.ModelStatus, ev: Evaluation) -> None:
         self.statuses[status.model] = status
@@ -286,8 +361,14 @@ class Monitor:
     # -- schedule ------------------------------------------------------------------------------
 
     async def _monitored_models(self) -> dict[str, str]:
-        response = await self.store.ListModelVersions(store_pb.ListModelVersionsRequest(), timeout=self.request_timeout)
-        return {v.model: v.task for v in response.model_versions if v.status == store_pb.MODEL_STATUS_SERVING}
+        response = await self.store.ListModelVersions(
+            store_pb.ListModelVersionsRequest(), timeout=self.request_timeout
+        )
+        return {
+            v.model: v.task
+            for v in response.model_versions
+            if v.status == store_pb.MODEL_STATUS_SERVING
+        }
 
     async def run_due(self) -> None:
         """Evaluate every serving model whose plan is due."""

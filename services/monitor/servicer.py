@@ -60,19 +60,32 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
         except Exception as exc:
             await abort_on_domain_errors(context, exc)
 
-    async def GetStatus(self, request: pb.GetStatusRequest, context: aio.ServicerContext[Any, Any]) -> pb.GetStatusResponse:
-        statuses = [s for m, s in sorted(self.monitor.statuses.items()) if not request.model or m == request.model]
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.GetStatusResponse:
+        statuses = [
+            s
+            for m, s in sorted(self.monitor.statuses.items())
+            if not request.model or m == request.model
+        ]
         return pb.GetStatusResponse(statuses=statuses)
 
-    async def EvaluateNow(self, request: pb.EvaluateNowRequest, context: aio.ServicerContext[Any, Any]) -> pb.EvaluateNowResponse:
+    async def EvaluateNow(
+        self, request: pb.EvaluateNowRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.EvaluateNowResponse:
         status, alert_ids = await self._call(context, self.monitor.evaluate_model(request.model))
         return pb.EvaluateNowResponse(status=status, alert_ids=alert_ids)
 
-    async def ListAlerts(self, request: pb.ListAlertsRequest, context: aio.ServicerContext[Any, Any]) -> pb.ListAlertsResponse:
+    async def ListAlerts(
+        self, request: pb.ListAlertsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.ListAlertsResponse:
         response = await self._call(
             context,
             self.monitor.store.ListAlerts(
-                store_pb.ListAlertsRequest(model=request.model, status=request.status, limit=request.limit), timeout=10
+                store_pb.ListAlertsRequest(
+                    model=request.model, status=request.status, limit=request.limit
+                ),
+                timeout=10,
             ),
         )
         return pb.ListAlertsResponse(alerts=[alert_from_store(a) for a in response.alerts])
@@ -82,7 +95,9 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
     ) -> pb.AcknowledgeAlertResponse:
         response = await self._call(
             context,
-            self.monitor.store.AcknowledgeAlert(store_pb.AcknowledgeAlertRequest(alert_id=request.alert_id), timeout=10),
+            self.monitor.store.AcknowledgeAlert(
+                store_pb.AcknowledgeAlertRequest(alert_id=request.alert_id), timeout=10
+            ),
         )
         return pb.AcknowledgeAlertResponse(alert=alert_from_store(response.alert))
 
@@ -92,10 +107,16 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
         async for status in self.monitor.watch(request.model):
             yield pb.WatchStatusResponse(status=status)
 
-    async def SetPlan(self, request: pb.SetPlanRequest, context: aio.ServicerContext[Any, Any]) -> pb.SetPlanResponse:
-        revision = await self._call(context, self.monitor.set_plan(request.model, request.plan_yaml))
+    async def SetPlan(
+        self, request: pb.SetPlanRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.SetPlanResponse:
+        revision = await self._call(
+            context, self.monitor.set_plan(request.model, request.plan_yaml)
+        )
         return pb.SetPlanResponse(revision=revision)
 
-    async def GetPlan(self, request: pb.GetPlanRequest, context: aio.ServicerContext[Any, Any]) -> pb.GetPlanResponse:
+    async def GetPlan(
+        self, request: pb.GetPlanRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.GetPlanResponse:
         plan_yaml, revision = await self._call(context, self.monitor.get_plan_yaml(request.model))
         return pb.GetPlanResponse(plan_yaml=plan_yaml, revision=revision)

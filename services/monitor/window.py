@@ -46,7 +46,11 @@ def window_from_chunks(chunks: Iterable[store_pb.GetTrainingDataResponse], task:
         label_array = np.asarray(labels, dtype=object)
         label_array[~mask] = None
         k = len(class_labels)
-        probs = np.asarray(probabilities, dtype=np.float64).reshape(-1, k) if k and probabilities else None
+        probs = (
+            np.asarray(probabilities, dtype=np.float64).reshape(-1, k)
+            if k and probabilities
+            else None
+        )
         return Window(
             features=columns,
             predictions=np.asarray(predictions, dtype=object),

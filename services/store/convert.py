@@ -68,10 +68,14 @@ def model_version_from_pb(m: pb.ModelVersion) -> ModelVersion:
     if not m.version:
         raise InvalidArgument("model_version.version: empty")
     if m.task and m.task not in ("regression", "classification"):
-        raise InvalidArgument(f"model_version.task: expected regression or classification, got {m.task!r}")
+        raise InvalidArgument(
+            f"model_version.task: expected regression or classification, got {m.task!r}"
+        )
     status = PB_TO_STATUS.get(m.status, "staged") if m.status else "staged"
     if status == "serving":
-        raise InvalidArgument("model_version.status: register as staged or canary, then SetModelStatus")
+        raise InvalidArgument(
+            "model_version.status: register as staged or canary, then SetModelStatus"
+        )
     return ModelVersion(
         model=m.model,
         version=m.version,
@@ -84,7 +88,9 @@ def model_version_from_pb(m: pb.ModelVersion) -> ModelVersion:
         training_window_end=from_ts(m, "training_window_end"),
         triggering_alert_id=m.triggering_alert_id or None,
         evaluation=_json_or_none(m.evaluation_json, "model_version.evaluation_json"),
-        reference_profile=_json_or_none(m.reference_profile_json, "model_version.reference_profile_json"),
+        reference_profile=_json_or_none(
+            m.reference_profile_json, "model_version.reference_profile_json"
+        ),
         status=status,  # type: ignore[arg-type]
     )
 
@@ -102,7 +108,9 @@ def model_version_to_pb(m: ModelVersion) -> pb.ModelVersion:
         training_window_end=ts(m.training_window_end),
         triggering_alert_id=m.triggering_alert_id or 0,
         evaluation_json=json.dumps(m.evaluation) if m.evaluation is not None else "",
-        reference_profile_json=json.dumps(m.reference_profile) if m.reference_profile is not None else "",
+        reference_profile_json=json.dumps(m.reference_profile)
+        if m.reference_profile is not None
+        else "",
         status=STATUS_TO_PB[m.status],
         created_at=ts(m.created_at),
     )
@@ -151,13 +159,19 @@ def label_json(label: pb.Label, index: int, task: str, classes: Sequence[str]) -
     else:
         text = label.text
     if classes and text not in classes:
-        raise InvalidArgument(f"{field}: {text!r} is not a class of this model ({', '.join(classes)})")
+        raise InvalidArgument(
+            f"{field}: {text!r} is not a class of this model ({', '.join(classes)})"
+        )
     return json.dumps(text)
 
 
 def _column(values: list[Any], kind: str | None) -> pb.Column:
-    numeric = kind == "numeric" if kind else all(
-        v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in values
+    numeric = (
+        kind == "numeric"
+        if kind
+        else all(
+            v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in values
+        )
     )
     if numeric:
         array = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
@@ -195,7 +209,9 @@ def column_chunk_to_pb(
         if class_labels and chunk.probabilities:
             response.class_labels.extend(class_labels)
             # rows x classes, row-major; None (missing) becomes NaN.
-            response.probabilities.extend(np.array(chunk.probabilities, dtype=np.float64).T.ravel().tolist())
+            response.probabilities.extend(
+                np.array(chunk.probabilities, dtype=np.float64).T.ravel().tolist()
+            )
     else:
         response.predictions.numbers.extend(_numbers(chunk.predictions))
         response.labels.numbers.extend(_numbers(chunk.labels))
@@ -215,7 +231,9 @@ def chunk_to_pb(
         labelled=[v is not None for v in labels],
     )
     for name in names:
-        response.features[name].CopyFrom(_column([row.get(name) for row in inputs], kinds.get(name)))
+        response.features[name].CopyFrom(
+            _column([row.get(name) for row in inputs], kinds.get(name))
+        )
     if task == "classification" or (task is None and outputs and "label" in outputs[0]):
         response.predictions.strings.extend(str(o.get("label", "")) for o in outputs)
         response.labels.strings.extend("" if v is None else str(v) for v in labels)
@@ -223,7 +241,10 @@ def chunk_to_pb(
             response.class_labels.extend(class_labels)
             nan = math.nan
             response.probabilities.extend(
-                p.get(c, nan) for o in outputs for p in (o.get("probabilities") or {},) for c in class_labels
+                p.get(c, nan)
+                for o in outputs
+                for p in (o.get("probabilities") or {},)
+                for c in class_labels
             )
     else:
         response.predictions.numbers.extend(float(o.get("value", math.nan)) for o in outputs)

@@ -1,7 +1,8 @@
-"""Maps domain and store errors of a store RPC to gRPC status codes."""
+"""Maps domain and store errors of a store RPC to gRPC status codes, in one place."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -12,6 +13,8 @@ from cyclone.server import abort_on_domain_errors
 from services.store.db import AlreadyExistsError, NotFoundError
 
 T = TypeVar("T")
+S = TypeVar("S")
+R = TypeVar("R")
 
 
 async def guard(context: aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]) -> T:
@@ -25,3 +28,15 @@ async def guard(context: aio.ServicerContext[Any, Any], call: Callable[[], Await
     except Exception as exc:
         await abort_on_domain_errors(context, exc)
     raise AssertionError("unreachable")
+
+
+def store_rpc(
+    method: Callable[[S, R], Awaitable[T]],
+) -> Callable[[S, R, aio.ServicerContext[Any, Any]], Awaitable[T]]:
+    """Turn `async def Rpc(self, request) -> Response` into a servicer method with errors mapped."""
+
+    @functools.wraps(method)
+    async def handler(self: S, request: R, context: aio.ServicerContext[Any, Any]) -> T:
+        return await guard(context, lambda: method(self, request))
+
+    return handler

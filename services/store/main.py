@@ -73,7 +73,9 @@ async def open_store(settings: StoreSettings) -> tuple[StoreDB, EmbeddedPostgres
 async def build_store_server(settings: StoreSettings) -> CycloneServer:
     db, embedded = await open_store(settings)
     server = CycloneServer("store", settings)
-    server.add_service(STORE_SERVICE, lambda s: pb_grpc.add_StoreServiceServicer_to_server(StoreServicer(db), s))
+    server.add_service(
+        STORE_SERVICE, lambda s: pb_grpc.add_StoreServiceServicer_to_server(StoreServicer(db), s)
+    )
     maintenance = asyncio.create_task(_maintain_partitions(db))
 
     async def shutdown() -> None:

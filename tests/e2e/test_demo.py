@@ -26,7 +26,9 @@ def test_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     assert out.index("level GREEN") < out.index("level RED")
     assert "features drifted" in out
     # The retrain request went through the outbox to its sink, once.
-    recorded = [json.loads(line) for line in (tmp_path / "data" / "alerts.jsonl").read_text().splitlines()]
+    recorded = [
+        json.loads(line) for line in (tmp_path / "data" / "alerts.jsonl").read_text().splitlines()
+    ]
     retrains = [a for a in recorded if a["actions"] == ["retrain"]]
     assert len(retrains) == 1 and retrains[0]["level"] == "RED"
     assert len({a["id"] for a in recorded}) == len(recorded)

@@ -74,7 +74,9 @@ async def test_migrations_idempotent_and_sql_uuid7_time(empty_database_url: str)
         assert await run_migrations(c) == "postgres-partitioned"
         assert await run_migrations(c) == "postgres-partitioned"
         cur = await c.execute("SELECT version, mode FROM schema_migrations ORDER BY version")
-        expected = [(m.version, "postgres-partitioned") for m in migrations_for("postgres-partitioned")]
+        expected = [
+            (m.version, "postgres-partitioned") for m in migrations_for("postgres-partitioned")
+        ]
         assert len(expected) >= 3
         assert await cur.fetchall() == expected
         u = uuid7(datetime(2025, 3, 4, 5, 6, 7, 891000, tzinfo=UTC))

@@ -63,7 +63,13 @@ def encode_predictions(records: Iterable[WireRecord]) -> tuple[bytes, int]:
     for count, r in enumerate(records, 1):
         pid = r.prediction_id
         try:
-            if len(pid) != 36 or pid[8] != "-" or pid[13] != "-" or pid[18] != "-" or pid[23] != "-":
+            if (
+                len(pid) != 36
+                or pid[8] != "-"
+                or pid[13] != "-"
+                or pid[18] != "-"
+                or pid[23] != "-"
+            ):
                 raise ValueError
             raw = fromhex(pid[:8] + pid[9:13] + pid[14:18] + pid[19:23] + pid[24:])
         except ValueError:
@@ -84,8 +90,12 @@ def encode_predictions(records: Iterable[WireRecord]) -> tuple[bytes, int]:
                 (
                     head(8, 16, raw, 8, created_us),
                     mv,
-                    length(len(inp) + 1), b"\x01", inp,  # jsonb binary: version byte, then text
-                    length(len(out) + 1), b"\x01", out,
+                    length(len(inp) + 1),
+                    b"\x01",
+                    inp,  # jsonb binary: version byte, then text
+                    length(len(out) + 1),
+                    b"\x01",
+                    out,
                     float4(4, latency) if latency else _NULL,
                     length(len(trace)) + trace.encode() if trace else _NULL,
                 )

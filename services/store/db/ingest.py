@@ -76,13 +76,17 @@ class IngestMixin(StoreBase):
         """Ingest one batch; idempotent on prediction id. Returns the number of new rows."""
         if not rows:
             return 0
-        return await self._copy_idempotent(lambda conn, table: _copy_rows(conn, table, rows), len(rows))
+        return await self._copy_idempotent(
+            lambda conn, table: _copy_rows(conn, table, rows), len(rows)
+        )
 
     async def copy_prediction_payload(self, payload: bytes, rows: int) -> int:
         """Ingest a binary COPY payload (see copy_binary); idempotent like copy_predictions."""
         if not rows:
             return 0
-        return await self._copy_idempotent(lambda conn, table: _copy_payload(conn, table, payload), rows)
+        return await self._copy_idempotent(
+            lambda conn, table: _copy_payload(conn, table, payload), rows
+        )
 
     async def _copy_idempotent(self, body: CopyBody, rows: int) -> int:
         """Fast path: COPY straight into ``predictions``. A replayed batch (lost ack) hits

@@ -118,7 +118,12 @@ class ReadsMixin(StoreBase):
             include_unlabelled=include_unlabelled,
         )
         params: dict[str, object] = {
-            "model": model, "start": start, "end": end, "last_n": last_n, "version": version, **names,
+            "model": model,
+            "start": start,
+            "end": end,
+            "last_n": last_n,
+            "version": version,
+            **names,
         }
         n_features, n_classes = len(features), len(class_labels) if task == "classification" else 0
         async with (
