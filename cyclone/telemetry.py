@@ -40,21 +40,25 @@ def tracing_enabled() -> bool:
     return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
 
 
-def configure_tracing(service_name: str) -> bool:
-    """Install an OTLP span exporter once per process; False when tracing is off."""
+def configure_tracing(service_name: str, exporter: Any = None) -> bool:
+    """Install a span exporter once per process (OTLP unless one is given); False when off."""
     global _configured_service
     if not tracing_enabled():
         return False
     if _configured_service is not None:
         return True
     from opentelemetry import trace
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
     provider = TracerProvider(resource=Resource.create({"service.name": f"cyclone-{service_name}"}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    if exporter is None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    else:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _configured_service = service_name
     return True
