@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 from pathlib import Path
@@ -162,6 +163,11 @@ def attach_store(settings: InferenceSettings, server: CycloneServer, scorer: Sco
 
 async def run_inference(settings: InferenceSettings) -> None:
     server, scorer = build_inference_server(settings)
+    # Everything loaded so far (onnxruntime, scikit-learn, models) lives as long as the
+    # process: freezing it keeps the collector from rescanning it while requests hold
+    # objects alive (pending prediction batches, in-flight requests).
+    gc.collect()
+    gc.freeze()
     if settings.store:
         attach_store(settings, server, scorer)
     if not scorer.catalog.models:

@@ -43,43 +43,64 @@ SPOOL_BYTES = Gauge("cyclone_store_sink_spool_bytes", "Bytes held in the disk sp
 _Item = tuple[str, str, list[str], Mapping[str, np.ndarray], Outputs, tuple[str, ...], float, str]
 
 
-def _json_column(column: np.ndarray) -> list[Any]:
+def _json_values(column: np.ndarray) -> list[Any]:
+    """Python values for JSON; NaN (missing) becomes null."""
     values: list[Any] = column.tolist()
     if column.dtype.kind == "f" and np.isnan(column).any():
         return [None if isinstance(v, float) and math.isnan(v) else v for v in values]
     return values
 
 
-def records_for(item: _Item, request: pb.LogPredictionsRequest) -> int:
-    """Append one scored batch's rows to `request`; returns the row count."""
-    model, version, ids, columns, outputs, class_labels, latency_ms, trace_id = item
-    names = list(columns)
-    cols = [_json_column(columns[n]) for n in names]
+def _add_group(items: list[_Item], request: pb.LogPredictionsRequest) -> None:
+    """Rows of several scored requests of one model version, columns joined first so the
+    numpy work is per flush, not per request (most requests are one row)."""
+    model, version, _, first_columns, first_outputs, class_labels, _, _ = items[0]
+    names = list(first_columns)
+    columns = [_json_values(np.concatenate([item[3][n] for item in items])) for n in names]
+    ids = [pid for item in items for pid in item[2]]
+    latency = [item[6] for item in items for _ in item[2]]
+    traces = [item[7] for item in items for _ in item[2]]
     dumps = json.dumps
-    if outputs.values is not None:
-        out_rows = [dumps({"value": v}).encode() for v in outputs.values.tolist()]
+    if first_outputs.values is not None:
+        values = np.concatenate([item[4].values for item in items if item[4].values is not None])
+        outputs = [dumps({"value": v}).encode() for v in values.tolist()]
     else:
-        assert outputs.labels is not None and outputs.probabilities is not None
-        out_rows = [
+        labels = np.concatenate([item[4].labels for item in items if item[4].labels is not None])
+        probabilities = np.concatenate(
+            [item[4].probabilities for item in items if item[4].probabilities is not None]
+        )
+        outputs = [
             dumps(
                 {"label": label, "probabilities": dict(zip(class_labels, probs, strict=True))}
             ).encode()
-            for label, probs in zip(
-                outputs.labels.tolist(), outputs.probabilities.tolist(), strict=True
-            )
+            for label, probs in zip(labels.tolist(), probabilities.tolist(), strict=True)
         ]
     add = request.records.add
-    for i, pid in enumerate(ids):
+    for i, row in enumerate(zip(*columns, strict=True)):
         add(
-            prediction_id=pid,
+            prediction_id=ids[i],
             model=model,
             version=version,
-            input_json=dumps(dict(zip(names, (c[i] for c in cols), strict=True))).encode(),
-            output_json=out_rows[i],
-            latency_ms=latency_ms,
-            trace_id=trace_id,
+            input_json=dumps(dict(zip(names, row, strict=True))).encode(),
+            output_json=outputs[i],
+            latency_ms=latency[i],
+            trace_id=traces[i],
         )
-    return len(ids)
+
+
+def encode_items(items: list[_Item]) -> pb.LogPredictionsRequest:
+    """One LogPredictions batch from scored requests, in serving order."""
+    request = pb.LogPredictionsRequest()
+    group: list[_Item] = []
+    for item in items:
+        # A group is a run of one model version with the same features (order included).
+        if group and (item[:2] != group[0][:2] or item[3].keys() != group[0][3].keys()):
+            _add_group(group, request)
+            group = []
+        group.append(item)
+    if group:
+        _add_group(group, request)
+    return request
 
 
 class StoreSink:
@@ -103,6 +124,8 @@ class StoreSink:
         SPOOL_BYTES.set(self.spool.bytes)
         self._pending: list[_Item] = []
         self._pending_rows = 0
+        # Read at scrape time: setting a gauge on every request would cost the hot path a lock.
+        QUEUED.set_function(lambda: self._pending_rows)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._flushing: asyncio.Future[None] | None = None
@@ -135,7 +158,6 @@ class StoreSink:
             )
         )
         self._pending_rows += len(prediction_ids)
-        QUEUED.set(self._pending_rows)
         if self._pending_rows >= self.batch_rows:
             self._wake.set()
 
@@ -191,11 +213,7 @@ class StoreSink:
         if not self._pending:
             return None
         items, self._pending, self._pending_rows = self._pending, [], 0
-        QUEUED.set(0)
-        request = pb.LogPredictionsRequest()
-        for item in items:
-            records_for(item, request)
-        return request
+        return encode_items(items)
 
     async def flush(self, *, replay: bool = False) -> None:
         """Send what is pending; replay the spool when the store may be back."""
