@@ -102,13 +102,16 @@ def serve_store(
 @serve_app.command("monitor")
 def serve_monitor(
     store: Annotated[str | None, typer.Option(help="Store HOST:PORT.")] = None,
+    dashboard_port: Annotated[
+        int | None, typer.Option(help="Live dashboard HTTP port (0 free, -1 off).")
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Cyclone data directory.")] = None,
     host: HostOpt = None,
     port: PortOpt = None,
     metrics_port: MetricsPortOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Evaluate monitoring plans on schedule; keep RAG levels; deliver alerts."""
+    """Evaluate monitoring plans on schedule; keep RAG levels; deliver alerts; dashboard."""
     from services.monitor.main import MonitorSettings, run_monitor
 
     flags = {k: v for k, v in locals().items() if k != "config"}
@@ -442,11 +445,14 @@ def plugins_list() -> None:
 @app.command()
 def demo(
     workdir: Annotated[Path | None, typer.Option(help="Where models, data and logs go.")] = None,
+    keep_running: Annotated[
+        bool, typer.Option(help="Leave the mesh and dashboard up afterwards (Ctrl-C stops).")
+    ] = False,
 ) -> None:
     """Run the whole loop: import, serve, log, label, monitor, detect a dip, alert."""
     from cyclone.demo import run_demo
 
-    run_demo(workdir)
+    run_demo(workdir, keep_running)
 
 
 @app.command()

@@ -135,7 +135,7 @@ def _show(status: Any) -> None:
         console.print(f"  • {reason}")
 
 
-def run_demo(workdir: Path | None = None) -> None:
+def run_demo(workdir: Path | None = None, keep_running: bool = False) -> None:
     root = workdir or Path(tempfile.mkdtemp(prefix="cyclone-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     logs, repo, data = root / "logs", root / "models", root / "data"
@@ -159,6 +159,7 @@ def run_demo(workdir: Path | None = None) -> None:
         "\n[bold]2. Start the mesh[/bold] (store on embedded PostgreSQL, inference, monitor)"
     )
     store_port, inference_port, monitor_port = _free_port(), _free_port(), _free_port()
+    dashboard_port = _free_port()
     common = ["--data-dir", str(data)]
     env_port = ["--port"]
     with (
@@ -180,7 +181,18 @@ def run_demo(workdir: Path | None = None) -> None:
             logs,
         ) as inference,
         _service(
-            "monitor", [*common, "--store", store, "--port", str(monitor_port)], monitor_port, logs
+            "monitor",
+            [
+                *common,
+                "--store",
+                store,
+                "--port",
+                str(monitor_port),
+                "--dashboard-port",
+                str(dashboard_port),
+            ],
+            monitor_port,
+            logs,
         ) as monitor,
         StoreClient(store) as store_client,
         MonitorClient(monitor) as monitor_client,
@@ -188,6 +200,7 @@ def run_demo(workdir: Path | None = None) -> None:
         _until(lambda: any(v.status == 3 for v in store_client.model_versions("credit")))
         mode = store_client.stats().storage_mode
         console.print(f"  storage mode: {mode}")
+        console.print(f"  live dashboard: http://127.0.0.1:{dashboard_port}/")
 
         console.print("\n[bold]3. Healthy traffic[/bold]: 1500 predictions, labels arrive later")
         served = _traffic(inference, store, rows=1500, seed=1, shift=0.0)
@@ -224,6 +237,13 @@ def run_demo(workdir: Path | None = None) -> None:
             f"\n[bold]Store[/bold]: {stats.predictions} predictions, {stats.labels} labels "
             f"({stats.label_coverage:.0%} coverage), mode {mode}"
         )
+        if keep_running:
+            console.print(
+                f"\nThe mesh keeps running: dashboard http://127.0.0.1:{dashboard_port}/, "
+                f"store {store}, inference {inference}, monitor {monitor}. Ctrl-C stops it."
+            )
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
     console.rule("[bold]demo complete")
 
 

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from cyclone.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
 from cyclone.plugins import get_plugins
 from cyclone.server import CycloneServer
 from cyclone.settings import ServerSettings
+from cyclone.store.v1 import store_service_pb2 as store_pb
+from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from services.monitor.dashboard import Dashboard
 from services.monitor.dispatcher import AlertDispatcher
 from services.monitor.monitor import Monitor
-from services.monitor.servicer import MonitorServicer
+from services.monitor.servicer import MonitorServicer, alert_from_store
+
+log = logging.getLogger(__name__)
 
 MONITOR_SERVICE = "cyclone.monitor.v1.MonitorService"
 
@@ -25,6 +34,8 @@ class MonitorSettings(ServerSettings):
     alert_interval: float = 1.0
     # Where the `record` sink writes retrain/rollback requests (JSON lines).
     alert_record_path: Path | None = None
+    # Live dashboard (HTTP); 0 picks a free port, -1 turns it off.
+    dashboard_port: int = -1
 
 
 def build_monitor_server(
@@ -40,14 +51,21 @@ def build_monitor_server(
         lambda s: pb_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(monitor), s),
     )
     dispatcher_box: list[AlertDispatcher] = []
+    dashboard = _dashboard(settings, monitor) if settings.dashboard_port >= 0 else None
+    monitor.dashboard = dashboard
 
     async def start() -> None:
         await monitor.start(schedule=schedule)
         dispatcher = AlertDispatcher(monitor.store, interval=settings.alert_interval)
         dispatcher.start()
         dispatcher_box.append(dispatcher)
+        if dashboard is not None:
+            dashboard.start()
+            log.info("dashboard on http://%s:%d/", settings.host, dashboard.port)
 
     async def stop() -> None:
+        if dashboard is not None:
+            dashboard.stop()
         for dispatcher in dispatcher_box:
             await dispatcher.stop()
         await monitor.stop()
@@ -55,6 +73,22 @@ def build_monitor_server(
     server.on_start(start)
     server.on_shutdown(stop)
     return server, monitor
+
+
+def _dashboard(settings: MonitorSettings, monitor: Monitor) -> Dashboard:
+    # The dashboard thread has its own blocking channel: the monitor's aio channel
+    # belongs to the event loop.
+    channel = grpc.insecure_channel(settings.store)
+    store = store_grpc.StoreServiceStub(channel)
+
+    def alerts() -> list[Any]:
+        response = store.ListAlerts(store_pb.ListAlertsRequest(limit=50), timeout=5)
+        return [alert_from_store(a) for a in response.alerts]
+
+    def statuses() -> list[Any]:
+        return [status for _, status in sorted(monitor.statuses.items())]
+
+    return Dashboard(settings.host, settings.dashboard_port, statuses, alerts)
 
 
 async def run_monitor(settings: MonitorSettings) -> None:

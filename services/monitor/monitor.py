@@ -146,6 +146,7 @@ class Monitor:
         self._channel: aio.Channel | None = None
         self._store: store_grpc.StoreServiceStub | None = None
         self._task: asyncio.Task[None] | None = None
+        self.dashboard: Any = None  # set by the server builder when the dashboard is on
 
     @property
     def store(self) -> store_grpc.StoreServiceStub:

@@ -13,6 +13,7 @@ import json
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -169,6 +170,7 @@ async def running_stack(
     alert_interval: float = 0.2,
     metrics_port: int = -1,
     schedule: bool = False,
+    dashboard_port: int = -1,
 ) -> AsyncIterator[Stack]:
     servers: list[CycloneServer] = []
     channels: list[aio.Channel] = []
@@ -201,6 +203,7 @@ async def running_stack(
                 data_dir=tmp_path,
                 metrics_port=metrics_port,
                 tick_seconds=0.05,
+                dashboard_port=dashboard_port,
             ),
             schedule=schedule,
         )
@@ -829,6 +832,47 @@ async def test_metrics_endpoint_exposes_health_level(
         assert [float(r.split()[-1]) for r in text.splitlines() if r.startswith(line)] == [
             float(drifted)
         ]
+
+
+async def test_dashboard_serves_the_page_status_and_alerts(
+    repo: Path, fresh_database_url: str, tmp_path: Path
+) -> None:
+    async with running_stack(repo, fresh_database_url, tmp_path, dashboard_port=0) as s:
+        dashboard = s.monitor.dashboard
+        assert dashboard is not None and dashboard.port > 0
+        base = f"http://127.0.0.1:{dashboard.port}"
+
+        def get(path: str) -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(base + path, timeout=5) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+        code, page = await asyncio.to_thread(get, "/")
+        assert code == 200 and "Cyclone" in page and "api/status" in page
+        code, body = await asyncio.to_thread(get, "/api/status")
+        assert (code, json.loads(body)) == (200, [])  # nothing evaluated yet
+
+        frame = shifted(300)
+        await s.send(frame, labels=frame["defaulted"].astype(str).tolist())
+        status = (await s.evaluate()).status
+        code, body = await asyncio.to_thread(get, "/api/status")
+        shown = json.loads(body)
+        assert code == 200 and [m["model"] for m in shown] == [MODEL]
+        assert shown[0]["level"] == LEVEL(status.level)
+        assert shown[0]["rows"] == str(status.rows)  # int64 travels as a JSON string
+
+        async def alerts() -> list[dict[str, Any]]:
+            code, body = await asyncio.to_thread(get, "/api/alerts")
+            assert code == 200
+            listed: list[dict[str, Any]] = json.loads(body)
+            return listed
+
+        listed = await alerts()
+        assert listed and {a["model"] for a in listed} == {MODEL}
+        code, _ = await asyncio.to_thread(get, "/nope")
+        assert code == 404
 
 
 # --- tiny windows and window kinds --------------------------------------------------------------
