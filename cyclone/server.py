@@ -1,6 +1,6 @@
 """The one gRPC server bootstrap every Cyclone service runs on.
 
-grpc.aio server, per-service health, reflection, request-id + metrics interceptor,
+grpc.aio server, per-service health, reflection, request id + metrics around every handler,
 optional OpenTelemetry, a Prometheus endpoint, message-size limits, and graceful
 shutdown: on SIGTERM/SIGINT health turns NOT_SERVING first, then `stop(grace)` lets
 in-flight calls finish.
@@ -26,7 +26,7 @@ from cyclone.telemetry import configure_logging, server_tracing_interceptors
 
 log = logging.getLogger(__name__)
 
-ShutdownHook = Callable[[], Awaitable[None]]  # also used for start hooks
+Hook = Callable[[], Awaitable[None]]
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -72,8 +72,8 @@ class CycloneServer:
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self._service_names: list[str] = []
-        self._shutdown_hooks: list[ShutdownHook] = []
-        self._start_hooks: list[ShutdownHook] = []
+        self._shutdown_hooks: list[Hook] = []
+        self._start_hooks: list[Hook] = []
         self.port = 0
         self.metrics_port = 0
         self._metrics_server: Any = None
@@ -90,11 +90,11 @@ class CycloneServer:
             raise RuntimeError(f"{full_name}: the generated code registered no methods")
         self._service_names.append(full_name)
 
-    def on_start(self, hook: ShutdownHook) -> None:
+    def on_start(self, hook: Hook) -> None:
         """Run `hook` once the server is listening (start background tasks)."""
         self._start_hooks.append(hook)
 
-    def on_shutdown(self, hook: ShutdownHook) -> None:
+    def on_shutdown(self, hook: Hook) -> None:
         """Run `hook` after the server stopped taking calls (flush buffers, close pools)."""
         self._shutdown_hooks.append(hook)
 
