@@ -218,6 +218,9 @@ def _prepare_root(base: Path, run_as: str) -> None:
         mode = p.stat().st_mode
         # r+x, as the wheel does: initdb canonicalises paths and needs to read the parents.
         if mode & 0o055 != 0o055:
+            log.warning(
+                "granting group/other r-x on %s so the %s user can reach its data", p, run_as
+            )
             p.chmod(mode | 0o055)
         if p == p.parent:
             break
