@@ -27,6 +27,7 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML settings 
 HostOpt = Annotated[str | None, typer.Option(help="Address to bind.")]
 PortOpt = Annotated[int | None, typer.Option(help="gRPC port (0 picks a free one).")]
 MetricsPortOpt = Annotated[int | None, typer.Option(help="Prometheus port (0 free, -1 off).")]
+DataDirOpt = Annotated[Path | None, typer.Option(help="Cyclone data directory.")]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -68,7 +69,7 @@ def serve_inference(
     spool_dir: Annotated[
         Path | None, typer.Option(help="Disk spool for when the store is down.")
     ] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Cyclone data directory.")] = None,
+    data_dir: DataDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Serve ONNX models over Cyclone's API and the Open Inference Protocol."""
@@ -86,7 +87,7 @@ def serve_store(
     database_url: Annotated[
         str | None, typer.Option(help="PostgreSQL URL; default: Cyclone's embedded PostgreSQL.")
     ] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Cyclone data directory.")] = None,
+    data_dir: DataDirOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
     metrics_port: MetricsPortOpt = None,
@@ -105,7 +106,7 @@ def serve_monitor(
     dashboard_port: Annotated[
         int | None, typer.Option(help="Live dashboard HTTP port (0 free, -1 off).")
     ] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Cyclone data directory.")] = None,
+    data_dir: DataDirOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
     metrics_port: MetricsPortOpt = None,
