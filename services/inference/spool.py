@@ -7,6 +7,7 @@ names carry a sequence number so replay keeps the order batches were served in.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from pathlib import Path
@@ -20,11 +21,25 @@ class SpoolFull(Exception):
     """Adding the batch would pass the spool's byte bound."""
 
 
+class SpoolInUse(RuntimeError):
+    """Another process already spools into this directory."""
+
+
 class Spool:
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         directory.mkdir(parents=True, exist_ok=True)
+        # Two writers would reuse each other's sequence numbers: one process per spool.
+        self._lock = (directory / ".lock").open("a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise SpoolInUse(
+                f"spool {directory} is in use by another process; give each inference "
+                "process its own --spool-dir"
+            ) from None
         for stale in directory.glob("*.tmp"):
             stale.unlink(missing_ok=True)
         self._files = sorted(directory.glob(f"*{_SUFFIX}"))
@@ -58,6 +73,10 @@ class Spool:
     def peek(self) -> bytes | None:
         """The oldest batch, or None when empty."""
         return self._files[0].read_bytes() if self._files else None
+
+    def close(self) -> None:
+        """Release the directory for another process."""
+        self._lock.close()
 
     def pop(self) -> None:
         """Forget the oldest batch (after the store acknowledged it)."""

@@ -193,6 +193,7 @@ class StoreSink:
                 log.exception("store sink flush failed while stopping")
             self._flushing = None
         await self.flush(replay=True)
+        self.spool.close()
         if self._channel is not None:
             await self._channel.close()
 

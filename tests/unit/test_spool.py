@@ -35,7 +35,7 @@ def test_fifo_order_and_pop(tmp_path: Path) -> None:
     spool.append(b"late")
     assert drain(spool) == [*batches[1:], b"late"]
     assert spool.bytes == 0
-    assert list((tmp_path / "spool").iterdir()) == []
+    assert [p.name for p in (tmp_path / "spool").iterdir()] == [".lock"]
 
 
 def test_bound(tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_bound(tmp_path: Path) -> None:
         spool.append(b"z")
     # A refused batch leaves nothing behind.
     assert len(spool) == 2 and spool.bytes == 100
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".batch", ".batch"]
+    assert sorted(p.suffix for p in tmp_path.iterdir() if p.name != ".lock") == [".batch", ".batch"]
     spool.pop()
     spool.append(b"z" * 60)
     assert drain(spool) == [b"y" * 40, b"z" * 60]
@@ -61,6 +61,7 @@ def test_durable_across_reopen(tmp_path: Path) -> None:
         first.append(f"{i}".encode())
     first.pop()
     first.pop()
+    first.close()  # the process ends (a re-open in the same process must release first)
     # A crash mid-write leaves a .tmp file behind: it is not a batch and is removed.
     (tmp_path / "0000000000000099.tmp").write_bytes(b"half a batch")
 
@@ -71,19 +72,45 @@ def test_durable_across_reopen(tmp_path: Path) -> None:
     assert second.peek() == b"2"
     # New batches go after the old ones, also after another re-open.
     second.append(b"new")
+    second.close()
     third = Spool(tmp_path, 1 << 20)
     assert drain(third) == [f"{i}".encode() for i in range(2, 15)] + [b"new"]
     # Sequence numbers keep growing after the spool emptied and was re-opened.
     third.append(b"a")
+    third.close()
     fourth = Spool(tmp_path, 1 << 20)
     fourth.append(b"b")
+    fourth.close()
     assert drain(Spool(tmp_path, 1 << 20)) == [b"a", b"b"]
 
 
 def test_reopen_counts_bytes_against_the_bound(tmp_path: Path) -> None:
-    Spool(tmp_path, 100).append(b"x" * 80)
+    first = Spool(tmp_path, 100)
+    first.append(b"x" * 80)
+    first.close()
     again = Spool(tmp_path, 100)
     assert again.bytes == 80
     with pytest.raises(SpoolFull):
         again.append(b"y" * 21)
     again.append(b"y" * 20)
+
+
+def test_one_process_per_spool_directory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    first = Spool(tmp_path / "spool", 1 << 20)
+    # flock is per open file description, so the second owner must be another process.
+    probe = (
+        "import sys; from pathlib import Path; from services.inference.spool import Spool, SpoolInUse\n"
+        "try:\n    Spool(Path(sys.argv[1]), 1 << 20)\nexcept SpoolInUse as exc:\n    print(exc); sys.exit(3)\n"
+    )
+    held = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "spool")], capture_output=True, text=True
+    )
+    assert held.returncode == 3 and "in use by another process" in held.stdout
+    first.close()
+    free = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "spool")], capture_output=True, text=True
+    )
+    assert free.returncode == 0, free.stdout + free.stderr
