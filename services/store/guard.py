@@ -6,9 +6,11 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import psycopg
 from grpc import aio
+from psycopg_pool import PoolTimeout
 
-from cyclone.errors import InvalidArgument, NotFound
+from cyclone.errors import InvalidArgument, NotFound, Unavailable
 from cyclone.server import abort_on_domain_errors
 from services.store.db import AlreadyExistsError, NotFoundError
 
@@ -25,6 +27,9 @@ async def guard(context: aio.ServicerContext[Any, Any], call: Callable[[], Await
         await context.abort(NotFound.code, str(exc))
     except AlreadyExistsError as exc:
         await context.abort(InvalidArgument.code, str(exc))
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        # The database is down or overloaded: a retryable condition, not a bug.
+        await context.abort(Unavailable.code, f"database unavailable: {exc}")
     except Exception as exc:
         await abort_on_domain_errors(context, exc)
     raise AssertionError("unreachable")

@@ -793,3 +793,28 @@ async def test_training_data_and_query_reject_bad_requests(stub: pb_grpc.StoreSe
     await expect_error(stub.QueryPredictions(pb.QueryPredictionsRequest()), invalid, "model")
     # Still all there.
     assert (await stats(stub, HOUSE)).predictions == 3
+
+
+async def test_database_down_is_unavailable_and_the_store_recovers(
+    stub: pb_grpc.StoreServiceStub, fresh_database_url: str, database_url: str
+) -> None:
+    dbname = psycopg.conninfo.conninfo_to_dict(fresh_database_url)["dbname"]
+    await stub.GetStats(pb.GetStatsRequest(), timeout=10)
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (dbname,),
+        )
+        try:
+            # A retryable status (the inference sink spools on it), not INTERNAL.
+            await expect_error(
+                stub.GetStats(pb.GetStatsRequest(), timeout=20),
+                grpc.StatusCode.UNAVAILABLE,
+                "database unavailable",
+            )
+        finally:
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+    response = await stub.GetStats(pb.GetStatsRequest(), timeout=20)
+    assert response.storage_mode == "postgres-partitioned"

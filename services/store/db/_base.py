@@ -65,6 +65,12 @@ class StoreBase:
             kwargs={"autocommit": True},
             open=False,
             name="cyclone-store",
+            # Fail a request after 5 s without a connection (database down) rather than
+            # hold it for the default 30 s: callers such as the inference sink retry anyway.
+            timeout=5.0,
+            # Hand out only live connections, so a restarted database costs one reconnect
+            # instead of one failed request per pooled connection.
+            check=AsyncConnectionPool.check_connection,
         )
         await self._pool.open(wait=True, timeout=30)
         if self.mode == "postgres-partitioned":
