@@ -818,3 +818,58 @@ async def test_database_down_is_unavailable_and_the_store_recovers(
             admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
     response = await stub.GetStats(pb.GetStatsRequest(), timeout=20)
     assert response.storage_mode == "postgres-partitioned"
+
+
+async def test_monitoring_rpcs_refuse_bad_input_by_field(stub: pb_grpc.StoreServiceStub) -> None:
+    invalid, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    await expect_error(
+        stub.SavePlan(pb.SavePlanRequest(model="m", plan_yaml="  ")), invalid, "plan_yaml"
+    )
+    await expect_error(stub.SavePlan(pb.SavePlanRequest(plan_yaml="model: m")), invalid, "model")
+    await expect_error(stub.GetPlan(pb.GetPlanRequest(model="m", revision=-1)), invalid, "revision")
+    await expect_error(stub.GetPlan(pb.GetPlanRequest(model="m")), missing, "no monitoring plan")
+    saved = await stub.SavePlan(pb.SavePlanRequest(model="m", plan_yaml="model: m\n"))
+    got = await stub.GetPlan(pb.GetPlanRequest(model="m"))
+    assert (got.revision, got.plan_yaml) == (saved.revision, "model: m\n")
+
+    record = pb.RecordEvaluationRequest(model="m", version="1", level="GREEN")
+    for change, fragment in (
+        ({"level": "PURPLE"}, "level"),
+        ({"version": ""}, "version"),
+        ({"reasons_json": "[not json"}, "reasons_json"),
+        ({"summary_json": '{"x": NaN}'}, "summary_json"),
+    ):
+        bad = pb.RecordEvaluationRequest()
+        bad.CopyFrom(record)
+        for key, value in change.items():
+            setattr(bad, key, value)
+        await expect_error(stub.RecordEvaluation(bad), invalid, fragment)
+    point = pb.RecordEvaluationRequest()
+    point.CopyFrom(record)
+    point.points.add(metric="accuracy", value=0.9, details_json="{oops")
+    await expect_error(stub.RecordEvaluation(point), invalid, "points[0].details_json")
+
+    await expect_error(stub.ClaimAlerts(pb.ClaimAlertsRequest(limit=5000)), invalid, "limit")
+    await expect_error(
+        stub.ClaimAlerts(pb.ClaimAlertsRequest(lease_seconds=-1)), invalid, "lease_seconds"
+    )
+    await expect_error(stub.CompleteAlert(pb.CompleteAlertRequest(alert_id=0)), invalid, "alert_id")
+    await expect_error(
+        stub.CompleteAlert(pb.CompleteAlertRequest(alert_id=999, delivered=True)), missing, "999"
+    )
+    await expect_error(
+        stub.AcknowledgeAlert(pb.AcknowledgeAlertRequest(alert_id=-3)), invalid, "alert_id"
+    )
+    await expect_error(stub.ListAlerts(pb.ListAlertsRequest(status="lost")), invalid, "status")
+    await expect_error(stub.ListAlerts(pb.ListAlertsRequest(limit=-1)), invalid, "limit")
+    await expect_error(
+        stub.ListMetricPoints(
+            pb.ListMetricPointsRequest(model="m", start=ts(at(5)), end=ts(at(1)))
+        ),
+        invalid,
+        "end",
+    )
+    await expect_error(stub.ListMetricPoints(pb.ListMetricPointsRequest()), invalid, "model")
+    # Nothing above left a trace.
+    assert list((await stub.ListAlerts(pb.ListAlertsRequest())).alerts) == []
+    assert list((await stub.GetHealth(pb.GetHealthRequest())).health) == []
