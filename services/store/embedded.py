@@ -207,8 +207,10 @@ def _prepare_root(base: Path, run_as: str) -> None:
     try:
         pwd.getpwnam(run_as)
     except KeyError:
+        # /usr/sbin is often missing from PATH (cron, minimal envs); useradd lives there.
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", run_as],
+            [useradd, "--system", "--no-create-home", "-s", "/usr/sbin/nologin", run_as],
             check=True,
             capture_output=True,
         )
