@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from cyclone.metrics_api import ReferenceProfile, Window, build_profile
 from cyclone.plan import DriftSpec, MetricRef, Plan, WindowSpec
+from cyclone.plugin_api import ReferenceProfile, Window, build_profile
 from cyclone.plugins import Plugins, build_plugin_manager
 from services.monitor.evaluate import Evaluation, evaluate
 

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cyclone.metrics_api import MetricContext, ReferenceProfile, Window
 from cyclone.models.schema import ModelSchema
+from cyclone.plugin_api import MetricContext, ReferenceProfile, Window
 from cyclone.plugins import metrics
-from cyclone.profile import FeatureSchema as ProfileFeature
-from cyclone.profile import build_profile
+from cyclone.reference import FeatureSchema as ProfileFeature
+from cyclone.reference import build_profile
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pluggy
 
-from cyclone.metrics_api import (
+from cyclone.plugin_api import (
     AlertSinkSpec,
     DriftTestSpec,
     MetricSpec,
@@ -40,7 +40,7 @@ def cyclone_register_metrics(register: Callable[[MetricSpec], None]) -> None:
     first evaluation).
 
     :param register: call ``register(MetricSpec(...))`` for each metric. The spec's ``fn`` takes
-        ``(window, ctx)`` and returns a :class:`~cyclone.metrics_api.MetricResult`; it must be
+        ``(window, ctx)`` and returns a :class:`~cyclone.plugin_api.MetricResult`; it must be
         vectorised (no per-row Python loops) and return ``MetricResult.not_enough_data(...)``
         rather than NaN when the window cannot support the metric.
     """
@@ -53,9 +53,9 @@ def cyclone_register_drift_tests(register: Callable[[DriftTestSpec], None]) -> N
     Called once per process, when the drift registry is first needed.
 
     :param register: call ``register(DriftTestSpec(...))`` for each test. The spec's ``fn`` takes
-        ``(column, threshold)``: a :class:`~cyclone.metrics_api.CurrentColumn` (binned once
+        ``(column, threshold)``: a :class:`~cyclone.plugin_api.CurrentColumn` (binned once
         against the reference quantile sketch) and the effect-size threshold; it returns a
-        :class:`~cyclone.metrics_api.DriftResult` whose ``drifted`` flag comes from the effect
+        :class:`~cyclone.plugin_api.DriftResult` whose ``drifted`` flag comes from the effect
         size, not from a p-value (p-values flag everything at a million rows).
     """
 

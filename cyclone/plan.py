@@ -27,7 +27,7 @@ from typing import Any, Literal, cast
 
 import yaml
 
-from cyclone.metrics_api import Level
+from cyclone.plugin_api import Level
 from cyclone.plugins import Plugins, get_plugins
 
 ACTIONS = ("retrain", "rollback", "notify")

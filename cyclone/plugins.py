@@ -25,7 +25,7 @@ from typing import TypeVar
 import pluggy
 
 from cyclone import hookspecs
-from cyclone.metrics_api import (
+from cyclone.plugin_api import (
     AlertSinkSpec,
     DriftTestSpec,
     MetricSpec,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cyclone.hookspecs import hookimpl
-from cyclone.metrics_api import Alert, AlertSinkSpec
+from cyclone.plugin_api import Alert, AlertSinkSpec
 
 DEFAULT_TIMEOUT = 10.0
 RECORDED: list[Alert] = []

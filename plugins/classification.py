@@ -15,7 +15,7 @@ import numpy.typing as npt
 from scipy.stats import rankdata
 
 from cyclone.hookspecs import hookimpl
-from cyclone.metrics_api import MetricContext, MetricResult, MetricSpec, Window
+from cyclone.plugin_api import MetricContext, MetricResult, MetricSpec, Window
 
 IntArray = npt.NDArray[np.intp]
 FloatArray = npt.NDArray[np.float64]

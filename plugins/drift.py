@@ -36,7 +36,7 @@ import numpy.typing as npt
 from scipy import special, stats
 
 from cyclone.hookspecs import hookimpl
-from cyclone.metrics_api import CurrentColumn, DriftResult, DriftTestSpec, NumericProfile
+from cyclone.plugin_api import CurrentColumn, DriftResult, DriftTestSpec, NumericProfile
 
 FloatArray = npt.NDArray[np.float64]
 ALPHA = 1e-3

@@ -14,7 +14,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from cyclone.hookspecs import hookimpl
-from cyclone.metrics_api import (
+from cyclone.plugin_api import (
     CategoricalProfile,
     MetricContext,
     MetricResult,

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cyclone.hookspecs import hookimpl
-from cyclone.metrics_api import MetricContext, MetricResult, MetricSpec, Window
+from cyclone.plugin_api import MetricContext, MetricResult, MetricSpec, Window
 
 FloatArray = npt.NDArray[np.float64]
 

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cyclone.hookspecs import hookimpl
-from cyclone.metrics_api import MetricContext, MetricResult, MetricSpec, NumericProfile, Window
+from cyclone.plugin_api import MetricContext, MetricResult, MetricSpec, NumericProfile, Window
 
 FloatArray = npt.NDArray[np.float64]
 PROBABILITY_SUM_TOLERANCE = 1e-3

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cyclone.metrics_api import Alert
+from cyclone.plugin_api import Alert
 from cyclone.plugins import alert_sinks
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc

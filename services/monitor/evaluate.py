@@ -11,7 +11,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from cyclone.metrics_api import (
+from cyclone.plan import MetricRef, Plan, Trigger
+from cyclone.plugin_api import (
     CurrentColumn,
     DriftResult,
     Level,
@@ -21,7 +22,6 @@ from cyclone.metrics_api import (
     ReferenceProfile,
     Window,
 )
-from cyclone.plan import MetricRef, Plan, Trigger
 from cyclone.plugins import Plugins, get_plugins
 
 log = logging.getLogger(__name__)

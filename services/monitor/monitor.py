@@ -24,9 +24,9 @@ from grpc import aio
 from prometheus_client import Gauge
 
 from cyclone.errors import InvalidArgument, NotFound
-from cyclone.metrics_api import Level, ReferenceProfile
 from cyclone.monitor.v1 import monitor_service_pb2 as pb
 from cyclone.plan import Plan, PlanError, Registry, default_plan, parse_plan, plan_to_yaml
+from cyclone.plugin_api import Level, ReferenceProfile
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.monitor.evaluate import Evaluation, evaluate

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from cyclone.metrics_api import Window
+from cyclone.plugin_api import Window
 from cyclone.store.v1 import store_service_pb2 as store_pb
 
 

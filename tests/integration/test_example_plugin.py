@@ -21,7 +21,7 @@ CHECK = textwrap.dedent(
     import json
     import numpy as np
     from cyclone import plugins
-    from cyclone.metrics_api import Window
+    from cyclone.plugin_api import Window
     from cyclone.plan import parse_plan
     from services.monitor.evaluate import evaluate
 

@@ -12,7 +12,7 @@ from urllib.error import HTTPError
 import pytest
 
 import plugins.alert_sinks as sinks
-from cyclone.metrics_api import Alert, AlertSinkSpec
+from cyclone.plugin_api import Alert, AlertSinkSpec
 from cyclone.plugins import Plugins, build_plugin_manager
 
 ALERT = Alert(

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 import plugins.drift
-from cyclone.metrics_api import CurrentColumn, DriftTestSpec, ReferenceProfile, build_profile
+from cyclone.plugin_api import CurrentColumn, DriftTestSpec, ReferenceProfile, build_profile
 from cyclone.plugins import Plugins, build_plugin_manager
 
 NUMERIC_TESTS = ("ks", "wasserstein", "psi", "js")

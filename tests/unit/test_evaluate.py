@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cyclone.hookspecs import hookimpl
-from cyclone.metrics_api import (
+from cyclone.plan import Registry, parse_plan
+from cyclone.plugin_api import (
     Level,
     MetricContext,
     MetricResult,
@@ -14,7 +15,6 @@ from cyclone.metrics_api import (
     Window,
     build_profile,
 )
-from cyclone.plan import Registry, parse_plan
 from cyclone.plugins import Plugins, build_plugin_manager
 from services.monitor.evaluate import evaluate
 

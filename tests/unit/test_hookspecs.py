@@ -10,7 +10,7 @@ import pytest
 
 from cyclone import hookspecs
 from cyclone.hookspecs import hookimpl
-from cyclone.metrics_api import ModelFamilySpec, OrchestratorSpec
+from cyclone.plugin_api import ModelFamilySpec, OrchestratorSpec
 from cyclone.plugins import Plugins, build_plugin_manager
 
 HOOKS = sorted(

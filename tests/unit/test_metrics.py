@@ -10,7 +10,7 @@ import plugins.classification
 import plugins.features
 import plugins.regression
 import plugins.sanity
-from cyclone.metrics_api import (
+from cyclone.plugin_api import (
     FeatureSchema,
     MetricContext,
     MetricResult,

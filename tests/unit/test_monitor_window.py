@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cyclone.metrics_api import DriftResult, Level, MetricResult
 from cyclone.monitor.v1 import monitor_service_pb2 as pb
 from cyclone.plan import Plan, SinkRef
+from cyclone.plugin_api import DriftResult, Level, MetricResult
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from services.monitor.dispatcher import backoff_seconds
 from services.monitor.evaluate import Evaluation

@@ -4,7 +4,6 @@ import textwrap
 
 import pytest
 
-from cyclone.metrics_api import Level
 from cyclone.plan import (
     PlanError,
     Registry,
@@ -15,6 +14,7 @@ from cyclone.plan import (
     parse_plan,
     plan_to_yaml,
 )
+from cyclone.plugin_api import Level
 from cyclone.plugins import Plugins, build_plugin_manager
 
 VALID = """

@@ -9,7 +9,7 @@ import plugins.drift
 import plugins.regression
 from cyclone import plugins as cyclone_plugins
 from cyclone.hookspecs import hookimpl
-from cyclone.metrics_api import MetricContext, MetricResult, MetricSpec, Window
+from cyclone.plugin_api import MetricContext, MetricResult, MetricSpec, Window
 from cyclone.plugins import DEFAULT_PLUGINS, PluginError, Plugins, build_plugin_manager
 
 

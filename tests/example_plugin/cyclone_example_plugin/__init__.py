@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cyclone.hookspecs import hookimpl
-from cyclone.metrics_api import MetricContext, MetricResult, MetricSpec, Window
+from cyclone.plugin_api import MetricContext, MetricResult, MetricSpec, Window
 
 
 def mean_prediction(window: Window, ctx: MetricContext) -> MetricResult:
