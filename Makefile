@@ -25,6 +25,7 @@ test: $(STAMP) check-generated lint typecheck protos-lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cyclone services plugins bench tests
 	$(VENV)/bin/ruff format --check cyclone services plugins bench tests
+	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

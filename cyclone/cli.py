@@ -73,13 +73,13 @@ def serve_inference(
     config: ConfigOpt = None,
 ) -> None:
     """Serve ONNX models over Cyclone's API and the Open Inference Protocol."""
-    from services.inference.main import InferenceSettings, run_inference
+    from services.launch import serve, settings_class
 
     flags = {k: v for k, v in locals().items() if k != "config"}
-    settings = _settings(InferenceSettings, flags, config)
+    settings = _settings(settings_class("inference"), flags, config)
     if not settings.model_repository.is_dir():
         fail(f"--model-repository: {settings.model_repository} is not a directory")
-    asyncio.run(run_inference(settings))
+    asyncio.run(serve("inference", settings))
 
 
 @serve_app.command("store")
@@ -94,10 +94,10 @@ def serve_store(
     config: ConfigOpt = None,
 ) -> None:
     """Run the prediction/label/registry store (PostgreSQL, TimescaleDB when available)."""
-    from services.store.main import StoreSettings, run_store
+    from services.launch import serve, settings_class
 
     flags = {k: v for k, v in locals().items() if k != "config"}
-    asyncio.run(run_store(_settings(StoreSettings, flags, config)))
+    asyncio.run(serve("store", _settings(settings_class("store"), flags, config)))
 
 
 @serve_app.command("monitor")
@@ -113,10 +113,10 @@ def serve_monitor(
     config: ConfigOpt = None,
 ) -> None:
     """Evaluate monitoring plans on schedule; keep RAG levels; deliver alerts; dashboard."""
-    from services.monitor.main import MonitorSettings, run_monitor
+    from services.launch import serve, settings_class
 
     flags = {k: v for k, v in locals().items() if k != "config"}
-    asyncio.run(run_monitor(_settings(MonitorSettings, flags, config)))
+    asyncio.run(serve("monitor", _settings(settings_class("monitor"), flags, config)))
 
 
 @model_app.command("import")

@@ -13,17 +13,12 @@ import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
 from cyclone.client import InferenceClient, MonitorClient, StoreClient
@@ -33,51 +28,13 @@ from cyclone.models.convert import import_pipeline
 console = Console()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_healthy(
-    address: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0
-) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{address} exited; log:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(grpc.RpcError):
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            time.sleep(0.2)
-    raise RuntimeError(
-        f"{address} not healthy after {timeout:.0f}s; log:\n{log.read_text()[-3000:]}"
-    )
-
-
 @contextlib.contextmanager
-def _service(name: str, args: list[str], port: int, logs: Path) -> Iterator[str]:
-    log = logs / f"{name}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cyclone", "serve", name, *args], stdout=out, stderr=out
-        )
-    address = f"127.0.0.1:{port}"
-    try:
-        _wait_healthy(address, proc, log)
-        console.print(f"  [green]✓[/green] {name} on {address} (log: {log})")
-        yield address
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def _service(name: str, args: list[str], logs: Path) -> Iterator[str]:
+    from services.launch import spawn
+
+    with spawn(name, args, logs / f"{name}.log") as running:
+        console.print(f"  [green]✓[/green] {name} on {running.address} (log: {running.log_path})")
+        yield running.address
 
 
 def _until(check: Callable[[], Any], timeout: float = 30.0, every: float = 0.2) -> Any:
@@ -158,12 +115,12 @@ def run_demo(workdir: Path | None = None, keep_running: bool = False) -> None:
     console.print(
         "\n[bold]2. Start the mesh[/bold] (store on embedded PostgreSQL, inference, monitor)"
     )
-    store_port, inference_port, monitor_port = _free_port(), _free_port(), _free_port()
-    dashboard_port = _free_port()
+    from services.launch import free_port
+
+    dashboard_port = free_port()
     common = ["--data-dir", str(data)]
-    env_port = ["--port"]
     with (
-        _service("store", [*common, *env_port, str(store_port)], store_port, logs) as store,
+        _service("store", common, logs) as store,
         _service(
             "inference",
             [
@@ -174,10 +131,7 @@ def run_demo(workdir: Path | None = None, keep_running: bool = False) -> None:
                 "credit",
                 "--store",
                 store,
-                "--port",
-                str(inference_port),
             ],
-            inference_port,
             logs,
         ) as inference,
         _service(
@@ -186,12 +140,9 @@ def run_demo(workdir: Path | None = None, keep_running: bool = False) -> None:
                 *common,
                 "--store",
                 store,
-                "--port",
-                str(monitor_port),
                 "--dashboard-port",
                 str(dashboard_port),
             ],
-            monitor_port,
             logs,
         ) as monitor,
         StoreClient(store) as store_client,
