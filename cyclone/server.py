@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from cyclone.auth import TokenSet, guard
 from cyclone.interceptors import instrument
 from cyclone.settings import ServerSettings
 from cyclone.telemetry import configure_logging, server_tracing_interceptors
@@ -36,11 +37,26 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials when a certificate is configured (mutual TLS with a client CA)."""
+    if settings.tls_cert_file is None and settings.tls_key_file is None:
+        return None
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        raise ValueError("tls_cert_file and tls_key_file: set both or neither")
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 class _InstrumentingRegistrar:
     """Stands in for the server while generated `add_*_to_server` code runs."""
 
-    def __init__(self, server: aio.Server) -> None:
+    def __init__(self, server: aio.Server, tokens: TokenSet | None) -> None:
         self._server = server
+        self._tokens = tokens
         self.registered = False
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
@@ -50,12 +66,21 @@ class _InstrumentingRegistrar:
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:
-        wrapped = {name: instrument(f"/{service}/{name}", h) for name, h in handlers.items()}
+        wrapped = {
+            name: instrument(f"/{service}/{name}", self._authorized(f"/{service}/{name}", h))
+            for name, h in handlers.items()
+        }
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, wrapped),)
         )
         self._server.add_registered_method_handlers(service, wrapped)
         self.registered = True
+
+    def _authorized(
+        self, full_method: str, handler: grpc.RpcMethodHandler
+    ) -> grpc.RpcMethodHandler:
+        # Without tokens nothing is wrapped: the hot path pays for auth only when it is on.
+        return handler if self._tokens is None else guard(full_method, handler, self._tokens)
 
 
 class CycloneServer:
@@ -68,6 +93,11 @@ class CycloneServer:
         self.grpc = aio.server(
             interceptors=server_tracing_interceptors(component),
             options=[*channel_options(settings.max_message_bytes), ("grpc.so_reuseport", 0)],
+        )
+        self.tokens = (
+            TokenSet.from_file(settings.tokens_file, require_data_token=settings.require_data_token)
+            if settings.tokens_file
+            else None
         )
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -84,7 +114,7 @@ class CycloneServer:
         `full_name` is its proto name, used by health and reflection. Every method handler
         is wrapped with the request id and metrics once, here, instead of per call.
         """
-        registrar = _InstrumentingRegistrar(self.grpc)
+        registrar = _InstrumentingRegistrar(self.grpc, self.tokens)
         register(registrar)
         if not registrar.registered:
             raise RuntimeError(f"{full_name}: the generated code registered no methods")
@@ -117,7 +147,12 @@ class CycloneServer:
             self.grpc,
         )
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self.grpc.add_insecure_port(address)
+        credentials = server_credentials(self.settings)
+        self.port = (
+            self.grpc.add_secure_port(address, credentials)
+            if credentials is not None
+            else self.grpc.add_insecure_port(address)
+        )
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {address}")
         await self.grpc.start()

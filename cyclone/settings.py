@@ -36,6 +36,14 @@ class ServerSettings:
     grace_seconds: float = 5.0
     log_level: str = "INFO"
     data_dir: Path = Path.home() / ".cyclone"
+    # Bearer tokens with scopes (see cyclone/auth.py); unset: nothing is checked.
+    tokens_file: Path | None = None
+    # With tokens: also require one for predictions and labels (open by default).
+    require_data_token: bool = False
+    # TLS for this server's gRPC port; with a client CA, clients must present certificates.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
 
 
 T = TypeVar("T", bound=ServerSettings)
