@@ -262,7 +262,15 @@ def write_local_tokens(data_dir: Path) -> str:
         (
             tokens_path,
             yaml.safe_dump(
-                {"tokens": [{"name": "local", "token": token, "scopes": sorted(s.value for s in ALL_SCOPES)}]}
+                {
+                    "tokens": [
+                        {
+                            "name": "local",
+                            "token": token,
+                            "scopes": sorted(s.value for s in ALL_SCOPES),
+                        }
+                    ]
+                }
             ),
         ),
     ):

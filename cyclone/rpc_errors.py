@@ -45,7 +45,9 @@ def status_for(
             exc = translated
     if isinstance(exc, CycloneError):
         return exc.code, exc.message
-    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+    if isinstance(exc, aio.AioRpcError) or (
+        isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call)
+    ):
         # An upstream service answered with a status: keep it, say where it came from.
         return exc.code(), exc.details() or exc.code().name
     log.error("unexpected error", exc_info=exc)

@@ -208,10 +208,12 @@ def spawn(
     port: int | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 120.0,
+    new_session: bool = False,
 ) -> Spawned:
     """Run `cyclone serve <component> <args> --port PORT` and wait until it is SERVING.
 
-    `port` None picks a free one. Output goes to `log_path`. Raises RuntimeError with the log's
+    `port` None picks a free one. Output goes to `log_path`. `new_session` puts the process in
+    a process group of its own (a supervisor can then stop it and every child it started). Raises RuntimeError with the log's
     tail when the process exits or is not healthy within `timeout` seconds.
     """
     port = free_port() if port is None else port
@@ -222,6 +224,7 @@ def spawn(
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=new_session,
         )
     spawned = Spawned(component, f"127.0.0.1:{port}", process, log_path)
     try:

@@ -3,6 +3,7 @@ with no token, a wrong one, and a token of each scope."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -193,3 +194,34 @@ def test_local_tokens_are_private_and_stable(tmp_path: Path) -> None:
     assert write_local_tokens(tmp_path) == token
     assert TokenSet.from_file(tmp_path / "tokens.yaml").scopes_of(token) == ALL_SCOPES
     assert TokenSet.from_file(tmp_path / "tokens.yaml").scopes_of(token + "x") is None
+
+
+async def test_channels_send_the_callers_token(
+    store: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from cyclone.channels import aio_channel, sync_channel
+    from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no stray ~/.cyclone/token
+    monkeypatch.delenv("CYCLONE_TOKEN", raising=False)
+    request = store_pb.ListModelVersionsRequest()
+    async with aio_channel(store) as anonymous:
+        with pytest.raises(aio.AioRpcError) as err:
+            await store_grpc.StoreServiceStub(anonymous).ListModelVersions(request)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    monkeypatch.setenv("CYCLONE_TOKEN", TOKENS[Scope.ADMIN])
+    async with aio_channel(store) as channel:
+        await store_grpc.StoreServiceStub(channel).ListModelVersions(request)
+
+    def blocking_calls() -> grpc.StatusCode:
+        # A thread: the server runs on this test's event loop.
+        with sync_channel(store) as channel:
+            store_grpc.StoreServiceStub(channel).ListModelVersions(request)
+        with sync_channel(store, token=TOKENS[Scope.LABEL]) as channel:
+            try:
+                store_grpc.StoreServiceStub(channel).ListModelVersions(request)
+            except grpc.RpcError as exc:
+                return exc.code()  # type: ignore[attr-defined,no-any-return]
+        return grpc.StatusCode.OK
+
+    assert await asyncio.to_thread(blocking_calls) == grpc.StatusCode.PERMISSION_DENIED

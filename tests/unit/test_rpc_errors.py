@@ -54,6 +54,9 @@ FAILURES: dict[str, BaseException] = {
     "missing": NotFound("model: 'nope' is not registered"),
     "database": _DatabaseDown("connection refused to secret-host"),
     "upstream": _Upstream(),
+    "aio_upstream": aio.AioRpcError(
+        grpc.StatusCode.NOT_FOUND, aio.Metadata(), aio.Metadata(), details="store: no such alert"
+    ),
     "bug": KeyError("user text that must not leak"),
 }
 
@@ -96,6 +99,7 @@ EXPECTED = {
     "missing": (grpc.StatusCode.NOT_FOUND, "model: 'nope' is not registered"),
     "database": (grpc.StatusCode.UNAVAILABLE, "database unavailable"),
     "upstream": (grpc.StatusCode.RESOURCE_EXHAUSTED, "store: queue full"),
+    "aio_upstream": (grpc.StatusCode.NOT_FOUND, "store: no such alert"),
     "bug": (grpc.StatusCode.INTERNAL, "internal error: KeyError"),
 }
 

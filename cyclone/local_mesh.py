@@ -1,0 +1,106 @@
+"""Where a `cyclone up` mesh on this machine listens: the file it writes, the defaults it uses.
+
+`cyclone up` writes `<data_dir>/mesh.json` once every component is up and removes it when it
+stops; CLI commands read it so that, with a mesh running, no address flag is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MESH_FILE = "mesh.json"
+DATA_DIR_ENV = "CYCLONE_DATA_DIR"
+
+# Default ports of `cyclone up` (and of `cyclone serve <component>`).
+DEFAULT_PORTS: dict[str, int] = {
+    "public": 8080,  # Envoy: predictions and labels, gRPC and REST
+    "control": 8081,  # Envoy, loopback: every service's control plane
+    "envoy_admin": 9901,
+    "store": 8002,
+    "monitor": 8003,
+    "trainer": 8004,
+    "dashboard": 8090,
+}
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or Path.home() / ".cyclone")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentInfo:
+    address: str
+    pid: int
+    log: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshInfo:
+    """What a running `cyclone up` tells clients."""
+
+    pid: int
+    data_dir: str
+    public: str  # Envoy's public listener, HOST:PORT
+    control: str
+    dashboard: str  # URL
+    components: dict[str, ComponentInfo]
+
+    def address(self, component: str) -> str | None:
+        info = self.components.get(component)
+        return info.address if info else None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> MeshInfo:
+        return cls(
+            pid=int(raw["pid"]),
+            data_dir=str(raw["data_dir"]),
+            public=str(raw["public"]),
+            control=str(raw["control"]),
+            dashboard=str(raw["dashboard"]),
+            components={k: ComponentInfo(**v) for k, v in dict(raw["components"]).items()},
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_mesh(data_dir: Path | None = None) -> MeshInfo | None:
+    """The running mesh of `data_dir` (default `$CYCLONE_DATA_DIR` or ~/.cyclone), if any."""
+    path = (data_dir or default_data_dir()) / MESH_FILE
+    try:
+        info = MeshInfo.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info if _alive(info.pid) else None
+
+
+def default_address(component: str, data_dir: Path | None = None) -> str:
+    """Where `component` listens: the running mesh's address, else its default port.
+
+    `component` is a service name (store, monitor, trainer) or "public" (Envoy's listener,
+    where predictions and labels go when a mesh is up; else a lone inference server on 8001).
+    """
+    mesh = read_mesh(data_dir)
+    if mesh is not None:
+        if component == "public":
+            return mesh.public
+        found = mesh.address(component)
+        if found:
+            return found
+    if component == "public":
+        return "127.0.0.1:8001"
+    return f"127.0.0.1:{DEFAULT_PORTS[component]}"

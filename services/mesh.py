@@ -1,0 +1,269 @@
+"""`cyclone up`: the whole mesh on one machine, started through the launcher and supervised.
+
+Order of start: store (embedded PostgreSQL unless a URL is given), trainer (it owns the model
+revisions and Envoy's routes), Envoy, monitor (with the dashboard). Each component is its own
+process in its own session, logging to `<data_dir>/logs/<component>.log`. Stop is the reverse
+order, each component gracefully (SIGTERM), then its whole process group, so nothing stays
+behind. A second `cyclone up` on the same data dir resumes: everything durable is in the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from cyclone.local_mesh import MESH_FILE, ComponentInfo, MeshInfo
+from services.launch import Spawned, spawn
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "mesh.lock"
+
+
+class MeshError(RuntimeError):
+    """The mesh cannot start as asked; the message says why and nothing was started."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+    data_dir: Path
+    host: str = "127.0.0.1"  # where the public listener binds (0.0.0.0 to serve the network)
+    ports: dict[str, int] = dataclasses.field(default_factory=dict)
+    database_url: str | None = None
+    model_repository: Path | None = None
+    # Generate a token (mode 0600) and require it for the control plane.
+    auth: bool = True
+
+    @property
+    def repository(self) -> Path:
+        return self.model_repository or self.data_dir / "models"
+
+    def port(self, name: str) -> int:
+        from cyclone.local_mesh import DEFAULT_PORTS
+
+        return self.ports.get(name, DEFAULT_PORTS[name])
+
+
+@dataclasses.dataclass
+class ComponentPlan:
+    """How to start one component: `cyclone serve <name> <args>` on `port`."""
+
+    name: str
+    args: list[str]
+    port: int
+
+
+# Callback for progress: (component, state, detail) with state in starting/ready/failed/stopped.
+Progress = Callable[[str, str, str], None]
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def hold_data_dir(data_dir: Path) -> Iterator[IO[str]]:
+    """An exclusive lock on the data dir for the mesh's lifetime (released even on SIGKILL)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = (data_dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise MeshError(
+            f"data dir {data_dir} is held by another running Cyclone (pid {holder}); "
+            "stop it first or use another --data-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+class Mesh:
+    """Starts the components in order, watches them, stops them in reverse order."""
+
+    def __init__(self, settings: MeshSettings, progress: Progress | None = None) -> None:
+        self.settings = settings
+        self.progress = progress or (lambda component, state, detail: None)
+        self.running: list[Spawned] = []
+        self._stopping = threading.Event()
+
+    # -- plan --------------------------------------------------------------------------------
+
+    def plan(self) -> list[ComponentPlan]:
+        s = self.settings
+        common = ["--data-dir", str(s.data_dir)]
+        store = f"127.0.0.1:{s.port('store')}"
+        store_args = [*common]
+        if s.database_url:
+            store_args += ["--database-url", s.database_url]
+        return [
+            ComponentPlan("store", store_args, s.port("store")),
+            ComponentPlan(
+                "monitor",
+                [
+                    *common,
+                    "--store",
+                    store,
+                    "--dashboard-port",
+                    str(s.port("dashboard")),
+                ],
+                s.port("monitor"),
+            ),
+        ]
+
+    def ports_in_use(self) -> list[str]:
+        s = self.settings
+        wanted = {c.name: c.port for c in self.plan()}
+        wanted["dashboard"] = s.port("dashboard")
+        return [
+            f"{name} port {port}" for name, port in wanted.items() if _port_taken("127.0.0.1", port)
+        ]
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> MeshInfo:
+        """Start every component; on any failure stop what started and raise MeshError."""
+        taken = self.ports_in_use()
+        if taken:
+            raise MeshError(f"already in use: {', '.join(taken)}; nothing was started")
+        if self.settings.auth:
+            from cyclone.auth import write_local_tokens
+
+            write_local_tokens(self.settings.data_dir)
+        env = self.environment()
+        logs = self.settings.data_dir / "logs"
+        try:
+            for component in self.plan():
+                if self._stopping.is_set():
+                    raise MeshError("interrupted while starting")
+                self.progress(component.name, "starting", f"port {component.port}")
+                started = time.monotonic()
+                try:
+                    running = spawn(
+                        component.name,
+                        component.args,
+                        logs / f"{component.name}.log",
+                        port=component.port,
+                        env=env,
+                        new_session=True,
+                    )
+                except RuntimeError as exc:
+                    self.progress(component.name, "failed", str(exc).splitlines()[0])
+                    raise MeshError(f"{component.name} did not start: {exc}") from None
+                self.running.append(running)
+                self.progress(
+                    component.name,
+                    "ready",
+                    f"{running.address} in {time.monotonic() - started:.1f}s",
+                )
+        except BaseException:
+            self.stop()
+            raise
+        info = self.info()
+        self._write_info(info)
+        return info
+
+    def environment(self) -> dict[str, str]:
+        """What every component gets: the tokens it checks and the token it sends."""
+        if not self.settings.auth:
+            return {}
+        from cyclone.auth import TOKEN_ENV, TOKENS_FILE_NAME, client_token
+
+        token = client_token(self.settings.data_dir) if TOKEN_ENV not in os.environ else None
+        env = {"CYCLONE_TOKENS_FILE": str(self.settings.data_dir / TOKENS_FILE_NAME)}
+        if token:
+            env[TOKEN_ENV] = token
+        return env
+
+    def info(self) -> MeshInfo:
+        s = self.settings
+        return MeshInfo(
+            pid=os.getpid(),
+            data_dir=str(s.data_dir),
+            public=f"127.0.0.1:{s.port('public')}",
+            control=f"127.0.0.1:{s.port('control')}",
+            dashboard=f"http://127.0.0.1:{s.port('dashboard')}/",
+            components={
+                r.component: ComponentInfo(r.address, r.process.pid, str(r.log_path))
+                for r in self.running
+            },
+        )
+
+    def _write_info(self, info: MeshInfo) -> None:
+        path = self.settings.data_dir / MESH_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(info.to_json())
+        tmp.replace(path)
+
+    def dead(self) -> list[Spawned]:
+        return [r for r in self.running if r.process.poll() is not None]
+
+    def wait(self, every: float = 0.5) -> None:
+        """Block until `request_stop()` (signals) or a component exits on its own."""
+        while not self._stopping.wait(every):
+            for r in self.dead():
+                self.progress(r.component, "failed", f"exited with {r.process.returncode}")
+                log.error(
+                    "%s exited (%s); log tail:\n%s", r.component, r.process.returncode, r.log_tail()
+                )
+                return
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    def stop(self) -> None:
+        """Reverse order; graceful first, then the component's whole process group."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.settings.data_dir / MESH_FILE).unlink()
+        for running in reversed(self.running):
+            running.stop(timeout=30)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(running.process.pid, signal.SIGKILL)  # its children, if any remain
+            self.progress(running.component, "stopped", "")
+        self.running.clear()
+
+
+def run_up(settings: MeshSettings, progress: Progress | None = None) -> None:
+    """`cyclone up`: hold the data dir, start, wait for a signal or a failure, stop."""
+    with hold_data_dir(settings.data_dir):
+        mesh = Mesh(settings, progress)
+        previous = {
+            sig: signal.signal(sig, lambda *_: mesh.request_stop())
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            mesh.start()
+            mesh.wait()
+        finally:
+            mesh.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def describe(info: MeshInfo) -> str:
+    return json.dumps(dataclasses.asdict(info), indent=2)
