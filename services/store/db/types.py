@@ -17,7 +17,6 @@ Mode = Literal["timescaledb", "postgres-partitioned"]
 ModelStatus = Literal["staged", "canary", "serving", "retired"]
 FilterOp = Literal["=", "!=", "<", "<=", ">", ">="]
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_EPOCH = EPOCH
 
 
 class StoreError(CycloneError):
@@ -35,7 +34,7 @@ class AlreadyExistsError(StoreError, InvalidArgument):
 
 def uuid7(at: datetime | None = None) -> uuid.UUID:
     """A UUIDv7 whose first 48 bits are ``at`` (default now) in Unix milliseconds."""
-    ms = int(time.time() * 1000) if at is None else int((at - _EPOCH) / timedelta(milliseconds=1))
+    ms = int(time.time() * 1000) if at is None else int((at - EPOCH) / timedelta(milliseconds=1))
     rand = int.from_bytes(os.urandom(10), "big")
     value = (ms & 0xFFFF_FFFF_FFFF) << 80 | rand & ((1 << 80) - 1)
     value = value & ~(0xF << 76) | (0x7 << 76)  # version 7
@@ -46,7 +45,7 @@ def uuid7(at: datetime | None = None) -> uuid.UUID:
 def uuid7_time(prediction_id: uuid.UUID | str) -> datetime:
     """The millisecond timestamp embedded in a UUIDv7 (== predictions.created_at)."""
     u = prediction_id if isinstance(prediction_id, uuid.UUID) else uuid.UUID(prediction_id)
-    return _EPOCH + timedelta(milliseconds=u.int >> 80)
+    return EPOCH + timedelta(milliseconds=u.int >> 80)
 
 
 class PredictionRecord(NamedTuple):
