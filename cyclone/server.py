@@ -21,7 +21,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from cyclone.auth import TokenSet, guard
-from cyclone.interceptors import instrument
+from cyclone.instrumentation import instrument
 from cyclone.settings import ServerSettings
 from cyclone.telemetry import configure_logging, server_tracing_interceptors
 

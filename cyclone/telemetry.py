@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-from cyclone.interceptors import request_id_var
+from cyclone.instrumentation import request_id_var
 
 _configured_service: str | None = None
 

@@ -16,11 +16,21 @@ from importlib import resources
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from services.monitor import convert
+from services.monitor.records import ModelStatus, QueuedAlert
 
 log = logging.getLogger(__name__)
 
-StatusSource = Callable[[], list[Any]]
-AlertSource = Callable[[], list[Any]]
+StatusSource = Callable[[], list[ModelStatus]]
+AlertSource = Callable[[], list[QueuedAlert]]
+
+
+def _json(messages: list[Message]) -> bytes:
+    """The page reads what GetStatus and ListAlerts answer, as JSON."""
+    body = [MessageToDict(m, preserving_proto_field_name=True) for m in messages]
+    return json.dumps(body).encode()
 
 
 def _page() -> bytes:
@@ -38,15 +48,11 @@ class Dashboard:
                     if path in ("/", "/index.html"):
                         self._send(200, "text/html; charset=utf-8", page)
                     elif path == "/api/status":
-                        body = [
-                            MessageToDict(s, preserving_proto_field_name=True) for s in statuses()
-                        ]
-                        self._send(200, "application/json", json.dumps(body).encode())
+                        body = _json([convert.status_to_pb(s) for s in statuses()])
+                        self._send(200, "application/json", body)
                     elif path == "/api/alerts":
-                        body = [
-                            MessageToDict(a, preserving_proto_field_name=True) for a in alerts()
-                        ]
-                        self._send(200, "application/json", json.dumps(body).encode())
+                        body = _json([convert.alert_to_pb(a) for a in alerts()])
+                        self._send(200, "application/json", body)
                     else:
                         self._send(404, "application/json", b'{"error": "not found"}')
                 except Exception as exc:  # the store may be down: say so, keep serving

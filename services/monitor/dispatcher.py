@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from datetime import UTC, datetime, timedelta
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from cyclone.plugin_api import Alert
 from cyclone.plugins import alert_sinks
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from services.monitor import convert
+from services.monitor.records import QueuedAlert
 
 log = logging.getLogger(__name__)
 
@@ -69,54 +69,45 @@ class AlertDispatcher:
             store_pb.ClaimAlertsRequest(limit=50, lease_seconds=self.lease_seconds), timeout=10
         )
         delivered = 0
-        for record in claimed.alerts:
-            error = await self._deliver(record)
+        for alert in (convert.alert_from_store(a) for a in claimed.alerts):
+            error = await self._deliver(alert)
             if error is None:
                 await self.store.CompleteAlert(
-                    store_pb.CompleteAlertRequest(alert_id=record.id, delivered=True), timeout=10
+                    store_pb.CompleteAlertRequest(alert_id=alert.id, delivered=True), timeout=10
                 )
                 delivered += 1
                 continue
-            attempts = record.attempts + 1
+            attempts = alert.attempts + 1
             request = store_pb.CompleteAlertRequest(
-                alert_id=record.id, delivered=False, error=error[:2000]
+                alert_id=alert.id, delivered=False, error=error[:2000]
             )
             if attempts < self.max_attempts:
-                retry_at = Timestamp()
-                retry_at.FromDatetime(
-                    datetime.now(UTC) + timedelta(seconds=backoff_seconds(attempts))
-                )
-                request.next_attempt_at.CopyFrom(retry_at)
-            log.warning("alert %d delivery failed (attempt %d): %s", record.id, attempts, error)
+                retry_at = datetime.now(UTC) + timedelta(seconds=backoff_seconds(attempts))
+                request.next_attempt_at.CopyFrom(convert.ts(retry_at))
+            log.warning("alert %d delivery failed (attempt %d): %s", alert.id, attempts, error)
             await self.store.CompleteAlert(request, timeout=10)
         return delivered
 
-    async def _deliver(self, record: store_pb.AlertRecord) -> str | None:
+    async def _deliver(self, queued: QueuedAlert) -> str | None:
         """Run every target of the alert; the first error, or None when all took it."""
-        try:
-            targets = json.loads(record.actions_json or "[]")
-            reasons = [str(r) for r in json.loads(record.reasons_json or "[]")]
-        except json.JSONDecodeError as exc:
-            return f"malformed alert: {exc}"
         sinks = alert_sinks()
-        for target in targets:
-            name = str(target.get("sink", ""))
-            spec = sinks.get(name)
+        for target in queued.targets:
+            spec = sinks.get(target.sink)
             if spec is None:
-                return f"unknown alert sink {name!r} (known: {', '.join(sorted(sinks))})"
+                return f"unknown alert sink {target.sink!r} (known: {', '.join(sorted(sinks))})"
             alert = Alert(
-                id=str(record.id),
-                model=record.model,
-                version=record.version,
-                level=record.level,
-                previous_level=record.previous_level,
-                reasons=reasons,
-                actions=[str(target.get("action", ""))],
-                created_at=record.created_at.ToDatetime(tzinfo=UTC),
+                id=str(queued.id),
+                model=queued.model,
+                version=queued.version,
+                level=queued.level,
+                previous_level=queued.previous_level,
+                reasons=queued.reasons,
+                actions=[target.action],
+                created_at=queued.created_at or datetime.fromtimestamp(0, UTC),
             )
             try:
                 # Sinks do blocking I/O (HTTP); keep them off the event loop.
-                await asyncio.to_thread(spec.deliver, alert, dict(target.get("config") or {}))
+                await asyncio.to_thread(spec.deliver, alert, dict(target.config))
             except Exception as exc:
-                return f"{name}: {type(exc).__name__}: {exc}"
+                return f"{target.sink}: {type(exc).__name__}: {exc}"
         return None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -15,10 +14,12 @@ from cyclone.server import CycloneServer
 from cyclone.settings import ServerSettings
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from services.monitor import convert
 from services.monitor.dashboard import Dashboard
 from services.monitor.dispatcher import AlertDispatcher
 from services.monitor.monitor import Monitor
-from services.monitor.servicer import MonitorServicer, alert_from_store
+from services.monitor.records import ModelStatus, QueuedAlert
+from services.monitor.servicer import MonitorServicer
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,12 @@ def _dashboard(settings: MonitorSettings, monitor: Monitor) -> Dashboard:
     channel = grpc.insecure_channel(settings.store)
     store = store_grpc.StoreServiceStub(channel)
 
-    def alerts() -> list[Any]:
+    def alerts() -> list[QueuedAlert]:
         response = store.ListAlerts(store_pb.ListAlertsRequest(limit=50), timeout=5)
-        return [alert_from_store(a) for a in response.alerts]
+        return [convert.alert_from_store(a) for a in response.alerts]
 
-    def statuses() -> list[Any]:
-        return [status for _, status in sorted(monitor.statuses.items())]
+    def statuses() -> list[ModelStatus]:
+        return monitor.latest("")
 
     return Dashboard(settings.host, settings.dashboard_port, statuses, alerts)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
@@ -19,23 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 from prometheus_client import Gauge
 
 from cyclone.errors import InvalidArgument, NotFound
-from cyclone.monitor.v1 import monitor_service_pb2 as pb
 from cyclone.plan import Plan, PlanError, Registry, default_plan, parse_plan, plan_to_yaml
-from cyclone.plugin_api import Level, ReferenceProfile
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from services.monitor import convert
 from services.monitor.evaluate import Evaluation, evaluate
+from services.monitor.records import AlertTarget, MetricPoint, ModelInfo, ModelStatus, QueuedAlert
 from services.monitor.window import window_from_chunks
 
 log = logging.getLogger(__name__)
-
-LEVEL_TO_PB = {Level.GREEN: pb.LEVEL_GREEN, Level.AMBER: pb.LEVEL_AMBER, Level.RED: pb.LEVEL_RED}
-NAME_TO_PB = {"GREEN": pb.LEVEL_GREEN, "AMBER": pb.LEVEL_AMBER, "RED": pb.LEVEL_RED}
 
 HEALTH = Gauge(
     "cyclone_model_health_level", "RAG level: 0 green, 1 amber, 2 red", ["model", "version"]
@@ -46,84 +41,57 @@ METRIC = Gauge(
 DRIFTED = Gauge(
     "cyclone_model_drifted_features", "Features flagged by any drift test", ["model", "version"]
 )
-
-
-def _ts(value: datetime) -> Timestamp:
-    out = Timestamp()
-    out.FromDatetime(value)
-    return out
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def status_from_evaluation(
     model: str, version: str, ev: Evaluation, revision: int, at: datetime
-) -> pb.ModelStatus:
-    status = pb.ModelStatus(
-        model=model,
-        version=version,
-        level=LEVEL_TO_PB[ev.level],
-        reasons=list(ev.reasons),
-        actions=list(ev.actions),
-        rows=ev.n_rows,
-        labelled_rows=ev.n_labelled,
-        evaluated_at=_ts(at),
-        plan_revision=revision,
-        notes=list(ev.notes),
-    )
-    for name, result in ev.metrics.items():
-        status.metrics.add(
-            name=name, value=result.value, status=result.status, detail=result.detail
-        )
-    for test, per_feature in ev.drift.items():
-        for feature, d in per_feature.items():
-            status.drift.add(
-                test=test,
-                feature=feature,
-                statistic=d.statistic,
-                p_value=d.p_value,
-                effect_size=d.effect_size,
-                drifted=d.drifted,
-                threshold=d.threshold,
-            )
-    return status
+) -> ModelStatus:
+    return ModelStatus(model, version, ev, revision, at)
 
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def metric_points(status: pb.ModelStatus, at: datetime) -> list[store_pb.MetricPoint]:
-    created = _ts(at)
+def metric_points(status: ModelStatus) -> list[MetricPoint]:
+    """History of one evaluation: one point per metric, per drift result, and the level."""
+    at, ev = status.evaluated_at, status.evaluation
     points = [
-        store_pb.MetricPoint(
-            created_at=created,
-            metric=m.name,
-            value=m.value if m.HasField("value") else None,
-            details_json=json.dumps({"status": m.status, "detail": m.detail})
-            if m.status != "ok"
-            else "",
+        MetricPoint(
+            at,
+            name,
+            result.value,
+            {"status": result.status, "detail": result.detail} if result.status != "ok" else None,
         )
-        for m in status.metrics
+        for name, result in ev.metrics.items()
     ]
-    for d in status.drift:
-        # A skipped test (too few rows) has NaN statistics: not valid JSON, so store them as null.
-        points.append(
-            store_pb.MetricPoint(
-                created_at=created,
-                metric=f"drift.{d.test}.{d.feature}",
-                value=_finite(d.effect_size),
-                details_json=json.dumps(
-                    {
-                        "statistic": _finite(d.statistic),
-                        "drifted": d.drifted,
-                        "threshold": _finite(d.threshold),
-                    }
-                ),
+    for test, per_feature in ev.drift.items():
+        for feature, d in per_feature.items():
+            # A skipped test (too few rows) has NaN statistics: not JSON, so stored as null.
+            details = {
+                "statistic": _finite(d.statistic),
+                "drifted": d.drifted,
+                "threshold": _finite(d.threshold),
+            }
+            points.append(
+                MetricPoint(at, f"drift.{test}.{feature}", _finite(d.effect_size), details)
             )
-        )
-    points.append(
-        store_pb.MetricPoint(created_at=created, metric="level", value=float(status.level - 1))
-    )
+    points.append(MetricPoint(at, "level", float(ev.level.rank)))
     return points
+
+
+def window_bounds(
+    info: ModelInfo, plan: Plan, now: datetime
+) -> tuple[datetime | None, datetime | None, int]:
+    """(start, end, last N rows or 0) of the plan's window; None for an open end."""
+    rows = plan.window.rows or 0
+    if plan.window.kind == "expanding":
+        return info.created_at or _EPOCH, now + timedelta(seconds=1), rows
+    if plan.window.duration_seconds:
+        start = now - timedelta(seconds=plan.window.duration_seconds)
+        return start, now + timedelta(seconds=1), rows
+    return None, None, rows
 
 
 class Monitor:
@@ -139,8 +107,8 @@ class Monitor:
         self.record_path = record_path
         self.tick_seconds = tick_seconds
         self.request_timeout = request_timeout
-        self.statuses: dict[str, pb.ModelStatus] = {}
-        self._subscribers: set[asyncio.Queue[pb.ModelStatus]] = set()
+        self.statuses: dict[str, ModelStatus] = {}
+        self._subscribers: set[asyncio.Queue[ModelStatus]] = set()
         self._next_due: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._channel: aio.Channel | None = None
@@ -225,7 +193,7 @@ class Monitor:
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    async def _model_version(self, model: str) -> store_pb.ModelVersion:
+    async def _model_version(self, model: str) -> ModelInfo:
         if not model:
             raise InvalidArgument("model: empty")
         try:
@@ -236,117 +204,68 @@ class Monitor:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(f"model: {model!r} is not registered") from None
             raise
-        version: store_pb.ModelVersion = response.model_version
-        return version
+        return convert.model_info_from_store(response.model_version)
 
-    async def _window_request(
-        self, mv: store_pb.ModelVersion, plan: Plan
-    ) -> store_pb.GetTrainingDataRequest:
-        request = store_pb.GetTrainingDataRequest(
-            model=mv.model, version=mv.version, include_unlabelled=True
-        )
-        now = datetime.now(UTC)
-        if plan.window.rows:
-            request.last_n = plan.window.rows
-        if plan.window.kind == "expanding":
-            request.start.CopyFrom(
-                mv.created_at
-                if mv.HasField("created_at")
-                else _ts(datetime(1970, 1, 1, tzinfo=UTC))
-            )
-            request.end.CopyFrom(_ts(now + timedelta(seconds=1)))
-        elif plan.window.duration_seconds:
-            request.start.CopyFrom(_ts(now - timedelta(seconds=plan.window.duration_seconds)))
-            request.end.CopyFrom(_ts(now + timedelta(seconds=1)))
-        return request
-
-    async def evaluate_model(self, model: str) -> tuple[pb.ModelStatus, list[int]]:
+    async def evaluate_model(self, model: str) -> tuple[ModelStatus, list[int]]:
         lock = self._locks.setdefault(model, asyncio.Lock())
         async with lock:
             return await self._evaluate(model)
 
-    async def _evaluate(self, model: str) -> tuple[pb.ModelStatus, list[int]]:
-        mv = await self._model_version(model)
-        plan, revision = await self.plan_for(model, mv.task)
-        request = await self._window_request(mv, plan)
+    async def _evaluate(self, model: str) -> tuple[ModelStatus, list[int]]:
+        info = await self._model_version(model)
+        plan, revision = await self.plan_for(model, info.task)
+        start, end, last_n = window_bounds(info, plan, datetime.now(UTC))
+        request = convert.training_request(info, start, end, last_n)
         chunks = [
-            c async for c in self.store.GetTrainingData(request, timeout=self.request_timeout)
+            convert.window_chunk_from_store(c, info.task)
+            async for c in self.store.GetTrainingData(request, timeout=self.request_timeout)
         ]
-        window = window_from_chunks(chunks, mv.task)
-        reference = (
-            ReferenceProfile.from_dict(json.loads(mv.reference_profile_json))
-            if mv.reference_profile_json
-            else None
-        )
-        evaluation_json = json.loads(mv.evaluation_json) if mv.evaluation_json else {}
-        baseline = {
-            k: float(v)
-            for k, v in evaluation_json.get("metrics", {}).items()
-            if isinstance(v, int | float)
-        }
+        window = window_from_chunks(chunks, info.task)
         # Metric plugins are numpy-bound; keep the event loop free for RPCs meanwhile.
-        ev = await asyncio.to_thread(evaluate, plan, window, reference, baseline)
-        at = datetime.now(UTC)
-        status = status_from_evaluation(model, mv.version, ev, revision, at)
-        outcome = await self.store.RecordEvaluation(
-            store_pb.RecordEvaluationRequest(
-                model=model,
-                version=mv.version,
-                level=ev.level.value,
-                reasons_json=json.dumps(list(ev.reasons)),
-                summary_json=json.dumps(
-                    {"rows": ev.n_rows, "labelled_rows": ev.n_labelled, "actions": list(ev.actions)}
-                ),
-                points=metric_points(status, at),
-                alerts=self._alerts_for(plan, ev),
-            ),
+        ev = await asyncio.to_thread(evaluate, plan, window, info.reference, dict(info.baseline))
+        status = status_from_evaluation(model, info.version, ev, revision, datetime.now(UTC))
+        response = await self.store.RecordEvaluation(
+            convert.evaluation_to_store(status, metric_points(status), self._alerts_for(plan, ev)),
             timeout=self.request_timeout,
         )
+        outcome = convert.outcome_from_store(response)
         if outcome.level_changed:
             log.warning(
                 "%s %s: %s -> %s (%s); %d alert(s) queued",
                 model,
-                mv.version,
+                info.version,
                 outcome.previous_level or "-",
                 ev.level.value,
                 "; ".join(ev.reasons) or "no reasons",
                 len(outcome.alert_ids),
             )
-        self._publish(status, ev)
-        return status, list(outcome.alert_ids)
+        self._publish(status)
+        return status, outcome.alert_ids
 
-    def _alerts_for(self, plan: Plan, ev: Evaluation) -> list[store_pb.AlertRecord]:
+    def _alerts_for(self, plan: Plan, ev: Evaluation) -> list[AlertTarget]:
         """One outbox row per (action, sink): each is delivered and retried on its own."""
-        reasons = json.dumps(list(ev.reasons))
-        targets: list[dict[str, Any]] = []
+        targets: list[AlertTarget] = []
         for action in ev.actions:
             if action == "notify" and plan.notify:
-                targets.extend(
-                    {"action": action, "sink": s.sink, "config": dict(s.config)}
-                    for s in plan.notify
-                )
+                targets.extend(AlertTarget(action, s.sink, dict(s.config)) for s in plan.notify)
             else:
                 # Until a trainer is deployed, retrain/rollback requests are recorded durably.
-                targets.append(
-                    {"action": action, "sink": "record", "config": {"path": str(self.record_path)}}
-                )
-        return [
-            store_pb.AlertRecord(reasons_json=reasons, actions_json=json.dumps([t]))
-            for t in targets
-        ]
+                targets.append(AlertTarget(action, "record", {"path": str(self.record_path)}))
+        return targets
 
-    def _publish(self, status: pb.ModelStatus, ev: Evaluation) -> None:
+    def _publish(self, status: ModelStatus) -> None:
+        ev = status.evaluation
         self.statuses[status.model] = status
-        HEALTH.labels(status.model, status.version).set(status.level - 1)
-        for m in status.metrics:
-            if m.HasField("value"):
-                METRIC.labels(status.model, status.version, m.name).set(m.value)
+        HEALTH.labels(status.model, status.version).set(ev.level.rank)
+        for name, result in ev.metrics.items():
+            if result.value is not None:
+                METRIC.labels(status.model, status.version, name).set(result.value)
         DRIFTED.labels(status.model, status.version).set(len(ev.drifted.get("any", ())))
         for queue in self._subscribers:
             queue.put_nowait(status)
 
-    async def watch(self, model: str) -> AsyncIterator[pb.ModelStatus]:
-        queue: asyncio.Queue[pb.ModelStatus] = asyncio.Queue()
+    async def watch(self, model: str) -> AsyncIterator[ModelStatus]:
+        queue: asyncio.Queue[ModelStatus] = asyncio.Queue()
         self._subscribers.add(queue)
         try:
             for status in list(self.statuses.values()):
@@ -359,17 +278,31 @@ class Monitor:
         finally:
             self._subscribers.discard(queue)
 
+    def latest(self, model: str) -> list[ModelStatus]:
+        """The latest status of every model (or of `model`), by model name."""
+        return [s for m, s in sorted(self.statuses.items()) if not model or m == model]
+
+    # -- alerts -------------------------------------------------------------------------------
+
+    async def list_alerts(self, model: str, status: str, limit: int) -> list[QueuedAlert]:
+        response = await self.store.ListAlerts(
+            store_pb.ListAlertsRequest(model=model, status=status, limit=limit), timeout=10
+        )
+        return [convert.alert_from_store(a) for a in response.alerts]
+
+    async def acknowledge_alert(self, alert_id: int) -> QueuedAlert:
+        response = await self.store.AcknowledgeAlert(
+            store_pb.AcknowledgeAlertRequest(alert_id=alert_id), timeout=10
+        )
+        return convert.alert_from_store(response.alert)
+
     # -- schedule ------------------------------------------------------------------------------
 
     async def _monitored_models(self) -> dict[str, str]:
         response = await self.store.ListModelVersions(
             store_pb.ListModelVersionsRequest(), timeout=self.request_timeout
         )
-        return {
-            v.model: v.task
-            for v in response.model_versions
-            if v.status == store_pb.MODEL_STATUS_SERVING
-        }
+        return convert.serving_tasks(response.model_versions)
 
     async def run_due(self) -> None:
         """Evaluate every serving model whose plan is due."""

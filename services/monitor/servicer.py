@@ -1,122 +1,86 @@
-"""`cyclone.monitor.v1.MonitorService`."""
+"""`cyclone.monitor.v1.MonitorService`: protobuf in, one `Monitor` call, protobuf out."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from grpc import aio
 
-from cyclone.errors import CycloneError, InvalidArgument, NotFound, Unavailable
+from cyclone.errors import CycloneError
 from cyclone.monitor.v1 import monitor_service_pb2 as pb
 from cyclone.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
-from cyclone.server import abort_on_domain_errors
-from cyclone.store.v1 import store_service_pb2 as store_pb
-from services.monitor.monitor import NAME_TO_PB, Monitor
+from cyclone.rpc_errors import rpc_errors
+from services.monitor import convert
+from services.monitor.monitor import Monitor
 
-_STORE_CODES: dict[grpc.StatusCode, type[CycloneError]] = {
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
-}
+Context: TypeAlias = aio.ServicerContext[Any, Any]
 
 
-def _from_store(exc: grpc.RpcError) -> CycloneError:
-    """The store's status, kept: only an unreachable store is UNAVAILABLE."""
-    return _STORE_CODES.get(exc.code(), CycloneError)(f"store: {exc.code().name}: {exc.details()}")
+class StoreError(CycloneError):
+    """A store call failed: its status passes through, its details say it came from the store."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-def alert_from_store(record: store_pb.AlertRecord) -> pb.Alert:
-    targets = json.loads(record.actions_json or "[]")
-    target = targets[0] if targets else {}
-    return pb.Alert(
-        id=record.id,
-        created_at=record.created_at,
-        model=record.model,
-        version=record.version,
-        level=NAME_TO_PB.get(record.level, pb.LEVEL_UNSPECIFIED),
-        previous_level=NAME_TO_PB.get(record.previous_level, pb.LEVEL_UNSPECIFIED),
-        reasons=[str(r) for r in json.loads(record.reasons_json or "[]")],
-        action=str(target.get("action", "")),
-        sink=str(target.get("sink", "")),
-        status=record.status,
-        attempts=record.attempts,
-        last_error=record.last_error,
-    )
+def store_errors(exc: BaseException) -> CycloneError | None:
+    """The store's status, kept; a store that does not answer in time is UNAVAILABLE."""
+    # grpc.aio's AioRpcError has code() and details() but is no grpc.Call.
+    if isinstance(exc, aio.AioRpcError | grpc.Call) and isinstance(exc, grpc.RpcError):
+        code = exc.code()
+        passed = grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.DEADLINE_EXCEEDED else code
+        return StoreError(passed, f"store: {code.name}: {exc.details()}")
+    return None
 
 
 class MonitorServicer(pb_grpc.MonitorServiceServicer):
     def __init__(self, monitor: Monitor) -> None:
         self.monitor = monitor
 
-    async def _call(self, context: aio.ServicerContext[Any, Any], coro: Any) -> Any:
-        try:
-            return await coro
-        except grpc.RpcError as exc:
-            await abort_on_domain_errors(context, _from_store(exc))
-        except Exception as exc:
-            await abort_on_domain_errors(context, exc)
-
+    @rpc_errors(translate=store_errors)
     async def GetStatus(
-        self, request: pb.GetStatusRequest, context: aio.ServicerContext[Any, Any]
+        self, request: pb.GetStatusRequest, context: Context
     ) -> pb.GetStatusResponse:
-        statuses = [
-            s
-            for m, s in sorted(self.monitor.statuses.items())
-            if not request.model or m == request.model
-        ]
-        return pb.GetStatusResponse(statuses=statuses)
+        statuses = self.monitor.latest(request.model)
+        return pb.GetStatusResponse(statuses=[convert.status_to_pb(s) for s in statuses])
 
+    @rpc_errors(translate=store_errors)
     async def EvaluateNow(
-        self, request: pb.EvaluateNowRequest, context: aio.ServicerContext[Any, Any]
+        self, request: pb.EvaluateNowRequest, context: Context
     ) -> pb.EvaluateNowResponse:
-        status, alert_ids = await self._call(context, self.monitor.evaluate_model(request.model))
-        return pb.EvaluateNowResponse(status=status, alert_ids=alert_ids)
+        status, alert_ids = await self.monitor.evaluate_model(request.model)
+        return pb.EvaluateNowResponse(status=convert.status_to_pb(status), alert_ids=alert_ids)
 
+    @rpc_errors(translate=store_errors)
     async def ListAlerts(
-        self, request: pb.ListAlertsRequest, context: aio.ServicerContext[Any, Any]
+        self, request: pb.ListAlertsRequest, context: Context
     ) -> pb.ListAlertsResponse:
-        response = await self._call(
-            context,
-            self.monitor.store.ListAlerts(
-                store_pb.ListAlertsRequest(
-                    model=request.model, status=request.status, limit=request.limit
-                ),
-                timeout=10,
-            ),
-        )
-        return pb.ListAlertsResponse(alerts=[alert_from_store(a) for a in response.alerts])
+        alerts = await self.monitor.list_alerts(request.model, request.status, request.limit)
+        return pb.ListAlertsResponse(alerts=[convert.alert_to_pb(a) for a in alerts])
 
+    @rpc_errors(translate=store_errors)
     async def AcknowledgeAlert(
-        self, request: pb.AcknowledgeAlertRequest, context: aio.ServicerContext[Any, Any]
+        self, request: pb.AcknowledgeAlertRequest, context: Context
     ) -> pb.AcknowledgeAlertResponse:
-        response = await self._call(
-            context,
-            self.monitor.store.AcknowledgeAlert(
-                store_pb.AcknowledgeAlertRequest(alert_id=request.alert_id), timeout=10
-            ),
-        )
-        return pb.AcknowledgeAlertResponse(alert=alert_from_store(response.alert))
+        alert = await self.monitor.acknowledge_alert(request.alert_id)
+        return pb.AcknowledgeAlertResponse(alert=convert.alert_to_pb(alert))
 
+    @rpc_errors(translate=store_errors)
     async def WatchStatus(
-        self, request: pb.WatchStatusRequest, context: aio.ServicerContext[Any, Any]
+        self, request: pb.WatchStatusRequest, context: Context
     ) -> AsyncIterator[pb.WatchStatusResponse]:
         async for status in self.monitor.watch(request.model):
-            yield pb.WatchStatusResponse(status=status)
+            yield pb.WatchStatusResponse(status=convert.status_to_pb(status))
 
-    async def SetPlan(
-        self, request: pb.SetPlanRequest, context: aio.ServicerContext[Any, Any]
-    ) -> pb.SetPlanResponse:
-        revision = await self._call(
-            context, self.monitor.set_plan(request.model, request.plan_yaml)
-        )
+    @rpc_errors(translate=store_errors)
+    async def SetPlan(self, request: pb.SetPlanRequest, context: Context) -> pb.SetPlanResponse:
+        revision = await self.monitor.set_plan(request.model, request.plan_yaml)
         return pb.SetPlanResponse(revision=revision)
 
-    async def GetPlan(
-        self, request: pb.GetPlanRequest, context: aio.ServicerContext[Any, Any]
-    ) -> pb.GetPlanResponse:
-        plan_yaml, revision = await self._call(context, self.monitor.get_plan_yaml(request.model))
+    @rpc_errors(translate=store_errors)
+    async def GetPlan(self, request: pb.GetPlanRequest, context: Context) -> pb.GetPlanResponse:
+        plan_yaml, revision = await self.monitor.get_plan_yaml(request.model)
         return pb.GetPlanResponse(plan_yaml=plan_yaml, revision=revision)

@@ -1,4 +1,4 @@
-"""Monitoring windows: the store's columnar chunks → one `Window` of numpy columns."""
+"""Monitoring windows: columnar `WindowChunk`s → one `Window` of numpy columns."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 
 from cyclone.plugin_api import Window
-from cyclone.store.v1 import store_service_pb2 as store_pb
+from services.monitor.records import WindowChunk
 
 
-def window_from_chunks(chunks: Iterable[store_pb.GetTrainingDataResponse], task: str) -> Window:
+def window_from_chunks(chunks: Iterable[WindowChunk], task: str) -> Window:
     """Concatenate chunks; unlabelled rows get NaN (regression) or None (classification) labels."""
     features: dict[str, list[Any]] = {}
     kinds: dict[str, str] = {}
@@ -22,20 +22,16 @@ def window_from_chunks(chunks: Iterable[store_pb.GetTrainingDataResponse], task:
     class_labels: list[str] = []
     for chunk in chunks:
         for name, column in chunk.features.items():
-            if column.strings:
+            if name in chunk.categorical:
                 kinds[name] = "categorical"
-                features.setdefault(name, []).extend(column.strings)
             else:
                 kinds.setdefault(name, "numeric")
-                features.setdefault(name, []).extend(column.numbers)
+            features.setdefault(name, []).extend(column)
+        predictions.extend(chunk.predictions)
+        labels.extend(chunk.labels)
         if task == "classification":
-            predictions.extend(chunk.predictions.strings)
-            labels.extend(chunk.labels.strings)
             class_labels = list(chunk.class_labels) or class_labels
             probabilities.extend(chunk.probabilities)
-        else:
-            predictions.extend(chunk.predictions.numbers)
-            labels.extend(chunk.labels.numbers)
         labelled.extend(chunk.labelled)
     mask = np.asarray(labelled, dtype=bool)
     columns = {

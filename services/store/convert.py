@@ -1,20 +1,44 @@
-"""Protobuf ⇄ store records, and validation of what callers send."""
+"""Protobuf ⇄ the store's domain records: the only place that knows both.
+
+Parsing names the request field at fault; JSON text follows the store's one policy
+(`domain.load_json`); timestamps go through `ts` / `from_ts`.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cyclone.errors import InvalidArgument
 from cyclone.store.v1 import store_service_pb2 as pb
-from services.store.db import ColumnChunk, ModelStats, ModelVersion, PredictionRow, TrainingChunk
+from services.store.db import (
+    Alert,
+    AlertTarget,
+    ColumnChunk,
+    Health,
+    MetricPoint,
+    ModelStats,
+    ModelStatus,
+    ModelVersion,
+    Plan,
+    PredictionRow,
+    TrainingChunk,
+)
+from services.store.domain import (
+    EvaluationRecord,
+    LabelValue,
+    PredictionQuery,
+    TrainingRequest,
+    TrainingStream,
+    load_json,
+    load_json_object,
+)
 
 STATUS_TO_PB = {
     "staged": pb.MODEL_STATUS_STAGED,
@@ -22,17 +46,11 @@ STATUS_TO_PB = {
     "serving": pb.MODEL_STATUS_SERVING,
     "retired": pb.MODEL_STATUS_RETIRED,
 }
-PB_TO_STATUS = {v: k for k, v in STATUS_TO_PB.items()}
+PB_TO_STATUS: dict[int, ModelStatus] = {v: k for k, v in STATUS_TO_PB.items()}  # type: ignore[misc]
+_LABEL_FILTER = {pb.LABEL_FILTER_LABELLED: True, pb.LABEL_FILTER_UNLABELLED: False}
 
 
-def parse_uuid7(value: str, field: str) -> uuid.UUID:
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
-        raise InvalidArgument(f"{field}: {value!r} is not a UUID") from None
-    if parsed.version != 7:
-        raise InvalidArgument(f"{field}: {value!r} is not a time-ordered UUIDv7 prediction id")
-    return parsed
+# --- timestamps ------------------------------------------------------------------------------
 
 
 def ts(value: datetime | None) -> Timestamp | None:
@@ -44,54 +62,33 @@ def ts(value: datetime | None) -> Timestamp | None:
 
 
 def from_ts(message: Any, field: str) -> datetime | None:
+    """`message.field` as an aware datetime, None when unset."""
     if not message.HasField(field):
         return None
     result: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
     return result
 
 
-def _json_or_none(text: str, field: str) -> dict[str, Any] | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"{field}: not valid JSON ({exc.msg})") from None
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{field}: expected a JSON object")
-    return value
+# --- registry ------------------------------------------------------------------------------
 
 
 def model_version_from_pb(m: pb.ModelVersion) -> ModelVersion:
-    if not m.model:
-        raise InvalidArgument("model_version.model: empty")
-    if not m.version:
-        raise InvalidArgument("model_version.version: empty")
-    if m.task and m.task not in ("regression", "classification"):
-        raise InvalidArgument(
-            f"model_version.task: expected regression or classification, got {m.task!r}"
-        )
-    status = PB_TO_STATUS.get(m.status, "staged") if m.status else "staged"
-    if status == "serving":
-        raise InvalidArgument(
-            "model_version.status: register as staged or canary, then SetModelStatus"
-        )
     return ModelVersion(
         model=m.model,
         version=m.version,
         artifact_uri=m.artifact_uri or None,
         sha256=m.sha256 or None,
-        schema=_json_or_none(m.schema_json, "model_version.schema_json"),
+        schema=load_json_object(m.schema_json, "model_version.schema_json"),
         task=m.task or None,
         parent_version=m.parent_version or None,
         training_window_start=from_ts(m, "training_window_start"),
         training_window_end=from_ts(m, "training_window_end"),
         triggering_alert_id=m.triggering_alert_id or None,
-        evaluation=_json_or_none(m.evaluation_json, "model_version.evaluation_json"),
-        reference_profile=_json_or_none(
+        evaluation=load_json_object(m.evaluation_json, "model_version.evaluation_json"),
+        reference_profile=load_json_object(
             m.reference_profile_json, "model_version.reference_profile_json"
         ),
-        status=status,  # type: ignore[arg-type]
+        status=PB_TO_STATUS.get(m.status, "staged"),
     )
 
 
@@ -127,6 +124,38 @@ def stats_to_pb(s: ModelStats) -> pb.ModelStats:
     )
 
 
+# --- predictions and labels ------------------------------------------------------------------
+
+
+def labels_from_pb(labels: Sequence[pb.Label]) -> list[tuple[str, LabelValue]]:
+    out: list[tuple[str, LabelValue]] = []
+    for label in labels:
+        kind = label.WhichOneof("value")
+        value: LabelValue = None if kind is None else getattr(label, kind)
+        out.append((label.prediction_id, value))
+    return out
+
+
+def prediction_query_from_pb(r: pb.QueryPredictionsRequest) -> PredictionQuery:
+    feature_filter = None
+    if r.HasField("feature_filter"):
+        f = r.feature_filter
+        kind = f.WhichOneof("value")
+        feature_filter = (f.name, f.op, None if kind is None else getattr(f, kind))
+    return PredictionQuery(
+        model=r.model,
+        version=r.version,
+        start=from_ts(r, "start"),
+        end=from_ts(r, "end"),
+        labelled=_LABEL_FILTER.get(r.label_filter),
+        wrong_only=r.wrong_only,
+        feature_filter=feature_filter,
+        page_size=r.page_size,
+        page_token=r.page_token,
+        tolerance=r.tolerance,
+    )
+
+
 def prediction_to_pb(row: PredictionRow) -> pb.StoredPrediction:
     return pb.StoredPrediction(
         prediction_id=str(row.prediction_id),
@@ -140,29 +169,136 @@ def prediction_to_pb(row: PredictionRow) -> pb.StoredPrediction:
     )
 
 
-def label_json(label: pb.Label, index: int, task: str, classes: Sequence[str]) -> str:
-    """The label as JSON, checked against the model's task."""
-    field = f"labels[{index}]"
-    kind = label.WhichOneof("value")
-    if kind is None:
-        raise InvalidArgument(f"{field}: no value (set number or text)")
-    if task == "regression":
-        if kind != "number":
-            raise InvalidArgument(f"{field}.text: a regression model takes numeric labels")
-        if not math.isfinite(label.number):
-            raise InvalidArgument(f"{field}.number: {label.number} is not a finite number")
-        return json.dumps(label.number)
-    if kind == "number":
-        # Classes from integer targets are "0", "1", ...: accept 1 and 1.0 for "1".
-        number = label.number
-        text = str(int(number)) if math.isfinite(number) and number.is_integer() else repr(number)
-    else:
-        text = label.text
-    if classes and text not in classes:
-        raise InvalidArgument(
-            f"{field}: {text!r} is not a class of this model ({', '.join(classes)})"
+def training_request_from_pb(r: pb.GetTrainingDataRequest) -> TrainingRequest:
+    return TrainingRequest(
+        model=r.model,
+        start=from_ts(r, "start"),
+        end=from_ts(r, "end"),
+        last_n=r.last_n,
+        version=r.version,
+        chunk_rows=r.chunk_rows,
+        include_unlabelled=r.include_unlabelled,
+    )
+
+
+def training_chunk_to_pb(
+    chunk: ColumnChunk | TrainingChunk, stream: TrainingStream
+) -> pb.GetTrainingDataResponse:
+    if isinstance(chunk, ColumnChunk):
+        assert stream.task is not None  # typed columns need a known task
+        return column_chunk_to_pb(chunk, stream.kinds, stream.task, stream.classes)
+    return chunk_to_pb(chunk, stream.kinds, stream.task, stream.classes)
+
+
+# --- monitoring ------------------------------------------------------------------------------
+
+
+def plan_to_pb(plan: Plan) -> pb.GetPlanResponse:
+    return pb.GetPlanResponse(
+        model=plan.model,
+        revision=plan.revision,
+        plan_yaml=plan.plan_yaml,
+        created_at=ts(plan.created_at),
+    )
+
+
+def evaluation_from_pb(r: pb.RecordEvaluationRequest, now: datetime) -> EvaluationRecord:
+    points = [
+        MetricPoint(
+            created_at=from_ts(p, "created_at") or now,
+            model=r.model,
+            version=r.version,
+            metric=p.metric,
+            value=p.value if p.HasField("value") else None,
+            level=r.level,
+            details=load_json(p.details_json, f"points[{i}].details_json"),
         )
-    return json.dumps(text)
+        for i, p in enumerate(r.points)
+    ]
+    alerts = [
+        Alert(
+            model=r.model,
+            version=r.version,
+            level=r.level,
+            previous_level=a.previous_level or None,
+            reasons=load_json(a.reasons_json, f"alerts[{i}].reasons_json", []),
+            targets=[target_from_pb(t) for t in a.targets],
+        )
+        for i, a in enumerate(r.alerts)
+    ]
+    return EvaluationRecord(
+        model=r.model,
+        version=r.version,
+        level=r.level,
+        reasons=load_json(r.reasons_json, "reasons_json", []),
+        summary=load_json(r.summary_json, "summary_json", {}),
+        points=points,
+        alerts=alerts,
+    )
+
+
+def health_to_pb(h: Health) -> pb.ModelHealth:
+    return pb.ModelHealth(
+        model=h.model,
+        version=h.version,
+        level=h.level,
+        reasons_json=json.dumps(h.reasons),
+        summary_json=json.dumps(h.summary),
+        evaluated_at=ts(h.evaluated_at),
+        changed_at=ts(h.changed_at),
+    )
+
+
+def point_to_pb(p: MetricPoint) -> pb.MetricPoint:
+    return pb.MetricPoint(
+        created_at=ts(p.created_at),
+        model=p.model,
+        version=p.version or "",
+        metric=p.metric,
+        value=p.value,
+        level=p.level or "",
+        details_json=json.dumps(p.details) if p.details is not None else "",
+    )
+
+
+def target_from_pb(t: pb.AlertTarget) -> AlertTarget:
+    return AlertTarget(t.action, t.sink, _plain(json_format.MessageToDict(t.config)))
+
+
+def target_to_pb(t: AlertTarget) -> pb.AlertTarget:
+    out = pb.AlertTarget(action=t.action, sink=t.sink)
+    out.config.update(t.config)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A Struct's numbers are all doubles: give whole ones back as ints (3, not 3.0)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
+
+
+def alert_to_pb(a: Alert) -> pb.AlertRecord:
+    return pb.AlertRecord(
+        id=a.id or 0,
+        created_at=ts(a.created_at),
+        model=a.model,
+        version=a.version or "",
+        level=a.level,
+        previous_level=a.previous_level or "",
+        reasons_json=json.dumps(a.reasons),
+        targets=[target_to_pb(t) for t in a.targets],
+        status=a.status,
+        attempts=a.attempts,
+        last_error=a.last_error or "",
+    )
+
+
+# --- training data: columnar chunks ------------------------------------------------------------
 
 
 def _column(values: list[Any], kind: str | None) -> pb.Column:

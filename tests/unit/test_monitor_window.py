@@ -1,5 +1,5 @@
-"""The monitor's pure parts: store chunks → Window, Evaluation → ModelStatus → metric points,
-alert targets, and the dispatcher's backoff."""
+"""The monitor's pure parts and its protobuf edge: store chunks → Window, Evaluation →
+ModelStatus → metric points, alert targets, and the dispatcher's backoff."""
 
 from __future__ import annotations
 
@@ -13,19 +13,36 @@ import pytest
 
 from cyclone.monitor.v1 import monitor_service_pb2 as pb
 from cyclone.plan import Plan, SinkRef
-from cyclone.plugin_api import DriftResult, Level, MetricResult
+from cyclone.plugin_api import DriftResult, Level, MetricResult, Window
 from cyclone.store.v1 import store_service_pb2 as store_pb
+from services.monitor import convert
 from services.monitor.dispatcher import backoff_seconds
 from services.monitor.evaluate import Evaluation
 from services.monitor.monitor import Monitor, metric_points, status_from_evaluation
-from services.monitor.servicer import alert_from_store
-from services.monitor.window import window_from_chunks
+from services.monitor.records import AlertTarget
+from services.monitor.window import window_from_chunks as window_from_domain_chunks
 
 AT = datetime(2025, 3, 1, 12, 30, tzinfo=UTC)
 
 
 def chunk(**kwargs: object) -> store_pb.GetTrainingDataResponse:
     return store_pb.GetTrainingDataResponse(**kwargs)  # type: ignore[arg-type]
+
+
+def window_from_chunks(chunks: list[store_pb.GetTrainingDataResponse], task: str) -> Window:
+    """Through the edge (store message → domain chunk) into window building."""
+    return window_from_domain_chunks(
+        [convert.window_chunk_from_store(c, task) for c in chunks], task
+    )
+
+
+def status_to_pb(ev: Evaluation, model: str, version: str, revision: int) -> pb.ModelStatus:
+    return convert.status_to_pb(status_from_evaluation(model, version, ev, revision, AT))
+
+
+def store_points(ev: Evaluation) -> list[store_pb.MetricPoint]:
+    status = status_from_evaluation("credit", "3", ev, 0, AT)
+    return [convert.point_to_store(p) for p in metric_points(status)]
 
 
 # --- window_from_chunks -----------------------------------------------------------------------
@@ -175,7 +192,7 @@ def evaluation() -> Evaluation:
 
 def test_status_from_evaluation_copies_everything() -> None:
     ev = evaluation()
-    status = status_from_evaluation("credit", "3", ev, 2, AT)
+    status = status_to_pb(ev, "credit", "3", 2)
 
     assert (status.model, status.version, status.level) == ("credit", "3", pb.LEVEL_RED)
     assert list(status.reasons) == list(ev.reasons) and list(status.actions) == [
@@ -204,13 +221,12 @@ def test_status_from_evaluation_copies_everything() -> None:
 )
 def test_level_point_is_zero_green_to_two_red(level: Level, expected: float) -> None:
     ev = Evaluation(level=level, reasons=(), actions=(), metrics={})
-    points = metric_points(status_from_evaluation("m", "1", ev, 0, AT), AT)
+    points = store_points(ev)
     assert [(p.metric, p.value) for p in points] == [("level", expected)]
 
 
 def test_metric_points_one_per_metric_drift_result_and_level() -> None:
-    status = status_from_evaluation("credit", "3", evaluation(), 0, AT)
-    points = {p.metric: p for p in metric_points(status, AT)}
+    points = {p.metric: p for p in store_points(evaluation())}
 
     assert set(points) == {
         "accuracy",
@@ -240,8 +256,7 @@ def test_metric_points_one_per_metric_drift_result_and_level() -> None:
 
 
 def test_skipped_drift_points_are_valid_json_without_nan() -> None:
-    status = status_from_evaluation("credit", "3", evaluation(), 0, AT)
-    point = {p.metric: p for p in metric_points(status, AT)}["drift.ks.income"]
+    point = {p.metric: p for p in store_points(evaluation())}["drift.ks.income"]
 
     assert not point.HasField("value")
 
@@ -263,30 +278,34 @@ def test_alerts_one_per_action_and_sink(tmp_path: Path) -> None:
         notify=(SinkRef("webhook", {"url": "http://h"}), SinkRef("slack", {"url": "http://s"})),
     )
 
-    records = monitor._alerts_for(plan, ev)
+    targets = monitor._alerts_for(plan, ev)
 
-    targets = [json.loads(r.actions_json) for r in records]
     assert targets == [
-        [
-            {
-                "action": "retrain",
-                "sink": "record",
-                "config": {"path": str(tmp_path / "alerts.jsonl")},
-            }
-        ],
-        [{"action": "notify", "sink": "webhook", "config": {"url": "http://h"}}],
-        [{"action": "notify", "sink": "slack", "config": {"url": "http://s"}}],
+        AlertTarget("retrain", "record", {"path": str(tmp_path / "alerts.jsonl")}),
+        AlertTarget("notify", "webhook", {"url": "http://h"}),
+        AlertTarget("notify", "slack", {"url": "http://s"}),
     ]
-    assert all(json.loads(r.reasons_json) == list(ev.reasons) for r in records)
     # Without notify sinks, notify is recorded too; no actions, no alerts.
-    assert [
-        json.loads(r.actions_json)[0]["sink"] for r in monitor._alerts_for(Plan(model="credit"), ev)
-    ] == [
-        "record",
-        "record",
-    ]
+    assert [t.sink for t in monitor._alerts_for(Plan(model="credit"), ev)] == ["record", "record"]
     quiet = Evaluation(level=Level.GREEN, reasons=(), actions=(), metrics={})
     assert monitor._alerts_for(plan, quiet) == []
+
+
+def test_evaluation_to_store_queues_one_alert_per_target_with_typed_config() -> None:
+    ev = evaluation()
+    status = status_from_evaluation("credit", "3", ev, 0, AT)
+    targets = [
+        AlertTarget("retrain", "record", {"path": "/tmp/a.jsonl"}),
+        AlertTarget("notify", "webhook", {"url": "http://h", "timeout": 3, "headers": {"a": "b"}}),
+    ]
+    request = convert.evaluation_to_store(status, metric_points(status), targets)
+
+    assert (request.model, request.version, request.level) == ("credit", "3", "RED")
+    assert [len(a.targets) for a in request.alerts] == [1, 1]
+    assert all(json.loads(a.reasons_json) == list(ev.reasons) for a in request.alerts)
+    # Through the store's wire type and back, config keeps its values (3 stays an int).
+    back = [convert.target_from_store(a.targets[0]) for a in request.alerts]
+    assert back == targets and isinstance(back[1].config["timeout"], int)
 
 
 def test_alert_from_store_maps_levels_and_target() -> None:
@@ -300,9 +319,9 @@ def test_alert_from_store_maps_levels_and_target() -> None:
         attempts=2,
         last_error="webhook: down",
         reasons_json='["a", "b"]',
-        actions_json='[{"action": "notify", "sink": "webhook", "config": {}}]',
+        targets=[store_pb.AlertTarget(action="notify", sink="webhook")],
     )
-    alert = alert_from_store(record)
+    alert = alert_to_pb(record)
     assert (alert.id, alert.level, alert.previous_level) == (7, pb.LEVEL_RED, pb.LEVEL_UNSPECIFIED)
     assert (alert.action, alert.sink, alert.status, alert.attempts) == (
         "notify",
@@ -311,9 +330,13 @@ def test_alert_from_store_maps_levels_and_target() -> None:
         2,
     )
     assert list(alert.reasons) == ["a", "b"] and alert.last_error == "webhook: down"
-    assert alert_from_store(
+    assert alert_to_pb(
         store_pb.AlertRecord(id=1, level="AMBER", previous_level="GREEN")
     ).previous_level == (pb.LEVEL_GREEN)
+
+
+def alert_to_pb(record: store_pb.AlertRecord) -> pb.Alert:
+    return convert.alert_to_pb(convert.alert_from_store(record))
 
 
 # --- backoff ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -1212,10 +1213,10 @@ class AlertRecord(_message.Message):
     LEVEL_FIELD_NUMBER: _builtins.int
     PREVIOUS_LEVEL_FIELD_NUMBER: _builtins.int
     REASONS_JSON_FIELD_NUMBER: _builtins.int
-    ACTIONS_JSON_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Alert id."""
     model: _builtins.str
@@ -1228,8 +1229,6 @@ class AlertRecord(_message.Message):
     """Level before the change."""
     reasons_json: _builtins.str
     """Why, JSON list."""
-    actions_json: _builtins.str
-    """What to do and where to deliver, JSON list."""
     status: _builtins.str
     """pending, failed, delivered, acknowledged or dead."""
     attempts: _builtins.int
@@ -1239,6 +1238,12 @@ class AlertRecord(_message.Message):
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When it was raised."""
+
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___AlertTarget]:
+        """What to do and where to deliver it: one target per alert as the monitor
+        queues them (each (action, sink) pair is delivered and retried on its own).
+        """
 
     def __init__(
         self,
@@ -1250,18 +1255,50 @@ class AlertRecord(_message.Message):
         level: _builtins.str = ...,
         previous_level: _builtins.str = ...,
         reasons_json: _builtins.str = ...,
-        actions_json: _builtins.str = ...,
         status: _builtins.str = ...,
         attempts: _builtins.int = ...,
         last_error: _builtins.str = ...,
+        targets: _abc.Iterable[Global___AlertTarget] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions_json", b"actions_json", "attempts", b"attempts", "created_at", b"created_at", "id", b"id", "last_error", b"last_error", "level", b"level", "model", b"model", "previous_level", b"previous_level", "reasons_json", b"reasons_json", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "id", b"id", "last_error", b"last_error", "level", b"level", "model", b"model", "previous_level", b"previous_level", "reasons_json", b"reasons_json", "status", b"status", "targets", b"targets", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AlertRecord: _TypeAlias = AlertRecord  # noqa: Y015
+
+@_typing.final
+class AlertTarget(_message.Message):
+    """AlertTarget is one action of an alert and the sink that delivers it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    SINK_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    """retrain, rollback or notify."""
+    sink: _builtins.str
+    """Alert sink plugin name (record, webhook, slack, ...)."""
+    @_builtins.property
+    def config(self) -> _struct_pb2.Struct:
+        """The sink's settings from the monitoring plan (url, path, headers, ...)."""
+
+    def __init__(
+        self,
+        *,
+        action: _builtins.str = ...,
+        sink: _builtins.str = ...,
+        config: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "config", b"config", "sink", b"sink"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlertTarget: _TypeAlias = AlertTarget  # noqa: Y015
 
 @_typing.final
 class RecordEvaluationRequest(_message.Message):

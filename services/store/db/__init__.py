@@ -16,7 +16,9 @@ from .outbox import OutboxMixin
 from .reads import ReadsMixin, decode_page_token, encode_page_token
 from .registry import RegistryMixin
 from .types import (
+    EPOCH,
     Alert,
+    AlertTarget,
     AlreadyExistsError,
     ColumnChunk,
     FeatureFilter,
@@ -47,7 +49,9 @@ class StoreDB(IngestMixin, ReadsMixin, RegistryMixin, OutboxMixin, HealthMixin):
 
 
 __all__ = [
+    "EPOCH",
     "Alert",
+    "AlertTarget",
     "AlreadyExistsError",
     "ColumnChunk",
     "Conn",

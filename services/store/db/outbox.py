@@ -5,15 +5,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
 from ._base import Conn, StoreBase
-from .types import Alert, MetricPoint, NotFoundError
+from .types import Alert, AlertTarget, MetricPoint, NotFoundError
 
 _ALERT_COLS = (
     "model, level, version, previous_level, reasons, actions, id, created_at, status, attempts,"
     " next_attempt_at, delivered_at, acknowledged_at, last_error"
 )
+
+
+def _alert(row: TupleRow) -> Alert:
+    model, level, version, previous, reasons, actions, *rest = row
+    # `actions` is the JSON list of targets: [{"action", "sink", "config"}].
+    targets = [AlertTarget.from_json(t) for t in actions or ()]
+    return Alert(model, level, version, previous, reasons, targets, *rest)
 
 
 class OutboxMixin(StoreBase):
@@ -72,7 +80,7 @@ class OutboxMixin(StoreBase):
                     alert.level,
                     alert.previous_level,
                     Jsonb(alert.reasons),
-                    Jsonb(alert.actions),
+                    Jsonb([t.to_json() for t in alert.targets]),
                     alert.next_attempt_at,
                 ),
             )
@@ -100,7 +108,7 @@ class OutboxMixin(StoreBase):
                 " RETURNING " + _ALERT_COLS,
                 {"now": now, "lease": lease, "limit": limit},
             )
-            return sorted((Alert(*r) for r in await cur.fetchall()), key=lambda a: a.id or 0)
+            return sorted((_alert(r) for r in await cur.fetchall()), key=lambda a: a.id or 0)
 
     async def mark_alert_delivered(self, alert_id: int) -> None:
         await self._update_alert(
@@ -143,7 +151,7 @@ class OutboxMixin(StoreBase):
                 "SELECT " + _ALERT_COLS + " FROM alerts WHERE id = %s", (alert_id,)
             )
             row = await cur.fetchone()
-        return Alert(*row) if row else None
+        return _alert(row) if row else None
 
     async def list_alerts(
         self, model: str | None = None, status: str | None = None, limit: int = 100
@@ -156,4 +164,4 @@ class OutboxMixin(StoreBase):
                 " AND (%(s)s::text IS NULL OR status = %(s)s::text) ORDER BY id DESC LIMIT %(l)s",
                 {"m": model, "s": status, "l": limit},
             )
-            return [Alert(*r) for r in await cur.fetchall()]
+            return [_alert(r) for r in await cur.fetchall()]

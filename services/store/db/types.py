@@ -11,27 +11,30 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
+from cyclone.errors import CycloneError, InvalidArgument, NotFound
+
 Mode = Literal["timescaledb", "postgres-partitioned"]
 ModelStatus = Literal["staged", "canary", "serving", "retired"]
 FilterOp = Literal["=", "!=", "<", "<=", ">", ">="]
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-class StoreError(Exception):
-    """Base class for errors the servicer maps to gRPC status codes."""
+class StoreError(CycloneError):
+    """Base class of the database layer's own errors; each is a `cyclone.errors` domain error,
+    so `rpc_errors` maps it without a translator."""
 
 
-class NotFoundError(StoreError):
-    pass
+class NotFoundError(StoreError, NotFound):
+    """The row to change does not exist (NOT_FOUND)."""
 
 
-class AlreadyExistsError(StoreError):
-    pass
+class AlreadyExistsError(StoreError, InvalidArgument):
+    """The key is taken (INVALID_ARGUMENT: the caller named something already registered)."""
 
 
 def uuid7(at: datetime | None = None) -> uuid.UUID:
     """A UUIDv7 whose first 48 bits are ``at`` (default now) in Unix milliseconds."""
-    ms = int(time.time() * 1000) if at is None else int((at - _EPOCH) / timedelta(milliseconds=1))
+    ms = int(time.time() * 1000) if at is None else int((at - EPOCH) / timedelta(milliseconds=1))
     rand = int.from_bytes(os.urandom(10), "big")
     value = (ms & 0xFFFF_FFFF_FFFF) << 80 | rand & ((1 << 80) - 1)
     value = value & ~(0xF << 76) | (0x7 << 76)  # version 7
@@ -42,7 +45,7 @@ def uuid7(at: datetime | None = None) -> uuid.UUID:
 def uuid7_time(prediction_id: uuid.UUID | str) -> datetime:
     """The millisecond timestamp embedded in a UUIDv7 (== predictions.created_at)."""
     u = prediction_id if isinstance(prediction_id, uuid.UUID) else uuid.UUID(prediction_id)
-    return _EPOCH + timedelta(milliseconds=u.int >> 80)
+    return EPOCH + timedelta(milliseconds=u.int >> 80)
 
 
 class PredictionRecord(NamedTuple):
@@ -201,6 +204,22 @@ class MetricPoint:
     details: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class AlertTarget:
+    """One action of an alert and the sink that delivers it (a JSON object in `alerts.actions`)."""
+
+    action: str
+    sink: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": self.action, "sink": self.sink, "config": self.config}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AlertTarget:
+        return cls(str(data.get("action", "")), str(data.get("sink", "")), data.get("config") or {})
+
+
 @dataclass(slots=True)
 class Alert:
     model: str
@@ -208,7 +227,7 @@ class Alert:
     version: str | None = None
     previous_level: str | None = None
     reasons: list[Any] = field(default_factory=list)
-    actions: list[Any] = field(default_factory=list)
+    targets: list[AlertTarget] = field(default_factory=list)
     id: int | None = None
     created_at: datetime | None = None
     status: str = "pending"

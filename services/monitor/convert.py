@@ -1,0 +1,231 @@
+"""Protobuf ⇄ the monitor's domain records (`records.py`), for the store client, the servicer
+and the dashboard. The only module of the monitor that knows both."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cyclone.monitor.v1 import monitor_service_pb2 as pb
+from cyclone.plugin_api import Level, ReferenceProfile
+from cyclone.store.v1 import store_service_pb2 as store_pb
+from services.monitor.records import (
+    AlertTarget,
+    EvaluationOutcome,
+    MetricPoint,
+    ModelInfo,
+    ModelStatus,
+    QueuedAlert,
+    WindowChunk,
+)
+
+LEVEL_TO_PB = {Level.GREEN: pb.LEVEL_GREEN, Level.AMBER: pb.LEVEL_AMBER, Level.RED: pb.LEVEL_RED}
+NAME_TO_PB = {level.value: code for level, code in LEVEL_TO_PB.items()}
+
+
+def ts(value: datetime) -> Timestamp:
+    out = Timestamp()
+    out.FromDatetime(value.astimezone(UTC))
+    return out
+
+
+def from_ts(message: Any, field: str) -> datetime | None:
+    if not message.HasField(field):
+        return None
+    result: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
+    return result
+
+
+# --- from the store ----------------------------------------------------------------------------
+
+
+def model_info_from_store(mv: store_pb.ModelVersion) -> ModelInfo:
+    reference = (
+        ReferenceProfile.from_dict(json.loads(mv.reference_profile_json))
+        if mv.reference_profile_json
+        else None
+    )
+    evaluation = json.loads(mv.evaluation_json) if mv.evaluation_json else {}
+    baseline = {
+        k: float(v) for k, v in evaluation.get("metrics", {}).items() if isinstance(v, int | float)
+    }
+    return ModelInfo(
+        model=mv.model,
+        version=mv.version,
+        task=mv.task,
+        created_at=from_ts(mv, "created_at"),
+        reference=reference,
+        baseline=baseline,
+    )
+
+
+def serving_tasks(versions: Sequence[store_pb.ModelVersion]) -> dict[str, str]:
+    """Model -> task of every serving version (without parsing their reference profiles)."""
+    return {v.model: v.task for v in versions if v.status == store_pb.MODEL_STATUS_SERVING}
+
+
+def window_chunk_from_store(chunk: store_pb.GetTrainingDataResponse, task: str) -> WindowChunk:
+    """No copies: the domain chunk holds the message's repeated fields."""
+    features: dict[str, Sequence[Any]] = {}
+    categorical: set[str] = set()
+    for name, column in chunk.features.items():
+        if column.strings:
+            categorical.add(name)
+            features[name] = column.strings
+        else:
+            features[name] = column.numbers
+    classification = task == "classification"
+    return WindowChunk(
+        features=features,
+        categorical=categorical,
+        predictions=chunk.predictions.strings if classification else chunk.predictions.numbers,
+        labels=chunk.labels.strings if classification else chunk.labels.numbers,
+        labelled=chunk.labelled,
+        probabilities=chunk.probabilities if classification else (),
+        class_labels=chunk.class_labels if classification else (),
+    )
+
+
+def outcome_from_store(r: store_pb.RecordEvaluationResponse) -> EvaluationOutcome:
+    return EvaluationOutcome(r.previous_level, r.level_changed, list(r.alert_ids))
+
+
+def target_from_store(t: store_pb.AlertTarget) -> AlertTarget:
+    return AlertTarget(t.action, t.sink, _plain(json_format.MessageToDict(t.config)))
+
+
+def _plain(value: Any) -> Any:
+    """A Struct's numbers are all doubles: give whole ones back as ints (3, not 3.0)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
+
+
+def alert_from_store(record: store_pb.AlertRecord) -> QueuedAlert:
+    return QueuedAlert(
+        id=record.id,
+        model=record.model,
+        version=record.version,
+        level=record.level,
+        previous_level=record.previous_level,
+        reasons=[str(r) for r in json.loads(record.reasons_json or "[]")],
+        targets=[target_from_store(t) for t in record.targets],
+        created_at=from_ts(record, "created_at"),
+        status=record.status,
+        attempts=record.attempts,
+        last_error=record.last_error,
+    )
+
+
+# --- to the store ------------------------------------------------------------------------------
+
+
+def training_request(
+    info: ModelInfo, start: datetime | None, end: datetime | None, last_n: int
+) -> store_pb.GetTrainingDataRequest:
+    request = store_pb.GetTrainingDataRequest(
+        model=info.model, version=info.version, include_unlabelled=True, last_n=last_n
+    )
+    if start is not None:
+        request.start.CopyFrom(ts(start))
+    if end is not None:
+        request.end.CopyFrom(ts(end))
+    return request
+
+
+def point_to_store(p: MetricPoint) -> store_pb.MetricPoint:
+    return store_pb.MetricPoint(
+        created_at=ts(p.created_at),
+        metric=p.metric,
+        value=p.value,
+        details_json=json.dumps(p.details) if p.details is not None else "",
+    )
+
+
+def target_to_store(t: AlertTarget) -> store_pb.AlertTarget:
+    out = store_pb.AlertTarget(action=t.action, sink=t.sink)
+    out.config.update(dict(t.config))
+    return out
+
+
+def evaluation_to_store(
+    status: ModelStatus, points: Sequence[MetricPoint], targets: Sequence[AlertTarget]
+) -> store_pb.RecordEvaluationRequest:
+    """One evaluation with its history points and one alert per (action, sink) target."""
+    ev = status.evaluation
+    reasons = json.dumps(list(ev.reasons))
+    return store_pb.RecordEvaluationRequest(
+        model=status.model,
+        version=status.version,
+        level=ev.level.value,
+        reasons_json=reasons,
+        summary_json=json.dumps(
+            {"rows": ev.n_rows, "labelled_rows": ev.n_labelled, "actions": list(ev.actions)}
+        ),
+        points=[point_to_store(p) for p in points],
+        alerts=[
+            store_pb.AlertRecord(reasons_json=reasons, targets=[target_to_store(t)])
+            for t in targets
+        ],
+    )
+
+
+# --- to the monitor's clients ----------------------------------------------------------------
+
+
+def status_to_pb(status: ModelStatus) -> pb.ModelStatus:
+    ev = status.evaluation
+    out = pb.ModelStatus(
+        model=status.model,
+        version=status.version,
+        level=LEVEL_TO_PB[ev.level],
+        reasons=list(ev.reasons),
+        actions=list(ev.actions),
+        rows=ev.n_rows,
+        labelled_rows=ev.n_labelled,
+        evaluated_at=ts(status.evaluated_at),
+        plan_revision=status.plan_revision,
+        notes=list(ev.notes),
+    )
+    for name, result in ev.metrics.items():
+        out.metrics.add(name=name, value=result.value, status=result.status, detail=result.detail)
+    for test, per_feature in ev.drift.items():
+        for feature, d in per_feature.items():
+            out.drift.add(
+                test=test,
+                feature=feature,
+                statistic=d.statistic,
+                p_value=d.p_value,
+                effect_size=d.effect_size,
+                drifted=d.drifted,
+                threshold=d.threshold,
+            )
+    return out
+
+
+def alert_to_pb(alert: QueuedAlert) -> pb.Alert:
+    # The monitor queues one target per alert.
+    target = alert.targets[0] if alert.targets else AlertTarget("", "")
+    return pb.Alert(
+        id=alert.id,
+        created_at=ts(alert.created_at) if alert.created_at is not None else None,
+        model=alert.model,
+        version=alert.version,
+        level=NAME_TO_PB.get(alert.level, pb.LEVEL_UNSPECIFIED),
+        previous_level=NAME_TO_PB.get(alert.previous_level, pb.LEVEL_UNSPECIFIED),
+        reasons=alert.reasons,
+        action=target.action,
+        sink=target.sink,
+        status=alert.status,
+        attempts=alert.attempts,
+        last_error=alert.last_error,
+    )

@@ -1,0 +1,106 @@
+"""The monitor's domain records: what it reads from the store, what it keeps and what it writes.
+
+No protobuf here: `convert.py` translates at the edges (the store client, the servicer, the
+dashboard), and `Monitor`, window building and the dispatcher work on these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from cyclone.plugin_api import Level, ReferenceProfile
+from services.monitor.evaluate import Evaluation
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered model version as the monitor needs it."""
+
+    model: str
+    version: str
+    task: str
+    created_at: datetime | None = None
+    reference: ReferenceProfile | None = None
+    # Metrics measured at registration (the evaluation's numeric "metrics").
+    baseline: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WindowChunk:
+    """One columnar chunk of a monitoring window, as the store streams it.
+
+    Predictions and labels are numbers (regression) or strings (classification); unlabelled
+    rows hold placeholders, `labelled` says which. `probabilities` is rows x classes, row-major.
+    """
+
+    # Feature columns: strings for the names in `categorical`, numbers (NaN missing) otherwise.
+    features: Mapping[str, Sequence[Any]]
+    categorical: Collection[str]
+    predictions: Sequence[Any]
+    labels: Sequence[Any]
+    labelled: Sequence[bool]
+    probabilities: Sequence[float] = ()
+    class_labels: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """The latest evaluation of one model version."""
+
+    model: str
+    version: str
+    evaluation: Evaluation
+    plan_revision: int
+    evaluated_at: datetime
+
+    @property
+    def level(self) -> Level:
+        return self.evaluation.level
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One point of metric history; `value` None means no value (never NaN)."""
+
+    created_at: datetime
+    metric: str
+    value: float | None
+    details: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class AlertTarget:
+    """One action of an alert and the sink that delivers it."""
+
+    action: str
+    sink: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QueuedAlert:
+    """An alert in the store's outbox."""
+
+    id: int
+    model: str
+    version: str
+    level: str
+    previous_level: str
+    reasons: list[str]
+    targets: list[AlertTarget]
+    created_at: datetime | None = None
+    status: str = "pending"
+    attempts: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    """What the store did with an evaluation."""
+
+    previous_level: str
+    level_changed: bool
+    alert_ids: list[int]
