@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -46,7 +46,9 @@ PROPERTY = settings(
 
 
 @pytest.fixture(scope="module")
-def models(model_repo: ModelRepo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def models(
+    model_repo: ModelRepo, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, LoadedModel]:
     """`credit` (columns, open categories), `constrained` (credit with bounds, NaN allowed for
     income, known cities) and `bench` (matrix layout, 12 numeric features)."""
     directory = tmp_path_factory.mktemp("agreement") / "repo" / "constrained" / "1"
