@@ -316,6 +316,7 @@ def status(
     from rich.table import Table
 
     from cyclone.client import StoreClient
+    from cyclone.store.v1.store_service_pb2 import MODEL_STATUS_SERVING
 
     try:
         with StoreClient(store) as client:
@@ -327,7 +328,7 @@ def status(
     console = Console()
     console.print(f"storage mode: [bold]{stats.storage_mode}[/bold]")
     table = Table("model", "serving", "predictions", "labels", "coverage", "ingest lag", "health")
-    serving = {v.model: v.version for v in versions if v.status == 3}
+    serving = {v.model: v.version for v in versions if v.status == MODEL_STATUS_SERVING}
     for m in stats.models:
         h = health.get((m.model, serving.get(m.model, "")))
         table.add_row(

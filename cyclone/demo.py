@@ -24,6 +24,7 @@ from rich.console import Console
 from cyclone.client import InferenceClient, MonitorClient, StoreClient
 from cyclone.examples import CREDIT_FEATURES, credit_frame, credit_pipeline
 from cyclone.models.convert import import_pipeline
+from cyclone.store.v1.store_service_pb2 import MODEL_STATUS_SERVING
 
 console = Console()
 
@@ -148,7 +149,11 @@ def run_demo(workdir: Path | None = None, keep_running: bool = False) -> None:
         StoreClient(store) as store_client,
         MonitorClient(monitor) as monitor_client,
     ):
-        _until(lambda: any(v.status == 3 for v in store_client.model_versions("credit")))
+        _until(
+            lambda: any(
+                v.status == MODEL_STATUS_SERVING for v in store_client.model_versions("credit")
+            )
+        )
         mode = store_client.stats().storage_mode
         console.print(f"  storage mode: {mode}")
         console.print(f"  live dashboard: http://127.0.0.1:{dashboard_port}/")

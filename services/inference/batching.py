@@ -20,9 +20,10 @@ import numpy as np
 
 from services.inference.model import LoadedModel, Outputs
 
-# Above this many rows a batch is split: bigger batches gain little per row and
-# would hold the event loop for longer.
-MAX_BATCH_ROWS = 256
+# Rows of one onnxruntime call when a stream's backlog is batched (a single bigger request
+# still runs alone): bigger calls gain little per row and would hold the event loop for
+# longer. Not the per-request limit, which is the `max_batch_rows` setting.
+ROWS_PER_BATCHED_RUN = 256
 
 
 @dataclasses.dataclass(slots=True)
@@ -50,9 +51,9 @@ def run_batch(model: LoadedModel, jobs: Sequence[Prepared]) -> list[Outputs | Ex
     results: list[Outputs | Exception] = []
     start = 0
     while start < len(jobs):
-        # Greedy chunks of at most MAX_BATCH_ROWS rows (a bigger single job runs alone).
+        # Greedy chunks of at most ROWS_PER_BATCHED_RUN rows (a bigger single job runs alone).
         stop, rows = start + 1, jobs[start].rows
-        while stop < len(jobs) and rows + jobs[stop].rows <= MAX_BATCH_ROWS:
+        while stop < len(jobs) and rows + jobs[stop].rows <= ROWS_PER_BATCHED_RUN:
             rows += jobs[stop].rows
             stop += 1
         chunk = jobs[start:stop]

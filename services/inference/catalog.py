@@ -1,15 +1,34 @@
-"""Which models this process serves, and which failed to load (and why)."""
+"""Which models this process serves, which failed to load (and why), and the repository policy
+(what may be loaded or unloaded) every front end applies. Transport-free: no grpc, no protobuf.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
-from cyclone.errors import FailedPrecondition, ModelLoadError, NotFound
+from cyclone.errors import (
+    CycloneError,
+    FailedPrecondition,
+    InvalidArgument,
+    ModelLoadError,
+    NotFound,
+)
 from cyclone.models.repository import ModelRepository
 from services.inference.model import LoadedModel
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RepositoryEntry:
+    """One model of the repository as an index lists it."""
+
+    name: str
+    version: str
+    state: str  # "READY" or "UNAVAILABLE"
+    reason: str = ""
 
 
 class ModelCatalog:
@@ -42,16 +61,22 @@ class ModelCatalog:
         names = [self.pinned_model] if self.pinned_model else self.repository.models()
         for name in names:
             try:
-                self.load(name, self.pinned_version if self.pinned_model else None)
+                self.load(name)
             except (ModelLoadError, NotFound) as exc:
                 log.error("cannot load model %s: %s", name, exc.message)
 
     def load(self, name: str, version: str | None = None) -> LoadedModel:
-        if self.single_revision and name != self.pinned_model:
-            raise FailedPrecondition(
-                f"model_name: this server serves only {self.pinned_model!r}; "
-                "start it with --all-models to load others"
-            )
+        """Load (or reload) `name` at `version` (None: the latest) and serve it."""
+        if not name:
+            raise InvalidArgument("model_name: empty")
+        if self.single_revision:
+            if name != self.pinned_model:
+                raise FailedPrecondition(
+                    f"model_name: this server serves only {self.pinned_model!r}; "
+                    "start it with --all-models to load others"
+                )
+            # Envoy routes to this process by revision: it never serves another version.
+            version = self.pinned_version
         try:
             files = self.repository.files(name, version)
             loaded = LoadedModel(
@@ -69,6 +94,8 @@ class ModelCatalog:
         return loaded
 
     def unload(self, name: str) -> None:
+        if self.single_revision:
+            raise FailedPrecondition("model_name: a single-revision server cannot unload its model")
         if name not in self.models:
             raise NotFound(f"model_name: {name!r} is not loaded")
         del self.models[name]
@@ -88,3 +115,30 @@ class ModelCatalog:
                 f"version: {name!r} version {version!r} is not served here (serving {loaded.version!r})"
             )
         return loaded
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.get(name, version)
+        except CycloneError:
+            return False
+        return True
+
+    def index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+        """Every model this server may serve: loaded ones READY, the others UNAVAILABLE with why."""
+        entries: list[RepositoryEntry] = []
+        names = [self.pinned_model] if self.pinned_model else self.repository.models()
+        for name in names:
+            loaded = self.models.get(name)
+            if loaded is not None:
+                entries.append(RepositoryEntry(name, loaded.version, "READY"))
+            elif not ready_only:
+                versions = self.repository.versions(name)
+                entries.append(
+                    RepositoryEntry(
+                        name,
+                        versions[-1] if versions else "",
+                        "UNAVAILABLE",
+                        self.failures.get(name, "not loaded"),
+                    )
+                )
+        return entries

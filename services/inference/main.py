@@ -20,8 +20,9 @@ from cyclone.settings import ServerSettings
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.inference.catalog import ModelCatalog
+from services.inference.dataplane import Scorer
 from services.inference.oip import OpenInferenceServicer
-from services.inference.servicer import InferenceServicer, Scorer
+from services.inference.servicer import InferenceServicer
 from services.inference.sink import PredictionSink
 from services.inference.store_sink import StoreSink
 

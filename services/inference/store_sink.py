@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -40,7 +40,18 @@ REPLAYED = Counter("cyclone_store_sink_replayed_rows", "Predictions replayed fro
 DROPPED = Counter("cyclone_store_sink_dropped_rows", "Predictions lost because the spool was full")
 SPOOL_BYTES = Gauge("cyclone_store_sink_spool_bytes", "Bytes held in the disk spool")
 
-_Item = tuple[str, str, list[str], Mapping[str, np.ndarray], Outputs, tuple[str, ...], float, str]
+
+class Submitted(NamedTuple):
+    """One scored request waiting for the store (a NamedTuple: built on the hot path)."""
+
+    model: str
+    version: str
+    prediction_ids: list[str]
+    columns: Mapping[str, np.ndarray]
+    outputs: Outputs
+    class_labels: tuple[str, ...]
+    latency_ms: float
+    trace_id: str
 
 
 def _json_values(column: np.ndarray) -> list[Any]:
@@ -51,27 +62,31 @@ def _json_values(column: np.ndarray) -> list[Any]:
     return values
 
 
-def _add_group(items: list[_Item], request: pb.LogPredictionsRequest) -> None:
+def _add_group(items: list[Submitted], request: pb.LogPredictionsRequest) -> None:
     """Rows of several scored requests of one model version, columns joined first so the
     numpy work is per flush, not per request (most requests are one row)."""
-    model, version, _, first_columns, first_outputs, class_labels, _, _ = items[0]
-    names = list(first_columns)
-    columns = [_json_values(np.concatenate([item[3][n] for item in items])) for n in names]
-    ids = [pid for item in items for pid in item[2]]
-    latency = [item[6] for item in items for _ in item[2]]
-    traces = [item[7] for item in items for _ in item[2]]
+    first = items[0]
+    names = list(first.columns)
+    columns = [_json_values(np.concatenate([item.columns[n] for item in items])) for n in names]
+    ids = [pid for item in items for pid in item.prediction_ids]
+    latency = [item.latency_ms for item in items for _ in item.prediction_ids]
+    traces = [item.trace_id for item in items for _ in item.prediction_ids]
     dumps = json.dumps
-    if first_outputs.values is not None:
-        values = np.concatenate([item[4].values for item in items if item[4].values is not None])
+    results = [item.outputs for item in items]
+    if first.outputs.values is not None:
+        values = np.concatenate([r.values for r in results if r.values is not None])
         outputs = [dumps({"value": v}).encode() for v in values.tolist()]
     else:
-        labels = np.concatenate([item[4].labels for item in items if item[4].labels is not None])
+        labels = np.concatenate([r.labels for r in results if r.labels is not None])
         probabilities = np.concatenate(
-            [item[4].probabilities for item in items if item[4].probabilities is not None]
+            [r.probabilities for r in results if r.probabilities is not None]
         )
         outputs = [
             dumps(
-                {"label": label, "probabilities": dict(zip(class_labels, probs, strict=True))}
+                {
+                    "label": label,
+                    "probabilities": dict(zip(first.class_labels, probs, strict=True)),
+                }
             ).encode()
             for label, probs in zip(labels.tolist(), probabilities.tolist(), strict=True)
         ]
@@ -79,8 +94,8 @@ def _add_group(items: list[_Item], request: pb.LogPredictionsRequest) -> None:
     for i, row in enumerate(zip(*columns, strict=True)):
         add(
             prediction_id=ids[i],
-            model=model,
-            version=version,
+            model=first.model,
+            version=first.version,
             input_json=dumps(dict(zip(names, row, strict=True))).encode(),
             output_json=outputs[i],
             latency_ms=latency[i],
@@ -88,13 +103,18 @@ def _add_group(items: list[_Item], request: pb.LogPredictionsRequest) -> None:
         )
 
 
-def encode_items(items: list[_Item]) -> pb.LogPredictionsRequest:
+def _same_group(a: Submitted, b: Submitted) -> bool:
+    """Same model version with the same features (order included)."""
+    return a.model == b.model and a.version == b.version and a.columns.keys() == b.columns.keys()
+
+
+def encode_items(items: list[Submitted]) -> pb.LogPredictionsRequest:
     """One LogPredictions batch from scored requests, in serving order."""
     request = pb.LogPredictionsRequest()
-    group: list[_Item] = []
+    group: list[Submitted] = []
     for item in items:
-        # A group is a run of one model version with the same features (order included).
-        if group and (item[:2] != group[0][:2] or item[3].keys() != group[0][3].keys()):
+        # A group is a run of requests that encode together.
+        if group and not _same_group(group[0], item):
             _add_group(group, request)
             group = []
         group.append(item)
@@ -122,7 +142,7 @@ class StoreSink:
         self.retry_interval = retry_interval
         self.spool = Spool(spool_dir, spool_max_bytes)
         SPOOL_BYTES.set(self.spool.bytes)
-        self._pending: list[_Item] = []
+        self._pending: list[Submitted] = []
         self._pending_rows = 0
         # Read at scrape time: setting a gauge on every request would cost the hot path a lock.
         QUEUED.set_function(lambda: self._pending_rows)
@@ -146,7 +166,7 @@ class StoreSink:
         trace_id: str,
     ) -> None:
         self._pending.append(
-            (
+            Submitted(
                 model.name,
                 model.version,
                 prediction_ids,

@@ -9,7 +9,7 @@ import pytest
 
 from cyclone.errors import InvalidArgument
 from cyclone.oip.v2 import open_inference_pb2 as pb
-from services.inference.oip import _tensor_array, decode_bytes_tensor, encode_bytes_tensor
+from services.inference.convert import array_from_tensor, decode_bytes_tensor, encode_bytes_tensor
 
 
 def tensor(datatype: str, shape: list[int]) -> pb.ModelInferRequest.InferInputTensor:
@@ -38,9 +38,9 @@ def test_malformed_bytes_tensors(raw: bytes, count: int, fragment: str) -> None:
 
 def test_raw_numeric_data_must_match_the_shape() -> None:
     raw = np.arange(3, dtype="<f4").tobytes()
-    assert list(_tensor_array(tensor("FP32", [3, 1]), raw, "inputs[0]").ravel()) == [0, 1, 2]
+    assert list(array_from_tensor(tensor("FP32", [3, 1]), raw, "inputs[0]").ravel()) == [0, 1, 2]
     with pytest.raises(InvalidArgument, match=r"inputs\[0\]: raw data has 12 bytes"):
-        _tensor_array(tensor("FP32", [4, 1]), raw, "inputs[0]")
+        array_from_tensor(tensor("FP32", [4, 1]), raw, "inputs[0]")
 
 
 @pytest.mark.parametrize(
@@ -54,13 +54,13 @@ def test_raw_numeric_data_must_match_the_shape() -> None:
 )
 def test_bad_datatype_or_shape(datatype: str, shape: list[int], fragment: str) -> None:
     with pytest.raises(InvalidArgument, match=fragment):
-        _tensor_array(tensor(datatype, shape), None, "inputs[0]")
+        array_from_tensor(tensor(datatype, shape), None, "inputs[0]")
 
 
 def test_typed_contents_count_must_match_the_shape() -> None:
     t = tensor("FP64", [2])
     t.contents.fp64_contents.extend([1.5])
     with pytest.raises(InvalidArgument, match="has 1 elements, shape \\[2\\] needs 2"):
-        _tensor_array(t, None, "inputs[0]")
+        array_from_tensor(t, None, "inputs[0]")
     t.contents.fp64_contents.append(2.5)
-    assert list(_tensor_array(t, None, "inputs[0]")) == [1.5, 2.5]
+    assert list(array_from_tensor(t, None, "inputs[0]")) == [1.5, 2.5]
