@@ -206,18 +206,3 @@ class CycloneServer:
             log.info("%s: shutting down", self.component)
         finally:
             await self.stop()
-
-
-def abort_on_domain_errors(
-    context: aio.ServicerContext[Any, Any], exc: Exception
-) -> Awaitable[None]:
-    """Turn a CycloneError into the matching status; anything else is INTERNAL."""
-    from cyclone.errors import CycloneError
-
-    aborted: Awaitable[None]
-    if isinstance(exc, CycloneError):
-        aborted = context.abort(exc.code, exc.message)
-        return aborted
-    log.exception("unexpected error", exc_info=exc)
-    aborted = context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
-    return aborted
