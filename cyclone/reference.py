@@ -188,7 +188,10 @@ def profile_numeric(values: npt.ArrayLike, n_quantiles: int = DEFAULT_QUANTILES)
         return NumericProfile((), (), 0.0, 0.0, 0.0, 0.0, 0, missing_rate)
     edges = np.unique(np.quantile(x, np.linspace(0.0, 1.0, n_quantiles + 1)))
     counts = bin_counts(x, edges)
-    values, value_counts = _discrete_values(x)
+    # Few distinct values make few distinct quantiles: only then pay for the full sort.
+    values, value_counts = (
+        _discrete_values(x) if len(edges) <= DISCRETE_MAX_VALUES else _NOT_DISCRETE
+    )
     return NumericProfile(
         edges=tuple(float(e) for e in edges),
         counts=tuple(int(c) for c in counts),
@@ -203,13 +206,19 @@ def profile_numeric(values: npt.ArrayLike, n_quantiles: int = DEFAULT_QUANTILES)
     )
 
 
+_NOT_DISCRETE: tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]] = (
+    np.empty(0),
+    np.empty(0, dtype=np.int64),
+)
+
+
 def _discrete_values(
     x: npt.NDArray[np.float64],
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
     """Distinct values and their counts if ``x`` is discrete, else two empty arrays."""
     values, counts = np.unique(x, return_counts=True)
     if len(values) > DISCRETE_MAX_VALUES or len(x) < DISCRETE_MIN_REPEATS * len(values):
-        return np.empty(0), np.empty(0, dtype=np.int64)
+        return _NOT_DISCRETE
     return values, counts.astype(np.int64)
 
 
