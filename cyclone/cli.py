@@ -133,8 +133,20 @@ def model_import(
     label_column: Annotated[
         str | None, typer.Option(help="Target column of --sample: baseline metrics.")
     ] = None,
+    feature_names: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated feature names, in column order, for a pipeline fitted on a "
+            "numpy array (default f0,f1,...)."
+        ),
+    ] = None,
 ) -> None:
-    """Convert a scikit-learn pipeline to ONNX, check parity, write it into the repository."""
+    """Convert a scikit-learn pipeline to ONNX, check parity, write it into the repository.
+
+    Plain estimators and pipelines take all features as one [N, F] tensor; pipelines with a
+    ColumnTransformer take one tensor per feature. The fitted pipeline is kept next to the
+    ONNX model as pipeline.joblib.
+    """
     import joblib
     import pandas as pd
 
@@ -154,7 +166,13 @@ def model_import(
             fail(f"--sample: cannot read {sample}: {exc}")
     try:
         target, schema, report = import_pipeline(
-            fitted, name, repository, version=version, sample=frame, label_column=label_column
+            fitted,
+            name,
+            repository,
+            version=version,
+            sample=frame,
+            label_column=label_column,
+            feature_names=None if feature_names is None else feature_names.split(","),
         )
     except (ConversionError, ValueError) as exc:
         fail(str(exc))

@@ -16,6 +16,9 @@ from cyclone.reference import CategoricalProfile, ColumnProfile, NumericProfile,
 Task = Literal["classification", "regression", "any"]
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.intp]
+# Current values within this relative distance of a discrete reference value are that value:
+# a flag logged as float32 must still match the float64 reference.
+VALUE_MATCH_RTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,8 @@ class CurrentColumn:
     """A current-window column, binned lazily and once against a reference column profile.
 
     Drift tests share one instance per feature, so KS, PSI, Wasserstein and Jensen-Shannon all
-    reuse the same ``searchsorted`` pass.
+    reuse the same ``searchsorted`` pass. Against a discrete reference (exact value frequencies)
+    the bins are the reference values themselves and the gaps between them.
     """
 
     def __init__(self, name: str, values: npt.NDArray[Any], reference: ColumnProfile) -> None:
@@ -118,9 +122,16 @@ class CurrentColumn:
 
     @cached_property
     def histogram(self) -> tuple[FloatArray, FloatArray]:
-        """(reference, current) probabilities over [below-min, reference bins..., above-max]."""
+        """(reference, current) probabilities over [below-min, reference bins..., above-max].
+
+        For a discrete reference the cells are [below v0, v0, (v0, v1), v1, ..., v_k-1, above]:
+        one per reference value and one per gap, so KS, PSI and JS see rate changes of
+        values and mass moving to values the reference never had.
+        """
         ref = self.reference
         assert isinstance(ref, NumericProfile)
+        if ref.discrete:
+            return self._value_histogram(ref)
         edges = np.asarray(ref.edges, dtype=np.float64)
         x = self.numeric
         below = int(np.count_nonzero(x < edges[0]))
@@ -134,6 +145,55 @@ class CurrentColumn:
         ref_p = np.concatenate(([0.0], ref.probabilities, [0.0]))
         total = cur.sum()
         return ref_p, (cur / total if total > 0 else cur)
+
+    def _value_histogram(self, ref: NumericProfile) -> tuple[FloatArray, FloatArray]:
+        n_cells = 2 * len(ref.values) + 1
+        cur = np.bincount(self.value_cells, minlength=n_cells).astype(np.float64)
+        ref_p = np.zeros(n_cells, dtype=np.float64)
+        ref_counts = np.asarray(ref.value_counts, dtype=np.float64)
+        ref_p[1::2] = ref_counts / ref_counts.sum()
+        total = cur.sum()
+        return ref_p, (cur / total if total > 0 else cur)
+
+    @cached_property
+    def value_cells(self) -> IntArray:
+        """Each finite current value's cell against a discrete reference (see ``histogram``):
+        ``2i + 1`` where it matches reference value ``i``, ``2j`` in the gap below value ``j``."""
+        ref = self.reference
+        assert isinstance(ref, NumericProfile) and ref.discrete
+        values = np.asarray(ref.values, dtype=np.float64)
+        x = self.numeric
+        above = np.searchsorted(values, x)  # index of the first value >= x
+        lo = np.clip(above - 1, 0, len(values) - 1)
+        hi = np.clip(above, 0, len(values) - 1)
+        nearest = np.where(np.abs(x - values[lo]) <= np.abs(values[hi] - x), lo, hi)
+        tolerance = VALUE_MATCH_RTOL * np.maximum(np.abs(values), 1.0)
+        matched = np.abs(x - values[nearest]) <= tolerance[nearest]
+        return np.asarray(np.where(matched, 2 * nearest + 1, 2 * above), dtype=np.intp)
+
+    @cached_property
+    def value_support(self) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """(points, reference probabilities, current probabilities) over the reference values
+        and the distinct current values that match none, sorted: both distributions exactly."""
+        ref = self.reference
+        assert isinstance(ref, NumericProfile) and ref.discrete
+        values = np.asarray(ref.values, dtype=np.float64)
+        cells = self.value_cells
+        matched = cells % 2 == 1
+        at_values = np.bincount((cells[matched] - 1) // 2, minlength=len(values))
+        others, other_counts = np.unique(self.numeric[~matched], return_counts=True)
+        points = np.concatenate((values, others))
+        ref_w = np.concatenate(
+            (np.asarray(ref.value_counts, dtype=np.float64), np.zeros(len(others)))
+        )
+        cur_w = np.concatenate((at_values, other_counts)).astype(np.float64)
+        order = np.argsort(points, kind="stable")
+        cur_total = cur_w.sum()
+        return (
+            points[order],
+            ref_w[order] / ref_w.sum(),
+            cur_w[order] / cur_total if cur_total > 0 else cur_w[order],
+        )
 
     @cached_property
     def out_of_range_mass(self) -> tuple[float, float]:

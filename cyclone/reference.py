@@ -2,7 +2,11 @@
 
 A profile is built once, when a model version is trained or imported, and stored as JSON in the
 registry and next to the model (``reference.json``). Monitoring never rescans training data: every
-drift test works from the quantile edges and histogram counts kept here.
+drift test works from the quantile edges and histogram counts kept here, or, for a numeric column
+with few distinct values (0/1 flags, small counts), from its exact value frequencies: quantile
+edges of such a column collapse onto its values and would hide a change in their rates.
+
+Profiles without value frequencies (written before they existed) load as continuous columns.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ import pandas as pd
 FeatureKind = Literal["numeric", "categorical"]
 PROFILE_FORMAT = 1
 DEFAULT_QUANTILES = 100
+# A numeric column is discrete when it takes at most this many distinct values, each seen
+# DISCRETE_MIN_REPEATS times on average (so a short continuous sample never looks discrete).
+DISCRETE_MAX_VALUES = 20
+DISCRETE_MIN_REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,8 @@ class NumericProfile:
 
     ``edges`` are the reference quantiles (deduplicated, so ties collapse) and ``counts[i]`` is the
     number of reference values in ``[edges[i], edges[i+1])`` (the last bin is closed).
+    A discrete column also keeps its distinct ``values`` (sorted) and ``value_counts``; drift
+    tests then compare value frequencies instead of quantile bins.
     """
 
     edges: tuple[float, ...]
@@ -50,6 +60,12 @@ class NumericProfile:
     count: int
     missing_rate: float
     kind: Literal["numeric"] = "numeric"
+    values: tuple[float, ...] = ()
+    value_counts: tuple[int, ...] = ()
+
+    @property
+    def discrete(self) -> bool:
+        return bool(self.values)
 
     @property
     def probabilities(self) -> npt.NDArray[np.float64]:
@@ -172,6 +188,10 @@ def profile_numeric(values: npt.ArrayLike, n_quantiles: int = DEFAULT_QUANTILES)
         return NumericProfile((), (), 0.0, 0.0, 0.0, 0.0, 0, missing_rate)
     edges = np.unique(np.quantile(x, np.linspace(0.0, 1.0, n_quantiles + 1)))
     counts = bin_counts(x, edges)
+    # Few distinct values make few distinct quantiles: only then pay for the full sort.
+    values, value_counts = (
+        _discrete_values(x) if len(edges) <= DISCRETE_MAX_VALUES else _NOT_DISCRETE
+    )
     return NumericProfile(
         edges=tuple(float(e) for e in edges),
         counts=tuple(int(c) for c in counts),
@@ -181,7 +201,25 @@ def profile_numeric(values: npt.ArrayLike, n_quantiles: int = DEFAULT_QUANTILES)
         max=float(edges[-1]),
         count=len(x),
         missing_rate=missing_rate,
+        values=tuple(float(v) for v in values),
+        value_counts=tuple(int(c) for c in value_counts),
     )
+
+
+_NOT_DISCRETE: tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]] = (
+    np.empty(0),
+    np.empty(0, dtype=np.int64),
+)
+
+
+def _discrete_values(
+    x: npt.NDArray[np.float64],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Distinct values and their counts if ``x`` is discrete, else two empty arrays."""
+    values, counts = np.unique(x, return_counts=True)
+    if len(values) > DISCRETE_MAX_VALUES or len(x) < DISCRETE_MIN_REPEATS * len(values):
+        return _NOT_DISCRETE
+    return values, counts.astype(np.int64)
 
 
 def bin_counts(x: npt.NDArray[np.float64], edges: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
@@ -224,11 +262,18 @@ def _column_to_dict(col: ColumnProfile) -> dict[str, Any]:
     if isinstance(col, NumericProfile):
         data["edges"] = list(col.edges)
         data["counts"] = list(col.counts)
+        # Written only for discrete columns, so continuous ones keep their old JSON.
+        del data["values"], data["value_counts"]
+        if col.discrete:
+            data["values"] = list(col.values)
+            data["value_counts"] = list(col.value_counts)
     return data
 
 
 def _column_from_dict(data: Mapping[str, Any]) -> ColumnProfile:
     if data["kind"] == "numeric":
+        if len(data.get("values", ())) != len(data.get("value_counts", ())):
+            raise ValueError("numeric column profile: values and value_counts differ in length")
         return NumericProfile(
             edges=tuple(float(e) for e in data["edges"]),
             counts=tuple(int(c) for c in data["counts"]),
@@ -238,6 +283,8 @@ def _column_from_dict(data: Mapping[str, Any]) -> ColumnProfile:
             max=float(data["max"]),
             count=int(data["count"]),
             missing_rate=float(data["missing_rate"]),
+            values=tuple(float(v) for v in data.get("values", ())),
+            value_counts=tuple(int(c) for c in data.get("value_counts", ())),
         )
     if data["kind"] == "categorical":
         return CategoricalProfile(

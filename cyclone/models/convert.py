@@ -12,15 +12,19 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
+import joblib
 import numpy as np
 import pandas as pd
 
 from cyclone.models.repository import (
     EVALUATION_FILE,
     MODEL_FILE,
+    PIPELINE_FILE,
     REFERENCE_FILE,
     ModelRepository,
     sha256_of,
@@ -47,6 +51,87 @@ class ParityReport:
 def _final_estimator(pipeline: Any) -> Any:
     steps = getattr(pipeline, "steps", None)
     return steps[-1][1] if steps else pipeline
+
+
+def _children(estimator: Any) -> list[tuple[str, Any]]:
+    """Named sub-estimators of a Pipeline, ColumnTransformer or FeatureUnion."""
+    if hasattr(estimator, "transformers_"):
+        return [(n, t) for n, t, _ in estimator.transformers_ if not isinstance(t, str)]
+    if hasattr(estimator, "transformer_list"):
+        return [(n, t) for n, t in estimator.transformer_list if not isinstance(t, str)]
+    return [(n, t) for n, t in getattr(estimator, "steps", []) if not isinstance(t, str)]
+
+
+def _named_steps(pipeline: Any) -> Iterator[tuple[str, Any]]:
+    """Every estimator in the pipeline, outermost first, described as users named it.
+
+    A bare estimator is described by its class; a step as `step 'pre/cat' (OneHotEncoder)`.
+    """
+
+    def walk(estimator: Any, path: str) -> Iterator[tuple[str, Any]]:
+        kind = type(estimator).__name__
+        yield (f"step {path!r} ({kind})" if path else kind), estimator
+        for name, child in _children(estimator):
+            yield from walk(child, f"{path}/{name}" if path else name)
+
+    yield from walk(pipeline, "")
+
+
+def _failing_step(pipeline: Any, tb: TracebackType | None) -> str:
+    """The step skl2onnx was converting when it failed, from its converter's `operator` local.
+
+    skl2onnx raises from inside the converter of one scikit-learn object
+    (`operator.raw_operator`); the innermost such frame names the culprit. Without one (the
+    failure happened while parsing), the first step of a class skl2onnx has no converter for.
+    """
+    by_id = {id(step): where for where, step in _named_steps(pipeline)}
+    found = None
+    while tb is not None:
+        operator = tb.tb_frame.f_locals.get("operator")
+        raw = getattr(operator, "raw_operator", None)
+        if raw is not None and id(raw) in by_id:
+            found = by_id[id(raw)]
+        tb = tb.tb_next
+    if found is not None:
+        return found
+    for where, step in _named_steps(pipeline):
+        if not _children(step) and not _has_converter(step):
+            return where
+    return type(pipeline).__name__
+
+
+def _has_converter(estimator: Any) -> bool:
+    from skl2onnx._supported_operators import sklearn_operator_name_map
+
+    return type(estimator) in sklearn_operator_name_map
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """skl2onnx errors may embed whole ONNX attribute dumps; keep the sentence that explains."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fix_skl2onnx_tree_attributes() -> None:
+    """Make skl2onnx's HistGradientBoosting converter work with protobuf >= 7.
+
+    skl2onnx 1.20 passes leaf nodes' `nodes_missing_value_tracks_true` as Python `False`
+    next to numpy integers for split nodes; protobuf 7 refuses a bool in an ints field.
+    Coercing the flag to int is what skl2onnx's own default (0) already does.
+    """
+    from skl2onnx.common import tree_ensemble
+
+    original = tree_ensemble.add_node
+    if getattr(original, "_cyclone_int_flags", False):
+        return
+
+    def add_node(*args: Any, nodes_missing_value_tracks_true: Any = 0, **kwargs: Any) -> Any:
+        return original(
+            *args, nodes_missing_value_tracks_true=int(nodes_missing_value_tracks_true), **kwargs
+        )
+
+    add_node._cyclone_int_flags = True  # type: ignore[attr-defined]
+    tree_ensemble.add_node = add_node
 
 
 def _is_categorical_transformer(transformer: Any) -> bool:
@@ -90,8 +175,45 @@ def _rejects_unknown(transformer: Any) -> bool:
     return any(_rejects_unknown(step) for _, step in getattr(transformer, "steps", []))
 
 
-def infer_features(pipeline: Any) -> tuple[tuple[FeatureSchema, ...], str]:
+def _resolve_names(pipeline: Any, feature_names: Sequence[str] | None) -> list[str]:
+    """Feature names: what the pipeline was fitted with, else the caller's, else f0..fN."""
+    fitted = getattr(pipeline, "feature_names_in_", None)
+    count = getattr(pipeline, "n_features_in_", None)
+    if count is None:
+        raise ConversionError("pipeline: not fitted (no n_features_in_)")
+    if feature_names is None:
+        return [str(n) for n in fitted] if fitted is not None else [f"f{i}" for i in range(count)]
+    names = [str(n) for n in feature_names]
+    if len(names) != int(count):
+        raise ConversionError(
+            f"feature_names: {len(names)} names given, the pipeline takes {int(count)} features"
+        )
+    if len(set(names)) != len(names):
+        raise ConversionError("feature_names: duplicate names")
+    for name in names:
+        validate_feature_name(name)
+    if fitted is not None and names != [str(n) for n in fitted]:
+        raise ConversionError(
+            f"feature_names: the pipeline was fitted on columns {[str(n) for n in fitted]}, "
+            f"not {names}"
+        )
+    return names
+
+
+def validate_feature_name(name: str) -> None:
+    if not name or name != name.strip() or "," in name:
+        raise ConversionError(f"feature_names: {name!r} is not a usable feature name")
+
+
+def infer_features(
+    pipeline: Any, feature_names: Sequence[str] | None = None
+) -> tuple[tuple[FeatureSchema, ...], str]:
     """Feature schema and input layout from what the fitted pipeline remembers.
+
+    A pipeline without a ColumnTransformer takes all its columns as one float [N, F] tensor
+    ("matrix"), whether it was fitted on a DataFrame or a numpy array: that is what every
+    skl2onnx estimator accepts and the cheapest input to serve. A ColumnTransformer routes
+    columns by name, so it gets one input per feature ("columns").
 
     Categories become hard limits only where the encoder itself rejects unknown
     values; otherwise unseen categories must reach the model (and the drift monitor).
@@ -99,36 +221,44 @@ def infer_features(pipeline: Any) -> tuple[tuple[FeatureSchema, ...], str]:
     """
     from sklearn.impute import SimpleImputer
 
-    names = getattr(pipeline, "feature_names_in_", None)
-    if names is None:
-        count = getattr(pipeline, "n_features_in_", None)
-        if count is None:
-            raise ConversionError("pipeline: not fitted (no n_features_in_)")
-        return tuple(
-            FeatureSchema(f"f{i}", "numeric", "float32") for i in range(int(count))
-        ), "matrix"
-    kinds: dict[str, FeatureSchema] = {
-        str(n): FeatureSchema(str(n), "numeric", "float32") for n in names
-    }
+    names = _resolve_names(pipeline, feature_names)
     ct = _find_column_transformer(pipeline)
-    if ct is not None:
-        for _, transformer, columns in getattr(ct, "transformers_", []):
-            if transformer in ("drop", "passthrough"):
-                continue
-            cols = [columns] if isinstance(columns, str) else list(columns)
-            cols = [str(names[c]) if isinstance(c, int | np.integer) else str(c) for c in cols]
-            imputes = _has_step(transformer, SimpleImputer)
-            if not _is_categorical_transformer(transformer):
-                for col in cols:
-                    kinds[col] = dataclasses.replace(kinds[col], allow_missing=imputes)
-                continue
-            strict = _rejects_unknown(transformer)
-            cats = _categories_of(transformer) or [[] for _ in cols]
-            for col, col_cats in zip(cols, cats, strict=False):
-                kinds[col] = FeatureSchema(
-                    col, "categorical", "string", categories=tuple(col_cats) if strict else ()
-                )
-    return tuple(kinds[str(n)] for n in names), "columns"
+    if ct is None or getattr(pipeline, "feature_names_in_", None) is None:
+        _refuse_native_categorical(pipeline)
+        imputes = any(isinstance(step, SimpleImputer) for _, step in getattr(pipeline, "steps", []))
+        return tuple(
+            FeatureSchema(n, "numeric", "float32", allow_missing=imputes) for n in names
+        ), "matrix"
+    kinds: dict[str, FeatureSchema] = {n: FeatureSchema(n, "numeric", "float32") for n in names}
+    for _, transformer, columns in getattr(ct, "transformers_", []):
+        if transformer in ("drop", "passthrough"):
+            continue
+        cols = [columns] if isinstance(columns, str) else list(columns)
+        cols = [names[c] if isinstance(c, int | np.integer) else str(c) for c in cols]
+        imputes = _has_step(transformer, SimpleImputer)
+        if not _is_categorical_transformer(transformer):
+            for col in cols:
+                kinds[col] = dataclasses.replace(kinds[col], allow_missing=imputes)
+            continue
+        strict = _rejects_unknown(transformer)
+        cats = _categories_of(transformer) or [[] for _ in cols]
+        for col, col_cats in zip(cols, cats, strict=False):
+            kinds[col] = FeatureSchema(
+                col, "categorical", "string", categories=tuple(col_cats) if strict else ()
+            )
+    return tuple(kinds[n] for n in names), "columns"
+
+
+def _refuse_native_categorical(pipeline: Any) -> None:
+    """HistGradientBoosting's own categorical splits have no ONNX equivalent in skl2onnx."""
+    for where, step in _named_steps(pipeline):
+        flags = getattr(step, "is_categorical_", None)
+        if flags is not None and bool(np.any(flags)):
+            raise ConversionError(
+                f"pipeline: skl2onnx cannot convert {where}: its categorical_features are not "
+                "supported; encode those columns with OneHotEncoder or OrdinalEncoder in a "
+                "ColumnTransformer instead"
+            )
 
 
 def _initial_types(features: tuple[FeatureSchema, ...], layout: str) -> list[tuple[str, Any]]:
@@ -199,45 +329,121 @@ def onnx_feed(schema: ModelSchema, frame: pd.DataFrame) -> dict[str, np.ndarray]
     return feed
 
 
+def sklearn_input(pipeline: Any, schema: ModelSchema, frame: pd.DataFrame) -> Any:
+    """The rows as the pipeline was fitted on them: a DataFrame if it knows column names."""
+    columns = frame[schema.feature_names]
+    if schema.input_layout == "columns" or hasattr(pipeline, "feature_names_in_"):
+        return columns
+    return columns.to_numpy()
+
+
+# Relative and absolute nudge of numeric inputs: a few float32 ulps, far below any real change.
+_NUDGE_REL = 5e-7
+_NUDGE_ABS = 1e-6
+
+
+def _nudged(schema: ModelSchema, frame: pd.DataFrame, sign: float) -> pd.DataFrame:
+    """`frame` with every numeric feature moved by a few float32 rounding steps."""
+    out = frame.copy()
+    for f in schema.features:
+        if f.kind == "numeric":
+            col = pd.to_numeric(frame[f.name], errors="coerce").to_numpy(dtype=np.float64)
+            out[f.name] = col * (1.0 + sign * _NUDGE_REL) + sign * _NUDGE_ABS
+    return out
+
+
+def _predictions(pipeline: Any, schema: ModelSchema, frame: pd.DataFrame) -> np.ndarray:
+    x = sklearn_input(pipeline, schema, frame)
+    if schema.task == "regression":
+        return np.asarray(pipeline.predict(x), dtype=np.float64).reshape(len(frame), 1)
+    return np.asarray(pipeline.predict_proba(x), dtype=np.float64)
+
+
+def _rounding_ties(
+    pipeline: Any,
+    schema: ModelSchema,
+    frame: pd.DataFrame,
+    rows: np.ndarray,
+    got: np.ndarray,
+    tolerance: float,
+) -> np.ndarray:
+    """Which of `rows` ONNX answers as scikit-learn does for a float32-rounded input.
+
+    A tree split can fall exactly on a value the data takes (an integer feature scaled by a
+    StandardScaler lands on the midpoint between its neighbours): scikit-learn computes the
+    scaling in float64, ONNX in float32, and the row goes down either branch. Such a row is
+    excused only when ONNX's output is what scikit-learn itself gives after nudging the
+    input by a few float32 ulps; a wrong conversion matches neither side.
+    """
+    subset = frame.iloc[rows]
+    ok = np.zeros(len(rows), dtype=bool)
+    for sign in (1.0, -1.0):
+        nudged = _predictions(pipeline, schema, _nudged(schema, subset, sign))
+        ok |= np.max(np.abs(got[rows] - nudged), axis=1) <= tolerance
+    return ok
+
+
 def check_parity(
     pipeline: Any, onnx_bytes: bytes, schema: ModelSchema, frame: pd.DataFrame
 ) -> ParityReport:
-    """Compare ONNX Runtime with scikit-learn on `frame`; raise ConversionError when they differ."""
+    """Compare ONNX Runtime with scikit-learn on `frame`; raise ConversionError when they differ.
+
+    Every row must match, except rows on a decision boundary within float32 rounding
+    (see `_rounding_ties`); the report's max difference is over the rows that matched.
+    """
     import onnxruntime as ort
 
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     outputs = session.run(None, onnx_feed(schema, frame))
-    x = frame[schema.feature_names] if schema.input_layout == "columns" else frame.to_numpy()
+    expected = _predictions(pipeline, schema, frame)
+    n = len(frame)
     if schema.task == "regression":
-        expected = np.asarray(pipeline.predict(x), dtype=np.float64).ravel()
-        got = np.asarray(outputs[0], dtype=np.float64).ravel()
-        scale = max(float(np.std(expected)), float(np.max(np.abs(expected))) * 1e-3, 1e-6)
-        diff = float(np.max(np.abs(got - expected))) if len(got) else 0.0
-        if diff > 1e-3 * scale + 1e-5:
+        got = np.asarray(outputs[0], dtype=np.float64).reshape(n, 1)
+        scale = max(float(np.std(expected)), float(np.max(np.abs(expected), initial=0.0)) * 1e-3)
+        tolerance = 1e-3 * max(scale, 1e-6) + 1e-5
+    else:
+        got = np.asarray(outputs[1], dtype=np.float64).reshape(n, -1)
+        tolerance = 1e-3
+    row_diff = np.max(np.abs(got - expected), axis=1) if n else np.zeros(0)
+    off = np.flatnonzero(row_diff > tolerance)
+    unexplained = (
+        off[~_rounding_ties(pipeline, schema, frame, off, got, tolerance)] if len(off) else off
+    )
+    matched = row_diff[row_diff <= tolerance]
+    diff = float(matched.max()) if len(matched) else 0.0
+    if schema.task == "regression":
+        if len(unexplained):
             raise ConversionError(
-                f"parity: ONNX and scikit-learn predictions differ by up to {diff:.6g} "
-                f"(tolerance {1e-3 * scale + 1e-5:.3g}) on {len(frame)} sample rows"
+                f"parity: ONNX and scikit-learn predictions differ by up to "
+                f"{float(row_diff[unexplained].max()):.6g} (tolerance {tolerance:.3g}) on "
+                f"{len(unexplained)} of {n} sample rows"
             )
-        return ParityReport(len(frame), diff, 1.0)
-    expected_proba = np.asarray(pipeline.predict_proba(x), dtype=np.float64)
-    got_proba = np.asarray(outputs[1], dtype=np.float64)
-    diff = float(np.max(np.abs(got_proba - expected_proba))) if len(frame) else 0.0
-    expected_labels = np.asarray(pipeline.predict(x)).astype(str)
+        return ParityReport(n, diff, 1.0)
+    expected_labels = np.asarray(pipeline.predict(sklearn_input(pipeline, schema, frame)))
     got_labels = np.asarray(outputs[0]).astype(str).ravel()
-    agreement = float(np.mean(expected_labels == got_labels)) if len(frame) else 1.0
+    same_label = expected_labels.astype(str) == got_labels
+    agreement = float(np.mean(same_label)) if n else 1.0
     # A float32 model may flip a label only where two classes are within rounding of a tie.
-    top2 = np.sort(expected_proba, axis=1)[:, -2:]
+    top2 = np.sort(expected, axis=1)[:, -2:]
     decisive = (top2[:, 1] - top2[:, 0]) > 1e-3
-    if diff > 1e-3 or not np.all((expected_labels == got_labels)[decisive]):
+    decisive[off] = False  # rows on a split boundary: their probabilities were checked above
+    if len(unexplained) or not np.all(same_label[decisive]):
+        worst = float(row_diff[unexplained].max()) if len(unexplained) else diff
         raise ConversionError(
-            f"parity: ONNX and scikit-learn disagree on {len(frame)} sample rows "
-            f"(max probability difference {diff:.6g}, label agreement {agreement:.2%})"
+            f"parity: ONNX and scikit-learn disagree on {n} sample rows "
+            f"(max probability difference {worst:.6g}, label agreement {agreement:.2%})"
         )
-    return ParityReport(len(frame), diff, agreement)
+    return ParityReport(n, diff, agreement)
 
 
-def convert_pipeline(pipeline: Any, name: str, version: str = "") -> tuple[bytes, ModelSchema]:
-    """Convert a fitted pipeline to ONNX bytes and its schema (no parity check)."""
+def convert_pipeline(
+    pipeline: Any, name: str, version: str = "", feature_names: Sequence[str] | None = None
+) -> tuple[bytes, ModelSchema]:
+    """Convert a fitted pipeline to ONNX bytes and its schema (no parity check).
+
+    `feature_names` names the columns of a pipeline fitted on a numpy array (default f0..fN);
+    for one fitted on a DataFrame they must be the DataFrame's columns.
+    """
     from skl2onnx import convert_sklearn
     from sklearn.base import is_classifier, is_regressor
 
@@ -257,13 +463,14 @@ def convert_pipeline(pipeline: Any, name: str, version: str = "") -> tuple[bytes
         raise ConversionError(
             f"pipeline: {type(pipeline).__name__} is neither a classifier nor a regressor"
         )
-    features, layout = infer_features(pipeline)
+    features, layout = infer_features(pipeline, feature_names)
     final = _final_estimator(pipeline)
     class_labels: tuple[str, ...] = ()
     options: dict[int, dict[str, Any]] = {}
     if task == "classification":
         class_labels = tuple(str(c) for c in final.classes_)
         options[id(final)] = {"zipmap": False}
+    _fix_skl2onnx_tree_attributes()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -271,8 +478,9 @@ def convert_pipeline(pipeline: Any, name: str, version: str = "") -> tuple[bytes
                 pipeline, initial_types=_initial_types(features, layout), options=options or None
             )
     except Exception as exc:
+        where = _failing_step(pipeline, exc.__traceback__)
         raise ConversionError(
-            f"pipeline: skl2onnx cannot convert {type(pipeline).__name__}: {exc}"
+            f"pipeline: skl2onnx cannot convert {where}: {_first_line(exc)}"
         ) from None
     schema = ModelSchema(
         name=name,
@@ -305,17 +513,20 @@ def import_pipeline(
     sample: pd.DataFrame | None = None,
     label_column: str | None = None,
     extra: dict[str, Any] | None = None,
+    feature_names: Sequence[str] | None = None,
 ) -> tuple[Path, ModelSchema, ParityReport]:
     """Convert, check parity and write `<repository>/<name>/<version>/`; returns its directory.
 
-    With real `sample` rows the version also gets `reference.json` (the distributions drift
-    is measured against) and, when the sample has `label_column`, `evaluation.json` (baseline
-    metrics for relative triggers).
+    The version holds the ONNX model, `model.yaml` and the fitted pipeline itself
+    (`pipeline.joblib`, so a trainer can clone its hyperparameters and refit it). With real
+    `sample` rows it also gets `reference.json` (the distributions drift is measured against)
+    and, when the sample has `label_column`, `evaluation.json` (baseline metrics for relative
+    triggers). `feature_names` names the columns of a pipeline fitted on a numpy array.
     """
     repo = ModelRepository(repository)
     version = version or repo.next_version(name)
     validate_name("version", version)
-    onnx_bytes, schema = convert_pipeline(pipeline, name, version)
+    onnx_bytes, schema = convert_pipeline(pipeline, name, version, feature_names=feature_names)
     if sample is not None:
         missing = [f for f in schema.feature_names if f not in sample.columns]
         if missing:
@@ -335,6 +546,7 @@ def import_pipeline(
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
     try:
         (staging / MODEL_FILE).write_bytes(onnx_bytes)
+        joblib.dump(pipeline, staging / PIPELINE_FILE)
         schema = dataclasses.replace(
             schema,
             extra={
@@ -342,6 +554,7 @@ def import_pipeline(
                 "sha256": sha256_of(staging / MODEL_FILE),
                 "parity": report.to_dict(),
                 "source": f"{type(pipeline).__module__}.{type(pipeline).__name__}",
+                **_refit_facts(pipeline, schema, sample, staging / PIPELINE_FILE),
             },
         )
         schema.write(staging / "model.yaml")
@@ -355,6 +568,23 @@ def import_pipeline(
     return target, schema, report
 
 
+def _refit_facts(
+    pipeline: Any, schema: ModelSchema, sample: pd.DataFrame | None, saved: Path
+) -> dict[str, Any]:
+    """What a trainer needs to rebuild the training frame and refit the saved pipeline.
+
+    `fit_input` says whether the pipeline takes a DataFrame (it was fitted on named columns)
+    or a numpy array; `feature_dtypes` are the sample's pandas dtypes when a sample was given.
+    """
+    facts: dict[str, Any] = {
+        "pipeline_sha256": sha256_of(saved),
+        "fit_input": "dataframe" if hasattr(pipeline, "feature_names_in_") else "array",
+    }
+    if sample is not None:
+        facts["feature_dtypes"] = {n: str(sample[n].dtype) for n in schema.feature_names}
+    return facts
+
+
 def _write_reference(
     pipeline: Any,
     schema: ModelSchema,
@@ -366,11 +596,7 @@ def _write_reference(
 
     from cyclone.baseline import evaluation_record, reference_profile, window_from_frame
 
-    x = (
-        sample[schema.feature_names]
-        if schema.input_layout == "columns"
-        else sample[schema.feature_names].to_numpy()
-    )
+    x = sklearn_input(pipeline, schema, sample)
     predictions = np.asarray(pipeline.predict(x))
     probabilities = (
         np.asarray(pipeline.predict_proba(x), dtype=np.float64)

@@ -1,10 +1,15 @@
-"""The model repository on disk: `<repo>/<model>/<version>/{model.onnx, model.yaml}`."""
+"""The model repository on disk: `<repo>/<model>/<version>/{model.onnx, model.yaml, ...}`.
+
+A version directory may also hold `pipeline.joblib` (the fitted scikit-learn pipeline the ONNX
+model was converted from), `reference.json` and `evaluation.json`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from cyclone.errors import ModelLoadError, NotFound
 from cyclone.models.schema import ModelSchema, read_schema
@@ -13,6 +18,7 @@ MODEL_FILE = "model.onnx"
 SCHEMA_FILE = "model.yaml"
 REFERENCE_FILE = "reference.json"
 EVALUATION_FILE = "evaluation.json"
+PIPELINE_FILE = "pipeline.joblib"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +35,34 @@ class ModelFiles:
     def schema_path(self) -> Path:
         return self.directory / SCHEMA_FILE
 
+    @property
+    def pipeline_path(self) -> Path:
+        return self.directory / PIPELINE_FILE
+
     def read_schema(self) -> ModelSchema:
         schema = read_schema(self.schema_path)
         # The directory layout is the source of truth for name and version.
         return dataclasses.replace(schema, name=self.name, version=self.version)
+
+
+def load_pipeline(files: ModelFiles) -> Any:
+    """The fitted scikit-learn pipeline saved next to the ONNX model, e.g. to clone and refit.
+
+    joblib files are pickles: loading one runs code, so only load from a repository you trust.
+    The checksum recorded in `model.yaml` at import guards against a swapped or damaged file.
+    """
+    import joblib
+
+    path = files.pipeline_path
+    if not path.is_file():
+        raise NotFound(f"pipeline: {files.name!r} version {files.version!r} has no {PIPELINE_FILE}")
+    expected = files.read_schema().extra.get("pipeline_sha256")
+    if expected is not None and sha256_of(path) != expected:
+        raise ModelLoadError(f"{path}: checksum differs from pipeline_sha256 in {SCHEMA_FILE}")
+    try:
+        return joblib.load(path)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot load: {exc}") from None
 
 
 def version_sort_key(version: str) -> tuple[int, int | str]:

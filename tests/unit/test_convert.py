@@ -151,8 +151,8 @@ def _swap_onnx(monkeypatch: pytest.MonkeyPatch, other: Any) -> None:
     """Make conversion return the ONNX bytes of `other` (a different fitted model)."""
     original = convert.convert_pipeline
 
-    def swapped(pipeline: Any, name: str, version: str = "") -> tuple[bytes, Any]:
-        _, schema = original(pipeline, name, version)
+    def swapped(pipeline: Any, name: str, version: str = "", **kwargs: Any) -> tuple[bytes, Any]:
+        _, schema = original(pipeline, name, version, **kwargs)
         onnx_bytes, _ = original(other, name, version)
         return onnx_bytes, schema
 
