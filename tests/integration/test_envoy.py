@@ -462,3 +462,32 @@ async def test_stop_leaves_no_envoy_process(tmp_path: Path) -> None:
         import os
 
         os.kill(pid, 0)
+
+
+async def test_deploy_example_is_current_and_valid(tmp_path: Path) -> None:
+    """deploy/envoy/ is what the code generates today, and Envoy accepts its bootstrap."""
+    from cyclone.envoy.config import DESCRIPTOR
+    from cyclone.envoy.example import example_files
+    from cyclone.envoy.files import envoy_binary
+
+    deploy = Path(__file__).resolve().parents[2] / "deploy" / "envoy"
+    for relative, text in example_files().items():
+        assert (deploy / relative).read_text() == text, (
+            f"stale: python -m cyclone.envoy.example ({relative})"
+        )
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(text)
+    shutil.copy(DESCRIPTOR, tmp_path / "cyclone.binpb")
+    proc = await asyncio.create_subprocess_exec(
+        str(envoy_binary()),
+        "--mode",
+        "validate",
+        "--disable-hot-restart",
+        "-c",
+        "bootstrap.yaml",
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await proc.communicate()
+    assert proc.returncode == 0, output.decode()
