@@ -15,6 +15,13 @@ from cyclone.server import channel_options
 
 Rows = Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]
 
+# Envoy routes gRPC by this header (the model is also in the message; Envoy does not parse it).
+MODEL_HEADER = "cyclone-model"
+
+
+def model_metadata(model: str) -> tuple[tuple[str, str], ...]:
+    return ((MODEL_HEADER, model),)
+
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
@@ -80,12 +87,18 @@ class InferenceClient:
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
 
     def predict(self, model: str, rows: Rows, version: str = "") -> list[Prediction]:
-        response = self._stub.Predict(build_request(model, rows, version), timeout=self.timeout)
+        response = self._stub.Predict(
+            build_request(model, rows, version),
+            timeout=self.timeout,
+            metadata=model_metadata(model),
+        )
         return predictions_from_response(response)
 
     def get_model(self, model: str, version: str = "") -> pb.ModelInfo:
         response = self._stub.GetModel(
-            pb.GetModelRequest(model=model, version=version), timeout=self.timeout
+            pb.GetModelRequest(model=model, version=version),
+            timeout=self.timeout,
+            metadata=model_metadata(model),
         )
         info: pb.ModelInfo = response.model
         return info

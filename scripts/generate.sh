@@ -19,3 +19,8 @@ for f in "${files[@]}"; do
     d=$(dirname "$d")
   done
 done
+# Envoy's JSON transcoder reads every service from one descriptor set (imports included;
+# google.rpc.Status so gRPC errors become JSON bodies). No source info: byte-stable output.
+$PY -m grpc_tools.protoc -I protos -I "$googleapis" --include_imports \
+  --descriptor_set_out=cyclone/envoy/cyclone.binpb \
+  "${files[@]}" google/rpc/status.proto google/rpc/error_details.proto

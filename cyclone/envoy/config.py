@@ -1,0 +1,683 @@
+"""Envoy configuration as plain data: the bootstrap, the clusters (CDS), the listeners (LDS)
+and the two route tables (RDS), generated from Cyclone's settings and traffic splits.
+
+Two surfaces. The public listener routes only the data plane: inference (Cyclone API and the
+Open Inference Protocol) and label ingestion. The control listener (loopback) also routes the
+registry, plans, alerts, monitor and trainer by gRPC service. A model revision is one cluster
+(its replica endpoints); each model's route splits traffic with `weighted_clusters` over
+per-revision *failover* clusters (aggregate: the revision first, then its siblings), so a
+retry after a failed attempt can land on another revision instead of the dead one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cyclone.client import MODEL_HEADER
+from cyclone.traffic import Endpoint, Revision, TrafficSplit
+
+PUBLIC = "public"
+CONTROL = "control"
+DESCRIPTOR = Path(__file__).with_name("cyclone.binpb")
+
+INFERENCE_SERVICE = "cyclone.inference.v1.InferenceService"
+OIP_SERVICE = "inference.GRPCInferenceService"
+STORE_SERVICE = "cyclone.store.v1.StoreService"
+MONITOR_SERVICE = "cyclone.monitor.v1.MonitorService"
+TRAINER_SERVICE = "cyclone.trainer.v1.TrainerService"
+# Label ingestion: the only store RPCs on the public listener.
+PUBLIC_STORE_METHODS = ("AddLabels", "AddLabelsStream")
+
+STORE_CLUSTER = "cyclone-store"
+MONITOR_CLUSTER = "cyclone-monitor"
+TRAINER_CLUSTER = "cyclone-trainer"
+FAILOVER_SUFFIX = "~failover"
+
+_T = "type.googleapis.com/"
+_CLUSTER = _T + "envoy.config.cluster.v3.Cluster"
+_LISTENER = _T + "envoy.config.listener.v3.Listener"
+_ROUTES = _T + "envoy.config.route.v3.RouteConfiguration"
+_HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+# gRPC status codes used in direct responses.
+_INVALID_ARGUMENT = 3
+_NOT_FOUND = 5
+_UNIMPLEMENTED = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvoySettings:
+    """Where Envoy listens, where the components are, and how it checks revisions.
+
+    Ports: 0 picks a free port (read back from Envoy's admin). The admin interface and the
+    control listener bind to loopback; only the public listener should face clients.
+    """
+
+    work_dir: Path
+    public_host: str = "0.0.0.0"
+    public_port: int = 8080
+    control_host: str = "127.0.0.1"
+    control_port: int = 8081
+    admin_port: int = 0
+    store: Endpoint | None = None
+    monitor: Endpoint | None = None
+    trainer: Endpoint | None = None
+    descriptor: Path = DESCRIPTOR
+    concurrency: int | None = None  # worker threads; None = one per core
+    health_interval_s: float = 1.0
+    connect_timeout_s: float = 1.0
+    num_retries: int = 3
+    retry_budget_percent: float = 25.0
+    drain_timeout_s: float = 10.0
+    log_level: str = "warning"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The files Envoy reads from `work_dir` (xDS files are replaced by rename only)."""
+
+    work_dir: Path
+
+    @property
+    def bootstrap(self) -> Path:
+        return self.work_dir / "bootstrap.yaml"
+
+    @property
+    def xds_dir(self) -> Path:
+        return self.work_dir / "xds"
+
+    @property
+    def cds(self) -> Path:
+        return self.xds_dir / "cds.yaml"
+
+    @property
+    def lds(self) -> Path:
+        return self.xds_dir / "lds.yaml"
+
+    def rds(self, table: str) -> Path:
+        return self.xds_dir / f"rds-{table}.yaml"
+
+    @property
+    def admin_address(self) -> Path:
+        return self.work_dir / "admin-address.txt"
+
+    @property
+    def log(self) -> Path:
+        return self.work_dir / "envoy.log"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _file_source(path: Path) -> dict[str, Any]:
+    return {
+        "resource_api_version": "V3",
+        "path_config_source": {"path": str(path), "watched_directory": {"path": str(path.parent)}},
+    }
+
+
+def _socket(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def bootstrap(settings: EnvoySettings, layout: Layout) -> dict[str, Any]:
+    """Admin on loopback; listeners and clusters come from the watched xDS files."""
+    return {
+        "node": {"id": "cyclone-envoy", "cluster": "cyclone"},
+        "admin": {"address": _socket("127.0.0.1", settings.admin_port)},
+        "dynamic_resources": {
+            "lds_config": _file_source(layout.lds),
+            "cds_config": _file_source(layout.cds),
+        },
+        "layered_runtime": {"layers": [{"name": "static", "static_layer": {}}]},
+        # Histogram quantiles (latency) in /stats are as of the last flush.
+        "stats_flush_interval": "1s",
+    }
+
+
+def discovery_response(version: str, type_url: str, resources: Sequence[Any]) -> dict[str, Any]:
+    """The body of one xDS file: what a management server would send."""
+    return {
+        "version_info": version,
+        "resources": [{"@type": type_url, **resource} for resource in resources],
+    }
+
+
+def cds_response(version: str, clusters: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return discovery_response(version, _CLUSTER, clusters)
+
+
+def lds_response(version: str, listeners: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return discovery_response(version, _LISTENER, listeners)
+
+
+def rds_response(version: str, routes: Mapping[str, Any]) -> dict[str, Any]:
+    return discovery_response(version, _ROUTES, [routes])
+
+
+# --- clusters -------------------------------------------------------------------------------
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _http2() -> dict[str, Any]:
+    return {
+        _HTTP_OPTIONS: {
+            "@type": _T + _HTTP_OPTIONS,
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+
+
+def _retry_budget(settings: EnvoySettings) -> dict[str, Any]:
+    # Retries may add at most this share of the active requests: a dying revision cannot
+    # turn every request into four.
+    return {
+        "thresholds": [
+            {
+                "priority": "DEFAULT",
+                "retry_budget": {
+                    "budget_percent": {"value": settings.retry_budget_percent},
+                    "min_retry_concurrency": 8,
+                },
+            }
+        ]
+    }
+
+
+def endpoint_cluster(
+    name: str, endpoints: Sequence[Endpoint], settings: EnvoySettings, *, health_checked: bool
+) -> dict[str, Any]:
+    """A cluster of gRPC endpoints (STATIC for IP addresses, STRICT_DNS for host names)."""
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC" if all(_is_ip(e.host) for e in endpoints) else "STRICT_DNS",
+        "connect_timeout": _seconds(settings.connect_timeout_s),
+        "lb_policy": "LEAST_REQUEST",
+        "typed_extension_protocol_options": _http2(),
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _socket(e.host, e.port)}} for e in endpoints
+                    ]
+                }
+            ],
+        },
+        "circuit_breakers": _retry_budget(settings),
+    }
+    if health_checked:
+        interval = _seconds(settings.health_interval_s)
+        cluster["health_checks"] = [
+            {
+                "timeout": interval,
+                "interval": interval,
+                "no_traffic_interval": interval,
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": ""},
+            }
+        ]
+        cluster["outlier_detection"] = {
+            "consecutive_5xx": 5,
+            "consecutive_gateway_failure": 2,
+            "enforcing_consecutive_gateway_failure": 100,
+            "consecutive_local_origin_failure": 2,
+            "enforcing_consecutive_local_origin_failure": 100,
+            "split_external_local_origin_errors": True,
+            "interval": "1s",
+            "base_ejection_time": "5s",
+            "max_ejection_percent": 100,
+        }
+    return cluster
+
+
+def revision_cluster(revision: Revision, settings: EnvoySettings) -> dict[str, Any]:
+    return endpoint_cluster(revision.name, revision.endpoints, settings, health_checked=True)
+
+
+def failover_name(revision_name: str) -> str:
+    return revision_name + FAILOVER_SUFFIX
+
+
+def failover_cluster(
+    revision_name: str, siblings: Sequence[str], settings: EnvoySettings
+) -> dict[str, Any]:
+    """Aggregate cluster: the revision, then its siblings, as priorities. Retries use
+    `previous_priorities`, so a failed attempt on a dead revision is retried on another."""
+    order = [revision_name, *(s for s in siblings if s != revision_name)]
+    return {
+        "name": failover_name(revision_name),
+        "connect_timeout": _seconds(settings.connect_timeout_s),
+        "lb_policy": "CLUSTER_PROVIDED",
+        "typed_extension_protocol_options": _http2(),
+        "circuit_breakers": _retry_budget(settings),
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                "clusters": order,
+            },
+        },
+    }
+
+
+def component_clusters(settings: EnvoySettings) -> list[dict[str, Any]]:
+    found = [
+        (STORE_CLUSTER, settings.store),
+        (MONITOR_CLUSTER, settings.monitor),
+        (TRAINER_CLUSTER, settings.trainer),
+    ]
+    return [
+        endpoint_cluster(name, [address], settings, health_checked=False)
+        for name, address in found
+        if address is not None
+    ]
+
+
+def split_clusters(split: TrafficSplit, settings: EnvoySettings) -> list[dict[str, Any]]:
+    """Every revision of the split (weighted, zero-weight and shadow) and the failover
+    clusters its route names."""
+    clusters = [revision_cluster(split.revisions[n], settings) for n in sorted(split.revisions)]
+    weighted = _weighted(split)
+    clusters += [failover_cluster(n, weighted, settings) for n in weighted]
+    return clusters
+
+
+def _weighted(split: TrafficSplit) -> list[str]:
+    """Revisions with traffic, heaviest first (the failover order)."""
+    return sorted(
+        (n for n, w in split.weights.items() if w > 0), key=lambda n: (-split.weights[n], n)
+    )
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+def _retry_policy(settings: EnvoySettings) -> dict[str, Any]:
+    return {
+        "retry_on": "connect-failure,refused-stream,unavailable,reset",
+        "num_retries": settings.num_retries,
+        "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": _T
+                    + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+        "retry_priority": {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {
+                "@type": _T
+                + "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                "update_frequency": 1,
+            },
+        },
+    }
+
+
+def _model_action(split: TrafficSplit, settings: EnvoySettings) -> dict[str, Any]:
+    weighted = _weighted(split)
+    action: dict[str, Any] = {
+        "weighted_clusters": {
+            "clusters": [{"name": failover_name(n), "weight": split.weights[n]} for n in weighted]
+        },
+        "timeout": "0s",  # streams may be long; gRPC deadlines still apply (below)
+        "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+        "retry_policy": _retry_policy(settings),
+    }
+    if split.shadow:
+        action["request_mirror_policies"] = [
+            {
+                "cluster": split.shadow,
+                "runtime_fraction": {
+                    "default_value": {
+                        "numerator": round(split.shadow_percent * 10_000),
+                        "denominator": "MILLION",
+                    }
+                },
+            }
+        ]
+    return action
+
+
+def _cluster_action(cluster: str) -> dict[str, Any]:
+    return {
+        "cluster": cluster,
+        "timeout": "0s",
+        "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+    }
+
+
+def _grpc_error(code: int, message: str) -> dict[str, Any]:
+    """A trailers-only gRPC response: HTTP 200, no body, grpc-status in the headers."""
+    headers = {
+        "content-type": "application/grpc",
+        "grpc-status": str(code),
+        "grpc-message": message,
+    }
+    return {
+        "direct_response": {"status": 200},
+        "response_headers_to_add": [
+            {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for k, v in headers.items()
+        ],
+    }
+
+
+def _json_error(status: int, code: int, message: str) -> dict[str, Any]:
+    """The JSON the transcoder produces for gRPC errors, so REST callers see one shape."""
+    escaped = message.replace("\\", "\\\\").replace('"', '\\"')
+    return {
+        "direct_response": {
+            "status": status,
+            "body": {"inline_string": f'{{"code":{code},"message":"{escaped}","details":[]}}'},
+        },
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+    }
+
+
+def _header(model: str) -> dict[str, Any]:
+    return {"name": MODEL_HEADER, "string_match": {"exact": model}}
+
+
+def _present() -> dict[str, Any]:
+    return {"name": MODEL_HEADER, "present_match": True}
+
+
+def _method(method: str) -> dict[str, Any]:
+    return {"name": ":method", "string_match": {"exact": method}}
+
+
+def _regex(pattern: str) -> dict[str, Any]:
+    return {"safe_regex": {"regex": pattern}}
+
+
+_INFERENCE_PREFIXES = (f"/{INFERENCE_SERVICE}/", f"/{OIP_SERVICE}/")
+
+
+def inference_routes(
+    splits: Mapping[str, TrafficSplit], settings: EnvoySettings
+) -> list[dict[str, Any]]:
+    """gRPC by the `cyclone-model` header, REST by the model in the path; one model registered
+    means requests without the header go to it, otherwise a clear error naming the header."""
+    routes: list[dict[str, Any]] = []
+    for model in sorted(splits):
+        action = _model_action(splits[model], settings)
+        routes += [
+            {"match": {"prefix": p, "grpc": {}, "headers": [_header(model)]}, "route": action}
+            for p in _INFERENCE_PREFIXES
+        ]
+        routes += [
+            {
+                "match": {"path": f"/v1/models/{model}:predict", "headers": [_method("POST")]},
+                "route": action,
+            },
+            {
+                "match": {"path": f"/v1/models/{model}", "headers": [_method("GET")]},
+                "route": action,
+            },
+            {
+                "match": {"path": "/v1/models", "headers": [_method("GET"), _header(model)]},
+                "route": action,
+            },
+        ]
+    unknown = f"model %REQ({MODEL_HEADER})% is not served here (header {MODEL_HEADER})"
+    routes += [
+        {
+            "match": {"prefix": p, "grpc": {}, "headers": [_present()]},
+            **_grpc_error(_NOT_FOUND, unknown),
+        }
+        for p in _INFERENCE_PREFIXES
+    ]
+    if len(splits) == 1:
+        [only] = splits.values()
+        action = _model_action(only, settings)
+        routes += [
+            {"match": {"prefix": p, "grpc": {}}, "route": action} for p in _INFERENCE_PREFIXES
+        ]
+        routes.append(
+            {"match": {"path": "/v1/models", "headers": [_method("GET")]}, "route": action}
+        )
+    else:
+        missing = (
+            f"header {MODEL_HEADER} is required: it names the model to route to "
+            f"({len(splits)} models are served: {', '.join(sorted(splits)) or 'none'})"
+        )
+        routes += [
+            {"match": {"prefix": p, "grpc": {}}, **_grpc_error(_INVALID_ARGUMENT, missing)}
+            for p in _INFERENCE_PREFIXES
+        ]
+        routes.append(
+            {
+                "match": {"path": "/v1/models", "headers": [_method("GET")]},
+                **_json_error(400, _INVALID_ARGUMENT, missing),
+            }
+        )
+    routes.append(
+        {
+            "match": _regex(r"/v1/models/[^/]+"),
+            **_json_error(404, _NOT_FOUND, "model is not served here (the path names the model)"),
+        }
+    )
+    return routes
+
+
+def label_routes(settings: EnvoySettings) -> list[dict[str, Any]]:
+    if settings.store is None:
+        return []
+    routes: list[dict[str, Any]] = [
+        {
+            "match": {"path": f"/{STORE_SERVICE}/{m}", "grpc": {}},
+            "route": _cluster_action(STORE_CLUSTER),
+        }
+        for m in PUBLIC_STORE_METHODS
+    ]
+    routes.append(
+        {
+            "match": {**_regex(r"/v1/models/[^/]+/labels"), "headers": [_method("POST")]},
+            "route": _cluster_action(STORE_CLUSTER),
+        }
+    )
+    return routes
+
+
+def public_routes(splits: Mapping[str, TrafficSplit], settings: EnvoySettings) -> dict[str, Any]:
+    """Data plane only. Everything else: UNIMPLEMENTED for gRPC, 404 for REST."""
+    closed = "not available on the public listener"
+    routes = [
+        *label_routes(settings),
+        *inference_routes(splits, settings),
+        {"match": {"prefix": "/", "grpc": {}}, **_grpc_error(_UNIMPLEMENTED, closed)},
+        {"match": {"prefix": "/"}, **_json_error(404, _NOT_FOUND, closed)},
+    ]
+    return {"name": PUBLIC, "virtual_hosts": [{"name": PUBLIC, "domains": ["*"], "routes": routes}]}
+
+
+def control_routes(splits: Mapping[str, TrafficSplit], settings: EnvoySettings) -> dict[str, Any]:
+    """The control plane by gRPC service, plus the data plane (one address for operators)."""
+    components = [
+        (STORE_SERVICE, STORE_CLUSTER, settings.store),
+        (MONITOR_SERVICE, MONITOR_CLUSTER, settings.monitor),
+        (TRAINER_SERVICE, TRAINER_CLUSTER, settings.trainer),
+    ]
+    routes = [
+        {"match": {"prefix": f"/{service}/"}, "route": _cluster_action(cluster)}
+        for service, cluster, address in components
+        if address is not None
+    ]
+    routes += inference_routes(splits, settings)
+    unknown = "no such service on the control listener"
+    routes += [
+        {"match": {"prefix": "/", "grpc": {}}, **_grpc_error(_UNIMPLEMENTED, unknown)},
+        {"match": {"prefix": "/"}, **_json_error(404, _NOT_FOUND, unknown)},
+    ]
+    return {
+        "name": CONTROL,
+        "virtual_hosts": [{"name": CONTROL, "domains": ["*"], "routes": routes}],
+    }
+
+
+# --- listeners ------------------------------------------------------------------------------
+
+
+def _transcoder(
+    descriptor: Path, services: Sequence[str], *, match_incoming: bool
+) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.grpc_json_transcoder",
+        "typed_config": {
+            "@type": _T
+            + "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            "proto_descriptor": str(descriptor),
+            "services": list(services),
+            # Public: routes match the HTTP path the caller sent, so only data-plane paths
+            # are routed. Control: routes match the transcoded gRPC path (by service).
+            "match_incoming_request_route": match_incoming,
+            "convert_grpc_status": True,
+            "print_options": {"always_print_primitive_fields": True},
+        },
+    }
+
+
+def _http_filters(descriptor: Path, services: Sequence[str], *, match_incoming: bool) -> list[Any]:
+    return [
+        _transcoder(descriptor, services, match_incoming=match_incoming),
+        {
+            "name": "envoy.filters.http.grpc_stats",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+                "stats_for_all_methods": True,
+                "enable_upstream_stats": True,
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": _T + "envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+
+
+def listener(
+    name: str,
+    host: str,
+    port: int,
+    http_filters: list[Any],
+    route_source: Mapping[str, Any],
+) -> dict[str, Any]:
+    """`route_source` is either {"rds": ...} (running) or {"route_config": ...} (validation)."""
+    return {
+        "name": name,
+        "address": _socket(host, port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": _HCM,
+                            "stat_prefix": name,
+                            "codec_type": "AUTO",
+                            "http2_protocol_options": {},
+                            "stream_idle_timeout": "300s",
+                            "http_filters": http_filters,
+                            **route_source,
+                        },
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def transcoded_services(settings: EnvoySettings, available: set[str]) -> dict[str, list[str]]:
+    """Which services each listener transcodes to REST, limited to those in the descriptor.
+
+    The control listener leaves the store's REST out: its plan and alert paths are the same
+    as the monitor's (the monitor's validate; the store's are what the monitor calls).
+    """
+    public = [INFERENCE_SERVICE, *([STORE_SERVICE] if settings.store else [])]
+    control = [INFERENCE_SERVICE]
+    if settings.monitor:
+        control.append(MONITOR_SERVICE)
+    if settings.trainer:
+        control.append(TRAINER_SERVICE)
+    return {
+        PUBLIC: [s for s in public if s in available],
+        CONTROL: [s for s in control if s in available],
+    }
+
+
+def listeners(
+    settings: EnvoySettings,
+    available: set[str],
+    route_sources: Mapping[str, Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    services = transcoded_services(settings, available)
+    return [
+        listener(
+            PUBLIC,
+            settings.public_host,
+            settings.public_port,
+            _http_filters(settings.descriptor, services[PUBLIC], match_incoming=True),
+            route_sources[PUBLIC],
+        ),
+        listener(
+            CONTROL,
+            settings.control_host,
+            settings.control_port,
+            _http_filters(settings.descriptor, services[CONTROL], match_incoming=False),
+            route_sources[CONTROL],
+        ),
+    ]
+
+
+def rds_sources(layout: Layout) -> dict[str, dict[str, Any]]:
+    return {
+        table: {
+            "rds": {"route_config_name": table, "config_source": _file_source(layout.rds(table))}
+        }
+        for table in (PUBLIC, CONTROL)
+    }
+
+
+def validation_bootstrap(
+    settings: EnvoySettings,
+    available: set[str],
+    clusters: Sequence[Mapping[str, Any]],
+    routes: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Everything inline (static), so `envoy --mode validate` checks clusters, listeners and
+    routes together, including that every route names a known cluster."""
+    sources = {table: {"route_config": dict(routes[table])} for table in (PUBLIC, CONTROL)}
+    return {
+        "node": {"id": "cyclone-envoy-validate", "cluster": "cyclone"},
+        "admin": {"address": _socket("127.0.0.1", 0)},
+        "static_resources": {
+            "clusters": list(clusters),
+            "listeners": listeners(settings, available, sources),
+        },
+        "layered_runtime": {"layers": [{"name": "static", "static_layer": {}}]},
+    }
