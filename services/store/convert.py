@@ -92,6 +92,10 @@ def model_version_from_pb(m: pb.ModelVersion) -> ModelVersion:
             m.reference_profile_json, "model_version.reference_profile_json"
         ),
         status=status,  # type: ignore[arg-type]
+        training_rows=m.training_rows or None,
+        family=m.family or None,
+        hyperparameters=_json_or_none(m.hyperparameters_json, "model_version.hyperparameters_json"),
+        holdout_metrics=_json_or_none(m.holdout_metrics_json, "model_version.holdout_metrics_json"),
     )
 
 
@@ -113,6 +117,10 @@ def model_version_to_pb(m: ModelVersion) -> pb.ModelVersion:
         else "",
         status=STATUS_TO_PB[m.status],
         created_at=ts(m.created_at),
+        training_rows=m.training_rows or 0,
+        family=m.family or "",
+        hyperparameters_json=json.dumps(m.hyperparameters) if m.hyperparameters is not None else "",
+        holdout_metrics_json=json.dumps(m.holdout_metrics) if m.holdout_metrics is not None else "",
     )
 
 
