@@ -4,6 +4,7 @@ on free ports. Data goes in through the store's own RPCs (LogPredictions + AddLa
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,6 +44,7 @@ class Stack:
     trainer: pb_grpc.TrainerServiceStub
     repo: Path
     store_address: str
+    trainer_address: str
 
 
 async def _register_champion(store: store_grpc.StoreServiceStub, repo: Path) -> None:
@@ -118,14 +120,15 @@ async def stack(fresh_database_url: str, tmp_path: Path) -> AsyncIterator[Stack]
         await _register_champion(store, repo)
         await store.SavePlan(store_pb.SavePlanRequest(model=MODEL, plan_yaml=PLAN))
         trainer_server, _ = build_trainer_server(
-            TrainerSettings(
-                port=0, store=address, model_repository=repo, log_level="WARNING"
-            )
+            TrainerSettings(port=0, store=address, model_repository=repo, log_level="WARNING")
         )
         await trainer_server.start()
         servers.append(trainer_server)
-        trainer_channel = aio.insecure_channel(f"127.0.0.1:{trainer_server.port}")
-        yield Stack(store, pb_grpc.TrainerServiceStub(trainer_channel), repo, address)
+        trainer_address = f"127.0.0.1:{trainer_server.port}"
+        trainer_channel = aio.insecure_channel(trainer_address)
+        yield Stack(
+            store, pb_grpc.TrainerServiceStub(trainer_channel), repo, address, trainer_address
+        )
         await trainer_channel.close()
     finally:
         for server in reversed(servers):
@@ -287,3 +290,33 @@ async def test_restarted_trainer_fails_jobs_left_running(stack: Stack) -> None:
         assert job.state == "failed" and "restarted" in job.message
     finally:
         await server.stop(0)
+
+
+async def test_trainer_alert_sink_retrains_once_per_alert(stack: Stack, tmp_path: Path) -> None:
+    import asyncio
+
+    from cyclone.plugin_api import Alert
+    from plugins.alert_sinks import deliver_trainer
+
+    trainer_address = stack.trainer_address
+    alert = Alert(
+        "77", MODEL, "1", "RED", "GREEN", ["accuracy dropped"], ["retrain"], datetime.now(UTC)
+    )
+    await asyncio.to_thread(deliver_trainer, alert, {"address": trainer_address})
+    await asyncio.to_thread(deliver_trainer, alert, {"address": trainer_address})
+    jobs = await stack.trainer.ListJobs(pb.ListJobsRequest(model=MODEL), timeout=10)
+    assert [(j.alert_id, j.reason) for j in jobs.jobs] == [(77, "accuracy dropped")]
+
+
+async def test_trainer_alert_sink_raises_when_the_trainer_is_down() -> None:
+    import asyncio
+
+    from cyclone.plugin_api import Alert
+    from plugins.alert_sinks import deliver_trainer
+
+    alert = Alert("78", MODEL, "1", "RED", "GREEN", [], ["retrain"], datetime.now(UTC))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(grpc.RpcError):
+        await asyncio.to_thread(deliver_trainer, alert, {"address": dead, "timeout": 2})
