@@ -53,7 +53,9 @@ def _preprocessor(context: FamilyContext) -> Any:
     return ColumnTransformer(parts)
 
 
-def _tree_pipeline(classifier: type, regressor: type, defaults: Mapping[str, Any]) -> Any:
+def _tree_pipeline(
+    classifier: type, regressor: type, defaults: Mapping[str, Any]
+) -> Callable[[Mapping[str, Any], FamilyContext], Any]:
     def build(params: Mapping[str, Any], context: FamilyContext) -> Any:
         from sklearn.pipeline import Pipeline
 

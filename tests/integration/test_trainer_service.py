@@ -320,3 +320,22 @@ async def test_trainer_alert_sink_raises_when_the_trainer_is_down() -> None:
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     with pytest.raises(grpc.RpcError):
         await asyncio.to_thread(deliver_trainer, alert, {"address": dead, "timeout": 2})
+
+
+async def test_cli_retrain_and_jobs(stack: Stack) -> None:
+    import asyncio
+
+    from typer.testing import CliRunner
+
+    from cyclone.cli import app
+
+    await send_labelled(stack.store, credit_frame(100, seed=11))
+    runner = CliRunner()
+    args = ["--trainer", stack.trainer_address]
+    result = await asyncio.to_thread(runner.invoke, app, ["retrain", MODEL, *args])
+    assert result.exit_code == 0, result.output
+    assert "not_enough_data" in result.output
+    listed = await asyncio.to_thread(runner.invoke, app, ["jobs", *args])
+    assert listed.exit_code == 0 and f"{MODEL} not_enough_data" in listed.output
+    unknown = await asyncio.to_thread(runner.invoke, app, ["retrain", "nope", *args])
+    assert unknown.exit_code != 0 and "model: 'nope' is not registered" in unknown.output
