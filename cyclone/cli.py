@@ -22,6 +22,7 @@ app.add_typer(plugins_app, name="plugins")
 
 StoreOpt = Annotated[str, typer.Option("--store", help="Store address HOST:PORT.")]
 MonitorOpt = Annotated[str, typer.Option("--monitor", help="Monitor address HOST:PORT.")]
+TrainerOpt = Annotated[str, typer.Option("--trainer", help="Trainer address HOST:PORT.")]
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML settings file.")]
 HostOpt = Annotated[str | None, typer.Option(help="Address to bind.")]
@@ -117,6 +118,28 @@ def serve_monitor(
 
     flags = {k: v for k, v in locals().items() if k != "config"}
     asyncio.run(serve("monitor", _settings(settings_class("monitor"), flags, config)))
+
+
+@serve_app.command("trainer")
+def serve_trainer(
+    store: Annotated[str | None, typer.Option(help="Store HOST:PORT.")] = None,
+    model_repository: Annotated[
+        Path | None, typer.Option(help="Model repository new versions are written to.")
+    ] = None,
+    max_parallel_jobs: Annotated[
+        int | None, typer.Option(help="Models retrained at the same time.")
+    ] = None,
+    data_dir: DataDirOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    metrics_port: MetricsPortOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Retrain models on alerts or by hand; register challengers that beat the champion."""
+    from services.launch import serve, settings_class
+
+    flags = {k: v for k, v in locals().items() if k != "config"}
+    asyncio.run(serve("trainer", _settings(settings_class("trainer"), flags, config)))
 
 
 @model_app.command("import")
@@ -436,6 +459,60 @@ def alerts(
         typer.echo(
             f"#{a.id} {a.model} {a.version} {level} {a.action}->{a.sink} {a.status}: {'; '.join(a.reasons)}"
         )
+
+
+def _job_line(job: Any) -> str:
+    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+    state = tpb.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+    version = f" -> v{job.new_version}" if job.new_version else ""
+    return f"#{job.id} {job.model} {state} [{job.stage}]{version}: {job.message}"
+
+
+@app.command()
+def retrain(
+    model: Annotated[str, typer.Argument(help="Model to retrain.")],
+    reason: Annotated[str, typer.Option(help="Why, recorded on the job.")] = "by hand",
+    wait: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = True,
+    trainer: TrainerOpt = "127.0.0.1:8004",
+) -> None:
+    """Queue a retraining job; with --wait, print its progress until it ends."""
+    import grpc
+
+    from cyclone.client import TrainerClient
+
+    try:
+        with TrainerClient(trainer) as client:
+            job = client.retrain(model, reason)
+            typer.echo(_job_line(job))
+            if wait:
+                for update in client.watch(job.id):
+                    typer.echo(_job_line(update))
+                    job = update
+    except grpc.RpcError as exc:
+        _rpc_fail(exc)
+    if job.decision:
+        typer.echo(job.decision)
+
+
+@app.command()
+def jobs(
+    model: Annotated[str, typer.Option(help="Model name; default all.")] = "",
+    limit: Annotated[int, typer.Option(help="Most jobs to show.")] = 20,
+    trainer: TrainerOpt = "127.0.0.1:8004",
+) -> None:
+    """List retraining jobs, newest first."""
+    import grpc
+
+    from cyclone.client import TrainerClient
+
+    try:
+        with TrainerClient(trainer) as client:
+            listed = client.jobs(model, limit)
+    except grpc.RpcError as exc:
+        _rpc_fail(exc)
+    for job in listed:
+        typer.echo(_job_line(job))
 
 
 @plugins_app.command("list")

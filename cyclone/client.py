@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -226,6 +226,50 @@ class MonitorClient:
         self._channel.close()
 
     def __enter__(self) -> MonitorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TrainerClient:
+    """Blocking client for `cyclone.trainer.v1.TrainerService` (retraining jobs)."""
+
+    def __init__(self, address: str, *, timeout: float = 60.0) -> None:
+        from cyclone.trainer.v1 import trainer_service_pb2_grpc as trainer_grpc
+
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address)
+        self._stub = trainer_grpc.TrainerServiceStub(self._channel)
+
+    def retrain(self, model: str, reason: str = "", alert_id: int = 0) -> Any:
+        from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+        request = tpb.RetrainRequest(model=model, reason=reason, alert_id=alert_id)
+        return self._stub.Retrain(request, timeout=self.timeout).job
+
+    def jobs(self, model: str = "", limit: int = 0) -> list[Any]:
+        from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+        request = tpb.ListJobsRequest(model=model, limit=limit)
+        return list(self._stub.ListJobs(request, timeout=self.timeout).jobs)
+
+    def watch(self, job_id: int) -> Iterator[Any]:
+        """The job now, then every change until it ends."""
+        from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+        for event in self._stub.WatchJob(tpb.WatchJobRequest(job_id=job_id)):
+            yield event.job
+
+    def cancel(self, job_id: int) -> Any:
+        from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+        return self._stub.CancelJob(tpb.CancelJobRequest(job_id=job_id), timeout=self.timeout).job
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> TrainerClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

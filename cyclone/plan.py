@@ -94,6 +94,31 @@ class SinkRef:
 
 
 @dataclass(frozen=True)
+class RetrainSpec:
+    """The plan's ``retrain:`` section: which labelled rows a retraining job uses and when the
+    challenger replaces the champion.
+
+    ``window``: ``sliding`` keeps the newest ``rows`` labelled rows or those of the last
+    ``duration``; ``expanding`` takes every labelled row. ``holdout`` is the fraction of the
+    newest rows kept out of fitting for the comparison. ``metric`` (default: the plan's primary
+    quality metric) must improve by ``margin``, relative to the champion's value, and a paired
+    bootstrap on the holdout must be ``confidence`` sure the improvement is not noise.
+    """
+
+    kind: Literal["sliding", "expanding"] = "sliding"
+    duration_seconds: int | None = None
+    rows: int | None = 50_000
+    min_rows: int = 200
+    holdout: float = 0.2
+    margin: float = 0.01
+    metric: MetricRef | None = None
+    family: str = "refit"
+    params: dict[str, Any] = field(default_factory=dict)
+    confidence: float = 0.95
+    resamples: int = 500
+
+
+@dataclass(frozen=True)
 class Plan:
     model: str
     window: WindowSpec = field(default_factory=WindowSpec)
@@ -103,6 +128,7 @@ class Plan:
     triggers: tuple[Trigger, ...] = ()
     actions: dict[Level, tuple[str, ...]] = field(default_factory=dict)
     notify: tuple[SinkRef, ...] = ()
+    retrain: RetrainSpec = field(default_factory=RetrainSpec)
 
 
 def parse_duration(text: str) -> int:
@@ -193,11 +219,13 @@ class Registry:
     metrics: Mapping[str, Any]
     drift_tests: Mapping[str, Any]
     alert_sinks: Mapping[str, Any]
+    # None: families are not checked (the trainer checks them again when it fits).
+    model_families: Mapping[str, Any] | None = None
 
     @classmethod
     def from_plugins(cls, plugins: Plugins | None = None) -> Registry:
         facade = plugins if plugins is not None else get_plugins()
-        return cls(facade.metrics, facade.drift_tests, facade.alert_sinks)
+        return cls(facade.metrics, facade.drift_tests, facade.alert_sinks, facade.model_families)
 
 
 def parse_plan(text: str, registry: Registry | None = None) -> Plan:
@@ -216,7 +244,17 @@ def plan_from_dict(data: Mapping[str, Any], registry: Registry | None = None) ->
     c = _Checker()
     c.unknown_keys(
         data,
-        {"model", "window", "schedule", "metrics", "drift", "triggers", "actions", "notify"},
+        {
+            "model",
+            "window",
+            "schedule",
+            "metrics",
+            "drift",
+            "triggers",
+            "actions",
+            "notify",
+            "retrain",
+        },
         "",
     )
     model = data.get("model")
@@ -232,9 +270,10 @@ def plan_from_dict(data: Mapping[str, Any], registry: Registry | None = None) ->
     triggers = _triggers(c, data.get("triggers"), metrics, drift)
     actions = _actions(c, data.get("actions"))
     notify = _notify(c, data.get("notify"), reg)
+    retrain = _retrain(c, data.get("retrain"), reg)
     if c.problems:
         raise PlanError(c.problems)
-    return Plan(model, window, every, metrics, drift, triggers, actions, notify)
+    return Plan(model, window, every, metrics, drift, triggers, actions, notify, retrain)
 
 
 def _window(c: _Checker, raw: object) -> WindowSpec:
@@ -386,6 +425,132 @@ def _notify(c: _Checker, raw: object, reg: Registry) -> tuple[SinkRef, ...]:
     return tuple(out)
 
 
+_RETRAIN_KEYS = {
+    "window",
+    "duration",
+    "rows",
+    "min_rows",
+    "holdout",
+    "margin",
+    "metric",
+    "family",
+    "params",
+    "confidence",
+    "resamples",
+}
+
+
+def _retrain(c: _Checker, raw: object, reg: Registry) -> RetrainSpec:
+    data = c.mapping(raw, "retrain")
+    c.unknown_keys(data, _RETRAIN_KEYS, "retrain")
+    default = RetrainSpec()
+    kind = data.get("window", default.kind)
+    if kind not in ("sliding", "expanding"):
+        c.fail("retrain.window", f"expected 'sliding' or 'expanding', got {kind!r}")
+        kind = default.kind
+    rows, duration = default.rows, default.duration_seconds
+    if "rows" in data and "duration" in data:
+        c.fail("retrain", "give either duration or rows, not both")
+    if kind == "expanding":
+        rows = duration = None
+        for key in ("rows", "duration"):
+            if key in data:
+                c.fail(f"retrain.{key}", "only a sliding window has a size")
+    elif "rows" in data:
+        rows = c.count(data["rows"], "retrain.rows", 1)
+    elif "duration" in data:
+        rows, duration = None, c.duration(data["duration"], "retrain.duration")
+    min_rows = c.count(data.get("min_rows", default.min_rows), "retrain.min_rows", 10)
+    holdout = _fraction(c, data.get("holdout", default.holdout), "retrain.holdout", 0.05, 0.5)
+    margin = _fraction(c, data.get("margin", default.margin), "retrain.margin", 0.0, 1.0)
+    confidence = _fraction(
+        c, data.get("confidence", default.confidence), "retrain.confidence", 0.5, 0.999
+    )
+    resamples = c.count(data.get("resamples", default.resamples), "retrain.resamples", 50)
+    metric = _retrain_metric(c, data.get("metric"), reg)
+    family = data.get("family", default.family)
+    if not isinstance(family, str) or not family:
+        c.fail("retrain.family", f"expected a model family name, got {family!r}")
+        family = default.family
+    elif "family" in data and reg.model_families is not None and family not in reg.model_families:
+        known = ", ".join(sorted(reg.model_families))
+        c.fail("retrain.family", f"unknown model family {family!r} (known: {known})")
+    params = dict(c.mapping(data.get("params"), "retrain.params"))
+    if rows is not None and min_rows is not None and rows < min_rows:
+        c.fail("retrain.rows", f"must be at least retrain.min_rows ({min_rows}), got {rows}")
+    return RetrainSpec(
+        cast(Any, kind),
+        duration,
+        rows,
+        min_rows or default.min_rows,
+        default.holdout if holdout is None else holdout,
+        default.margin if margin is None else margin,
+        metric,
+        family,
+        params,
+        default.confidence if confidence is None else confidence,
+        resamples or default.resamples,
+    )
+
+
+def _fraction(c: _Checker, value: object, path: str, low: float, high: float) -> float | None:
+    number = c.number(value, path)
+    if number is not None and not low <= number <= high:
+        c.fail(path, f"must be between {low:g} and {high:g}, got {number:g}")
+        return None
+    return number
+
+
+def _retrain_metric(c: _Checker, raw: object, reg: Registry) -> MetricRef | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        ref = MetricRef(raw)
+    elif isinstance(raw, Mapping):
+        c.unknown_keys(raw, {"name", "params"}, "retrain.metric")
+        ref = MetricRef(str(raw.get("name")), dict(c.mapping(raw.get("params"), "retrain.metric")))
+    else:
+        c.fail("retrain.metric", f"expected a metric name or mapping, got {raw!r}")
+        return None
+    spec = reg.metrics.get(ref.name)
+    if spec is None:
+        known = ", ".join(sorted(reg.metrics))
+        c.fail("retrain.metric", f"unknown metric {ref.name!r} (known: {known})")
+        return None
+    if not getattr(spec, "needs_labels", True):
+        c.fail("retrain.metric", f"{ref.name!r} does not use labels, so it cannot judge a model")
+        return None
+    return ref
+
+
+def primary_metric(plan: Plan, task: str) -> MetricRef:
+    """The metric a challenger must improve: ``retrain.metric``, else the metric of the plan's
+    first ``relative_drop`` trigger, else accuracy (classification) or rmse (regression)."""
+    if plan.retrain.metric is not None:
+        return plan.retrain.metric
+    by_key = {m.result_key: m for m in plan.metrics}
+    for trigger in plan.triggers:
+        if trigger.condition == "relative_drop" and trigger.metric in by_key:
+            return by_key[trigger.metric]
+    return MetricRef("accuracy" if task == "classification" else "rmse")
+
+
+def _retrain_to_yaml(spec: RetrainSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"window": spec.kind}
+    if spec.rows is not None:
+        out["rows"] = spec.rows
+    elif spec.duration_seconds is not None:
+        out["duration"] = format_duration(spec.duration_seconds)
+    out.update(min_rows=spec.min_rows, holdout=spec.holdout, margin=spec.margin)
+    if spec.metric is not None:
+        out["metric"] = _metric_to_yaml(spec.metric)
+    out["family"] = spec.family
+    if spec.params:
+        out["params"] = dict(spec.params)
+    out.update(confidence=spec.confidence, resamples=spec.resamples)
+    return out
+
+
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     window: dict[str, Any] = {"kind": plan.window.kind}
     if plan.window.rows is not None:
@@ -413,6 +578,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     data["actions"] = {level.value: list(names) for level, names in plan.actions.items()}
     if plan.notify:
         data["notify"] = [{"sink": s.sink, "config": dict(s.config)} for s in plan.notify]
+    data["retrain"] = _retrain_to_yaml(plan.retrain)
     return data
 
 

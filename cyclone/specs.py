@@ -173,14 +173,38 @@ class AlertSinkSpec:
 
 
 @dataclass(frozen=True)
+class FamilyContext:
+    """What a model family may build on besides its params.
+
+    :param task: "classification" or "regression".
+    :param features: the model's input features as ``(name, kind)``, kind numeric/categorical.
+    :param champion: the serving version's fitted scikit-learn pipeline, when the repository
+        has one (``pipeline.joblib``); None otherwise.
+    """
+
+    task: Literal["classification", "regression"]
+    features: tuple[tuple[str, Literal["numeric", "categorical"]], ...]
+    champion: Any | None = None
+
+
+@dataclass(frozen=True)
 class ModelFamilySpec:
-    """A trainable model family: ``build(params)`` returns an unfitted scikit-learn estimator."""
+    """A trainable model family: ``build(params)`` returns an unfitted scikit-learn estimator.
+
+    With ``needs_context=True`` it is called as ``build(params, context)`` with a
+    :class:`FamilyContext` (the schema and the champion's pipeline, e.g. to refit it).
+    """
 
     name: str
-    build: Callable[[Mapping[str, Any]], Any]
+    build: Callable[..., Any]
     task: Task = "any"
     description: str = ""
     plugin: str = ""
+    needs_context: bool = False
+
+    def estimator(self, params: Mapping[str, Any], context: FamilyContext) -> Any:
+        """An unfitted estimator for ``context``."""
+        return self.build(params, context) if self.needs_context else self.build(params)
 
 
 @dataclass(frozen=True)

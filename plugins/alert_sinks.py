@@ -1,7 +1,8 @@
 """Built-in alert sinks: a JSON webhook, a Slack incoming webhook, and a recorder.
 
 ``record`` appends alerts to a JSONL file (``config: {path: ...}``) or, without a path, to the
-in-memory :data:`RECORDED` list; it stands in for the trainer until the trainer exists.
+in-memory :data:`RECORDED` list. ``trainer`` asks the trainer to retrain (gRPC ``Retrain`` with the
+alert id, so a repeated delivery makes no second job); config ``{address: HOST:PORT}``.
 """
 
 from __future__ import annotations
@@ -74,8 +75,31 @@ def read_recorded(path: str | Path) -> list[Alert]:
     return [Alert.from_dict(json.loads(line)) for line in lines if line.strip()]
 
 
+DEFAULT_TRAINER = "127.0.0.1:8004"
+
+
+def deliver_trainer(alert: Alert, config: Mapping[str, Any]) -> None:
+    """Retrain through the trainer; raises when it is down, so the outbox retries later."""
+    import grpc
+
+    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+    from cyclone.trainer.v1 import trainer_service_pb2_grpc as tgrpc
+
+    if not alert.id.isdigit():
+        raise ValueError(f"alert id must be a positive integer, got {alert.id!r}")
+    address = str(config.get("address") or DEFAULT_TRAINER)
+    timeout = float(config.get("timeout", DEFAULT_TIMEOUT))
+    reason = "; ".join(alert.reasons) or f"level {alert.level}"
+    with grpc.insecure_channel(address) as channel:
+        tgrpc.TrainerServiceStub(channel).Retrain(
+            tpb.RetrainRequest(model=alert.model, alert_id=int(alert.id), reason=reason),
+            timeout=timeout,
+        )
+
+
 @hookimpl
 def cyclone_register_alert_sinks(register: Callable[[AlertSinkSpec], None]) -> None:
     register(AlertSinkSpec("webhook", deliver_webhook, "POST the alert as JSON to config.url"))
     register(AlertSinkSpec("slack", deliver_slack, "Slack incoming webhook at config.url"))
     register(AlertSinkSpec("record", deliver_record, "append to config.path (JSONL) or memory"))
+    register(AlertSinkSpec("trainer", deliver_trainer, "Retrain at config.address (the trainer)"))

@@ -105,6 +105,15 @@ async def start_monitor(settings: Any, *, schedule: bool = True) -> Started[Any]
     return Started("monitor", server, monitor)
 
 
+async def start_trainer(settings: Any) -> Started[Any]:
+    """Trainer: retraining jobs (worker processes) and, once wired, rollouts."""
+    from services.trainer.main import build_trainer_server
+
+    server, runner = build_trainer_server(settings)
+    await server.start()
+    return Started("trainer", server, runner)
+
+
 def settings_class(component: str) -> type[Any]:
     """The typed settings class of a service (`cyclone serve <component>` builds one)."""
     if component == "store":
@@ -119,6 +128,10 @@ def settings_class(component: str) -> type[Any]:
         from services.monitor.main import MonitorSettings
 
         return MonitorSettings
+    if component == "trainer":
+        from services.trainer.main import TrainerSettings
+
+        return TrainerSettings
     raise ValueError(f"component: unknown service {component!r}")
 
 
@@ -126,6 +139,7 @@ STARTERS: dict[str, Callable[[Any], Awaitable[Started[Any]]]] = {
     "store": start_store,
     "inference": start_inference,
     "monitor": start_monitor,
+    "trainer": start_trainer,
 }
 
 

@@ -18,6 +18,7 @@ MODEL_FILE = "model.onnx"
 SCHEMA_FILE = "model.yaml"
 REFERENCE_FILE = "reference.json"
 EVALUATION_FILE = "evaluation.json"
+# The fitted scikit-learn pipeline (joblib), kept so the trainer can refit it.
 PIPELINE_FILE = "pipeline.joblib"
 
 

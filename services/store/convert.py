@@ -89,6 +89,14 @@ def model_version_from_pb(m: pb.ModelVersion) -> ModelVersion:
             m.reference_profile_json, "model_version.reference_profile_json"
         ),
         status=PB_TO_STATUS.get(m.status, "staged"),
+        training_rows=m.training_rows or None,
+        family=m.family or None,
+        hyperparameters=load_json_object(
+            m.hyperparameters_json, "model_version.hyperparameters_json"
+        ),
+        holdout_metrics=load_json_object(
+            m.holdout_metrics_json, "model_version.holdout_metrics_json"
+        ),
     )
 
 
@@ -110,6 +118,10 @@ def model_version_to_pb(m: ModelVersion) -> pb.ModelVersion:
         else "",
         status=STATUS_TO_PB[m.status],
         created_at=ts(m.created_at),
+        training_rows=m.training_rows or 0,
+        family=m.family or "",
+        hyperparameters_json=json.dumps(m.hyperparameters) if m.hyperparameters is not None else "",
+        holdout_metrics_json=json.dumps(m.holdout_metrics) if m.holdout_metrics is not None else "",
     )
 
 

@@ -62,8 +62,8 @@ def test_cyclone_register_alert_sinks_hook() -> None:
     pm = build_plugin_manager(load_entrypoints=False, extra_plugins=[sinks])
     got: list[AlertSinkSpec] = []
     pm.hook.cyclone_register_alert_sinks(register=got.append)
-    assert {s.name for s in got} == {"webhook", "slack", "record"}
-    assert set(Plugins(pm).alert_sinks) == {"webhook", "slack", "record"}
+    assert {s.name for s in got} == {"webhook", "slack", "record", "trainer"}
+    assert set(Plugins(pm).alert_sinks) == {"webhook", "slack", "record", "trainer"}
 
 
 def test_webhook_posts_alert_json(receiver: Receiver) -> None:

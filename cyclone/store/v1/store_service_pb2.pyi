@@ -680,6 +680,10 @@ class ModelVersion(_message.Message):
     REFERENCE_PROFILE_JSON_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    TRAINING_ROWS_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    HYPERPARAMETERS_JSON_FIELD_NUMBER: _builtins.int
+    HOLDOUT_METRICS_JSON_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name."""
     version: _builtins.str
@@ -702,6 +706,14 @@ class ModelVersion(_message.Message):
     """Reference profile for drift checks, JSON."""
     status: Global___ModelStatus.ValueType
     """Status."""
+    training_rows: _builtins.int
+    """Labelled rows the version was trained on (retrained versions)."""
+    family: _builtins.str
+    """Model family that fitted it (refit, gradient_boosting, ...)."""
+    hyperparameters_json: _builtins.str
+    """The family's hyperparameters, JSON object."""
+    holdout_metrics_json: _builtins.str
+    """Holdout metrics of champion and challenger, JSON {"champion": {...}, "challenger": {...}}."""
     @_builtins.property
     def training_window_start(self) -> _timestamp_pb2.Timestamp:
         """Start of the training window."""
@@ -731,10 +743,14 @@ class ModelVersion(_message.Message):
         reference_profile_json: _builtins.str = ...,
         status: Global___ModelStatus.ValueType = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        training_rows: _builtins.int = ...,
+        family: _builtins.str = ...,
+        hyperparameters_json: _builtins.str = ...,
+        holdout_metrics_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "training_window_end", b"training_window_end", "training_window_start", b"training_window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_uri", b"artifact_uri", "created_at", b"created_at", "evaluation_json", b"evaluation_json", "model", b"model", "parent_version", b"parent_version", "reference_profile_json", b"reference_profile_json", "schema_json", b"schema_json", "sha256", b"sha256", "status", b"status", "task", b"task", "training_window_end", b"training_window_end", "training_window_start", b"training_window_start", "triggering_alert_id", b"triggering_alert_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_uri", b"artifact_uri", "created_at", b"created_at", "evaluation_json", b"evaluation_json", "family", b"family", "holdout_metrics_json", b"holdout_metrics_json", "hyperparameters_json", b"hyperparameters_json", "model", b"model", "parent_version", b"parent_version", "reference_profile_json", b"reference_profile_json", "schema_json", b"schema_json", "sha256", b"sha256", "status", b"status", "task", b"task", "training_rows", b"training_rows", "training_window_end", b"training_window_end", "training_window_start", b"training_window_start", "triggering_alert_id", b"triggering_alert_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1742,3 +1758,568 @@ class ListAlertsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAlertsResponse: _TypeAlias = ListAlertsResponse  # noqa: Y015
+
+@_typing.final
+class TrainingJob(_message.Message):
+    """TrainingJob is one retraining job as the store keeps it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    NEW_VERSION_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    WINDOW_END_FIELD_NUMBER: _builtins.int
+    WINDOW_ROWS_FIELD_NUMBER: _builtins.int
+    TRAIN_ROWS_FIELD_NUMBER: _builtins.int
+    HOLDOUT_ROWS_FIELD_NUMBER: _builtins.int
+    CHAMPION_METRICS_JSON_FIELD_NUMBER: _builtins.int
+    CHALLENGER_METRICS_JSON_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    CHAMPION_VERSION_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Job id."""
+    model: _builtins.str
+    """Model name."""
+    state: _builtins.str
+    """queued, running, succeeded, failed, cancelled, not_enough_data or rejected."""
+    alert_id: _builtins.int
+    """Alert that asked for it; 0 when started by hand."""
+    reason: _builtins.str
+    """Why it was started."""
+    stage: _builtins.str
+    """Current step."""
+    message: _builtins.str
+    """Progress or outcome, human readable."""
+    new_version: _builtins.str
+    """The version it registered."""
+    window_rows: _builtins.int
+    """Labelled rows fetched."""
+    train_rows: _builtins.int
+    """Rows used for fitting."""
+    holdout_rows: _builtins.int
+    """Rows held out for the comparison."""
+    champion_metrics_json: _builtins.str
+    """Champion metrics on the holdout, JSON object of numbers."""
+    challenger_metrics_json: _builtins.str
+    """Challenger metrics on the holdout, JSON object of numbers."""
+    decision: _builtins.str
+    """The promotion decision with its numbers."""
+    rollout_id: _builtins.str
+    """The rollout the version was handed to."""
+    champion_version: _builtins.str
+    """The version the challenger was compared with."""
+    family: _builtins.str
+    """Model family."""
+    owner: _builtins.str
+    """The trainer process that owns it."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was queued."""
+
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When it started running."""
+
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp:
+        """When it ended."""
+
+    @_builtins.property
+    def window_start(self) -> _timestamp_pb2.Timestamp:
+        """Time of the oldest row of the window."""
+
+    @_builtins.property
+    def window_end(self) -> _timestamp_pb2.Timestamp:
+        """Time of the newest row of the window."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """Last change."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        model: _builtins.str = ...,
+        state: _builtins.str = ...,
+        alert_id: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        stage: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        message: _builtins.str = ...,
+        new_version: _builtins.str = ...,
+        window_start: _timestamp_pb2.Timestamp | None = ...,
+        window_end: _timestamp_pb2.Timestamp | None = ...,
+        window_rows: _builtins.int = ...,
+        train_rows: _builtins.int = ...,
+        holdout_rows: _builtins.int = ...,
+        champion_metrics_json: _builtins.str = ...,
+        challenger_metrics_json: _builtins.str = ...,
+        decision: _builtins.str = ...,
+        rollout_id: _builtins.str = ...,
+        champion_version: _builtins.str = ...,
+        family: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "started_at", b"started_at", "updated_at", b"updated_at", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "challenger_metrics_json", b"challenger_metrics_json", "champion_metrics_json", b"champion_metrics_json", "champion_version", b"champion_version", "created_at", b"created_at", "decision", b"decision", "family", b"family", "finished_at", b"finished_at", "holdout_rows", b"holdout_rows", "id", b"id", "message", b"message", "model", b"model", "new_version", b"new_version", "owner", b"owner", "reason", b"reason", "rollout_id", b"rollout_id", "stage", b"stage", "started_at", b"started_at", "state", b"state", "train_rows", b"train_rows", "updated_at", b"updated_at", "window_end", b"window_end", "window_rows", b"window_rows", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainingJob: _TypeAlias = TrainingJob  # noqa: Y015
+
+@_typing.final
+class CreateTrainingJobRequest(_message.Message):
+    """CreateTrainingJobRequest queues a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    alert_id: _builtins.int
+    """Alert that asked for it; 0 when by hand. One job per alert."""
+    reason: _builtins.str
+    """Why."""
+    owner: _builtins.str
+    """The trainer process that will run it."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        alert_id: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "model", b"model", "owner", b"owner", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTrainingJobRequest: _TypeAlias = CreateTrainingJobRequest  # noqa: Y015
+
+@_typing.final
+class CreateTrainingJobResponse(_message.Message):
+    """CreateTrainingJobResponse returns the job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when a job for the alert existed already."""
+    @_builtins.property
+    def job(self) -> Global___TrainingJob:
+        """The job."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___TrainingJob | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTrainingJobResponse: _TypeAlias = CreateTrainingJobResponse  # noqa: Y015
+
+@_typing.final
+class UpdateTrainingJobRequest(_message.Message):
+    """UpdateTrainingJobRequest changes the fields that are set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    WINDOW_END_FIELD_NUMBER: _builtins.int
+    WINDOW_ROWS_FIELD_NUMBER: _builtins.int
+    TRAIN_ROWS_FIELD_NUMBER: _builtins.int
+    HOLDOUT_ROWS_FIELD_NUMBER: _builtins.int
+    CHAMPION_METRICS_JSON_FIELD_NUMBER: _builtins.int
+    CHALLENGER_METRICS_JSON_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    CHAMPION_VERSION_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    EXPECTED_STATE_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """Job id."""
+    state: _builtins.str
+    """New state."""
+    stage: _builtins.str
+    """New stage."""
+    message: _builtins.str
+    """New message."""
+    window_rows: _builtins.int
+    """Labelled rows fetched."""
+    train_rows: _builtins.int
+    """Rows used for fitting."""
+    holdout_rows: _builtins.int
+    """Rows held out."""
+    champion_metrics_json: _builtins.str
+    """Champion holdout metrics, JSON object."""
+    challenger_metrics_json: _builtins.str
+    """Challenger holdout metrics, JSON object."""
+    decision: _builtins.str
+    """Decision text."""
+    rollout_id: _builtins.str
+    """Rollout id."""
+    champion_version: _builtins.str
+    """Champion version."""
+    family: _builtins.str
+    """Model family."""
+    expected_state: _builtins.str
+    """Only update while the job is in this state (compare-and-set); empty: any unended state."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """Start of running."""
+
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp:
+        """End; set it with a final state."""
+
+    @_builtins.property
+    def window_start(self) -> _timestamp_pb2.Timestamp:
+        """Window start."""
+
+    @_builtins.property
+    def window_end(self) -> _timestamp_pb2.Timestamp:
+        """Window end."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        state: _builtins.str | None = ...,
+        stage: _builtins.str | None = ...,
+        message: _builtins.str | None = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        window_start: _timestamp_pb2.Timestamp | None = ...,
+        window_end: _timestamp_pb2.Timestamp | None = ...,
+        window_rows: _builtins.int | None = ...,
+        train_rows: _builtins.int | None = ...,
+        holdout_rows: _builtins.int | None = ...,
+        champion_metrics_json: _builtins.str | None = ...,
+        challenger_metrics_json: _builtins.str | None = ...,
+        decision: _builtins.str | None = ...,
+        rollout_id: _builtins.str | None = ...,
+        champion_version: _builtins.str | None = ...,
+        family: _builtins.str | None = ...,
+        expected_state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_challenger_metrics_json", b"_challenger_metrics_json", "_champion_metrics_json", b"_champion_metrics_json", "_champion_version", b"_champion_version", "_decision", b"_decision", "_family", b"_family", "_holdout_rows", b"_holdout_rows", "_message", b"_message", "_rollout_id", b"_rollout_id", "_stage", b"_stage", "_state", b"_state", "_train_rows", b"_train_rows", "_window_rows", b"_window_rows", "challenger_metrics_json", b"challenger_metrics_json", "champion_metrics_json", b"champion_metrics_json", "champion_version", b"champion_version", "decision", b"decision", "family", b"family", "finished_at", b"finished_at", "holdout_rows", b"holdout_rows", "message", b"message", "rollout_id", b"rollout_id", "stage", b"stage", "started_at", b"started_at", "state", b"state", "train_rows", b"train_rows", "window_end", b"window_end", "window_rows", b"window_rows", "window_start", b"window_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_challenger_metrics_json", b"_challenger_metrics_json", "_champion_metrics_json", b"_champion_metrics_json", "_champion_version", b"_champion_version", "_decision", b"_decision", "_family", b"_family", "_holdout_rows", b"_holdout_rows", "_message", b"_message", "_rollout_id", b"_rollout_id", "_stage", b"_stage", "_state", b"_state", "_train_rows", b"_train_rows", "_window_rows", b"_window_rows", "challenger_metrics_json", b"challenger_metrics_json", "champion_metrics_json", b"champion_metrics_json", "champion_version", b"champion_version", "decision", b"decision", "expected_state", b"expected_state", "family", b"family", "finished_at", b"finished_at", "holdout_rows", b"holdout_rows", "job_id", b"job_id", "message", b"message", "rollout_id", b"rollout_id", "stage", b"stage", "started_at", b"started_at", "state", b"state", "train_rows", b"train_rows", "window_end", b"window_end", "window_rows", b"window_rows", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__challenger_metrics_json: _TypeAlias = _typing.Literal["challenger_metrics_json"]  # noqa: Y015
+    _WhichOneofArgType__challenger_metrics_json: _TypeAlias = _typing.Literal["_challenger_metrics_json", b"_challenger_metrics_json"]  # noqa: Y015
+    _WhichOneofReturnType__champion_metrics_json: _TypeAlias = _typing.Literal["champion_metrics_json"]  # noqa: Y015
+    _WhichOneofArgType__champion_metrics_json: _TypeAlias = _typing.Literal["_champion_metrics_json", b"_champion_metrics_json"]  # noqa: Y015
+    _WhichOneofReturnType__champion_version: _TypeAlias = _typing.Literal["champion_version"]  # noqa: Y015
+    _WhichOneofArgType__champion_version: _TypeAlias = _typing.Literal["_champion_version", b"_champion_version"]  # noqa: Y015
+    _WhichOneofReturnType__decision: _TypeAlias = _typing.Literal["decision"]  # noqa: Y015
+    _WhichOneofArgType__decision: _TypeAlias = _typing.Literal["_decision", b"_decision"]  # noqa: Y015
+    _WhichOneofReturnType__family: _TypeAlias = _typing.Literal["family"]  # noqa: Y015
+    _WhichOneofArgType__family: _TypeAlias = _typing.Literal["_family", b"_family"]  # noqa: Y015
+    _WhichOneofReturnType__holdout_rows: _TypeAlias = _typing.Literal["holdout_rows"]  # noqa: Y015
+    _WhichOneofArgType__holdout_rows: _TypeAlias = _typing.Literal["_holdout_rows", b"_holdout_rows"]  # noqa: Y015
+    _WhichOneofReturnType__message: _TypeAlias = _typing.Literal["message"]  # noqa: Y015
+    _WhichOneofArgType__message: _TypeAlias = _typing.Literal["_message", b"_message"]  # noqa: Y015
+    _WhichOneofReturnType__rollout_id: _TypeAlias = _typing.Literal["rollout_id"]  # noqa: Y015
+    _WhichOneofArgType__rollout_id: _TypeAlias = _typing.Literal["_rollout_id", b"_rollout_id"]  # noqa: Y015
+    _WhichOneofReturnType__stage: _TypeAlias = _typing.Literal["stage"]  # noqa: Y015
+    _WhichOneofArgType__stage: _TypeAlias = _typing.Literal["_stage", b"_stage"]  # noqa: Y015
+    _WhichOneofReturnType__state: _TypeAlias = _typing.Literal["state"]  # noqa: Y015
+    _WhichOneofArgType__state: _TypeAlias = _typing.Literal["_state", b"_state"]  # noqa: Y015
+    _WhichOneofReturnType__train_rows: _TypeAlias = _typing.Literal["train_rows"]  # noqa: Y015
+    _WhichOneofArgType__train_rows: _TypeAlias = _typing.Literal["_train_rows", b"_train_rows"]  # noqa: Y015
+    _WhichOneofReturnType__window_rows: _TypeAlias = _typing.Literal["window_rows"]  # noqa: Y015
+    _WhichOneofArgType__window_rows: _TypeAlias = _typing.Literal["_window_rows", b"_window_rows"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__challenger_metrics_json) -> _WhichOneofReturnType__challenger_metrics_json | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__champion_metrics_json) -> _WhichOneofReturnType__champion_metrics_json | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__champion_version) -> _WhichOneofReturnType__champion_version | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__decision) -> _WhichOneofReturnType__decision | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__family) -> _WhichOneofReturnType__family | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__holdout_rows) -> _WhichOneofReturnType__holdout_rows | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__message) -> _WhichOneofReturnType__message | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rollout_id) -> _WhichOneofReturnType__rollout_id | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stage) -> _WhichOneofReturnType__stage | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__state) -> _WhichOneofReturnType__state | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__train_rows) -> _WhichOneofReturnType__train_rows | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__window_rows) -> _WhichOneofReturnType__window_rows | None: ...
+
+Global___UpdateTrainingJobRequest: _TypeAlias = UpdateTrainingJobRequest  # noqa: Y015
+
+@_typing.final
+class UpdateTrainingJobResponse(_message.Message):
+    """UpdateTrainingJobResponse returns the job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___TrainingJob:
+        """The job after the change."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___TrainingJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTrainingJobResponse: _TypeAlias = UpdateTrainingJobResponse  # noqa: Y015
+
+@_typing.final
+class GetTrainingJobRequest(_message.Message):
+    """GetTrainingJobRequest names a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """Job id."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTrainingJobRequest: _TypeAlias = GetTrainingJobRequest  # noqa: Y015
+
+@_typing.final
+class GetTrainingJobResponse(_message.Message):
+    """GetTrainingJobResponse returns a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___TrainingJob:
+        """The job."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___TrainingJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTrainingJobResponse: _TypeAlias = GetTrainingJobResponse  # noqa: Y015
+
+@_typing.final
+class ListTrainingJobsRequest(_message.Message):
+    """ListTrainingJobsRequest filters jobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name; empty means all."""
+    state: _builtins.str
+    """State; empty means all."""
+    limit: _builtins.int
+    """Most jobs, at most 1000; 0 means 50."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        state: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "model", b"model", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTrainingJobsRequest: _TypeAlias = ListTrainingJobsRequest  # noqa: Y015
+
+@_typing.final
+class ListTrainingJobsResponse(_message.Message):
+    """ListTrainingJobsResponse lists jobs, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrainingJob]:
+        """The jobs."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___TrainingJob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTrainingJobsResponse: _TypeAlias = ListTrainingJobsResponse  # noqa: Y015
+
+@_typing.final
+class FailOrphanedTrainingJobsRequest(_message.Message):
+    """FailOrphanedTrainingJobsRequest names the live trainer process."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """The caller's owner id; jobs of other owners are failed."""
+    reason: _builtins.str
+    """The message the failed jobs get."""
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailOrphanedTrainingJobsRequest: _TypeAlias = FailOrphanedTrainingJobsRequest  # noqa: Y015
+
+@_typing.final
+class FailOrphanedTrainingJobsResponse(_message.Message):
+    """FailOrphanedTrainingJobsResponse lists what was failed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrainingJob]:
+        """The jobs now failed."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___TrainingJob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailOrphanedTrainingJobsResponse: _TypeAlias = FailOrphanedTrainingJobsResponse  # noqa: Y015
+
+@_typing.final
+class RegisterTrainedVersionRequest(_message.Message):
+    """RegisterTrainedVersionRequest carries a retrained version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.int
+    """The job that made it; it must not have ended."""
+    @_builtins.property
+    def model_version(self) -> Global___ModelVersion:
+        """The version with its lineage; registered as staged."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.int = ...,
+        model_version: Global___ModelVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterTrainedVersionRequest: _TypeAlias = RegisterTrainedVersionRequest  # noqa: Y015
+
+@_typing.final
+class RegisterTrainedVersionResponse(_message.Message):
+    """RegisterTrainedVersionResponse returns both records."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model_version(self) -> Global___ModelVersion:
+        """The registry entry."""
+
+    @_builtins.property
+    def job(self) -> Global___TrainingJob:
+        """The job with new_version set."""
+
+    def __init__(
+        self,
+        *,
+        model_version: Global___ModelVersion | None = ...,
+        job: Global___TrainingJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "model_version", b"model_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterTrainedVersionResponse: _TypeAlias = RegisterTrainedVersionResponse  # noqa: Y015

@@ -131,6 +131,36 @@ class StoreServiceStub:
                 request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsRequest.SerializeToString,
                 response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsResponse.FromString,
                 _registered_method=True)
+        self.CreateTrainingJob = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/CreateTrainingJob',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateTrainingJobRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateTrainingJobResponse.FromString,
+                _registered_method=True)
+        self.UpdateTrainingJob = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/UpdateTrainingJob',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.UpdateTrainingJobRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.UpdateTrainingJobResponse.FromString,
+                _registered_method=True)
+        self.GetTrainingJob = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/GetTrainingJob',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetTrainingJobRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetTrainingJobResponse.FromString,
+                _registered_method=True)
+        self.ListTrainingJobs = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/ListTrainingJobs',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListTrainingJobsRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListTrainingJobsResponse.FromString,
+                _registered_method=True)
+        self.FailOrphanedTrainingJobs = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/FailOrphanedTrainingJobs',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.FailOrphanedTrainingJobsRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.FailOrphanedTrainingJobsResponse.FromString,
+                _registered_method=True)
+        self.RegisterTrainedVersion = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/RegisterTrainedVersion',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.RegisterTrainedVersionRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.RegisterTrainedVersionResponse.FromString,
+                _registered_method=True)
 
 
 class StoreServiceServicer:
@@ -280,6 +310,53 @@ class StoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTrainingJob(self, request, context):
+        """Training jobs
+
+        CreateTrainingJob queues a retraining job. With an alert id it creates the
+        job only if none exists for that alert, and returns the existing one otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTrainingJob(self, request, context):
+        """UpdateTrainingJob changes the set fields of a job that has not ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrainingJob(self, request, context):
+        """GetTrainingJob returns one job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTrainingJobs(self, request, context):
+        """ListTrainingJobs lists jobs, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FailOrphanedTrainingJobs(self, request, context):
+        """FailOrphanedTrainingJobs ends the queued and running jobs of trainer
+        processes other than the caller (after a restart) as failed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterTrainedVersion(self, request, context):
+        """RegisterTrainedVersion registers a retrained version with its lineage and
+        records it on its job, in one transaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -377,6 +454,36 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.ListAlerts,
                     request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsRequest.FromString,
                     response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'CreateTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTrainingJob,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateTrainingJobRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateTrainingJobResponse.SerializeToString,
+            ),
+            'UpdateTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTrainingJob,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.UpdateTrainingJobRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.UpdateTrainingJobResponse.SerializeToString,
+            ),
+            'GetTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrainingJob,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetTrainingJobRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetTrainingJobResponse.SerializeToString,
+            ),
+            'ListTrainingJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrainingJobs,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListTrainingJobsRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListTrainingJobsResponse.SerializeToString,
+            ),
+            'FailOrphanedTrainingJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.FailOrphanedTrainingJobs,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.FailOrphanedTrainingJobsRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.FailOrphanedTrainingJobsResponse.SerializeToString,
+            ),
+            'RegisterTrainedVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterTrainedVersion,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.RegisterTrainedVersionRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.RegisterTrainedVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -894,6 +1001,168 @@ class StoreService:
             '/cyclone.store.v1.StoreService/ListAlerts',
             cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsRequest.SerializeToString,
             cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/CreateTrainingJob',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateTrainingJobRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateTrainingJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/UpdateTrainingJob',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.UpdateTrainingJobRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.UpdateTrainingJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/GetTrainingJob',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.GetTrainingJobRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.GetTrainingJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrainingJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/ListTrainingJobs',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ListTrainingJobsRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ListTrainingJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FailOrphanedTrainingJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/FailOrphanedTrainingJobs',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.FailOrphanedTrainingJobsRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.FailOrphanedTrainingJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterTrainedVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/RegisterTrainedVersion',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.RegisterTrainedVersionRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.RegisterTrainedVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

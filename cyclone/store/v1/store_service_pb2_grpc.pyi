@@ -89,6 +89,26 @@ class StoreServiceStub:
     """AcknowledgeAlert marks an alert as seen by a person; it is not retried."""
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ListAlertsRequest, _store_service_pb2.ListAlertsResponse]
     """ListAlerts lists alerts, newest first."""
+    CreateTrainingJob: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.CreateTrainingJobRequest, _store_service_pb2.CreateTrainingJobResponse]
+    """Training jobs
+
+    CreateTrainingJob queues a retraining job. With an alert id it creates the
+    job only if none exists for that alert, and returns the existing one otherwise.
+    """
+    UpdateTrainingJob: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.UpdateTrainingJobRequest, _store_service_pb2.UpdateTrainingJobResponse]
+    """UpdateTrainingJob changes the set fields of a job that has not ended."""
+    GetTrainingJob: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.GetTrainingJobRequest, _store_service_pb2.GetTrainingJobResponse]
+    """GetTrainingJob returns one job."""
+    ListTrainingJobs: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ListTrainingJobsRequest, _store_service_pb2.ListTrainingJobsResponse]
+    """ListTrainingJobs lists jobs, newest first."""
+    FailOrphanedTrainingJobs: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.FailOrphanedTrainingJobsRequest, _store_service_pb2.FailOrphanedTrainingJobsResponse]
+    """FailOrphanedTrainingJobs ends the queued and running jobs of trainer
+    processes other than the caller (after a restart) as failed.
+    """
+    RegisterTrainedVersion: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.RegisterTrainedVersionRequest, _store_service_pb2.RegisterTrainedVersionResponse]
+    """RegisterTrainedVersion registers a retrained version with its lineage and
+    records it on its job, in one transaction.
+    """
 
 @_typing.type_check_only
 class StoreServiceAsyncStub(StoreServiceStub):
@@ -151,6 +171,26 @@ class StoreServiceAsyncStub(StoreServiceStub):
     """AcknowledgeAlert marks an alert as seen by a person; it is not retried."""
     ListAlerts: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ListAlertsRequest, _store_service_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """ListAlerts lists alerts, newest first."""
+    CreateTrainingJob: _aio.UnaryUnaryMultiCallable[_store_service_pb2.CreateTrainingJobRequest, _store_service_pb2.CreateTrainingJobResponse]  # type: ignore[assignment]
+    """Training jobs
+
+    CreateTrainingJob queues a retraining job. With an alert id it creates the
+    job only if none exists for that alert, and returns the existing one otherwise.
+    """
+    UpdateTrainingJob: _aio.UnaryUnaryMultiCallable[_store_service_pb2.UpdateTrainingJobRequest, _store_service_pb2.UpdateTrainingJobResponse]  # type: ignore[assignment]
+    """UpdateTrainingJob changes the set fields of a job that has not ended."""
+    GetTrainingJob: _aio.UnaryUnaryMultiCallable[_store_service_pb2.GetTrainingJobRequest, _store_service_pb2.GetTrainingJobResponse]  # type: ignore[assignment]
+    """GetTrainingJob returns one job."""
+    ListTrainingJobs: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ListTrainingJobsRequest, _store_service_pb2.ListTrainingJobsResponse]  # type: ignore[assignment]
+    """ListTrainingJobs lists jobs, newest first."""
+    FailOrphanedTrainingJobs: _aio.UnaryUnaryMultiCallable[_store_service_pb2.FailOrphanedTrainingJobsRequest, _store_service_pb2.FailOrphanedTrainingJobsResponse]  # type: ignore[assignment]
+    """FailOrphanedTrainingJobs ends the queued and running jobs of trainer
+    processes other than the caller (after a restart) as failed.
+    """
+    RegisterTrainedVersion: _aio.UnaryUnaryMultiCallable[_store_service_pb2.RegisterTrainedVersionRequest, _store_service_pb2.RegisterTrainedVersionResponse]  # type: ignore[assignment]
+    """RegisterTrainedVersion registers a retrained version with its lineage and
+    records it on its job, in one transaction.
+    """
 
 class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
     """StoreService keeps every prediction with its late-arriving label, the model
@@ -324,5 +364,61 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_service_pb2.ListAlertsResponse, _abc.Awaitable[_store_service_pb2.ListAlertsResponse]]:
         """ListAlerts lists alerts, newest first."""
+
+    @_abc_1.abstractmethod
+    def CreateTrainingJob(
+        self,
+        request: _store_service_pb2.CreateTrainingJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.CreateTrainingJobResponse, _abc.Awaitable[_store_service_pb2.CreateTrainingJobResponse]]:
+        """Training jobs
+
+        CreateTrainingJob queues a retraining job. With an alert id it creates the
+        job only if none exists for that alert, and returns the existing one otherwise.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateTrainingJob(
+        self,
+        request: _store_service_pb2.UpdateTrainingJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.UpdateTrainingJobResponse, _abc.Awaitable[_store_service_pb2.UpdateTrainingJobResponse]]:
+        """UpdateTrainingJob changes the set fields of a job that has not ended."""
+
+    @_abc_1.abstractmethod
+    def GetTrainingJob(
+        self,
+        request: _store_service_pb2.GetTrainingJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.GetTrainingJobResponse, _abc.Awaitable[_store_service_pb2.GetTrainingJobResponse]]:
+        """GetTrainingJob returns one job."""
+
+    @_abc_1.abstractmethod
+    def ListTrainingJobs(
+        self,
+        request: _store_service_pb2.ListTrainingJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.ListTrainingJobsResponse, _abc.Awaitable[_store_service_pb2.ListTrainingJobsResponse]]:
+        """ListTrainingJobs lists jobs, newest first."""
+
+    @_abc_1.abstractmethod
+    def FailOrphanedTrainingJobs(
+        self,
+        request: _store_service_pb2.FailOrphanedTrainingJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.FailOrphanedTrainingJobsResponse, _abc.Awaitable[_store_service_pb2.FailOrphanedTrainingJobsResponse]]:
+        """FailOrphanedTrainingJobs ends the queued and running jobs of trainer
+        processes other than the caller (after a restart) as failed.
+        """
+
+    @_abc_1.abstractmethod
+    def RegisterTrainedVersion(
+        self,
+        request: _store_service_pb2.RegisterTrainedVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.RegisterTrainedVersionResponse, _abc.Awaitable[_store_service_pb2.RegisterTrainedVersionResponse]]:
+        """RegisterTrainedVersion registers a retrained version with its lineage and
+        records it on its job, in one transaction.
+        """
 
 def add_StoreServiceServicer_to_server(servicer: StoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

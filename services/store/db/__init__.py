@@ -15,6 +15,7 @@ from .ingest import IngestMixin
 from .outbox import OutboxMixin
 from .reads import ReadsMixin, decode_page_token, encode_page_token
 from .registry import RegistryMixin
+from .training import JobEndedError, TrainingJob, TrainingMixin
 from .types import (
     EPOCH,
     Alert,
@@ -41,7 +42,7 @@ from .types import (
 )
 
 
-class StoreDB(IngestMixin, ReadsMixin, RegistryMixin, OutboxMixin, HealthMixin):
+class StoreDB(TrainingMixin, IngestMixin, ReadsMixin, RegistryMixin, OutboxMixin, HealthMixin):
     """The store's database: see the mixins for the methods."""
 
     async def __aenter__(self) -> StoreDB:
@@ -58,6 +59,7 @@ __all__ = [
     "EvaluationOutcome",
     "FeatureFilter",
     "Health",
+    "JobEndedError",
     "LabelResult",
     "MetricPoint",
     "MinuteStats",
@@ -73,6 +75,7 @@ __all__ = [
     "StoreDB",
     "StoreError",
     "TrainingChunk",
+    "TrainingJob",
     "decode_page_token",
     "encode_page_token",
     "uuid7",

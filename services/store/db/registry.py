@@ -14,7 +14,14 @@ from .types import AlreadyExistsError, ModelStatus, ModelVersion, NotFoundError,
 
 _MV_COLS = [f.name for f in fields(ModelVersion)]
 _MV_SELECT = "SELECT " + ", ".join(_MV_COLS) + " FROM model_versions"
-_JSON_COLS = {"schema", "evaluation", "reference_profile", "weights"}
+_JSON_COLS = {
+    "schema",
+    "evaluation",
+    "reference_profile",
+    "weights",
+    "hyperparameters",
+    "holdout_metrics",
+}
 _ROLLOUT_COLS = "model, to_version, status, from_version, weights, id, created_at, updated_at"
 _STATUSES = ("staged", "canary", "serving", "retired")
 

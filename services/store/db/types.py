@@ -161,6 +161,11 @@ class ModelVersion:
     reference_profile: dict[str, Any] | None = None
     status: ModelStatus = "staged"
     created_at: datetime | None = None
+    # Lineage of retrained versions (migration 0004).
+    training_rows: int | None = None
+    family: str | None = None
+    hyperparameters: dict[str, Any] | None = None
+    holdout_metrics: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,101 @@
+"""The labelled window of a retraining job: which rows to ask the store for, and the rows as a
+frame (features + label, oldest first)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cyclone.plan import RetrainSpec
+from cyclone.store.v1 import store_service_pb2 as store_pb
+from services.trainer.fit import LABEL, JobFailure
+
+Kind = Literal["numeric", "categorical"]
+
+
+def window_request(
+    model: str, spec: RetrainSpec, now: datetime, chunk_rows: int = 10_000
+) -> store_pb.GetTrainingDataRequest:
+    """Sliding by rows: the newest ``rows`` labelled rows; sliding by time: the last
+    ``duration``; expanding: every labelled row."""
+    request = store_pb.GetTrainingDataRequest(model=model, chunk_rows=chunk_rows)
+    if spec.kind == "sliding" and spec.rows is not None:
+        request.last_n = spec.rows
+    elif spec.kind == "sliding" and spec.duration_seconds is not None:
+        start, end = Timestamp(), Timestamp()
+        start.FromDatetime(now - timedelta(seconds=spec.duration_seconds))
+        end.FromDatetime(now + timedelta(seconds=1))
+        request.start.CopyFrom(start)
+        request.end.CopyFrom(end)
+    return request
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledWindow:
+    frame: pd.DataFrame  # features + LABEL, oldest first
+    start: datetime | None
+    end: datetime | None
+
+    @property
+    def rows(self) -> int:
+        return len(self.frame)
+
+
+async def collect(
+    chunks: AsyncIterator[store_pb.GetTrainingDataResponse],
+    features: tuple[tuple[str, Kind], ...],
+    task: str,
+) -> LabelledWindow:
+    """Assemble columnar chunks into one frame; labels of the wrong type fail the job."""
+    columns: dict[str, list[Any]] = {name: [] for name, _ in features}
+    labels: list[Any] = []
+    times: list[int] = []
+    async for chunk in chunks:
+        n = len(chunk.prediction_ids)
+        for name, kind in features:
+            column = chunk.features.get(name)
+            if column is None:
+                values: list[Any] = [None] * n
+            elif kind == "categorical":
+                values = list(column.strings) or [str(v) for v in column.numbers]
+            else:
+                values = list(column.numbers) if column.numbers else _numbers(column.strings, name)
+            columns[name].extend(values)
+        if task == "classification":
+            if chunk.labels.numbers and not chunk.labels.strings:
+                raise JobFailure("labels: expected class labels (text), got numbers")
+            labels.extend(chunk.labels.strings)
+        else:
+            if chunk.labels.strings and not chunk.labels.numbers:
+                raise JobFailure("labels: expected numbers for a regression model, got text")
+            labels.extend(chunk.labels.numbers)
+        times.extend(chunk.created_at_micros)
+    frame = pd.DataFrame(columns)
+    for name, kind in features:
+        if kind == "numeric":
+            frame[name] = pd.to_numeric(frame[name], errors="coerce").astype(np.float64)
+        else:
+            frame[name] = frame[name].astype(str)
+    frame[LABEL] = labels if task == "classification" else np.asarray(labels, dtype=np.float64)
+    if task == "regression" and len(frame) and not np.all(np.isfinite(frame[LABEL])):
+        raise JobFailure("labels: regression labels must be finite numbers")
+    start = _time(times[0]) if times else None
+    end = _time(times[-1]) if times else None
+    return LabelledWindow(frame, start, end)
+
+
+def _numbers(texts: Any, name: str) -> list[float]:
+    try:
+        return [float(t) for t in texts]
+    except ValueError:
+        raise JobFailure(f"features.{name}: expected numbers, got text") from None
+
+
+def _time(micros: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)

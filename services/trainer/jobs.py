@@ -1,0 +1,501 @@
+"""Retraining jobs: one queue per model, one job per model at a time, several models in parallel
+up to a limit. The CPU work runs in worker processes; this module only orchestrates, and keeps
+every step on the job's record in the store (the store owns the database).
+
+A job: fetch the labelled window (plan ``retrain:``) -> too few rows: NOT_ENOUGH_DATA -> split off
+the newest rows as the holdout -> fit the family in a worker -> champion vs challenger on the
+holdout -> not better (or maybe noise): REJECTED, nothing written -> convert + parity + reference
+(the version directory appears atomically) -> register with lineage in one store transaction ->
+hand to the rollout -> SUCCEEDED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cyclone.errors import InvalidArgument, NotFound
+from cyclone.models.repository import ModelRepository
+from cyclone.models.schema import validate_name
+from cyclone.plan import Plan, PlanError, default_plan, parse_plan, primary_metric
+from cyclone.store.v1 import store_service_pb2 as store_pb
+from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from services.trainer.data import LabelledWindow, collect, window_request
+from services.trainer.evaluate import class_counts, split_holdout
+from services.trainer.fit import FitOutcome, FitTask, JobFailure, fit_and_evaluate, write_version
+
+log = logging.getLogger(__name__)
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "not_enough_data", "rejected"})
+STORE_TIMEOUT = 30.0
+T = TypeVar("T")
+
+
+class RolloutStarter(Protocol):
+    """Takes a registered (staged) version live; returns the rollout id ("" when none).
+
+    The integrator wires the rollout engine here; the default makes the version SERVING."""
+
+    async def __call__(self, model: str, version: str, job_id: int) -> str: ...
+
+
+class ServeImmediately:
+    """The default rollout: set the new version SERVING in the registry (retires the old one)."""
+
+    def __init__(self, store: store_grpc.StoreServiceStub) -> None:
+        self.store = store
+
+    async def __call__(self, model: str, version: str, job_id: int) -> str:
+        await self.store.SetModelStatus(
+            store_pb.SetModelStatusRequest(
+                model=model, version=version, status=store_pb.MODEL_STATUS_SERVING
+            ),
+            timeout=STORE_TIMEOUT,
+        )
+        return ""
+
+
+class _JobGone(Exception):
+    """The job ended elsewhere (cancelled, or failed by a restarted trainer): stop quietly."""
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: str
+    directory: Path
+    task: str
+    features: tuple[tuple[str, Any], ...]
+
+
+def _ts(when: datetime | None) -> Timestamp | None:
+    if when is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def spawn_pool(workers: int) -> Executor:
+    # spawn: a forked child would inherit the gRPC event loop and threads.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: store_grpc.StoreServiceStub,
+        repository: Path,
+        *,
+        max_parallel: int = 2,
+        rollout: RolloutStarter | None = None,
+        owner: str | None = None,
+        pool_factory: Callable[[int], Executor] = spawn_pool,
+    ) -> None:
+        if max_parallel < 1:
+            raise ValueError("max_parallel: must be at least 1")
+        self.store = store
+        self.repository = repository
+        self.max_parallel = max_parallel
+        self.rollout: RolloutStarter = rollout or ServeImmediately(store)
+        self.owner = owner or default_owner()
+        self._pool_factory = pool_factory
+        self._pool: Executor | None = None
+        self._slots = asyncio.Semaphore(max_parallel)
+        self._queues: dict[str, asyncio.Queue[int]] = {}
+        self._consumers: dict[str, asyncio.Task[None]] = {}
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Fail the jobs a previous trainer process left queued or running, then accept jobs."""
+        response = await self.store.FailOrphanedTrainingJobs(
+            store_pb.FailOrphanedTrainingJobsRequest(
+                owner=self.owner,
+                reason="the trainer restarted before the job finished; retrain again",
+            ),
+            timeout=STORE_TIMEOUT,
+        )
+        for job in response.jobs:
+            log.warning("job %d of %s was left %s; marked failed", job.id, job.model, job.stage)
+        self._pool = self._pool_factory(self.max_parallel)
+
+    async def stop(self) -> None:
+        for task in self._consumers.values():
+            task.cancel()
+        for task in self._consumers.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._consumers.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    # --- requests -----------------------------------------------------------------------
+
+    async def retrain(
+        self, model: str, alert_id: int = 0, reason: str = ""
+    ) -> tuple[store_pb.TrainingJob, bool]:
+        try:
+            validate_name("model", model)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if alert_id < 0:
+            raise InvalidArgument("alert_id: must not be negative")
+        await self._champion(model)  # unknown model: NOT_FOUND, no job
+        response = await self.store.CreateTrainingJob(
+            store_pb.CreateTrainingJobRequest(
+                model=model,
+                alert_id=alert_id,
+                reason=reason or ("alert" if alert_id else "by hand"),
+                owner=self.owner,
+            ),
+            timeout=STORE_TIMEOUT,
+        )
+        if response.created:
+            self._enqueue(model, response.job.id)
+        return response.job, response.created
+
+    async def get(self, job_id: int) -> store_pb.TrainingJob:
+        if job_id <= 0:
+            raise InvalidArgument("job_id: must be positive")
+        response = await self.store.GetTrainingJob(
+            store_pb.GetTrainingJobRequest(job_id=job_id), timeout=STORE_TIMEOUT
+        )
+        job: store_pb.TrainingJob = response.job
+        return job
+
+    async def list(self, model: str, state: str, limit: int) -> list[store_pb.TrainingJob]:
+        response = await self.store.ListTrainingJobs(
+            store_pb.ListTrainingJobsRequest(model=model, state=state, limit=limit),
+            timeout=STORE_TIMEOUT,
+        )
+        return list(response.jobs)
+
+    async def cancel(self, job_id: int) -> store_pb.TrainingJob:
+        """Queued: it never runs. Running: it is marked cancelled now; the worker's result is
+        discarded when it returns (nothing is written or registered after that)."""
+        job = await self.get(job_id)
+        if job.state in TERMINAL:
+            return job
+        try:
+            response = await self.store.UpdateTrainingJob(
+                store_pb.UpdateTrainingJobRequest(
+                    job_id=job_id,
+                    state="cancelled",
+                    stage="done",
+                    message=f"cancelled while {job.stage}",
+                    finished_at=_ts(datetime.now(UTC)),
+                ),
+                timeout=STORE_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            return await self.get(job_id)  # it ended meanwhile
+        cancelled: store_pb.TrainingJob = response.job
+        return cancelled
+
+    async def watch(
+        self, job_id: int, interval: float = 0.1
+    ) -> AsyncIterator[store_pb.TrainingJob]:
+        """The job now, then every change, until it ends."""
+        last: tuple[int, int] | None = None
+        while True:
+            job = await self.get(job_id)
+            stamp = (job.updated_at.seconds, job.updated_at.nanos)
+            if stamp != last:
+                last = stamp
+                yield job
+            if job.state in TERMINAL:
+                return
+            await asyncio.sleep(interval)
+
+    # --- queues -------------------------------------------------------------------------
+
+    def _enqueue(self, model: str, job_id: int) -> None:
+        queue = self._queues.setdefault(model, asyncio.Queue())
+        queue.put_nowait(job_id)
+        consumer = self._consumers.get(model)
+        if consumer is None or consumer.done():
+            self._consumers[model] = asyncio.create_task(
+                self._consume(model, queue), name=f"retrain-{model}"
+            )
+
+    async def _consume(self, model: str, queue: asyncio.Queue[int]) -> None:
+        while True:
+            job_id = await queue.get()
+            async with self._slots:
+                try:
+                    await self._run(job_id, model)
+                except Exception:
+                    log.exception("job %d of %s crashed", job_id, model)
+
+    # --- one job ------------------------------------------------------------------------
+
+    async def _update(
+        self, job_id: int, expected: str = "running", **fields: Any
+    ) -> store_pb.TrainingJob:
+        for name in ("champion_metrics", "challenger_metrics"):
+            if name in fields:
+                fields[f"{name}_json"] = json.dumps(fields.pop(name))
+        for name, value in list(fields.items()):
+            if isinstance(value, datetime):
+                fields[name] = _ts(value)
+        try:
+            response = await self.store.UpdateTrainingJob(
+                store_pb.UpdateTrainingJobRequest(job_id=job_id, expected_state=expected, **fields),
+                timeout=STORE_TIMEOUT,
+            )
+            updated: store_pb.TrainingJob = response.job
+            return updated
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise _JobGone(exc.details()) from None
+            raise
+
+    async def _finish(self, job_id: int, state: str, message: str, **fields: Any) -> None:
+        with contextlib.suppress(_JobGone):
+            await self._update(
+                job_id,
+                state=state,
+                stage="done",
+                message=message,
+                finished_at=datetime.now(UTC),
+                **fields,
+            )
+        log.info("job %d: %s: %s", job_id, state, message)
+
+    async def _run(self, job_id: int, model: str) -> None:
+        try:
+            job = await self._update(
+                job_id, "queued", state="running", stage="fetch", started_at=datetime.now(UTC)
+            )
+        except _JobGone:
+            return  # cancelled while queued
+        try:
+            await self._execute(job_id, model, job.alert_id)
+        except _JobGone as exc:
+            log.info("job %d ended elsewhere (%s); result discarded", job_id, exc)
+        except JobFailure as exc:
+            await self._finish(job_id, "failed", str(exc))
+        except BrokenProcessPool:
+            self._pool = self._pool_factory(self.max_parallel)
+            await self._finish(job_id, "failed", "fit: the worker process died")
+        except grpc.aio.AioRpcError as exc:
+            await self._finish(job_id, "failed", f"store: {exc.code().name}: {exc.details()}")
+        except Exception as exc:
+            log.exception("job %d failed", job_id)
+            await self._finish(job_id, "failed", f"internal error: {type(exc).__name__}: {exc}")
+
+    async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pool is None:
+            raise RuntimeError("JobRunner is not started")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def _execute(self, job_id: int, model: str, alert_id: int) -> None:
+        champion = await self._champion(model)
+        plan = await self._plan(model, champion.task)
+        spec = plan.retrain
+        window = await self._fetch(model, champion, plan)
+        counts = window.rows
+        fields: dict[str, Any] = {
+            "window_rows": counts,
+            "champion_version": champion.version,
+            "family": spec.family,
+        }
+        if window.start is not None:
+            fields.update(window_start=window.start, window_end=window.end)
+        if counts < spec.min_rows:
+            await self._finish(
+                job_id,
+                "not_enough_data",
+                f"{counts} labelled rows in the window, retrain.min_rows is {spec.min_rows}",
+                **fields,
+            )
+            return
+        train_part, holdout_part = split_holdout(counts, spec.holdout)
+        train = window.frame.iloc[train_part].reset_index(drop=True)
+        holdout = window.frame.iloc[holdout_part].reset_index(drop=True)
+        if champion.task == "classification":
+            classes = class_counts(train["__cyclone_label__"])
+            if len(classes) < 2:
+                raise JobFailure(
+                    f"labels: the training rows have one class only ({classes}); "
+                    "a classifier needs at least two"
+                )
+        await self._update(
+            job_id, stage="fit", train_rows=len(train), holdout_rows=len(holdout), **fields
+        )
+        metric = primary_metric(plan, champion.task)
+        outcome: FitOutcome = await self._in_worker(
+            fit_and_evaluate,
+            FitTask(
+                model=model,
+                task=champion.task,  # type: ignore[arg-type]
+                features=champion.features,
+                train=train,
+                holdout=holdout,
+                champion_dir=str(champion.directory),
+                family=spec.family,
+                params=dict(spec.params),
+                metric=metric,
+                margin=spec.margin,
+                confidence=spec.confidence,
+                resamples=spec.resamples,
+            ),
+        )
+        await self._update(
+            job_id,
+            stage="evaluate",
+            champion_metrics=outcome.champion_metrics,
+            challenger_metrics=outcome.challenger_metrics,
+            decision=outcome.decision,
+        )
+        if not outcome.promote:
+            await self._finish(job_id, "rejected", outcome.decision)
+            return
+        await self._update(job_id, stage="convert")
+        version = await self._next_version(model)
+        written = await self._in_worker(
+            write_version,
+            outcome.pipeline,
+            model,
+            str(self.repository),
+            version,
+            holdout,
+            {"parent_version": champion.version, "training_job": job_id},
+        )
+        directory = Path(written.directory)
+        try:
+            await self._update(job_id, stage="register")
+            await self.store.RegisterTrainedVersion(
+                store_pb.RegisterTrainedVersionRequest(
+                    job_id=job_id,
+                    model_version=store_pb.ModelVersion(
+                        model=model,
+                        version=version,
+                        artifact_uri=written.directory,
+                        sha256=written.sha256,
+                        schema_json=json.dumps(written.schema),
+                        task=champion.task,
+                        parent_version=champion.version,
+                        training_window_start=_ts(window.start),
+                        training_window_end=_ts(window.end),
+                        triggering_alert_id=alert_id,
+                        evaluation_json=json.dumps(written.evaluation)
+                        if written.evaluation
+                        else "",
+                        reference_profile_json=json.dumps(written.reference_profile)
+                        if written.reference_profile
+                        else "",
+                        status=store_pb.MODEL_STATUS_STAGED,
+                        training_rows=len(train),
+                        family=spec.family,
+                        hyperparameters_json=json.dumps(outcome.hyperparameters),
+                        holdout_metrics_json=json.dumps(
+                            {
+                                "metric": metric.result_key,
+                                "holdout_rows": len(holdout),
+                                "champion": outcome.champion_metrics,
+                                "challenger": outcome.challenger_metrics,
+                                "decision": outcome.decision_numbers,
+                            }
+                        ),
+                    ),
+                ),
+                timeout=STORE_TIMEOUT,
+            )
+        except BaseException as exc:
+            # Not registered: the directory must not stay behind as a half-made version.
+            shutil.rmtree(directory, ignore_errors=True)
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ):
+                raise _JobGone(exc.details()) from None
+            raise
+        await self._update(job_id, stage="rollout")
+        try:
+            rollout_id = await self.rollout(model, version, job_id)
+        except Exception as exc:
+            raise JobFailure(
+                f"rollout: version {version} is registered (staged) but could not be rolled"
+                f" out: {exc}"
+            ) from None
+        await self._finish(
+            job_id,
+            "succeeded",
+            f"version {version} registered and handed to the rollout; {outcome.decision}",
+            rollout_id=rollout_id,
+        )
+
+    async def _champion(self, model: str) -> Champion:
+        try:
+            response = await self.store.GetModelVersion(
+                store_pb.GetModelVersionRequest(model=model), timeout=STORE_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(f"model: {model!r} is not registered") from None
+            raise
+        mv = response.model_version
+        schema = json.loads(mv.schema_json) if mv.schema_json else {}
+        features = tuple(
+            (str(f["name"]), "categorical" if f.get("kind") == "categorical" else "numeric")
+            for f in schema.get("features", [])
+        )
+        if not features or mv.task not in ("classification", "regression"):
+            raise JobFailure(f"model: {model!r} version {mv.version} has no usable schema")
+        directory = (
+            Path(mv.artifact_uri) if mv.artifact_uri else self.repository / model / mv.version
+        )
+        return Champion(mv.version, directory, mv.task, features)
+
+    async def _plan(self, model: str, task: str) -> Plan:
+        try:
+            response = await self.store.GetPlan(
+                store_pb.GetPlanRequest(model=model), timeout=STORE_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return default_plan(model, task)  # type: ignore[arg-type]
+            raise
+        try:
+            return parse_plan(response.plan_yaml)
+        except PlanError as exc:
+            raise JobFailure(f"plan: {'; '.join(exc.problems)}") from None
+
+    async def _fetch(self, model: str, champion: Champion, plan: Plan) -> LabelledWindow:
+        request = window_request(model, plan.retrain, datetime.now(UTC))
+        stream = self.store.GetTrainingData(request, timeout=STORE_TIMEOUT * 4)
+        return await collect(stream, champion.features, champion.task)
+
+    async def _next_version(self, model: str) -> str:
+        response = await self.store.ListModelVersions(
+            store_pb.ListModelVersionsRequest(model=model), timeout=STORE_TIMEOUT
+        )
+        known = [v.version for v in response.model_versions]
+        known += ModelRepository(self.repository).versions(model)
+        if (self.repository / model).is_dir():
+            known += [p.name for p in (self.repository / model).iterdir()]
+        return str(max((int(v) for v in known if v.isdigit()), default=0) + 1)

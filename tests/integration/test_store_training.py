@@ -1,0 +1,272 @@
+"""The store's training-job RPCs and the one-transaction registration of retrained versions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+
+from cyclone.store.v1 import store_service_pb2 as pb
+from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
+from services.store.main import StoreSettings, build_store_server
+
+pytestmark = pytest.mark.integration
+
+Code = grpc.StatusCode
+
+
+@pytest.fixture
+async def stub(fresh_database_url: str) -> AsyncIterator[pb_grpc.StoreServiceStub]:
+    server = await build_store_server(
+        StoreSettings(port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1)
+    )
+    await server.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield pb_grpc.StoreServiceStub(channel)
+    finally:
+        await server.stop(0)
+
+
+async def fails(call: Any, code: grpc.StatusCode, field: str) -> None:
+    with pytest.raises(aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, info.value.details()
+    assert (info.value.details() or "").startswith(field), info.value.details()
+
+
+def version(v: str = "2", **extra: Any) -> pb.ModelVersion:
+    fields: dict[str, Any] = {"sha256": "abc", "task": "regression", **extra}
+    return pb.ModelVersion(model="m", version=v, **fields)
+
+
+async def test_job_life_cycle_and_idempotent_create(stub: pb_grpc.StoreServiceStub) -> None:
+    first = await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m", alert_id=5))
+    again = await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m", alert_id=5))
+    assert first.created and not again.created and again.job.id == first.job.id
+    job_id = first.job.id
+    running = await stub.UpdateTrainingJob(
+        pb.UpdateTrainingJobRequest(
+            job_id=job_id,
+            state="running",
+            stage="fit",
+            window_rows=10,
+            champion_metrics_json='{"accuracy": 0.8}',
+            expected_state="queued",
+        )
+    )
+    assert running.job.state == "running" and running.job.window_rows == 10
+    assert json.loads(running.job.champion_metrics_json) == {"accuracy": 0.8}
+    registered = await stub.RegisterTrainedVersion(
+        pb.RegisterTrainedVersionRequest(
+            job_id=job_id,
+            model_version=version(
+                parent_version="1",
+                triggering_alert_id=5,
+                training_rows=8,
+                family="refit",
+                hyperparameters_json='{"alpha": 1}',
+                holdout_metrics_json='{"champion": {"rmse": 2}, "challenger": {"rmse": 1}}',
+            ),
+        )
+    )
+    assert registered.job.new_version == "2"
+    got = (
+        await stub.GetModelVersion(pb.GetModelVersionRequest(model="m", version="2"))
+    ).model_version
+    assert (got.training_rows, got.family, got.parent_version) == (8, "refit", "1")
+    assert json.loads(got.hyperparameters_json) == {"alpha": 1}
+    assert got.status == pb.MODEL_STATUS_STAGED
+    done = await stub.UpdateTrainingJob(
+        pb.UpdateTrainingJobRequest(job_id=job_id, state="succeeded", stage="done")
+    )
+    assert done.job.state == "succeeded"
+    # An ended job no longer changes.
+    await fails(
+        stub.UpdateTrainingJob(pb.UpdateTrainingJobRequest(job_id=job_id, state="failed")),
+        Code.FAILED_PRECONDITION,
+        "job_id",
+    )
+    listed = await stub.ListTrainingJobs(pb.ListTrainingJobsRequest(model="m", state="succeeded"))
+    assert [j.id for j in listed.jobs] == [job_id]
+
+
+async def test_registering_for_a_job_that_is_not_running_changes_nothing(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    job = (await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m"))).job
+    await fails(
+        stub.RegisterTrainedVersion(
+            pb.RegisterTrainedVersionRequest(job_id=job.id, model_version=version())
+        ),
+        Code.FAILED_PRECONDITION,
+        "job_id",
+    )
+    listed = await stub.ListModelVersions(pb.ListModelVersionsRequest(model="m"))
+    assert list(listed.model_versions) == []
+
+
+async def test_a_duplicate_version_rolls_the_registration_back(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    await stub.RegisterModelVersion(pb.RegisterModelVersionRequest(model_version=version()))
+    job = (await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m"))).job
+    await stub.UpdateTrainingJob(pb.UpdateTrainingJobRequest(job_id=job.id, state="running"))
+    await fails(
+        stub.RegisterTrainedVersion(
+            pb.RegisterTrainedVersionRequest(job_id=job.id, model_version=version())
+        ),
+        Code.INVALID_ARGUMENT,
+        "model_version",
+    )
+    after = (await stub.GetTrainingJob(pb.GetTrainingJobRequest(job_id=job.id))).job
+    assert after.new_version == ""
+
+
+async def test_orphaned_jobs_of_other_owners_fail(stub: pb_grpc.StoreServiceStub) -> None:
+    old = (await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m", owner="a"))).job
+    mine = (await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m", owner="b"))).job
+    failed = await stub.FailOrphanedTrainingJobs(
+        pb.FailOrphanedTrainingJobsRequest(owner="b", reason="restarted")
+    )
+    assert [j.id for j in failed.jobs] == [old.id]
+    assert failed.jobs[0].state == "failed" and failed.jobs[0].message == "restarted"
+    still = (await stub.GetTrainingJob(pb.GetTrainingJobRequest(job_id=mine.id))).job
+    assert still.state == "queued"
+
+
+async def test_training_rpcs_bad_input(stub: pb_grpc.StoreServiceStub) -> None:
+    job = (await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m", alert_id=9))).job
+    cases = [
+        (
+            stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="")),
+            Code.INVALID_ARGUMENT,
+            "model",
+        ),
+        (
+            stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="a b")),
+            Code.INVALID_ARGUMENT,
+            "model",
+        ),
+        (
+            stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m", alert_id=-1)),
+            Code.INVALID_ARGUMENT,
+            "alert_id",
+        ),
+        (
+            stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="other", alert_id=9)),
+            Code.INVALID_ARGUMENT,
+            "alert_id",
+        ),
+        (
+            stub.UpdateTrainingJob(pb.UpdateTrainingJobRequest(job_id=0)),
+            Code.INVALID_ARGUMENT,
+            "job_id",
+        ),
+        (
+            stub.UpdateTrainingJob(pb.UpdateTrainingJobRequest(job_id=999, stage="x")),
+            Code.NOT_FOUND,
+            "job_id",
+        ),
+        (
+            stub.UpdateTrainingJob(pb.UpdateTrainingJobRequest(job_id=job.id, state="done")),
+            Code.INVALID_ARGUMENT,
+            "state",
+        ),
+        (
+            stub.UpdateTrainingJob(
+                pb.UpdateTrainingJobRequest(job_id=job.id, expected_state="paused")
+            ),
+            Code.INVALID_ARGUMENT,
+            "expected_state",
+        ),
+        (
+            stub.UpdateTrainingJob(pb.UpdateTrainingJobRequest(job_id=job.id, window_rows=-1)),
+            Code.INVALID_ARGUMENT,
+            "window_rows",
+        ),
+        (
+            stub.UpdateTrainingJob(
+                pb.UpdateTrainingJobRequest(job_id=job.id, champion_metrics_json='{"a": NaN}')
+            ),
+            Code.INVALID_ARGUMENT,
+            "champion_metrics_json",
+        ),
+        (
+            stub.UpdateTrainingJob(
+                pb.UpdateTrainingJobRequest(job_id=job.id, challenger_metrics_json='{"a": "x"}')
+            ),
+            Code.INVALID_ARGUMENT,
+            "challenger_metrics_json",
+        ),
+        (
+            stub.UpdateTrainingJob(
+                pb.UpdateTrainingJobRequest(
+                    job_id=job.id, state="running", expected_state="running"
+                )
+            ),
+            Code.FAILED_PRECONDITION,
+            "job_id",
+        ),
+        (stub.GetTrainingJob(pb.GetTrainingJobRequest(job_id=-3)), Code.INVALID_ARGUMENT, "job_id"),
+        (stub.GetTrainingJob(pb.GetTrainingJobRequest(job_id=999)), Code.NOT_FOUND, "job_id"),
+        (
+            stub.ListTrainingJobs(pb.ListTrainingJobsRequest(state="x")),
+            Code.INVALID_ARGUMENT,
+            "state",
+        ),
+        (
+            stub.ListTrainingJobs(pb.ListTrainingJobsRequest(limit=1001)),
+            Code.INVALID_ARGUMENT,
+            "limit",
+        ),
+        (
+            stub.FailOrphanedTrainingJobs(pb.FailOrphanedTrainingJobsRequest()),
+            Code.INVALID_ARGUMENT,
+            "owner",
+        ),
+        (
+            stub.RegisterTrainedVersion(pb.RegisterTrainedVersionRequest(job_id=job.id)),
+            Code.INVALID_ARGUMENT,
+            "model_version",
+        ),
+        (
+            stub.RegisterTrainedVersion(
+                pb.RegisterTrainedVersionRequest(job_id=job.id, model_version=version(sha256=""))
+            ),
+            Code.INVALID_ARGUMENT,
+            "model_version.sha256",
+        ),
+        (
+            stub.RegisterTrainedVersion(
+                pb.RegisterTrainedVersionRequest(
+                    job_id=job.id, model_version=version(hyperparameters_json="[1]")
+                )
+            ),
+            Code.INVALID_ARGUMENT,
+            "model_version.hyperparameters_json",
+        ),
+        (
+            stub.RegisterTrainedVersion(
+                pb.RegisterTrainedVersionRequest(
+                    job_id=job.id,
+                    model_version=pb.ModelVersion(model="other", version="2", sha256="a"),
+                )
+            ),
+            Code.INVALID_ARGUMENT,
+            "model_version.model",
+        ),
+        (
+            stub.RegisterTrainedVersion(
+                pb.RegisterTrainedVersionRequest(job_id=999, model_version=version())
+            ),
+            Code.NOT_FOUND,
+            "job_id",
+        ),
+    ]
+    for call, code, field in cases:
+        await fails(call, code, field)
