@@ -29,6 +29,7 @@ import yaml
 
 from cyclone.plugin_api import Level
 from cyclone.plugins import Plugins, get_plugins
+from cyclone.rollout_plan import RolloutSpec, check_rollout, rollout_to_dict
 
 ACTIONS = ("retrain", "rollback", "notify")
 CONDITIONS = ("below", "above", "relative_drop")
@@ -103,6 +104,7 @@ class Plan:
     triggers: tuple[Trigger, ...] = ()
     actions: dict[Level, tuple[str, ...]] = field(default_factory=dict)
     notify: tuple[SinkRef, ...] = ()
+    rollout: RolloutSpec = field(default_factory=RolloutSpec)
 
 
 def parse_duration(text: str) -> int:
@@ -216,7 +218,8 @@ def plan_from_dict(data: Mapping[str, Any], registry: Registry | None = None) ->
     c = _Checker()
     c.unknown_keys(
         data,
-        {"model", "window", "schedule", "metrics", "drift", "triggers", "actions", "notify"},
+        {"model", "window", "schedule", "metrics", "drift", "triggers", "actions", "notify"}
+        | {"rollout"},
         "",
     )
     model = data.get("model")
@@ -232,9 +235,11 @@ def plan_from_dict(data: Mapping[str, Any], registry: Registry | None = None) ->
     triggers = _triggers(c, data.get("triggers"), metrics, drift)
     actions = _actions(c, data.get("actions"))
     notify = _notify(c, data.get("notify"), reg)
+    rollout, rollout_problems = check_rollout(data.get("rollout"), "rollout")
+    c.problems.extend(rollout_problems)
     if c.problems:
         raise PlanError(c.problems)
-    return Plan(model, window, every, metrics, drift, triggers, actions, notify)
+    return Plan(model, window, every, metrics, drift, triggers, actions, notify, rollout)
 
 
 def _window(c: _Checker, raw: object) -> WindowSpec:
@@ -413,6 +418,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     data["actions"] = {level.value: list(names) for level, names in plan.actions.items()}
     if plan.notify:
         data["notify"] = [{"sink": s.sink, "config": dict(s.config)} for s in plan.notify]
+    if plan.rollout != RolloutSpec():
+        data["rollout"] = rollout_to_dict(plan.rollout)
     return data
 
 

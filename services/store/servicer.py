@@ -29,6 +29,7 @@ from services.store.db import (
 from services.store.db.copy_binary import RecordError, encode_predictions
 from services.store.guard import store_rpc
 from services.store.monitoring_rpcs import MonitoringRpcs
+from services.store.rollout_rpcs import RolloutRpcs
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def _find_bad_json(records: Sequence[pb.PredictionRecord], offset: int) -> Inval
     return InvalidArgument("records: the database rejected the batch as malformed")
 
 
-class StoreServicer(MonitoringRpcs, pb_grpc.StoreServiceServicer):
+class StoreServicer(MonitoringRpcs, RolloutRpcs, pb_grpc.StoreServiceServicer):
     def __init__(self, db: StoreDB) -> None:
         self.db = db
 

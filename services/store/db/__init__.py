@@ -15,6 +15,7 @@ from .ingest import IngestMixin
 from .outbox import OutboxMixin
 from .reads import ReadsMixin, decode_page_token, encode_page_token
 from .registry import RegistryMixin
+from .rollouts import RolloutsMixin
 from .types import (
     Alert,
     AlreadyExistsError,
@@ -39,7 +40,7 @@ from .types import (
 )
 
 
-class StoreDB(IngestMixin, ReadsMixin, RegistryMixin, OutboxMixin, HealthMixin):
+class StoreDB(IngestMixin, ReadsMixin, RegistryMixin, OutboxMixin, HealthMixin, RolloutsMixin):
     """The store's database: see the mixins for the methods."""
 
     async def __aenter__(self) -> StoreDB:
