@@ -99,9 +99,7 @@ class RolloutController:
                     f"model: {model!r} already has an active rollout ({active[0].id}, to version"
                     f" {active[0].to_version}); promote or roll it back first"
                 )
-            spec = (await self.store.rollout_spec(model)).with_strategy(
-                cast(Strategy | None, strategy)
-            )
+            spec = (await self.store.rollout_spec(model)).with_strategy(strategy)
             champion = await self.store.serving_version(model)
             now = self.clock()
             rollout = Rollout(
@@ -525,6 +523,7 @@ class RolloutController:
     ) -> None:
         """All traffic to the new revision; old one out of the split, drained, then stopped."""
         new = await self._running(self._new_name(r))
+        r.progress.shadow = ""  # a promoted shadow takes the traffic instead of a copy of it
         if r.progress.phase != "finalize":
             r.progress.phase = "finalize"
             await self._apply(r, {new.name: 100}, [new])
@@ -545,6 +544,7 @@ class RolloutController:
     ) -> None:
         """Champion back to 100 % first, then the challenger stops and is retired."""
         champion = await self._champion_revision(r)
+        r.progress.shadow = ""
         if champion is not None:
             await self._apply(r, {champion.name: 100}, [champion])
         else:
