@@ -43,6 +43,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("features", "plugins.features"),
     ("drift", "plugins.drift"),
     ("alert_sinks", "plugins.alert_sinks"),
+    ("orchestrator_local", "plugins.orchestrator_local"),
 )
 
 
