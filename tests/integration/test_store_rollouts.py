@@ -11,9 +11,13 @@ import grpc
 import pytest
 from grpc import aio
 
+from cyclone.errors import FailedPrecondition
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
 from services.store.main import StoreSettings, build_store_server
+from services.trainer.rollout import RolloutController, RolloutState
+from services.trainer.rollout.store_gateway import StoreGateway
+from tests.unit.test_rollout_controller import FakeOrchestrator, FakeRouter
 
 pytestmark = pytest.mark.integration
 
@@ -21,24 +25,29 @@ M = "credit"
 
 
 @pytest.fixture
-async def stub(fresh_database_url: str) -> AsyncIterator[pb_grpc.StoreServiceStub]:
+async def store_address(fresh_database_url: str) -> AsyncIterator[str]:
     settings = StoreSettings(
         port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1
     )
     server = await build_store_server(settings)
     await server.start()
     try:
-        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            s = pb_grpc.StoreServiceStub(channel)
-            for v in ("1", "2", "3"):
-                await s.RegisterModelVersion(
-                    pb.RegisterModelVersionRequest(
-                        model_version=pb.ModelVersion(model=M, version=v, task="classification")
-                    )
-                )
-            yield s
+        yield f"127.0.0.1:{server.port}"
     finally:
         await server.stop(0)
+
+
+@pytest.fixture
+async def stub(store_address: str) -> AsyncIterator[pb_grpc.StoreServiceStub]:
+    async with aio.insecure_channel(store_address) as channel:
+        s = pb_grpc.StoreServiceStub(channel)
+        for v in ("1", "2", "3"):
+            await s.RegisterModelVersion(
+                pb.RegisterModelVersionRequest(
+                    model_version=pb.ModelVersion(model=M, version=v, task="classification")
+                )
+            )
+        yield s
 
 
 async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, *fragments: str) -> None:
@@ -213,3 +222,45 @@ async def test_update_get_list_bad_input(stub: pb_grpc.StoreServiceStub) -> None
     # Nothing of the refused updates was written.
     got = (await stub.GetRollout(pb.GetRolloutRequest(rollout_id=rid))).rollout
     assert got.state == "pending" and len(got.events) == 1
+
+
+async def test_controller_records_a_canary_in_the_store(
+    store_address: str, stub: pb_grpc.StoreServiceStub
+) -> None:
+    """The controller over the real store: statuses, plan section, steps and numbers persist."""
+    await stub.SetModelStatus(
+        pb.SetModelStatusRequest(model=M, version="1", status=pb.MODEL_STATUS_SERVING)
+    )
+    await stub.SavePlan(
+        pb.SavePlanRequest(
+            model=M,
+            plan_yaml="model: credit\nrollout:\n  steps: [50, 100]\n  interval: 10ms\n"
+            "  step_duration: 30ms\n  min_requests: 20\n  deadline: 300ms\n  drain: 50ms\n",
+        )
+    )
+    orchestrator = FakeOrchestrator()
+    await orchestrator.start(M, "1", 1)
+    router = FakeRouter(orchestrator)
+    gateway = StoreGateway(store_address)
+    controller = RolloutController(orchestrator, router, gateway)
+    try:
+        started = await controller.start(M, "2")
+        with pytest.raises(FailedPrecondition, match="active rollout"):
+            await controller.start(M, "3")
+        done = await controller.wait(started.id, 10)
+    finally:
+        await controller.close()
+    stored = await gateway.get(started.id)
+    await gateway.close()
+    assert done.state is RolloutState.PROMOTED, done.steps
+    assert stored is not None and stored.state is RolloutState.PROMOTED
+    assert stored.spec.steps == (50, 100) and stored.spec.interval_seconds == 0.01
+    assert [s.decision for s in stored.steps] == [s.decision for s in done.steps]
+    assert any("canary_error_rate" in s.numbers for s in stored.steps)
+    versions = (await stub.ListModelVersions(pb.ListModelVersionsRequest(model=M))).model_versions
+    status = {v.version: v.status for v in versions}
+    assert status == {
+        "1": pb.MODEL_STATUS_RETIRED,
+        "2": pb.MODEL_STATUS_SERVING,
+        "3": pb.MODEL_STATUS_STAGED,
+    }
