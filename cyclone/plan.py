@@ -29,6 +29,7 @@ import yaml
 
 from cyclone.plugin_api import Level
 from cyclone.plugins import Plugins, get_plugins
+from cyclone.rollout_plan import RolloutSpec, check_rollout, rollout_to_dict
 
 ACTIONS = ("retrain", "rollback", "notify")
 CONDITIONS = ("below", "above", "relative_drop")
@@ -129,6 +130,7 @@ class Plan:
     actions: dict[Level, tuple[str, ...]] = field(default_factory=dict)
     notify: tuple[SinkRef, ...] = ()
     retrain: RetrainSpec = field(default_factory=RetrainSpec)
+    rollout: RolloutSpec = field(default_factory=RolloutSpec)
 
 
 def parse_duration(text: str) -> int:
@@ -254,6 +256,7 @@ def plan_from_dict(data: Mapping[str, Any], registry: Registry | None = None) ->
             "actions",
             "notify",
             "retrain",
+            "rollout",
         },
         "",
     )
@@ -271,9 +274,11 @@ def plan_from_dict(data: Mapping[str, Any], registry: Registry | None = None) ->
     actions = _actions(c, data.get("actions"))
     notify = _notify(c, data.get("notify"), reg)
     retrain = _retrain(c, data.get("retrain"), reg)
+    rollout, rollout_problems = check_rollout(data.get("rollout"), "rollout")
+    c.problems.extend(rollout_problems)
     if c.problems:
         raise PlanError(c.problems)
-    return Plan(model, window, every, metrics, drift, triggers, actions, notify, retrain)
+    return Plan(model, window, every, metrics, drift, triggers, actions, notify, retrain, rollout)
 
 
 def _window(c: _Checker, raw: object) -> WindowSpec:
@@ -579,6 +584,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     if plan.notify:
         data["notify"] = [{"sink": s.sink, "config": dict(s.config)} for s in plan.notify]
     data["retrain"] = _retrain_to_yaml(plan.retrain)
+    if plan.rollout != RolloutSpec():
+        data["rollout"] = rollout_to_dict(plan.rollout)
     return data
 
 

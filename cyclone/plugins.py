@@ -44,6 +44,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("drift", "plugins.drift"),
     ("alert_sinks", "plugins.alert_sinks"),
     ("families", "plugins.families"),
+    ("orchestrator_local", "plugins.orchestrator_local"),
 )
 
 

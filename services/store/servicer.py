@@ -16,12 +16,13 @@ from services.store.db import StoreDB
 from services.store.domain import Store
 from services.store.errors import database_errors
 from services.store.monitoring_rpcs import MonitoringRpcs
+from services.store.rollout_rpcs import RolloutRpcs
 from services.store.training_rpcs import TrainingRpcs
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 
 
-class StoreServicer(MonitoringRpcs, TrainingRpcs, pb_grpc.StoreServiceServicer):
+class StoreServicer(MonitoringRpcs, TrainingRpcs, RolloutRpcs, pb_grpc.StoreServiceServicer):
     def __init__(self, db: StoreDB) -> None:
         self.db = db
         self.store = Store(db)

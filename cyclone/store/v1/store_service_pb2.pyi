@@ -2323,3 +2323,379 @@ class RegisterTrainedVersionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterTrainedVersionResponse: _TypeAlias = RegisterTrainedVersionResponse  # noqa: Y015
+
+@_typing.final
+class RolloutEvent(_message.Message):
+    """RolloutEvent is one recorded step or decision of a rollout, with its numbers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NumbersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    NUMBERS_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """Position in the rollout, from 1; assigned by the store."""
+    state: _builtins.str
+    """Rollout state after it: pending, progressing, paused, promoted, rolled_back, failed."""
+    weight: _builtins.float
+    """Share of traffic on the new version after it, 0 to 100."""
+    decision: _builtins.str
+    """What was decided: start, healthy, advance, hold, check_failed, promote, rollback, ..."""
+    reason: _builtins.str
+    """Why, human readable."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened; unset means now."""
+
+    @_builtins.property
+    def numbers(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The numbers the decision used (error rates, p-values, latencies, metric values)."""
+
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        state: _builtins.str = ...,
+        weight: _builtins.float = ...,
+        decision: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        numbers: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "numbers", b"numbers", "reason", b"reason", "seq", b"seq", "state", b"state", "time", b"time", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutEvent: _TypeAlias = RolloutEvent  # noqa: Y015
+
+@_typing.final
+class RolloutRecord(_message.Message):
+    """RolloutRecord is one rollout as the store keeps it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    TO_VERSION_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CURRENT_WEIGHT_FIELD_NUMBER: _builtins.int
+    WEIGHTS_JSON_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SPEC_JSON_FIELD_NUMBER: _builtins.int
+    PROGRESS_JSON_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Rollout id; assigned by the store."""
+    model: _builtins.str
+    """Model name."""
+    from_version: _builtins.str
+    """The version traffic moves from; empty for a model's first version."""
+    to_version: _builtins.str
+    """The version traffic moves to."""
+    strategy: _builtins.str
+    """canary, blue_green, red_black or shadow."""
+    state: _builtins.str
+    """pending, progressing, paused, promoted, rolled_back or failed."""
+    current_weight: _builtins.float
+    """Share of traffic on to_version, 0 to 100."""
+    weights_json: _builtins.str
+    """Revision name to percent, as last applied to the proxy, JSON object."""
+    reason: _builtins.str
+    """Why it ended the way it did."""
+    spec_json: _builtins.str
+    """The rollout plan section in force, JSON object."""
+    progress_json: _builtins.str
+    """The controller's resumable progress (step, failed checks, baselines), JSON object."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutEvent]:
+        """Events, oldest first."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """Last change."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        model: _builtins.str = ...,
+        from_version: _builtins.str = ...,
+        to_version: _builtins.str = ...,
+        strategy: _builtins.str = ...,
+        state: _builtins.str = ...,
+        current_weight: _builtins.float = ...,
+        weights_json: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        spec_json: _builtins.str = ...,
+        progress_json: _builtins.str = ...,
+        events: _abc.Iterable[Global___RolloutEvent] | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_weight", b"current_weight", "events", b"events", "from_version", b"from_version", "id", b"id", "model", b"model", "progress_json", b"progress_json", "reason", b"reason", "spec_json", b"spec_json", "state", b"state", "strategy", b"strategy", "to_version", b"to_version", "updated_at", b"updated_at", "weights_json", b"weights_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutRecord: _TypeAlias = RolloutRecord  # noqa: Y015
+
+@_typing.final
+class CreateRolloutRequest(_message.Message):
+    """CreateRolloutRequest records a new rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___RolloutRecord:
+        """The rollout; id, events and times are ignored."""
+
+    @_builtins.property
+    def event(self) -> Global___RolloutEvent:
+        """Its first event."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___RolloutRecord | None = ...,
+        event: Global___RolloutEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateRolloutRequest: _TypeAlias = CreateRolloutRequest  # noqa: Y015
+
+@_typing.final
+class CreateRolloutResponse(_message.Message):
+    """CreateRolloutResponse returns the stored rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___RolloutRecord:
+        """The rollout with its id."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___RolloutRecord | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateRolloutResponse: _TypeAlias = CreateRolloutResponse  # noqa: Y015
+
+@_typing.final
+class UpdateRolloutRequest(_message.Message):
+    """UpdateRolloutRequest records progress of a rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CURRENT_WEIGHT_FIELD_NUMBER: _builtins.int
+    WEIGHTS_JSON_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PROGRESS_JSON_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.int
+    """Rollout id."""
+    state: _builtins.str
+    """New state (see RolloutRecord.state)."""
+    current_weight: _builtins.float
+    """Share of traffic on to_version, 0 to 100."""
+    weights_json: _builtins.str
+    """Revision name to percent, JSON object; empty keeps the recorded one."""
+    reason: _builtins.str
+    """Why; empty keeps the recorded one."""
+    progress_json: _builtins.str
+    """Progress, JSON object; empty keeps the recorded one."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutEvent]:
+        """Events to append."""
+
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.int = ...,
+        state: _builtins.str = ...,
+        current_weight: _builtins.float = ...,
+        weights_json: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        progress_json: _builtins.str = ...,
+        events: _abc.Iterable[Global___RolloutEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_weight", b"current_weight", "events", b"events", "progress_json", b"progress_json", "reason", b"reason", "rollout_id", b"rollout_id", "state", b"state", "weights_json", b"weights_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateRolloutRequest: _TypeAlias = UpdateRolloutRequest  # noqa: Y015
+
+@_typing.final
+class UpdateRolloutResponse(_message.Message):
+    """UpdateRolloutResponse returns the rollout after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___RolloutRecord:
+        """The rollout."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___RolloutRecord | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateRolloutResponse: _TypeAlias = UpdateRolloutResponse  # noqa: Y015
+
+@_typing.final
+class GetRolloutRequest(_message.Message):
+    """GetRolloutRequest names a rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.int
+    """Rollout id."""
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutRequest: _TypeAlias = GetRolloutRequest  # noqa: Y015
+
+@_typing.final
+class GetRolloutResponse(_message.Message):
+    """GetRolloutResponse returns a rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___RolloutRecord:
+        """The rollout with its events."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___RolloutRecord | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutResponse: _TypeAlias = GetRolloutResponse  # noqa: Y015
+
+@_typing.final
+class ListRolloutsRequest(_message.Message):
+    """ListRolloutsRequest filters rollouts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    ACTIVE_ONLY_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name; empty means all."""
+    active_only: _builtins.bool
+    """Only pending, progressing and paused rollouts."""
+    limit: _builtins.int
+    """Most rollouts; 0 means 50."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        active_only: _builtins.bool = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_only", b"active_only", "limit", b"limit", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsRequest: _TypeAlias = ListRolloutsRequest  # noqa: Y015
+
+@_typing.final
+class ListRolloutsResponse(_message.Message):
+    """ListRolloutsResponse lists rollouts, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutRecord]:
+        """The rollouts."""
+
+    def __init__(
+        self,
+        *,
+        rollouts: _abc.Iterable[Global___RolloutRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollouts", b"rollouts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsResponse: _TypeAlias = ListRolloutsResponse  # noqa: Y015

@@ -161,6 +161,26 @@ class StoreServiceStub:
                 request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.RegisterTrainedVersionRequest.SerializeToString,
                 response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.RegisterTrainedVersionResponse.FromString,
                 _registered_method=True)
+        self.CreateRollout = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/CreateRollout',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateRolloutRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateRolloutResponse.FromString,
+                _registered_method=True)
+        self.UpdateRollout = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/UpdateRollout',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.UpdateRolloutRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.UpdateRolloutResponse.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/GetRollout',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/ListRollouts',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
 
 
 class StoreServiceServicer:
@@ -357,6 +377,39 @@ class StoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateRollout(self, request, context):
+        """Rollouts
+
+        CreateRollout records a new rollout with its first event. A model has at
+        most one active (pending, progressing or paused) rollout: a second one is
+        refused with FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateRollout(self, request, context):
+        """UpdateRollout records a rollout's new state, weights and progress and
+        appends its events, in one transaction. An ended rollout cannot change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """GetRollout returns one rollout with all its events.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """ListRollouts lists rollouts with their events, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -484,6 +537,26 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.RegisterTrainedVersion,
                     request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.RegisterTrainedVersionRequest.FromString,
                     response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.RegisterTrainedVersionResponse.SerializeToString,
+            ),
+            'CreateRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRollout,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateRolloutRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateRolloutResponse.SerializeToString,
+            ),
+            'UpdateRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRollout,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.UpdateRolloutRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.UpdateRolloutResponse.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetRolloutRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListRolloutsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1163,6 +1236,114 @@ class StoreService:
             '/cyclone.store.v1.StoreService/RegisterTrainedVersion',
             cyclone_dot_store_dot_v1_dot_store__service__pb2.RegisterTrainedVersionRequest.SerializeToString,
             cyclone_dot_store_dot_v1_dot_store__service__pb2.RegisterTrainedVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/CreateRollout',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateRolloutRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/UpdateRollout',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.UpdateRolloutRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.UpdateRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/GetRollout',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.GetRolloutRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/ListRollouts',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ListRolloutsRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ListRolloutsResponse.FromString,
             options,
             channel_credentials,
             insecure,

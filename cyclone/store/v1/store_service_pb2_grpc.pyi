@@ -109,6 +109,21 @@ class StoreServiceStub:
     """RegisterTrainedVersion registers a retrained version with its lineage and
     records it on its job, in one transaction.
     """
+    CreateRollout: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.CreateRolloutRequest, _store_service_pb2.CreateRolloutResponse]
+    """Rollouts
+
+    CreateRollout records a new rollout with its first event. A model has at
+    most one active (pending, progressing or paused) rollout: a second one is
+    refused with FAILED_PRECONDITION.
+    """
+    UpdateRollout: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.UpdateRolloutRequest, _store_service_pb2.UpdateRolloutResponse]
+    """UpdateRollout records a rollout's new state, weights and progress and
+    appends its events, in one transaction. An ended rollout cannot change.
+    """
+    GetRollout: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.GetRolloutRequest, _store_service_pb2.GetRolloutResponse]
+    """GetRollout returns one rollout with all its events."""
+    ListRollouts: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ListRolloutsRequest, _store_service_pb2.ListRolloutsResponse]
+    """ListRollouts lists rollouts with their events, newest first."""
 
 @_typing.type_check_only
 class StoreServiceAsyncStub(StoreServiceStub):
@@ -191,6 +206,21 @@ class StoreServiceAsyncStub(StoreServiceStub):
     """RegisterTrainedVersion registers a retrained version with its lineage and
     records it on its job, in one transaction.
     """
+    CreateRollout: _aio.UnaryUnaryMultiCallable[_store_service_pb2.CreateRolloutRequest, _store_service_pb2.CreateRolloutResponse]  # type: ignore[assignment]
+    """Rollouts
+
+    CreateRollout records a new rollout with its first event. A model has at
+    most one active (pending, progressing or paused) rollout: a second one is
+    refused with FAILED_PRECONDITION.
+    """
+    UpdateRollout: _aio.UnaryUnaryMultiCallable[_store_service_pb2.UpdateRolloutRequest, _store_service_pb2.UpdateRolloutResponse]  # type: ignore[assignment]
+    """UpdateRollout records a rollout's new state, weights and progress and
+    appends its events, in one transaction. An ended rollout cannot change.
+    """
+    GetRollout: _aio.UnaryUnaryMultiCallable[_store_service_pb2.GetRolloutRequest, _store_service_pb2.GetRolloutResponse]  # type: ignore[assignment]
+    """GetRollout returns one rollout with all its events."""
+    ListRollouts: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ListRolloutsRequest, _store_service_pb2.ListRolloutsResponse]  # type: ignore[assignment]
+    """ListRollouts lists rollouts with their events, newest first."""
 
 class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
     """StoreService keeps every prediction with its late-arriving label, the model
@@ -420,5 +450,44 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         """RegisterTrainedVersion registers a retrained version with its lineage and
         records it on its job, in one transaction.
         """
+
+    @_abc_1.abstractmethod
+    def CreateRollout(
+        self,
+        request: _store_service_pb2.CreateRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.CreateRolloutResponse, _abc.Awaitable[_store_service_pb2.CreateRolloutResponse]]:
+        """Rollouts
+
+        CreateRollout records a new rollout with its first event. A model has at
+        most one active (pending, progressing or paused) rollout: a second one is
+        refused with FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateRollout(
+        self,
+        request: _store_service_pb2.UpdateRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.UpdateRolloutResponse, _abc.Awaitable[_store_service_pb2.UpdateRolloutResponse]]:
+        """UpdateRollout records a rollout's new state, weights and progress and
+        appends its events, in one transaction. An ended rollout cannot change.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _store_service_pb2.GetRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.GetRolloutResponse, _abc.Awaitable[_store_service_pb2.GetRolloutResponse]]:
+        """GetRollout returns one rollout with all its events."""
+
+    @_abc_1.abstractmethod
+    def ListRollouts(
+        self,
+        request: _store_service_pb2.ListRolloutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.ListRolloutsResponse, _abc.Awaitable[_store_service_pb2.ListRolloutsResponse]]:
+        """ListRollouts lists rollouts with their events, newest first."""
 
 def add_StoreServiceServicer_to_server(servicer: StoreServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,6 +15,7 @@ from .ingest import IngestMixin
 from .outbox import OutboxMixin
 from .reads import ReadsMixin, decode_page_token, encode_page_token
 from .registry import RegistryMixin
+from .rollouts import RolloutsMixin
 from .training import JobEndedError, TrainingJob, TrainingMixin
 from .types import (
     EPOCH,
@@ -42,7 +43,9 @@ from .types import (
 )
 
 
-class StoreDB(TrainingMixin, IngestMixin, ReadsMixin, RegistryMixin, OutboxMixin, HealthMixin):
+class StoreDB(
+    TrainingMixin, IngestMixin, ReadsMixin, RegistryMixin, OutboxMixin, HealthMixin, RolloutsMixin
+):
     """The store's database: see the mixins for the methods."""
 
     async def __aenter__(self) -> StoreDB:

@@ -1,0 +1,230 @@
+"""The checks a rollout step must pass, each a statistical test rather than a raw difference.
+
+Every check returns passed=True/False, or None when there is not enough data to judge (an
+inconclusive check never fails a step; the step's deadline decides what happens then).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from scipy import stats as st
+
+from cyclone.rollout_plan import AnalysisSpec, PromoteIf
+
+from .ports import Rows
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Requests and failures one revision served over some period, and its p99 latency."""
+
+    requests: int
+    failures: int
+    p99_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool | None
+    reason: str
+    numbers: dict[str, float] = field(default_factory=dict)
+
+
+def _one_sided_p(diff: float, margin: float, se: float) -> float:
+    """p-value of H1: the true difference exceeds `margin` (z-test; exact when there is no noise)."""
+    if se == 0:
+        return 0.0 if diff > margin else 1.0
+    return float(st.norm.sf((diff - margin) / se))
+
+
+def error_rate(champion: Counts, canary: Counts, spec: AnalysisSpec, min_requests: int) -> Check:
+    """One-sided two-proportion z-test of H1: canary rate - champion rate > tolerated increase."""
+    if canary.requests < max(min_requests, 1):
+        return Check("error_rate", None, f"{canary.requests} canary requests < {min_requests}")
+    pc = canary.failures / canary.requests
+    ph = champion.failures / champion.requests if champion.requests else 0.0
+    var = pc * (1 - pc) / canary.requests
+    if champion.requests:
+        var += ph * (1 - ph) / champion.requests
+    margin = spec.max_error_rate_increase
+    diff = pc - ph
+    p = _one_sided_p(diff, margin, math.sqrt(var))
+    numbers = {
+        "canary_error_rate": pc,
+        "champion_error_rate": ph,
+        "canary_requests": float(canary.requests),
+        "champion_requests": float(champion.requests),
+        "error_rate_p_value": p,
+    }
+    if p < spec.significance:
+        return Check(
+            "error_rate",
+            False,
+            f"error rate {pc:.2%} vs champion {ph:.2%}: rise above {margin:.2%} is significant"
+            f" (p={p:.3g})",
+            numbers,
+        )
+    return Check("error_rate", True, f"error rate {pc:.2%} vs champion {ph:.2%}", numbers)
+
+
+def latency(champion: Counts, canary: Counts, spec: AnalysisSpec, min_requests: int) -> Check:
+    if canary.requests < max(min_requests, 1) or canary.p99_ms is None:
+        return Check("latency", None, "no canary latency yet")
+    if champion.p99_ms is None or champion.p99_ms <= 0:
+        return Check("latency", None, "no champion latency to compare with")
+    ratio = canary.p99_ms / champion.p99_ms
+    numbers = {"canary_p99_ms": canary.p99_ms, "champion_p99_ms": champion.p99_ms}
+    numbers["p99_ratio"] = ratio
+    if ratio > spec.max_p99_latency_ratio:
+        return Check(
+            "latency",
+            False,
+            f"p99 {canary.p99_ms:.1f} ms is {ratio:.2f}x the champion's"
+            f" (limit {spec.max_p99_latency_ratio:g}x)",
+            numbers,
+        )
+    return Check("latency", True, f"p99 ratio {ratio:.2f}", numbers)
+
+
+def resolve_metric(metric: str, task: str) -> str:
+    if metric != "auto":
+        return metric
+    return "accuracy" if task == "classification" else "mae"
+
+
+def _correct(rows: Rows) -> list[float]:
+    return [
+        1.0 if str(p) == str(y) else 0.0 for p, y in zip(rows.predictions, rows.labels, strict=True)
+    ]
+
+
+def _abs_errors(rows: Rows) -> list[float]:
+    return [abs(float(p) - float(y)) for p, y in zip(rows.predictions, rows.labels, strict=True)]
+
+
+def quality(champion: Rows, canary: Rows, metric: str, spec: AnalysisSpec) -> Check:
+    """Canary vs champion on their own labelled rows: one-sided z-test of H1: canary worse by
+    more than `max_quality_drop` (accuracy: two proportions; MAE: two means)."""
+    champion, canary = champion.labelled(), canary.labelled()
+    n_c, n_h = len(canary.labels), len(champion.labels)
+    need = spec.min_labelled_rows
+    if n_c < need or n_h < need:
+        return Check(
+            "quality",
+            None,
+            f"quality not judged: {n_c} labelled canary rows, {n_h} champion rows (need {need})",
+            {"canary_labelled": float(n_c), "champion_labelled": float(n_h)},
+        )
+    if metric == "accuracy":
+        xc, xh = _correct(canary), _correct(champion)
+        worse = -1.0  # a drop in accuracy is worse
+    else:
+        xc, xh = _abs_errors(canary), _abs_errors(champion)
+        worse = 1.0
+    mc, mh = sum(xc) / n_c, sum(xh) / n_h
+    vc = sum((x - mc) ** 2 for x in xc) / max(n_c - 1, 1)
+    vh = sum((x - mh) ** 2 for x in xh) / max(n_h - 1, 1)
+    diff = worse * (mc - mh)  # > 0: the canary is worse
+    se = math.sqrt(vc / n_c + vh / n_h)
+    margin = spec.max_quality_drop
+    p = _one_sided_p(diff, margin, se)
+    numbers = {
+        f"canary_{metric}": mc,
+        f"champion_{metric}": mh,
+        "canary_labelled": float(n_c),
+        "champion_labelled": float(n_h),
+        "quality_p_value": p,
+    }
+    text = f"{metric} {mc:.4g} vs champion {mh:.4g}"
+    if p < spec.significance:
+        return Check("quality", False, f"{text}: worse beyond {margin:g} (p={p:.3g})", numbers)
+    return Check("quality", True, text, numbers)
+
+
+def pair(champion: Rows, challenger: Rows) -> tuple[list[Any], list[Any], list[Any]]:
+    """Champion's labelled rows matched with the challenger's answer to the same input."""
+    answers = dict(zip(challenger.keys, challenger.predictions, strict=True))
+    labels: list[Any] = []
+    champ: list[Any] = []
+    chall: list[Any] = []
+    for key, pred, label in zip(champion.keys, champion.predictions, champion.labels, strict=True):
+        if label is None or key not in answers:
+            continue
+        labels.append(label)
+        champ.append(pred)
+        chall.append(answers[key])
+    return labels, champ, chall
+
+
+def paired(
+    labels: Sequence[Any],
+    champion: Sequence[Any],
+    challenger: Sequence[Any],
+    metric: str,
+    spec: AnalysisSpec,
+    promote_if: PromoteIf,
+    min_pairs: int,
+) -> Check:
+    """Shadow: both versions answered the same requests. Accuracy: exact McNemar (binomial on
+    the discordant pairs); MAE: one-sample t-test on the per-row difference of absolute errors."""
+    n = len(labels)
+    if n < min_pairs:
+        return Check("paired", None, f"{n} paired labelled rows < {min_pairs}", {"pairs": float(n)})
+    alpha = spec.significance
+    if metric == "accuracy":
+        h = [str(p) == str(y) for p, y in zip(champion, labels, strict=True)]
+        c = [str(p) == str(y) for p, y in zip(challenger, labels, strict=True)]
+        champ_only = sum(1 for a, b in zip(h, c, strict=True) if a and not b)
+        chall_only = sum(1 for a, b in zip(h, c, strict=True) if b and not a)
+        discordant = champ_only + chall_only
+        p_worse = (
+            float(st.binomtest(champ_only, discordant, 0.5, alternative="greater").pvalue)
+            if discordant
+            else 1.0
+        )
+        p_better = (
+            float(st.binomtest(chall_only, discordant, 0.5, alternative="greater").pvalue)
+            if discordant
+            else 1.0
+        )
+        numbers = {
+            "pairs": float(n),
+            "champion_accuracy": sum(h) / n,
+            "challenger_accuracy": sum(c) / n,
+            "champion_only_right": float(champ_only),
+            "challenger_only_right": float(chall_only),
+        }
+    else:
+        d = [
+            abs(float(b) - float(y)) - abs(float(a) - float(y))
+            for a, b, y in zip(champion, challenger, labels, strict=True)
+        ]
+        mean = sum(d) / n
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(n - 1, 1))
+        if sd == 0:
+            p_worse = 0.0 if mean > spec.max_quality_drop else 1.0
+            p_better = 0.0 if mean < 0 else 1.0
+        else:
+            se = sd / math.sqrt(n)
+            p_worse = float(st.t.sf((mean - spec.max_quality_drop) / se, n - 1))
+            p_better = float(st.t.cdf(mean / se, n - 1))
+        numbers = {"pairs": float(n), "mae_difference": mean}
+    numbers["p_worse"] = p_worse
+    numbers["p_better"] = p_better
+    if p_worse < alpha:
+        return Check(
+            "paired", False, f"challenger is worse on {n} paired rows (p={p_worse:.3g})", numbers
+        )
+    if promote_if == "better" and p_better >= alpha:
+        return Check(
+            "paired",
+            False,
+            f"challenger is not shown better on {n} paired rows (p={p_better:.3g})",
+            numbers,
+        )
+    return Check("paired", True, f"challenger is not worse on {n} paired rows", numbers)

@@ -1,0 +1,728 @@
+"""The rollout controller: one small state machine per rollout, advanced once per interval.
+
+Order of change, whatever the strategy: start the new revision -> add it to the split at 0 % ->
+wait until the proxy sees it healthy (else: stop it, traffic never moved) -> move weights ->
+at 100 %: mark it serving, take the old revision out of the split, stop it once it has drained.
+A rollback puts the champion back at 100 % first, then stops the challenger. Every step and
+decision is recorded (with its numbers) before the next one is taken, so a restarted controller
+resumes from the record or rolls back cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cyclone.errors import FailedPrecondition, InvalidArgument, NotFound
+from cyclone.rollout_plan import STRATEGIES, RolloutSpec, Strategy
+from cyclone.traffic import Revision, RevisionStats, TrafficRouter, TrafficSplit, revision_name
+
+from . import analysis
+from .analysis import Check, Counts
+from .model import Progress, Rollout, RolloutState, RolloutStep
+from .ports import Orchestrator, RolloutStore, SmokeTester
+
+log = logging.getLogger(__name__)
+
+S = RolloutState
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """Knobs of the controller itself (the rollout's own come from the plan)."""
+
+    resume: bool = True  # on start-up carry on active rollouts (False: roll them back)
+
+
+class RolloutController:
+    """Starts, advances, promotes and rolls back rollouts; transport-free.
+
+    `controller = RolloutController(orchestrator, router, store)`; `await controller.start_up()`
+    resumes what a previous process left; `await controller.close()` stops the background tasks
+    (rollouts stay recorded as they are and resume on the next start-up).
+    """
+
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        router: TrafficRouter,
+        store: RolloutStore,
+        settings: ControllerSettings | None = None,
+        *,
+        smoke: SmokeTester | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.orchestrator = orchestrator
+        self.router = router
+        self.store = store
+        self.settings = settings or ControllerSettings()
+        self.smoke = smoke
+        self.clock = clock
+        self._rollouts: dict[str, Rollout] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._watchers: dict[str, builtins.list[asyncio.Queue[RolloutStep | None]]] = {}
+        self._starting: set[str] = set()
+
+    # ---- public API ------------------------------------------------------------------------
+
+    async def start(
+        self, model: str, to_version: str, strategy: Strategy | str | None = None
+    ) -> Rollout:
+        """Begin moving `model`'s traffic to `to_version` (strategy: the plan's unless given)."""
+        if not model:
+            raise InvalidArgument("model: empty")
+        if not to_version:
+            raise InvalidArgument("version: empty")
+        if strategy is not None and strategy not in STRATEGIES:
+            raise InvalidArgument(f"strategy: expected one of {list(STRATEGIES)}, got {strategy!r}")
+        if model in self._starting:
+            raise FailedPrecondition(f"model: {model!r} already has a rollout starting")
+        self._starting.add(model)
+        try:
+            info = await self.store.model_version(model, to_version)
+            if info is None:
+                raise NotFound(f"version: model {model!r} has no version {to_version!r}")
+            if info.status == "serving":
+                raise FailedPrecondition(f"version: {model} {to_version} is already serving")
+            active = [r for r in await self.store.list(model, active_only=True)]
+            if active:
+                raise FailedPrecondition(
+                    f"model: {model!r} already has an active rollout ({active[0].id}, to version"
+                    f" {active[0].to_version}); promote or roll it back first"
+                )
+            spec = (await self.store.rollout_spec(model)).with_strategy(strategy)
+            champion = await self.store.serving_version(model)
+            now = self.clock()
+            rollout = Rollout(
+                id="",
+                model=model,
+                from_version=champion,
+                to_version=to_version,
+                spec=spec,
+                progress=Progress(started_at=now),
+            )
+            first = self._step(
+                rollout,
+                "start",
+                f"{spec.strategy} rollout of {model} {to_version}"
+                + (f" replacing {champion}" if champion else " (first version)"),
+            )
+            rollout = await self.store.create(rollout, first)
+        finally:
+            self._starting.discard(model)
+        self._spawn(rollout)
+        return rollout
+
+    async def promote(self, rollout_id: str) -> Rollout:
+        """Finish now: the new version takes all traffic (also resumes a held rollout)."""
+        rollout = await self._active(rollout_id)
+        async with self._lock(rollout.id):
+            if rollout.state.active:
+                if rollout.progress.phase == "start":
+                    raise FailedPrecondition(
+                        f"rollout_id: {rollout.id} has not started its new revision yet"
+                    )
+                await self._finalize(rollout, "promoted by hand")
+        self._wake_up(rollout.id)
+        return rollout
+
+    async def rollback(self, rollout_id: str, reason: str = "") -> Rollout:
+        """Give the traffic back to the champion and stop the new revision."""
+        rollout = await self._active(rollout_id)
+        async with self._lock(rollout.id):
+            if rollout.state.active:
+                await self._rollback(rollout, reason or "rolled back by hand")
+        self._wake_up(rollout.id)
+        return rollout
+
+    async def get(self, rollout_id: str) -> Rollout:
+        if rollout_id in self._rollouts:
+            return self._rollouts[rollout_id]
+        found = await self.store.get(rollout_id)
+        if found is None:
+            raise NotFound(f"rollout_id: rollout {rollout_id!r} not found")
+        return found
+
+    async def list(self, model: str | None = None, limit: int = 50) -> builtins.list[Rollout]:
+        rows = await self.store.list(model or None, limit=limit)
+        return [self._rollouts.get(r.id, r) for r in rows]
+
+    async def watch(self, rollout_id: str) -> AsyncIterator[RolloutStep]:
+        """The steps so far, then each new one, until the rollout ends."""
+        rollout = await self.get(rollout_id)
+        queue: asyncio.Queue[RolloutStep | None] = asyncio.Queue()
+        seen = list(rollout.steps)
+        if rollout.state.active:
+            self._watchers.setdefault(rollout.id, []).append(queue)
+        try:
+            for step in seen:
+                yield step
+            if not rollout.state.active:
+                return
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            with contextlib.suppress(ValueError, KeyError):
+                self._watchers[rollout.id].remove(queue)
+
+    async def start_up(self) -> None:
+        """Resume (or cleanly roll back) the rollouts a previous controller left active."""
+        running = {r.name: r for r in await self.orchestrator.running()}
+        for rollout in await self.store.list(active_only=True, limit=1000):
+            try:
+                await self._resume(rollout, running)
+            except Exception:
+                log.exception("rollout %s: could not resume; rolling back", rollout.id)
+                await self._rollback(rollout, "could not resume after a restart")
+
+    async def close(self) -> None:
+        """Stop advancing rollouts (they stay recorded and resume on the next start-up)."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for queues in self._watchers.values():
+            for q in queues:
+                q.put_nowait(None)
+
+    async def wait(self, rollout_id: str, timeout: float | None = None) -> Rollout:
+        """Wait until the rollout ends (tests, CLI)."""
+        task = self._tasks.get(rollout_id)
+        if task is not None:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        return await self.get(rollout_id)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def _spawn(self, rollout: Rollout) -> None:
+        self._rollouts[rollout.id] = rollout
+        self._wake[rollout.id] = asyncio.Event()
+        self._tasks[rollout.id] = asyncio.create_task(
+            self._drive(rollout), name=f"rollout-{rollout.id}"
+        )
+
+    async def _drive(self, rollout: Rollout) -> None:
+        while rollout.state.active:
+            if rollout.state is S.PAUSED:
+                await self._wake[rollout.id].wait()
+                self._wake[rollout.id].clear()
+                continue
+            try:
+                async with self._lock(rollout.id):
+                    if rollout.state in (S.PENDING, S.PROGRESSING):
+                        await self._tick(rollout)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("rollout %s: step failed", rollout.id)
+                async with self._lock(rollout.id):
+                    if rollout.state.active:
+                        await self._rollback(rollout, f"internal error: {exc}")
+                break
+            if rollout.state.active:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._wake[rollout.id].wait(), rollout.spec.interval_seconds
+                    )
+                self._wake[rollout.id].clear()
+        for q in self._watchers.pop(rollout.id, []):
+            q.put_nowait(None)
+
+    async def _tick(self, r: Rollout) -> None:
+        phase = r.progress.phase
+        if phase == "start":
+            await self._start_revision(r)
+        elif phase == "smoke":
+            await self._smoke(r)
+        elif phase == "steps":
+            await self._analyse_step(r)
+        elif phase == "keep_warm":
+            await self._keep_warm(r)
+        elif phase == "shadow":
+            await self._shadow(r)
+        elif phase == "finalize":
+            await self._finalize(r, "finishing the promotion")
+        else:  # pragma: no cover - recorded by a newer controller
+            await self._rollback(r, f"unknown phase {phase!r}")
+
+    # ---- phases ------------------------------------------------------------------------------
+
+    async def _start_revision(self, r: Rollout) -> None:
+        spec = r.spec
+        champion = await self._champion_revision(r)
+        try:
+            new = await self.orchestrator.start(r.model, r.to_version, spec.replicas)
+        except Exception as exc:
+            await self._abort(r, f"new revision did not start: {exc}")
+            return
+        if champion is None:
+            # First version of the model: there is no traffic to protect.
+            await self._apply(r, {new.name: 100}, [new])
+        else:
+            await self._apply(r, {champion.name: 100, new.name: 0}, [champion, new])
+        try:
+            await self.router.wait_healthy(new, spec.health_timeout_seconds)
+        except Exception as exc:
+            await self._abort(r, f"new revision failed health: {exc}")
+            return
+        r.state = S.PROGRESSING
+        r.progress.rollout_baseline = await self._snapshot(r)
+        if champion is None:
+            r.weight = 100
+            r.progress.phase = "finalize"
+            await self._record(r, "healthy", f"{new.name} is healthy; first version, promoting")
+            await self._finalize(r, "first version of the model")
+            return
+        await self._record(r, "healthy", f"{new.name} is healthy at 0 % of traffic")
+        if spec.strategy == "blue_green":
+            r.progress.phase = "smoke"
+        elif spec.strategy == "red_black":
+            await self._cutover(r)
+        elif spec.strategy == "shadow":
+            await self._start_shadow(r)
+        else:
+            await self._enter_step(r, 0)
+
+    async def _abort(self, r: Rollout, reason: str) -> None:
+        """Health failed: the challenger never took traffic; take it out and stop it."""
+        champion = await self._champion_revision(r)
+        if champion is not None:
+            await self._apply(r, {champion.name: 100}, [champion])
+        else:
+            with contextlib.suppress(Exception):
+                await self.router.remove_model(r.model)
+        await self._stop(self._new_name(r))
+        await self._set_status(r.model, r.to_version, "retired")
+        r.weight = 0
+        r.state = S.FAILED
+        r.reason = reason
+        await self._record(r, "abort", reason + "; traffic never moved")
+
+    async def _smoke(self, r: Rollout) -> None:
+        new = await self._running(self._new_name(r))
+        if self.smoke is None:
+            await self._record(r, "smoke_skipped", "no smoke tester configured")
+            await self._enter_step(r, 0)
+            return
+        result = await self.smoke.smoke(new, r.spec.blue_green.smoke_requests)
+        accuracy = result.correct / result.requests if result.requests else 0.0
+        numbers = {
+            "smoke_requests": float(result.requests),
+            "smoke_failures": float(result.failures),
+            "smoke_accuracy": accuracy,
+        }
+        minimum = r.spec.blue_green.min_smoke_accuracy
+        if result.requests == 0 or result.failures or accuracy < minimum:
+            why = (
+                f"smoke test failed: {result.failures}/{result.requests} requests failed,"
+                f" accuracy {accuracy:.2%} (minimum {minimum:.2%}) {result.detail}"
+            ).strip()
+            await self._rollback(r, why, numbers)
+            return
+        await self._record(r, "smoke_passed", f"{result.requests} smoke requests answered", numbers)
+        await self._enter_step(r, 0)
+
+    async def _enter_step(self, r: Rollout, index: int) -> None:
+        weight = r.spec.steps[index]
+        champion = await self._champion_revision(r)
+        new = await self._running(self._new_name(r))
+        assert champion is not None
+        if r.weight == 0 and weight > 0:
+            await self._set_status(r.model, r.to_version, "canary")
+        await self._apply(r, {champion.name: 100 - weight, new.name: weight}, [champion, new])
+        r.weight = weight
+        r.progress.phase = "steps"
+        r.progress.step_index = index
+        r.progress.step_started_at = self.clock()
+        r.progress.baseline = await self._snapshot(r)
+        r.progress.waiting = ""
+        await self._record(r, "set_weight", f"step {index + 1}/{len(r.spec.steps)}: {weight} %")
+
+    async def _analyse_step(self, r: Rollout) -> None:
+        spec, p = r.spec, r.progress
+        elapsed = self.clock() - p.step_started_at
+        checks, canary_requests = await self._checks(r)
+        if await self._count_failures(r, checks):
+            return
+        last = p.step_index >= len(spec.steps) - 1
+        promotion_gate = p.step_index >= len(spec.steps) - 2
+        enough = canary_requests >= spec.min_requests and elapsed >= spec.step_seconds
+        quality = next(c for c in checks if c.name == "quality")
+        numbers = _numbers(checks)
+        if enough and promotion_gate and quality.passed is None:
+            if elapsed < spec.deadline_seconds:
+                await self._waiting(r, "labels", f"waiting for labels: {quality.reason}", numbers)
+                return
+            numbers["quality_judged"] = 0.0
+            await self._record(
+                r,
+                "quality_not_judged",
+                f"{quality.reason} by the deadline; deciding on error rate and latency",
+                numbers,
+            )
+        if enough:
+            if last:
+                await self._finalize(r, _summary(checks) or "all steps passed")
+            else:
+                await self._record(r, "advance", _summary(checks), numbers)
+                await self._enter_step(r, p.step_index + 1)
+            return
+        if elapsed >= spec.deadline_seconds:
+            why = (
+                f"deadline: {canary_requests} requests < {spec.min_requests} after"
+                f" {elapsed:.0f} s at {r.weight:g} %"
+            )
+            await self._on_deadline(r, why, numbers)
+            return
+        await self._waiting(
+            r, "requests", f"{canary_requests}/{spec.min_requests} requests", numbers
+        )
+
+    async def _on_deadline(self, r: Rollout, why: str, numbers: dict[str, float]) -> None:
+        policy = r.spec.on_deadline
+        if policy == "promote":
+            await self._finalize(r, f"{why}; on_deadline=promote", numbers)
+        elif policy == "rollback":
+            await self._rollback(r, f"{why}; on_deadline=rollback", numbers)
+        else:
+            r.state = S.PAUSED
+            await self._record(r, "hold", f"{why}; on_deadline=hold: waiting for a person", numbers)
+
+    async def _cutover(self, r: Rollout) -> None:
+        champion = await self._champion_revision(r)
+        new = await self._running(self._new_name(r))
+        assert champion is not None
+        await self._set_status(r.model, r.to_version, "canary")
+        # The champion stays in the split at 0 % (and running): a rollback is one weight change.
+        await self._apply(r, {champion.name: 0, new.name: 100}, [champion, new])
+        r.weight = 100
+        r.progress.phase = "keep_warm"
+        r.progress.step_started_at = self.clock()
+        r.progress.baseline = await self._snapshot(r)
+        await self._record(
+            r,
+            "cutover",
+            f"all traffic on {new.name}; {champion.name} kept warm for"
+            f" {r.spec.red_black.keep_old_for_seconds:g} s",
+        )
+
+    async def _keep_warm(self, r: Rollout) -> None:
+        checks, _ = await self._checks(r)
+        if await self._count_failures(r, checks):
+            return
+        if self.clock() - r.progress.step_started_at >= r.spec.red_black.keep_old_for_seconds:
+            await self._finalize(r, "keep-warm period over", _numbers(checks))
+
+    async def _start_shadow(self, r: Rollout) -> None:
+        champion = await self._champion_revision(r)
+        new = await self._running(self._new_name(r))
+        assert champion is not None
+        percent = r.spec.shadow.mirror_percent
+        r.progress.shadow, r.progress.shadow_percent = new.name, percent
+        await self._set_status(r.model, r.to_version, "canary")
+        await self._apply(r, {champion.name: 100}, [champion, new])
+        r.progress.phase = "shadow"
+        r.progress.step_started_at = self.clock()
+        await self._record(r, "shadow", f"mirroring {percent:g} % of requests to {new.name}")
+
+    async def _shadow(self, r: Rollout) -> None:
+        spec = r.spec
+        since = _utc(r.progress.started_at)
+        assert r.from_version is not None
+        info = await self.store.model_version(r.model, r.to_version)
+        metric = analysis.resolve_metric(spec.analysis.quality_metric, info.task if info else "")
+        champ_rows = await self.store.rows(r.model, r.from_version, since)
+        chall_rows = await self.store.rows(r.model, r.to_version, since)
+        labels, champ, chall = analysis.pair(champ_rows, chall_rows)
+        check = analysis.paired(
+            labels,
+            champ,
+            chall,
+            metric,
+            spec.analysis,
+            spec.shadow.promote_if,
+            spec.shadow.min_paired_rows,
+        )
+        if check.passed is True:
+            await self._finalize(r, check.reason, check.numbers)
+        elif check.passed is False:
+            await self._rollback(r, f"shadow comparison: {check.reason}", check.numbers)
+        elif self.clock() - r.progress.step_started_at >= spec.deadline_seconds:
+            await self._on_deadline(r, f"deadline: {check.reason}", check.numbers)
+        else:
+            await self._waiting(r, "pairs", check.reason, check.numbers)
+
+    # ---- decisions -------------------------------------------------------------------------
+
+    async def _checks(self, r: Rollout) -> tuple[builtins.list[Check], int]:
+        """Error rate and latency of the canary since its step began against the champion over
+        the whole rollout, and quality on labelled rows since the rollout began."""
+        a = r.spec.analysis
+        new_name = self._new_name(r)
+        champ_name = revision_name(r.model, r.from_version or "")
+        new_stats = await self.router.stats(new_name)
+        champ_stats = await self.router.stats(champ_name)
+        canary = _delta(new_stats, r.progress.baseline.get(new_name))
+        champion = _delta(champ_stats, r.progress.rollout_baseline.get(champ_name))
+        checks = [
+            analysis.error_rate(champion, canary, a, r.spec.min_requests),
+            analysis.latency(champion, canary, a, r.spec.min_requests),
+        ]
+        since = _utc(r.progress.started_at)
+        info = await self.store.model_version(r.model, r.to_version)
+        metric = analysis.resolve_metric(a.quality_metric, info.task if info else "")
+        assert r.from_version is not None
+        checks.append(
+            analysis.quality(
+                await self.store.rows(r.model, r.from_version, since),
+                await self.store.rows(r.model, r.to_version, since),
+                metric,
+                a,
+            )
+        )
+        return checks, canary.requests
+
+    async def _count_failures(self, r: Rollout, checks: builtins.list[Check]) -> bool:
+        """Record failed checks; roll back at the failure limit. True when the rollout ended."""
+        failed = [c for c in checks if c.passed is False]
+        if not failed:
+            return False
+        r.progress.failed_checks += 1
+        limit = r.spec.analysis.failure_limit
+        numbers = _numbers(checks)
+        numbers["failed_checks"] = float(r.progress.failed_checks)
+        why = "; ".join(c.reason for c in failed)
+        if r.progress.failed_checks >= limit:
+            await self._rollback(r, f"failure limit {limit} reached: {why}", numbers)
+            return True
+        await self._record(
+            r, "check_failed", f"{r.progress.failed_checks}/{limit} failed checks: {why}", numbers
+        )
+        return False
+
+    async def _waiting(self, r: Rollout, what: str, reason: str, numbers: dict[str, float]) -> None:
+        """Record that a step waits, once per kind of wait (not once per interval)."""
+        if r.progress.waiting != what:
+            r.progress.waiting = what
+            await self._record(r, "wait", reason, numbers)
+
+    async def _finalize(
+        self, r: Rollout, reason: str, numbers: dict[str, float] | None = None
+    ) -> None:
+        """All traffic to the new revision; old one out of the split, drained, then stopped."""
+        new = await self._running(self._new_name(r))
+        r.progress.shadow = ""  # a promoted shadow takes the traffic instead of a copy of it
+        if r.progress.phase != "finalize":
+            r.progress.phase = "finalize"
+            await self._apply(r, {new.name: 100}, [new])
+            r.weight = 100
+            await self._record(r, "promote", reason, numbers or {})
+        else:
+            await self._apply(r, {new.name: 100}, [new])
+        await self._set_status(r.model, r.to_version, "serving")
+        if r.from_version:
+            await self._drain(revision_name(r.model, r.from_version), r.spec.drain_seconds)
+            await self._stop(revision_name(r.model, r.from_version))
+        r.state = S.PROMOTED
+        r.reason = reason
+        await self._record(r, "promoted", f"{r.to_version} serves all traffic")
+
+    async def _rollback(
+        self, r: Rollout, reason: str, numbers: dict[str, float] | None = None
+    ) -> None:
+        """Champion back to 100 % first, then the challenger stops and is retired."""
+        champion = await self._champion_revision(r)
+        r.progress.shadow = ""
+        if champion is not None:
+            await self._apply(r, {champion.name: 100}, [champion])
+        else:
+            with contextlib.suppress(Exception):
+                await self.router.remove_model(r.model)
+        r.weight = 0
+        await self._stop(self._new_name(r))
+        await self._set_status(r.model, r.to_version, "retired")
+        if r.from_version:
+            await self._set_status(r.model, r.from_version, "serving")
+        r.state = S.ROLLED_BACK
+        r.reason = reason
+        await self._record(r, "rollback", reason, numbers or {})
+
+    async def _resume(self, r: Rollout, running: dict[str, Revision]) -> None:
+        new_ok = self._new_name(r) in running
+        champ_ok = not r.from_version or revision_name(r.model, r.from_version) in running
+        if not self.settings.resume:
+            await self._rollback(r, "controller restarted with resume off")
+        elif r.progress.phase == "start":
+            await self._rollback(r, "controller restarted before the new revision was healthy")
+        elif not (new_ok and champ_ok):
+            missing = [
+                n
+                for n, ok in ((self._new_name(r), new_ok), (r.from_version or "", champ_ok))
+                if not ok
+            ]
+            await self._rollback(r, f"controller restarted and {missing} no longer run")
+        else:
+            revisions = [running[n] for n in r.weights if n in running]
+            if r.progress.shadow and r.progress.shadow in running:
+                revisions.append(running[r.progress.shadow])
+            if r.weights:
+                await self._apply(r, dict(r.weights), revisions)
+            await self._record(r, "resumed", f"resumed in phase {r.progress.phase}")
+            self._spawn(r)
+            return
+        self._rollouts[r.id] = r
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _lock(self, rollout_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(rollout_id, asyncio.Lock())
+
+    def _wake_up(self, rollout_id: str) -> None:
+        if rollout_id in self._wake:
+            self._wake[rollout_id].set()
+
+    async def _active(self, rollout_id: str) -> Rollout:
+        rollout = await self.get(rollout_id)
+        if not rollout.state.active:
+            raise FailedPrecondition(
+                f"rollout_id: rollout {rollout_id} has ended ({rollout.state.value})"
+            )
+        if rollout.id not in self._rollouts:
+            raise FailedPrecondition(
+                f"rollout_id: rollout {rollout_id} is not driven by this controller"
+            )
+        return self._rollouts[rollout.id]
+
+    @staticmethod
+    def _new_name(r: Rollout) -> str:
+        return revision_name(r.model, r.to_version)
+
+    async def _running(self, name: str) -> Revision:
+        for revision in await self.orchestrator.running():
+            if revision.name == name:
+                return revision
+        raise FailedPrecondition(f"revision {name} is not running")
+
+    async def _champion_revision(self, r: Rollout) -> Revision | None:
+        """The champion's revision, started if it is not running (the proxy must never name a
+        cluster whose processes are gone)."""
+        if not r.from_version:
+            return None
+        name = revision_name(r.model, r.from_version)
+        for revision in await self.orchestrator.running():
+            if revision.name == name:
+                return revision
+        return await self.orchestrator.start(r.model, r.from_version, r.spec.replicas)
+
+    async def _apply(
+        self, r: Rollout, weights: dict[str, int], revisions: builtins.list[Revision]
+    ) -> None:
+        shadow = r.progress.shadow or None
+        by_name = {rev.name: rev for rev in revisions}
+        if shadow not in by_name:
+            shadow = None
+        await self.router.apply(
+            TrafficSplit(
+                r.model,
+                weights,
+                by_name,
+                shadow=shadow,
+                shadow_percent=r.progress.shadow_percent,
+            )
+        )
+        r.weights = dict(weights)
+
+    async def _stop(self, name: str) -> None:
+        try:
+            await self.orchestrator.stop(name)
+        except Exception:
+            log.exception("could not stop revision %s", name)
+
+    async def _set_status(self, model: str, version: str, status: str) -> None:
+        await self.store.set_status(model, version, status)
+
+    async def _snapshot(self, r: Rollout) -> dict[str, builtins.list[int]]:
+        names = [self._new_name(r)]
+        if r.from_version:
+            names.append(revision_name(r.model, r.from_version))
+        out: dict[str, builtins.list[int]] = {}
+        for name in names:
+            s = await self.router.stats(name)
+            out[name] = [s.requests, s.failures]
+        return out
+
+    async def _drain(self, name: str, seconds: float) -> None:
+        """Wait until the old revision's request count stops moving (at most `seconds`)."""
+        deadline = self.clock() + seconds
+        previous: int | None = None
+        while self.clock() < deadline:
+            current = (await self.router.stats(name)).requests
+            if current == previous:
+                return
+            previous = current
+            await asyncio.sleep(min(0.5, max(seconds / 4, 0.01)))
+
+    def _step(
+        self, r: Rollout, decision: str, reason: str, numbers: dict[str, float] | None = None
+    ) -> RolloutStep:
+        return RolloutStep(
+            time=datetime.now(UTC),
+            state=r.state,
+            weight=float(r.weight),
+            decision=decision,
+            reason=reason,
+            numbers={k: float(v) for k, v in (numbers or {}).items()},
+        )
+
+    async def _record(
+        self, r: Rollout, decision: str, reason: str, numbers: dict[str, float] | None = None
+    ) -> None:
+        step = self._step(r, decision, reason, numbers)
+        r.steps.append(step)
+        r.updated_at = step.time
+        log.info("rollout %s %s: %s (%s)", r.id, decision, reason, r.state.value)
+        await self.store.save(r, [step])
+        for q in self._watchers.get(r.id, []):
+            q.put_nowait(step)
+        if not r.state.active:
+            for q in self._watchers.get(r.id, []):
+                q.put_nowait(None)
+
+
+def _delta(stats: RevisionStats, baseline: Sequence[int] | None) -> Counts:
+    base = list(baseline or [0, 0])
+    return Counts(
+        max(stats.requests - base[0], 0), max(stats.failures - base[1], 0), stats.latency_ms_p99
+    )
+
+
+def _numbers(checks: list[Check]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for c in checks:
+        out.update(c.numbers)
+    return out
+
+
+def _summary(checks: list[Check]) -> str:
+    return "; ".join(c.reason for c in checks if c.passed is not None or c.name == "quality")
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC) - timedelta(seconds=1)
+
+
+def spec_override(spec: RolloutSpec, **changes: Any) -> RolloutSpec:
+    """`dataclasses.replace` for a spec (tests and the CLI tweak one field)."""
+    return replace(spec, **changes)
