@@ -129,6 +129,20 @@ def serve_trainer(
     max_parallel_jobs: Annotated[
         int | None, typer.Option(help="Models retrained at the same time.")
     ] = None,
+    envoy: Annotated[
+        bool | None,
+        typer.Option(
+            "--envoy/--no-envoy",
+            help="Run Envoy in front: serve every registered model, roll new versions out.",
+        ),
+    ] = None,
+    public_host: Annotated[str | None, typer.Option(help="Envoy public listener host.")] = None,
+    public_port: Annotated[int | None, typer.Option(help="Envoy public listener port.")] = None,
+    control_port: Annotated[
+        int | None, typer.Option(help="Envoy control listener port (loopback).")
+    ] = None,
+    monitor: Annotated[str | None, typer.Option(help="Monitor HOST:PORT (control routes).")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Processes per model revision.")] = None,
     data_dir: DataDirOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,

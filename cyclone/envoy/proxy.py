@@ -10,6 +10,7 @@ before it is written; a rejected one leaves Envoy as it was.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import re
 import subprocess
@@ -78,6 +79,7 @@ class EnvoyProxy:
         self._services = descriptor_services(settings.descriptor)
         self._splits: dict[str, TrafficSplit] = {}
         self._installed_clusters: list[dict[str, Any]] = []
+        self._written_routes: dict[str, dict[str, Any]] = {}
         self._version = 0
         self._lock = asyncio.Lock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -129,6 +131,7 @@ class EnvoyProxy:
         write_atomically(layout.cds, dump(cfg.cds_response(version, clusters)))
         for table, body in routes.items():
             write_atomically(layout.rds(table), dump(cfg.rds_response(version, body)))
+            self._written_routes[table] = copy.deepcopy(dict(body))
         listeners = cfg.listeners(self.settings, self._services, cfg.rds_sources(layout))
         write_atomically(layout.lds, dump(cfg.lds_response(version, listeners)))
         bootstrap = cfg.bootstrap(self.settings, layout)
@@ -366,14 +369,20 @@ class EnvoyProxy:
             await asyncio.sleep(_POLL_S)
 
     async def _write_routes(self, routes: Mapping[str, Any], timeout: float = 30.0) -> None:
+        # Envoy skips an update whose content equals what it has (and keeps reporting the old
+        # version), so only tables that changed are written and waited for.
+        changed = {t: body for t, body in routes.items() if self._written_routes.get(t) != body}
+        if not changed:
+            return
         self._version += 1
         version = str(self._version)
-        for table, body in routes.items():
+        for table, body in changed.items():
             write_atomically(self.layout.rds(table), dump(cfg.rds_response(version, body)))
+            self._written_routes[table] = copy.deepcopy(dict(body))
         deadline = time.monotonic() + timeout
         while True:
             installed = await self.admin.route_versions()
-            if all(installed.get(t) == version for t in routes):
+            if all(installed.get(t) == version for t in changed):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(

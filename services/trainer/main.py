@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from grpc import aio
-
+from cyclone.channels import aio_channel
 from cyclone.plugins import get_plugins
 from cyclone.server import CycloneServer
 from cyclone.settings import ServerSettings
@@ -14,6 +13,7 @@ from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
 from services.trainer.jobs import JobRunner, RolloutStarter
 from services.trainer.servicer import TrainerServicer
+from services.trainer.traffic import TrafficPlane
 
 TRAINER_SERVICE = "cyclone.trainer.v1.TrainerService"
 
@@ -26,30 +26,51 @@ class TrainerSettings(ServerSettings):
     model_repository: Path = Path("models")
     # Models retrained at the same time (each in its own worker process).
     max_parallel_jobs: int = 2
+    # Run Envoy and drive it: serve every registered model as revisions, roll new versions out.
+    envoy: bool = False
+    public_host: str = "0.0.0.0"
+    public_port: int = 8080
+    control_port: int = 8081
+    envoy_admin_port: int = 0
+    monitor: str = "127.0.0.1:8003"
+    orchestrator: str = "local"
+    replicas: int = 1
 
 
 def build_trainer_server(
     settings: TrainerSettings, *, rollout: RolloutStarter | None = None
 ) -> tuple[CycloneServer, JobRunner]:
     get_plugins()  # a broken plugin set fails at start-up, not mid-job
-    channel = aio.insecure_channel(settings.store)
+    channel = aio_channel(settings.store)
+    store = store_grpc.StoreServiceStub(channel)
+    traffic = TrafficPlane(settings, store) if settings.envoy else None
+    if rollout is None and traffic is not None:
+        rollout = traffic.start_rollout
     runner = JobRunner(
-        store_grpc.StoreServiceStub(channel),
+        store,
         settings.model_repository,
         max_parallel=settings.max_parallel_jobs,
         rollout=rollout,
     )
     server = CycloneServer("trainer", settings)
+    server._traffic = traffic  # type: ignore[attr-defined]  # reached by tests and `cyclone up`
     server.add_service(
         TRAINER_SERVICE,
-        lambda s: pb_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(runner), s),
+        lambda s: pb_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(runner, traffic), s),
     )
+
+    async def start() -> None:
+        if traffic is not None:
+            await traffic.start(server.port)
+        await runner.start()
 
     async def stop() -> None:
         await runner.stop()
+        if traffic is not None:
+            await traffic.stop()
         await channel.close()
 
-    server.on_start(runner.start)
+    server.on_start(start)
     server.on_shutdown(stop)
     return server, runner
 

@@ -1,5 +1,5 @@
-"""`cyclone.trainer.v1.TrainerService`: translates protobuf <-> the job runner. Rollout RPCs
-answer UNIMPLEMENTED until the rollout engine is wired in."""
+"""`cyclone.trainer.v1.TrainerService`: translates protobuf <-> the job runner (retraining) and
+the rollout controller (traffic); without a router the rollout RPCs fail with FAILED_PRECONDITION."""
 
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ from cyclone.rpc_errors import rpc_errors
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
+from services.trainer import convert
 from services.trainer.jobs import JobRunner
+from services.trainer.rollout import RolloutController
+from services.trainer.traffic import TrafficPlane
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 MAX_LIST = 1000
@@ -34,12 +37,6 @@ _STATES = {
     "rejected": pb.JOB_STATE_REJECTED,
 }
 _STATE_NAMES = {v: k for k, v in _STATES.items()}
-
-
-class Unimplemented(CycloneError):
-    """The RPC is declared but not served by this build."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
 
 
 _UPSTREAM: dict[grpc.StatusCode, type[CycloneError]] = {
@@ -95,13 +92,10 @@ def job_to_pb(j: store_pb.TrainingJob) -> pb.Job:
     return job
 
 
-def _unimplemented(rpc: str) -> Unimplemented:
-    return Unimplemented(f"{rpc}: the rollout engine is not part of this trainer build yet")
-
-
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
-    def __init__(self, runner: JobRunner) -> None:
+    def __init__(self, runner: JobRunner, traffic: TrafficPlane | None = None) -> None:
         self.runner = runner
+        self.traffic = traffic
 
     @rpc_errors(translate=store_errors)
     async def Retrain(self, request: pb.RetrainRequest, context: Context) -> pb.RetrainResponse:
@@ -137,29 +131,69 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
     @rpc_errors(translate=store_errors)
     async def Rollout(self, request: pb.RolloutRequest, context: Context) -> pb.RolloutResponse:
-        raise _unimplemented("Rollout")
+        strategy = convert.strategy_from_pb(request.strategy)
+        started = await self._controller("Rollout").start(request.model, request.version, strategy)
+        return pb.RolloutResponse(rollout=convert.rollout_to_pb(started))
 
     @rpc_errors(translate=store_errors)
     async def Promote(self, request: pb.PromoteRequest, context: Context) -> pb.PromoteResponse:
-        raise _unimplemented("Promote")
+        promoted = await self._controller("Promote").promote(request.rollout_id)
+        return pb.PromoteResponse(rollout=convert.rollout_to_pb(promoted))
 
     @rpc_errors(translate=store_errors)
     async def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.RollbackResponse:
-        raise _unimplemented("Rollback")
+        controller = self._controller("Rollback")
+        rollout_id = request.rollout_id
+        reason = request.reason or (
+            f"rollback requested by alert {request.alert_id}" if request.alert_id else "by hand"
+        )
+        if not rollout_id:
+            if not request.model:
+                raise InvalidArgument("model: empty (name the model or the rollout_id)")
+            active = [r for r in await controller.list(request.model) if r.state.active]
+            if not active:
+                raise FailedPrecondition(
+                    f"model: {request.model!r} has no active rollout to roll back"
+                )
+            rollout_id = active[0].id
+        rolled_back = await controller.rollback(rollout_id, reason)
+        return pb.RollbackResponse(rollout=convert.rollout_to_pb(rolled_back))
 
     @rpc_errors(translate=store_errors)
     async def GetRollout(
         self, request: pb.GetRolloutRequest, context: Context
     ) -> pb.GetRolloutResponse:
-        raise _unimplemented("GetRollout")
+        found = await self._controller("GetRollout").get(request.rollout_id)
+        return pb.GetRolloutResponse(rollout=convert.rollout_to_pb(found))
 
     @rpc_errors(translate=store_errors)
     async def ListRollouts(
         self, request: pb.ListRolloutsRequest, context: Context
     ) -> pb.ListRolloutsResponse:
-        raise _unimplemented("ListRollouts")
+        if not 0 <= request.limit <= MAX_LIST:
+            raise InvalidArgument(f"limit: must be between 1 and {MAX_LIST}")
+        state = convert.state_from_pb(request.state)
+        listed = await self._controller("ListRollouts").list(
+            request.model or None, request.limit or 50
+        )
+        return pb.ListRolloutsResponse(
+            rollouts=[convert.rollout_to_pb(r) for r in listed if state is None or r.state == state]
+        )
 
     @rpc_errors(translate=store_errors)
     async def WatchRollout(self, request: pb.WatchRolloutRequest, context: Context) -> Any:
-        raise _unimplemented("WatchRollout")
-        yield  # an async generator, like the streaming RPC it stands in for
+        controller = self._controller("WatchRollout")
+        async for step in controller.watch(request.rollout_id):
+            current = await controller.get(request.rollout_id)
+            yield pb.WatchRolloutResponse(
+                rollout=convert.rollout_to_pb(current), step=convert.step_to_pb(step)
+            )
+
+    def _controller(self, rpc: str) -> RolloutController:
+        controller = self.traffic.controller if self.traffic is not None else None
+        if controller is None:
+            raise FailedPrecondition(
+                f"{rpc}: this trainer runs without a router (start it with --envoy, as "
+                "`cyclone up` does) so it cannot move traffic"
+            )
+        return controller

@@ -241,7 +241,7 @@ async def test_retrain_bad_input(
     assert (info.value.details() or "").startswith(field)
 
 
-async def test_job_rpcs_bad_input_and_unimplemented_rollouts(stack: Stack) -> None:
+async def test_job_rpcs_bad_input_and_rollouts_without_a_router(stack: Stack) -> None:
     with pytest.raises(aio.AioRpcError) as info:
         await stack.trainer.GetJob(pb.GetJobRequest(job_id=0), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -253,7 +253,8 @@ async def test_job_rpcs_bad_input_and_unimplemented_rollouts(stack: Stack) -> No
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(aio.AioRpcError) as info:
         await stack.trainer.Rollout(pb.RolloutRequest(model=MODEL, version="1"), timeout=10)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "router" in (info.value.details() or "")
 
 
 async def test_cancel_queued_job_never_runs(stack: Stack) -> None:

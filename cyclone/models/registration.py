@@ -1,0 +1,66 @@
+"""A model version on disk as the store's registry wants it, and registering it.
+
+The inference server registers what it serves, the trainer what it finds in the repository at
+start-up, and `cyclone model import` what it just wrote: one entry format for all three.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+from cyclone.models.repository import EVALUATION_FILE, REFERENCE_FILE, ModelFiles, sha256_of
+from cyclone.store.v1 import store_service_pb2 as store_pb
+from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+
+
+def _read_optional(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def registry_entry(files: ModelFiles) -> store_pb.ModelVersion:
+    """The registry entry of one version directory (schema, reference, baseline, checksum)."""
+    schema = files.read_schema()
+    return store_pb.ModelVersion(
+        model=files.name,
+        version=files.version,
+        task=schema.task,
+        sha256=str(schema.extra.get("sha256") or sha256_of(files.onnx_path)),
+        artifact_uri=str(files.directory.resolve()),
+        schema_json=json.dumps(schema.to_dict()),
+        reference_profile_json=_read_optional(files.directory / REFERENCE_FILE),
+        evaluation_json=_read_optional(files.directory / EVALUATION_FILE),
+    )
+
+
+async def register(
+    stub: store_grpc.StoreServiceStub, files: ModelFiles, *, serve_if_first: bool = True
+) -> bool:
+    """Register `files` (no-op when already registered); returns True if it is now serving.
+
+    With `serve_if_first`, a model that has no serving version gets this one.
+    """
+    await stub.RegisterModelVersion(
+        store_pb.RegisterModelVersionRequest(
+            model_version=registry_entry(files), if_not_exists=True
+        ),
+        timeout=10,
+    )
+    listed = await stub.ListModelVersions(
+        store_pb.ListModelVersionsRequest(model=files.name), timeout=10
+    )
+    serving = [
+        v.version for v in listed.model_versions if v.status == store_pb.MODEL_STATUS_SERVING
+    ]
+    if serving:
+        return bool(serving[0] == files.version)
+    if not serve_if_first:
+        return False
+    await stub.SetModelStatus(
+        store_pb.SetModelStatusRequest(
+            model=files.name, version=files.version, status=store_pb.MODEL_STATUS_SERVING
+        ),
+        timeout=10,
+    )
+    return True

@@ -1,0 +1,79 @@
+"""Protobuf <-> the trainer's domain (rollouts); jobs are converted in the servicer."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cyclone.errors import InvalidArgument
+from cyclone.trainer.v1 import trainer_service_pb2 as pb
+from services.trainer.rollout import Rollout, RolloutState, RolloutStep
+
+STRATEGY_TO_PB = {
+    "canary": pb.ROLLOUT_STRATEGY_CANARY,
+    "blue_green": pb.ROLLOUT_STRATEGY_BLUE_GREEN,
+    "red_black": pb.ROLLOUT_STRATEGY_RED_BLACK,
+    "shadow": pb.ROLLOUT_STRATEGY_SHADOW,
+}
+PB_TO_STRATEGY: dict[int, str] = {int(v): k for k, v in STRATEGY_TO_PB.items()}
+STATE_TO_PB = {
+    RolloutState.PENDING: pb.ROLLOUT_STATE_PENDING,
+    RolloutState.PROGRESSING: pb.ROLLOUT_STATE_PROGRESSING,
+    RolloutState.PAUSED: pb.ROLLOUT_STATE_PAUSED,
+    RolloutState.PROMOTED: pb.ROLLOUT_STATE_PROMOTED,
+    RolloutState.ROLLED_BACK: pb.ROLLOUT_STATE_ROLLED_BACK,
+    RolloutState.FAILED: pb.ROLLOUT_STATE_FAILED,
+}
+PB_TO_STATE: dict[int, RolloutState] = {int(v): k for k, v in STATE_TO_PB.items()}
+
+
+def _ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def strategy_from_pb(value: int) -> str | None:
+    """None for UNSPECIFIED (the plan decides)."""
+    if value == pb.ROLLOUT_STRATEGY_UNSPECIFIED:
+        return None
+    if value not in PB_TO_STRATEGY:
+        raise InvalidArgument(f"strategy: unknown rollout strategy {value}")
+    return PB_TO_STRATEGY[value]
+
+
+def state_from_pb(value: int) -> RolloutState | None:
+    if value == pb.ROLLOUT_STATE_UNSPECIFIED:
+        return None
+    if value not in PB_TO_STATE:
+        raise InvalidArgument(f"state: unknown rollout state {value}")
+    return PB_TO_STATE[value]
+
+
+def step_to_pb(step: RolloutStep) -> pb.RolloutStep:
+    return pb.RolloutStep(
+        time=_ts(step.time),
+        weight=step.weight,
+        decision=step.decision,
+        numbers={k: float(v) for k, v in step.numbers.items()},
+        reason=step.reason,
+    )
+
+
+def rollout_to_pb(r: Rollout) -> pb.Rollout:
+    return pb.Rollout(
+        id=r.id,
+        model=r.model,
+        from_version=r.from_version or "",
+        to_version=r.to_version,
+        strategy=STRATEGY_TO_PB.get(r.spec.strategy, pb.ROLLOUT_STRATEGY_UNSPECIFIED),
+        state=STATE_TO_PB[r.state],
+        current_weight=r.weight,
+        steps=[step_to_pb(s) for s in r.steps],
+        reason=r.reason,
+        created_at=_ts(r.created_at),
+        updated_at=_ts(r.updated_at),
+    )

@@ -1,0 +1,103 @@
+"""The trainer's traffic plane: Envoy, the model revisions and the rollouts that move between them.
+
+Started with the trainer when it runs with `envoy` on (as under `cyclone up`): it starts Envoy,
+resumes (or rolls back) the rollouts a previous process left, then serves every registered
+model. Stopped in reverse: rollouts pause where they are (they resume on the next start), the
+revisions stop, Envoy stops.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cyclone.envoy import EnvoyProxy, EnvoySettings
+from cyclone.plugins import orchestrators
+from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from cyclone.traffic import Endpoint
+from services.trainer.rollout import ControllerSettings, RolloutController
+from services.trainer.rollout.store_gateway import StoreGateway
+from services.trainer.serving import ServingKeeper
+
+log = logging.getLogger(__name__)
+
+
+def _endpoint(address: str) -> Endpoint:
+    host, _, port = address.rpartition(":")
+    return Endpoint(host or "127.0.0.1", int(port))
+
+
+class TrafficPlane:
+    def __init__(self, settings: Any, store: store_grpc.StoreServiceStub) -> None:
+        self.settings = settings
+        self.store = store
+        self.proxy: EnvoyProxy | None = None
+        self.orchestrator: Any = None
+        self.controller: RolloutController | None = None
+        self.keeper: ServingKeeper | None = None
+        self._gateway: StoreGateway | None = None
+
+    async def start(self, trainer_port: int) -> None:
+        s = self.settings
+        spec = orchestrators().get(s.orchestrator)
+        if spec is None:
+            raise ValueError(
+                f"orchestrator: unknown {s.orchestrator!r}; known: {sorted(orchestrators())}"
+            )
+        self.orchestrator = spec.create(
+            {
+                "model_repository": str(s.model_repository),
+                "store": s.store,
+                "data_dir": str(s.data_dir),
+            }
+        )
+        self.proxy = EnvoyProxy(
+            EnvoySettings(
+                work_dir=s.data_dir / "envoy",
+                public_host=s.public_host,
+                public_port=s.public_port,
+                control_port=s.control_port,
+                admin_port=s.envoy_admin_port,
+                store=_endpoint(s.store),
+                monitor=_endpoint(s.monitor) if s.monitor else None,
+                trainer=Endpoint("127.0.0.1", trainer_port),
+            )
+        )
+        await self.proxy.start()
+        self._gateway = StoreGateway(s.store)
+        self.controller = RolloutController(
+            self.orchestrator, self.proxy, self._gateway, ControllerSettings()
+        )
+        await self.controller.start_up()
+        self.keeper = ServingKeeper(
+            self.store,
+            s.model_repository,
+            self.orchestrator,
+            self.proxy,
+            self.controller,
+            replicas=s.replicas,
+        )
+        served = await self.keeper.reconcile()
+        log.info(
+            "traffic plane up: public %s, control %s, serving %s",
+            self.proxy.public_address,
+            self.proxy.control_address,
+            ", ".join(f"{m} {v}" for m, v in served.items()) or "no model yet",
+        )
+
+    async def start_rollout(self, model: str, version: str, job_id: int) -> str:
+        """The retraining job's hand-off: roll the new version out with the plan's strategy."""
+        if self.controller is None:
+            raise RuntimeError("the traffic plane is not started")
+        rollout = await self.controller.start(model, version)
+        return rollout.id
+
+    async def stop(self) -> None:
+        if self.controller is not None:
+            await self.controller.close()
+        if self.orchestrator is not None:
+            await self.orchestrator.close()
+        if self.proxy is not None:
+            await self.proxy.stop()
+        if self._gateway is not None:
+            await self._gateway.close()

@@ -1,0 +1,176 @@
+"""The trainer with its traffic plane, on real parts: store, Envoy, revision subprocesses.
+
+At start-up it registers what the repository holds and serves it through Envoy; a rollout RPC
+then moves the traffic to a new version, with every step recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+
+from cyclone.client import MODEL_HEADER
+from cyclone.examples import credit_frame, credit_pipeline
+from cyclone.inference.v1 import inference_service_pb2 as inference_pb
+from cyclone.inference.v1 import inference_service_pb2_grpc as inference_grpc
+from cyclone.models.convert import import_pipeline
+from cyclone.plan import default_plan, plan_to_yaml
+from cyclone.rollout_plan import RedBlackSpec
+from cyclone.store.v1 import store_service_pb2 as store_pb
+from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from cyclone.trainer.v1 import trainer_service_pb2 as pb
+from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
+from services.launch import start_store, start_trainer
+from services.store.main import StoreSettings
+from services.trainer.main import TrainerSettings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+@dataclasses.dataclass
+class Mesh:
+    store: store_grpc.StoreServiceStub
+    trainer: pb_grpc.TrainerServiceStub
+    public: str
+    repository: Path
+    plane: Any
+
+
+@pytest.fixture
+async def mesh(fresh_database_url: str, tmp_path: Path, model_repo: Any) -> AsyncIterator[Mesh]:
+    repository = tmp_path / "models"
+    repository.mkdir()
+    frame = credit_frame(400, seed=0)
+    import_pipeline(
+        credit_pipeline(frame), "credit", repository, sample=frame, label_column="defaulted"
+    )
+    store_settings = StoreSettings(
+        port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1
+    )
+    async with await start_store(store_settings) as store:
+        settings = TrainerSettings(
+            port=0,
+            store=store.address,
+            model_repository=repository,
+            data_dir=tmp_path / "data",
+            log_level="WARNING",
+            envoy=True,
+            public_host="127.0.0.1",
+            public_port=0,
+            control_port=0,
+            monitor="",
+        )
+        async with (
+            await start_trainer(settings) as trainer,
+            aio.insecure_channel(store.address) as store_channel,
+            aio.insecure_channel(trainer.address) as trainer_channel,
+        ):
+            plane = trainer.server._traffic  # type: ignore[attr-defined]
+            yield Mesh(
+                store_grpc.StoreServiceStub(store_channel),
+                pb_grpc.TrainerServiceStub(trainer_channel),
+                plane.proxy.public_address,
+                repository,
+                plane,
+            )
+
+
+async def _predict(public: str) -> inference_pb.PredictResponse:
+    request = inference_pb.PredictRequest(model="credit")
+    for name, value in {"age": 41.0, "income": 52000.0, "debt_ratio": 0.31}.items():
+        request.features[name].numbers.append(value)
+    request.features["city"].strings.append("porto")
+    async with aio.insecure_channel(public) as channel:
+        return await inference_grpc.InferenceServiceStub(channel).Predict(
+            request, metadata=((MODEL_HEADER, "credit"),), timeout=10
+        )
+
+
+async def test_start_up_serves_the_repository_and_a_rollout_moves_traffic(mesh: Mesh) -> None:
+    # Registered and served through Envoy without anyone asking.
+    first = await _predict(mesh.public)
+    assert first.version == "1" and len(first.prediction_ids) == 1
+    versions = await mesh.store.ListModelVersions(store_pb.ListModelVersionsRequest(model="credit"))
+    assert [(v.version, v.status) for v in versions.model_versions] == [
+        ("1", store_pb.MODEL_STATUS_SERVING)
+    ]
+
+    # A second version, rolled out red-black with a short keep-warm period.
+    frame = credit_frame(400, seed=3)
+    import_pipeline(
+        credit_pipeline(frame), "credit", mesh.repository, sample=frame, label_column="defaulted"
+    )
+    plan = default_plan("credit", "classification")
+    plan = dataclasses.replace(
+        plan,
+        rollout=dataclasses.replace(plan.rollout, red_black=RedBlackSpec(keep_old_for_seconds=1.0)),
+    )
+    await mesh.store.SavePlan(
+        store_pb.SavePlanRequest(model="credit", plan_yaml=plan_to_yaml(plan))
+    )
+    await mesh.plane.keeper.register_repository()
+    started = await mesh.trainer.Rollout(
+        pb.RolloutRequest(model="credit", version="2", strategy=pb.ROLLOUT_STRATEGY_RED_BLACK)
+    )
+    assert started.rollout.to_version == "2" and started.rollout.from_version == "1"
+
+    # Requests keep succeeding while the traffic moves.
+    answered: list[str] = []
+    for _ in range(600):
+        answered.append((await _predict(mesh.public)).version)
+        state = (
+            await mesh.trainer.GetRollout(pb.GetRolloutRequest(rollout_id=started.rollout.id))
+        ).rollout.state
+        if state != pb.ROLLOUT_STATE_PROGRESSING and state != pb.ROLLOUT_STATE_PENDING:
+            break
+        await asyncio.sleep(0.05)
+    final = (
+        await mesh.trainer.GetRollout(pb.GetRolloutRequest(rollout_id=started.rollout.id))
+    ).rollout
+    assert final.state == pb.ROLLOUT_STATE_PROMOTED, final
+    assert "2" in answered and (await _predict(mesh.public)).version == "2"
+    assert [s.decision for s in final.steps][:2] == ["start", "healthy"]
+    statuses = {
+        v.version: v.status
+        for v in (
+            await mesh.store.ListModelVersions(store_pb.ListModelVersionsRequest(model="credit"))
+        ).model_versions
+    }
+    assert statuses == {"1": store_pb.MODEL_STATUS_RETIRED, "2": store_pb.MODEL_STATUS_SERVING}
+
+    listed = await mesh.trainer.ListRollouts(pb.ListRolloutsRequest(model="credit"))
+    assert [r.id for r in listed.rollouts] == [started.rollout.id]
+
+
+async def test_rollout_bad_input(mesh: Mesh) -> None:
+    cases = [
+        (pb.RolloutRequest(model="", version="1"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+        (pb.RolloutRequest(model="credit", version="9"), grpc.StatusCode.NOT_FOUND, "version"),
+        (
+            pb.RolloutRequest(model="credit", version="1"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "already serving",
+        ),
+        (
+            pb.RolloutRequest(model="credit", version="1", strategy=99),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "strategy",
+        ),
+    ]
+    for request, code, words in cases:
+        with pytest.raises(aio.AioRpcError) as err:
+            await mesh.trainer.Rollout(request)
+        assert err.value.code() == code, request
+        assert words in (err.value.details() or ""), err.value.details()
+    with pytest.raises(aio.AioRpcError) as err:
+        await mesh.trainer.Rollback(pb.RollbackRequest(model="credit"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(aio.AioRpcError) as err:
+        await mesh.trainer.Rollback(pb.RollbackRequest())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
