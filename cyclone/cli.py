@@ -107,6 +107,10 @@ def serve_monitor(
     dashboard_port: Annotated[
         int | None, typer.Option(help="Live dashboard HTTP port (0 free, -1 off).")
     ] = None,
+    trainer: Annotated[
+        str | None,
+        typer.Option(help="Trainer HOST:PORT: retrain/rollback actions go there (else recorded)."),
+    ] = None,
     data_dir: DataDirOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,

@@ -79,9 +79,11 @@ DEFAULT_TRAINER = "127.0.0.1:8004"
 
 
 def deliver_trainer(alert: Alert, config: Mapping[str, Any]) -> None:
-    """Retrain through the trainer; raises when it is down, so the outbox retries later."""
+    """Retrain (or roll back) through the trainer; raises when it is down, so the outbox
+    retries later. A rollback with no rollout in progress has nothing to undo: delivered."""
     import grpc
 
+    from cyclone.channels import sync_channel
     from cyclone.trainer.v1 import trainer_service_pb2 as tpb
     from cyclone.trainer.v1 import trainer_service_pb2_grpc as tgrpc
 
@@ -90,8 +92,19 @@ def deliver_trainer(alert: Alert, config: Mapping[str, Any]) -> None:
     address = str(config.get("address") or DEFAULT_TRAINER)
     timeout = float(config.get("timeout", DEFAULT_TIMEOUT))
     reason = "; ".join(alert.reasons) or f"level {alert.level}"
-    with grpc.insecure_channel(address) as channel:
-        tgrpc.TrainerServiceStub(channel).Retrain(
+    with sync_channel(address) as channel:
+        trainer = tgrpc.TrainerServiceStub(channel)
+        if "rollback" in alert.actions:
+            try:
+                trainer.Rollback(
+                    tpb.RollbackRequest(model=alert.model, alert_id=int(alert.id), reason=reason),
+                    timeout=timeout,
+                )
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+            return
+        trainer.Retrain(
             tpb.RetrainRequest(model=alert.model, alert_id=int(alert.id), reason=reason),
             timeout=timeout,
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from cyclone.models.repository import EVALUATION_FILE, REFERENCE_FILE, ModelFiles, sha256_of
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc

@@ -35,6 +35,9 @@ class MonitorSettings(ServerSettings):
     alert_interval: float = 1.0
     # Where the `record` sink writes retrain/rollback requests (JSON lines).
     alert_record_path: Path | None = None
+    # Trainer HOST:PORT: retrain and rollback actions go there (`cyclone up` sets it); empty:
+    # they are recorded in alert_record_path for whoever acts on them.
+    trainer: str = ""
     # Live dashboard (HTTP); 0 picks a free port, -1 turns it off.
     dashboard_port: int = -1
 
@@ -45,7 +48,12 @@ def build_monitor_server(
     get_plugins()  # load plugins at start-up: a broken plugin set fails here, not mid-evaluation
     record_path = settings.alert_record_path or settings.data_dir / "alerts.jsonl"
     record_path.parent.mkdir(parents=True, exist_ok=True)
-    monitor = Monitor(settings.store, record_path=record_path, tick_seconds=settings.tick_seconds)
+    monitor = Monitor(
+        settings.store,
+        record_path=record_path,
+        trainer=settings.trainer,
+        tick_seconds=settings.tick_seconds,
+    )
     server = CycloneServer("monitor", settings)
     server.add_service(
         MONITOR_SERVICE,

@@ -100,11 +100,14 @@ class Monitor:
         store_address: str,
         *,
         record_path: Path,
+        trainer: str = "",
         tick_seconds: float = 1.0,
         request_timeout: float = 30.0,
     ) -> None:
         self.store_address = store_address
         self.record_path = record_path
+        # Where retrain/rollback requests go; empty: recorded durably in `record_path`.
+        self.trainer = trainer
         self.tick_seconds = tick_seconds
         self.request_timeout = request_timeout
         self.statuses: dict[str, ModelStatus] = {}
@@ -248,8 +251,10 @@ class Monitor:
         for action in ev.actions:
             if action == "notify" and plan.notify:
                 targets.extend(AlertTarget(action, s.sink, dict(s.config)) for s in plan.notify)
+            elif self.trainer and action in ("retrain", "rollback"):
+                targets.append(AlertTarget(action, "trainer", {"address": self.trainer}))
             else:
-                # Until a trainer is deployed, retrain/rollback requests are recorded durably.
+                # Without a trainer, retrain/rollback requests are recorded durably.
                 targets.append(AlertTarget(action, "record", {"path": str(self.record_path)}))
         return targets
 
