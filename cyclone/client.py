@@ -7,8 +7,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import grpc
-
+from cyclone.channels import sync_channel
 from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from cyclone.server import channel_options
@@ -83,7 +82,7 @@ class InferenceClient:
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._channel = sync_channel(address, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
 
     def predict(self, model: str, rows: Rows, version: str = "") -> list[Prediction]:
@@ -123,7 +122,7 @@ class StoreClient:
         from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self._channel = sync_channel(address)
         self._stub = store_grpc.StoreServiceStub(self._channel)
 
     def add_labels(self, model: str, labels: Sequence[tuple[str, Any]]) -> tuple[int, list[str]]:
@@ -183,7 +182,7 @@ class MonitorClient:
         from cyclone.monitor.v1 import monitor_service_pb2_grpc as monitor_grpc
 
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self._channel = sync_channel(address)
         self._stub = monitor_grpc.MonitorServiceStub(self._channel)
 
     def evaluate_now(self, model: str) -> Any:
@@ -239,7 +238,7 @@ class TrainerClient:
         from cyclone.trainer.v1 import trainer_service_pb2_grpc as trainer_grpc
 
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self._channel = sync_channel(address)
         self._stub = trainer_grpc.TrainerServiceStub(self._channel)
 
     def retrain(self, model: str, reason: str = "", alert_id: int = 0) -> Any:

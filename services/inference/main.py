@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 
 import grpc
-from grpc import aio
 
+from cyclone.channels import aio_channel
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from cyclone.models.repository import EVALUATION_FILE, REFERENCE_FILE
 from cyclone.oip.v2 import open_inference_pb2_grpc as oip_grpc
@@ -80,7 +80,7 @@ def build_inference_server(
 
 async def register_models(address: str, catalog: ModelCatalog, retry_every: float = 2.0) -> None:
     """Put every served model version in the store's registry; keep trying while it is down."""
-    async with aio.insecure_channel(address) as channel:
+    async with aio_channel(address) as channel:
         stub = store_grpc.StoreServiceStub(channel)
         todo = list(catalog.models.values())
         while todo:

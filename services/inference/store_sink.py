@@ -26,6 +26,7 @@ import numpy as np
 from grpc import aio
 from prometheus_client import Counter, Gauge
 
+from cyclone.channels import aio_channel
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
 from services.inference.model import LoadedModel, Outputs
@@ -187,7 +188,7 @@ class StoreSink:
         # gRPC's default reconnect backoff grows to 120 s: after a long outage the sink would
         # notice the store is back only minutes later. Cap it near retry_interval.
         backoff_ms = max(100, int(self.retry_interval * 1000))
-        self._channel = aio.insecure_channel(
+        self._channel = aio_channel(
             self.address,
             options=[
                 ("grpc.initial_reconnect_backoff_ms", backoff_ms),

@@ -6,8 +6,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import grpc
-
+from cyclone.channels import sync_channel
 from cyclone.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
 from cyclone.plugins import get_plugins
 from cyclone.server import CycloneServer
@@ -87,7 +86,7 @@ def build_monitor_server(
 def _dashboard(settings: MonitorSettings, monitor: Monitor) -> Dashboard:
     # The dashboard thread has its own blocking channel: the monitor's aio channel
     # belongs to the event loop.
-    channel = grpc.insecure_channel(settings.store)
+    channel = sync_channel(settings.store)
     store = store_grpc.StoreServiceStub(channel)
 
     def alerts() -> list[QueuedAlert]:

@@ -21,6 +21,7 @@ import grpc
 from grpc import aio
 from prometheus_client import Gauge
 
+from cyclone.channels import aio_channel
 from cyclone.errors import InvalidArgument, NotFound
 from cyclone.plan import Plan, PlanError, Registry, default_plan, parse_plan, plan_to_yaml
 from cyclone.store.v1 import store_service_pb2 as store_pb
@@ -125,7 +126,7 @@ class Monitor:
         return self._store
 
     async def start(self, *, schedule: bool = True) -> None:
-        self._channel = aio.insecure_channel(self.store_address)
+        self._channel = aio_channel(self.store_address)
         self._store = store_grpc.StoreServiceStub(self._channel)
         if schedule:
             self._task = asyncio.create_task(self._schedule(), name="monitor-schedule")
