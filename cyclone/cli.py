@@ -259,8 +259,9 @@ def predict(
     ] = None,
     file: Annotated[Path | None, typer.Option(help="JSON-lines or CSV file of rows.")] = None,
     address: Annotated[
-        str, typer.Option(help="Inference server (or Envoy) address.")
-    ] = "127.0.0.1:8001",
+        str | None,
+        typer.Option(help="Inference server or Envoy; default the running mesh's, else :8001."),
+    ] = None,
     version: Annotated[str, typer.Option(help="Model version; default the served one.")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
@@ -268,10 +269,11 @@ def predict(
     import grpc
 
     from cyclone.client import InferenceClient
+    from cyclone.local_mesh import default_address
 
     rows = _read_rows(row or [], file)
     try:
-        with InferenceClient(address) as client:
+        with InferenceClient(address or default_address("public")) as client:
             predictions = client.predict(model, rows, version)
     except grpc.RpcError as exc:
         fail(f"{exc.code().name}: {exc.details()}", 1)
@@ -362,57 +364,6 @@ def label(
         f"stored {stored} label(s)"
         + (f"; {len(unmatched)} not matched to a stored prediction yet" if unmatched else "")
     )
-
-
-@app.command()
-def status(
-    store: StoreOpt = "127.0.0.1:8002",
-    monitor: Annotated[str | None, typer.Option(help="Monitor HOST:PORT, for live levels.")] = None,
-) -> None:
-    """Storage mode, per-model traffic, label coverage and health."""
-    import grpc
-    from rich.console import Console
-    from rich.table import Table
-
-    from cyclone.client import StoreClient
-    from cyclone.store.v1.store_service_pb2 import MODEL_STATUS_SERVING
-
-    try:
-        with StoreClient(store) as client:
-            stats = client.stats()
-            health = {(h.model, h.version): h for h in client.health()}
-            versions = client.model_versions()
-    except grpc.RpcError as exc:
-        _rpc_fail(exc)
-    console = Console()
-    console.print(f"storage mode: [bold]{stats.storage_mode}[/bold]")
-    table = Table("model", "serving", "predictions", "labels", "coverage", "ingest lag", "health")
-    serving = {v.model: v.version for v in versions if v.status == MODEL_STATUS_SERVING}
-    for m in stats.models:
-        h = health.get((m.model, serving.get(m.model, "")))
-        table.add_row(
-            m.model,
-            serving.get(m.model, "-"),
-            str(m.predictions),
-            str(m.labels),
-            f"{m.label_coverage:.1%}",
-            f"{m.ingest_lag_seconds:.1f}s",
-            h.level if h else "-",
-        )
-    console.print(table)
-    if monitor:
-        from cyclone.client import MonitorClient
-        from cyclone.monitor.v1 import monitor_service_pb2 as mpb
-
-        try:
-            with MonitorClient(monitor) as mon:
-                statuses = mon.status()
-        except grpc.RpcError as exc:
-            _rpc_fail(exc)
-        for s in statuses:
-            reasons = "; ".join(s.reasons) or "all triggers quiet"
-            level = mpb.Level.Name(s.level).removeprefix("LEVEL_")
-            console.print(f"{s.model} {s.version}: {level} over {s.rows} rows ({reasons})")
 
 
 @plan_app.command("get")
@@ -576,6 +527,17 @@ def version() -> None:
     import cyclone
 
     typer.echo(cyclone.__version__)
+
+
+from cyclone import cli_mesh  # noqa: E402 - registered last: they extend `app`
+
+app.command("up")(cli_mesh.up)
+app.command("down")(cli_mesh.down)
+app.command("status")(cli_mesh.status)
+app.command("rollout")(cli_mesh.rollout)
+app.command("promote")(cli_mesh.promote)
+app.command("rollback")(cli_mesh.rollback)
+app.command("rollouts")(cli_mesh.rollouts)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -232,7 +232,7 @@ class MonitorClient:
 
 
 class TrainerClient:
-    """Blocking client for `cyclone.trainer.v1.TrainerService` (retraining jobs)."""
+    """Blocking client for `cyclone.trainer.v1.TrainerService` (retraining jobs, rollouts)."""
 
     def __init__(self, address: str, *, timeout: float = 60.0) -> None:
         from cyclone.trainer.v1 import trainer_service_pb2_grpc as trainer_grpc
@@ -264,6 +264,41 @@ class TrainerClient:
         from cyclone.trainer.v1 import trainer_service_pb2 as tpb
 
         return self._stub.CancelJob(tpb.CancelJobRequest(job_id=job_id), timeout=self.timeout).job
+
+    def rollout(self, model: str, version: str, strategy: str = "") -> Any:
+        """Start moving `model`'s traffic to `version` (strategy: canary, blue_green,
+        red_black, shadow; empty: the plan's)."""
+        from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+        value = tpb.RolloutStrategy.Value(
+            f"ROLLOUT_STRATEGY_{strategy.upper()}" if strategy else "ROLLOUT_STRATEGY_UNSPECIFIED"
+        )
+        request = tpb.RolloutRequest(model=model, version=version, strategy=value)
+        return self._stub.Rollout(request, timeout=self.timeout).rollout
+
+    def promote(self, rollout_id: str) -> Any:
+        from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+        request = tpb.PromoteRequest(rollout_id=rollout_id)
+        return self._stub.Promote(request, timeout=self.timeout).rollout
+
+    def rollback(self, model: str = "", rollout_id: str = "", reason: str = "") -> Any:
+        from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+        request = tpb.RollbackRequest(model=model, rollout_id=rollout_id, reason=reason)
+        return self._stub.Rollback(request, timeout=self.timeout).rollout
+
+    def rollouts(self, model: str = "", limit: int = 0) -> list[Any]:
+        from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+        request = tpb.ListRolloutsRequest(model=model, limit=limit)
+        return list(self._stub.ListRollouts(request, timeout=self.timeout).rollouts)
+
+    def get_rollout(self, rollout_id: str) -> Any:
+        from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+        request = tpb.GetRolloutRequest(rollout_id=rollout_id)
+        return self._stub.GetRollout(request, timeout=self.timeout).rollout
 
     def close(self) -> None:
         self._channel.close()

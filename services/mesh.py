@@ -118,17 +118,42 @@ class Mesh:
         s = self.settings
         common = ["--data-dir", str(s.data_dir)]
         store = f"127.0.0.1:{s.port('store')}"
+        monitor = f"127.0.0.1:{s.port('monitor')}"
+        trainer = f"127.0.0.1:{s.port('trainer')}"
         store_args = [*common]
         if s.database_url:
             store_args += ["--database-url", s.database_url]
         return [
             ComponentPlan("store", store_args, s.port("store")),
+            # The trainer runs Envoy and the model revisions behind it.
+            ComponentPlan(
+                "trainer",
+                [
+                    *common,
+                    "--store",
+                    store,
+                    "--model-repository",
+                    str(s.repository),
+                    "--envoy",
+                    "--public-host",
+                    s.host,
+                    "--public-port",
+                    str(s.port("public")),
+                    "--control-port",
+                    str(s.port("control")),
+                    "--monitor",
+                    monitor,
+                ],
+                s.port("trainer"),
+            ),
             ComponentPlan(
                 "monitor",
                 [
                     *common,
                     "--store",
                     store,
+                    "--trainer",
+                    trainer,
                     "--dashboard-port",
                     str(s.port("dashboard")),
                 ],
@@ -139,7 +164,8 @@ class Mesh:
     def ports_in_use(self) -> list[str]:
         s = self.settings
         wanted = {c.name: c.port for c in self.plan()}
-        wanted["dashboard"] = s.port("dashboard")
+        for extra in ("dashboard", "public", "control"):
+            wanted[extra] = s.port(extra)
         return [
             f"{name} port {port}" for name, port in wanted.items() if _port_taken("127.0.0.1", port)
         ]

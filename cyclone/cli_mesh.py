@@ -1,0 +1,451 @@
+"""`cyclone up`, `down`, `status` and the rollout commands: the mesh as one product.
+
+Registered on the main app by `cyclone.cli`; kept apart so the command file stays readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cyclone.local_mesh import DEFAULT_PORTS, default_address, default_data_dir, read_mesh
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def up(
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data dir (models, database, logs); default ~/.cyclone.")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Where the public listener binds (0.0.0.0 for the network).")
+    ] = "127.0.0.1",
+    public_port: Annotated[
+        int, typer.Option(help="Envoy: predictions and labels.")
+    ] = DEFAULT_PORTS["public"],
+    control_port: Annotated[int, typer.Option(help="Envoy: control plane (loopback).")] = (
+        DEFAULT_PORTS["control"]
+    ),
+    store_port: Annotated[int, typer.Option()] = DEFAULT_PORTS["store"],
+    monitor_port: Annotated[int, typer.Option()] = DEFAULT_PORTS["monitor"],
+    trainer_port: Annotated[int, typer.Option()] = DEFAULT_PORTS["trainer"],
+    dashboard_port: Annotated[int, typer.Option()] = DEFAULT_PORTS["dashboard"],
+    database_url: Annotated[
+        str | None, typer.Option(help="PostgreSQL URL; default: an embedded PostgreSQL.")
+    ] = None,
+    model_repository: Annotated[
+        Path | None, typer.Option(help="Model repository; default <data-dir>/models.")
+    ] = None,
+    auth: Annotated[
+        bool, typer.Option("--auth/--no-auth", help="Require a token for the control plane.")
+    ] = True,
+) -> None:
+    """Start the whole mesh on this machine; Ctrl-C or SIGTERM stops it."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from services.mesh import Mesh, MeshError, MeshSettings, hold_data_dir
+
+    settings = MeshSettings(
+        data_dir=(data_dir or default_data_dir()).resolve(),
+        host=host,
+        ports={
+            "public": public_port,
+            "control": control_port,
+            "store": store_port,
+            "monitor": monitor_port,
+            "trainer": trainer_port,
+            "dashboard": dashboard_port,
+        },
+        database_url=database_url or os.environ.get("CYCLONE_DATABASE_URL") or None,
+        model_repository=model_repository,
+        auth=auth,
+    )
+    console = Console()
+    states: dict[str, tuple[str, str]] = {}
+
+    def render() -> Table:
+        table = Table("component", "state", "detail", title=f"Cyclone in {settings.data_dir}")
+        colours = {"starting": "yellow", "ready": "green", "failed": "red", "stopped": "dim"}
+        for name, (state, detail) in states.items():
+            table.add_row(name, f"[{colours.get(state, 'white')}]{state}[/]", detail)
+        return table
+
+    try:
+        with (
+            hold_data_dir(settings.data_dir),
+            Live(render(), console=console, transient=False, auto_refresh=False) as live,
+        ):
+
+            def progress(component: str, state: str, detail: str) -> None:
+                states[component] = (state, detail)
+                live.update(render(), refresh=True)
+
+            mesh = Mesh(settings, progress)
+            previous = {
+                sig: signal.signal(sig, lambda *_: mesh.request_stop())
+                for sig in (signal.SIGINT, signal.SIGTERM)
+            }
+            try:
+                info = mesh.start()
+            except MeshError as exc:
+                live.stop()
+                _fail(str(exc))
+                return
+            try:
+                live.stop()
+                console.print(
+                    f"\n[bold]Cyclone is up[/bold]\n"
+                    f"  predictions and labels  {info.public}  (gRPC and REST; "
+                    f"POST http://{info.public}/v1/models/MODEL:predict)\n"
+                    f"  control plane           {info.control}\n"
+                    f"  dashboard               {info.dashboard}\n"
+                    f"  models                  {settings.repository}\n"
+                    f"  logs                    {settings.data_dir / 'logs'}\n"
+                    "Ctrl-C stops everything."
+                )
+                mesh.wait()
+            finally:
+                console.print("stopping…")
+                mesh.stop()
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+    except MeshError as exc:
+        _fail(str(exc))
+
+
+def down(
+    data_dir: Annotated[Path | None, typer.Option(help="Data dir of the mesh.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for it to stop.")] = 60.0,
+) -> None:
+    """Stop the mesh `cyclone up` started on this data dir."""
+    mesh = read_mesh(data_dir)
+    if mesh is None:
+        _fail("no running mesh found (is `cyclone up` running on this data dir?)", 1)
+        return
+    os.kill(mesh.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while read_mesh(data_dir) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if read_mesh(data_dir) is not None:
+        _fail(f"the mesh (pid {mesh.pid}) is still stopping after {timeout:g}s", 1)
+    typer.echo("stopped")
+
+
+# ---- status ---------------------------------------------------------------------------------
+
+
+def _revision_processes(trainer_pid: int) -> list[dict[str, Any]]:
+    """The inference processes the trainer runs: model, version, port, pid (from their args)."""
+    import psutil
+
+    found: list[dict[str, Any]] = []
+    try:
+        children = psutil.Process(trainer_pid).children(recursive=True)
+    except psutil.Error:
+        return found
+    for child in children:
+        try:
+            args = child.cmdline()
+        except psutil.Error:
+            continue
+        if "serve" not in args or "inference" not in args:
+            continue
+
+        def arg(flag: str, argv: list[str] = args) -> str:
+            return argv[argv.index(flag) + 1] if flag in argv else ""
+
+        found.append(
+            {
+                "model": arg("--model"),
+                "version": arg("--version"),
+                "address": f"{arg('--host') or '127.0.0.1'}:{arg('--port')}",
+                "pid": child.pid,
+            }
+        )
+    return sorted(found, key=lambda r: (r["model"], r["version"], r["address"]))
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix).lower()
+
+
+def collect_status(
+    data_dir: Path | None = None,
+    store: str | None = None,
+    monitor: str | None = None,
+    trainer: str | None = None,
+) -> dict[str, Any]:
+    """Everything `cyclone status --json` prints, as one JSON-able object."""
+    import grpc
+
+    from cyclone.client import MonitorClient, StoreClient, TrainerClient
+    from cyclone.monitor.v1 import monitor_service_pb2 as mpb
+    from cyclone.store.v1 import store_service_pb2 as spb
+    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+    mesh = read_mesh(data_dir)
+    out: dict[str, Any] = {"mesh": None, "models": {}, "alerts": [], "jobs": [], "rollouts": []}
+    if mesh is not None:
+        out["mesh"] = {
+            "pid": mesh.pid,
+            "data_dir": mesh.data_dir,
+            "public": mesh.public,
+            "control": mesh.control,
+            "dashboard": mesh.dashboard,
+            "components": {k: vars(v) for k, v in mesh.components.items()},
+        }
+        trainer_info = mesh.components.get("trainer")
+        out["mesh"]["revisions"] = _revision_processes(trainer_info.pid) if trainer_info else []
+    problems: list[str] = []
+    models: dict[str, Any] = out["models"]
+    try:
+        with StoreClient(store or default_address("store", data_dir)) as store_client:
+            stats = store_client.stats()
+            out["storage_mode"] = stats.storage_mode
+            for m in stats.models:
+                models.setdefault(
+                    m.model, {"versions": {}, "serving": None, "split": {}, "level": None}
+                )["traffic"] = {
+                    "predictions": m.predictions,
+                    "labels": m.labels,
+                    "label_coverage": m.label_coverage,
+                    "ingest_lag_seconds": m.ingest_lag_seconds,
+                }
+            for v in store_client.model_versions():
+                entry = models.setdefault(
+                    v.model, {"versions": {}, "serving": None, "split": {}, "level": None}
+                )
+                status = _enum_name(spb.ModelStatus, v.status, "MODEL_STATUS_")
+                entry["versions"][v.version] = {
+                    "status": status,
+                    "parent": v.parent_version or None,
+                    "alert": v.triggering_alert_id or None,
+                    "training_rows": v.training_rows or None,
+                    "family": v.family or None,
+                }
+                if status == "serving":
+                    entry["serving"] = v.version
+                    entry["split"] = {v.version: 100.0}
+    except grpc.RpcError as exc:
+        problems.append(f"store: {exc.code().name}: {exc.details()}")
+    try:
+        with MonitorClient(monitor or default_address("monitor", data_dir)) as monitor_client:
+            for s in monitor_client.status():
+                entry = models.setdefault(s.model, {"versions": {}, "split": {}})
+                entry["level"] = _enum_name(mpb.Level, s.level, "LEVEL_").upper()
+                entry["reasons"] = list(s.reasons)
+            out["alerts"] = [
+                {
+                    "id": a.id,
+                    "model": a.model,
+                    "action": a.action,
+                    "sink": a.sink,
+                    "status": a.status,
+                    "reasons": list(a.reasons),
+                }
+                for a in monitor_client.alerts()
+                if a.status != "delivered"
+            ]
+    except grpc.RpcError as exc:
+        problems.append(f"monitor: {exc.code().name}: {exc.details()}")
+    try:
+        with TrainerClient(
+            trainer or default_address("trainer", data_dir), timeout=10
+        ) as trainer_client:
+            out["jobs"] = [
+                {
+                    "id": j.id,
+                    "model": j.model,
+                    "state": _enum_name(tpb.JobState, j.state, "JOB_STATE_"),
+                    "stage": j.stage,
+                    "new_version": j.new_version or None,
+                    "message": j.message,
+                }
+                for j in trainer_client.jobs(limit=20)
+            ]
+            for r in trainer_client.rollouts(limit=20):
+                state = _enum_name(tpb.RolloutState, r.state, "ROLLOUT_STATE_")
+                out["rollouts"].append(
+                    {
+                        "id": r.id,
+                        "model": r.model,
+                        "from": r.from_version or None,
+                        "to": r.to_version,
+                        "strategy": _enum_name(
+                            tpb.RolloutStrategy, r.strategy, "ROLLOUT_STRATEGY_"
+                        ),
+                        "state": state,
+                        "weight": r.current_weight,
+                    }
+                )
+                if state in ("pending", "progressing", "paused") and r.model in models:
+                    split = {r.to_version: r.current_weight}
+                    if r.from_version:
+                        split[r.from_version] = 100.0 - r.current_weight
+                    models[r.model]["split"] = split
+    except grpc.RpcError as exc:
+        problems.append(f"trainer: {exc.code().name}: {exc.details()}")
+    out["problems"] = problems
+    return out
+
+
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    data_dir: Annotated[Path | None, typer.Option(help="Data dir of the mesh.")] = None,
+    store: Annotated[
+        str | None, typer.Option(help="Store HOST:PORT (default: the mesh's).")
+    ] = None,
+    monitor: Annotated[str | None, typer.Option(help="Monitor HOST:PORT.")] = None,
+    trainer: Annotated[str | None, typer.Option(help="Trainer HOST:PORT.")] = None,
+) -> None:
+    """Components, models, versions, traffic split, levels, open alerts, jobs and rollouts."""
+    collected = collect_status(data_dir, store, monitor, trainer)
+    if as_json:
+        typer.echo(json.dumps(collected, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    mesh = collected["mesh"]
+    if mesh:
+        console.print(
+            f"mesh pid {mesh['pid']}: public {mesh['public']}, control {mesh['control']}, "
+            f"dashboard {mesh['dashboard']}"
+        )
+        for name, c in mesh["components"].items():
+            console.print(f"  {name:<8} {c['address']:<22} pid {c['pid']}")
+        for r in mesh["revisions"]:
+            console.print(
+                f"  revision {r['model']} v{r['version']} on {r['address']} pid {r['pid']}"
+            )
+    else:
+        console.print("no `cyclone up` mesh running here; showing what the services answer")
+    if "storage_mode" in collected:
+        console.print(f"storage mode: [bold]{collected['storage_mode']}[/bold]")
+    table = Table(
+        "model", "serving", "predictions", "labels", "coverage", "level", "split", "versions"
+    )
+    for model, m in sorted(collected["models"].items()):
+        split = ", ".join(f"v{v} {w:.0f}%" for v, w in m.get("split", {}).items())
+        versions = ", ".join(f"{v}:{info['status']}" for v, info in m.get("versions", {}).items())
+        traffic = m.get("traffic", {})
+        table.add_row(
+            model,
+            str(m.get("serving") or "-"),
+            str(traffic.get("predictions", "-")),
+            str(traffic.get("labels", "-")),
+            f"{traffic['label_coverage']:.1%}" if traffic else "-",
+            str(m.get("level") or "-"),
+            split,
+            versions,
+        )
+    console.print(table)
+    for r in collected["rollouts"][:5]:
+        console.print(
+            f"rollout {r['id']} {r['model']} {r['from'] or '-'}→{r['to']} {r['strategy']}: "
+            f"{r['state']} at {r['weight']:.0f}%"
+        )
+    for j in collected["jobs"][:5]:
+        console.print(f"job {j['id']} {j['model']}: {j['state']} ({j['stage']}) {j['message']}")
+    for a in collected["alerts"]:
+        console.print(
+            f"[yellow]alert #{a['id']} {a['model']} {a['action']}→{a['sink']}: {a['status']}[/]"
+        )
+    for p in collected["problems"]:
+        console.print(f"[red]{p}[/red]")
+
+
+# ---- rollouts -------------------------------------------------------------------------------
+
+TrainerAddress = Annotated[str | None, typer.Option("--trainer", help="Trainer HOST:PORT.")]
+
+
+def _show_rollout(r: Any) -> None:
+    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+    state = _enum_name(tpb.RolloutState, r.state, "ROLLOUT_STATE_")
+    strategy = _enum_name(tpb.RolloutStrategy, r.strategy, "ROLLOUT_STRATEGY_")
+    typer.echo(
+        f"rollout {r.id} {r.model} {r.from_version or '-'} -> {r.to_version} ({strategy}): "
+        f"{state} at {r.current_weight:.0f}%" + (f"; {r.reason}" if r.reason else "")
+    )
+
+
+def _trainer_call(trainer: str | None, call: Any) -> Any:
+    import grpc
+
+    from cyclone.client import TrainerClient
+
+    try:
+        with TrainerClient(trainer or default_address("trainer")) as client:
+            return call(client)
+    except grpc.RpcError as exc:
+        _fail(f"{exc.code().name}: {exc.details()}", 1)
+
+
+def rollout(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Registered version to roll out.")],
+    strategy: Annotated[
+        str, typer.Option(help="canary, blue_green, red_black or shadow; default the plan's.")
+    ] = "",
+    wait: Annotated[bool, typer.Option(help="Follow the steps until it ends.")] = False,
+    trainer: TrainerAddress = None,
+) -> None:
+    """Move a model's traffic to a version, zero-downtime, with automatic analysis."""
+    if strategy and strategy not in ("canary", "blue_green", "red_black", "shadow"):
+        _fail(f"--strategy: expected canary, blue_green, red_black or shadow, got {strategy!r}")
+    started = _trainer_call(trainer, lambda c: c.rollout(model, version, strategy))
+    _show_rollout(started)
+    if not wait:
+        return
+    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+    def follow(client: Any) -> Any:
+        for event in client._stub.WatchRollout(tpb.WatchRolloutRequest(rollout_id=started.id)):
+            s = event.step
+            typer.echo(f"  {s.weight:>5.1f}%  {s.decision:<12} {s.reason}")
+        return client.get_rollout(started.id)
+
+    _show_rollout(_trainer_call(trainer, follow))
+
+
+def promote(
+    rollout_id: Annotated[str, typer.Argument(help="Rollout id.")],
+    trainer: TrainerAddress = None,
+) -> None:
+    """Promote a rollout now (skip the remaining steps)."""
+    _show_rollout(_trainer_call(trainer, lambda c: c.promote(rollout_id)))
+
+
+def rollback(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    rollout_id: Annotated[
+        str, typer.Option(help="Rollout id; default the model's active one.")
+    ] = "",
+    reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
+    trainer: TrainerAddress = None,
+) -> None:
+    """Send all of a model's traffic back to the previous version."""
+    _show_rollout(_trainer_call(trainer, lambda c: c.rollback(model, rollout_id, reason)))
+
+
+def rollouts(
+    model: Annotated[str, typer.Option(help="Model name; default all.")] = "",
+    trainer: TrainerAddress = None,
+) -> None:
+    """List rollouts, newest first."""
+    for r in _trainer_call(trainer, lambda c: c.rollouts(model)):
+        _show_rollout(r)
