@@ -232,11 +232,13 @@ def guard(
 
 
 def client_token(data_dir: Path | None = None) -> str | None:
-    """The token a Cyclone client sends: ``$CYCLONE_TOKEN``, else ``<data_dir>/token``."""
+    """The token a Cyclone client sends: ``$CYCLONE_TOKEN``, else ``<data_dir>/token`` (the
+    data dir defaults to ``$CYCLONE_DATA_DIR``, else ~/.cyclone, as `cyclone up`'s does)."""
     env = os.environ.get(TOKEN_ENV)
     if env:
         return env.strip()
-    path = (data_dir or Path.home() / ".cyclone") / TOKEN_FILE_NAME
+    base = data_dir or Path(os.environ.get("CYCLONE_DATA_DIR") or Path.home() / ".cyclone")
+    path = base / TOKEN_FILE_NAME
     try:
         return path.read_text().strip() or None
     except OSError:

@@ -42,26 +42,36 @@ def _with_metadata(details: Any, extra: tuple[tuple[str, str], ...]) -> Any:
     return details._replace(metadata=metadata)
 
 
-class _AioToken(
-    aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
-    aio.StreamUnaryClientInterceptor,  # type: ignore[misc]
-    aio.StreamStreamClientInterceptor,  # type: ignore[misc]
-):
+class _AioTokenMixin:
+    # grpc.aio files each interceptor under the first kind it is (an if/elif chain), so one
+    # object per call kind is needed: a single class deriving from all four only sees unary.
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self._metadata = metadata
 
+
+class _AioUnaryUnary(_AioTokenMixin, aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(_with_metadata(details, self._metadata), request)
 
+
+class _AioUnaryStream(_AioTokenMixin, aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(_with_metadata(details, self._metadata), request)
 
+
+class _AioStreamUnary(_AioTokenMixin, aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(_with_metadata(details, self._metadata), requests)
 
+
+class _AioStreamStream(_AioTokenMixin, aio.StreamStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(_with_metadata(details, self._metadata), requests)
+
+
+def _aio_interceptors(metadata: tuple[tuple[str, str], ...]) -> list[Any]:
+    kinds = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
+    return [kind(metadata) for kind in kinds]
 
 
 class _SyncToken(
@@ -89,7 +99,7 @@ class _SyncToken(
 def aio_channel(address: str, *, options: Options = (), token: str | None = None) -> aio.Channel:
     """An asyncio channel to `address` with the caller's token and TLS when configured."""
     metadata = call_metadata(token or client_token())
-    interceptors = [_AioToken(metadata)] if metadata else None
+    interceptors = _aio_interceptors(metadata) if metadata else None
     credentials = _credentials()
     if credentials is not None:
         return aio.secure_channel(address, credentials, options=options, interceptors=interceptors)

@@ -211,7 +211,13 @@ async def test_channels_send_the_callers_token(
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     monkeypatch.setenv("CYCLONE_TOKEN", TOKENS[Scope.ADMIN])
     async with aio_channel(store) as channel:
-        await store_grpc.StoreServiceStub(channel).ListModelVersions(request)
+        stub = store_grpc.StoreServiceStub(channel)
+        await stub.ListModelVersions(request)
+        # Every call kind carries it (grpc.aio files interceptors by kind).
+        with pytest.raises(aio.AioRpcError) as missing:
+            async for _ in stub.GetTrainingData(store_pb.GetTrainingDataRequest(model="nope")):
+                pass
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
     def blocking_calls() -> grpc.StatusCode:
         # A thread: the server runs on this test's event loop.
