@@ -93,7 +93,7 @@ def check_job(text: str, name: str) -> dict[str, Any]:
                 raise JobFileError(f"{where}: service {service['name']!r}: no check")
             for check in checks:
                 if check.get("type") == "grpc" and service["provider"] != "consul":
-                    raise JobFileError(f"{where}: grpc checks need provider = \"consul\"")
+                    raise JobFileError(f'{where}: grpc checks need provider = "consul"')
             summary["services"].add(service["name"])
         tasks = _blocks(group, "task")
         if not tasks:
@@ -130,7 +130,7 @@ def _check_revision_group(group: Mapping[str, Any], where: str) -> None:
         if field not in update:
             raise JobFileError(f"{where}: update.{field} missing")
     if update["health_check"] != "checks":
-        raise JobFileError(f"{where}: update.health_check must be \"checks\"")
+        raise JobFileError(f'{where}: update.health_check must be "checks"')
     scaling = _one(group, "scaling")
     if scaling is None:
         raise JobFileError(f"{where}: scaling block missing")
