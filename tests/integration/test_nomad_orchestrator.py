@@ -434,7 +434,7 @@ async def test_error_responses_name_the_job(fake: FakeNomad) -> None:
     ):
         await orch.start("credit", "6", replicas=1)
     await orch.start("credit", "6", replicas=1)
-    with pytest.raises(NomadError, match="HTTP 400.*blocked due to active deployment") as caught:
+    with pytest.raises(NomadError, match=r"HTTP 400.*blocked due to active deployment") as caught:
         fake.plan["cyclone-inference-credit--6"] = "hang"
         await orch.client.register(fake.jobs["cyclone-inference-credit--6"])
         await orch.scale("credit--6", 3)
@@ -446,11 +446,11 @@ async def test_error_responses_name_the_job(fake: FakeNomad) -> None:
 async def test_timeouts_and_unreachable_nomad_name_the_job(fake: FakeNomad) -> None:
     fake.delay = 0.5
     slow = NomadOrchestrator({"address": fake.address, "request_timeout": 0.1})  # type: ignore[attr-defined]
-    with pytest.raises(NomadError, match="cyclone-inference-credit--7.*no answer"):
+    with pytest.raises(NomadError, match=r"cyclone-inference-credit--7.*no answer"):
         await slow.start("credit", "7", replicas=1)
     fake.delay = 0
     gone = NomadOrchestrator({"address": "http://127.0.0.1:9", "request_timeout": 1})
-    with pytest.raises(NomadError, match="cyclone-inference-credit--7.*no answer"):
+    with pytest.raises(NomadError, match=r"cyclone-inference-credit--7.*no answer"):
         await gone.start("credit", "7", replicas=1)
 
 
@@ -468,13 +468,13 @@ async def test_dispatch_retraining_with_the_job_id_as_payload(fake: FakeNomad) -
     with pytest.raises(ValueError, match="training_job_id"):
         await dispatch_retrain(client, 0)
     await client.register({"ID": "plain", "TaskGroups": [], "Meta": {}})
-    with pytest.raises(NomadError, match="'plain'.*not a parameterized job"):
+    with pytest.raises(NomadError, match=r"'plain'.*not a parameterized job"):
         await dispatch_retrain(client, 1, job="plain")
 
 
 async def test_endpoints_not_answering_grpc_health_fail_the_start(fake: FakeNomad) -> None:
     fake.ports = [fake.ports[0], 9]  # the second allocation's server does not answer
     orch = _orchestrator(fake, health_timeout=1)
-    with pytest.raises(TimeoutError, match="cyclone-inference-credit--8.*gRPC health"):
+    with pytest.raises(TimeoutError, match=r"cyclone-inference-credit--8.*gRPC health"):
         await orch.start("credit", "8", replicas=2)
     assert "cyclone-inference-credit--8" not in fake.jobs
