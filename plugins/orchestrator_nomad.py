@@ -41,7 +41,7 @@ from cyclone.nomad.render import (
     service_name,
 )
 from cyclone.plugin_api import OrchestratorSpec
-from cyclone.traffic import Endpoint, Revision, revision_name
+from cyclone.traffic import Endpoint, Revision
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,3 @@ def cyclone_register_orchestrators(register: Callable[[OrchestratorSpec], None])
             "Model revisions as Nomad service jobs (canary deployments, auto-revert)",
         )
     )
-
-
-__all__ = ["NomadOrchestrator", "revision_name"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -565,7 +565,3 @@ def revisions_from_repository(root: Path, replicas: int = 1) -> list[RevisionSpe
 def example_revisions() -> list[RevisionSpec]:
     """The example in `deploy/nomad/`: one model, `credit`, version 1, serving."""
     return [RevisionSpec("credit", "1", "serving", 2)]
-
-
-def with_discovery(settings: ClusterSettings, discovery: str) -> ClusterSettings:
-    return replace(settings, discovery=discovery)
