@@ -529,6 +529,58 @@ def version() -> None:
     typer.echo(cyclone.__version__)
 
 
+deploy_app = typer.Typer(help="Deploy Cyclone on a cluster.", no_args_is_help=True)
+deploy_nomad_app = typer.Typer(help="HashiCorp Nomad job files.", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
+deploy_app.add_typer(deploy_nomad_app, name="nomad")
+
+
+@deploy_nomad_app.command("render")
+def deploy_nomad_render(
+    out: Annotated[Path, typer.Option("--out", help="Directory the job files go to.")],
+    store: Annotated[
+        str | None, typer.Option(help="Store HOST:PORT: render what the registry holds.")
+    ] = None,
+    model_repository: Annotated[
+        Path | None, typer.Option(help="Without a store: the latest version of every model.")
+    ] = None,
+    image: Annotated[str, typer.Option(help="Cyclone's container image.")] = "cyclone:0.1.0",
+    datacenter: Annotated[
+        list[str] | None, typer.Option(help="Nomad datacenter; repeatable.")
+    ] = None,
+    discovery: Annotated[str, typer.Option(help="Service discovery: nomad or consul.")] = "nomad",
+    replicas: Annotated[int, typer.Option(help="Replicas per model revision.")] = 1,
+) -> None:
+    """Write Nomad job files for the cluster and every serving or canary model version."""
+    from cyclone.nomad import render as nomad
+
+    if (store is None) == (model_repository is None):
+        fail("give exactly one of --store or --model-repository")
+    if replicas < 0:
+        fail(f"--replicas: must be >= 0, got {replicas}")
+    try:
+        settings = nomad.ClusterSettings(
+            image=image, datacenters=tuple(datacenter or ["dc1"]), discovery=discovery
+        )
+    except ValueError as exc:
+        fail(f"--{exc}")
+    if store is not None:
+        import grpc
+
+        try:
+            revisions = nomad.revisions_from_store(store, replicas)
+        except grpc.RpcError as exc:
+            _rpc_fail(exc)
+    else:
+        assert model_repository is not None
+        if not model_repository.is_dir():
+            fail(f"--model-repository: {model_repository} is not a directory")
+        revisions = nomad.revisions_from_repository(model_repository, replicas)
+    written = nomad.write(nomad.render(revisions, settings), out)
+    for path in written:
+        typer.echo(str(path))
+
+
 from cyclone import cli_mesh  # noqa: E402 - registered last: they extend `app`
 
 app.command("up")(cli_mesh.up)

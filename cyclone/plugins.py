@@ -45,6 +45,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("alert_sinks", "plugins.alert_sinks"),
     ("families", "plugins.families"),
     ("orchestrator_local", "plugins.orchestrator_local"),
+    ("orchestrator_nomad", "plugins.orchestrator_nomad"),
 )
 
 
