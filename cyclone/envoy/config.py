@@ -87,6 +87,7 @@ class EnvoySettings:
     max_request_bytes: int = 4 * 1024 * 1024
     max_headers_count: int = 100
     stream_idle_timeout_s: float = 300.0
+    max_connections: int = 50_000  # open downstream connections, all listeners together
     # Requests per second per client address on the public listener (a token bucket of
     # `rate_limit_burst`, default twice the rate); None turns it off. Excess: 429 /
     # RESOURCE_EXHAUSTED. Up to `rate_limit_clients` addresses get a bucket each.
@@ -163,6 +164,22 @@ def _runtime(settings: EnvoySettings) -> dict[str, Any]:
     return {"layers": [{"name": "static", "static_layer": layer}]}
 
 
+def _overload(settings: EnvoySettings) -> dict[str, Any]:
+    """A cap on open downstream connections: past it, new ones are closed at accept."""
+    return {
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": _T + "envoy.extensions.resource_monitors.downstream_connections.v3."
+                    "DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": settings.max_connections,
+                },
+            }
+        ]
+    }
+
+
 def bootstrap(settings: EnvoySettings, layout: Layout) -> dict[str, Any]:
     """Admin on loopback; listeners and clusters come from the watched xDS files (the trace
     collector's cluster is static: Envoy's gRPC clients need a static cluster)."""
@@ -176,6 +193,7 @@ def bootstrap(settings: EnvoySettings, layout: Layout) -> dict[str, Any]:
         "layered_runtime": _runtime(settings),
         # Histogram quantiles (latency) in /stats are as of the last flush.
         "stats_flush_interval": "1s",
+        "overload_manager": _overload(settings),
     }
     static = static_clusters(settings)
     if static:
@@ -839,4 +857,5 @@ def validation_bootstrap(
             "listeners": listeners(settings, available, sources),
         },
         "layered_runtime": _runtime(settings),
+        "overload_manager": _overload(settings),
     }
