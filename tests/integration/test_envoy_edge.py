@@ -19,12 +19,19 @@ import grpc
 import pytest
 import yaml
 
+from cyclone.auth import Scope, scope_for
 from cyclone.client import build_request
 from cyclone.envoy import EnvoyProxy, EnvoySettings
+from cyclone.inference.v1 import inference_service_pb2 as inference_pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from cyclone.monitor.v1 import monitor_service_pb2 as monitor_pb
+from cyclone.oip.v2 import open_inference_pb2 as oip_pb
+from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.traffic import Endpoint, Revision, TrafficSplit
+from cyclone.trainer.v1 import trainer_service_pb2 as trainer_pb
 from services.inference.main import InferenceSettings
-from services.launch import start_inference
+from services.launch import start_inference, start_store
+from services.store.main import StoreSettings
 
 if TYPE_CHECKING:
     from tests.conftest import ModelRepo
@@ -34,6 +41,7 @@ pytestmark = pytest.mark.integration
 CREDIT = "credit"
 PREDICT_TOKEN = "predict-token-0123456789abcdef"
 LABEL_TOKEN = "label-token-0123456789abcdef"
+REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 def _split(port: int) -> TrafficSplit:
@@ -276,3 +284,101 @@ async def test_oversized_bodies_and_header_floods_are_refused(
         assert status == 431
         status, _ = await asyncio.to_thread(_post, envoy.public_address, path, _rest_body(rows))
         assert status == 200  # a normal request right after is served
+
+
+# --- every RPC through the public listener ----------------------------------------------------
+
+ALL_TOKENS = {scope: f"{scope.value}-token-0123456789abcdef" for scope in Scope}
+CLOSED = "not available on the public listener"
+
+
+async def _raw_call(
+    channel: grpc.aio.Channel, path: str, method: Any, token: str | None
+) -> tuple[grpc.StatusCode, str]:
+    """Call `path` with an empty request (or stream): only the status matters here."""
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    raw: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
+    try:
+        if method.client_streaming and method.server_streaming:
+            async for _ in channel.stream_stream(path, **raw)(
+                iter(()), metadata=metadata, timeout=5
+            ):
+                pass
+        elif method.client_streaming:
+            await channel.stream_unary(path, **raw)(iter(()), metadata=metadata, timeout=5)
+        elif method.server_streaming:
+            async for _ in channel.unary_stream(path, **raw)(b"", metadata=metadata, timeout=5):
+                pass
+        else:
+            await channel.unary_unary(path, **raw)(b"", metadata=metadata, timeout=5)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def test_every_rpc_through_the_public_listener(
+    tmp_path: Path, model_repo: ModelRepo, fresh_database_url: str
+) -> None:
+    """Reachable or not, and the status without a token, with a wrong one and each scope."""
+    path = tmp_path / "all-tokens.yaml"
+    entries = [{"name": s.value, "token": t, "scopes": [s.value]} for s, t in ALL_TOKENS.items()]
+    path.write_text(yaml.safe_dump({"tokens": entries}))
+    store_settings = StoreSettings(
+        port=0,
+        database_url=fresh_database_url,
+        log_level="WARNING",
+        pool_min_size=1,
+        tokens_file=path,
+    )
+    inference_settings = InferenceSettings(
+        model_repository=model_repo.root, port=0, log_level="WARNING", tokens_file=path
+    )
+    services = [
+        store_pb.DESCRIPTOR.services_by_name["StoreService"],
+        inference_pb.DESCRIPTOR.services_by_name["InferenceService"],
+        oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        monitor_pb.DESCRIPTOR.services_by_name["MonitorService"],
+        trainer_pb.DESCRIPTOR.services_by_name["TrainerService"],
+    ]
+    reachable: set[str] = set()
+    async with (
+        await start_store(store_settings) as store,
+        await start_inference(inference_settings) as server,
+        _edge(
+            tmp_path,
+            server.port,
+            store=Endpoint("127.0.0.1", store.port),
+            rate_limit_per_client=None,
+        ) as envoy,
+        grpc.aio.insecure_channel(envoy.public_address) as channel,
+    ):
+        for service in services:
+            for method in service.methods:
+                rpc = f"/{service.full_name}/{method.name}"
+                scope = scope_for(rpc)
+                assert scope is not None
+                code, details = await _raw_call(channel, rpc, method, None)
+                if code == grpc.StatusCode.UNIMPLEMENTED and CLOSED in details:
+                    # Closed at the edge, whatever the token.
+                    assert scope not in (Scope.PREDICT, Scope.LABEL), rpc
+                    for token in (*ALL_TOKENS.values(), "not-a-token-at-all"):
+                        assert (await _raw_call(channel, rpc, method, token))[1] == details
+                    continue
+                reachable.add(rpc)
+                assert code not in REFUSED, rpc  # data plane: open without a token
+                wrong = await _raw_call(channel, rpc, method, "not-a-token-at-all")
+                assert wrong[0] == grpc.StatusCode.UNAUTHENTICATED, rpc
+                for held, token in ALL_TOKENS.items():
+                    status = (await _raw_call(channel, rpc, method, token))[0]
+                    if held == scope:
+                        assert status not in REFUSED, (rpc, held)
+                    else:
+                        assert status == grpc.StatusCode.PERMISSION_DENIED, (rpc, held)
+    data_plane = {
+        f"/{s.full_name}/{m.name}"
+        for s in services
+        for m in s.methods
+        if scope_for(f"/{s.full_name}/{m.name}") in (Scope.PREDICT, Scope.LABEL)
+    }
+    assert reachable == data_plane
+    assert "/cyclone.store.v1.StoreService/AddLabels" in reachable
