@@ -81,6 +81,11 @@ class EnvoySettings:
     # TLS on the public listener: both files (PEM) or neither.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # TLS to the services (when they serve TLS): the CA that signed their certificates, and
+    # Envoy's client certificate when they require one (mTLS).
+    upstream_tls_ca_file: Path | None = None
+    upstream_tls_cert_file: Path | None = None
+    upstream_tls_key_file: Path | None = None
     # Limits at the edge. A REST body over `max_request_bytes` is refused on the public
     # listener (413; gRPC messages are bounded by the services' receive limit, 4 MiB); it is
     # also each connection's buffer, so a slow reader cannot make Envoy hold more.
@@ -101,6 +106,12 @@ class EnvoySettings:
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file: give both or neither")
+        if (self.upstream_tls_cert_file is None) != (self.upstream_tls_key_file is None):
+            raise ValueError(
+                "upstream_tls_cert_file and upstream_tls_key_file: give both or neither"
+            )
+        if self.upstream_tls_cert_file is not None and self.upstream_tls_ca_file is None:
+            raise ValueError("upstream_tls_cert_file: needs upstream_tls_ca_file (TLS is off)")
         if self.rate_limit_per_client is not None and self.rate_limit_per_client < 1:
             raise ValueError("rate_limit_per_client: must be 1 or more (None turns it off)")
         if not 0 <= self.trace_sampling_percent <= 100:
@@ -257,8 +268,38 @@ def _retry_budget(settings: EnvoySettings) -> dict[str, Any]:
     }
 
 
+def _upstream_tls(settings: EnvoySettings) -> dict[str, Any]:
+    if settings.upstream_tls_ca_file is None:
+        return {}
+    context: dict[str, Any] = {
+        "validation_context": {"trusted_ca": {"filename": str(settings.upstream_tls_ca_file)}},
+        "alpn_protocols": ["h2"],
+    }
+    if settings.upstream_tls_cert_file is not None and settings.upstream_tls_key_file is not None:
+        context["tls_certificates"] = [
+            {
+                "certificate_chain": {"filename": str(settings.upstream_tls_cert_file)},
+                "private_key": {"filename": str(settings.upstream_tls_key_file)},
+            }
+        ]
+    return {
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": context,
+            },
+        }
+    }
+
+
 def endpoint_cluster(
-    name: str, endpoints: Sequence[Endpoint], settings: EnvoySettings, *, health_checked: bool
+    name: str,
+    endpoints: Sequence[Endpoint],
+    settings: EnvoySettings,
+    *,
+    health_checked: bool,
+    tls: bool = True,
 ) -> dict[str, Any]:
     """A cluster of gRPC endpoints (STATIC for IP addresses, STRICT_DNS for host names)."""
     cluster: dict[str, Any] = {
@@ -278,6 +319,7 @@ def endpoint_cluster(
             ],
         },
         "circuit_breakers": _retry_budget(settings),
+        **(_upstream_tls(settings) if tls else {}),
     }
     if health_checked:
         interval = _seconds(settings.health_interval_s)
@@ -354,7 +396,11 @@ def static_clusters(settings: EnvoySettings) -> list[dict[str, Any]]:
         return []
     return [
         endpoint_cluster(
-            TRACE_COLLECTOR_CLUSTER, [settings.otlp_collector], settings, health_checked=False
+            TRACE_COLLECTOR_CLUSTER,
+            [settings.otlp_collector],
+            settings,
+            health_checked=False,
+            tls=False,  # a collector is not a Cyclone service
         )
     ]
 

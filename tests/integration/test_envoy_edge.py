@@ -176,27 +176,52 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-async def test_public_listener_serves_tls(tmp_path: Path, model_repo: ModelRepo) -> None:
-    cert, key = tmp_path / "edge.pem", tmp_path / "edge.key"
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a certificate for 127.0.0.1/localhost (server) and one for a client (envoy)."""
+    root = tmp_path_factory.mktemp("edge-pki")
+    files = {"ca.key": root / "ca.key", "ca.pem": root / "ca.pem"}
     _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=edge",
-        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        "-keyout", str(key), "-out", str(cert),
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=edge-ca",
+        "-keyout", str(files["ca.key"]), "-out", str(files["ca.pem"]),
     )  # fmt: skip
+    for who, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("client", "DNS:envoy")):
+        key, csr, pem, ext = (root / f"{who}.{s}" for s in ("key", "csr", "pem", "ext"))
+        ext.write_text(f"subjectAltName={san}\n")
+        _openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}",
+            "-keyout", str(key), "-out", str(csr),
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", str(csr), "-CA", str(files["ca.pem"]),
+            "-CAkey", str(files["ca.key"]), "-CAcreateserial", "-days", "1",
+            "-extfile", str(ext), "-out", str(pem),
+        )  # fmt: skip
+        files[f"{who}.key"], files[f"{who}.pem"] = key, pem
+    return files
+
+
+NEEDS_OPENSSL = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+
+
+@NEEDS_OPENSSL
+async def test_public_listener_serves_tls(
+    tmp_path: Path, model_repo: ModelRepo, pki: dict[str, Path]
+) -> None:
+    cert, key, ca = pki["server.pem"], pki["server.key"], pki["ca.pem"]
     rows = _rows(model_repo)
     settings = InferenceSettings(model_repository=model_repo.root, port=0, log_level="WARNING")
     async with (
         await start_inference(settings) as server,
         _edge(tmp_path, server.port, tls_cert_file=cert, tls_key_file=key) as envoy,
     ):
-        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
         async with grpc.aio.secure_channel(envoy.public_address, credentials) as channel:
             response = await pb_grpc.InferenceServiceStub(channel).Predict(
                 build_request(CREDIT, rows), timeout=10
             )
             assert len(response.labels) == len(rows)
-        context = ssl.create_default_context(cafile=str(cert))
+        context = ssl.create_default_context(cafile=str(ca))
         status, _ = await asyncio.to_thread(
             _post,
             envoy.public_address,
@@ -216,9 +241,46 @@ async def test_public_listener_serves_tls(tmp_path: Path, model_repo: ModelRepo)
             await pb_grpc.InferenceServiceStub(control).Predict(build_request(CREDIT, rows))
 
 
+@NEEDS_OPENSSL
+async def test_envoy_reaches_services_that_require_mutual_tls(
+    tmp_path: Path, model_repo: ModelRepo, pki: dict[str, Path]
+) -> None:
+    settings = InferenceSettings(
+        model_repository=model_repo.root,
+        port=0,
+        log_level="WARNING",
+        tls_cert_file=pki["server.pem"],
+        tls_key_file=pki["server.key"],
+        tls_client_ca_file=pki["ca.pem"],  # no client certificate, no connection
+    )
+    rows = _rows(model_repo)
+    async with (
+        await start_inference(settings) as server,
+        _edge(
+            tmp_path,
+            server.port,
+            upstream_tls_ca_file=pki["ca.pem"],
+            upstream_tls_cert_file=pki["client.pem"],
+            upstream_tls_key_file=pki["client.key"],
+        ) as envoy,
+        grpc.aio.insecure_channel(envoy.public_address) as channel,
+    ):
+        await envoy.wait_healthy(_split(server.port).revisions[f"{CREDIT}--1"], 10)
+        response = await pb_grpc.InferenceServiceStub(channel).Predict(
+            build_request(CREDIT, rows), timeout=10
+        )
+        assert len(response.labels) == len(rows)
+
+
 async def test_tls_settings_need_both_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="tls_cert_file and tls_key_file"):
         EnvoySettings(work_dir=tmp_path, tls_cert_file=tmp_path / "cert.pem")
+    with pytest.raises(ValueError, match="needs upstream_tls_ca_file"):
+        EnvoySettings(
+            work_dir=tmp_path,
+            upstream_tls_cert_file=tmp_path / "c.pem",
+            upstream_tls_key_file=tmp_path / "c.key",
+        )
     with pytest.raises(ValueError, match="rate_limit_per_client"):
         EnvoySettings(work_dir=tmp_path, rate_limit_per_client=0)
 
