@@ -63,7 +63,13 @@ def rest_load(address: str, body: bytes, concurrency: int, seconds: float) -> tu
 
 async def with_envoy(work_dir: Path, port: int) -> EnvoyProxy:
     proxy = EnvoyProxy(
-        EnvoySettings(work_dir=work_dir, public_host="127.0.0.1", public_port=0, control_port=0)
+        EnvoySettings(
+            work_dir=work_dir,
+            public_host="127.0.0.1",
+            public_port=0,
+            control_port=0,
+            rate_limit_per_client=None,  # one client on purpose: measure the proxy, not the limit
+        )
     )
     await proxy.start()
     rev = Revision("rf", "1", (Endpoint("127.0.0.1", port),))

@@ -68,7 +68,17 @@ _METHOD_SCOPES: Mapping[str, Scope] = {
     "/cyclone.store.v1.StoreService/ClaimAlerts": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/CompleteAlert": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/RecordEvaluation": Scope.INTERNAL,
+    # The trainer's bookkeeping: jobs, lineage and rollouts are written by the trainer only
+    # (people start and stop them through the trainer's own admin RPCs).
+    "/cyclone.store.v1.StoreService/CreateTrainingJob": Scope.INTERNAL,
+    "/cyclone.store.v1.StoreService/UpdateTrainingJob": Scope.INTERNAL,
+    "/cyclone.store.v1.StoreService/FailOrphanedTrainingJobs": Scope.INTERNAL,
+    "/cyclone.store.v1.StoreService/RegisterTrainedVersion": Scope.INTERNAL,
+    "/cyclone.store.v1.StoreService/CreateRollout": Scope.INTERNAL,
+    "/cyclone.store.v1.StoreService/UpdateRollout": Scope.INTERNAL,
 }
+# Internal RPCs have no REST mapping (protos/cyclone/store/v1/store_service.proto), so the
+# transcoder cannot publish them; tests/integration/test_auth.py checks the two agree.
 
 
 def scope_for(full_method: str) -> Scope | None:

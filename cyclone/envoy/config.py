@@ -33,6 +33,7 @@ TRAINER_SERVICE = "cyclone.trainer.v1.TrainerService"
 PUBLIC_STORE_METHODS = ("AddLabels", "AddLabelsStream")
 
 STORE_CLUSTER = "cyclone-store"
+TRACE_COLLECTOR_CLUSTER = "cyclone-otel-collector"
 MONITOR_CLUSTER = "cyclone-monitor"
 TRAINER_CLUSTER = "cyclone-trainer"
 FAILOVER_SUFFIX = "~failover"
@@ -43,6 +44,8 @@ _LISTENER = _T + "envoy.config.listener.v3.Listener"
 _ROUTES = _T + "envoy.config.route.v3.RouteConfiguration"
 _HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_BUFFER = "envoy.filters.http.buffer"
+_BUFFER_PER_ROUTE = "envoy.extensions.filters.http.buffer.v3.BufferPerRoute"
 
 # gRPC status codes used in direct responses.
 _INVALID_ARGUMENT = 3
@@ -75,6 +78,44 @@ class EnvoySettings:
     retry_budget_percent: float = 25.0
     drain_timeout_s: float = 10.0
     log_level: str = "warning"
+    # TLS on the public listener: both files (PEM) or neither.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # TLS to the services (when they serve TLS): the CA that signed their certificates, and
+    # Envoy's client certificate when they require one (mTLS).
+    upstream_tls_ca_file: Path | None = None
+    upstream_tls_cert_file: Path | None = None
+    upstream_tls_key_file: Path | None = None
+    # Limits at the edge. A REST body over `max_request_bytes` is refused on the public
+    # listener (413; gRPC messages are bounded by the services' receive limit, 4 MiB); it is
+    # also each connection's buffer, so a slow reader cannot make Envoy hold more.
+    max_request_bytes: int = 4 * 1024 * 1024
+    max_headers_count: int = 100
+    stream_idle_timeout_s: float = 300.0
+    max_connections: int = 50_000  # open downstream connections, all listeners together
+    # Requests per second per client address on the public listener (a token bucket of
+    # `rate_limit_burst`, default twice the rate); None turns it off. Excess: 429 /
+    # RESOURCE_EXHAUSTED. Up to `rate_limit_clients` addresses get a bucket each.
+    rate_limit_per_client: int | None = 1000
+    rate_limit_burst: int | None = None
+    rate_limit_clients: int = 10_000
+    # OpenTelemetry: Envoy sends its spans over OTLP gRPC to this collector (off when None).
+    otlp_collector: Endpoint | None = None
+    trace_sampling_percent: float = 100.0
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file: give both or neither")
+        if (self.upstream_tls_cert_file is None) != (self.upstream_tls_key_file is None):
+            raise ValueError(
+                "upstream_tls_cert_file and upstream_tls_key_file: give both or neither"
+            )
+        if self.upstream_tls_cert_file is not None and self.upstream_tls_ca_file is None:
+            raise ValueError("upstream_tls_cert_file: needs upstream_tls_ca_file (TLS is off)")
+        if self.rate_limit_per_client is not None and self.rate_limit_per_client < 1:
+            raise ValueError("rate_limit_per_client: must be 1 or more (None turns it off)")
+        if not 0 <= self.trace_sampling_percent <= 100:
+            raise ValueError("trace_sampling_percent: must be between 0 and 100")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,19 +167,49 @@ def _socket(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def bootstrap(settings: EnvoySettings, layout: Layout) -> dict[str, Any]:
-    """Admin on loopback; listeners and clusters come from the watched xDS files."""
+def _runtime(settings: EnvoySettings) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    if settings.otlp_collector is not None:
+        # Spans leave Envoy within a second (the default waits five).
+        layer["tracing.opentelemetry.flush_interval_ms"] = 1000
+    return {"layers": [{"name": "static", "static_layer": layer}]}
+
+
+def _overload(settings: EnvoySettings) -> dict[str, Any]:
+    """A cap on open downstream connections: past it, new ones are closed at accept."""
     return {
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": _T + "envoy.extensions.resource_monitors.downstream_connections.v3."
+                    "DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": settings.max_connections,
+                },
+            }
+        ]
+    }
+
+
+def bootstrap(settings: EnvoySettings, layout: Layout) -> dict[str, Any]:
+    """Admin on loopback; listeners and clusters come from the watched xDS files (the trace
+    collector's cluster is static: Envoy's gRPC clients need a static cluster)."""
+    document: dict[str, Any] = {
         "node": {"id": "cyclone-envoy", "cluster": "cyclone"},
         "admin": {"address": _socket("127.0.0.1", settings.admin_port)},
         "dynamic_resources": {
             "lds_config": _file_source(layout.lds),
             "cds_config": _file_source(layout.cds),
         },
-        "layered_runtime": {"layers": [{"name": "static", "static_layer": {}}]},
+        "layered_runtime": _runtime(settings),
         # Histogram quantiles (latency) in /stats are as of the last flush.
         "stats_flush_interval": "1s",
+        "overload_manager": _overload(settings),
     }
+    static = static_clusters(settings)
+    if static:
+        document["static_resources"] = {"clusters": static}
+    return document
 
 
 def discovery_response(version: str, type_url: str, resources: Sequence[Any]) -> dict[str, Any]:
@@ -197,8 +268,38 @@ def _retry_budget(settings: EnvoySettings) -> dict[str, Any]:
     }
 
 
+def _upstream_tls(settings: EnvoySettings) -> dict[str, Any]:
+    if settings.upstream_tls_ca_file is None:
+        return {}
+    context: dict[str, Any] = {
+        "validation_context": {"trusted_ca": {"filename": str(settings.upstream_tls_ca_file)}},
+        "alpn_protocols": ["h2"],
+    }
+    if settings.upstream_tls_cert_file is not None and settings.upstream_tls_key_file is not None:
+        context["tls_certificates"] = [
+            {
+                "certificate_chain": {"filename": str(settings.upstream_tls_cert_file)},
+                "private_key": {"filename": str(settings.upstream_tls_key_file)},
+            }
+        ]
+    return {
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": context,
+            },
+        }
+    }
+
+
 def endpoint_cluster(
-    name: str, endpoints: Sequence[Endpoint], settings: EnvoySettings, *, health_checked: bool
+    name: str,
+    endpoints: Sequence[Endpoint],
+    settings: EnvoySettings,
+    *,
+    health_checked: bool,
+    tls: bool = True,
 ) -> dict[str, Any]:
     """A cluster of gRPC endpoints (STATIC for IP addresses, STRICT_DNS for host names)."""
     cluster: dict[str, Any] = {
@@ -218,6 +319,7 @@ def endpoint_cluster(
             ],
         },
         "circuit_breakers": _retry_budget(settings),
+        **(_upstream_tls(settings) if tls else {}),
     }
     if health_checked:
         interval = _seconds(settings.health_interval_s)
@@ -285,6 +387,21 @@ def component_clusters(settings: EnvoySettings) -> list[dict[str, Any]]:
         endpoint_cluster(name, [address], settings, health_checked=False)
         for name, address in found
         if address is not None
+    ]
+
+
+def static_clusters(settings: EnvoySettings) -> list[dict[str, Any]]:
+    """Clusters in the bootstrap rather than CDS: the OTLP collector, when tracing is on."""
+    if settings.otlp_collector is None:
+        return []
+    return [
+        endpoint_cluster(
+            TRACE_COLLECTOR_CLUSTER,
+            [settings.otlp_collector],
+            settings,
+            health_checked=False,
+            tls=False,  # a collector is not a Cyclone service
+        )
     ]
 
 
@@ -513,6 +630,11 @@ def public_routes(splits: Mapping[str, TrafficSplit], settings: EnvoySettings) -
         {"match": {"prefix": "/", "grpc": {}}, **_grpc_error(_UNIMPLEMENTED, closed)},
         {"match": {"prefix": "/"}, **_json_error(404, _NOT_FOUND, closed)},
     ]
+    # The body limit buffers whole requests: right for REST, wrong for gRPC streams.
+    unbuffered = {_BUFFER: {"@type": _T + _BUFFER_PER_ROUTE, "disabled": True}}
+    routes = [
+        {**r, "typed_per_filter_config": unbuffered} if "grpc" in r["match"] else r for r in routes
+    ]
     return {"name": PUBLIC, "virtual_hosts": [{"name": PUBLIC, "domains": ["*"], "routes": routes}]}
 
 
@@ -544,14 +666,14 @@ def control_routes(splits: Mapping[str, TrafficSplit], settings: EnvoySettings) 
 
 
 def _transcoder(
-    descriptor: Path, services: Sequence[str], *, match_incoming: bool
+    settings: EnvoySettings, services: Sequence[str], *, match_incoming: bool
 ) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.grpc_json_transcoder",
         "typed_config": {
             "@type": _T
             + "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
-            "proto_descriptor": str(descriptor),
+            "proto_descriptor": str(settings.descriptor),
             "services": list(services),
             # Public: routes match the HTTP path the caller sent, so only data-plane paths
             # are routed. Control: routes match the transcoded gRPC path (by service).
@@ -562,9 +684,52 @@ def _transcoder(
     }
 
 
-def _http_filters(descriptor: Path, services: Sequence[str], *, match_incoming: bool) -> list[Any]:
+def _rate_limit(settings: EnvoySettings, rate: int) -> dict[str, Any]:
+    """One token bucket per client address (a descriptor entry without a value is a wildcard:
+    each address seen gets its own bucket), so one caller cannot starve the others."""
+    burst = settings.rate_limit_burst or 2 * rate
+    bucket = {"max_tokens": burst, "tokens_per_fill": rate, "fill_interval": "1s"}
+    everyone = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
+    return {
+        "name": "envoy.filters.http.local_ratelimit",
+        "typed_config": {
+            "@type": _T + "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": "per_client",
+            "token_bucket": bucket,  # only for a request without an address (none in practice)
+            "filter_enabled": {**everyone, "runtime_key": "cyclone.rate_limit.enabled"},
+            "filter_enforced": {**everyone, "runtime_key": "cyclone.rate_limit.enforced"},
+            "rate_limits": [{"actions": [{"remote_address": {}}]}],
+            "descriptors": [{"entries": [{"key": "remote_address"}], "token_bucket": bucket}],
+            "max_dynamic_descriptors": settings.rate_limit_clients,
+            "always_consume_default_token_bucket": False,
+            "rate_limited_as_resource_exhausted": True,  # gRPC callers: RESOURCE_EXHAUSTED
+        },
+    }
+
+
+def _http_filters(settings: EnvoySettings, services: Sequence[str], *, public: bool) -> list[Any]:
+    limit = (
+        []
+        if not public or settings.rate_limit_per_client is None
+        else [_rate_limit(settings, settings.rate_limit_per_client)]
+    )
+    body_limit = (
+        [
+            {
+                "name": _BUFFER,
+                "typed_config": {
+                    "@type": _T + "envoy.extensions.filters.http.buffer.v3.Buffer",
+                    "max_request_bytes": settings.max_request_bytes,
+                },
+            }
+        ]
+        if public
+        else []
+    )
     return [
-        _transcoder(descriptor, services, match_incoming=match_incoming),
+        *limit,  # first: a refused request costs no transcoding
+        *body_limit,
+        _transcoder(settings, services, match_incoming=public),
         {
             "name": "envoy.filters.http.grpc_stats",
             "typed_config": {
@@ -580,35 +745,90 @@ def _http_filters(descriptor: Path, services: Sequence[str], *, match_incoming: 
     ]
 
 
+def _tracing(settings: EnvoySettings) -> dict[str, Any]:
+    """Envoy's OpenTelemetry tracer: a span per request, its context sent upstream as
+    `traceparent`, so the service's span is the child of Envoy's."""
+    if settings.otlp_collector is None:
+        return {}
+    return {
+        "tracing": {
+            "random_sampling": {"value": settings.trace_sampling_percent},
+            "provider": {
+                "name": "envoy.tracers.opentelemetry",
+                "typed_config": {
+                    "@type": _T + "envoy.config.trace.v3.OpenTelemetryConfig",
+                    "grpc_service": {
+                        "envoy_grpc": {"cluster_name": TRACE_COLLECTOR_CLUSTER},
+                        "timeout": "1s",
+                    },
+                    "service_name": "cyclone-envoy",
+                },
+            },
+        }
+    }
+
+
+def _downstream_tls(settings: EnvoySettings) -> dict[str, Any]:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return {}
+    return {
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "tls_certificates": [
+                        {
+                            "certificate_chain": {"filename": str(settings.tls_cert_file)},
+                            "private_key": {"filename": str(settings.tls_key_file)},
+                        }
+                    ],
+                    "alpn_protocols": ["h2", "http/1.1"],
+                },
+            },
+        }
+    }
+
+
 def listener(
     name: str,
     host: str,
     port: int,
     http_filters: list[Any],
     route_source: Mapping[str, Any],
+    settings: EnvoySettings,
+    *,
+    public: bool = False,
 ) -> dict[str, Any]:
     """`route_source` is either {"rds": ...} (running) or {"route_config": ...} (validation)."""
+    chain: dict[str, Any] = {
+        "filters": [
+            {
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": _HCM,
+                    "stat_prefix": name,
+                    "codec_type": "AUTO",
+                    "http2_protocol_options": {},
+                    "stream_idle_timeout": _seconds(settings.stream_idle_timeout_s),
+                    # Too many headers: 431 (HTTP/1) or a reset stream (HTTP/2).
+                    "common_http_protocol_options": {
+                        "max_headers_count": settings.max_headers_count
+                    },
+                    **_tracing(settings),
+                    "http_filters": http_filters,
+                    **route_source,
+                },
+            }
+        ]
+    }
+    if public:
+        chain.update(_downstream_tls(settings))
     return {
         "name": name,
         "address": _socket(host, port),
-        "filter_chains": [
-            {
-                "filters": [
-                    {
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": {
-                            "@type": _HCM,
-                            "stat_prefix": name,
-                            "codec_type": "AUTO",
-                            "http2_protocol_options": {},
-                            "stream_idle_timeout": "300s",
-                            "http_filters": http_filters,
-                            **route_source,
-                        },
-                    }
-                ]
-            }
-        ],
+        "per_connection_buffer_limit_bytes": settings.max_request_bytes,
+        "filter_chains": [chain],
     }
 
 
@@ -641,15 +861,18 @@ def listeners(
             PUBLIC,
             settings.public_host,
             settings.public_port,
-            _http_filters(settings.descriptor, services[PUBLIC], match_incoming=True),
+            _http_filters(settings, services[PUBLIC], public=True),
             route_sources[PUBLIC],
+            settings,
+            public=True,
         ),
         listener(
             CONTROL,
             settings.control_host,
             settings.control_port,
-            _http_filters(settings.descriptor, services[CONTROL], match_incoming=False),
+            _http_filters(settings, services[CONTROL], public=False),
             route_sources[CONTROL],
+            settings,
         ),
     ]
 
@@ -676,8 +899,9 @@ def validation_bootstrap(
         "node": {"id": "cyclone-envoy-validate", "cluster": "cyclone"},
         "admin": {"address": _socket("127.0.0.1", 0)},
         "static_resources": {
-            "clusters": list(clusters),
+            "clusters": [*static_clusters(settings), *clusters],
             "listeners": listeners(settings, available, sources),
         },
-        "layered_runtime": {"layers": [{"name": "static", "static_layer": {}}]},
+        "layered_runtime": _runtime(settings),
+        "overload_manager": _overload(settings),
     }

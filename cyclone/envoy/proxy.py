@@ -354,7 +354,8 @@ class EnvoyProxy:
         self._version += 1
         write_atomically(self.layout.cds, dump(cfg.cds_response(str(self._version), clusters)))
         self._installed_clusters = clusters
-        wanted = {c["name"] for c in clusters}
+        # Envoy lists the bootstrap's static clusters (the trace collector) too.
+        wanted = {c["name"] for c in [*clusters, *cfg.static_clusters(self.settings)]}
         deadline = time.monotonic() + timeout
         while True:
             # Envoy lists only active (warmed) clusters; removed ones disappear.

@@ -163,10 +163,48 @@ def test_scope_table_for_the_rpcs_that_matter() -> None:
     assert scope_for("/cyclone.store.v1.StoreService/AddLabels") == Scope.LABEL
     assert scope_for("/cyclone.store.v1.StoreService/LogPredictions") == Scope.INTERNAL
     assert scope_for("/cyclone.store.v1.StoreService/ClaimAlerts") == Scope.INTERNAL
+    assert scope_for("/cyclone.store.v1.StoreService/UpdateRollout") == Scope.INTERNAL
+    assert scope_for("/cyclone.store.v1.StoreService/RegisterTrainedVersion") == Scope.INTERNAL
+    assert scope_for("/cyclone.store.v1.StoreService/GetRollout") == Scope.ADMIN
     assert scope_for("/cyclone.store.v1.StoreService/SetPlan") == Scope.ADMIN
     assert scope_for("/cyclone.store.v1.StoreService/RegisterModelVersion") == Scope.ADMIN
     assert scope_for("/cyclone.trainer.v1.TrainerService/Rollout") == Scope.ADMIN
     assert scope_for("/grpc.health.v1.Health/Check") is None
+
+
+def _has_rest_mapping(method: Any) -> bool:
+    from google.api import annotations_pb2
+
+    return method.GetOptions().HasExtension(annotations_pb2.http)
+
+
+@pytest.mark.parametrize(
+    "descriptor",
+    [
+        store_pb.DESCRIPTOR.services_by_name["StoreService"],
+        inference_pb.DESCRIPTOR.services_by_name["InferenceService"],
+    ],
+    ids=lambda d: d.name,
+)
+def test_internal_rpcs_have_no_rest_mapping_and_the_rest_do(descriptor: Any) -> None:
+    """The transcoder publishes exactly the annotated RPCs: an internal one must not be."""
+    internal = {m.name for path, m in _methods(descriptor) if scope_for(path) == Scope.INTERNAL}
+    annotated = {m.name for m in descriptor.methods if _has_rest_mapping(m)}
+    assert not internal & annotated
+    if descriptor.name == "StoreService":
+        assert internal == {
+            "LogPredictions",
+            "ClaimAlerts",
+            "CompleteAlert",
+            "RecordEvaluation",
+            "CreateTrainingJob",
+            "UpdateTrainingJob",
+            "FailOrphanedTrainingJobs",
+            "RegisterTrainedVersion",
+            "CreateRollout",
+            "UpdateRollout",
+        }
+        assert {"AddLabels", "SavePlan", "ListAlerts", "GetRollout"} <= annotated
 
 
 @pytest.mark.parametrize(
