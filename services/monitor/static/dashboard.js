@@ -9,7 +9,8 @@ const state = {
   rollouts: [],          // RolloutSummary records
   points: new Map(),     // model -> Map(series name -> Map(t seconds -> value))
   traffic: new Map(),    // model -> TrafficPoint records
-  loaded: new Set(),     // models whose history was read
+  loaded: new Set(),     // models whose history is being or was read
+  histories: new Set(),  // models whose history is on the charts
   charts: new Map(),     // "model/kind" -> {plot, keys}
 };
 window.cyclone = { state, charts: state.charts, events: 0 };
@@ -18,7 +19,7 @@ const $ = (sel, root = document) => root.querySelector(sel);
 const esc = s => String(s ?? "").replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const levelName = s => (s || "").replace("LEVEL_", "").replace("UNSPECIFIED", "") || "—";
 const time = iso => iso ? new Date(iso).toLocaleTimeString() : "";
-const secs = iso => Math.floor(new Date(iso).getTime() / 1000);
+const secs = iso => new Date(iso).getTime() / 1000;  // uPlot time is in seconds; keep the ms
 const slug = s => String(s).replace(/[^A-Za-z0-9_-]/g, "_");
 
 function models() {
@@ -57,6 +58,7 @@ async function loadHistory(model) {
     for (const p of body.points) if (p.metric !== "level") addPoint(model, p.metric, secs(p.created_at), p.value);
     state.traffic.set(model, body.traffic);
     renderModel(model);
+    state.histories.add(model);
   } catch (e) {
     state.loaded.delete(model);
     showProblem(`history of ${model}: ${e.message}`);
@@ -92,7 +94,8 @@ function chart(model, kind, title, named, label) {
   const width = Math.max(320, box.clientWidth || 420);
   const plot = new uPlot({
     width, height: 180,
-    scales: { x: { time: true } },
+    // One point (a single minute of traffic) would otherwise span years.
+    scales: { x: { time: true, range: (u, min, max) => min === max ? [min - 600, max + 60] : [min, max] } },
     axes: [{}, { label, size: 56 }],
     series: [{}, ...keys.map((k, i) => ({
       label: k, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true,
