@@ -202,3 +202,80 @@ async def test_every_panel_query_runs_on_the_store_database_and_returns_rows(
                 assert all(isinstance(r[0], datetime) for r in rows), where
                 assert all(isinstance(r[-1], float) or r[-1] is None for r in rows), where
                 assert any(r[-1] is not None for r in rows), where
+
+
+def test_every_panel_query_runs_on_timescaledb(tmp_path: Path) -> None:
+    """The same queries on the TimescaleDB schema (hypertables, continuous aggregate), in PGlite."""
+    import subprocess
+
+    from services.store.db import uuid7, uuid7_time
+    from services.store.migrations import migrations_for
+    from tests.integration.test_timescale_sql import PREFIX, SCRIPT, _ensure_pglite, _step
+
+    _ensure_pglite()
+    now = datetime.now(UTC)
+    predictions = []
+    for i in range(6):
+        pid = uuid7(now - timedelta(seconds=30 * i))
+        predictions.append(
+            {
+                "prediction_id": str(pid),
+                "created_at": uuid7_time(pid).isoformat(),
+                "model": MODEL,
+                "version": "1" if i % 2 else "2",
+                "input": {"age": i},
+                "output": {"label": "1"},
+                "latency_ms": 1.0 + i,
+                "trace_id": None,
+            }
+        )
+    steps: list[dict[str, Any]] = [
+        {"name": f"migration_{m.version}", "sql": m.sql, "exec": True}
+        for m in migrations_for("timescaledb")
+    ]
+    data = f"""
+    INSERT INTO model_versions (model, version, status, parent_version, family, training_rows)
+    VALUES ('{MODEL}', '1', 'serving', NULL, NULL, NULL), ('{MODEL}', '2', 'staged', '1', 'refit', 500);
+    INSERT INTO labels (prediction_id, label, model) VALUES ('{predictions[0]["prediction_id"]}', '"1"', '{MODEL}');
+    INSERT INTO metric_points (created_at, model, version, metric, value, level) VALUES
+      (now(), '{MODEL}', '1', 'accuracy', 0.5, 'AMBER'), (now(), '{MODEL}', '1', 'drift.psi.age', 0.3, 'AMBER'),
+      (now(), '{MODEL}', '1', 'level', 1, 'AMBER');
+    INSERT INTO model_health (model, version, level) VALUES ('{MODEL}', '1', 'AMBER');
+    INSERT INTO alerts (model, version, level) VALUES ('{MODEL}', '1', 'AMBER');
+    INSERT INTO training_jobs (model, reason) VALUES ('{MODEL}', 'drop');
+    INSERT INTO rollouts (model, from_version, to_version, status, weights, current_weight)
+    VALUES ('{MODEL}', '1', '2', 'progressing', '{{"credit-1": 50, "credit-2": 50}}', 50);
+    INSERT INTO rollout_events (rollout_id, seq, state, weight, decision)
+    SELECT id, 1, 'progressing', 50, 'advance' FROM rollouts;
+    """
+    steps.append({"name": "data", "sql": data, "exec": True})
+    steps.append(
+        _step(
+            "predictions",
+            "INSERT INTO predictions"
+            " SELECT * FROM json_populate_recordset(null::predictions, %(rows)s::json)",
+            {"rows": json.dumps(predictions)},
+        )
+    )
+    dashboard = json.loads(DASHBOARD.read_text())
+    start, end = now - timedelta(hours=1), now + timedelta(minutes=5)
+    checked = queries(dashboard)
+    steps += [
+        {"name": where, "sql": grafana_sql(sql, start, end), "params": []}
+        for where, _, sql in checked
+    ]
+    steps_file = tmp_path / "steps.json"
+    steps_file.write_text(json.dumps(steps))
+    proc = subprocess.run(
+        ["node", str(SCRIPT), str(PREFIX), str(steps_file)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    errors = {k: v["error"] for k, v in out.items() if "error" in v}
+    assert not errors, errors
+    empty = [where for where, _, _ in checked if not out[where]["rows"]]
+    assert not empty, f"no rows on TimescaleDB: {empty}"
