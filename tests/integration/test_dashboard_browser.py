@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,18 @@ def require_browser() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(message + "; CI must install it (see .ci/run)")
     pytest.skip(message)
+
+
+def test_missing_chromium_fails_under_ci_and_skips_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
+        require_browser()
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="no-chromium"):
+        require_browser()
 
 
 @pytest.fixture(scope="module")
