@@ -21,6 +21,11 @@ from services.monitor.records import (
     ModelInfo,
     ModelStatus,
     QueuedAlert,
+    RolloutStep,
+    RolloutSummary,
+    TrafficPoint,
+    TrainingJobSummary,
+    VersionLineage,
     WindowChunk,
 )
 
@@ -228,4 +233,86 @@ def alert_to_pb(alert: QueuedAlert) -> pb.Alert:
         status=alert.status,
         attempts=alert.attempts,
         last_error=alert.last_error,
+    )
+
+
+# --- store records the dashboard shows --------------------------------------------------------
+
+_VERSION_STATUS = {
+    store_pb.MODEL_STATUS_STAGED: "staged",
+    store_pb.MODEL_STATUS_CANARY: "canary",
+    store_pb.MODEL_STATUS_SERVING: "serving",
+    store_pb.MODEL_STATUS_RETIRED: "retired",
+}
+
+
+def lineage_from_store(mv: store_pb.ModelVersion) -> VersionLineage:
+    return VersionLineage(
+        model=mv.model,
+        version=mv.version,
+        status=_VERSION_STATUS.get(mv.status, "unknown"),
+        created_at=from_ts(mv, "created_at"),
+        parent_version=mv.parent_version,
+        family=mv.family,
+        training_rows=mv.training_rows,
+        triggering_alert_id=mv.triggering_alert_id,
+        training_window_start=from_ts(mv, "training_window_start"),
+        training_window_end=from_ts(mv, "training_window_end"),
+    )
+
+
+def job_from_store(job: store_pb.TrainingJob) -> TrainingJobSummary:
+    return TrainingJobSummary(
+        id=job.id,
+        model=job.model,
+        state=job.state,
+        stage=job.stage,
+        reason=job.reason,
+        alert_id=job.alert_id,
+        champion_version=job.champion_version,
+        new_version=job.new_version,
+        decision=job.decision,
+        message=job.message,
+        created_at=from_ts(job, "created_at"),
+        finished_at=from_ts(job, "finished_at"),
+    )
+
+
+def rollout_from_store(r: store_pb.RolloutRecord) -> RolloutSummary:
+    weights = json.loads(r.weights_json) if r.weights_json else {}
+    return RolloutSummary(
+        id=r.id,
+        model=r.model,
+        from_version=r.from_version,
+        to_version=r.to_version,
+        strategy=r.strategy,
+        state=r.state,
+        current_weight=r.current_weight,
+        weights={str(k): float(v) for k, v in weights.items()} if isinstance(weights, dict) else {},
+        reason=r.reason,
+        updated_at=from_ts(r, "updated_at"),
+        steps=[
+            RolloutStep(e.seq, from_ts(e, "time"), e.state, e.weight, e.decision, e.reason)
+            for e in r.events
+        ],
+    )
+
+
+def point_from_store(p: store_pb.MetricPoint) -> MetricPoint:
+    return MetricPoint(
+        created_at=from_ts(p, "created_at") or datetime.now(UTC),
+        metric=p.metric,
+        value=p.value if p.HasField("value") else None,
+        details=json.loads(p.details_json) if p.details_json else None,
+    )
+
+
+def traffic_from_store(s: store_pb.PredictionStats) -> TrafficPoint:
+    return TrafficPoint(
+        version=s.version,
+        bucket=from_ts(s, "bucket") or datetime.now(UTC),
+        predictions=s.predictions,
+        avg_latency_ms=s.avg_latency_ms if s.HasField("avg_latency_ms") else None,
+        p50_latency_ms=s.p50_latency_ms if s.HasField("p50_latency_ms") else None,
+        max_latency_ms=s.max_latency_ms if s.HasField("max_latency_ms") else None,
     )

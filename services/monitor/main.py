@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
+
+import grpc
 
 from cyclone.channels import sync_channel
 from cyclone.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
 from cyclone.plugins import get_plugins
 from cyclone.server import CycloneServer
 from cyclone.settings import ServerSettings
-from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
-from services.monitor import convert
-from services.monitor.dashboard import Dashboard
+from services.monitor.dashboard import Dashboard, StoreReader
 from services.monitor.dispatcher import AlertDispatcher
 from services.monitor.monitor import Monitor
-from services.monitor.records import ModelStatus, QueuedAlert
 from services.monitor.servicer import MonitorServicer
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class MonitorSettings(ServerSettings):
     trainer: str = ""
     # Live dashboard (HTTP); 0 picks a free port, -1 turns it off.
     dashboard_port: int = -1
+    # Seconds between keep-alive events on the dashboard's event stream.
+    dashboard_heartbeat_seconds: float = 15.0
 
 
 def build_monitor_server(
@@ -59,7 +62,9 @@ def build_monitor_server(
         lambda s: pb_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(monitor), s),
     )
     dispatcher_box: list[AlertDispatcher] = []
-    dashboard = _dashboard(settings, monitor) if settings.dashboard_port >= 0 else None
+    tasks: list[asyncio.Task[None]] = []
+    store_channel = sync_channel(settings.store) if settings.dashboard_port >= 0 else None
+    dashboard = _dashboard(settings, monitor, store_channel) if store_channel else None
     monitor.dashboard = dashboard
 
     async def start() -> None:
@@ -69,11 +74,18 @@ def build_monitor_server(
         dispatcher_box.append(dispatcher)
         if dashboard is not None:
             dashboard.start()
+            tasks.append(asyncio.create_task(_push_statuses(monitor, dashboard)))
             log.info("dashboard on http://%s:%d/", settings.host, dashboard.port)
 
     async def stop() -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if dashboard is not None:
             dashboard.stop()
+        if store_channel is not None:
+            store_channel.close()
         for dispatcher in dispatcher_box:
             await dispatcher.stop()
         await monitor.stop()
@@ -83,20 +95,22 @@ def build_monitor_server(
     return server, monitor
 
 
-def _dashboard(settings: MonitorSettings, monitor: Monitor) -> Dashboard:
-    # The dashboard thread has its own blocking channel: the monitor's aio channel
+def _dashboard(settings: MonitorSettings, monitor: Monitor, channel: grpc.Channel) -> Dashboard:
+    # The dashboard's threads have their own blocking channel: the monitor's aio channel
     # belongs to the event loop.
-    channel = sync_channel(settings.store)
     store = store_grpc.StoreServiceStub(channel)
+    return Dashboard(
+        settings.host,
+        settings.dashboard_port,
+        StoreReader(store, lambda: monitor.latest("")),
+        heartbeat_seconds=settings.dashboard_heartbeat_seconds,
+    )
 
-    def alerts() -> list[QueuedAlert]:
-        response = store.ListAlerts(store_pb.ListAlertsRequest(limit=50), timeout=5)
-        return [convert.alert_from_store(a) for a in response.alerts]
 
-    def statuses() -> list[ModelStatus]:
-        return monitor.latest("")
-
-    return Dashboard(settings.host, settings.dashboard_port, statuses, alerts)
+async def _push_statuses(monitor: Monitor, dashboard: Dashboard) -> None:
+    """Every evaluation (and so every level change) goes to the open pages as it lands."""
+    async for status in monitor.watch(""):
+        dashboard.publish_status(status)
 
 
 async def run_monitor(settings: MonitorSettings) -> None:

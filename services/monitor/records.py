@@ -104,3 +104,81 @@ class EvaluationOutcome:
     previous_level: str
     level_changed: bool
     alert_ids: list[int]
+
+
+# --- what the dashboard shows besides evaluations (read from the store) ------------------------
+
+
+@dataclass(frozen=True)
+class VersionLineage:
+    """A registered version with where it came from (the parent it was trained to replace)."""
+
+    model: str
+    version: str
+    status: str
+    created_at: datetime | None = None
+    parent_version: str = ""
+    family: str = ""
+    training_rows: int = 0
+    triggering_alert_id: int = 0
+    training_window_start: datetime | None = None
+    training_window_end: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TrainingJobSummary:
+    """A retraining job as the dashboard lists it."""
+
+    id: int
+    model: str
+    state: str
+    stage: str = ""
+    reason: str = ""
+    alert_id: int = 0
+    champion_version: str = ""
+    new_version: str = ""
+    decision: str = ""
+    message: str = ""
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RolloutStep:
+    """One recorded step of a rollout."""
+
+    seq: int
+    time: datetime | None
+    state: str
+    weight: float
+    decision: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RolloutSummary:
+    """A rollout with the traffic split it last applied and its steps."""
+
+    id: int
+    model: str
+    from_version: str
+    to_version: str
+    strategy: str
+    state: str
+    current_weight: float
+    weights: Mapping[str, float] = field(default_factory=dict)
+    reason: str = ""
+    updated_at: datetime | None = None
+    steps: Sequence[RolloutStep] = ()
+
+
+@dataclass(frozen=True)
+class TrafficPoint:
+    """One minute of one version's traffic and serving latency."""
+
+    version: str
+    bucket: datetime
+    predictions: int
+    avg_latency_ms: float | None = None
+    p50_latency_ms: float | None = None
+    max_latency_ms: float | None = None

@@ -23,6 +23,7 @@ from services.store.db import (
     ColumnChunk,
     Health,
     MetricPoint,
+    MinuteStats,
     ModelStats,
     ModelStatus,
     ModelVersion,
@@ -270,6 +271,17 @@ def point_to_pb(p: MetricPoint) -> pb.MetricPoint:
         value=p.value,
         level=p.level or "",
         details_json=json.dumps(p.details) if p.details is not None else "",
+    )
+
+
+def minute_stats_to_pb(m: MinuteStats) -> pb.PredictionStats:
+    return pb.PredictionStats(
+        version=m.version,
+        bucket=ts(m.bucket),
+        predictions=m.predictions,
+        avg_latency_ms=m.avg_latency_ms,
+        p50_latency_ms=m.p50_latency_ms,
+        max_latency_ms=m.max_latency_ms,
     )
 
 

@@ -31,6 +31,7 @@ from services.store.db import (
     Health,
     LabelResult,
     MetricPoint,
+    MinuteStats,
     ModelStats,
     ModelStatus,
     ModelVersion,
@@ -45,6 +46,8 @@ MAX_PAGE_SIZE = 1000
 MAX_CHUNK_ROWS = 100_000
 DEFAULT_CHUNK_ROWS = 10_000
 MAX_CLAIM = 1000
+# Per-minute traffic over more than this is a report, not a chart.
+MAX_STATS_SPAN = timedelta(days=31)
 FILTER_OPS = ("=", "!=", "<", "<=", ">", ">=")
 LEVELS = ("GREEN", "AMBER", "RED")
 TASKS = ("regression", "classification")
@@ -432,6 +435,19 @@ class Store:
         if end <= start:
             raise InvalidArgument("end: must be after start")
         return await self.db.metric_points(model, start, end, metric or None)
+
+    async def prediction_stats(
+        self, model: str, start: datetime | None, end: datetime | None
+    ) -> list[MinuteStats]:
+        """Traffic and latency per version and minute in [start, end), by default the last hour."""
+        require("model", model)
+        end = end or datetime.now(UTC) + timedelta(seconds=1)
+        start = start or end - timedelta(hours=1)
+        if end <= start:
+            raise InvalidArgument("end: must be after start")
+        if end - start > MAX_STATS_SPAN:
+            raise InvalidArgument(f"start: the span must be at most {MAX_STATS_SPAN.days} days")
+        return await self.db.prediction_stats(model, start, end)
 
     # -- the alert outbox -----------------------------------------------------------------------
 

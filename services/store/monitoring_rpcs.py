@@ -67,6 +67,15 @@ class MonitoringRpcs:
         return pb.ListMetricPointsResponse(points=[convert.point_to_pb(p) for p in points])
 
     @rpc_errors(translate=database_errors)
+    async def ListPredictionStats(
+        self, request: pb.ListPredictionStatsRequest, context: Context
+    ) -> pb.ListPredictionStatsResponse:
+        stats = await self.store.prediction_stats(
+            request.model, convert.from_ts(request, "start"), convert.from_ts(request, "end")
+        )
+        return pb.ListPredictionStatsResponse(stats=[convert.minute_stats_to_pb(m) for m in stats])
+
+    @rpc_errors(translate=database_errors)
     async def ClaimAlerts(
         self, request: pb.ClaimAlertsRequest, context: Context
     ) -> pb.ClaimAlertsResponse:

@@ -850,7 +850,9 @@ async def test_dashboard_serves_the_page_status_and_alerts(
                 return exc.code, exc.read().decode()
 
         code, page = await asyncio.to_thread(get, "/")
-        assert code == 200 and "Cyclone" in page and "api/status" in page
+        assert code == 200 and "Cyclone" in page and "static/dashboard.js" in page
+        code, script = await asyncio.to_thread(get, "/static/dashboard.js")
+        assert code == 200 and "api/events" in script
         code, body = await asyncio.to_thread(get, "/api/status")
         assert (code, json.loads(body)) == (200, [])  # nothing evaluated yet
 

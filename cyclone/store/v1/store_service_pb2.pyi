@@ -1557,6 +1557,119 @@ class ListMetricPointsResponse(_message.Message):
 Global___ListMetricPointsResponse: _TypeAlias = ListMetricPointsResponse  # noqa: Y015
 
 @_typing.final
+class ListPredictionStatsRequest(_message.Message):
+    """ListPredictionStatsRequest selects a model's traffic history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """Start (inclusive); unset means one hour before end."""
+
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp:
+        """End (exclusive); unset means now."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "model", b"model", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPredictionStatsRequest: _TypeAlias = ListPredictionStatsRequest  # noqa: Y015
+
+@_typing.final
+class PredictionStats(_message.Message):
+    """PredictionStats is one minute of one version's traffic."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    BUCKET_FIELD_NUMBER: _builtins.int
+    PREDICTIONS_FIELD_NUMBER: _builtins.int
+    AVG_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    P50_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    MAX_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """Version."""
+    predictions: _builtins.int
+    """Predictions logged in that minute."""
+    avg_latency_ms: _builtins.float
+    """Mean serving latency in milliseconds; unset when none was recorded."""
+    p50_latency_ms: _builtins.float
+    """Median serving latency in milliseconds."""
+    max_latency_ms: _builtins.float
+    """Highest serving latency in milliseconds."""
+    @_builtins.property
+    def bucket(self) -> _timestamp_pb2.Timestamp:
+        """Start of the minute."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        bucket: _timestamp_pb2.Timestamp | None = ...,
+        predictions: _builtins.int = ...,
+        avg_latency_ms: _builtins.float | None = ...,
+        p50_latency_ms: _builtins.float | None = ...,
+        max_latency_ms: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_avg_latency_ms", b"_avg_latency_ms", "_max_latency_ms", b"_max_latency_ms", "_p50_latency_ms", b"_p50_latency_ms", "avg_latency_ms", b"avg_latency_ms", "bucket", b"bucket", "max_latency_ms", b"max_latency_ms", "p50_latency_ms", b"p50_latency_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_avg_latency_ms", b"_avg_latency_ms", "_max_latency_ms", b"_max_latency_ms", "_p50_latency_ms", b"_p50_latency_ms", "avg_latency_ms", b"avg_latency_ms", "bucket", b"bucket", "max_latency_ms", b"max_latency_ms", "p50_latency_ms", b"p50_latency_ms", "predictions", b"predictions", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__avg_latency_ms: _TypeAlias = _typing.Literal["avg_latency_ms"]  # noqa: Y015
+    _WhichOneofArgType__avg_latency_ms: _TypeAlias = _typing.Literal["_avg_latency_ms", b"_avg_latency_ms"]  # noqa: Y015
+    _WhichOneofReturnType__max_latency_ms: _TypeAlias = _typing.Literal["max_latency_ms"]  # noqa: Y015
+    _WhichOneofArgType__max_latency_ms: _TypeAlias = _typing.Literal["_max_latency_ms", b"_max_latency_ms"]  # noqa: Y015
+    _WhichOneofReturnType__p50_latency_ms: _TypeAlias = _typing.Literal["p50_latency_ms"]  # noqa: Y015
+    _WhichOneofArgType__p50_latency_ms: _TypeAlias = _typing.Literal["_p50_latency_ms", b"_p50_latency_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__avg_latency_ms) -> _WhichOneofReturnType__avg_latency_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_latency_ms) -> _WhichOneofReturnType__max_latency_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__p50_latency_ms) -> _WhichOneofReturnType__p50_latency_ms | None: ...
+
+Global___PredictionStats: _TypeAlias = PredictionStats  # noqa: Y015
+
+@_typing.final
+class ListPredictionStatsResponse(_message.Message):
+    """ListPredictionStatsResponse returns minutes, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def stats(self) -> _containers.RepeatedCompositeFieldContainer[Global___PredictionStats]:
+        """The minutes, per version."""
+
+    def __init__(
+        self,
+        *,
+        stats: _abc.Iterable[Global___PredictionStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPredictionStatsResponse: _TypeAlias = ListPredictionStatsResponse  # noqa: Y015
+
+@_typing.final
 class ClaimAlertsRequest(_message.Message):
     """ClaimAlertsRequest asks for due alerts."""
 

@@ -111,6 +111,11 @@ class StoreServiceStub:
                 request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListMetricPointsRequest.SerializeToString,
                 response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListMetricPointsResponse.FromString,
                 _registered_method=True)
+        self.ListPredictionStats = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/ListPredictionStats',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListPredictionStatsRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListPredictionStatsResponse.FromString,
+                _registered_method=True)
         self.ClaimAlerts = channel.unary_unary(
                 '/cyclone.store.v1.StoreService/ClaimAlerts',
                 request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ClaimAlertsRequest.SerializeToString,
@@ -296,6 +301,13 @@ class StoreServiceServicer:
 
     def ListMetricPoints(self, request, context):
         """ListMetricPoints returns a model's metric history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPredictionStats(self, request, context):
+        """ListPredictionStats returns a model's traffic and latency per version and minute.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -487,6 +499,11 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.ListMetricPoints,
                     request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListMetricPointsRequest.FromString,
                     response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListMetricPointsResponse.SerializeToString,
+            ),
+            'ListPredictionStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPredictionStats,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListPredictionStatsRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListPredictionStatsResponse.SerializeToString,
             ),
             'ClaimAlerts': grpc.unary_unary_rpc_method_handler(
                     servicer.ClaimAlerts,
@@ -966,6 +983,33 @@ class StoreService:
             '/cyclone.store.v1.StoreService/ListMetricPoints',
             cyclone_dot_store_dot_v1_dot_store__service__pb2.ListMetricPointsRequest.SerializeToString,
             cyclone_dot_store_dot_v1_dot_store__service__pb2.ListMetricPointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPredictionStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/ListPredictionStats',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ListPredictionStatsRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ListPredictionStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,8 @@ class StoreServiceStub:
     """GetHealth returns the current level of every model version."""
     ListMetricPoints: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ListMetricPointsRequest, _store_service_pb2.ListMetricPointsResponse]
     """ListMetricPoints returns a model's metric history."""
+    ListPredictionStats: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ListPredictionStatsRequest, _store_service_pb2.ListPredictionStatsResponse]
+    """ListPredictionStats returns a model's traffic and latency per version and minute."""
     ClaimAlerts: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ClaimAlertsRequest, _store_service_pb2.ClaimAlertsResponse]
     """ClaimAlerts leases alerts due for delivery to one dispatcher."""
     CompleteAlert: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.CompleteAlertRequest, _store_service_pb2.CompleteAlertResponse]
@@ -176,6 +178,8 @@ class StoreServiceAsyncStub(StoreServiceStub):
     """GetHealth returns the current level of every model version."""
     ListMetricPoints: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ListMetricPointsRequest, _store_service_pb2.ListMetricPointsResponse]  # type: ignore[assignment]
     """ListMetricPoints returns a model's metric history."""
+    ListPredictionStats: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ListPredictionStatsRequest, _store_service_pb2.ListPredictionStatsResponse]  # type: ignore[assignment]
+    """ListPredictionStats returns a model's traffic and latency per version and minute."""
     ClaimAlerts: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ClaimAlertsRequest, _store_service_pb2.ClaimAlertsResponse]  # type: ignore[assignment]
     """ClaimAlerts leases alerts due for delivery to one dispatcher."""
     CompleteAlert: _aio.UnaryUnaryMultiCallable[_store_service_pb2.CompleteAlertRequest, _store_service_pb2.CompleteAlertResponse]  # type: ignore[assignment]
@@ -360,6 +364,14 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_service_pb2.ListMetricPointsResponse, _abc.Awaitable[_store_service_pb2.ListMetricPointsResponse]]:
         """ListMetricPoints returns a model's metric history."""
+
+    @_abc_1.abstractmethod
+    def ListPredictionStats(
+        self,
+        request: _store_service_pb2.ListPredictionStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.ListPredictionStatsResponse, _abc.Awaitable[_store_service_pb2.ListPredictionStatsResponse]]:
+        """ListPredictionStats returns a model's traffic and latency per version and minute."""
 
     @_abc_1.abstractmethod
     def ClaimAlerts(
