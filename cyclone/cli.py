@@ -395,6 +395,25 @@ def status(
             reasons = "; ".join(s.reasons) or "all triggers quiet"
             level = mpb.Level.Name(s.level).removeprefix("LEVEL_")
             console.print(f"{s.model} {s.version}: {level} over {s.rows} rows ({reasons})")
+            for line in _estimated_lines(s.metrics):
+                console.print(f"  {line}", markup=False)
+
+
+def _estimated_lines(metrics: Any) -> list[str]:
+    """Each estimated metric next to its realized twin (the key without ``estimated_``)."""
+    by_name = {m.name: m for m in metrics}
+    lines = []
+    for name, m in by_name.items():
+        if not name.startswith("estimated_") or not m.HasField("value"):
+            continue
+        twin = by_name.get(name.removeprefix("estimated_"))
+        realized = (
+            f"realized {twin.name} {twin.value:.4g}"
+            if twin is not None and twin.HasField("value")
+            else "realized: not enough labels yet"
+        )
+        lines.append(f"{name} {m.value:.4g} ({m.detail}); {realized}")
+    return lines
 
 
 @plan_app.command("get")

@@ -117,7 +117,7 @@ class Calibration:
         out = np.column_stack([np.interp(p[:, c], x, y) for c, (x, y) in enumerate(self.maps)])
         total = out.sum(axis=1, keepdims=True)
         uniform = np.full_like(out, 1.0 / out.shape[1])
-        return np.divide(out, total, out=uniform, where=total > 0)
+        return np.asarray(np.divide(out, total, out=uniform, where=total > 0), dtype=np.float64)
 
     def to_dict(self) -> dict[str, Any]:
         maps = [{"x": list(x), "y": list(y)} for x, y in self.maps]

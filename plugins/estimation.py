@@ -78,9 +78,7 @@ def estimated_accuracy(window: Window, ctx: MetricContext) -> MetricResult:
     _, q = got
     predicted = _predicted(window, len(q))
     # A prediction outside the classes is never right.
-    correct = np.where(
-        predicted >= 0, q[np.arange(len(q)), np.clip(predicted, 0, None)], 0.0
-    )
+    correct = np.where(predicted >= 0, q[np.arange(len(q)), np.clip(predicted, 0, None)], 0.0)
     n = len(correct)
     # The realized accuracy is a sum of independent Bernoulli(correct) over n: exact variance.
     se = math.sqrt(float(np.sum(correct * (1.0 - correct)))) / n
@@ -101,7 +99,9 @@ def estimated_f1(window: Window, ctx: MetricContext) -> MetricResult:
     predicted = _predicted(window, len(q))
     average = str(ctx.params.get("average", "auto"))
     if average not in ("auto", "binary", "macro"):
-        return MetricResult.error(f"params.average: expected auto, binary or macro, got {average!r}")
+        return MetricResult.error(
+            f"params.average: expected auto, binary or macro, got {average!r}"
+        )
     if average == "binary" and k != 2:
         return MetricResult.error(f"binary f1 needs exactly two classes, got {k}")
     binary = average == "binary" or (average == "auto" and k == 2)
@@ -187,9 +187,12 @@ def estimated_mae(window: Window, ctx: MetricContext) -> MetricResult:
         return MetricResult.not_enough_data("no finite predictions")
     expected = profile.expected_abs_error(predictions)
     value = float(expected.mean())
+    outside = float(np.mean((predictions < profile.edges[0]) | (predictions > profile.edges[-1])))
     detail = (
         f"reference mean |error| per prediction bin, averaged over {len(predictions)} rows; "
-        "no band: it does not see errors that change at the same prediction"
+        f"{outside:.1%} of predictions outside the reference range (they get the end bins' "
+        "error, likely too low); no band: it does not see errors that change at the same "
+        "prediction"
     )
     return MetricResult.ok(value, detail)
 
