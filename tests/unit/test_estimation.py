@@ -330,3 +330,19 @@ def test_regressor_import_stores_error_profile(tmp_path: Path) -> None:
     assert profile.error_profile is not None and profile.calibration is None
     baseline = json.loads((target / "evaluation.json").read_text())["metrics"]
     assert baseline["estimated_mae"] == pytest.approx(baseline["mae"], rel=0.05)
+
+
+def test_status_lines_put_estimated_next_to_realized() -> None:
+    from cyclone.cli import _estimated_lines
+    from cyclone.monitor.v1 import monitor_service_pb2 as mpb
+
+    status = mpb.ModelStatus()
+    status.metrics.add(name="accuracy", value=0.81, status="ok")
+    status.metrics.add(name="estimated_accuracy", value=0.84, status="ok", detail="band")
+    status.metrics.add(name="estimated_roc_auc", value=0.9, status="ok", detail="band")
+    status.metrics.add(name="roc_auc", status="not_enough_data")
+    status.metrics.add(name="estimated_f1", status="not_enough_data")
+    assert _estimated_lines(status.metrics) == [
+        "estimated_accuracy 0.84 (band); realized accuracy 0.81",
+        "estimated_roc_auc 0.9 (band); realized: not enough labels yet",
+    ]
