@@ -631,7 +631,13 @@ def default_plan(model: str, task: Literal["classification", "regression"]) -> P
     until the window has ``min_labelled_rows`` labels, and measured on the labels after.
     """
     red, amber = Level.RED, Level.AMBER
-    common = (MetricRef("feature_missing_rate"), MetricRef("feature_out_of_range_rate"))
+    common = (
+        MetricRef("feature_missing_rate"),
+        MetricRef("feature_out_of_range_rate"),
+        MetricRef("latency_p50_ms"),
+        MetricRef("latency_p99_ms"),
+        MetricRef("throughput_rps"),
+    )
     metrics: tuple[MetricRef, ...]
     quality: tuple[Trigger, ...]
     if task == "classification":
@@ -676,6 +682,8 @@ def default_plan(model: str, task: Literal["classification", "regression"]) -> P
         *quality,
         Trigger("above", 0.5, red, metric="constant_predictions"),
         Trigger("above", 0.05, amber, metric="feature_missing_rate"),
+        # A tabular model answering in seconds is broken; no per-version latency baseline yet.
+        Trigger("above", 1000.0, amber, metric="latency_p99_ms"),
         Trigger("above", 0.0, amber, drift="any"),
     )
     return Plan(

@@ -145,7 +145,9 @@ def _metric(
         if have < needed:
             return MetricResult.not_enough_data(f"{have} labelled rows, the plan needs {needed}")
     try:
-        result = spec.fn(window, MetricContext(ref.params, reference))
+        seconds = plan.window.duration_seconds
+        context = MetricContext(ref.params, reference, None if seconds is None else float(seconds))
+        result = spec.fn(window, context)
     except Exception as exc:
         log.exception("metric %r of plugin %r raised", ref.name, spec.plugin)
         return MetricResult.error(f"plugin {spec.plugin!r} raised {type(exc).__name__}: {exc}")

@@ -558,6 +558,10 @@ async def test_unlabelled_window_has_no_quality_values_and_level_from_the_rest(
         assert not metrics[name].HasField("value"), name
         assert metrics[name].detail, name
     assert metrics["invalid_probability_rate"].status == "ok"
+    # Operational metrics from the latency the inference server logged with every row.
+    p50, p99 = metrics["latency_p50_ms"], metrics["latency_p99_ms"]
+    assert p50.status == p99.status == "ok" and 0 < p50.value <= p99.value, (p50, p99)
+    assert metrics["throughput_rps"].status == "ok" and metrics["throughput_rps"].value > 0
     # Quality is estimated from the probabilities until labels arrive; the shift lowers it.
     estimated = metrics["estimated_accuracy"]
     assert estimated.status == "ok" and "95% band" in estimated.detail
