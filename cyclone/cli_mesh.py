@@ -245,6 +245,10 @@ def collect_status(
                 entry = models.setdefault(s.model, {"versions": {}, "split": {}})
                 entry["level"] = _enum_name(mpb.Level, s.level, "LEVEL_").upper()
                 entry["reasons"] = list(s.reasons)
+                entry["metrics"] = {
+                    m.name: m.value if m.HasField("value") else None for m in s.metrics
+                }
+                entry["estimated_vs_realized"] = estimated_lines(s.metrics)
             out["alerts"] = [
                 {
                     "id": a.id,
@@ -352,6 +356,11 @@ def status(
             versions,
         )
     console.print(table)
+    for model, m in sorted(collected["models"].items()):
+        for reason in m.get("reasons", []):
+            console.print(f"{model}: {reason}", markup=False)
+        for line in m.get("estimated_vs_realized", []):
+            console.print(f"{model}: {line}", markup=False)
     for r in collected["rollouts"][:5]:
         console.print(
             f"rollout {r['id']} {r['model']} {r['from'] or '-'}→{r['to']} {r['strategy']}: "
@@ -365,6 +374,23 @@ def status(
         )
     for p in collected["problems"]:
         console.print(f"[red]{p}[/red]")
+
+
+def estimated_lines(metrics: Any) -> list[str]:
+    """Each estimated metric next to its realized twin (the name without ``estimated_``)."""
+    by_name = {m.name: m for m in metrics}
+    lines = []
+    for name, m in by_name.items():
+        if not name.startswith("estimated_") or not m.HasField("value"):
+            continue
+        twin = by_name.get(name.removeprefix("estimated_"))
+        realized = (
+            f"realized {twin.name} {twin.value:.4g}"
+            if twin is not None and twin.HasField("value")
+            else "realized: not enough labels yet"
+        )
+        lines.append(f"{name} {m.value:.4g} ({m.detail}); {realized}")
+    return lines
 
 
 # ---- rollouts -------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ class Window:
     :param class_labels: the model's classes as strings.
     :param labels: ground truth; NaN/None where not labelled yet. Metrics use labelled rows only.
     :param task: "classification" or "regression".
+    :param latency_ms: the model's latency per row in milliseconds (NaN where not recorded);
+        None when the store sent none.
+    :param created_at: when each row was served, Unix seconds; None when not known.
     """
 
     features: dict[str, npt.NDArray[Any]]
@@ -39,6 +42,8 @@ class Window:
     class_labels: list[str] = field(default_factory=list)
     labels: npt.NDArray[Any] | None = None
     task: Task = "any"
+    latency_ms: FloatArray | None = None
+    created_at: FloatArray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -79,6 +84,8 @@ class Window:
             class_labels=self.class_labels,
             labels=None if self.labels is None else self.labels[mask],
             task=self.task,
+            latency_ms=None if self.latency_ms is None else self.latency_ms[mask],
+            created_at=None if self.created_at is None else self.created_at[mask],
         )
         # Codes are already known; avoid re-encoding strings.
         sub.__dict__["label_codes"] = self.label_codes[mask]

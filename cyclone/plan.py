@@ -15,7 +15,10 @@ Example::
 
 A drift trigger compares the number of drifted features (by the named test, or by any test) with
 its threshold. ``relative_drop`` compares a metric with the version's baseline, in the metric's
-"worse" direction (a rise for errors such as ``mae``).
+"worse" direction (a rise for errors such as ``mae``). A trigger with ``until_labelled: true``
+applies only while the window has fewer than ``min_labelled_rows`` labelled rows: the default plan
+watches estimated performance (``estimated_accuracy``) that way until labels arrive, and realized
+performance (``accuracy``, which needs the labels) after.
 """
 
 from __future__ import annotations
@@ -82,10 +85,13 @@ class Trigger:
     level: Level
     metric: str | None = None
     drift: str | None = None
+    # Only while the window has fewer than the plan's min_labelled_rows labelled rows.
+    until_labelled: bool = False
 
     def describe(self) -> str:
         subject = f"metric {self.metric}" if self.metric else f"drift {self.drift}"
-        return f"{subject} {self.condition.replace('_', ' ')} {self.threshold:g}"
+        until = " until labelled" if self.until_labelled else ""
+        return f"{subject} {self.condition.replace('_', ' ')} {self.threshold:g}{until}"
 
 
 @dataclass(frozen=True)
@@ -368,7 +374,12 @@ def _triggers(
         if not isinstance(item, Mapping):
             c.fail(path, f"expected a mapping, got {item!r}")
             continue
-        c.unknown_keys(item, {"metric", "drift", "condition", "threshold", "level"}, path)
+        c.unknown_keys(
+            item, {"metric", "drift", "condition", "threshold", "level", "until_labelled"}, path
+        )
+        until_labelled = item.get("until_labelled", False)
+        if not isinstance(until_labelled, bool):
+            c.fail(f"{path}.until_labelled", f"expected true or false, got {until_labelled!r}")
         metric, drift_name = item.get("metric"), item.get("drift")
         if (metric is None) == (drift_name is None):
             c.fail(path, "set exactly one of 'metric' or 'drift'")
@@ -396,6 +407,7 @@ def _triggers(
                 level,
                 None if metric is None else str(metric),
                 None if drift_name is None else str(drift_name),
+                until_labelled is True,
             )
         )
     return tuple(out)
@@ -602,7 +614,10 @@ def _metric_to_yaml(m: MetricRef) -> str | dict[str, Any]:
 
 def _trigger_to_yaml(t: Trigger) -> dict[str, Any]:
     subject = {"metric": t.metric} if t.metric is not None else {"drift": t.drift}
-    return {**subject, "condition": t.condition, "threshold": t.threshold, "level": t.level.value}
+    out = {**subject, "condition": t.condition, "threshold": t.threshold, "level": t.level.value}
+    if t.until_labelled:
+        out["until_labelled"] = True
+    return out
 
 
 def plan_to_yaml(plan: Plan) -> str:
@@ -610,15 +625,30 @@ def plan_to_yaml(plan: Plan) -> str:
 
 
 def default_plan(model: str, task: Literal["classification", "regression"]) -> Plan:
-    """A sensible starting plan: quality vs baseline, prediction sanity, feature validity, drift."""
+    """A sensible starting plan: quality vs baseline, prediction sanity, feature validity, drift.
+
+    Quality is estimated from the predictions alone (``estimated_*``, triggers ``until_labelled``)
+    until the window has ``min_labelled_rows`` labels, and measured on the labels after.
+    """
     red, amber = Level.RED, Level.AMBER
-    common = (MetricRef("feature_missing_rate"), MetricRef("feature_out_of_range_rate"))
+    common = (
+        MetricRef("feature_missing_rate"),
+        MetricRef("feature_out_of_range_rate"),
+        MetricRef("latency_p50_ms"),
+        MetricRef("latency_p99_ms"),
+        MetricRef("throughput_rps"),
+    )
+    metrics: tuple[MetricRef, ...]
+    quality: tuple[Trigger, ...]
     if task == "classification":
         metrics = (
             MetricRef("accuracy"),
             MetricRef("f1_macro"),
             MetricRef("roc_auc"),
             MetricRef("log_loss"),
+            MetricRef("estimated_accuracy"),
+            MetricRef("estimated_f1", {"average": "macro"}, key="estimated_f1_macro"),
+            MetricRef("estimated_roc_auc"),
             MetricRef("invalid_probability_rate"),
             MetricRef("constant_predictions"),
             *common,
@@ -626,6 +656,8 @@ def default_plan(model: str, task: Literal["classification", "regression"]) -> P
         quality = (
             Trigger("relative_drop", 0.05, amber, metric="accuracy"),
             Trigger("relative_drop", 0.10, red, metric="accuracy"),
+            Trigger("relative_drop", 0.05, amber, metric="estimated_accuracy", until_labelled=True),
+            Trigger("relative_drop", 0.10, red, metric="estimated_accuracy", until_labelled=True),
             Trigger("above", 0.01, red, metric="invalid_probability_rate"),
         )
     else:
@@ -633,6 +665,7 @@ def default_plan(model: str, task: Literal["classification", "regression"]) -> P
             MetricRef("mae"),
             MetricRef("rmse"),
             MetricRef("r2"),
+            MetricRef("estimated_mae"),
             MetricRef("prediction_mean"),
             MetricRef("prediction_out_of_range_rate"),
             MetricRef("constant_predictions"),
@@ -641,12 +674,16 @@ def default_plan(model: str, task: Literal["classification", "regression"]) -> P
         quality = (
             Trigger("relative_drop", 0.10, amber, metric="rmse"),
             Trigger("relative_drop", 0.25, red, metric="rmse"),
+            # Sees only shifts that move the predictions: AMBER at most.
+            Trigger("relative_drop", 0.25, amber, metric="estimated_mae", until_labelled=True),
             Trigger("below", 0.0, red, metric="r2"),
         )
     triggers = (
         *quality,
         Trigger("above", 0.5, red, metric="constant_predictions"),
         Trigger("above", 0.05, amber, metric="feature_missing_rate"),
+        # A tabular model answering in seconds is broken; no per-version latency baseline yet.
+        Trigger("above", 1000.0, amber, metric="latency_p99_ms"),
         Trigger("above", 0.0, amber, drift="any"),
     )
     return Plan(

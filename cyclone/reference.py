@@ -7,6 +7,10 @@ with few distinct values (0/1 flags, small counts), from its exact value frequen
 edges of such a column collapse onto its values and would hide a change in their rates.
 
 Profiles without value frequencies (written before they existed) load as continuous columns.
+
+A profile built from labelled rows also keeps what performance estimation needs without labels:
+a probability calibration (classifiers) or an error-by-prediction table (regressors). Profiles
+written before those existed load without them, and estimation then reports no value.
 """
 
 from __future__ import annotations
@@ -88,6 +92,83 @@ ColumnProfile = NumericProfile | CategoricalProfile
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """Monotone maps from a model's predicted probability to the observed frequency, fitted
+    (isotonic regression) on labelled reference rows.
+
+    ``maps[c]`` is ``(x, y)`` knots for class ``c`` (linear interpolation between them, clipped
+    at the ends). A binary model keeps one map, for class 1; class 0 is its complement. With more
+    classes every class has its own one-vs-rest map and calibrated rows are renormalised.
+    """
+
+    maps: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...]
+    n_rows: int
+    source: str = ""
+
+    def apply(self, probabilities: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Calibrated probabilities (same shape); rows keep summing to one."""
+        p = np.asarray(probabilities, dtype=np.float64)
+        if len(self.maps) == 1:
+            x, y = self.maps[0]
+            pos = np.interp(p[:, 1], x, y)
+            return np.column_stack((1.0 - pos, pos))
+        if len(self.maps) != p.shape[1]:
+            raise ValueError(f"calibration has {len(self.maps)} classes, window has {p.shape[1]}")
+        out = np.column_stack([np.interp(p[:, c], x, y) for c, (x, y) in enumerate(self.maps)])
+        total = out.sum(axis=1, keepdims=True)
+        uniform = np.full_like(out, 1.0 / out.shape[1])
+        return np.asarray(np.divide(out, total, out=uniform, where=total > 0), dtype=np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        maps = [{"x": list(x), "y": list(y)} for x, y in self.maps]
+        return {"maps": maps, "n_rows": self.n_rows, "source": self.source}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
+        maps = []
+        for m in data["maps"]:
+            x, y = tuple(float(v) for v in m["x"]), tuple(float(v) for v in m["y"])
+            if len(x) != len(y) or not x:
+                raise ValueError("calibration map: x and y must be non-empty and equally long")
+            maps.append((x, y))
+        return cls(tuple(maps), int(data["n_rows"]), str(data.get("source", "")))
+
+
+@dataclass(frozen=True)
+class ErrorProfile:
+    """Mean absolute error of a regressor per bin of its own prediction, on labelled reference
+    rows: ``mean_abs_error[i]`` for predictions in ``[edges[i], edges[i+1])`` (ends clipped).
+
+    It models the error as a function of the prediction only, so it sees shifts that move the
+    predictions, not inputs that change the error at the same prediction (see docs/monitoring.md).
+    """
+
+    edges: tuple[float, ...]
+    mean_abs_error: tuple[float, ...]
+    n_rows: int
+
+    def expected_abs_error(self, predictions: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        edges = np.asarray(self.edges, dtype=np.float64)
+        idx = np.searchsorted(edges[1:-1], predictions, side="right")
+        return np.asarray(self.mean_abs_error, dtype=np.float64)[idx]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "edges": list(self.edges),
+            "mean_abs_error": list(self.mean_abs_error),
+            "n_rows": self.n_rows,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ErrorProfile:
+        edges = tuple(float(e) for e in data["edges"])
+        errors = tuple(float(e) for e in data["mean_abs_error"])
+        if len(edges) != len(errors) + 1 or not errors:
+            raise ValueError("error profile: edges must be one longer than mean_abs_error")
+        return cls(edges, errors, int(data["n_rows"]))
+
+
+@dataclass(frozen=True)
 class ReferenceProfile:
     """Everything monitoring needs to know about the training data of one model version."""
 
@@ -97,9 +178,11 @@ class ReferenceProfile:
     task: str = "any"
     class_labels: tuple[str, ...] = ()
     n_rows: int = 0
+    calibration: Calibration | None = None
+    error_profile: ErrorProfile | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "format": PROFILE_FORMAT,
             "task": self.task,
             "class_labels": list(self.class_labels),
@@ -108,12 +191,20 @@ class ReferenceProfile:
             "schema": {k: _schema_to_dict(v) for k, v in self.schema.items()},
             "prediction": None if self.prediction is None else _column_to_dict(self.prediction),
         }
+        # Written only when present, so profiles without labels keep their old JSON.
+        if self.calibration is not None:
+            data["calibration"] = self.calibration.to_dict()
+        if self.error_profile is not None:
+            data["error_profile"] = self.error_profile.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ReferenceProfile:
         if data.get("format") != PROFILE_FORMAT:
             raise ValueError(f"unsupported reference profile format: {data.get('format')!r}")
         prediction = data.get("prediction")
+        calibration = data.get("calibration")
+        error_profile = data.get("error_profile")
         return cls(
             features={k: _column_from_dict(v) for k, v in data["features"].items()},
             schema={k: _schema_from_dict(v) for k, v in data.get("schema", {}).items()},
@@ -121,6 +212,8 @@ class ReferenceProfile:
             task=str(data.get("task", "any")),
             class_labels=tuple(data.get("class_labels", ())),
             n_rows=int(data.get("n_rows", 0)),
+            calibration=None if calibration is None else Calibration.from_dict(calibration),
+            error_profile=None if error_profile is None else ErrorProfile.from_dict(error_profile),
         )
 
     def to_json(self) -> str:

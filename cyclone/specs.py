@@ -77,10 +77,12 @@ class DriftResult:
 
 @dataclass(frozen=True)
 class MetricContext:
-    """What a metric gets besides the window: plan params and the reference profile."""
+    """What a metric gets besides the window: plan params, the reference profile and, for
+    rates, the plan window's length in seconds (None for a window of rows)."""
 
     params: Mapping[str, Any] = field(default_factory=dict)
     reference: ReferenceProfile | None = None
+    window_seconds: float | None = None
 
 
 MetricFn = Callable[[Window, MetricContext], MetricResult]

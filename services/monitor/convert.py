@@ -93,6 +93,8 @@ def window_chunk_from_store(chunk: store_pb.GetTrainingDataResponse, task: str) 
         labelled=chunk.labelled,
         probabilities=chunk.probabilities if classification else (),
         class_labels=chunk.class_labels if classification else (),
+        latency_ms=chunk.latency_ms,
+        created_at_micros=chunk.created_at_micros,
     )
 
 

@@ -83,9 +83,14 @@ def evaluate(
             drift = _drift(plan, window, reference, facade, notes)
     drifted = _drifted(drift)
     specs = {ref.result_key: facade.metrics.get(ref.name) for ref in plan.metrics}
+    labelled = window.n_labelled >= plan.window.min_labelled_rows
     results = tuple(
-        _trigger(t, metrics, drifted, specs, baseline or {}, notes) for t in plan.triggers
+        TriggerResult(t, False, None, "")
+        if t.until_labelled and labelled
+        else _trigger(t, metrics, drifted, specs, baseline or {}, notes)
+        for t in plan.triggers
     )
+    notes.extend(estimated_vs_realized(metrics, window.n_labelled))
     fired = [r for r in results if r.fired]
     level = max((r.trigger.level for r in fired), key=lambda lv: lv.rank, default=Level.GREEN)
     return Evaluation(
@@ -100,6 +105,27 @@ def evaluate(
         n_rows=window.n_rows,
         n_labelled=window.n_labelled,
     )
+
+
+ESTIMATED_PREFIX = "estimated_"
+
+
+def estimated_vs_realized(metrics: Mapping[str, MetricResult], n_labelled: int) -> list[str]:
+    """One line per estimated metric whose realized twin (the key without ``estimated_``) has a
+    value too, so users see how far the estimate can be trusted."""
+    lines = []
+    for key, estimate in metrics.items():
+        realized = metrics.get(key.removeprefix(ESTIMATED_PREFIX))
+        if not key.startswith(ESTIMATED_PREFIX) or realized is None:
+            continue
+        if estimate.value is None or realized.value is None:
+            continue
+        realized_key = key.removeprefix(ESTIMATED_PREFIX)
+        lines.append(
+            f"{key} {estimate.value:.4g} vs realized {realized_key} {realized.value:.4g} "
+            f"on {n_labelled} labelled rows (gap {estimate.value - realized.value:+.4g})"
+        )
+    return lines
 
 
 def _metric(
@@ -119,7 +145,9 @@ def _metric(
         if have < needed:
             return MetricResult.not_enough_data(f"{have} labelled rows, the plan needs {needed}")
     try:
-        result = spec.fn(window, MetricContext(ref.params, reference))
+        seconds = plan.window.duration_seconds
+        context = MetricContext(ref.params, reference, None if seconds is None else float(seconds))
+        result = spec.fn(window, context)
     except Exception as exc:
         log.exception("metric %r of plugin %r raised", ref.name, spec.plugin)
         return MetricResult.error(f"plugin {spec.plugin!r} raised {type(exc).__name__}: {exc}")

@@ -44,6 +44,9 @@ class WindowChunk:
     labelled: Sequence[bool]
     probabilities: Sequence[float] = ()
     class_labels: Sequence[str] = ()
+    # Per row: model latency in ms (NaN unknown) and serving time in Unix microseconds.
+    latency_ms: Sequence[float] = ()
+    created_at_micros: Sequence[int] = ()
 
 
 @dataclass(frozen=True)

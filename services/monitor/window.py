@@ -20,6 +20,10 @@ def window_from_chunks(chunks: Iterable[WindowChunk], task: str) -> Window:
     labelled: list[bool] = []
     probabilities: list[float] = []
     class_labels: list[str] = []
+    latency: list[float] = []
+    created: list[int] = []
+    # Latencies and times only when every chunk has them for every row.
+    complete = True
     for chunk in chunks:
         for name, column in chunk.features.items():
             if name in chunk.categorical:
@@ -33,7 +37,17 @@ def window_from_chunks(chunks: Iterable[WindowChunk], task: str) -> Window:
             class_labels = list(chunk.class_labels) or class_labels
             probabilities.extend(chunk.probabilities)
         labelled.extend(chunk.labelled)
+        n = len(chunk.predictions)
+        complete = complete and len(chunk.latency_ms) == n and len(chunk.created_at_micros) == n
+        latency.extend(chunk.latency_ms)
+        created.extend(chunk.created_at_micros)
     mask = np.asarray(labelled, dtype=bool)
+    operations: dict[str, Any] = {}
+    if complete and predictions:
+        operations = {
+            "latency_ms": np.asarray(latency, dtype=np.float64),
+            "created_at": np.asarray(created, dtype=np.float64) / 1e6,
+        }
     columns = {
         name: np.asarray(values, dtype=object if kinds[name] == "categorical" else np.float64)
         for name, values in features.items()
@@ -54,6 +68,7 @@ def window_from_chunks(chunks: Iterable[WindowChunk], task: str) -> Window:
             class_labels=class_labels,
             labels=label_array,
             task="classification",
+            **operations,
         )
     values = np.asarray(labels, dtype=np.float64)
     values[~mask] = np.nan
@@ -62,4 +77,5 @@ def window_from_chunks(chunks: Iterable[WindowChunk], task: str) -> Window:
         predictions=np.asarray(predictions, dtype=np.float64),
         labels=values,
         task="regression",
+        **operations,
     )

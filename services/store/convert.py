@@ -356,6 +356,7 @@ def column_chunk_to_pb(
         prediction_ids=chunk.prediction_ids,
         created_at_micros=chunk.created_at_micros,
         labelled=chunk.labelled,
+        latency_ms=_numbers(chunk.latency_ms),
     )
     for name, values in chunk.features.items():
         column = response.features[name]

@@ -354,6 +354,7 @@ async def test_training_data_window_columns_and_chunks(stub: pb_grpc.StoreServic
     assert rooms == [float(i % 5) for i in range(5, 15)]
     cities = [v for c in chunks for v in c.features["city"].strings]
     assert cities == [CITIES[i % 3] for i in range(5, 15)]
+    assert [v for c in chunks for v in c.latency_ms] == [1.5] * 10
     predictions = [v for c in chunks for v in c.predictions.numbers]
     assert predictions == [100.0 + i for i in range(5, 15)]
     labels = [v for c in chunks for v in c.labels.numbers]
@@ -395,6 +396,7 @@ async def test_training_data_classification_columns(stub: pb_grpc.StoreServiceSt
     assert not chunk.predictions.numbers
     assert list(chunk.labels.strings) == ["setosa"] * 4
     assert list(chunk.features["petal"].numbers) == [0.0, 0.5, 1.0, 1.5]
+    assert list(chunk.latency_ms) == [2.0] * 4  # for the monitor's latency metrics
 
 
 # --- QueryPredictions ----------------------------------------------------------------------

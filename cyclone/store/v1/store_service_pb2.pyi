@@ -428,6 +428,7 @@ class GetTrainingDataResponse(_message.Message):
     CLASS_LABELS_FIELD_NUMBER: _builtins.int
     PROBABILITIES_FIELD_NUMBER: _builtins.int
     LABELLED_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def prediction_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Prediction ids, oldest first."""
@@ -460,6 +461,12 @@ class GetTrainingDataResponse(_message.Message):
     def labelled(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
         """Per row: whether it has a label (all true unless include_unlabelled)."""
 
+    @_builtins.property
+    def latency_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per row: the model's latency in milliseconds (NaN when not recorded). Empty when the
+        model's schema is unknown to the store.
+        """
+
     def __init__(
         self,
         *,
@@ -471,10 +478,11 @@ class GetTrainingDataResponse(_message.Message):
         class_labels: _abc.Iterable[_builtins.str] | None = ...,
         probabilities: _abc.Iterable[_builtins.float] | None = ...,
         labelled: _abc.Iterable[_builtins.bool] | None = ...,
+        latency_ms: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "predictions", b"predictions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_labels", b"class_labels", "created_at_micros", b"created_at_micros", "features", b"features", "labelled", b"labelled", "labels", b"labels", "prediction_ids", b"prediction_ids", "predictions", b"predictions", "probabilities", b"probabilities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_labels", b"class_labels", "created_at_micros", b"created_at_micros", "features", b"features", "labelled", b"labelled", "labels", b"labels", "latency_ms", b"latency_ms", "prediction_ids", b"prediction_ids", "predictions", b"predictions", "probabilities", b"probabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

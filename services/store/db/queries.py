@@ -80,14 +80,15 @@ def training_columns_query(
     """Like `training_query`, but PostgreSQL extracts each feature, the prediction and the
     label into its own typed column, so the reader never parses JSON in Python.
 
-    Columns: id text, created_at as Unix microseconds, labelled, then one per feature
-    (float8 for numeric, text otherwise), then prediction, [one float8 per class], label.
+    Columns: id text, created_at as Unix microseconds, labelled, latency in ms, then one per
+    feature (float8 for numeric, text otherwise), then prediction, [one float8 per class], label.
     Feature and class names are parameters, never SQL text.
     """
     select = [
         "p.prediction_id::text",
         "(extract(epoch FROM p.created_at) * 1000000)::int8",
         "l.prediction_id IS NOT NULL",
+        "p.latency_ms::float8",
     ]
     params: dict[str, str] = {}
     for i, (name, kind) in enumerate(features):

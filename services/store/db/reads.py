@@ -135,15 +135,16 @@ class ReadsMixin(StoreBase):
             await cur.execute(q.encode(), params)
             while rows := await cur.fetchmany(chunk_rows):
                 cols = list(zip(*rows, strict=True))  # transpose in C
-                feature_cols = cols[3 : 3 + n_features]
+                feature_cols = cols[4 : 4 + n_features]
                 yield ColumnChunk(
                     prediction_ids=cols[0],
                     created_at_micros=cols[1],
                     labelled=cols[2],
                     features={name: feature_cols[i] for i, (name, _) in enumerate(features)},
-                    predictions=cols[3 + n_features],
-                    probabilities=cols[4 + n_features : 4 + n_features + n_classes],
+                    predictions=cols[4 + n_features],
+                    probabilities=cols[5 + n_features : 5 + n_features + n_classes],
                     labels=cols[-1],
+                    latency_ms=cols[3],
                 )
 
     async def query_predictions(

@@ -111,6 +111,8 @@ class ColumnChunk:
     predictions: Sequence[Any]
     probabilities: Sequence[Sequence[float | None]]
     labels: Sequence[Any]
+    # Model latency per row in ms; None where the inference server recorded none.
+    latency_ms: Sequence[float | None] = ()
 
     def __len__(self) -> int:
         return len(self.prediction_ids)
