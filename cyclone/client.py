@@ -93,6 +93,13 @@ class InferenceClient:
         )
         return predictions_from_response(response)
 
+    def predict_request(self, request: pb.PredictRequest) -> pb.PredictResponse:
+        """Send a prepared request; the whole response (version that answered included)."""
+        response: pb.PredictResponse = self._stub.Predict(
+            request, timeout=self.timeout, metadata=model_metadata(request.model)
+        )
+        return response
+
     def get_model(self, model: str, version: str = "") -> pb.ModelInfo:
         response = self._stub.GetModel(
             pb.GetModelRequest(model=model, version=version),

@@ -110,6 +110,10 @@ class RetrainSpec:
     newest rows kept out of fitting for the comparison. ``metric`` (default: the plan's primary
     quality metric) must improve by ``margin``, relative to the champion's value, and a paired
     bootstrap on the holdout must be ``confidence`` sure the improvement is not noise.
+
+    ``since_alert``: train only on rows predicted after the retraining was asked for (the
+    world after the change, not a mix of before and after); the job waits up to ``wait`` for
+    ``min_rows`` of them to be labelled, else it ends "not enough data".
     """
 
     kind: Literal["sliding", "expanding"] = "sliding"
@@ -123,6 +127,8 @@ class RetrainSpec:
     params: dict[str, Any] = field(default_factory=dict)
     confidence: float = 0.95
     resamples: int = 500
+    since_alert: bool = False
+    wait_seconds: int = 3600
 
 
 @dataclass(frozen=True)
@@ -454,6 +460,8 @@ _RETRAIN_KEYS = {
     "params",
     "confidence",
     "resamples",
+    "since_alert",
+    "wait",
 }
 
 
@@ -495,6 +503,11 @@ def _retrain(c: _Checker, raw: object, reg: Registry) -> RetrainSpec:
     params = dict(c.mapping(data.get("params"), "retrain.params"))
     if rows is not None and min_rows is not None and rows < min_rows:
         c.fail("retrain.rows", f"must be at least retrain.min_rows ({min_rows}), got {rows}")
+    since_alert = data.get("since_alert", default.since_alert)
+    if not isinstance(since_alert, bool):
+        c.fail("retrain.since_alert", f"expected true or false, got {since_alert!r}")
+        since_alert = default.since_alert
+    wait = c.duration(data["wait"], "retrain.wait") if "wait" in data else default.wait_seconds
     return RetrainSpec(
         cast(Any, kind),
         duration,
@@ -507,6 +520,8 @@ def _retrain(c: _Checker, raw: object, reg: Registry) -> RetrainSpec:
         params,
         default.confidence if confidence is None else confidence,
         resamples or default.resamples,
+        since_alert,
+        default.wait_seconds if wait is None else wait,
     )
 
 
@@ -565,6 +580,8 @@ def _retrain_to_yaml(spec: RetrainSpec) -> dict[str, Any]:
     if spec.params:
         out["params"] = dict(spec.params)
     out.update(confidence=spec.confidence, resamples=spec.resamples)
+    if spec.since_alert:
+        out.update(since_alert=True, wait=format_duration(spec.wait_seconds))
     return out
 
 

@@ -20,12 +20,23 @@ Kind = Literal["numeric", "categorical"]
 
 
 def window_request(
-    model: str, spec: RetrainSpec, now: datetime, chunk_rows: int = 10_000
+    model: str,
+    spec: RetrainSpec,
+    now: datetime,
+    chunk_rows: int = 10_000,
+    since: datetime | None = None,
 ) -> store_pb.GetTrainingDataRequest:
     """Sliding by rows: the newest ``rows`` labelled rows; sliding by time: the last
-    ``duration``; expanding: every labelled row."""
+    ``duration``; expanding: every labelled row. With ``since`` (``retrain.since_alert``):
+    every labelled row predicted after it."""
     request = store_pb.GetTrainingDataRequest(model=model, chunk_rows=chunk_rows)
-    if spec.kind == "sliding" and spec.rows is not None:
+    if since is not None:
+        start, end = Timestamp(), Timestamp()
+        start.FromDatetime(since)
+        end.FromDatetime(now + timedelta(seconds=1))
+        request.start.CopyFrom(start)
+        request.end.CopyFrom(end)
+    elif spec.kind == "sliding" and spec.rows is not None:
         request.last_n = spec.rows
     elif spec.kind == "sliding" and spec.duration_seconds is not None:
         start, end = Timestamp(), Timestamp()

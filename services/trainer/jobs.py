@@ -43,6 +43,9 @@ from services.trainer.fit import FitOutcome, FitTask, JobFailure, fit_and_evalua
 
 log = logging.getLogger(__name__)
 
+# How often a `since_alert` job looks for newly labelled rows.
+FRESH_POLL_SECONDS = 2.0
+
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "not_enough_data", "rejected"})
 STORE_TIMEOUT = 30.0
 T = TypeVar("T")
@@ -294,7 +297,7 @@ class JobRunner:
         except _JobGone:
             return  # cancelled while queued
         try:
-            await self._execute(job_id, model, job.alert_id)
+            await self._execute(job_id, model, job.alert_id, job.created_at.ToDatetime(UTC))
         except _JobGone as exc:
             log.info("job %d ended elsewhere (%s); result discarded", job_id, exc)
         except JobFailure as exc:
@@ -313,11 +316,14 @@ class JobRunner:
             raise RuntimeError("JobRunner is not started")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def _execute(self, job_id: int, model: str, alert_id: int) -> None:
+    async def _execute(self, job_id: int, model: str, alert_id: int, asked_at: datetime) -> None:
         champion = await self._champion(model)
         plan = await self._plan(model, champion.task)
         spec = plan.retrain
-        window = await self._fetch(model, champion, plan)
+        if spec.since_alert:
+            window = await self._wait_for_fresh_rows(job_id, model, champion, plan, asked_at)
+        else:
+            window = await self._fetch(model, champion, plan)
         counts = window.rows
         fields: dict[str, Any] = {
             "window_rows": counts,
@@ -485,8 +491,29 @@ class JobRunner:
         except PlanError as exc:
             raise JobFailure(f"plan: {'; '.join(exc.problems)}") from None
 
-    async def _fetch(self, model: str, champion: Champion, plan: Plan) -> LabelledWindow:
-        request = window_request(model, plan.retrain, datetime.now(UTC))
+    async def _wait_for_fresh_rows(
+        self, job_id: int, model: str, champion: Champion, plan: Plan, since: datetime
+    ) -> LabelledWindow:
+        """Rows predicted after `since`, once `min_rows` of them are labelled (labels arrive
+        late), or whatever is there when `retrain.wait` runs out."""
+        spec = plan.retrain
+        deadline = since.timestamp() + spec.wait_seconds
+        shown = -1
+        while True:
+            window = await self._fetch(model, champion, plan, since=since)
+            if window.rows >= spec.min_rows or datetime.now(UTC).timestamp() >= deadline:
+                return window
+            if window.rows != shown:
+                shown = window.rows
+                await self._update(
+                    job_id, stage=f"waiting for labels ({window.rows}/{spec.min_rows})"
+                )
+            await asyncio.sleep(FRESH_POLL_SECONDS)
+
+    async def _fetch(
+        self, model: str, champion: Champion, plan: Plan, since: datetime | None = None
+    ) -> LabelledWindow:
+        request = window_request(model, plan.retrain, datetime.now(UTC), since=since)
         stream = self.store.GetTrainingData(request, timeout=STORE_TIMEOUT * 4)
         return await collect(stream, champion.features, champion.task)
 
