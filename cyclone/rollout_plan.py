@@ -16,6 +16,7 @@ Example (every field optional; the defaults suit one machine: steps of seconds, 
       analysis:
         max_error_rate_increase: 0.02   # tolerated rise over the champion (one-sided test)
         max_p99_latency_ratio: 2.0
+        min_p99_increase_ms: 25         # and at least this much slower (ms): 4 -> 10 ms is noise
         quality_metric: auto            # accuracy | mae | auto (by task)
         max_quality_drop: 0.02          # accuracy points, or MAE increase
         min_labelled_rows: 50
@@ -53,6 +54,9 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 class AnalysisSpec:
     max_error_rate_increase: float = 0.02
     max_p99_latency_ratio: float = 2.0
+    # A p99 ratio alone flags noise on fast models (a cold start turns 4 ms into 10 ms): the
+    # canary must also be this many milliseconds slower for the latency check to fail.
+    min_p99_increase_ms: float = 25.0
     quality_metric: QualityMetric = "auto"
     max_quality_drop: float = 0.02
     min_labelled_rows: int = 50
@@ -225,6 +229,7 @@ def check_rollout(raw: object, path: str = "rollout") -> tuple[RolloutSpec, list
             a, "max_error_rate_increase", ap, ad.max_error_rate_increase, 0, 1
         ),
         max_p99_latency_ratio=c.number(a, "max_p99_latency_ratio", ap, ad.max_p99_latency_ratio, 1),
+        min_p99_increase_ms=c.number(a, "min_p99_increase_ms", ap, ad.min_p99_increase_ms, 0),
         quality_metric=cast(
             QualityMetric, c.choice(a, "quality_metric", ap, QUALITY_METRICS, ad.quality_metric)
         ),

@@ -333,7 +333,7 @@ def test_regressor_import_stores_error_profile(tmp_path: Path) -> None:
 
 
 def test_status_lines_put_estimated_next_to_realized() -> None:
-    from cyclone.cli import _estimated_lines
+    from cyclone.cli_mesh import estimated_lines as _estimated_lines
     from cyclone.monitor.v1 import monitor_service_pb2 as mpb
 
     status = mpb.ModelStatus()

@@ -80,12 +80,13 @@ def latency(champion: Counts, canary: Counts, spec: AnalysisSpec, min_requests: 
     ratio = canary.p99_ms / champion.p99_ms
     numbers = {"canary_p99_ms": canary.p99_ms, "champion_p99_ms": champion.p99_ms}
     numbers["p99_ratio"] = ratio
-    if ratio > spec.max_p99_latency_ratio:
+    slower_by = canary.p99_ms - champion.p99_ms
+    if ratio > spec.max_p99_latency_ratio and slower_by > spec.min_p99_increase_ms:
         return Check(
             "latency",
             False,
             f"p99 {canary.p99_ms:.1f} ms is {ratio:.2f}x the champion's"
-            f" (limit {spec.max_p99_latency_ratio:g}x)",
+            f" (limit {spec.max_p99_latency_ratio:g}x and +{spec.min_p99_increase_ms:g} ms)",
             numbers,
         )
     return Check("latency", True, f"p99 ratio {ratio:.2f}", numbers)
