@@ -166,7 +166,10 @@ def model_import(
         Path, typer.Argument(help="Fitted scikit-learn pipeline saved with joblib.")
     ],
     name: Annotated[str, typer.Option(help="Model name.")],
-    repository: Annotated[Path, typer.Option(help="Model repository directory.")] = Path("models"),
+    repository: Annotated[
+        Path | None,
+        typer.Option(help="Model repository; default the running mesh's, else ./models."),
+    ] = None,
     version: Annotated[str | None, typer.Option(help="Version; default next integer.")] = None,
     sample: Annotated[
         Path | None, typer.Option(help="CSV of real rows: parity check and the drift reference.")
@@ -191,8 +194,12 @@ def model_import(
     import joblib
     import pandas as pd
 
+    from cyclone.local_mesh import read_mesh
     from cyclone.models.convert import ConversionError, import_pipeline
 
+    mesh = read_mesh()
+    if repository is None:
+        repository = Path(mesh.repository) if mesh and mesh.repository else Path("models")
     if not pipeline.is_file():
         fail(f"PIPELINE: {pipeline} does not exist")
     try:
@@ -222,6 +229,10 @@ def model_import(
         f"{len(schema.features)} features) into {target}; parity max diff {report.max_abs_diff:.2e} "
         f"on {report.rows} rows"
     )
+    if mesh is not None and mesh.repository and target.resolve().is_relative_to(mesh.repository):
+        from cyclone.cli_mesh import announce_import
+
+        typer.echo(announce_import(mesh, target))
 
 
 def _read_rows(rows: list[str], file: Path | None) -> list[dict[str, Any]]:

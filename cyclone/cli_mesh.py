@@ -393,6 +393,54 @@ def estimated_lines(metrics: Any) -> list[str]:
     return lines
 
 
+def announce_import(mesh: Any, directory: Path) -> str:
+    """Tell a running mesh about a version just written into its repository: register it;
+    a model's first version is served at once, a later one waits for `cyclone rollout`."""
+    import asyncio
+
+    from cyclone.channels import aio_channel
+    from cyclone.client import TrainerClient
+    from cyclone.models.registration import register
+    from cyclone.models.repository import ModelFiles
+    from cyclone.store.v1 import store_service_pb2 as spb
+    from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+
+    files = ModelFiles(directory.parent.name, directory.name, directory)
+
+    async def registered() -> bool:
+        async with aio_channel(mesh.address("store")) as channel:
+            stub = store_grpc.StoreServiceStub(channel)
+            await register(stub, files, serve_if_first=False)
+            listed = await stub.ListModelVersions(
+                spb.ListModelVersionsRequest(model=files.name), timeout=10
+            )
+            return any(v.status == spb.MODEL_STATUS_SERVING for v in listed.model_versions)
+
+    if asyncio.run(registered()):
+        return (
+            f"registered {files.name} {files.version} with the running mesh (staged); "
+            f"`cyclone rollout {files.name} {files.version}` moves traffic to it"
+        )
+    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+    with TrainerClient(mesh.address("trainer")) as trainer:
+        rollout = trainer.rollout(files.name, files.version)
+        deadline = time.monotonic() + 120
+        while rollout.state in (tpb.ROLLOUT_STATE_PENDING, tpb.ROLLOUT_STATE_PROGRESSING):
+            if time.monotonic() > deadline:
+                return f"registered {files.name} {files.version}; still starting (rollout {rollout.id})"
+            time.sleep(0.3)
+            rollout = trainer.get_rollout(rollout.id)
+    if rollout.state != tpb.ROLLOUT_STATE_PROMOTED:
+        return (
+            f"registered {files.name} {files.version} but it could not be served: {rollout.reason}"
+        )
+    return (
+        f"registered {files.name} {files.version} and serving it through {mesh.public} "
+        f"(send header cyclone-model: {files.name} over gRPC)"
+    )
+
+
 # ---- rollouts -------------------------------------------------------------------------------
 
 TrainerAddress = Annotated[str | None, typer.Option("--trainer", help="Trainer HOST:PORT.")]

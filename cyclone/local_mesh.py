@@ -48,6 +48,7 @@ class MeshInfo:
     control: str
     dashboard: str  # URL
     components: dict[str, ComponentInfo]
+    repository: str = ""  # the model repository the mesh serves from
 
     def address(self, component: str) -> str | None:
         info = self.components.get(component)
@@ -65,6 +66,7 @@ class MeshInfo:
             control=str(raw["control"]),
             dashboard=str(raw["dashboard"]),
             components={k: ComponentInfo(**v) for k, v in dict(raw["components"]).items()},
+            repository=str(raw.get("repository", "")),
         )
 
 

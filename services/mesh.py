@@ -238,6 +238,7 @@ class Mesh:
                 r.component: ComponentInfo(r.address, r.process.pid, str(r.log_path))
                 for r in self.running
             },
+            repository=str(s.repository.resolve()),
         )
 
     def _write_info(self, info: MeshInfo) -> None:

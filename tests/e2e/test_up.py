@@ -1,0 +1,191 @@
+"""`cyclone up` as a user runs it: a clean data dir, a model imported into the running mesh,
+predictions through Envoy, `cyclone status --json`, Ctrl-C leaving nothing behind, a restart
+that resumes, and the refusals (a port taken, a data dir in use)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import joblib
+import psutil
+import pytest
+
+from cyclone.examples import credit_frame, credit_pipeline
+from services.launch import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
+
+ROW = {"age": 41, "income": 52000, "debt_ratio": 0.31, "city": "porto"}
+
+
+def _ports() -> dict[str, int]:
+    names = ("public", "control", "store", "monitor", "trainer", "dashboard")
+    return {name: free_port() for name in names}
+
+
+def _flags(ports: dict[str, int]) -> list[str]:
+    return [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
+
+
+class Up:
+    def __init__(self, data_dir: Path, ports: dict[str, int]) -> None:
+        self.data_dir, self.ports = data_dir, ports
+        self.env = {
+            **os.environ,
+            "CYCLONE_DATA_DIR": str(data_dir),
+            "COLUMNS": "160",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.env.pop("CYCLONE_TOKEN", None)
+        self.log = data_dir.parent / f"up-{time.monotonic_ns()}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 180) -> None:
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "cyclone",
+                    "up",
+                    "--data-dir",
+                    str(self.data_dir),
+                    *_flags(self.ports),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+        deadline = time.monotonic() + timeout
+        while not (self.data_dir / "mesh.json").exists():
+            assert self.process.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.3)
+
+    def stop(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGINT)  # Ctrl-C
+        return self.process.wait(90)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "cyclone", *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=120,
+        )
+        if check:
+            assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+
+def _left_behind(marker: str) -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with_marker = " ".join(proc.info["cmdline"] or [])
+        if marker in with_marker and "pytest" not in with_marker:
+            found.append(with_marker)
+    return found
+
+
+def _rest_predict(public_port: int, model: str) -> dict[str, Any]:
+    body = {
+        "features": {
+            k: ({"strings": [v]} if isinstance(v, str) else {"numbers": [v]})
+            for k, v in ROW.items()
+        }
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{public_port}/v1/models/{model}:predict",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return dict(json.loads(response.read()))
+
+
+@pytest.fixture(scope="module")
+def pipeline_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("pipeline")
+    frame = credit_frame(500, seed=0)
+    joblib.dump(credit_pipeline(frame), root / "credit.joblib")
+    frame.to_csv(root / "sample.csv", index=False)
+    yield root
+
+
+def test_up_import_serve_status_stop_and_resume(tmp_path: Path, pipeline_file: Path) -> None:
+    data_dir = tmp_path / "data"
+    up = Up(data_dir, _ports())
+    up.start()
+    try:
+        assert (data_dir / "token").stat().st_mode & 0o777 == 0o600
+        # A new model imported into the running mesh is served without anything else.
+        imported = up.cli(
+            "model", "import", str(pipeline_file / "credit.joblib"), "--name", "credit",
+            "--sample", str(pipeline_file / "sample.csv"), "--label-column", "defaulted",
+        )  # fmt: skip
+        assert "serving it through" in imported.stdout, imported.stdout
+        predicted = up.cli("predict", "--model", "credit", "--row", json.dumps(ROW), "--json")
+        prediction = json.loads(predicted.stdout.splitlines()[0])
+        assert prediction["label"] in ("0", "1")
+        assert _rest_predict(up.ports["public"], "credit")["version"] == "1"
+
+        status = json.loads(up.cli("status", "--json").stdout)
+        assert set(status["mesh"]["components"]) == {"store", "trainer", "monitor"}
+        assert status["mesh"]["public"] == f"127.0.0.1:{up.ports['public']}"
+        [revision] = status["mesh"]["revisions"]
+        assert revision["model"] == "credit" and psutil.pid_exists(revision["pid"])
+        assert status["models"]["credit"]["serving"] == "1"
+        assert status["models"]["credit"]["split"] == {"1": 100.0}
+        assert status["problems"] == []
+
+        # A second `cyclone up` on the same data dir is refused; nothing else starts.
+        second = subprocess.run(
+            [sys.executable, "-m", "cyclone", "up", "--data-dir", str(data_dir), *_flags(_ports())],
+            capture_output=True, text=True, env=up.env, timeout=60,
+        )  # fmt: skip
+        assert second.returncode != 0
+        assert "held by another running Cyclone" in second.stdout + second.stderr
+    finally:
+        assert up.stop() == 0, up.log.read_text()[-3000:]
+    assert _left_behind(str(data_dir)) == []
+    assert not (data_dir / "mesh.json").exists()
+
+    # Restart: the model, its version and its serving status come back.
+    again = Up(data_dir, _ports())
+    again.start()
+    try:
+        assert _rest_predict(again.ports["public"], "credit")["version"] == "1"
+        status = json.loads(again.cli("status", "--json").stdout)
+        assert status["models"]["credit"]["versions"]["1"]["status"] == "serving"
+    finally:
+        assert again.stop() == 0
+    assert _left_behind(str(data_dir)) == []
+
+
+def test_a_port_already_taken_is_refused_and_nothing_starts(tmp_path: Path) -> None:
+    ports = _ports()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports["store"]))
+        taken.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "cyclone", "up", "--data-dir", str(tmp_path / "d"), *_flags(ports)],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "COLUMNS": "160"},
+        )  # fmt: skip
+    assert result.returncode != 0
+    assert f"store port {ports['store']}" in result.stdout + result.stderr
+    assert "nothing was started" in result.stdout + result.stderr
+    assert _left_behind(str(tmp_path / "d")) == []
