@@ -40,6 +40,7 @@ class Mesh:
     public: str
     repository: Path
     plane: Any
+    trainer_address: str
 
 
 @pytest.fixture
@@ -78,6 +79,7 @@ async def mesh(fresh_database_url: str, tmp_path: Path, model_repo: Any) -> Asyn
                 plane.proxy.public_address,
                 repository,
                 plane,
+                trainer.address,
             )
 
 
@@ -174,3 +176,50 @@ async def test_rollout_bad_input(mesh: Mesh) -> None:
     with pytest.raises(aio.AioRpcError) as err:
         await mesh.trainer.Rollback(pb.RollbackRequest())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_rollback_alert_sends_traffic_back_through_the_trainer_sink(mesh: Mesh) -> None:
+    from datetime import UTC, datetime
+
+    from cyclone.plugin_api import Alert
+    from plugins.alert_sinks import deliver_trainer
+
+    alert = Alert("91", "credit", "2", "RED", "GREEN", ["errors"], ["rollback"], datetime.now(UTC))
+    address = {"address": mesh.trainer_address}
+    # Nothing to roll back yet: delivered, not retried forever.
+    await asyncio.to_thread(deliver_trainer, alert, address)
+
+    frame = credit_frame(400, seed=5)
+    import_pipeline(
+        credit_pipeline(frame), "credit", mesh.repository, sample=frame, label_column="defaulted"
+    )
+    plan = default_plan("credit", "classification")
+    plan = dataclasses.replace(
+        plan,
+        rollout=dataclasses.replace(
+            plan.rollout, red_black=RedBlackSpec(keep_old_for_seconds=120.0)
+        ),
+    )
+    await mesh.store.SavePlan(
+        store_pb.SavePlanRequest(model="credit", plan_yaml=plan_to_yaml(plan))
+    )
+    await mesh.plane.keeper.register_repository()
+    started = await mesh.trainer.Rollout(
+        pb.RolloutRequest(model="credit", version="2", strategy=pb.ROLLOUT_STRATEGY_RED_BLACK)
+    )
+    for _ in range(200):  # until the cutover, while the old version is kept warm
+        current = (
+            await mesh.trainer.GetRollout(pb.GetRolloutRequest(rollout_id=started.rollout.id))
+        ).rollout
+        if current.current_weight == 100:
+            break
+        await asyncio.sleep(0.1)
+    assert (await _predict(mesh.public)).version == "2"
+
+    await asyncio.to_thread(deliver_trainer, alert, address)
+    final = (
+        await mesh.trainer.GetRollout(pb.GetRolloutRequest(rollout_id=started.rollout.id))
+    ).rollout
+    assert final.state == pb.ROLLOUT_STATE_ROLLED_BACK
+    assert "alert 91" in final.reason or "errors" in final.reason, final.reason
+    assert (await _predict(mesh.public)).version == "1"
