@@ -212,6 +212,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-mlserver", action="store_true", help="leave MLServer out")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another Cyclone source tree (e.g. `git archive` of an older commit), served too",
+    )
     args = parser.parse_args()
     model, x = bench_regressor()
     row = x[0].astype(np.float32)
@@ -238,6 +243,27 @@ def main() -> None:
                 Case("model_infer_per_feature", cyclone.address, INFER, per_feature, ours),
                 Case("predict", cyclone.address, PREDICT, predict, ours),
             ]
+            if args.baseline is not None:
+                base = spawn(
+                    "inference",
+                    [
+                        "--model-repository",
+                        f"{tmp}/models",
+                        "--model",
+                        "rf",
+                        "--metrics-port",
+                        "-1",
+                    ],
+                    Path(tmp) / "baseline.log",
+                    env={"PYTHONPATH": str(args.baseline.resolve())},
+                )
+                stopping.append(base.stop)
+                cases.append(
+                    Case("baseline_model_infer", base.address, INFER, infer, base.process.pid)
+                )
+                cases.append(
+                    Case("baseline_predict", base.address, PREDICT, predict, base.process.pid)
+                )
             if not args.no_mlserver:
                 executable = mlserver_executable()
                 for label, workers in (("mlserver_pw0", 0), ("mlserver_default", None)):

@@ -281,7 +281,11 @@ def _takes_matrix(model: LoadedModel, names: Sequence[str]) -> bool:
     """Whether the request's tensors are one [N, F] matrix (rather than one per feature)."""
     if model.schema.input_layout == "matrix":
         return not (set(names) <= model.feature_index.keys())
-    return model.all_numeric and list(names) == [MATRIX_INPUT] and MATRIX_INPUT not in model.feature_index
+    return (
+        model.all_numeric
+        and list(names) == [MATRIX_INPUT]
+        and MATRIX_INPUT not in model.feature_index
+    )
 
 
 def columns_from_tensors(
@@ -322,7 +326,7 @@ def columns_from_tensors(
     return columns
 
 
-_FLOAT_TENSORS = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+_FLOAT_TENSORS: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
 
 
 def _floats(tensor: Any, raw: bytes | None, count: int) -> np.ndarray | None:
