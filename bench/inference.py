@@ -1,34 +1,51 @@
-"""Inference benchmark: Predict, OIP ModelInfer and PredictStream against a bare gRPC echo.
+"""Inference benchmark: Cyclone's Predict and OIP ModelInfer next to MLServer and a bare echo.
 
-Model: RandomForestRegressor(50 trees, depth 10) on 12 float features. The echo server
-(bytes in, same bytes out) receives the exact serialized Predict payload, so the ratio
-is what Cyclone's parsing, validation, onnxruntime and response cost on top of gRPC.
-Servers run in their own processes; the load generator is one grpc.aio client.
+Model: RandomForestRegressor(50 trees, depth 10) on 12 float features, 1-row requests. In one
+run, interleaved (the order rotates every repetition), the same closed-loop grpc.aio load
+generator drives:
+- the floor: a bare grpc.aio echo server (bytes in, the same bytes out) given the ModelInfer
+  payload, so a ratio is what Cyclone's parsing, validation, onnxruntime and response cost;
+- Cyclone (`cyclone serve inference`, through `services.launch.spawn`): ModelInfer with one
+  [1, 12] FP32 tensor, ModelInfer with one [1, 1] tensor per feature, and Predict;
+- MLServer 1.7 serving the same ONNX file through bench/mlserver_runtime.py, with
+  `parallel_workers: 0` (its fastest) and its default (one worker process); see
+  bench/mlserver_peer.py for why it runs from its own virtualenv (`--no-mlserver` skips it).
+Server CPU per request is the utime + stime of the server's whole process tree (/proc) over
+the figure, divided by its requests. Figures are medians over `--reps`; the text lines also
+give min..max. The machine is shared: figures are noisy, compare ratios from one run.
 
-Usage: python bench/inference.py [--seconds 3]
+Usage: python bench/inference.py [--seconds 3] [--reps 3] [--no-mlserver]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from grpc import aio
 
 from bench._common import PYTHON, Figures, free_port, percentile, start_process, stop_process
+from bench.mlserver_peer import mlserver_executable, start_mlserver
 from cyclone.examples import bench_regressor
 from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.models.convert import import_pipeline
 from cyclone.oip.v2 import open_inference_pb2 as oip
+from services.launch import spawn
 
 PREDICT = "/cyclone.inference.v1.InferenceService/Predict"
 STREAM = "/cyclone.inference.v1.InferenceService/PredictStream"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+ECHO = "/bench.Echo/Unary"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def predict_payload(row: np.ndarray) -> bytes:
@@ -45,10 +62,76 @@ def infer_payload(row: np.ndarray) -> bytes:
     return request.SerializeToString()
 
 
+def infer_per_feature_payload(row: np.ndarray) -> bytes:
+    request = oip.ModelInferRequest(model_name="rf")
+    for i, value in enumerate(row):
+        request.inputs.add(name=f"f{i}", datatype="FP32", shape=[1, 1])
+        request.raw_input_contents.append(np.float32(value).astype("<f4").tobytes())
+    return request.SerializeToString()
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime + stime (and reaped children's) of `root` and every live descendant."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        times[pid] = sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(times.get(pid, 0.0) for pid in tree)
+
+
+@dataclass
+class Sample:
+    throughput: float  # req/s
+    p50: float  # ms
+    p99: float  # ms
+    cpu_us: float  # server CPU per request, µs
+
+
+@dataclass
+class Case:
+    name: str
+    address: str
+    method: str
+    payload: bytes
+    server_pid: int
+
+
+def measure(case: Case, concurrency: int, seconds: float) -> Sample:
+    cpu_before = tree_cpu_seconds(case.server_pid)
+    calls: list[int] = []
+    throughput, p50, p99 = asyncio.run(
+        unary_load(case.address, case.method, case.payload, concurrency, seconds, calls)
+    )
+    cpu = tree_cpu_seconds(case.server_pid) - cpu_before
+    return Sample(throughput, p50, p99, cpu / max(1, calls[0]) * 1e6)
+
+
 async def unary_load(
-    address: str, method: str, payload: bytes, concurrency: int, seconds: float
+    address: str,
+    method: str,
+    payload: bytes,
+    concurrency: int,
+    seconds: float,
+    calls: list[int] | None = None,
 ) -> tuple[float, float, float]:
-    """Throughput (req/s), p50 and p99 latency (ms) of `concurrency` closed-loop callers."""
+    """Throughput (req/s), p50 and p99 latency (ms) of `concurrency` closed-loop callers.
+
+    `calls`, when given, gets the number of calls made (warm-up included) appended."""
     async with aio.insecure_channel(address) as channel:
         call = channel.unary_unary(method)
         for _ in range(50):
@@ -65,6 +148,8 @@ async def unary_load(
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
+    if calls is not None:
+        calls.append(50 + len(latencies))
     return (
         len(latencies) / elapsed,
         percentile(latencies, 0.5) * 1e3,
@@ -119,78 +204,168 @@ def ort_in_process(model_dir: Path, row: np.ndarray, repeats: int = 3000) -> flo
     return (time.perf_counter() - t0) / repeats * 1e3
 
 
+def spread(values: list[float]) -> str:
+    return f"median {statistics.median(values):.4g} (range {min(values):.4g}..{max(values):.4g})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-mlserver", action="store_true", help="leave MLServer out")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another Cyclone source tree (e.g. `git archive` of an older commit), served too",
+    )
     args = parser.parse_args()
     model, x = bench_regressor()
     row = x[0].astype(np.float32)
     figures = Figures()
+    predict, infer = predict_payload(row), infer_payload(row)
+    per_feature = infer_per_feature_payload(row)
+    stopping: list[Callable[[], object]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, _, _ = import_pipeline(model, "rf", Path(tmp))
-        echo_port, inf_port = free_port(), free_port()
-        echo = start_process([PYTHON, "-m", "bench.echo_server", str(echo_port)], echo_port)
-        server = start_process(
-            [
-                PYTHON,
-                "-m",
-                "cyclone",
-                "serve",
-                "inference",
-                "--model-repository",
-                tmp,
-                "--model",
-                "rf",
-                "--port",
-                str(inf_port),
-                "--metrics-port",
-                "-1",
-            ],
-            inf_port,
-        )
+        model_dir, _, _ = import_pipeline(model, "rf", Path(tmp) / "models")
         try:
-            run: Callable[..., tuple[float, float, float]] = lambda *a: asyncio.run(unary_load(*a))  # noqa: E731
-            predict = predict_payload(row)
-            infer = infer_payload(row)
+            echo_port = free_port()
+            echo = start_process([PYTHON, "-m", "bench.echo_server", str(echo_port)], echo_port)
+            stopping.append(lambda: stop_process(echo))
+            cyclone = spawn(
+                "inference",
+                ["--model-repository", f"{tmp}/models", "--model", "rf", "--metrics-port", "-1"],
+                Path(tmp) / "inference.log",
+            )
+            stopping.append(cyclone.stop)
+            ours = cyclone.process.pid
+            cases = [
+                Case("echo", f"127.0.0.1:{echo_port}", ECHO, infer, echo.pid),
+                Case("model_infer", cyclone.address, INFER, infer, ours),
+                Case("model_infer_per_feature", cyclone.address, INFER, per_feature, ours),
+                Case("predict", cyclone.address, PREDICT, predict, ours),
+            ]
+            if args.baseline is not None:
+                base = spawn(
+                    "inference",
+                    [
+                        "--model-repository",
+                        f"{tmp}/models",
+                        "--model",
+                        "rf",
+                        "--metrics-port",
+                        "-1",
+                    ],
+                    Path(tmp) / "baseline.log",
+                    env={"PYTHONPATH": str(args.baseline.resolve())},
+                )
+                stopping.append(base.stop)
+                cases.append(
+                    Case("baseline_model_infer", base.address, INFER, infer, base.process.pid)
+                )
+                cases.append(
+                    Case("baseline_predict", base.address, PREDICT, predict, base.process.pid)
+                )
+            if not args.no_mlserver:
+                try:
+                    executable = mlserver_executable()
+                    for label, workers in (("mlserver_pw0", 0), ("mlserver_default", None)):
+                        peer, port = start_mlserver(
+                            executable, model_dir / "model.onnx", Path(tmp) / label, workers
+                        )
+                        stopping.append(lambda peer=peer: stop_process(peer))  # type: ignore[misc]
+                        cases.append(Case(label, f"127.0.0.1:{port}", INFER, infer, peer.pid))
+                except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+                    # The rest of the figures stand without the peer.
+                    print(f"MLServer left out: {exc}")
+            print(
+                f"payload: Predict {len(predict)} B, ModelInfer {len(infer)} B, per feature "
+                f"{len(per_feature)} B; {args.seconds:.0f}s per figure, {args.reps} reps"
+            )
+            samples: dict[tuple[str, int], list[Sample]] = {}
+            for rep in range(args.reps):
+                for conc in (1, 32):
+                    # Rotate the order so no case always runs first or after the same one.
+                    shift = (rep * 2 + (conc == 32)) % len(cases)
+                    for case in cases[shift:] + cases[:shift]:
+                        sample = measure(case, conc, args.seconds)
+                        samples.setdefault((case.name, conc), []).append(sample)
+                        print(
+                            f"  rep {rep} c{conc:<2} {case.name:<24} {sample.throughput:8.0f} req/s"
+                            f"  p50 {sample.p50:6.2f} ms  p99 {sample.p99:6.2f} ms"
+                            f"  cpu {sample.cpu_us:6.0f} us/req",
+                            flush=True,
+                        )
+            add_unary_figures(figures, samples, [c.name for c in cases])
             stream_msg = pb.PredictStreamRequest(
                 request=pb.PredictRequest.FromString(predict)
             ).SerializeToString()
-            print(
-                f"payload: Predict {len(predict)} B, ModelInfer {len(infer)} B; {args.seconds:.0f}s per figure"
-            )
-            unary: dict[int, float] = {}
-            for conc in (1, 32):
-                floor = run(
-                    f"127.0.0.1:{echo_port}", "/bench.Echo/Unary", predict, conc, args.seconds
-                )
-                ours = run(f"127.0.0.1:{inf_port}", PREDICT, predict, conc, args.seconds)
-                oip_ours = run(f"127.0.0.1:{inf_port}", INFER, infer, conc, args.seconds)
-                unary[conc] = ours[0]
-                figures.add(f"predict_c{conc}_throughput", ours[0], "req/s", floor[0], True)
-                figures.add(f"predict_c{conc}_p50", ours[1], "ms", floor[1], False)
-                figures.add(f"predict_c{conc}_p99", ours[2], "ms", floor[2], False)
-                figures.add(f"model_infer_c{conc}_throughput", oip_ours[0], "req/s", floor[0], True)
-                figures.add(f"model_infer_c{conc}_p50", oip_ours[1], "ms", floor[1], False)
-                figures.add(f"model_infer_c{conc}_p99", oip_ours[2], "ms", floor[2], False)
             stream_floor = asyncio.run(
                 stream_load(
                     f"127.0.0.1:{echo_port}", "/bench.Echo/Stream", stream_msg, args.seconds
                 )
             )
-            stream = asyncio.run(
-                stream_load(f"127.0.0.1:{inf_port}", STREAM, stream_msg, args.seconds)
-            )
+            stream = asyncio.run(stream_load(cyclone.address, STREAM, stream_msg, args.seconds))
             figures.add("predict_stream_throughput", stream, "msg/s", stream_floor, True)
-            figures.add("predict_stream_vs_unary_c1", stream, "msg/s", unary[1], True)
-            figures.add("predict_stream_vs_unary_c32", stream, "msg/s", unary[32], True)
-            floor_ms = 1e3 / unary[1]
+            for conc in (1, 32):
+                unary = statistics.median(s.throughput for s in samples[("predict", conc)])
+                figures.add(f"predict_stream_vs_unary_c{conc}", stream, "msg/s", unary, True)
+            floor_ms = 1e3 / statistics.median(s.throughput for s in samples[("model_infer", 1)])
             figures.add(
                 "onnxruntime_in_process_1row", ort_in_process(model_dir, row), "ms", floor_ms, False
             )
         finally:
-            stop_process(server)
-            stop_process(echo)
+            for stop in reversed(stopping):
+                stop()
     figures.emit()
+
+
+def add_unary_figures(
+    figures: Figures, samples: dict[tuple[str, int], list[Sample]], names: list[str]
+) -> None:
+    """Medians: each case against the echo floor, then Cyclone's ModelInfer against MLServer."""
+    med = statistics.median
+    for conc in (1, 32):
+        echo = samples[("echo", conc)]
+        floor = {
+            "throughput": med(s.throughput for s in echo),
+            "p50": med(s.p50 for s in echo),
+            "p99": med(s.p99 for s in echo),
+            "cpu": med(s.cpu_us for s in echo),
+        }
+        print(f"c{conc} echo floor: {spread([s.throughput for s in echo])} req/s")
+        for name in names[1:]:
+            runs = samples[(name, conc)]
+            for key, unit in (("throughput", "req/s"), ("p50", "ms"), ("p99", "ms")):
+                values = [getattr(s, key) for s in runs]
+                print(f"  c{conc} {name} {key}: {spread(values)} {unit}")
+                figures.add(
+                    f"{name}_c{conc}_{key}", med(values), unit, floor[key], key == "throughput"
+                )
+            cpu = [s.cpu_us for s in runs]
+            print(f"  c{conc} {name} cpu: {spread(cpu)} us/req")
+            figures.add(f"{name}_c{conc}_cpu_per_request", med(cpu), "us", floor["cpu"], False)
+        ours = samples[("model_infer", conc)]
+        for peer in ("mlserver_pw0", "mlserver_default"):
+            if (peer, conc) not in samples:
+                continue
+            theirs = samples[(peer, conc)]
+            # Per-repetition ratios: the cases of one repetition ran back to back.
+            speedups = [a.throughput / b.throughput for a, b in zip(ours, theirs, strict=True)]
+            print(f"  c{conc} model_infer / {peer} throughput: {spread(speedups)}")
+            figures.add(
+                f"model_infer_c{conc}_throughput_vs_{peer}",
+                med(s.throughput for s in ours),
+                "req/s",
+                med(s.throughput for s in theirs),
+                True,
+            )
+            figures.add(
+                f"model_infer_c{conc}_p99_vs_{peer}",
+                med(s.p99 for s in ours),
+                "ms",
+                med(s.p99 for s in theirs),
+                False,
+            )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ ROWS_PER_BATCHED_RUN = 256
 @dataclasses.dataclass(slots=True)
 class Prepared:
     """One validated request: its columns (what the sink gets) and, when all numeric
-    checks ran on it, its (numeric features, rows) float64 block."""
+    checks ran on it, its (numeric features, rows) float block (float32 or float64; often a
+    transposed view of the request's own [rows, features] tensor, so feeding it copies nothing)."""
 
     columns: Mapping[str, np.ndarray]
     rows: int

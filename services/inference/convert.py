@@ -2,15 +2,17 @@
 Protocol (OIP). Nothing here decides policy: the servicers call these to read a request into
 numpy columns (or a `Prepared` job) and to write domain results back as messages.
 
-OIP tensors are the model's ONNX inputs: one [N, 1] tensor per feature (or one [N, F] tensor
-named `input` for matrix models). Data may come as `raw_input_contents` (little-endian; BYTES
-length-prefixed) or typed `contents`; outputs always go back as `raw_output_contents`, which is
-what tritonclient and kserve clients read. Each OIP response carries its prediction ids in the
-`cyclone_prediction_ids` parameter.
+OIP tensors are the model's ONNX inputs: one [N, 1] (or [N]) tensor per feature, or one [N, F]
+tensor named `input` for matrix models. Models whose features are all numeric take either form,
+whatever their ONNX layout (generic V2 clients send one matrix). Data may come as
+`raw_input_contents` (little-endian; BYTES length-prefixed) or typed `contents`; outputs always
+go back as `raw_output_contents`, which is what tritonclient and kserve clients read. Each OIP
+response carries its prediction ids in the `cyclone_prediction_ids` parameter.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from itertools import chain
@@ -192,6 +194,14 @@ _ORT_TO_OIP = {
     "tensor(bool)": "BOOL",
 }
 PREDICTION_IDS_PARAMETER = "cyclone_prediction_ids"
+# The one tensor of a matrix request (and of a matrix model's ONNX graph).
+MATRIX_INPUT = "input"
+
+
+# The OIP datatype of each numeric numpy dtype (native and little-endian are the same here).
+_OIP_DATATYPES: dict[np.dtype[Any], str] = {
+    np.dtype(dtype): name for name, dtype in _DTYPES.items() if dtype is not np.object_
+}
 
 
 def _oip_datatype(array: np.ndarray) -> str:
@@ -239,7 +249,7 @@ def array_from_tensor(tensor: Any, raw: bytes | None, field: str) -> np.ndarray:
     shape = list(tensor.shape)
     if not shape or any(d < 0 for d in shape):
         raise InvalidArgument(f"{field}.shape: expected non-negative dimensions, got {shape}")
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     if raw is not None:
         if datatype == "BYTES":
             flat = decode_bytes_tensor(raw, count, field)
@@ -267,6 +277,17 @@ def array_from_tensor(tensor: Any, raw: bytes | None, field: str) -> np.ndarray:
     return flat.reshape(shape)
 
 
+def _takes_matrix(model: LoadedModel, names: Sequence[str]) -> bool:
+    """Whether the request's tensors are one [N, F] matrix (rather than one per feature)."""
+    if model.schema.input_layout == "matrix":
+        return not (set(names) <= model.feature_index.keys())
+    return (
+        model.all_numeric
+        and list(names) == [MATRIX_INPUT]
+        and MATRIX_INPUT not in model.feature_index
+    )
+
+
 def columns_from_tensors(
     model: LoadedModel, request: oip_pb.ModelInferRequest
 ) -> dict[str, np.ndarray]:
@@ -281,13 +302,13 @@ def columns_from_tensors(
         raw = request.raw_input_contents[i] if request.raw_input_contents else None
         tensors[tensor.name] = array_from_tensor(tensor, raw, field)
     schema = model.schema
-    if schema.input_layout == "matrix":
-        unknown = [n for n in tensors if n != "input"]
-        if unknown or "input" not in tensors:
+    if _takes_matrix(model, list(tensors)):
+        if list(tensors) != [MATRIX_INPUT]:
             raise InvalidArgument(
-                f"inputs: model {model.name!r} takes one tensor named 'input' of shape [N, {len(schema.features)}]"
+                f"inputs: model {model.name!r} takes one tensor named 'input' of shape "
+                f"[N, {len(schema.features)}], or one [N] tensor per feature"
             )
-        matrix = tensors["input"]
+        matrix = tensors[MATRIX_INPUT]
         if matrix.ndim != 2 or matrix.shape[1] != len(schema.features):
             raise InvalidArgument(
                 f"inputs[0] (input).shape: expected [N, {len(schema.features)}], got {list(matrix.shape)}"
@@ -305,9 +326,87 @@ def columns_from_tensors(
     return columns
 
 
+_FLOAT_TENSORS: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+
+
+def _floats(tensor: Any, raw: bytes | None, count: int) -> np.ndarray | None:
+    """A float tensor's `count` values, flat (a view of `raw` when given); None if not that."""
+    dtype = _FLOAT_TENSORS.get(tensor.datatype)
+    if dtype is None:
+        return None
+    if raw is not None:
+        return np.frombuffer(raw, dtype=dtype) if len(raw) == count * dtype.itemsize else None
+    values = tensor.contents.fp32_contents if dtype.itemsize == 4 else tensor.contents.fp64_contents
+    return np.fromiter(values, dtype=dtype, count=count) if len(values) == count else None
+
+
+def quick_prepared_from_tensors(
+    model: LoadedModel, request: oip_pb.ModelInferRequest
+) -> Prepared | None:
+    """A plainly valid all-numeric request decoded in one pass into a (features, rows) block;
+    None when in doubt.
+
+    Takes one FP32/FP64 [N, F] tensor named `input` (the block is then a transposed view of the
+    request's bytes, and a matrix model is fed them without a copy) or one [N]/[N, 1] tensor
+    per feature. Like `quick_prepared_from_proto` it only decides "valid or not";
+    `columns_from_tensors` and `LoadedModel.validate` word every error.
+    """
+    if not model.all_numeric:
+        return None
+    inputs = request.inputs
+    raws = request.raw_input_contents
+    if raws and len(raws) != len(inputs):
+        return None
+    width = len(model.feature_names)
+    block: np.ndarray
+    if len(inputs) == 1 and inputs[0].name == MATRIX_INPUT and width != 1:
+        tensor = inputs[0]
+        shape = tensor.shape
+        if len(shape) != 2 or shape[1] != width:
+            return None
+        rows = shape[0]
+        if not 0 < rows <= model.max_batch_rows:
+            return None
+        flat = _floats(tensor, raws[0] if raws else None, rows * width)
+        if flat is None:
+            return None
+        block = flat.reshape(rows, width).T
+    elif len(inputs) == width:
+        index = model.feature_index
+        rows = -1
+        block = np.empty(0)
+        seen = 0
+        for i, tensor in enumerate(inputs):
+            j = index.get(tensor.name)
+            shape = tensor.shape
+            if j is None or not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+                return None
+            if rows == -1:
+                rows = shape[0]
+                if not 0 < rows <= model.max_batch_rows:
+                    return None
+                block = np.empty((width, rows), dtype=np.float64)
+            elif shape[0] != rows:
+                return None
+            flat = _floats(tensor, raws[i] if raws else None, rows)
+            if flat is None:
+                return None
+            block[j] = flat
+            seen |= 1 << j
+        if seen != (1 << width) - 1:
+            return None  # a feature sent twice, another missing
+    else:
+        return None
+    if not model.numeric_ok(block):
+        return None
+    return Prepared(dict(zip(model.feature_names, block, strict=True)), rows, block)
+
+
 def requested_outputs(model: LoadedModel, request: oip_pb.ModelInferRequest) -> list[str]:
     """The outputs the caller asked for (all of them when none), each one the model has."""
-    wanted = [o.name for o in request.outputs] or model.output_names
+    if not request.outputs:
+        return model.output_names
+    wanted = [o.name for o in request.outputs]
     unknown = [n for n in wanted if n not in model.output_names]
     if unknown:
         raise InvalidArgument(
@@ -319,21 +418,30 @@ def requested_outputs(model: LoadedModel, request: oip_pb.ModelInferRequest) -> 
 def infer_response(
     model: LoadedModel, ids: list[str], outputs: Outputs, wanted: Sequence[str], request_id: str
 ) -> oip_pb.ModelInferResponse:
-    response = oip_pb.ModelInferResponse(
-        model_name=model.name, model_version=model.version, id=request_id
-    )
-    response.parameters[PREDICTION_IDS_PARAMETER].string_param = ",".join(ids)
+    tensors = []
+    contents = []
     for name in wanted:
         array = np.asarray(outputs.raw[name])
-        datatype = _oip_datatype(array)
-        response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        if datatype == "BYTES":
-            response.raw_output_contents.append(encode_bytes_tensor(array))
-        else:
-            response.raw_output_contents.append(
-                np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+        datatype = _OIP_DATATYPES.get(array.dtype) or _oip_datatype(array)
+        tensors.append(
+            oip_pb.ModelInferResponse.InferOutputTensor(
+                name=name, datatype=datatype, shape=array.shape
             )
-    return response
+        )
+        if datatype == "BYTES":
+            contents.append(encode_bytes_tensor(array))
+        else:
+            # tobytes() is C order whatever the layout; astype copies only on big-endian data.
+            contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    # Built in one constructor call: each field set afterwards is another trip into upb.
+    return oip_pb.ModelInferResponse(
+        model_name=model.name,
+        model_version=model.version,
+        id=request_id,
+        parameters={PREDICTION_IDS_PARAMETER: oip_pb.InferParameter(string_param=",".join(ids))},
+        outputs=tensors,
+        raw_output_contents=contents,
+    )
 
 
 def _tensor_metadata(nodes: Any) -> list[oip_pb.ModelMetadataResponse.TensorMetadata]:

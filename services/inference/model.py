@@ -103,6 +103,10 @@ class LoadedModel:
             [np.inf if f.max is None else f.max for f in self._numeric], dtype=np.float64
         )[:, None]
         self._bounded = any(f.min is not None or f.max is not None for f in self._numeric)
+        # Every feature numeric: OIP may then send one [N, F] tensor or one tensor per feature,
+        # decoded straight into a (features, rows) block (`convert.quick_prepared_from_tensors`).
+        self.all_numeric = not self._categorical
+        self.feature_index: dict[str, int] = {n: j for j, n in enumerate(self.feature_names)}
         # Matrix models whose features are all numeric and in schema order take the
         # validated (features, rows) block transposed, with no per-column copies.
         self._matrix_dtype: type | None = None
@@ -167,7 +171,7 @@ class LoadedModel:
             )
 
     def numeric_ok(self, block: np.ndarray) -> bool:
-        """True if a (numeric features, rows) float64 block passes every numeric check."""
+        """True if a (numeric features, rows) float block passes every numeric check."""
         if not np.isfinite(block).all():
             return False
         return not (self._bounded and ((block < self._lo) | (block > self._hi)).any())

@@ -4,6 +4,7 @@ Errors are mapped by `rpc_errors`."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from grpc import aio
@@ -54,10 +55,15 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.ModelInferResponse:
+        started = time.perf_counter()
         model = self.catalog.get(request.model_name, request.model_version)
         wanted = convert.requested_outputs(model, request)
-        columns = convert.columns_from_tensors(model, request)
-        ids, outputs = await self.dataplane.predict(model, columns)
+        job = convert.quick_prepared_from_tensors(model, request)
+        if job is not None:
+            ids, outputs = await self.dataplane.score(model, job, started)
+        else:
+            columns = convert.columns_from_tensors(model, request)
+            ids, outputs = await self.dataplane.predict(model, columns)
         return convert.infer_response(model, ids, outputs, wanted, request.id)
 
     @rpc_errors()

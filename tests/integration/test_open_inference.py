@@ -207,6 +207,26 @@ async def test_infer_regressor_typed_fp64(
     )
 
 
+async def test_matrix_model_takes_one_tensor_per_feature(
+    stub: pb_grpc.GRPCInferenceServiceStub, model_repo: ModelRepo
+) -> None:
+    """What a client reading the schema (not the ONNX graph) sends: [N, 1] per feature."""
+    x = model_repo.bench_x[:5].astype("<f4")
+    request = pb.ModelInferRequest(model_name=BENCH)
+    for j in range(x.shape[1]):
+        request.inputs.add(name=f"f{j}", datatype="FP32", shape=[5, 1])
+        request.raw_input_contents.append(x[:, j].tobytes())
+    response = await stub.ModelInfer(request)
+    matrix = outputs_of(await stub.ModelInfer(bench_raw_request(model_repo, rows=5)))
+    np.testing.assert_array_equal(outputs_of(response)["variable"], matrix["variable"])
+    assert len(prediction_ids(response)) == 5
+
+    request.raw_input_contents[3] = np.array([0, 0, np.nan, 0, 0], dtype="<f4").tobytes()
+    await expect_error(
+        stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT, "features.f3: row 2 is NaN"
+    )
+
+
 async def test_requested_outputs_filter(
     stub: pb_grpc.GRPCInferenceServiceStub, model_repo: ModelRepo
 ) -> None:

@@ -26,10 +26,13 @@ from cyclone.errors import InvalidArgument
 from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.models.repository import ModelRepository
 from cyclone.models.schema import FeatureSchema
+from cyclone.oip.v2 import open_inference_pb2 as oip_pb
 from services.inference.convert import (
     columns_from_proto,
+    columns_from_tensors,
     prepared_from_proto,
     quick_prepared_from_proto,
+    quick_prepared_from_tensors,
 )
 from services.inference.model import LoadedModel
 
@@ -304,3 +307,198 @@ def test_fast_paths_take_plainly_valid_requests(models: dict[str, LoadedModel], 
         for name, c in request.items()
     }
     assert model.quick_validate(columns) is not None
+
+
+# -- Open Inference Protocol tensors -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def numeric_columns(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """All-numeric, one ONNX input per feature (a ColumnTransformer over named columns)."""
+    import pandas as pd
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LinearRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from cyclone.models.convert import import_pipeline
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(60, 3)), columns=["a", "b", "c"])
+    pipeline = Pipeline(
+        [
+            ("scale", ColumnTransformer([("num", StandardScaler(), ["a", "b", "c"])])),
+            ("lr", LinearRegression()),
+        ]
+    ).fit(frame, frame["a"] * 2 + frame["c"])
+    root = tmp_path_factory.mktemp("numeric-columns")
+    import_pipeline(pipeline, "numeric", root)
+    model = LoadedModel(ModelRepository(root).files("numeric"), max_batch_rows=MAX_ROWS)
+    assert model.schema.input_layout == "columns" and model.all_numeric
+    return model
+
+
+def _add_tensor(
+    request: oip_pb.ModelInferRequest, name: str, values: np.ndarray, datatype: str, raw: bool
+) -> None:
+    """`values` (1-D or 2-D) as one input tensor, raw little-endian or typed contents."""
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=list(values.shape))
+    flat = values.ravel()
+    if datatype == "BYTES":
+        items = [str(v).encode() for v in flat.tolist()]
+        if raw:
+            request.raw_input_contents.append(
+                b"".join(len(b).to_bytes(4, "little") + b for b in items)
+            )
+        else:
+            tensor.contents.bytes_contents.extend(items)
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        flat = flat.astype({"FP32": "<f4", "FP64": "<f8", "INT64": "<i8"}[datatype])
+    if raw:
+        request.raw_input_contents.append(flat.tobytes())
+    else:
+        field = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents"}
+        getattr(tensor.contents, field[datatype]).extend(flat.tolist())
+
+
+TENSOR_MUTATIONS = ("none", "none", "none", "truncate_raw", "duplicate", "wrong_width", "int64")
+
+
+@st.composite
+def infer_requests(draw: st.DrawFn, model: LoadedModel) -> oip_pb.ModelInferRequest:
+    """`requests` as OIP tensors: one [N, F] `input` matrix (when every column is numbers of one
+    length) or one [N] / [N, 1] tensor per feature, FP32 or FP64, raw or typed, plus a few
+    tensor-level mistakes."""
+    request = draw(requests(model))
+    datatype = draw(st.sampled_from(["FP32", "FP64"]))
+    raw = draw(st.booleans())
+    mutation = draw(st.sampled_from(TENSOR_MUTATIONS))
+    event(f"tensor mutation: {mutation}")
+    if mutation == "int64":
+        datatype = "INT64"
+    message = oip_pb.ModelInferRequest(model_name=model.name)
+    numbers = [c.numbers for c in request.values() if not c.strings]
+    lengths = {len(n) for n in numbers}
+    if (
+        len(numbers) == len(request)
+        and len(lengths) == 1
+        and list(request) == list(model.feature_names)
+        and draw(st.booleans())
+    ):
+        matrix = np.array(numbers, dtype=np.float64).T
+        if mutation == "wrong_width":
+            matrix = matrix[:, :-1]
+        if mutation == "int64" and not np.isfinite(matrix).all():
+            datatype = "FP64"
+        _add_tensor(message, "input", matrix, datatype, raw)
+    else:
+        shape_2d = draw(st.booleans())
+        for name, column in request.items():
+            if column.strings and column.numbers:
+                values = np.array(column.numbers, dtype=np.float64)  # strings dropped
+            elif column.strings:
+                _add_tensor(message, name, np.array(column.strings, dtype=object), "BYTES", raw)
+                continue
+            else:
+                values = np.array(column.numbers, dtype=np.float64)
+            kind = datatype if np.isfinite(values).all() or datatype != "INT64" else "FP64"
+            _add_tensor(message, name, values.reshape(-1, 1) if shape_2d else values, kind, raw)
+        if mutation == "duplicate" and len(message.inputs) > 1:
+            message.inputs[0].name = message.inputs[1].name
+    if mutation == "truncate_raw" and message.raw_input_contents:
+        message.raw_input_contents[0] = message.raw_input_contents[0][:-1]
+    return message
+
+
+def _exact(
+    model: LoadedModel, request: oip_pb.ModelInferRequest
+) -> tuple[int, dict[str, np.ndarray]] | InvalidArgument:
+    try:
+        columns = columns_from_tensors(model, request)
+        return model.validate(columns), columns
+    except InvalidArgument as exc:
+        return exc
+
+
+@pytest.mark.parametrize("name", ["credit", "constrained", "bench", "numeric_columns"])
+@PROPERTY
+@given(data=st.data())
+def test_tensor_fast_path_accepts_only_what_validate_accepts(
+    models: dict[str, LoadedModel],
+    numeric_columns: LoadedModel,
+    name: str,
+    data: st.DataObject,
+) -> None:
+    model = numeric_columns if name == "numeric_columns" else models[name]
+    request = data.draw(infer_requests(model))
+    quick = quick_prepared_from_tensors(model, request)
+    verdict = _exact(model, request)  # anything but InvalidArgument fails the test
+    if quick is None:
+        event("fast path: not sure")
+        return
+    event("fast path: accepted")
+    assert not isinstance(verdict, InvalidArgument), f"fast path accepted; exact: {verdict}"
+    rows, columns = verdict
+    assert quick.rows == rows
+    assert quick.columns.keys() == columns.keys()
+    for feature, values in columns.items():
+        assert np.array_equal(quick.columns[feature], values), feature
+    assert quick.block is not None
+    numeric = [columns[n].astype(np.float64) for n in model.numeric_names]
+    assert np.array_equal(quick.block.astype(np.float64), np.array(numeric))
+
+
+@pytest.mark.parametrize("layout", ["matrix", "per_feature_raw", "per_feature_typed"])
+@pytest.mark.parametrize("name", ["bench", "numeric_columns"])
+def test_all_numeric_models_take_both_tensor_layouts(
+    models: dict[str, LoadedModel], numeric_columns: LoadedModel, name: str, layout: str
+) -> None:
+    """One [N, F] matrix and one tensor per feature score the same, on either ONNX layout;
+    a matrix request to a matrix model is fed to onnxruntime without a copy."""
+    model = numeric_columns if name == "numeric_columns" else models[name]
+    rng = np.random.default_rng(1)
+    matrix = rng.normal(size=(3, len(model.feature_names))).astype(np.float32)
+    request = oip_pb.ModelInferRequest(model_name=model.name)
+    if layout == "matrix":
+        _add_tensor(request, "input", matrix, "FP32", raw=True)
+    else:
+        for j, feature in enumerate(model.feature_names):
+            column = matrix[:, j].astype(np.float64)
+            _add_tensor(request, feature, column, "FP64", raw=layout == "per_feature_raw")
+    quick = quick_prepared_from_tensors(model, request)
+    assert quick is not None and quick.rows == 3
+    columns = columns_from_tensors(model, request)
+    assert model.validate(columns) == 3
+    expected = model.predict({f: matrix[:, j] for j, f in enumerate(model.feature_names)})
+    fed = model.feed_block(quick.block, quick.columns)
+    got = model.run(fed, quick.rows)
+    assert got.values is not None and expected.values is not None
+    np.testing.assert_allclose(got.values, expected.values, rtol=1e-6)
+    np.testing.assert_allclose(model.predict(columns).values, expected.values, rtol=1e-6)  # type: ignore[arg-type]
+    if layout == "matrix" and model.takes_block:
+        assert quick.block is not None and np.shares_memory(fed["input"], quick.block)
+
+
+def test_tensor_fast_path_leaves_errors_to_the_exact_path(models: dict[str, LoadedModel]) -> None:
+    model = models["bench"]
+    matrix = np.ones((2, 12), dtype=np.float32)
+    matrix[1, 3] = np.nan
+    request = oip_pb.ModelInferRequest(model_name="bench")
+    _add_tensor(request, "input", matrix, "FP32", raw=True)
+    assert quick_prepared_from_tensors(model, request) is None
+    with pytest.raises(InvalidArgument, match=r"features\.f3: row 1 is NaN"):
+        model.validate(columns_from_tensors(model, request))
+
+    per_feature = oip_pb.ModelInferRequest(model_name="bench")
+    for j in range(12):
+        _add_tensor(per_feature, f"f{min(j, 10)}", np.ones(2), "FP64", raw=False)  # f10 twice
+    assert quick_prepared_from_tensors(model, per_feature) is None
+    with pytest.raises(InvalidArgument, match=r"features\.f11: missing"):
+        model.validate(columns_from_tensors(model, per_feature))
+
+    wrong_name = oip_pb.ModelInferRequest(model_name="bench")
+    _add_tensor(wrong_name, "x", np.ones((2, 12)), "FP32", raw=True)
+    assert quick_prepared_from_tensors(model, wrong_name) is None
+    with pytest.raises(InvalidArgument, match="one tensor named 'input'"):
+        columns_from_tensors(model, wrong_name)
