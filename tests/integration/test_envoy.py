@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from support import free_port
 from typer.testing import CliRunner
 
 from cyclone.cli import app
@@ -45,13 +45,6 @@ def revision(model: str, version: str, *ports: int) -> Revision:
 
 def only(rev: Revision) -> TrafficSplit:
     return TrafficSplit(rev.model, {rev.name: 100}, {rev.name: rev})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class StoreStandIn(store_grpc.StoreServiceServicer):

@@ -21,6 +21,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from support import expect_error
 
 from cyclone.client import build_request
 from cyclone.ids import uuid7_time
@@ -71,16 +72,6 @@ def assert_uuid7s(ids: list[str], count: int) -> None:
         assert uuid.UUID(value).version == 7
         uuid7_time(value)
     assert ids == sorted(ids)
-
-
-async def expect_error(call: Any, code: grpc.StatusCode, *fragments: str) -> str:
-    with pytest.raises(aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, info.value.details()
-    details = info.value.details() or ""
-    for fragment in fragments:
-        assert fragment in details, details
-    return details
 
 
 # -- happy paths --------------------------------------------------------------------------------

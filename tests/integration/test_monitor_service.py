@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,6 +26,7 @@ import pytest
 import yaml
 from grpc import aio
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from support import eventually, free_port
 
 from cyclone.client import build_request, predictions_from_response
 from cyclone.inference.v1 import inference_service_pb2_grpc as inf_grpc
@@ -68,20 +67,6 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert (directory / "reference.json").exists() and (directory / "evaluation.json").exists()
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def start_store(database_url: str, port: int = 0) -> CycloneServer:

@@ -10,12 +10,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 import pytest
 from grpc import aio
+from support import expect_error
 
 import cyclone
 from cyclone.oip.v2 import open_inference_pb2 as pb
@@ -110,14 +111,6 @@ def check_credit(
 
 def prediction_ids(response: pb.ModelInferResponse) -> list[str]:
     return response.parameters["cyclone_prediction_ids"].string_param.split(",")
-
-
-async def expect_error(call: Any, code: grpc.StatusCode, *fragments: str) -> None:
-    with pytest.raises(aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, info.value.details()
-    for fragment in fragments:
-        assert fragment in (info.value.details() or ""), info.value.details()
 
 
 async def test_server_live_ready_metadata(stub: pb_grpc.GRPCInferenceServiceStub) -> None:

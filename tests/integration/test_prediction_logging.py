@@ -8,11 +8,10 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import psycopg
 import pytest
 from grpc import aio
 from prometheus_client import REGISTRY
+from support import eventually, free_port
 
 from cyclone.client import build_request, predictions_from_response
 from cyclone.inference.v1 import inference_service_pb2 as inf_pb
@@ -61,22 +61,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     return Repo(root, frame)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def counter(name: str) -> float:
     return REGISTRY.get_sample_value(f"cyclone_store_sink_{name}_rows_total") or 0.0
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager

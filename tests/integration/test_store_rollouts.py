@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 from grpc import aio
+from support import expect_error
 
 from cyclone.errors import FailedPrecondition
 from cyclone.store.v1 import store_service_pb2 as pb
@@ -48,15 +49,6 @@ async def stub(store_address: str) -> AsyncIterator[pb_grpc.StoreServiceStub]:
                 )
             )
         yield s
-
-
-async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, *fragments: str) -> None:
-    with pytest.raises(aio.AioRpcError) as info:
-        await call
-    details = info.value.details() or ""
-    assert info.value.code() == code, details
-    for fragment in fragments:
-        assert fragment in details, details
 
 
 def create(version: str = "2", **overrides: Any) -> pb.CreateRolloutRequest:

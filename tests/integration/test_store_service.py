@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
+from support import expect_error
 
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
@@ -159,16 +160,6 @@ async def stats(stub: pb_grpc.StoreServiceStub, model: str) -> pb.ModelStats:
     response = await stub.GetStats(pb.GetStatsRequest(model=model))
     assert [m.model for m in response.models] == [model]
     return response.models[0]
-
-
-async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, *fragments: str) -> str:
-    with pytest.raises(aio.AioRpcError) as info:
-        await call
-    details = info.value.details() or ""
-    assert info.value.code() == code, details
-    for fragment in fragments:
-        assert fragment in details, details
-    return details
 
 
 async def drain(call: Any) -> None:
