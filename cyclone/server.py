@@ -8,9 +8,7 @@ in-flight calls finish.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -191,18 +189,3 @@ class CycloneServer:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
-
-    async def serve_until_signalled(self, ready: Callable[[int], None] | None = None) -> None:
-        """Start, then block until SIGTERM or SIGINT and stop gracefully."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            port = await self.start()
-            if ready is not None:
-                ready(port)
-            await stop.wait()
-            log.info("%s: shutting down", self.component)
-        finally:
-            await self.stop()

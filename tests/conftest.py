@@ -77,19 +77,19 @@ def start_inference_server(
     model_repo: ModelRepo,
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[RunningServer]]:
     """Factory: `async with start_inference_server(**settings) as running:` (port 0, stopped after)."""
-    from services.inference.main import InferenceSettings, build_inference_server
+    from services.inference.main import InferenceSettings
+    from services.launch import start_inference
 
     @contextlib.asynccontextmanager
     async def start(**overrides: Any) -> AsyncIterator[RunningServer]:
         settings = InferenceSettings(
             **{"model_repository": model_repo.root, "port": 0, "log_level": "WARNING", **overrides}
         )
-        server, scorer = build_inference_server(settings)
-        port = await server.start()
+        started = await start_inference(settings)
         try:
-            yield RunningServer(server, scorer, port)
+            yield RunningServer(started.server, started.domain, started.port)
         finally:
-            await server.stop(0)
+            await started.stop(0)
 
     return start
 

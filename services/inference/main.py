@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import json
 import logging
 from pathlib import Path
@@ -160,20 +159,3 @@ def attach_store(settings: InferenceSettings, server: CycloneServer, scorer: Sco
     server.on_start(start)
     server.on_shutdown(stop)
     return sink
-
-
-async def run_inference(settings: InferenceSettings) -> None:
-    server, scorer = build_inference_server(settings)
-    # Everything loaded so far (onnxruntime, scikit-learn, models) lives as long as the
-    # process: freezing it keeps the collector from rescanning it while requests hold
-    # objects alive (pending prediction batches, in-flight requests).
-    gc.collect()
-    gc.freeze()
-    if settings.store:
-        attach_store(settings, server, scorer)
-    if not scorer.catalog.models:
-        # Keep running: a model can still be loaded through the repository API.
-        log.warning(
-            "no model loaded from %s; OIP ServerReady reports false", settings.model_repository
-        )
-    await server.serve_until_signalled()

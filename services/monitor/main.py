@@ -111,8 +111,3 @@ async def _push_statuses(monitor: Monitor, dashboard: Dashboard) -> None:
     """Every evaluation (and so every level change) goes to the open pages as it lands."""
     async for status in monitor.watch(""):
         dashboard.publish_status(status)
-
-
-async def run_monitor(settings: MonitorSettings) -> None:
-    server, _ = build_monitor_server(settings)
-    await server.serve_until_signalled()

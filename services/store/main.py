@@ -11,7 +11,6 @@ from datetime import timedelta
 from cyclone.server import CycloneServer
 from cyclone.settings import ServerSettings
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
-from cyclone.telemetry import configure_logging
 from services.store.db import StoreDB
 from services.store.embedded import EmbeddedPostgres, resolve_database_url
 from services.store.servicer import StoreServicer
@@ -88,9 +87,3 @@ async def build_store_server(settings: StoreSettings) -> CycloneServer:
 
     server.on_shutdown(shutdown)
     return server
-
-
-async def run_store(settings: StoreSettings) -> None:
-    configure_logging(settings.log_level)
-    server = await build_store_server(settings)
-    await server.serve_until_signalled()

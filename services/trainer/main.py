@@ -73,8 +73,3 @@ def build_trainer_server(
     server.on_start(start)
     server.on_shutdown(stop)
     return server, runner
-
-
-async def run_trainer(settings: TrainerSettings) -> None:
-    server, _ = build_trainer_server(settings)
-    await server.serve_until_signalled()

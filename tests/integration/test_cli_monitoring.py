@@ -20,8 +20,9 @@ from cyclone.monitor.v1 import monitor_service_pb2 as mpb
 from cyclone.plan import default_plan, plan_to_yaml
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
-from services.monitor.main import MonitorSettings, build_monitor_server
-from services.store.main import StoreSettings, build_store_server
+from services.launch import start_monitor, start_store
+from services.monitor.main import MonitorSettings
+from services.store.main import StoreSettings
 
 pytestmark = pytest.mark.integration
 
@@ -42,16 +43,20 @@ async def cli(*args: str) -> Result:
 
 @pytest.fixture
 async def mesh(fresh_database_url: str, tmp_path: Path) -> AsyncIterator[Mesh]:
-    store_server = await build_store_server(
-        StoreSettings(port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1)
-    )
-    await store_server.start()
+    store_server = (
+        await start_store(
+            StoreSettings(
+                port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1
+            )
+        )
+    ).server
     store_address = f"127.0.0.1:{store_server.port}"
-    monitor_server, _ = build_monitor_server(
-        MonitorSettings(port=0, store=store_address, data_dir=tmp_path, log_level="WARNING"),
-        schedule=False,
-    )
-    await monitor_server.start()
+    monitor_server = (
+        await start_monitor(
+            MonitorSettings(port=0, store=store_address, data_dir=tmp_path, log_level="WARNING"),
+            schedule=False,
+        )
+    ).server
     try:
         async with aio.insecure_channel(store_address) as channel:
             stub = store_grpc.StoreServiceStub(channel)

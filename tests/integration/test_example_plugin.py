@@ -104,8 +104,9 @@ MONITOR_CHECK = textwrap.dedent(
     from cyclone.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
     from cyclone.store.v1 import store_service_pb2 as spb
     from cyclone.store.v1 import store_service_pb2_grpc as sgrpc
-    from services.monitor.main import MonitorSettings, build_monitor_server
-    from services.store.main import StoreSettings, build_store_server
+    from services.launch import start_monitor, start_store
+    from services.monitor.main import MonitorSettings
+    from services.store.main import StoreSettings
 
     VALUES = json.loads(os.environ["CHECK_VALUES"])
     PLAN = "model: m\\nmetrics: [example_mean_prediction, mae]\\n"
@@ -113,15 +114,13 @@ MONITOR_CHECK = textwrap.dedent(
 
     async def main() -> None:
         tmp = Path(sys.argv[1])
-        store = await build_store_server(StoreSettings(
-            port=0, database_url=os.environ["CHECK_DATABASE_URL"], log_level="WARNING", pool_min_size=1))
-        await store.start()
+        store = (await start_store(StoreSettings(
+            port=0, database_url=os.environ["CHECK_DATABASE_URL"], log_level="WARNING", pool_min_size=1))).server
         monitor = None
         try:
-            monitor, _ = build_monitor_server(MonitorSettings(
+            monitor = (await start_monitor(MonitorSettings(
                 port=0, store=f"127.0.0.1:{store.port}", alert_record_path=tmp / "alerts.jsonl",
-                log_level="WARNING", data_dir=tmp), schedule=False)
-            await monitor.start()
+                log_level="WARNING", data_dir=tmp), schedule=False)).server
             async with aio.insecure_channel(f"127.0.0.1:{store.port}") as sc, \\
                     aio.insecure_channel(f"127.0.0.1:{monitor.port}") as mc:
                 s, m = sgrpc.StoreServiceStub(sc), pb_grpc.MonitorServiceStub(mc)

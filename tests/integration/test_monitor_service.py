@@ -37,12 +37,13 @@ from cyclone.server import CycloneServer
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from plugins.alert_sinks import read_recorded
-from services.inference.main import InferenceSettings, attach_store, build_inference_server
+from services import launch
+from services.inference.main import InferenceSettings
 from services.monitor import dispatcher as dispatcher_module
 from services.monitor.dispatcher import AlertDispatcher
-from services.monitor.main import MonitorSettings, build_monitor_server
+from services.monitor.main import MonitorSettings
 from services.monitor.monitor import Monitor
-from services.store.main import StoreSettings, build_store_server
+from services.store.main import StoreSettings
 
 pytestmark = pytest.mark.integration
 
@@ -70,15 +71,10 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def start_store(database_url: str, port: int = 0) -> CycloneServer:
-    server = await build_store_server(
-        StoreSettings(port=port, database_url=database_url, log_level="WARNING", pool_min_size=1)
+    settings = StoreSettings(
+        port=port, database_url=database_url, log_level="WARNING", pool_min_size=1
     )
-    try:
-        await server.start()
-    except BaseException:
-        await server.stop(0)
-        raise
-    return server
+    return (await launch.start_store(settings)).server
 
 
 @dataclass
@@ -173,12 +169,10 @@ async def running_stack(
             log_level="WARNING",
             data_dir=tmp_path,
         )
-        inference_server, scorer = build_inference_server(inference_settings)
-        attach_store(inference_settings, inference_server, scorer)
+        inference_server = (await launch.start_inference(inference_settings)).server
         servers.append(inference_server)
-        await inference_server.start()
         record_path = tmp_path / "alerts.jsonl"
-        monitor_server, monitor = build_monitor_server(
+        started_monitor = await launch.start_monitor(
             MonitorSettings(
                 port=0,
                 store=store_address,
@@ -192,8 +186,8 @@ async def running_stack(
             ),
             schedule=schedule,
         )
+        monitor_server, monitor = started_monitor.server, started_monitor.domain
         servers.append(monitor_server)
-        await monitor_server.start()
         for port in (store_server.port, inference_server.port, monitor_server.port):
             channels.append(aio.insecure_channel(f"127.0.0.1:{port}"))
         stack = Stack(

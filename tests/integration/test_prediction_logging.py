@@ -29,8 +29,9 @@ from cyclone.inference.v1 import inference_service_pb2_grpc as inf_grpc
 from cyclone.server import CycloneServer
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
-from services.inference.main import InferenceSettings, attach_store, build_inference_server
-from services.store.main import STORE_SERVICE, StoreSettings, build_store_server, open_store
+from services.inference.main import InferenceSettings
+from services.launch import start_inference, start_store
+from services.store.main import STORE_SERVICE, StoreSettings, open_store
 from services.store.servicer import StoreServicer
 
 pytestmark = pytest.mark.integration
@@ -67,10 +68,13 @@ def counter(name: str) -> float:
 
 @contextlib.asynccontextmanager
 async def store_server(database_url: str, port: int = 0) -> AsyncIterator[CycloneServer]:
-    server = await build_store_server(
-        StoreSettings(port=port, database_url=database_url, log_level="WARNING", pool_min_size=1)
-    )
-    await server.start()
+    server = (
+        await start_store(
+            StoreSettings(
+                port=port, database_url=database_url, log_level="WARNING", pool_min_size=1
+            )
+        )
+    ).server
     try:
         yield server
     finally:
@@ -97,9 +101,8 @@ async def inference_server(
         log_level="WARNING",
         **overrides,
     )
-    server, scorer = build_inference_server(settings)
-    attach_store(settings, server, scorer)
-    port = await server.start()
+    started = await start_inference(settings)
+    server, port = started.server, started.port
     try:
         async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield Inference(server, inf_grpc.InferenceServiceStub(channel), spool_dir)

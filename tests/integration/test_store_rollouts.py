@@ -15,7 +15,8 @@ from support import expect_error
 from cyclone.errors import FailedPrecondition
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
-from services.store.main import StoreSettings, build_store_server
+from services.launch import start_store
+from services.store.main import StoreSettings
 from services.trainer.rollout import RolloutController, RolloutState
 from services.trainer.rollout.store_gateway import StoreGateway
 from tests.unit.test_rollout_controller import FakeOrchestrator, FakeRouter
@@ -30,8 +31,7 @@ async def store_address(fresh_database_url: str) -> AsyncIterator[str]:
     settings = StoreSettings(
         port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1
     )
-    server = await build_store_server(settings)
-    await server.start()
+    server = (await start_store(settings)).server
     try:
         yield f"127.0.0.1:{server.port}"
     finally:

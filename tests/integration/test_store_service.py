@@ -18,8 +18,9 @@ from support import expect_error
 
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
+from services.launch import start_store
 from services.store.db import uuid7
-from services.store.main import StoreSettings, build_store_server
+from services.store.main import StoreSettings
 
 pytestmark = pytest.mark.integration
 
@@ -42,8 +43,7 @@ async def store(fresh_database_url: str) -> AsyncIterator[Any]:
     settings = StoreSettings(
         port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1
     )
-    server = await build_store_server(settings)
-    await server.start()
+    server = (await start_store(settings)).server
     try:
         yield server
     finally:

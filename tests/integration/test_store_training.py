@@ -12,7 +12,8 @@ from grpc import aio
 
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
-from services.store.main import StoreSettings, build_store_server
+from services.launch import start_store
+from services.store.main import StoreSettings
 
 pytestmark = pytest.mark.integration
 
@@ -21,10 +22,13 @@ Code = grpc.StatusCode
 
 @pytest.fixture
 async def stub(fresh_database_url: str) -> AsyncIterator[pb_grpc.StoreServiceStub]:
-    server = await build_store_server(
-        StoreSettings(port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1)
-    )
-    await server.start()
+    server = (
+        await start_store(
+            StoreSettings(
+                port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1
+            )
+        )
+    ).server
     try:
         async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             yield pb_grpc.StoreServiceStub(channel)

@@ -24,9 +24,10 @@ from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
+from services.launch import start_store, start_trainer
 from services.store.db import uuid7
-from services.store.main import StoreSettings, build_store_server
-from services.trainer.main import TrainerSettings, build_trainer_server
+from services.store.main import StoreSettings
+from services.trainer.main import TrainerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -107,10 +108,13 @@ async def send_labelled(store: store_grpc.StoreServiceStub, frame: pd.DataFrame)
 
 @pytest.fixture
 async def stack(fresh_database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    store_server = await build_store_server(
-        StoreSettings(port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1)
-    )
-    await store_server.start()
+    store_server = (
+        await start_store(
+            StoreSettings(
+                port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1
+            )
+        )
+    ).server
     servers: list[CycloneServer] = [store_server]
     address = f"127.0.0.1:{store_server.port}"
     repo = tmp_path / "models"
@@ -119,10 +123,11 @@ async def stack(fresh_database_url: str, tmp_path: Path) -> AsyncIterator[Stack]
         store = store_grpc.StoreServiceStub(channel)
         await _register_champion(store, repo)
         await store.SavePlan(store_pb.SavePlanRequest(model=MODEL, plan_yaml=PLAN))
-        trainer_server, _ = build_trainer_server(
-            TrainerSettings(port=0, store=address, model_repository=repo, log_level="WARNING")
-        )
-        await trainer_server.start()
+        trainer_server = (
+            await start_trainer(
+                TrainerSettings(port=0, store=address, model_repository=repo, log_level="WARNING")
+            )
+        ).server
         servers.append(trainer_server)
         trainer_address = f"127.0.0.1:{trainer_server.port}"
         trainer_channel = aio.insecure_channel(trainer_address)
@@ -280,10 +285,11 @@ async def test_restarted_trainer_fails_jobs_left_running(stack: Stack) -> None:
     await stack.store.UpdateTrainingJob(
         store_pb.UpdateTrainingJobRequest(job_id=created.job.id, state="running")
     )
-    server, _ = build_trainer_server(
-        TrainerSettings(port=0, store=stack.store_address, model_repository=stack.repo)
-    )
-    await server.start()
+    server = (
+        await start_trainer(
+            TrainerSettings(port=0, store=stack.store_address, model_repository=stack.repo)
+        )
+    ).server
     try:
         job = (
             await stack.store.GetTrainingJob(store_pb.GetTrainingJobRequest(job_id=created.job.id))

@@ -19,7 +19,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from cyclone import telemetry
 from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from services.inference.main import InferenceSettings, build_inference_server
+from services.inference.main import InferenceSettings
+from services.launch import start_inference
 
 
 class CapturingSink:
@@ -37,8 +38,7 @@ async def main(repo: Path) -> None:
     exporter = InMemorySpanExporter()
     telemetry.configure_tracing("inference", exporter=exporter)
     sink = CapturingSink()
-    server, _ = build_inference_server(InferenceSettings(model_repository=repo, port=0), sink)
-    await server.start()
+    server = (await start_inference(InferenceSettings(model_repository=repo, port=0), sink)).server
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             request = pb.PredictRequest(model="rf")
