@@ -273,6 +273,12 @@ class Mesh:
                 os.killpg(running.process.pid, signal.SIGKILL)  # its children, if any remain
             self.progress(running.component, "stopped", "")
         self.running.clear()
+        if not self.settings.database_url:
+            from services.store.embedded import stop_if_running
+
+            # Backstop: a store killed mid-shutdown leaves its PostgreSQL running.
+            if stop_if_running(self.settings.data_dir):
+                log.warning("stopped the embedded PostgreSQL the store left running")
 
 
 def run_up(settings: MeshSettings, progress: Progress | None = None) -> None:

@@ -71,6 +71,12 @@ layered_runtime:
   - name: static
     static_layer: {}
 stats_flush_interval: 1s
+overload_manager:
+  resource_monitors:
+  - name: envoy.resource_monitors.global_downstream_max_connections
+    typed_config:
+      '@type': type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
+      max_active_downstream_connections: 50000
 EOT
       }
 
@@ -86,6 +92,7 @@ resources:
     socket_address:
       address: 0.0.0.0
       port_value: 8080
+  per_connection_buffer_limit_bytes: 4194304
   filter_chains:
   - filters:
     - name: envoy.filters.network.http_connection_manager
@@ -95,7 +102,39 @@ resources:
         codec_type: AUTO
         http2_protocol_options: {}
         stream_idle_timeout: 300s
+        common_http_protocol_options:
+          max_headers_count: 100
         http_filters:
+        - name: envoy.filters.http.local_ratelimit
+          typed_config:
+            '@type': type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+            stat_prefix: per_client
+            token_bucket: &id002
+              max_tokens: 2000
+              tokens_per_fill: 1000
+              fill_interval: 1s
+            filter_enabled:
+              default_value: &id001
+                numerator: 100
+                denominator: HUNDRED
+              runtime_key: cyclone.rate_limit.enabled
+            filter_enforced:
+              default_value: *id001
+              runtime_key: cyclone.rate_limit.enforced
+            rate_limits:
+            - actions:
+              - remote_address: {}
+            descriptors:
+            - entries:
+              - key: remote_address
+              token_bucket: *id002
+            max_dynamic_descriptors: 10000
+            always_consume_default_token_bucket: false
+            rate_limited_as_resource_exhausted: true
+        - name: envoy.filters.http.buffer
+          typed_config:
+            '@type': type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer
+            max_request_bytes: 4194304
         - name: envoy.filters.http.grpc_json_transcoder
           typed_config:
             '@type': type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder
@@ -129,6 +168,7 @@ resources:
     socket_address:
       address: 127.0.0.1
       port_value: 8081
+  per_connection_buffer_limit_bytes: 4194304
   filter_chains:
   - filters:
     - name: envoy.filters.network.http_connection_manager
@@ -138,6 +178,8 @@ resources:
         codec_type: AUTO
         http2_protocol_options: {}
         stream_idle_timeout: 300s
+        common_http_protocol_options:
+          max_headers_count: 100
         http_filters:
         - name: envoy.filters.http.grpc_json_transcoder
           typed_config:
@@ -191,6 +233,10 @@ resources:
         timeout: 0s
         max_stream_duration:
           grpc_timeout_header_max: 0s
+      typed_per_filter_config: &id001
+        envoy.filters.http.buffer:
+          '@type': type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute
+          disabled: true
     - match:
         path: /cyclone.store.v1.StoreService/AddLabelsStream
         grpc: {}
@@ -199,6 +245,7 @@ resources:
         timeout: 0s
         max_stream_duration:
           grpc_timeout_header_max: 0s
+      typed_per_filter_config: *id001
     - match:
         safe_regex:
           regex: /v1/models/[^/]+/labels
@@ -218,107 +265,6 @@ resources:
         - name: cyclone-model
           string_match:
             exact: credit
-      route: &id001
-        weighted_clusters:
-          clusters:
-          - name: credit--1~failover
-            weight: 100
-        timeout: 0s
-        max_stream_duration:
-          grpc_timeout_header_max: 0s
-        retry_policy:
-          retry_on: connect-failure,refused-stream,unavailable,reset
-          num_retries: 3
-          retry_back_off:
-            base_interval: 0.01s
-            max_interval: 0.1s
-          retry_host_predicate:
-          - name: envoy.retry_host_predicates.previous_hosts
-            typed_config:
-              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
-          host_selection_retry_max_attempts: 3
-          retry_priority:
-            name: envoy.retry_priorities.previous_priorities
-            typed_config:
-              '@type': type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig
-              update_frequency: 1
-    - match:
-        prefix: /inference.GRPCInferenceService/
-        grpc: {}
-        headers:
-        - name: cyclone-model
-          string_match:
-            exact: credit
-      route: *id001
-    - match:
-        path: /v1/models/credit:predict
-        headers:
-        - name: :method
-          string_match:
-            exact: POST
-      route: *id001
-    - match:
-        path: /v1/models/credit
-        headers:
-        - name: :method
-          string_match:
-            exact: GET
-      route: *id001
-    - match:
-        path: /v1/models
-        headers:
-        - name: :method
-          string_match:
-            exact: GET
-        - name: cyclone-model
-          string_match:
-            exact: credit
-      route: *id001
-    - match:
-        prefix: /cyclone.inference.v1.InferenceService/
-        grpc: {}
-        headers:
-        - name: cyclone-model
-          present_match: true
-      direct_response:
-        status: 200
-      response_headers_to_add:
-      - header:
-          key: content-type
-          value: application/grpc
-        append_action: OVERWRITE_IF_EXISTS_OR_ADD
-      - header:
-          key: grpc-status
-          value: '5'
-        append_action: OVERWRITE_IF_EXISTS_OR_ADD
-      - header:
-          key: grpc-message
-          value: model %REQ(cyclone-model)% is not served here (header cyclone-model)
-        append_action: OVERWRITE_IF_EXISTS_OR_ADD
-    - match:
-        prefix: /inference.GRPCInferenceService/
-        grpc: {}
-        headers:
-        - name: cyclone-model
-          present_match: true
-      direct_response:
-        status: 200
-      response_headers_to_add:
-      - header:
-          key: content-type
-          value: application/grpc
-        append_action: OVERWRITE_IF_EXISTS_OR_ADD
-      - header:
-          key: grpc-status
-          value: '5'
-        append_action: OVERWRITE_IF_EXISTS_OR_ADD
-      - header:
-          key: grpc-message
-          value: model %REQ(cyclone-model)% is not served here (header cyclone-model)
-        append_action: OVERWRITE_IF_EXISTS_OR_ADD
-    - match:
-        prefix: /cyclone.inference.v1.InferenceService/
-        grpc: {}
       route: &id002
         weighted_clusters:
           clusters:
@@ -343,9 +289,29 @@ resources:
             typed_config:
               '@type': type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig
               update_frequency: 1
+      typed_per_filter_config: *id001
     - match:
         prefix: /inference.GRPCInferenceService/
         grpc: {}
+        headers:
+        - name: cyclone-model
+          string_match:
+            exact: credit
+      route: *id002
+      typed_per_filter_config: *id001
+    - match:
+        path: /v1/models/credit:predict
+        headers:
+        - name: :method
+          string_match:
+            exact: POST
+      route: *id002
+    - match:
+        path: /v1/models/credit
+        headers:
+        - name: :method
+          string_match:
+            exact: GET
       route: *id002
     - match:
         path: /v1/models
@@ -353,7 +319,94 @@ resources:
         - name: :method
           string_match:
             exact: GET
+        - name: cyclone-model
+          string_match:
+            exact: credit
       route: *id002
+    - match:
+        prefix: /cyclone.inference.v1.InferenceService/
+        grpc: {}
+        headers:
+        - name: cyclone-model
+          present_match: true
+      direct_response:
+        status: 200
+      response_headers_to_add:
+      - header:
+          key: content-type
+          value: application/grpc
+        append_action: OVERWRITE_IF_EXISTS_OR_ADD
+      - header:
+          key: grpc-status
+          value: '5'
+        append_action: OVERWRITE_IF_EXISTS_OR_ADD
+      - header:
+          key: grpc-message
+          value: model %REQ(cyclone-model)% is not served here (header cyclone-model)
+        append_action: OVERWRITE_IF_EXISTS_OR_ADD
+      typed_per_filter_config: *id001
+    - match:
+        prefix: /inference.GRPCInferenceService/
+        grpc: {}
+        headers:
+        - name: cyclone-model
+          present_match: true
+      direct_response:
+        status: 200
+      response_headers_to_add:
+      - header:
+          key: content-type
+          value: application/grpc
+        append_action: OVERWRITE_IF_EXISTS_OR_ADD
+      - header:
+          key: grpc-status
+          value: '5'
+        append_action: OVERWRITE_IF_EXISTS_OR_ADD
+      - header:
+          key: grpc-message
+          value: model %REQ(cyclone-model)% is not served here (header cyclone-model)
+        append_action: OVERWRITE_IF_EXISTS_OR_ADD
+      typed_per_filter_config: *id001
+    - match:
+        prefix: /cyclone.inference.v1.InferenceService/
+        grpc: {}
+      route: &id003
+        weighted_clusters:
+          clusters:
+          - name: credit--1~failover
+            weight: 100
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.01s
+            max_interval: 0.1s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+          retry_priority:
+            name: envoy.retry_priorities.previous_priorities
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig
+              update_frequency: 1
+      typed_per_filter_config: *id001
+    - match:
+        prefix: /inference.GRPCInferenceService/
+        grpc: {}
+      route: *id003
+      typed_per_filter_config: *id001
+    - match:
+        path: /v1/models
+        headers:
+        - name: :method
+          string_match:
+            exact: GET
+      route: *id003
     - match:
         safe_regex:
           regex: /v1/models/[^/]+
@@ -385,6 +438,7 @@ resources:
           key: grpc-message
           value: not available on the public listener
         append_action: OVERWRITE_IF_EXISTS_OR_ADD
+      typed_per_filter_config: *id001
     - match:
         prefix: /
       direct_response:

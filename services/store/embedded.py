@@ -151,6 +151,19 @@ def start_embedded(
         return handle
 
 
+def stop_if_running(data_dir: Path | str) -> bool:
+    """Stop the embedded server of `data_dir` if one still runs (a store killed before its
+    shutdown finished leaves it behind); True if one was stopped."""
+    base = Path(data_dir).expanduser().resolve()
+    pgdata = base / "pgdata"
+    live = _read_postmaster_pid(pgdata)
+    if live is None or not _is_our_postmaster(live[0], pgdata):
+        return False
+    run_as = SYSTEM_USER if os.geteuid() == 0 else None
+    EmbeddedPostgres(pgdata=pgdata, socket_dir=live[1] or pgdata, run_as=run_as).stop()
+    return True
+
+
 def resolve_database_url(
     data_dir: Path | str | None = None, *, fast_unsafe: bool = False
 ) -> tuple[str, EmbeddedPostgres | None]:
