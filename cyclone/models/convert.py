@@ -22,6 +22,7 @@ import joblib
 import numpy as np
 import pandas as pd
 
+from cyclone.models.registration import PROBES_FILE
 from cyclone.models.repository import (
     EVALUATION_FILE,
     MODEL_FILE,
@@ -30,7 +31,6 @@ from cyclone.models.repository import (
     ModelRepository,
     sha256_of,
 )
-from cyclone.models.registration import PROBES_FILE
 from cyclone.models.schema import FeatureSchema, ModelSchema, validate_name
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,7 @@ from cyclone.errors import InvalidArgument, NotFound
 from cyclone.plan import Plan, PlanError, Registry, default_plan, parse_plan, plan_to_yaml
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
-from services.monitor import convert
-from services.monitor import probes
+from services.monitor import convert, probes
 from services.monitor.evaluate import Evaluation, ProbeSummary, evaluate, with_probes
 from services.monitor.records import AlertTarget, MetricPoint, ModelInfo, ModelStatus, QueuedAlert
 from services.monitor.window import window_from_chunks

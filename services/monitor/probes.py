@@ -80,6 +80,7 @@ def predict_request(model: str, answers: KnownAnswers) -> inference_pb.PredictRe
 
 
 def answer_from_response(response: inference_pb.PredictResponse) -> Answer:
+    outputs: tuple[Mapping[str, Any], ...]
     if response.labels:
         width = len(response.class_labels)
         probabilities = list(response.probabilities)
