@@ -44,7 +44,7 @@ def _import(root: Path, seed: int, shift: float) -> Path:
     from cyclone.examples import credit_frame, credit_pipeline
     from cyclone.models.convert import import_pipeline
 
-    sample = credit_frame(1500, seed=seed, shift=shift)
+    sample = credit_frame(600, seed=seed, shift=shift)
     directory, _, _ = import_pipeline(
         credit_pipeline(sample), MODEL, root, sample=sample, label_column="defaulted"
     )
@@ -210,3 +210,53 @@ async def test_no_address_means_no_probes(
     await monitor.run_due()
     assert "uptime" not in monitor.statuses[MODEL].evaluation.metrics
     assert MODEL not in monitor.probe_records
+
+
+async def test_probes_through_envoy_are_answered_not_logged_and_keep_green(
+    repos: tuple[Path, Path], store_address: str, monitor: Monitor, tmp_path: Path
+) -> None:
+    """The header survives the public listener: the model answers, the store logs nothing."""
+    from cyclone.envoy import EnvoyProxy, EnvoySettings
+    from cyclone.traffic import Endpoint, Revision, TrafficSplit
+
+    good, _ = repos
+    await _register(store_address, good)
+    version = ModelRepository(good).files(MODEL).version
+    host, port = store_address.rsplit(":", 1)
+    envoy = EnvoyProxy(
+        EnvoySettings(
+            work_dir=tmp_path / "envoy",
+            public_host="127.0.0.1",
+            public_port=0,
+            control_port=0,
+            store=Endpoint(host, int(port)),
+            monitor=Endpoint("127.0.0.1", _free_port()),
+            concurrency=1,
+            health_interval_s=0.25,
+        )
+    )
+    await envoy.start()
+    try:
+        async with (
+            await start_inference(_inference(good, tmp_path, store_address)) as inference,
+            aio.insecure_channel(store_address) as store_channel,
+        ):
+            rev = Revision(MODEL, version, (Endpoint("127.0.0.1", inference.server.port),))
+            await envoy.apply(TrafficSplit(MODEL, {rev.name: 100}, {rev.name: rev}))
+            await _set_probes(monitor, {"address": envoy.public_address})
+            deadline = time.monotonic() + 15
+            while True:  # Envoy's health check admits the endpoint within a few intervals
+                monitor.probe_records.clear()
+                monitor._next_probe.clear()
+                monitor._next_due.clear()
+                await monitor.run_due()
+                if monitor.statuses[MODEL].level is Level.GREEN or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.25)
+            status = monitor.statuses[MODEL]
+            assert status.level is Level.GREEN, status.evaluation.reasons
+            assert status.evaluation.metrics["uptime"].value == 1.0
+            await asyncio.sleep(0.5)  # several flush intervals
+            assert await _predictions(store_grpc.StoreServiceStub(store_channel)) == 0
+    finally:
+        await envoy.stop()
