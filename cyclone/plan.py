@@ -132,6 +132,23 @@ class RetrainSpec:
 
 
 @dataclass(frozen=True)
+class ProbesSpec:
+    """The plan's ``probes:`` section: known-answer probes of the serving version.
+
+    Every ``every``, the monitor sends the rows kept with the version at import (its
+    ``probes.json``) to ``address`` (the public listener or an inference server, HOST:PORT;
+    empty: the monitor's own ``probe_address``, and no probes when neither is known) and
+    compares the answers with the recorded ones: a value, or a class probability, further than
+    ``tolerance`` from the recorded one, or a different label, is a wrong answer (RED); no
+    answer is AMBER.
+    """
+
+    every_seconds: int = 60
+    tolerance: float = 1e-4
+    address: str = ""
+
+
+@dataclass(frozen=True)
 class Plan:
     model: str
     window: WindowSpec = field(default_factory=WindowSpec)
@@ -143,6 +160,7 @@ class Plan:
     notify: tuple[SinkRef, ...] = ()
     retrain: RetrainSpec = field(default_factory=RetrainSpec)
     rollout: RolloutSpec = field(default_factory=RolloutSpec)
+    probes: ProbesSpec = field(default_factory=ProbesSpec)
 
 
 def parse_duration(text: str) -> int:
@@ -269,6 +287,7 @@ def plan_from_dict(data: Mapping[str, Any], registry: Registry | None = None) ->
             "notify",
             "retrain",
             "rollout",
+            "probes",
         },
         "",
     )
@@ -288,9 +307,34 @@ def plan_from_dict(data: Mapping[str, Any], registry: Registry | None = None) ->
     retrain = _retrain(c, data.get("retrain"), reg)
     rollout, rollout_problems = check_rollout(data.get("rollout"), "rollout")
     c.problems.extend(rollout_problems)
+    probes = _probes(c, data.get("probes"))
     if c.problems:
         raise PlanError(c.problems)
-    return Plan(model, window, every, metrics, drift, triggers, actions, notify, retrain, rollout)
+    return Plan(
+        model, window, every, metrics, drift, triggers, actions, notify, retrain, rollout, probes
+    )
+
+
+_ADDRESS = re.compile(r"^[A-Za-z0-9._\-\[\]:]+:\d{1,5}$")
+
+
+def _probes(c: _Checker, raw: object) -> ProbesSpec:
+    data = c.mapping(raw, "probes")
+    c.unknown_keys(data, {"every", "tolerance", "address"}, "probes")
+    default = ProbesSpec()
+    every = c.duration(data["every"], "probes.every") if "every" in data else None
+    tolerance = c.number(data.get("tolerance", default.tolerance), "probes.tolerance")
+    if tolerance is not None and tolerance < 0:
+        c.fail("probes.tolerance", f"must be at least 0, got {tolerance:g}")
+    address = data.get("address", "")
+    if not isinstance(address, str) or (address and not _ADDRESS.match(address)):
+        c.fail("probes.address", f"expected HOST:PORT, got {address!r}")
+        address = ""
+    return ProbesSpec(
+        every or default.every_seconds,
+        default.tolerance if tolerance is None else tolerance,
+        address,
+    )
 
 
 def _window(c: _Checker, raw: object) -> WindowSpec:
@@ -615,6 +659,12 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     data["retrain"] = _retrain_to_yaml(plan.retrain)
     if plan.rollout != RolloutSpec():
         data["rollout"] = rollout_to_dict(plan.rollout)
+    if plan.probes != ProbesSpec():
+        data["probes"] = {
+            "every": format_duration(plan.probes.every_seconds),
+            "tolerance": plan.probes.tolerance,
+            **({"address": plan.probes.address} if plan.probes.address else {}),
+        }
     return data
 
 

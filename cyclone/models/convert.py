@@ -8,6 +8,7 @@ to predict the same as the pipeline it came from.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ import joblib
 import numpy as np
 import pandas as pd
 
+from cyclone.models.registration import PROBES_FILE
 from cyclone.models.repository import (
     EVALUATION_FILE,
     MODEL_FILE,
@@ -558,6 +560,8 @@ def import_pipeline(
             },
         )
         schema.write(staging / "model.yaml")
+        probes = known_answers(onnx_bytes, schema, frame)
+        (staging / PROBES_FILE).write_text(json.dumps(probes, indent=1))
         if sample is not None:
             _write_reference(pipeline, schema, sample, label_column, staging)
         staging.rename(target)
@@ -566,6 +570,50 @@ def import_pipeline(
         raise
     log.info("imported %s version %s into %s", name, version, target)
     return target, schema, report
+
+
+# Known-answer probes kept per version: few enough to send every minute without cost.
+PROBE_ROWS = 20
+
+
+def known_answers(
+    onnx_bytes: bytes, schema: ModelSchema, frame: pd.DataFrame, rows: int = PROBE_ROWS
+) -> dict[str, Any]:
+    """Up to `rows` rows of `frame` with the ONNX model's own answers to them.
+
+    `{"rows": [{feature: value}], "outputs": [{"value": v} | {"label": l, "probabilities": [..]}]}`;
+    a missing numeric value is null. The monitor sends the rows to the serving model and expects
+    these answers back: a different one means the wrong model or a broken runtime is serving.
+    """
+    import onnxruntime as ort
+
+    head = frame[schema.feature_names].head(rows).reset_index(drop=True)
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, onnx_feed(schema, head))
+    n = len(head)
+    records: list[dict[str, Any]] = []
+    for i in range(n):
+        record: dict[str, Any] = {}
+        for f in schema.features:
+            value = head[f.name].iloc[i]
+            if f.kind == "categorical":
+                record[f.name] = str(value)
+            else:
+                number = float(pd.to_numeric(value, errors="coerce"))
+                record[f.name] = None if np.isnan(number) else number
+        records.append(record)
+    answers: list[dict[str, Any]]
+    if schema.task == "regression":
+        values = np.asarray(outputs[0], dtype=np.float64).reshape(n)
+        answers = [{"value": float(v)} for v in values]
+    else:
+        labels = np.asarray(outputs[0]).astype(str).ravel()
+        probabilities = np.asarray(outputs[1], dtype=np.float64).reshape(n, -1)
+        answers = [
+            {"label": str(label), "probabilities": [float(p) for p in row]}
+            for label, row in zip(labels, probabilities, strict=True)
+        ]
+    return {"rows": records, "outputs": answers}
 
 
 def _refit_facts(

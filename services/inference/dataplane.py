@@ -57,8 +57,14 @@ class DataPlane:
         )
         return await self.score(model, job, started)
 
-    async def score(self, model: LoadedModel, job: Prepared, started: float) -> Scored:
-        """Score one validated request; `started` (perf_counter) is when it arrived."""
+    async def score(
+        self, model: LoadedModel, job: Prepared, started: float, *, record: bool = True
+    ) -> Scored:
+        """Score one validated request; `started` (perf_counter) is when it arrived.
+
+        `record=False` (the monitor's known-answer probes) keeps the rows out of the sink, so
+        they are neither logged as traffic nor counted in the store's metrics.
+        """
         feed = model.feed_block(job.block, job.columns)
         if job.rows > OFFLOAD_ROWS:
             outputs = await asyncio.to_thread(model.run, feed, job.rows)
@@ -66,7 +72,8 @@ class DataPlane:
             outputs = model.run(feed, job.rows)
         ids = uuid7_batch(job.rows)
         latency_ms = (time.perf_counter() - started) * 1000.0
-        self.sink.submit(model, ids, job.columns, outputs, latency_ms, current_trace_id())
+        if record:
+            self.sink.submit(model, ids, job.columns, outputs, latency_ms, current_trace_id())
         return ids, outputs
 
     async def score_stream(

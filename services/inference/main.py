@@ -12,6 +12,7 @@ import grpc
 
 from cyclone.channels import aio_channel
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from cyclone.models.registration import with_probes
 from cyclone.models.repository import EVALUATION_FILE, REFERENCE_FILE
 from cyclone.oip.v2 import open_inference_pb2_grpc as oip_grpc
 from cyclone.server import CycloneServer
@@ -90,7 +91,7 @@ async def register_models(address: str, catalog: ModelCatalog, retry_every: floa
                 task=model.schema.task,
                 sha256=model.sha256,
                 artifact_uri=str(model.files.directory.resolve()),
-                schema_json=json.dumps(model.schema.to_dict()),
+                schema_json=json.dumps(with_probes(model.schema.to_dict(), model.files.directory)),
                 reference_profile_json=_read_optional(model.files.directory / REFERENCE_FILE),
                 evaluation_json=_read_optional(model.files.directory / EVALUATION_FILE),
             )

@@ -18,6 +18,9 @@ from cyclone.rpc_errors import rpc_errors
 from services.inference import convert
 from services.inference.dataplane import DataPlane, Scored, StreamJob, read_ahead
 
+# Request metadata marking the monitor's known-answer probes: answered, never logged.
+PROBE_HEADER = "cyclone-probe"
+
 # A stream reads at most this many messages ahead of the responses it has written.
 STREAM_READ_AHEAD = 256
 
@@ -34,7 +37,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         started = time.perf_counter()
         model = self.catalog.get(request.model, request.version)
         job = convert.prepared_from_proto(model, request.features)
-        ids, outputs = await self.dataplane.score(model, job, started)
+        ids, outputs = await self.dataplane.score(
+            model, job, started, record=not _is_probe(context)
+        )
         return convert.predict_response(model, ids, outputs, request.request_id)
 
     @rpc_errors()
@@ -74,6 +79,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.ListModelsResponse:
         models = self.catalog.models.values()
         return pb.ListModelsResponse(models=[convert.model_info(m) for m in models])
+
+
+def _is_probe(context: aio.ServicerContext[Any, Any]) -> bool:
+    return any(
+        key == PROBE_HEADER and value == "1" for key, value in context.invocation_metadata() or ()
+    )
 
 
 def _stream_response(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cyclone.plan import MetricRef, Plan, Trigger
 from cyclone.plugin_api import (
@@ -104,6 +104,43 @@ def evaluate(
         notes=tuple(notes),
         n_rows=window.n_rows,
         n_labelled=window.n_labelled,
+    )
+
+
+@dataclass(frozen=True)
+class ProbeSummary:
+    """Known-answer probe rounds of one model: counts since the monitor started, and the verdict
+    of the latest round (`wrong`: reasons naming differing rows; `error`: why no answer came)."""
+
+    rounds: int
+    answered: int
+    wrong: tuple[str, ...] = ()
+    error: str = ""
+
+
+def with_probes(ev: Evaluation, probes: ProbeSummary | None, plan: Plan) -> Evaluation:
+    """`ev` with the latest probe round folded in: wrong answers are RED, no answer AMBER, and
+    an ``uptime`` metric (share of probe rounds answered). Unchanged without probe rounds."""
+    if probes is None or probes.rounds == 0:
+        return ev
+    uptime = MetricResult.ok(
+        probes.answered / probes.rounds,
+        f"{probes.answered} of {probes.rounds} probe rounds answered since the monitor started",
+    )
+    reasons: tuple[str, ...] = ()
+    level = Level.GREEN
+    if probes.wrong:
+        level, reasons = Level.RED, probes.wrong
+    elif probes.error:
+        level, reasons = Level.AMBER, (probes.error,)
+    if level.rank <= ev.level.rank:
+        return replace(ev, metrics={**ev.metrics, "uptime": uptime}, reasons=ev.reasons + reasons)
+    return replace(
+        ev,
+        level=level,
+        reasons=ev.reasons + reasons,
+        actions=plan.actions.get(level, ()),
+        metrics={**ev.metrics, "uptime": uptime},
     )
 
 

@@ -38,6 +38,9 @@ class MonitorSettings(ServerSettings):
     # Trainer HOST:PORT: retrain and rollback actions go there (`cyclone up` sets it); empty:
     # they are recorded in alert_record_path for whoever acts on them.
     trainer: str = ""
+    # Where known-answer probes go when a plan's `probes.address` is empty (the public
+    # listener or an inference server, HOST:PORT); empty: no probes for such plans.
+    probe_address: str = ""
     # Live dashboard (HTTP); 0 picks a free port, -1 turns it off.
     dashboard_port: int = -1
     # Seconds between keep-alive events on the dashboard's event stream.
@@ -55,6 +58,7 @@ def build_monitor_server(
         record_path=record_path,
         trainer=settings.trainer,
         tick_seconds=settings.tick_seconds,
+        probe_address=settings.probe_address,
     )
     server = CycloneServer("monitor", settings)
     server.add_service(

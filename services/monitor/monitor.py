@@ -26,8 +26,8 @@ from cyclone.errors import InvalidArgument, NotFound
 from cyclone.plan import Plan, PlanError, Registry, default_plan, parse_plan, plan_to_yaml
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
-from services.monitor import convert
-from services.monitor.evaluate import Evaluation, evaluate
+from services.monitor import convert, probes
+from services.monitor.evaluate import Evaluation, ProbeSummary, evaluate, with_probes
 from services.monitor.records import AlertTarget, MetricPoint, ModelInfo, ModelStatus, QueuedAlert
 from services.monitor.window import window_from_chunks
 
@@ -104,6 +104,7 @@ class Monitor:
         trainer: str = "",
         tick_seconds: float = 1.0,
         request_timeout: float = 30.0,
+        probe_address: str = "",
     ) -> None:
         self.store_address = store_address
         self.record_path = record_path
@@ -119,6 +120,12 @@ class Monitor:
         self._store: store_grpc.StoreServiceStub | None = None
         self._task: asyncio.Task[None] | None = None
         self.dashboard: Any = None  # set by the server builder when the dashboard is on
+        # Where known-answer probes go when the plan names no `probes.address`; empty: nowhere.
+        self.probe_address = probe_address
+        self.probe_records: dict[str, probes.ProbeRecord] = {}
+        self._next_probe: dict[str, float] = {}
+        self._probe_channels: dict[str, aio.Channel] = {}
+        self._known_answers: dict[tuple[str, str], probes.KnownAnswers | None] = {}
 
     @property
     def store(self) -> store_grpc.StoreServiceStub:
@@ -136,6 +143,8 @@ class Monitor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for channel in self._probe_channels.values():
+            await channel.close()
         if self._channel is not None:
             await self._channel.close()
 
@@ -227,6 +236,7 @@ class Monitor:
         window = window_from_chunks(chunks, info.task)
         # Metric plugins are numpy-bound; keep the event loop free for RPCs meanwhile.
         ev = await asyncio.to_thread(evaluate, plan, window, info.reference, dict(info.baseline))
+        ev = with_probes(ev, self._probe_summary(model), plan)
         status = status_from_evaluation(model, info.version, ev, revision, datetime.now(UTC))
         response = await self.store.RecordEvaluation(
             convert.evaluation_to_store(status, metric_points(status), self._alerts_for(plan, ev)),
@@ -311,17 +321,96 @@ class Monitor:
         return convert.serving_tasks(response.model_versions)
 
     async def run_due(self) -> None:
-        """Evaluate every serving model whose plan is due."""
+        """Probe and evaluate every serving model whose plan is due.
+
+        A probe round whose verdict changed (a wrong answer, or no answer, or back to right)
+        makes the model's evaluation due at once, so the level follows within one round.
+        """
         now = time.monotonic()
         for model, task in (await self._monitored_models()).items():
-            if self._next_due.get(model, 0.0) > now:
+            evaluation_due = self._next_due.get(model, 0.0) <= now
+            probe_due = self._next_probe.get(model, 0.0) <= now
+            if not (evaluation_due or probe_due):
                 continue
             plan, _ = await self.plan_for(model, task)
+            if probe_due:
+                self._next_probe[model] = now + plan.probes.every_seconds
+                try:
+                    evaluation_due |= await self.probe(model, plan)
+                except Exception:
+                    log.exception("probing %s failed", model)
+            if not evaluation_due:
+                continue
             self._next_due[model] = now + plan.every_seconds
             try:
                 await self.evaluate_model(model)
             except Exception:
                 log.exception("evaluating %s failed; next try in %ds", model, plan.every_seconds)
+
+    # -- known-answer probes -------------------------------------------------------------------
+
+    async def probe(self, model: str, plan: Plan) -> bool:
+        """One probe round of `model`; True when its verdict differs from the last round's.
+
+        No round without an address (the plan's, else the monitor's) or without recorded
+        answers for the serving version.
+        """
+        address = plan.probes.address or self.probe_address
+        if not address:
+            return False
+        serving = await self._answers_of(model, "")
+        if serving is None:
+            return False
+        channel = self._probe_channels.get(address)
+        if channel is None:
+            channel = self._probe_channels[address] = aio_channel(address)
+        answer = await probes.ask(channel, model, serving, timeout=self.request_timeout)
+        if isinstance(answer, str):
+            outcome = probes.ProbeRound(
+                address, error=f"probes: no answer from {address}: {answer}"
+            )
+        else:
+            # During a rollout the endpoint may answer with another registered version: judge
+            # it by that version's own recorded answers.
+            expected = serving
+            if answer.version and answer.version != serving.version:
+                expected = await self._answers_of(model, answer.version) or serving
+            wrong = probes.wrong_answers(expected, answer, plan.probes.tolerance)
+            outcome = probes.ProbeRound(address, answer.version, wrong)
+        record = self.probe_records.setdefault(model, probes.ProbeRecord())
+        changed = record.add(outcome)
+        if changed:
+            log.warning(
+                "%s probes: %s", model, "; ".join(outcome.wrong) or outcome.error or "answers match"
+            )
+        return changed
+
+    async def _answers_of(self, model: str, version: str) -> probes.KnownAnswers | None:
+        """Recorded answers of `version` ("" the serving one); versions are immutable, so
+        answers are cached by version, the serving version is looked up every round."""
+        if version and (model, version) in self._known_answers:
+            return self._known_answers[(model, version)]
+        try:
+            response = await self.store.GetModelVersion(
+                store_pb.GetModelVersionRequest(model=model, version=version),
+                timeout=self.request_timeout,
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        mv = response.model_version
+        if (model, mv.version) not in self._known_answers:
+            self._known_answers[(model, mv.version)] = probes.known_answers_from_schema(
+                mv.version, mv.schema_json
+            )
+        return self._known_answers[(model, mv.version)]
+
+    def _probe_summary(self, model: str) -> ProbeSummary | None:
+        record = self.probe_records.get(model)
+        if record is None or record.last is None:
+            return None
+        return ProbeSummary(record.rounds, record.answered, record.last.wrong, record.last.error)
 
     async def _schedule(self) -> None:
         while True:

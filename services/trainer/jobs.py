@@ -32,6 +32,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cyclone.errors import InvalidArgument, NotFound
+from cyclone.models.registration import with_probes
 from cyclone.models.repository import ModelRepository
 from cyclone.models.schema import validate_name
 from cyclone.plan import Plan, PlanError, default_plan, parse_plan, primary_metric
@@ -403,7 +404,7 @@ class JobRunner:
                         version=version,
                         artifact_uri=written.directory,
                         sha256=written.sha256,
-                        schema_json=json.dumps(written.schema),
+                        schema_json=json.dumps(with_probes(written.schema, written.directory)),
                         task=champion.task,
                         parent_version=champion.version,
                         training_window_start=_ts(window.start),
