@@ -78,6 +78,7 @@ class EnvoyProxy:
         self._services = descriptor_services(settings.descriptor)
         self._splits: dict[str, TrafficSplit] = {}
         self._installed_clusters: list[dict[str, Any]] = []
+        self._installed_routes: dict[str, Any] = {}
         self._version = 0
         self._lock = asyncio.Lock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -129,6 +130,7 @@ class EnvoyProxy:
         write_atomically(layout.cds, dump(cfg.cds_response(version, clusters)))
         for table, body in routes.items():
             write_atomically(layout.rds(table), dump(cfg.rds_response(version, body)))
+        self._installed_routes = dict(routes)
         listeners = cfg.listeners(self.settings, self._services, cfg.rds_sources(layout))
         write_atomically(layout.lds, dump(cfg.lds_response(version, listeners)))
         bootstrap = cfg.bootstrap(self.settings, layout)
@@ -302,6 +304,7 @@ class EnvoyProxy:
                 "ejections": float(
                     values.get(own + "outlier_detection.ejections_enforced_total", 0)
                 ),
+                "health_check_failures": float(values.get(own + "health_check.failure", 0)),
                 "active": float(values.get(own + "upstream_rq_active", 0)),
             },
         )
@@ -366,10 +369,17 @@ class EnvoyProxy:
             await asyncio.sleep(_POLL_S)
 
     async def _write_routes(self, routes: Mapping[str, Any], timeout: float = 30.0) -> None:
+        # Envoy skips a route table whose content is unchanged (same hash) and keeps its old
+        # version_info, so only changed tables are written and waited for (a revision added
+        # at 0 % changes clusters, not routes).
+        routes = {t: body for t, body in routes.items() if self._installed_routes.get(t) != body}
+        if not routes:
+            return
         self._version += 1
         version = str(self._version)
         for table, body in routes.items():
             write_atomically(self.layout.rds(table), dump(cfg.rds_response(version, body)))
+        self._installed_routes.update(routes)
         deadline = time.monotonic() + timeout
         while True:
             installed = await self.admin.route_versions()

@@ -33,6 +33,10 @@ from cyclone.models.schema import FeatureSchema, ModelSchema, validate_name
 
 log = logging.getLogger(__name__)
 
+# Known-answer rows for blue-green smoke tests: {"rows": [...], "outputs": [...], "tolerance": t}
+PROBES_FILE = "probes.json"
+PROBE_ROWS = 20
+
 
 class ConversionError(ValueError):
     """The pipeline cannot become a Cyclone model; the message says why."""
@@ -558,6 +562,7 @@ def import_pipeline(
             },
         )
         schema.write(staging / "model.yaml")
+        write_probes(onnx_bytes, schema, frame, staging / PROBES_FILE)
         if sample is not None:
             _write_reference(pipeline, schema, sample, label_column, staging)
         staging.rename(target)
@@ -566,6 +571,32 @@ def import_pipeline(
         raise
     log.info("imported %s version %s into %s", name, version, target)
     return target, schema, report
+
+
+def write_probes(onnx_bytes: bytes, schema: ModelSchema, frame: pd.DataFrame, path: Path) -> None:
+    """Save a few rows with the ONNX model's own answers: what a new revision must reproduce.
+
+    Outputs are class labels (compared exactly) or values (within `tolerance`, relative to
+    max(1, |expected|)); rows are plain JSON (a missing number is null).
+    """
+    import json
+
+    import onnxruntime as ort
+
+    # The answers are computed on the rows exactly as saved (JSON numbers), not the originals.
+    text = (
+        frame[schema.feature_names].head(PROBE_ROWS).to_json(orient="records", double_precision=15)
+    )
+    records = json.loads(text)  # NaN -> null
+    rows = pd.DataFrame.from_records(records, columns=list(schema.feature_names))
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    first = session.run(None, onnx_feed(schema, rows))[0]
+    outputs: list[Any]
+    if schema.task == "classification":
+        outputs = [str(v) for v in np.asarray(first).ravel()]
+    else:
+        outputs = [float(v) for v in np.asarray(first, dtype=np.float64).ravel()]
+    path.write_text(json.dumps({"rows": records, "outputs": outputs, "tolerance": 1e-4}))
 
 
 def _refit_facts(

@@ -91,6 +91,26 @@ def latency(champion: Counts, canary: Counts, spec: AnalysisSpec, min_requests: 
     return Check("latency", True, f"p99 ratio {ratio:.2f}", numbers)
 
 
+def stability(health_failures: int, ejections: int, max_health_failures: int = 2) -> Check:
+    """The canary's processes stayed up: the proxy's active health checks failed fewer than
+    `max_health_failures` times (its own unhealthy threshold) and no host was ejected since
+    the revision was first seen healthy. A replica that dies mid-rollout fails this even when
+    retries hid every failed request from the callers."""
+    numbers = {
+        "canary_health_failures": float(health_failures),
+        "canary_ejections": float(ejections),
+    }
+    if health_failures >= max_health_failures or ejections > 0:
+        return Check(
+            "stability",
+            False,
+            f"the canary went unhealthy: {health_failures} failed health checks,"
+            f" {ejections} ejections",
+            numbers,
+        )
+    return Check("stability", True, "the canary stayed healthy", numbers)
+
+
 def resolve_metric(metric: str, task: str) -> str:
     if metric != "auto":
         return metric

@@ -374,7 +374,7 @@ class RolloutController:
             )
         if enough:
             if last:
-                await self._finalize(r, _summary(checks) or "all steps passed")
+                await self._finalize(r, _summary(checks) or "all steps passed", numbers)
             else:
                 await self._record(r, "advance", _summary(checks), numbers)
                 await self._enter_step(r, p.step_index + 1)
@@ -476,9 +476,13 @@ class RolloutController:
         champ_stats = await self.router.stats(champ_name)
         canary = _delta(new_stats, r.progress.baseline.get(new_name))
         champion = _delta(champ_stats, r.progress.rollout_baseline.get(champ_name))
+        health_failures, ejections = _unhealthy(
+            new_stats, r.progress.rollout_baseline.get(new_name)
+        )
         checks = [
             analysis.error_rate(champion, canary, a, r.spec.min_requests),
             analysis.latency(champion, canary, a, r.spec.min_requests),
+            analysis.stability(health_failures, ejections),
         ]
         since = _utc(r.progress.started_at)
         info = await self.store.model_version(r.model, r.to_version)
@@ -660,7 +664,7 @@ class RolloutController:
         out: dict[str, builtins.list[int]] = {}
         for name in names:
             s = await self.router.stats(name)
-            out[name] = [s.requests, s.failures]
+            out[name] = [s.requests, s.failures, *_health_counters(s)]
         return out
 
     async def _drain(self, name: str, seconds: float) -> None:
@@ -706,6 +710,21 @@ def _delta(stats: RevisionStats, baseline: Sequence[int] | None) -> Counts:
     return Counts(
         max(stats.requests - base[0], 0), max(stats.failures - base[1], 0), stats.latency_ms_p99
     )
+
+
+def _health_counters(stats: RevisionStats) -> list[int]:
+    """Failed active health checks and outlier ejections the proxy counted (cumulative)."""
+    return [
+        int(stats.extra.get("health_check_failures", 0)),
+        int(stats.extra.get("ejections", 0)),
+    ]
+
+
+def _unhealthy(stats: RevisionStats, baseline: Sequence[int] | None) -> tuple[int, int]:
+    """Health-check failures and ejections since `baseline` (older records lack them: 0)."""
+    base = [*(baseline or [])[2:4], 0, 0]
+    now = _health_counters(stats)
+    return max(now[0] - base[0], 0), max(now[1] - base[1], 0)
 
 
 def _numbers(checks: list[Check]) -> dict[str, float]:
