@@ -27,7 +27,6 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import pytest_asyncio
 
@@ -42,7 +41,7 @@ from cyclone.plan import default_plan, plan_to_yaml
 from cyclone.rollout_plan import parse_rollout
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
-from cyclone.traffic import Endpoint, Revision, TrafficSplit, revision_name
+from cyclone.traffic import Revision, TrafficSplit, revision_name
 from plugins.orchestrator_local import LocalOrchestrator
 from services.launch import Started, start_store
 from services.store.main import StoreSettings

@@ -81,6 +81,8 @@ class FakeRouter:
         self.failure_rate: dict[str, float] = {}
         self.p99: dict[str, float] = {OLD: 10.0, NEW: 10.0}
         self.counts: dict[str, list[float]] = {}
+        self.flapping: set[str] = set()  # health checks fail while it takes traffic
+        self.health_failures: dict[str, int] = {}
 
     async def apply(self, split: TrafficSplit) -> None:
         running = {r.name for r in await self.orchestrator.running()}
@@ -98,7 +100,10 @@ class FakeRouter:
         c = self.counts.setdefault(revision_name, [0, 0])
         c[0] += weight
         c[1] += weight * self.failure_rate.get(revision_name, 0.0)
-        return RevisionStats(int(c[0]), int(c[1]), 1.0, self.p99.get(revision_name))
+        if weight and revision_name in self.flapping:
+            self.health_failures[revision_name] = self.health_failures.get(revision_name, 0) + 1
+        extra = {"health_check_failures": float(self.health_failures.get(revision_name, 0))}
+        return RevisionStats(int(c[0]), int(c[1]), 1.0, self.p99.get(revision_name), extra)
 
     async def remove_model(self, model: str) -> None:
         self.removed = model
@@ -240,6 +245,36 @@ async def test_canary_rolls_back_when_errors_reach_the_failure_limit(mesh: Mesh)
     assert mesh.store.versions["1"].status == "serving"
     last = done.steps[-1]
     assert last.numbers["canary_error_rate"] == pytest.approx(0.5, abs=0.05)
+
+
+async def test_the_last_step_records_its_numbers_with_the_promotion(mesh: Mesh) -> None:
+    r = await mesh.controller.start(M, "2")
+    done = await finish(mesh, r.id)
+    promote = next(s for s in done.steps if s.decision == "promote")
+    assert promote.numbers["canary_requests"] >= FAST.min_requests
+    assert promote.numbers["canary_health_failures"] == 0
+
+
+async def test_a_canary_that_goes_unhealthy_rolls_back_though_no_request_failed(
+    mesh: Mesh,
+) -> None:
+    mesh.router.flapping.add(NEW)  # a replica died: retries hid it, health checks did not
+    r = await mesh.controller.start(M, "2")
+    done = await finish(mesh, r.id)
+    assert done.state is RolloutState.ROLLED_BACK
+    assert "failure limit 2" in done.reason and "went unhealthy" in done.reason
+    last = done.steps[-1]
+    assert last.numbers["canary_health_failures"] >= 2
+    assert last.numbers["canary_error_rate"] == 0
+    assert mesh.router.splits[-1].weights == {OLD: 100}
+    assert mesh.store.versions["2"].status == "retired"
+
+
+async def test_health_failures_before_the_canary_was_healthy_do_not_count(mesh: Mesh) -> None:
+    mesh.router.health_failures[NEW] = 5  # counted while it started, before it was healthy
+    r = await mesh.controller.start(M, "2")
+    done = await finish(mesh, r.id)
+    assert done.state is RolloutState.PROMOTED, done.reason
 
 
 async def test_canary_rolls_back_on_worse_quality(mesh: Mesh) -> None:
