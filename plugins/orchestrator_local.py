@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import grpc
-from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cyclone.channels import aio_channel
 from cyclone.hookspecs import hookimpl
 from cyclone.plugin_api import OrchestratorSpec
 from cyclone.traffic import Endpoint, Revision, revision_name
@@ -52,7 +52,7 @@ def _free_port(host: str) -> int:
 
 async def _serving(address: str, timeout: float = 1.0) -> bool:
     try:
-        async with aio.insecure_channel(address) as channel:
+        async with aio_channel(address) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )

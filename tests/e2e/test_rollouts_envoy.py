@@ -457,6 +457,8 @@ async def test_red_black_cuts_over_at_once_and_keeps_the_old_one_warm(mesh: Mesh
         recorded = await finish(mesh, rollout)
     assert_promoted(mesh, recorded, old, new)
     assert decisions(recorded)[-3:] == ["cutover", "promote", "promoted"]
+    kept_warm = step(recorded, "promote").numbers  # what the new version served meanwhile
+    assert kept_warm["canary_requests"] > 0 and kept_warm["canary_error_rate"] == 0
     assert (await mesh.statuses())[old] == "retired"
 
 

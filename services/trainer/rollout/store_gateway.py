@@ -13,6 +13,7 @@ import yaml
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
+from cyclone.channels import aio_channel
 from cyclone.errors import FailedPrecondition, NotFound
 from cyclone.rollout_plan import RolloutSpec, parse_rollout, rollout_to_dict
 from cyclone.store.v1 import store_service_pb2 as pb
@@ -83,7 +84,7 @@ class StoreGateway:
     """Talks to `cyclone.store.v1.StoreService` at `address`."""
 
     def __init__(self, address: str, timeout: float = 30.0) -> None:
-        self.channel = aio.insecure_channel(address)
+        self.channel = aio_channel(address)
         self.stub = pb_grpc.StoreServiceStub(self.channel)
         self.timeout = timeout
 
