@@ -290,6 +290,12 @@ class EnvoyProxy:
         latency = quantiles.get(routed + "upstream_rq_time") or quantiles.get(
             own + "upstream_rq_time", {}
         )
+        # The last flush interval: the same recent period for every revision, so a canary's
+        # cold start or a busy moment of the machine does not weigh on it alone.
+        _, recent_quantiles = await self.admin.stats(f"cluster.{revision_name}", window="interval")
+        recent = recent_quantiles.get(routed + "upstream_rq_time") or recent_quantiles.get(
+            own + "upstream_rq_time", {}
+        )
         requests = values.get(own + "upstream_rq_total", 0)
         return RevisionStats(
             requests=requests,
@@ -305,6 +311,8 @@ class EnvoyProxy:
                     values.get(own + "outlier_detection.ejections_enforced_total", 0)
                 ),
                 "health_check_failures": float(values.get(own + "health_check.failure", 0)),
+                "recent_window": 1.0,  # latency_ms_p99_recent is given (absent: no samples)
+                **({"latency_ms_p99_recent": recent[99.0]} if 99.0 in recent else {}),
                 "active": float(values.get(own + "upstream_rq_active", 0)),
             },
         )

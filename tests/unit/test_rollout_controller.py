@@ -277,6 +277,35 @@ async def test_health_failures_before_the_canary_was_healthy_do_not_count(mesh: 
     assert done.state is RolloutState.PROMOTED, done.reason
 
 
+async def test_canary_rolls_back_when_its_p99_is_beyond_the_ratio(mesh: Mesh) -> None:
+    mesh.router.p99[NEW] = 30.0  # 3x the champion's 10 ms (limit 2x)
+    r = await mesh.controller.start(M, "2")
+    done = await finish(mesh, r.id)
+    assert done.state is RolloutState.ROLLED_BACK
+    assert "p99 30.0 ms is 3.00x" in done.reason
+    assert done.steps[-1].numbers["p99_ratio"] == 3.0
+
+
+def test_latency_is_not_judged_on_a_handful_of_calls() -> None:
+    from services.trainer.rollout.analysis import LATENCY_MIN_REQUESTS, Counts, latency
+
+    champion = Counts(10_000, 0, 10.0)
+    few = latency(champion, Counts(LATENCY_MIN_REQUESTS - 1, 0, 90.0), AnalysisSpec(), 20)
+    assert few.passed is None and "not judged" in few.reason
+    enough = latency(champion, Counts(LATENCY_MIN_REQUESTS, 0, 90.0), AnalysisSpec(), 20)
+    assert enough.passed is False
+
+
+def test_latency_compares_the_routers_recent_window_when_it_has_one() -> None:
+    from services.trainer.rollout.controller import _delta
+
+    recent = RevisionStats(500, 0, 1.0, 80.0, {"recent_window": 1.0, "latency_ms_p99_recent": 9.0})
+    assert _delta(recent, [100, 0]).p99_ms == 9.0  # not the cumulative 80 (its cold start)
+    quiet = RevisionStats(500, 0, 1.0, 80.0, {"recent_window": 1.0})
+    assert _delta(quiet, None).p99_ms is None  # no calls lately: nothing to judge
+    assert _delta(RevisionStats(500, 0, 1.0, 80.0), None).p99_ms == 80.0
+
+
 async def test_canary_rolls_back_on_worse_quality(mesh: Mesh) -> None:
     mesh.store.version_rows["2"] = rows(60, 20)  # 33 % right vs the champion's 83 %
     r = await mesh.controller.start(M, "2")

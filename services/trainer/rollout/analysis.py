@@ -72,9 +72,18 @@ def error_rate(champion: Counts, canary: Counts, spec: AnalysisSpec, min_request
     return Check("error_rate", True, f"error rate {pc:.2%} vs champion {ph:.2%}", numbers)
 
 
+# A p99 over fewer calls is decided by the slowest one or two of them.
+LATENCY_MIN_REQUESTS = 100
+
+
 def latency(champion: Counts, canary: Counts, spec: AnalysisSpec, min_requests: int) -> Check:
-    if canary.requests < max(min_requests, 1) or canary.p99_ms is None:
-        return Check("latency", None, "no canary latency yet")
+    if canary.requests < max(min_requests, LATENCY_MIN_REQUESTS) or canary.p99_ms is None:
+        return Check(
+            "latency",
+            None,
+            f"latency not judged: {canary.requests} canary requests"
+            f" (need {max(min_requests, LATENCY_MIN_REQUESTS)})",
+        )
     if champion.p99_ms is None or champion.p99_ms <= 0:
         return Check("latency", None, "no champion latency to compare with")
     ratio = canary.p99_ms / champion.p99_ms

@@ -707,9 +707,15 @@ class RolloutController:
 
 def _delta(stats: RevisionStats, baseline: Sequence[int] | None) -> Counts:
     base = list(baseline or [0, 0])
-    return Counts(
-        max(stats.requests - base[0], 0), max(stats.failures - base[1], 0), stats.latency_ms_p99
-    )
+    return Counts(max(stats.requests - base[0], 0), max(stats.failures - base[1], 0), _p99(stats))
+
+
+def _p99(stats: RevisionStats) -> float | None:
+    """The p99 over the router's recent window when it has one (the same period for champion
+    and canary), else its cumulative p99."""
+    if "recent_window" in stats.extra:
+        return stats.extra.get("latency_ms_p99_recent")
+    return stats.latency_ms_p99
 
 
 def _health_counters(stats: RevisionStats) -> list[int]:
