@@ -28,6 +28,8 @@ from cyclone.traffic import Revision, RevisionStats, TrafficSplit
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
+# The bootstrap's stats_flush_interval: what histogram "interval" quantiles cover.
+_STATS_FLUSH_S = 1.0
 # gRPC statuses that are the caller's fault, not the revision's (see RevisionStats.failures).
 _CALLER_STATUSES = {"0", "3", "5"}
 # cluster.<name>.grpc.<package.Service>.<Method>.<status code>
@@ -311,7 +313,9 @@ class EnvoyProxy:
                     values.get(own + "outlier_detection.ejections_enforced_total", 0)
                 ),
                 "health_check_failures": float(values.get(own + "health_check.failure", 0)),
-                "recent_window": 1.0,  # latency_ms_p99_recent is given (absent: no samples)
+                # Seconds covered by latency_ms_p99_recent (the bootstrap's stats flush
+                # interval); the p99 itself is absent when the window had no calls.
+                "recent_window_s": _STATS_FLUSH_S,
                 **({"latency_ms_p99_recent": recent[99.0]} if 99.0 in recent else {}),
                 "active": float(values.get(own + "upstream_rq_active", 0)),
             },

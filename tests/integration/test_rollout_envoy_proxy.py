@@ -95,7 +95,7 @@ async def test_stats_report_recent_latency_and_failed_health_checks(
                 if "latency_ms_p99_recent" in stats.extra or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.2)
-        assert stats.extra["recent_window"] == 1.0
+        assert stats.extra["recent_window_s"] == 1.0
         assert stats.extra["latency_ms_p99_recent"] > 0
         assert stats.extra["health_check_failures"] == 0
     # The server is gone: its health checks fail.

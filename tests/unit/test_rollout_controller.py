@@ -294,14 +294,21 @@ def test_latency_is_not_judged_on_a_handful_of_calls() -> None:
     assert few.passed is None and "not judged" in few.reason
     enough = latency(champion, Counts(LATENCY_MIN_REQUESTS, 0, 90.0), AnalysisSpec(), 20)
     assert enough.passed is False
+    # Recent-window p99s: judged by the calls the window holds, not the step's total.
+    thin = latency(champion, Counts(10_000, 0, 90.0), AnalysisSpec(), 20, window_requests=60)
+    assert thin.passed is None and "~60 canary calls per latency window" in thin.reason
+    full = latency(champion, Counts(10_000, 0, 90.0), AnalysisSpec(), 20, window_requests=150)
+    assert full.passed is False
 
 
 def test_latency_compares_the_routers_recent_window_when_it_has_one() -> None:
     from services.trainer.rollout.controller import _delta
 
-    recent = RevisionStats(500, 0, 1.0, 80.0, {"recent_window": 1.0, "latency_ms_p99_recent": 9.0})
+    recent = RevisionStats(
+        500, 0, 1.0, 80.0, {"recent_window_s": 1.0, "latency_ms_p99_recent": 9.0}
+    )
     assert _delta(recent, [100, 0]).p99_ms == 9.0  # not the cumulative 80 (its cold start)
-    quiet = RevisionStats(500, 0, 1.0, 80.0, {"recent_window": 1.0})
+    quiet = RevisionStats(500, 0, 1.0, 80.0, {"recent_window_s": 1.0})
     assert _delta(quiet, None).p99_ms is None  # no calls lately: nothing to judge
     assert _delta(RevisionStats(500, 0, 1.0, 80.0), None).p99_ms == 80.0
 

@@ -76,7 +76,22 @@ def error_rate(champion: Counts, canary: Counts, spec: AnalysisSpec, min_request
 LATENCY_MIN_REQUESTS = 100
 
 
-def latency(champion: Counts, canary: Counts, spec: AnalysisSpec, min_requests: int) -> Check:
+def latency(
+    champion: Counts,
+    canary: Counts,
+    spec: AnalysisSpec,
+    min_requests: int,
+    window_requests: float | None = None,
+) -> Check:
+    """Canary p99 against the champion's. `window_requests`: about how many canary calls the
+    p99s were computed over when they cover a recent window rather than the whole step."""
+    if window_requests is not None and window_requests < LATENCY_MIN_REQUESTS:
+        return Check(
+            "latency",
+            None,
+            f"latency not judged: ~{window_requests:.0f} canary calls per latency window"
+            f" (need {LATENCY_MIN_REQUESTS})",
+        )
     if canary.requests < max(min_requests, LATENCY_MIN_REQUESTS) or canary.p99_ms is None:
         return Check(
             "latency",

@@ -481,7 +481,9 @@ class RolloutController:
         )
         checks = [
             analysis.error_rate(champion, canary, a, r.spec.min_requests),
-            analysis.latency(champion, canary, a, r.spec.min_requests),
+            analysis.latency(
+                champion, canary, a, r.spec.min_requests, self._window_requests(r, new_stats)
+            ),
             analysis.stability(health_failures, ejections),
         ]
         since = _utc(r.progress.started_at)
@@ -497,6 +499,16 @@ class RolloutController:
             )
         )
         return checks, canary.requests
+
+    def _window_requests(self, r: Rollout, stats: RevisionStats) -> float | None:
+        """About how many canary calls the router's recent latency window holds (its rate in
+        this step times the window), or None when its p99s cover the whole step."""
+        window = stats.extra.get("recent_window_s")
+        if window is None:
+            return None
+        base = r.progress.baseline.get(self._new_name(r)) or [0]
+        elapsed = max(self.clock() - r.progress.step_started_at, window)
+        return max(stats.requests - base[0], 0) / elapsed * window
 
     async def _count_failures(self, r: Rollout, checks: builtins.list[Check]) -> bool:
         """Record failed checks; roll back at the failure limit. True when the rollout ended."""
@@ -713,7 +725,7 @@ def _delta(stats: RevisionStats, baseline: Sequence[int] | None) -> Counts:
 def _p99(stats: RevisionStats) -> float | None:
     """The p99 over the router's recent window when it has one (the same period for champion
     and canary), else its cumulative p99."""
-    if "recent_window" in stats.extra:
+    if "recent_window_s" in stats.extra:
         return stats.extra.get("latency_ms_p99_recent")
     return stats.latency_ms_p99
 
