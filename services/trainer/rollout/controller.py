@@ -467,8 +467,10 @@ class RolloutController:
     # ---- decisions -------------------------------------------------------------------------
 
     async def _checks(self, r: Rollout) -> tuple[builtins.list[Check], int]:
-        """Error rate and latency of the canary since its step began against the champion over
-        the whole rollout, and quality on labelled rows since the rollout began."""
+        """Error rate of the canary since its step began against the champion over the whole
+        rollout, p99 latency (over the router's recent window when it has one), the canary's
+        health since it was first seen healthy, and quality on labelled rows since the rollout
+        began."""
         a = r.spec.analysis
         new_name = self._new_name(r)
         champ_name = revision_name(r.model, r.from_version or "")
