@@ -523,4 +523,5 @@ async def test_a_revision_that_fails_health_is_aborted_and_never_takes_traffic(
 async def test_the_rollouts_ran_under_at_least_10k_requests() -> None:
     if len(TOTALS) < 5:
         pytest.skip(f"only {sorted(TOTALS)} ran; the bar is for the whole module")
+    print(f"requests through Envoy per scenario: {dict(TOTALS)}, {sum(TOTALS.values())} in all")
     assert sum(TOTALS.values()) >= TOTAL_AT_LEAST, dict(TOTALS)
