@@ -363,13 +363,17 @@ async def mesh(
         shutil.rmtree(store_dir, ignore_errors=True)
 
 
-FAST = {
+FAST: dict[str, Any] = {
     "interval": "500ms",
     "step_duration": "1s",
     "min_requests": 20,
     "deadline": "3s",
     "health_timeout": "20s",
     "drain": "2s",
+    # p99 over one-second windows of a process started seconds ago, on a small machine shared
+    # with the load generator: 2-4x spikes against the warm champion are noise here (the
+    # latency check itself is covered by the unit tests).
+    "analysis": {"max_p99_latency_ratio": 10.0},
 }
 
 
@@ -386,10 +390,14 @@ async def finish(mesh: Mesh, rollout: Rollout, timeout: float = 60) -> Rollout:
     return await mesh.recorded(rollout.id)
 
 
-def assert_promoted(mesh: Mesh, recorded: Rollout, old: str, new: str) -> None:
+async def assert_promoted(mesh: Mesh, recorded: Rollout, old: str, new: str) -> None:
+    """The new version serves alone: in the store, in Envoy; the old one is retired and stopped."""
     assert recorded.state is RolloutState.PROMOTED, recorded.reason
     assert recorded.weight == 100
     assert dict(mesh.envoy.splits[CREDIT].weights) == {revision_name(CREDIT, new): 100}
+    statuses = await mesh.statuses()
+    assert (statuses[old], statuses[new]) == ("retired", "serving")
+    assert revision_name(CREDIT, old) not in {r.name for r in await mesh.orchestrator.running()}
 
 
 async def test_a_canary_promotes_through_its_steps_without_a_failed_request(mesh: Mesh) -> None:
@@ -400,7 +408,7 @@ async def test_a_canary_promotes_through_its_steps_without_a_failed_request(mesh
         rollout = await mesh.controller.start(CREDIT, new)
         recorded = await finish(mesh, rollout)
         answers = await mesh.answers_now()
-    assert_promoted(mesh, recorded, old, new)
+    await assert_promoted(mesh, recorded, old, new)
     assert answers == {new: 30}
     assert seen[0].by_version[old] > 0 and seen[0].by_version[new] > 0
     assert (await mesh.statuses())[old] == "retired"
@@ -428,7 +436,7 @@ async def test_blue_green_passes_its_smoke_test_then_moves_traffic(mesh: Mesh) -
     with mesh.scenario("blue_green"):
         rollout = await mesh.controller.start(CREDIT, new)
         recorded = await finish(mesh, rollout)
-    assert_promoted(mesh, recorded, old, new)
+    await assert_promoted(mesh, recorded, old, new)
     smoke = step(recorded, "smoke_passed")
     assert smoke.weight == 0
     assert smoke.numbers == {"smoke_requests": 20, "smoke_failures": 0, "smoke_accuracy": 1.0}
@@ -455,7 +463,7 @@ async def test_red_black_cuts_over_at_once_and_keeps_the_old_one_warm(mesh: Mesh
         assert revision_name(CREDIT, old) in {r.name for r in await mesh.orchestrator.running()}
         assert await mesh.answers_now() == {new: 30}
         recorded = await finish(mesh, rollout)
-    assert_promoted(mesh, recorded, old, new)
+    await assert_promoted(mesh, recorded, old, new)
     assert decisions(recorded)[-3:] == ["cutover", "promote", "promoted"]
     kept_warm = step(recorded, "promote").numbers  # what the new version served meanwhile
     assert kept_warm["canary_requests"] > 0 and kept_warm["canary_error_rate"] == 0
@@ -469,7 +477,9 @@ async def test_a_canary_whose_replica_is_killed_rolls_back_and_no_request_fails(
     new = await mesh.new_version()
     slow = {**FAST, "step_duration": "30s", "deadline": "60s"}
     await mesh.set_rollout(
-        strategy="canary", steps=[50, 100], analysis={"failure_limit": 1}, **slow
+        strategy="canary",
+        steps=[50, 100],
+        **{**slow, "analysis": {**slow["analysis"], "failure_limit": 1}},
     )
     name = revision_name(CREDIT, new)
     with mesh.scenario("canary_killed") as seen:

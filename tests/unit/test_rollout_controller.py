@@ -301,6 +301,23 @@ def test_latency_is_not_judged_on_a_handful_of_calls() -> None:
     assert full.passed is False
 
 
+async def test_a_recent_latency_window_is_judged_once_however_often_the_rollout_ticks(
+    mesh: Mesh,
+) -> None:
+    from services.trainer.rollout.model import Progress
+
+    now = [1000.0]
+    controller = RolloutController(mesh.orchestrator, mesh.router, mesh.store, clock=lambda: now[0])
+    rollout = Rollout("1", M, "1", "2", FAST, progress=Progress(step_started_at=990.0))
+    stats = RevisionStats(2000, 0, 1.0, 50.0, {"recent_window_s": 1.0})
+    assert controller._window_requests(rollout, stats) == 200  # 2000 calls in 10 s, 1 s window
+    now[0] += 0.5
+    assert controller._window_requests(rollout, stats) == 0  # same window: not judged again
+    now[0] += 0.6
+    assert controller._window_requests(rollout, stats) == pytest.approx(2000 / 11.1)
+    assert controller._window_requests(rollout, RevisionStats(10)) is None  # cumulative p99s
+
+
 def test_latency_compares_the_routers_recent_window_when_it_has_one() -> None:
     from services.trainer.rollout.controller import _delta
 

@@ -508,8 +508,12 @@ class RolloutController:
         window = stats.extra.get("recent_window_s")
         if window is None:
             return None
+        now = self.clock()
+        if now - r.progress.latency_judged_at < window:
+            return 0.0  # this window was judged at the last tick: one window, one observation
+        r.progress.latency_judged_at = now
         base = r.progress.baseline.get(self._new_name(r)) or [0]
-        elapsed = max(self.clock() - r.progress.step_started_at, window)
+        elapsed = max(now - r.progress.step_started_at, window)
         return max(stats.requests - base[0], 0) / elapsed * window
 
     async def _count_failures(self, r: Rollout, checks: builtins.list[Check]) -> bool:
