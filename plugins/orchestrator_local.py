@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import grpc
-from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cyclone.channels import aio_channel
 from cyclone.hookspecs import hookimpl
 from cyclone.plugin_api import OrchestratorSpec
 from cyclone.traffic import Endpoint, Revision, revision_name
@@ -39,6 +39,9 @@ from cyclone.traffic import Endpoint, Revision, revision_name
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 10.0
+# A replica that exits this many times before it ever served will not come up (bad flags, a
+# broken model): `start` gives up at once instead of waiting out `start_timeout`.
+EXITS_BEFORE_SERVING = 3
 
 
 def _free_port(host: str) -> int:
@@ -49,7 +52,7 @@ def _free_port(host: str) -> int:
 
 async def _serving(address: str, timeout: float = 1.0) -> bool:
     try:
-        async with aio.insecure_channel(address) as channel:
+        async with aio_channel(address) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )
@@ -210,12 +213,24 @@ class LocalOrchestrator:
                     pending.discard(address)
             if not pending:
                 return
+            crashing = [r for r in running.replicas if r.restarts >= EXITS_BEFORE_SERVING]
+            if crashing:
+                raise RuntimeError(
+                    f"revision {running.revision.name}: replica :{crashing[0].port} exited"
+                    f" {crashing[0].restarts} times before serving; log:"
+                    f" {self.log_path(running.revision.name)}\n{self._log_tail(running)}"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"revision {running.revision.name}: {sorted(pending)} not serving after"
                     f" {self.start_timeout:g} s (log: {self.log_path(running.revision.name)})"
                 )
             await asyncio.sleep(0.2)
+
+    def _log_tail(self, running: _Running, lines: int = 5) -> str:
+        running.log.flush()
+        text = self.log_path(running.revision.name).read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
 
     async def _terminate(self, replica: _Replica) -> None:
         process = replica.process

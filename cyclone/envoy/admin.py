@@ -88,8 +88,13 @@ class EnvoyAdmin:
                 versions[name] = str(item.get("version_info", ""))
         return versions
 
-    async def stats(self, prefix: str) -> tuple[dict[str, int], dict[str, dict[float, float]]]:
-        """Counters/gauges and cumulative histogram quantiles whose names start with `prefix`."""
+    async def stats(
+        self, prefix: str, *, window: str = "cumulative"
+    ) -> tuple[dict[str, int], dict[str, dict[float, float]]]:
+        """Counters/gauges and histogram quantiles whose names start with `prefix`.
+
+        `window`: "cumulative" (since the stat was created) or "interval" (the last stats
+        flush interval only: the same recent period for every cluster)."""
         from urllib.parse import quote
 
         body = await self.get_json(f"/stats?format=json&filter={quote('^' + _escape(prefix))}")
@@ -102,10 +107,10 @@ class EnvoyAdmin:
             if isinstance(histograms, dict):
                 supported = [float(q) for q in histograms.get("supported_quantiles", [])]
                 for item in histograms.get("computed_quantiles", []):
-                    cumulative = [v.get("cumulative") for v in item.get("values", [])]
+                    chosen = [v.get(window) for v in item.get("values", [])]
                     quantiles[item["name"]] = {
                         q: float(v)
-                        for q, v in zip(supported, cumulative, strict=False)
+                        for q, v in zip(supported, chosen, strict=False)
                         if v is not None
                     }
         return values, quantiles

@@ -10,7 +10,6 @@ before it is written; a rejected one leaves Envoy as it was.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import re
 import subprocess
@@ -29,6 +28,8 @@ from cyclone.traffic import Revision, RevisionStats, TrafficSplit
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
+# The bootstrap's stats_flush_interval: what histogram "interval" quantiles cover.
+_STATS_FLUSH_S = 1.0
 # gRPC statuses that are the caller's fault, not the revision's (see RevisionStats.failures).
 _CALLER_STATUSES = {"0", "3", "5"}
 # cluster.<name>.grpc.<package.Service>.<Method>.<status code>
@@ -79,7 +80,7 @@ class EnvoyProxy:
         self._services = descriptor_services(settings.descriptor)
         self._splits: dict[str, TrafficSplit] = {}
         self._installed_clusters: list[dict[str, Any]] = []
-        self._written_routes: dict[str, dict[str, Any]] = {}
+        self._installed_routes: dict[str, Any] = {}
         self._version = 0
         self._lock = asyncio.Lock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -131,7 +132,7 @@ class EnvoyProxy:
         write_atomically(layout.cds, dump(cfg.cds_response(version, clusters)))
         for table, body in routes.items():
             write_atomically(layout.rds(table), dump(cfg.rds_response(version, body)))
-            self._written_routes[table] = copy.deepcopy(dict(body))
+        self._installed_routes = dict(routes)
         listeners = cfg.listeners(self.settings, self._services, cfg.rds_sources(layout))
         write_atomically(layout.lds, dump(cfg.lds_response(version, listeners)))
         bootstrap = cfg.bootstrap(self.settings, layout)
@@ -291,6 +292,12 @@ class EnvoyProxy:
         latency = quantiles.get(routed + "upstream_rq_time") or quantiles.get(
             own + "upstream_rq_time", {}
         )
+        # The last flush interval: the same recent period for every revision, so a canary's
+        # cold start or a busy moment of the machine does not weigh on it alone.
+        _, recent_quantiles = await self.admin.stats(f"cluster.{revision_name}", window="interval")
+        recent = recent_quantiles.get(routed + "upstream_rq_time") or recent_quantiles.get(
+            own + "upstream_rq_time", {}
+        )
         requests = values.get(own + "upstream_rq_total", 0)
         return RevisionStats(
             requests=requests,
@@ -305,6 +312,11 @@ class EnvoyProxy:
                 "ejections": float(
                     values.get(own + "outlier_detection.ejections_enforced_total", 0)
                 ),
+                "health_check_failures": float(values.get(own + "health_check.failure", 0)),
+                # Seconds covered by latency_ms_p99_recent (the bootstrap's stats flush
+                # interval); the p99 itself is absent when the window had no calls.
+                "recent_window_s": _STATS_FLUSH_S,
+                **({"latency_ms_p99_recent": recent[99.0]} if 99.0 in recent else {}),
                 "active": float(values.get(own + "upstream_rq_active", 0)),
             },
         )
@@ -370,20 +382,21 @@ class EnvoyProxy:
             await asyncio.sleep(_POLL_S)
 
     async def _write_routes(self, routes: Mapping[str, Any], timeout: float = 30.0) -> None:
-        # Envoy skips an update whose content equals what it has (and keeps reporting the old
-        # version), so only tables that changed are written and waited for.
-        changed = {t: body for t, body in routes.items() if self._written_routes.get(t) != body}
-        if not changed:
+        # Envoy skips a route table whose content is unchanged (same hash) and keeps its old
+        # version_info, so only changed tables are written and waited for (a revision added
+        # at 0 % changes clusters, not routes).
+        routes = {t: body for t, body in routes.items() if self._installed_routes.get(t) != body}
+        if not routes:
             return
         self._version += 1
         version = str(self._version)
-        for table, body in changed.items():
+        for table, body in routes.items():
             write_atomically(self.layout.rds(table), dump(cfg.rds_response(version, body)))
-            self._written_routes[table] = copy.deepcopy(dict(body))
+        self._installed_routes.update(routes)
         deadline = time.monotonic() + timeout
         while True:
             installed = await self.admin.route_versions()
-            if all(installed.get(t) == version for t in changed):
+            if all(installed.get(t) == version for t in routes):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(

@@ -574,6 +574,8 @@ def import_pipeline(
 
 # Known-answer probes kept per version: few enough to send every minute without cost.
 PROBE_ROWS = 20
+# Regression answers must match within this share of max(1, |expected|).
+PROBE_TOLERANCE = 1e-4
 
 
 def known_answers(
@@ -588,11 +590,8 @@ def known_answers(
     import onnxruntime as ort
 
     head = frame[schema.feature_names].head(rows).reset_index(drop=True)
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    outputs = session.run(None, onnx_feed(schema, head))
-    n = len(head)
     records: list[dict[str, Any]] = []
-    for i in range(n):
+    for i in range(len(head)):
         record: dict[str, Any] = {}
         for f in schema.features:
             value = head[f.name].iloc[i]
@@ -602,6 +601,15 @@ def known_answers(
                 number = float(pd.to_numeric(value, errors="coerce"))
                 record[f.name] = None if np.isnan(number) else number
         records.append(record)
+    # The answers are computed on the rows exactly as saved (JSON numbers), not the originals,
+    # so a revision fed the saved rows must reproduce them.
+    saved = pd.DataFrame.from_records(records, columns=list(schema.feature_names))
+    for f in schema.features:
+        if f.kind != "categorical":
+            saved[f.name] = pd.to_numeric(saved[f.name], errors="coerce")
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, onnx_feed(schema, saved))
+    n = len(saved)
     answers: list[dict[str, Any]]
     if schema.task == "regression":
         values = np.asarray(outputs[0], dtype=np.float64).reshape(n)
@@ -613,7 +621,7 @@ def known_answers(
             {"label": str(label), "probabilities": [float(p) for p in row]}
             for label, row in zip(labels, probabilities, strict=True)
         ]
-    return {"rows": records, "outputs": answers}
+    return {"rows": records, "outputs": answers, "tolerance": PROBE_TOLERANCE}
 
 
 def _refit_facts(

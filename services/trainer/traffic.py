@@ -15,7 +15,7 @@ from cyclone.envoy import EnvoyProxy, EnvoySettings
 from cyclone.plugins import orchestrators
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.traffic import Endpoint
-from services.trainer.rollout import ControllerSettings, RolloutController
+from services.trainer.rollout import ControllerSettings, ProbeSmokeTester, RolloutController
 from services.trainer.rollout.store_gateway import StoreGateway
 from services.trainer.serving import ServingKeeper
 
@@ -66,7 +66,11 @@ class TrafficPlane:
         await self.proxy.start()
         self._gateway = StoreGateway(s.store)
         self.controller = RolloutController(
-            self.orchestrator, self.proxy, self._gateway, ControllerSettings()
+            self.orchestrator,
+            self.proxy,
+            self._gateway,
+            ControllerSettings(),
+            smoke=ProbeSmokeTester(s.model_repository),
         )
         await self.controller.start_up()
         self.keeper = ServingKeeper(

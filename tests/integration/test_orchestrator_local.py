@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -67,9 +68,11 @@ async def test_a_revision_that_cannot_start_leaves_nothing_behind(
     model_repo: ModelRepo, tmp_path: Path
 ) -> None:
     orch = LocalOrchestrator(
-        {"model_repository": tmp_path / "missing", "data_dir": tmp_path, "start_timeout": 6}
+        {"model_repository": tmp_path / "missing", "data_dir": tmp_path, "start_timeout": 60}
     )
-    with pytest.raises(TimeoutError, match="not serving"):
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited 3 times before serving"):
         await orch.start(CREDIT, "1", 1)  # exits at once (no repository), restarted, never healthy
+    assert time.monotonic() - started < 30  # gave up on the crash loop, not at start_timeout
     assert await orch.running() == []
     assert "--model-repository" in orch.log_path(revision_name(CREDIT, "1")).read_text()

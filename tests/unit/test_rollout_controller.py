@@ -81,6 +81,8 @@ class FakeRouter:
         self.failure_rate: dict[str, float] = {}
         self.p99: dict[str, float] = {OLD: 10.0, NEW: 10.0}
         self.counts: dict[str, list[float]] = {}
+        self.flapping: set[str] = set()  # health checks fail while it takes traffic
+        self.health_failures: dict[str, int] = {}
 
     async def apply(self, split: TrafficSplit) -> None:
         running = {r.name for r in await self.orchestrator.running()}
@@ -98,7 +100,10 @@ class FakeRouter:
         c = self.counts.setdefault(revision_name, [0, 0])
         c[0] += weight
         c[1] += weight * self.failure_rate.get(revision_name, 0.0)
-        return RevisionStats(int(c[0]), int(c[1]), 1.0, self.p99.get(revision_name))
+        if weight and revision_name in self.flapping:
+            self.health_failures[revision_name] = self.health_failures.get(revision_name, 0) + 1
+        extra = {"health_check_failures": float(self.health_failures.get(revision_name, 0))}
+        return RevisionStats(int(c[0]), int(c[1]), 1.0, self.p99.get(revision_name), extra)
 
     async def remove_model(self, model: str) -> None:
         self.removed = model
@@ -240,6 +245,89 @@ async def test_canary_rolls_back_when_errors_reach_the_failure_limit(mesh: Mesh)
     assert mesh.store.versions["1"].status == "serving"
     last = done.steps[-1]
     assert last.numbers["canary_error_rate"] == pytest.approx(0.5, abs=0.05)
+
+
+async def test_the_last_step_records_its_numbers_with_the_promotion(mesh: Mesh) -> None:
+    r = await mesh.controller.start(M, "2")
+    done = await finish(mesh, r.id)
+    promote = next(s for s in done.steps if s.decision == "promote")
+    assert promote.numbers["canary_requests"] >= FAST.min_requests
+    assert promote.numbers["canary_health_failures"] == 0
+
+
+async def test_a_canary_that_goes_unhealthy_rolls_back_though_no_request_failed(
+    mesh: Mesh,
+) -> None:
+    mesh.router.flapping.add(NEW)  # a replica died: retries hid it, health checks did not
+    r = await mesh.controller.start(M, "2")
+    done = await finish(mesh, r.id)
+    assert done.state is RolloutState.ROLLED_BACK
+    assert "failure limit 2" in done.reason and "went unhealthy" in done.reason
+    last = done.steps[-1]
+    assert last.numbers["canary_health_failures"] >= 2
+    assert last.numbers["canary_error_rate"] == 0
+    assert mesh.router.splits[-1].weights == {OLD: 100}
+    assert mesh.store.versions["2"].status == "retired"
+
+
+async def test_health_failures_before_the_canary_was_healthy_do_not_count(mesh: Mesh) -> None:
+    mesh.router.health_failures[NEW] = 5  # counted while it started, before it was healthy
+    r = await mesh.controller.start(M, "2")
+    done = await finish(mesh, r.id)
+    assert done.state is RolloutState.PROMOTED, done.reason
+
+
+async def test_canary_rolls_back_when_its_p99_is_beyond_the_ratio(mesh: Mesh) -> None:
+    mesh.router.p99[NEW] = 40.0  # 4x the champion's 10 ms (limit 2x) and 30 ms slower (>25)
+    r = await mesh.controller.start(M, "2")
+    done = await finish(mesh, r.id)
+    assert done.state is RolloutState.ROLLED_BACK
+    assert "p99 40.0 ms is 4.00x" in done.reason
+    assert done.steps[-1].numbers["p99_ratio"] == 4.0
+
+
+def test_latency_is_not_judged_on_a_handful_of_calls() -> None:
+    from services.trainer.rollout.analysis import LATENCY_MIN_REQUESTS, Counts, latency
+
+    champion = Counts(10_000, 0, 10.0)
+    few = latency(champion, Counts(LATENCY_MIN_REQUESTS - 1, 0, 90.0), AnalysisSpec(), 20)
+    assert few.passed is None and "not judged" in few.reason
+    enough = latency(champion, Counts(LATENCY_MIN_REQUESTS, 0, 90.0), AnalysisSpec(), 20)
+    assert enough.passed is False
+    # Recent-window p99s: judged by the calls the window holds, not the step's total.
+    thin = latency(champion, Counts(10_000, 0, 90.0), AnalysisSpec(), 20, window_requests=60)
+    assert thin.passed is None and "~60 canary calls per latency window" in thin.reason
+    full = latency(champion, Counts(10_000, 0, 90.0), AnalysisSpec(), 20, window_requests=150)
+    assert full.passed is False
+
+
+async def test_a_recent_latency_window_is_judged_once_however_often_the_rollout_ticks(
+    mesh: Mesh,
+) -> None:
+    from services.trainer.rollout.model import Progress
+
+    now = [1000.0]
+    controller = RolloutController(mesh.orchestrator, mesh.router, mesh.store, clock=lambda: now[0])
+    rollout = Rollout("1", M, "1", "2", FAST, progress=Progress(step_started_at=990.0))
+    stats = RevisionStats(2000, 0, 1.0, 50.0, {"recent_window_s": 1.0})
+    assert controller._window_requests(rollout, stats) == 200  # 2000 calls in 10 s, 1 s window
+    now[0] += 0.5
+    assert controller._window_requests(rollout, stats) == 0  # same window: not judged again
+    now[0] += 0.6
+    assert controller._window_requests(rollout, stats) == pytest.approx(2000 / 11.1)
+    assert controller._window_requests(rollout, RevisionStats(10)) is None  # cumulative p99s
+
+
+def test_latency_compares_the_routers_recent_window_when_it_has_one() -> None:
+    from services.trainer.rollout.controller import _delta
+
+    recent = RevisionStats(
+        500, 0, 1.0, 80.0, {"recent_window_s": 1.0, "latency_ms_p99_recent": 9.0}
+    )
+    assert _delta(recent, [100, 0]).p99_ms == 9.0  # not the cumulative 80 (its cold start)
+    quiet = RevisionStats(500, 0, 1.0, 80.0, {"recent_window_s": 1.0})
+    assert _delta(quiet, None).p99_ms is None  # no calls lately: nothing to judge
+    assert _delta(RevisionStats(500, 0, 1.0, 80.0), None).p99_ms == 80.0
 
 
 async def test_canary_rolls_back_on_worse_quality(mesh: Mesh) -> None:

@@ -1,6 +1,7 @@
 """Zero-downtime rollouts: the transport-free engine behind the trainer's rollout RPCs.
 
-controller = RolloutController(orchestrator, router, StoreGateway(store_address))
+controller = RolloutController(orchestrator, router, StoreGateway(store_address),
+                               smoke=ProbeSmokeTester(model_repository))  # blue-green's gate
 await controller.start_up()          # resume or roll back what a previous process left
 rollout = await controller.start("credit", "2")            # strategy from the plan
 async for step in controller.watch(rollout.id): ...
@@ -11,10 +12,12 @@ await controller.close()
 from .controller import ControllerSettings, RolloutController
 from .model import Progress, Rollout, RolloutState, RolloutStep
 from .ports import Orchestrator, RolloutStore, Rows, SmokeResult, SmokeTester, VersionInfo
+from .smoke import ProbeSmokeTester
 
 __all__ = [
     "ControllerSettings",
     "Orchestrator",
+    "ProbeSmokeTester",
     "Progress",
     "Rollout",
     "RolloutController",

@@ -72,9 +72,33 @@ def error_rate(champion: Counts, canary: Counts, spec: AnalysisSpec, min_request
     return Check("error_rate", True, f"error rate {pc:.2%} vs champion {ph:.2%}", numbers)
 
 
-def latency(champion: Counts, canary: Counts, spec: AnalysisSpec, min_requests: int) -> Check:
-    if canary.requests < max(min_requests, 1) or canary.p99_ms is None:
-        return Check("latency", None, "no canary latency yet")
+# A p99 over fewer calls is decided by the slowest one or two of them.
+LATENCY_MIN_REQUESTS = 100
+
+
+def latency(
+    champion: Counts,
+    canary: Counts,
+    spec: AnalysisSpec,
+    min_requests: int,
+    window_requests: float | None = None,
+) -> Check:
+    """Canary p99 against the champion's. `window_requests`: about how many canary calls the
+    p99s were computed over when they cover a recent window rather than the whole step."""
+    if window_requests is not None and window_requests < LATENCY_MIN_REQUESTS:
+        return Check(
+            "latency",
+            None,
+            f"latency not judged: ~{window_requests:.0f} canary calls per latency window"
+            f" (need {LATENCY_MIN_REQUESTS})",
+        )
+    if canary.requests < max(min_requests, LATENCY_MIN_REQUESTS) or canary.p99_ms is None:
+        return Check(
+            "latency",
+            None,
+            f"latency not judged: {canary.requests} canary requests"
+            f" (need {max(min_requests, LATENCY_MIN_REQUESTS)})",
+        )
     if champion.p99_ms is None or champion.p99_ms <= 0:
         return Check("latency", None, "no champion latency to compare with")
     ratio = canary.p99_ms / champion.p99_ms
@@ -90,6 +114,26 @@ def latency(champion: Counts, canary: Counts, spec: AnalysisSpec, min_requests: 
             numbers,
         )
     return Check("latency", True, f"p99 ratio {ratio:.2f}", numbers)
+
+
+def stability(health_failures: int, ejections: int, max_health_failures: int = 2) -> Check:
+    """The canary's processes stayed up: the proxy's active health checks failed fewer than
+    `max_health_failures` times (its own unhealthy threshold) and no host was ejected since
+    the revision was first seen healthy. A replica that dies mid-rollout fails this even when
+    retries hid every failed request from the callers."""
+    numbers = {
+        "canary_health_failures": float(health_failures),
+        "canary_ejections": float(ejections),
+    }
+    if health_failures >= max_health_failures or ejections > 0:
+        return Check(
+            "stability",
+            False,
+            f"the canary went unhealthy: {health_failures} failed health checks,"
+            f" {ejections} ejections",
+            numbers,
+        )
+    return Check("stability", True, "the canary stayed healthy", numbers)
 
 
 def resolve_metric(metric: str, task: str) -> str:

@@ -374,7 +374,7 @@ class RolloutController:
             )
         if enough:
             if last:
-                await self._finalize(r, _summary(checks) or "all steps passed")
+                await self._finalize(r, _summary(checks) or "all steps passed", numbers)
             else:
                 await self._record(r, "advance", _summary(checks), numbers)
                 await self._enter_step(r, p.step_index + 1)
@@ -467,8 +467,10 @@ class RolloutController:
     # ---- decisions -------------------------------------------------------------------------
 
     async def _checks(self, r: Rollout) -> tuple[builtins.list[Check], int]:
-        """Error rate and latency of the canary since its step began against the champion over
-        the whole rollout, and quality on labelled rows since the rollout began."""
+        """Error rate of the canary since its step began against the champion over the whole
+        rollout, p99 latency (over the router's recent window when it has one), the canary's
+        health since it was first seen healthy, and quality on labelled rows since the rollout
+        began."""
         a = r.spec.analysis
         new_name = self._new_name(r)
         champ_name = revision_name(r.model, r.from_version or "")
@@ -476,9 +478,15 @@ class RolloutController:
         champ_stats = await self.router.stats(champ_name)
         canary = _delta(new_stats, r.progress.baseline.get(new_name))
         champion = _delta(champ_stats, r.progress.rollout_baseline.get(champ_name))
+        health_failures, ejections = _unhealthy(
+            new_stats, r.progress.rollout_baseline.get(new_name)
+        )
         checks = [
             analysis.error_rate(champion, canary, a, r.spec.min_requests),
-            analysis.latency(champion, canary, a, r.spec.min_requests),
+            analysis.latency(
+                champion, canary, a, r.spec.min_requests, self._window_requests(r, new_stats)
+            ),
+            analysis.stability(health_failures, ejections),
         ]
         since = _utc(r.progress.started_at)
         info = await self.store.model_version(r.model, r.to_version)
@@ -493,6 +501,20 @@ class RolloutController:
             )
         )
         return checks, canary.requests
+
+    def _window_requests(self, r: Rollout, stats: RevisionStats) -> float | None:
+        """About how many canary calls the router's recent latency window holds (its rate in
+        this step times the window), or None when its p99s cover the whole step."""
+        window = stats.extra.get("recent_window_s")
+        if window is None:
+            return None
+        now = self.clock()
+        if now - r.progress.latency_judged_at < window:
+            return 0.0  # this window was judged at the last tick: one window, one observation
+        r.progress.latency_judged_at = now
+        base = r.progress.baseline.get(self._new_name(r)) or [0]
+        elapsed = max(now - r.progress.step_started_at, window)
+        return max(stats.requests - base[0], 0) / elapsed * window
 
     async def _count_failures(self, r: Rollout, checks: builtins.list[Check]) -> bool:
         """Record failed checks; roll back at the failure limit. True when the rollout ended."""
@@ -660,7 +682,7 @@ class RolloutController:
         out: dict[str, builtins.list[int]] = {}
         for name in names:
             s = await self.router.stats(name)
-            out[name] = [s.requests, s.failures]
+            out[name] = [s.requests, s.failures, *_health_counters(s)]
         return out
 
     async def _drain(self, name: str, seconds: float) -> None:
@@ -703,9 +725,30 @@ class RolloutController:
 
 def _delta(stats: RevisionStats, baseline: Sequence[int] | None) -> Counts:
     base = list(baseline or [0, 0])
-    return Counts(
-        max(stats.requests - base[0], 0), max(stats.failures - base[1], 0), stats.latency_ms_p99
-    )
+    return Counts(max(stats.requests - base[0], 0), max(stats.failures - base[1], 0), _p99(stats))
+
+
+def _p99(stats: RevisionStats) -> float | None:
+    """The p99 over the router's recent window when it has one (the same period for champion
+    and canary), else its cumulative p99."""
+    if "recent_window_s" in stats.extra:
+        return stats.extra.get("latency_ms_p99_recent")
+    return stats.latency_ms_p99
+
+
+def _health_counters(stats: RevisionStats) -> list[int]:
+    """Failed active health checks and outlier ejections the proxy counted (cumulative)."""
+    return [
+        int(stats.extra.get("health_check_failures", 0)),
+        int(stats.extra.get("ejections", 0)),
+    ]
+
+
+def _unhealthy(stats: RevisionStats, baseline: Sequence[int] | None) -> tuple[int, int]:
+    """Health-check failures and ejections since `baseline` (older records lack them: 0)."""
+    base = [*(baseline or [])[2:4], 0, 0]
+    now = _health_counters(stats)
+    return max(now[0] - base[0], 0), max(now[1] - base[1], 0)
 
 
 def _numbers(checks: list[Check]) -> dict[str, float]:

@@ -49,6 +49,7 @@ class Progress:
     waiting: str = ""  # what the current step waits for (an event is recorded on change)
     shadow: str = ""  # revision name mirrored to, if any
     shadow_percent: float = 100.0
+    latency_judged_at: float = 0.0  # epoch seconds: a recent latency window counts once
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
