@@ -111,6 +111,10 @@ def serve_monitor(
         str | None,
         typer.Option(help="Trainer HOST:PORT: retrain/rollback actions go there (else recorded)."),
     ] = None,
+    probe_address: Annotated[
+        str | None,
+        typer.Option(help="Where known-answer probes go (Envoy's public HOST:PORT); default off."),
+    ] = None,
     data_dir: DataDirOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,

@@ -153,6 +153,9 @@ class CycloneServer:
         )
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {address}")
+        # grpc's health servicer reports SERVING for "" from the start; ours says so only
+        # once the start-up hooks (models, Envoy, background work) are done.
+        await self.set_serving(False)
         await self.grpc.start()
         for hook in self._start_hooks:
             await hook()

@@ -154,6 +154,9 @@ class Mesh:
                     store,
                     "--trainer",
                     trainer,
+                    # Known-answer probes go through Envoy, as clients' requests do.
+                    "--probe-address",
+                    f"127.0.0.1:{s.port('public')}",
                     "--dashboard-port",
                     str(s.port("dashboard")),
                 ],

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,7 +15,7 @@ from grpc import aio
 
 from services.launch import free_port
 
-__all__ = ["eventually", "expect_error", "free_port"]
+__all__ = ["eventually", "expect_error", "free_port", "make_pki"]
 
 
 async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, *fragments: str) -> str:
@@ -36,3 +38,33 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(every)
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def make_pki(root: Path, client_name: str = "client") -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate (openssl).
+
+    Keys of the returned dict: ca.key, ca.pem, server.key, server.pem, client.key, client.pem.
+    """
+    files = {"ca.key": root / "ca.key", "ca.pem": root / "ca.pem"}
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+        "-keyout", str(files["ca.key"]), "-out", str(files["ca.pem"]),
+    )  # fmt: skip
+    for who, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("client", f"DNS:{client_name}")):
+        key, csr, pem, ext = (root / f"{who}.{s}" for s in ("key", "csr", "pem", "ext"))
+        ext.write_text(f"subjectAltName={san}\n")
+        _openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}",
+            "-keyout", str(key), "-out", str(csr),
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", str(csr), "-CA", str(files["ca.pem"]),
+            "-CAkey", str(files["ca.key"]), "-CAcreateserial", "-days", "1",
+            "-extfile", str(ext), "-out", str(pem),
+        )  # fmt: skip
+        files[f"{who}.key"], files[f"{who}.pem"] = key, pem
+    return files

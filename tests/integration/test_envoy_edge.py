@@ -9,7 +9,6 @@ import http.client
 import json
 import shutil
 import ssl
-import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 import yaml
+from support import make_pki
 
 from cyclone.auth import Scope, scope_for
 from cyclone.client import build_request
@@ -172,33 +172,10 @@ async def test_tokens_are_checked_behind_the_public_listener(
                 assert token.encode() not in body
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A CA, a certificate for 127.0.0.1/localhost (server) and one for a client (envoy)."""
-    root = tmp_path_factory.mktemp("edge-pki")
-    files = {"ca.key": root / "ca.key", "ca.pem": root / "ca.pem"}
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=edge-ca",
-        "-keyout", str(files["ca.key"]), "-out", str(files["ca.pem"]),
-    )  # fmt: skip
-    for who, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("client", "DNS:envoy")):
-        key, csr, pem, ext = (root / f"{who}.{s}" for s in ("key", "csr", "pem", "ext"))
-        ext.write_text(f"subjectAltName={san}\n")
-        _openssl(
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}",
-            "-keyout", str(key), "-out", str(csr),
-        )  # fmt: skip
-        _openssl(
-            "x509", "-req", "-in", str(csr), "-CA", str(files["ca.pem"]),
-            "-CAkey", str(files["ca.key"]), "-CAcreateserial", "-days", "1",
-            "-extfile", str(ext), "-out", str(pem),
-        )  # fmt: skip
-        files[f"{who}.key"], files[f"{who}.pem"] = key, pem
-    return files
+    return make_pki(tmp_path_factory.mktemp("edge-pki"), client_name="envoy")
 
 
 NEEDS_OPENSSL = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")

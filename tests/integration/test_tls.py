@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc import aio
+from support import make_pki
 
 from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -22,36 +22,9 @@ pytestmark = [
 ]
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-def _make_pki(root: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
-    files = {name: root / name for name in ("ca.key", "ca.pem")}
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-        "-keyout", str(files["ca.key"]), "-out", str(files["ca.pem"]),
-    )  # fmt: skip
-    for who, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("client", "DNS:client")):
-        key, csr, pem, ext = (root / f"{who}.{s}" for s in ("key", "csr", "pem", "ext"))
-        ext.write_text(f"subjectAltName={san}\n")
-        _openssl(
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}",
-            "-keyout", str(key), "-out", str(csr),
-        )  # fmt: skip
-        _openssl(
-            "x509", "-req", "-in", str(csr), "-CA", str(files["ca.pem"]),
-            "-CAkey", str(files["ca.key"]), "-CAcreateserial", "-days", "1",
-            "-extfile", str(ext), "-out", str(pem),
-        )  # fmt: skip
-        files[f"{who}.key"], files[f"{who}.pem"] = key, pem
-    return files
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return _make_pki(tmp_path_factory.mktemp("pki"))
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 async def _predict(channel: aio.Channel) -> pb.PredictResponse:
