@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) -m bench.inference
 	$(PY) -m bench.store
 	$(PY) -m bench.monitor
+	$(PY) -m bench.loop
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -21,7 +21,7 @@ import shutil
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,7 +39,14 @@ from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.trainer.data import LabelledWindow, collect, window_request
 from services.trainer.evaluate import class_counts, split_holdout
-from services.trainer.fit import FitOutcome, FitTask, JobFailure, fit_and_evaluate, write_version
+from services.trainer.fit import (
+    FitOutcome,
+    FitTask,
+    JobFailure,
+    fit_and_evaluate,
+    warm_up,
+    write_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,12 @@ class ServeImmediately:
             timeout=STORE_TIMEOUT,
         )
         return ""
+
+
+def _log_warm_up_failure(future: Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        # Not fatal: the job that needs the worker meets (and records) the same problem.
+        log.warning("trainer worker warm-up failed: %s", future.exception())
 
 
 class _JobGone(Exception):
@@ -142,6 +155,14 @@ class JobRunner:
         for job in response.jobs:
             log.warning("job %d of %s was left %s; marked failed", job.id, job.model, job.stage)
         self._pool = self._pool_factory(self.max_parallel)
+        self._warm_pool()
+
+    def _warm_pool(self) -> None:
+        """Start one worker and its imports now, in the background: spawning a worker and
+        importing scikit-learn, skl2onnx and onnxruntime took seconds of the first job's fit
+        stage. One is enough for the usual single job; it stays idle and is reused."""
+        assert self._pool is not None
+        self._pool.submit(warm_up).add_done_callback(_log_warm_up_failure)
 
     async def stop(self) -> None:
         for task in self._consumers.values():
@@ -304,6 +325,7 @@ class JobRunner:
             await self._finish(job_id, "failed", str(exc))
         except BrokenProcessPool:
             self._pool = self._pool_factory(self.max_parallel)
+            self._warm_pool()
             await self._finish(job_id, "failed", "fit: the worker process died")
         except grpc.aio.AioRpcError as exc:
             await self._finish(job_id, "failed", f"store: {exc.code().name}: {exc.details()}")
