@@ -59,12 +59,13 @@ from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
-from services.launch import free_port, spawn
+from services.launch import Spawned, free_port, spawn
 from services.store.db import uuid7
 
 MODEL = "bike"
 PER_MESSAGE = 5000
 HOLDOUT = 0.2
+SETTLE_SECONDS = 5.0
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 << 20),
     ("grpc.max_send_message_length", 256 << 20),
@@ -236,7 +237,19 @@ async def drive(store_address: str, trainer_address: str, frame: pd.DataFrame) -
         t0 = time.perf_counter()
         await load(store, frame)
         print(f"  loaded {len(frame):,} labelled rows in {time.perf_counter() - t0:.1f} s")
+        # A trainer has been up a while when an alert comes: let its worker finish warming up.
+        await asyncio.sleep(max(0.0, SETTLE_SECONDS - (time.perf_counter() - t0)))
         return await retrain_to_full_traffic(store, pb_grpc.TrainerServiceStub(trainer_channel))
+
+
+def wait_started(trainer: Spawned, timeout: float = 120.0) -> None:
+    """Health answers SERVING before the trainer's start-up hooks (Envoy, the champion's
+    revision, the worker pool) are done; its "listening" line comes after them."""
+    deadline = time.monotonic() + timeout
+    while "trainer listening on" not in trainer.log_tail(1_000_000):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"trainer not started after {timeout:.0f} s:\n{trainer.log_tail()}")
+        time.sleep(0.1)
 
 
 def run_once(rows: int, champion: Any, champion_frame: pd.DataFrame) -> LoopTimes:
@@ -278,6 +291,7 @@ def run_once(rows: int, champion: Any, champion_frame: pd.DataFrame) -> LoopTime
                 logs / "trainer.log",
             )
             try:
+                wait_started(trainer)
                 return asyncio.run(drive(store.address, trainer.address, frame))
             except BaseException:
                 print(trainer.log_tail())

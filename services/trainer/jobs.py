@@ -140,6 +140,9 @@ class JobRunner:
         self._slots = asyncio.Semaphore(max_parallel)
         self._queues: dict[str, asyncio.Queue[int]] = {}
         self._consumers: dict[str, asyncio.Task[None]] = {}
+        # Set once start() has run: the server takes Retrain calls (and health may already say
+        # SERVING) while its start-up hooks still run; their jobs wait in the queue till then.
+        self._started = asyncio.Event()
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -156,6 +159,7 @@ class JobRunner:
             log.warning("job %d of %s was left %s; marked failed", job.id, job.model, job.stage)
         self._pool = self._pool_factory(self.max_parallel)
         self._warm_pool()
+        self._started.set()
 
     def _warm_pool(self) -> None:
         """Start one worker and its imports now, in the background: spawning a worker and
@@ -171,6 +175,7 @@ class JobRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._consumers.clear()
+        self._started.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -267,6 +272,7 @@ class JobRunner:
             )
 
     async def _consume(self, model: str, queue: asyncio.Queue[int]) -> None:
+        await self._started.wait()
         while True:
             job_id = await queue.get()
             async with self._slots:

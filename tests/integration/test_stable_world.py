@@ -8,6 +8,7 @@ world ends REJECTED -- the challenger does not beat the champion -- and nothing 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator
@@ -35,6 +36,7 @@ from services.launch import start_monitor, start_store, start_trainer
 from services.monitor.main import MonitorSettings
 from services.store.db import uuid7
 from services.store.main import StoreSettings
+from services.trainer.jobs import JobRunner
 from services.trainer.main import TrainerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -187,3 +189,20 @@ async def test_stable_world_never_retrains_and_a_forced_retrain_is_rejected(worl
         ("1", store_pb.MODEL_STATUS_SERVING)
     ]
     assert sorted(p.name for p in (world.repository / MODEL).iterdir()) == ["1"]
+
+
+async def test_a_retrain_asked_while_the_trainer_starts_waits_for_it(world: World) -> None:
+    # The server takes calls while its start-up hooks (Envoy, revisions) still run; a job
+    # queued then must wait for the worker pool, not fail with "not started".
+    runner = JobRunner(world.store, world.repository)
+    queued, created = await runner.retrain(MODEL, reason="during start-up")
+    assert created
+    await asyncio.sleep(0.3)
+    assert (await runner.get(queued.id)).state == "queued"
+    await runner.start()
+    try:
+        states = [job async for job in runner.watch(queued.id)]
+    finally:
+        await runner.stop()
+    # No labelled rows were sent: the job ran, and ended for that reason.
+    assert states[-1].state == "not_enough_data", states[-1].message
