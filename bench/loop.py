@@ -65,7 +65,7 @@ from services.store.db import uuid7
 MODEL = "bike"
 PER_MESSAGE = 5000
 HOLDOUT = 0.2
-SETTLE_SECONDS = 5.0
+SETTLE_SECONDS = 10.0
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 << 20),
     ("grpc.max_send_message_length", 256 << 20),
