@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) -m bench.monitor
 	$(PY) -m bench.envoy
 	$(PY) -m bench.rollout
+	$(PY) -m bench.loop
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

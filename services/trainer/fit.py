@@ -129,6 +129,19 @@ def _hyperparameters(estimator: Any) -> dict[str, Any]:
     return out
 
 
+def warm_up() -> None:
+    """Import what a job needs (plugins, scikit-learn, skl2onnx, onnxruntime) ahead of the first
+    job: a fresh spawned worker spends seconds importing, which the first job would wait on."""
+    import joblib  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    from cyclone.models.convert import import_pipeline  # noqa: F401
+    from cyclone.plugins import get_plugins
+    from services.trainer.evaluate import decide  # noqa: F401
+
+    get_plugins()
+
+
 def fit_and_evaluate(task: FitTask) -> FitOutcome:
     """Fit the challenger on the training rows and compare it with the champion on the holdout."""
     from cyclone.plugins import get_plugins

@@ -21,7 +21,7 @@ import shutil
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,7 +40,14 @@ from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.trainer.data import LabelledWindow, collect, window_request
 from services.trainer.evaluate import class_counts, split_holdout
-from services.trainer.fit import FitOutcome, FitTask, JobFailure, fit_and_evaluate, write_version
+from services.trainer.fit import (
+    FitOutcome,
+    FitTask,
+    JobFailure,
+    fit_and_evaluate,
+    warm_up,
+    write_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +81,12 @@ class ServeImmediately:
             timeout=STORE_TIMEOUT,
         )
         return ""
+
+
+def _log_warm_up_failure(future: Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        # Not fatal: the job that needs the worker meets (and records) the same problem.
+        log.warning("trainer worker warm-up failed: %s", future.exception())
 
 
 class _JobGone(Exception):
@@ -128,6 +141,9 @@ class JobRunner:
         self._slots = asyncio.Semaphore(max_parallel)
         self._queues: dict[str, asyncio.Queue[int]] = {}
         self._consumers: dict[str, asyncio.Task[None]] = {}
+        # Set once start() has run: the server takes Retrain calls (and health may already say
+        # SERVING) while its start-up hooks still run; their jobs wait in the queue till then.
+        self._started = asyncio.Event()
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -143,6 +159,15 @@ class JobRunner:
         for job in response.jobs:
             log.warning("job %d of %s was left %s; marked failed", job.id, job.model, job.stage)
         self._pool = self._pool_factory(self.max_parallel)
+        self._warm_pool()
+        self._started.set()
+
+    def _warm_pool(self) -> None:
+        """Start one worker and its imports now, in the background: spawning a worker and
+        importing scikit-learn, skl2onnx and onnxruntime took seconds of the first job's fit
+        stage. One is enough for the usual single job; it stays idle and is reused."""
+        assert self._pool is not None
+        self._pool.submit(warm_up).add_done_callback(_log_warm_up_failure)
 
     async def stop(self) -> None:
         for task in self._consumers.values():
@@ -151,6 +176,7 @@ class JobRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._consumers.clear()
+        self._started.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -247,6 +273,7 @@ class JobRunner:
             )
 
     async def _consume(self, model: str, queue: asyncio.Queue[int]) -> None:
+        await self._started.wait()
         while True:
             job_id = await queue.get()
             async with self._slots:
@@ -305,6 +332,7 @@ class JobRunner:
             await self._finish(job_id, "failed", str(exc))
         except BrokenProcessPool:
             self._pool = self._pool_factory(self.max_parallel)
+            self._warm_pool()
             await self._finish(job_id, "failed", "fit: the worker process died")
         except grpc.aio.AioRpcError as exc:
             await self._finish(job_id, "failed", f"store: {exc.code().name}: {exc.details()}")
