@@ -109,12 +109,12 @@ async def start_monitor(settings: Any, *, schedule: bool = True) -> Started[Any]
 
 
 async def start_trainer(settings: Any) -> Started[Any]:
-    """Trainer: retraining jobs (worker processes) and, once wired, rollouts."""
+    """Trainer: retraining jobs (worker processes); with `envoy`, Envoy, revisions, rollouts."""
     from services.trainer.main import build_trainer_server
 
-    server, runner = build_trainer_server(settings)
+    server, trainer = build_trainer_server(settings)
     await server.start()
-    return Started("trainer", server, runner)
+    return Started("trainer", server, trainer)
 
 
 def settings_class(component: str) -> type[Any]:

@@ -37,9 +37,17 @@ class TrainerSettings(ServerSettings):
     replicas: int = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """What a running trainer holds: the job runner and, with `envoy`, its traffic plane."""
+
+    runner: JobRunner
+    traffic: TrafficPlane | None
+
+
 def build_trainer_server(
     settings: TrainerSettings, *, rollout: RolloutStarter | None = None
-) -> tuple[CycloneServer, JobRunner]:
+) -> tuple[CycloneServer, Trainer]:
     get_plugins()  # a broken plugin set fails at start-up, not mid-job
     channel = aio_channel(settings.store)
     store = store_grpc.StoreServiceStub(channel)
@@ -53,7 +61,6 @@ def build_trainer_server(
         rollout=rollout,
     )
     server = CycloneServer("trainer", settings)
-    server._traffic = traffic  # type: ignore[attr-defined]  # reached by tests and `cyclone up`
     server.add_service(
         TRAINER_SERVICE,
         lambda s: pb_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(runner, traffic), s),
@@ -72,4 +79,4 @@ def build_trainer_server(
 
     server.on_start(start)
     server.on_shutdown(stop)
-    return server, runner
+    return server, Trainer(runner, traffic)

@@ -72,7 +72,7 @@ async def mesh(fresh_database_url: str, tmp_path: Path, model_repo: Any) -> Asyn
             aio.insecure_channel(store.address) as store_channel,
             aio.insecure_channel(trainer.address) as trainer_channel,
         ):
-            plane = trainer.server._traffic  # type: ignore[attr-defined]
+            plane = trainer.domain.traffic
             yield Mesh(
                 store_grpc.StoreServiceStub(store_channel),
                 pb_grpc.TrainerServiceStub(trainer_channel),
