@@ -272,3 +272,25 @@ async def test_a_malformed_traceparent_on_a_new_alert_is_rejected(fresh_database
             )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "alerts[0].traceparent" in (raised.value.details() or "")
+
+
+def test_traceparent_helpers_accept_only_w3c_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cyclone import telemetry
+
+    good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert trace_id_of(good) == "0af7651916cd43dd8448eb211c80319c"
+    for bad in (
+        "",
+        "00-not-a-trace-01",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",  # zero trace id
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",  # zero span id
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # forbidden version
+        good.upper(),
+        good + "-extra",
+    ):
+        assert not telemetry.valid_traceparent(bad) and trace_id_of(bad) == ""
+    # Tracing off: spans are no-ops and nothing is propagated.
+    monkeypatch.setattr(telemetry, "_configured_service", None)
+    with telemetry.span("x", parent=good):
+        assert telemetry.current_traceparent() == ""
+        assert telemetry.traceparent_metadata() == ()
