@@ -6,13 +6,19 @@ there is nothing to send spans to, and the interceptor costs every call.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from cyclone.instrumentation import request_id_var
 
 _configured_service: str | None = None
+# W3C trace context, version 00 as written; all-zero ids are invalid.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+AttributeValue = str | bool | int | float
 
 
 class _RequestIdFilter(logging.Filter):
@@ -80,3 +86,60 @@ def current_trace_id() -> str:
 
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+def valid_traceparent(text: str) -> bool:
+    """A W3C `traceparent` header value (version ff is forbidden by the spec)."""
+    return _TRACEPARENT.fullmatch(text) is not None and not text.startswith("ff")
+
+
+def trace_id_of(traceparent: str) -> str:
+    """The hex trace id a traceparent names, or "" when it is not one."""
+    return traceparent.split("-")[1] if valid_traceparent(traceparent) else ""
+
+
+def current_traceparent() -> str:
+    """The active span as a W3C traceparent, or "" when tracing is off or no span is active."""
+    if _configured_service is None:
+        return ""
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def traceparent_metadata() -> tuple[tuple[str, str], ...]:
+    """gRPC metadata continuing the active trace in the callee (its server interceptor reads
+    `traceparent`); empty when there is nothing to continue."""
+    traceparent = current_traceparent()
+    return (("traceparent", traceparent),) if traceparent else ()
+
+
+@contextlib.contextmanager
+def span(
+    name: str, *, parent: str = "", attributes: Mapping[str, AttributeValue] | None = None
+) -> Iterator[None]:
+    """Run the block in a span: a child of `parent` (a traceparent) when given and valid, else
+    of the active span. Nothing happens when tracing is off."""
+    if _configured_service is None:
+        yield
+        return
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    context = None
+    if valid_traceparent(parent):
+        context = TraceContextTextMapPropagator().extract({"traceparent": parent})
+    tracer = trace.get_tracer("cyclone")
+    with tracer.start_as_current_span(name, context=context, attributes=attributes):
+        yield
+
+
+def add_event(name: str, attributes: Mapping[str, AttributeValue] | None = None) -> None:
+    """Mark a moment (a job stage, say) on the active span; nothing when tracing is off."""
+    if _configured_service is None:
+        return
+    from opentelemetry import trace
+
+    trace.get_current_span().add_event(name, attributes)

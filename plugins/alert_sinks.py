@@ -2,7 +2,8 @@
 
 ``record`` appends alerts to a JSONL file (``config: {path: ...}``) or, without a path, to the
 in-memory :data:`RECORDED` list. ``trainer`` asks the trainer to retrain (gRPC ``Retrain`` with the
-alert id, so a repeated delivery makes no second job); config ``{address: HOST:PORT}``.
+alert id, so a repeated delivery makes no second job); config ``{address: HOST:PORT}``. With
+tracing on it sends the active trace as ``traceparent`` metadata.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def deliver_trainer(alert: Alert, config: Mapping[str, Any]) -> None:
     import grpc
 
     from cyclone.channels import sync_channel
+    from cyclone.telemetry import traceparent_metadata
     from cyclone.trainer.v1 import trainer_service_pb2 as tpb
     from cyclone.trainer.v1 import trainer_service_pb2_grpc as tgrpc
 
@@ -92,6 +94,8 @@ def deliver_trainer(alert: Alert, config: Mapping[str, Any]) -> None:
     address = str(config.get("address") or DEFAULT_TRAINER)
     timeout = float(config.get("timeout", DEFAULT_TIMEOUT))
     reason = "; ".join(alert.reasons) or f"level {alert.level}"
+    # The delivery span (when tracing is on): the trainer's Retrain continues the alert's trace.
+    metadata = traceparent_metadata()
     with sync_channel(address) as channel:
         trainer = tgrpc.TrainerServiceStub(channel)
         if "rollback" in alert.actions:
@@ -99,6 +103,7 @@ def deliver_trainer(alert: Alert, config: Mapping[str, Any]) -> None:
                 trainer.Rollback(
                     tpb.RollbackRequest(model=alert.model, alert_id=int(alert.id), reason=reason),
                     timeout=timeout,
+                    metadata=metadata,
                 )
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
@@ -107,6 +112,7 @@ def deliver_trainer(alert: Alert, config: Mapping[str, Any]) -> None:
         trainer.Retrain(
             tpb.RetrainRequest(model=alert.model, alert_id=int(alert.id), reason=reason),
             timeout=timeout,
+            metadata=metadata,
         )
 
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 
+from cyclone import telemetry
 from cyclone.plugin_api import Alert
 from cyclone.plugins import alert_sinks
 from cyclone.store.v1 import store_service_pb2 as store_pb
@@ -69,8 +70,15 @@ class AlertDispatcher:
             store_pb.ClaimAlertsRequest(limit=50, lease_seconds=self.lease_seconds), timeout=10
         )
         delivered = 0
-        for alert in (convert.alert_from_store(a) for a in claimed.alerts):
-            error = await self._deliver(alert)
+        for record in claimed.alerts:
+            alert = convert.alert_from_store(record)
+            # Delivery continues the trace of the evaluation that raised the alert.
+            with telemetry.span(
+                "monitor.deliver_alert",
+                parent=record.traceparent,
+                attributes={"cyclone.alert_id": alert.id, "cyclone.model": alert.model},
+            ):
+                error = await self._deliver(alert)
             if error is None:
                 await self.store.CompleteAlert(
                     store_pb.CompleteAlertRequest(alert_id=alert.id, delivered=True), timeout=10

@@ -21,6 +21,7 @@ import grpc
 from grpc import aio
 from prometheus_client import Gauge
 
+from cyclone import telemetry
 from cyclone.channels import aio_channel
 from cyclone.errors import InvalidArgument, NotFound
 from cyclone.plan import Plan, PlanError, Registry, default_plan, parse_plan, plan_to_yaml
@@ -222,7 +223,9 @@ class Monitor:
     async def evaluate_model(self, model: str) -> tuple[ModelStatus, list[int]]:
         lock = self._locks.setdefault(model, asyncio.Lock())
         async with lock:
-            return await self._evaluate(model)
+            # Its alerts keep this span's trace: their delivery and any retrain continue it.
+            with telemetry.span("monitor.evaluate", attributes={"cyclone.model": model}):
+                return await self._evaluate(model)
 
     async def _evaluate(self, model: str) -> tuple[ModelStatus, list[int]]:
         info = await self._model_version(model)
@@ -238,10 +241,13 @@ class Monitor:
         ev = await asyncio.to_thread(evaluate, plan, window, info.reference, dict(info.baseline))
         ev = with_probes(ev, self._probe_summary(model), plan)
         status = status_from_evaluation(model, info.version, ev, revision, datetime.now(UTC))
-        response = await self.store.RecordEvaluation(
-            convert.evaluation_to_store(status, metric_points(status), self._alerts_for(plan, ev)),
-            timeout=self.request_timeout,
+        record = convert.evaluation_to_store(
+            status, metric_points(status), self._alerts_for(plan, ev)
         )
+        traceparent = telemetry.current_traceparent()
+        for alert in record.alerts:
+            alert.traceparent = traceparent
+        response = await self.store.RecordEvaluation(record, timeout=self.request_timeout)
         outcome = convert.outcome_from_store(response)
         if outcome.level_changed:
             log.warning(

@@ -16,7 +16,9 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from cyclone.errors import InvalidArgument
 from cyclone.store.v1 import store_service_pb2 as pb
+from cyclone.telemetry import valid_traceparent
 from services.store.db import (
     Alert,
     AlertTarget,
@@ -236,6 +238,7 @@ def evaluation_from_pb(r: pb.RecordEvaluationRequest, now: datetime) -> Evaluati
             previous_level=a.previous_level or None,
             reasons=load_json(a.reasons_json, f"alerts[{i}].reasons_json", []),
             targets=[target_from_pb(t) for t in a.targets],
+            traceparent=_traceparent(a.traceparent, f"alerts[{i}].traceparent"),
         )
         for i, a in enumerate(r.alerts)
     ]
@@ -248,6 +251,12 @@ def evaluation_from_pb(r: pb.RecordEvaluationRequest, now: datetime) -> Evaluati
         points=points,
         alerts=alerts,
     )
+
+
+def _traceparent(text: str, field: str) -> str:
+    if text and not valid_traceparent(text):
+        raise InvalidArgument(f"{field}: not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
+    return text
 
 
 def health_to_pb(h: Health) -> pb.ModelHealth:
@@ -319,6 +328,7 @@ def alert_to_pb(a: Alert) -> pb.AlertRecord:
         status=a.status,
         attempts=a.attempts,
         last_error=a.last_error or "",
+        traceparent=a.traceparent,
     )
 
 

@@ -7,6 +7,10 @@ the newest rows as the holdout -> fit the family in a worker -> champion vs chal
 holdout -> not better (or maybe noise): REJECTED, nothing written -> convert + parity + reference
 (the version directory appears atomically) -> register with lineage in one store transaction ->
 hand to the rollout -> SUCCEEDED.
+
+With tracing on, a job runs in a `trainer.job` span continuing the trace of the Retrain call that
+queued it (for an alert: the monitor's evaluation), each stage an event on it, fit/convert/rollout
+child spans; the trace id is logged and ends the job's final message.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from cyclone import telemetry
 from cyclone.errors import InvalidArgument, NotFound
 from cyclone.models.registration import with_probes
 from cyclone.models.repository import ModelRepository
@@ -139,7 +144,8 @@ class JobRunner:
         self._pool_factory = pool_factory
         self._pool: Executor | None = None
         self._slots = asyncio.Semaphore(max_parallel)
-        self._queues: dict[str, asyncio.Queue[int]] = {}
+        # (job id, traceparent of the Retrain call that queued it)
+        self._queues: dict[str, asyncio.Queue[tuple[int, str]]] = {}
         self._consumers: dict[str, asyncio.Task[None]] = {}
         # Set once start() has run: the server takes Retrain calls (and health may already say
         # SERVING) while its start-up hooks still run; their jobs wait in the queue till then.
@@ -203,7 +209,15 @@ class JobRunner:
             timeout=STORE_TIMEOUT,
         )
         if response.created:
-            self._enqueue(model, response.job.id)
+            traceparent = telemetry.current_traceparent()
+            if traceparent:
+                log.info(
+                    "job %d of %s: trace %s",
+                    response.job.id,
+                    model,
+                    telemetry.trace_id_of(traceparent),
+                )
+            self._enqueue(model, response.job.id, traceparent)
         return response.job, response.created
 
     async def get(self, job_id: int) -> store_pb.TrainingJob:
@@ -263,22 +277,27 @@ class JobRunner:
 
     # --- queues -------------------------------------------------------------------------
 
-    def _enqueue(self, model: str, job_id: int) -> None:
+    def _enqueue(self, model: str, job_id: int, traceparent: str = "") -> None:
         queue = self._queues.setdefault(model, asyncio.Queue())
-        queue.put_nowait(job_id)
+        queue.put_nowait((job_id, traceparent))
         consumer = self._consumers.get(model)
         if consumer is None or consumer.done():
             self._consumers[model] = asyncio.create_task(
                 self._consume(model, queue), name=f"retrain-{model}"
             )
 
-    async def _consume(self, model: str, queue: asyncio.Queue[int]) -> None:
+    async def _consume(self, model: str, queue: asyncio.Queue[tuple[int, str]]) -> None:
         await self._started.wait()
         while True:
-            job_id = await queue.get()
+            job_id, traceparent = await queue.get()
             async with self._slots:
                 try:
-                    await self._run(job_id, model)
+                    with telemetry.span(
+                        "trainer.job",
+                        parent=traceparent,
+                        attributes={"cyclone.job_id": job_id, "cyclone.model": model},
+                    ):
+                        await self._run(job_id, model)
                 except Exception:
                     log.exception("job %d of %s crashed", job_id, model)
 
@@ -293,6 +312,10 @@ class JobRunner:
         for name, value in list(fields.items()):
             if isinstance(value, datetime):
                 fields[name] = _ts(value)
+        if "stage" in fields:
+            telemetry.add_event(
+                f"stage {fields['stage']}", {"cyclone.state": fields.get("state", expected)}
+            )
         try:
             response = await self.store.UpdateTrainingJob(
                 store_pb.UpdateTrainingJobRequest(job_id=job_id, expected_state=expected, **fields),
@@ -306,6 +329,9 @@ class JobRunner:
             raise
 
     async def _finish(self, job_id: int, state: str, message: str, **fields: Any) -> None:
+        trace_id = telemetry.current_trace_id()
+        if trace_id:
+            message = f"{message} (trace {trace_id})"
         with contextlib.suppress(_JobGone):
             await self._update(
                 job_id,
@@ -383,23 +409,24 @@ class JobRunner:
             job_id, stage="fit", train_rows=len(train), holdout_rows=len(holdout), **fields
         )
         metric = primary_metric(plan, champion.task)
-        outcome: FitOutcome = await self._in_worker(
-            fit_and_evaluate,
-            FitTask(
-                model=model,
-                task=champion.task,  # type: ignore[arg-type]
-                features=champion.features,
-                train=train,
-                holdout=holdout,
-                champion_dir=str(champion.directory),
-                family=spec.family,
-                params=dict(spec.params),
-                metric=metric,
-                margin=spec.margin,
-                confidence=spec.confidence,
-                resamples=spec.resamples,
-            ),
-        )
+        with telemetry.span("trainer.fit", attributes={"cyclone.train_rows": len(train)}):
+            outcome: FitOutcome = await self._in_worker(
+                fit_and_evaluate,
+                FitTask(
+                    model=model,
+                    task=champion.task,  # type: ignore[arg-type]
+                    features=champion.features,
+                    train=train,
+                    holdout=holdout,
+                    champion_dir=str(champion.directory),
+                    family=spec.family,
+                    params=dict(spec.params),
+                    metric=metric,
+                    margin=spec.margin,
+                    confidence=spec.confidence,
+                    resamples=spec.resamples,
+                ),
+            )
         await self._update(
             job_id,
             stage="evaluate",
@@ -412,15 +439,16 @@ class JobRunner:
             return
         await self._update(job_id, stage="convert")
         version = await self._next_version(model)
-        written = await self._in_worker(
-            write_version,
-            outcome.pipeline,
-            model,
-            str(self.repository),
-            version,
-            holdout,
-            {"parent_version": champion.version, "training_job": job_id},
-        )
+        with telemetry.span("trainer.convert", attributes={"cyclone.version": version}):
+            written = await self._in_worker(
+                write_version,
+                outcome.pipeline,
+                model,
+                str(self.repository),
+                version,
+                holdout,
+                {"parent_version": champion.version, "training_job": job_id},
+            )
         directory = Path(written.directory)
         try:
             await self._update(job_id, stage="register")
@@ -471,7 +499,8 @@ class JobRunner:
             raise
         await self._update(job_id, stage="rollout")
         try:
-            rollout_id = await self.rollout(model, version, job_id)
+            with telemetry.span("trainer.rollout", attributes={"cyclone.version": version}):
+                rollout_id = await self.rollout(model, version, job_id)
         except Exception as exc:
             raise JobFailure(
                 f"rollout: version {version} is registered (staged) but could not be rolled"

@@ -1241,6 +1241,7 @@ class AlertRecord(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     TARGETS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Alert id."""
     model: _builtins.str
@@ -1259,6 +1260,10 @@ class AlertRecord(_message.Message):
     """Delivery attempts so far."""
     last_error: _builtins.str
     """Last delivery error."""
+    traceparent: _builtins.str
+    """W3C traceparent of the evaluation that raised it ("" when tracing is off):
+    its delivery, and the retrain it asks for, continue that trace.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When it was raised."""
@@ -1283,10 +1288,11 @@ class AlertRecord(_message.Message):
         attempts: _builtins.int = ...,
         last_error: _builtins.str = ...,
         targets: _abc.Iterable[Global___AlertTarget] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "id", b"id", "last_error", b"last_error", "level", b"level", "model", b"model", "previous_level", b"previous_level", "reasons_json", b"reasons_json", "status", b"status", "targets", b"targets", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "id", b"id", "last_error", b"last_error", "level", b"level", "model", b"model", "previous_level", b"previous_level", "reasons_json", b"reasons_json", "status", b"status", "targets", b"targets", "traceparent", b"traceparent", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

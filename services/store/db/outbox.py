@@ -13,7 +13,7 @@ from .types import Alert, AlertTarget, MetricPoint, NotFoundError
 
 _ALERT_COLS = (
     "model, level, version, previous_level, reasons, actions, id, created_at, status, attempts,"
-    " next_attempt_at, delivered_at, acknowledged_at, last_error"
+    " next_attempt_at, delivered_at, acknowledged_at, last_error, traceparent"
 )
 
 
@@ -72,8 +72,8 @@ class OutboxMixin(StoreBase):
         async with self._conn(conn) as c:
             cur = await c.execute(
                 "INSERT INTO alerts (model, version, level, previous_level, reasons, actions,"
-                " next_attempt_at) VALUES (%s, %s, %s, %s, %s, %s, coalesce(%s, now()))"
-                " RETURNING id",
+                " next_attempt_at, traceparent)"
+                " VALUES (%s, %s, %s, %s, %s, %s, coalesce(%s, now()), %s) RETURNING id",
                 (
                     alert.model,
                     alert.version,
@@ -82,6 +82,7 @@ class OutboxMixin(StoreBase):
                     Jsonb(alert.reasons),
                     Jsonb([t.to_json() for t in alert.targets]),
                     alert.next_attempt_at,
+                    alert.traceparent,
                 ),
             )
             row = await cur.fetchone()

@@ -243,6 +243,8 @@ class Alert:
     delivered_at: datetime | None = None
     acknowledged_at: datetime | None = None
     last_error: str | None = None
+    # W3C traceparent of the evaluation that raised it; "" when tracing was off.
+    traceparent: str = ""
 
 
 @dataclass(slots=True)
