@@ -309,15 +309,27 @@ def predict(
 
 @app.command("models")
 def list_models(
-    address: Annotated[str, typer.Option(help="Inference server address.")] = "127.0.0.1:8001",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Inference server; default: the running mesh's registry, else :8001."),
+    ] = None,
 ) -> None:
-    """List the models a running inference server serves."""
+    """List served models: a running mesh's registry, or what one inference server serves."""
     import grpc
 
-    from cyclone.client import InferenceClient
+    from cyclone.client import InferenceClient, StoreClient
+    from cyclone.local_mesh import read_mesh
+    from cyclone.store.v1.store_service_pb2 import ModelStatus
 
+    mesh = read_mesh()
     try:
-        with InferenceClient(address) as client:
+        if address is None and mesh is not None:
+            with StoreClient(mesh.address("store") or "127.0.0.1:8002") as store:
+                for v in store.model_versions():
+                    status = ModelStatus.Name(v.status).removeprefix("MODEL_STATUS_").lower()
+                    typer.echo(f"{v.model} {v.version}  {status}  {v.task}")
+            return
+        with InferenceClient(address or "127.0.0.1:8001") as client:
             models = client.list_models()
     except grpc.RpcError as exc:
         fail(f"{exc.code().name}: {exc.details()}", 1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -282,24 +281,3 @@ class Mesh:
             # Backstop: a store killed mid-shutdown leaves its PostgreSQL running.
             if stop_if_running(self.settings.data_dir):
                 log.warning("stopped the embedded PostgreSQL the store left running")
-
-
-def run_up(settings: MeshSettings, progress: Progress | None = None) -> None:
-    """`cyclone up`: hold the data dir, start, wait for a signal or a failure, stop."""
-    with hold_data_dir(settings.data_dir):
-        mesh = Mesh(settings, progress)
-        previous = {
-            sig: signal.signal(sig, lambda *_: mesh.request_stop())
-            for sig in (signal.SIGINT, signal.SIGTERM)
-        }
-        try:
-            mesh.start()
-            mesh.wait()
-        finally:
-            mesh.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-def describe(info: MeshInfo) -> str:
-    return json.dumps(dataclasses.asdict(info), indent=2)

@@ -142,6 +142,7 @@ def test_up_import_serve_status_stop_and_resume(tmp_path: Path, pipeline_file: P
         assert prediction["label"] in ("0", "1")
         assert _rest_predict(up.ports["public"], "credit")["version"] == "1"
 
+        assert "credit 1  serving  classification" in up.cli("models").stdout
         status = json.loads(up.cli("status", "--json").stdout)
         assert set(status["mesh"]["components"]) == {"store", "trainer", "monitor"}
         assert status["mesh"]["public"] == f"127.0.0.1:{up.ports['public']}"
