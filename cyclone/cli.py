@@ -151,6 +151,10 @@ def serve_trainer(
     ] = None,
     monitor: Annotated[str | None, typer.Option(help="Monitor HOST:PORT (control routes).")] = None,
     replicas: Annotated[int | None, typer.Option(help="Processes per model revision.")] = None,
+    run_job_file: Annotated[
+        Path | None,
+        typer.Option(help="Run the one queued job whose id this file holds, then exit (Nomad)."),
+    ] = None,
     data_dir: DataDirOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,

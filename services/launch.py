@@ -148,6 +148,10 @@ STARTERS: dict[str, Callable[[Any], Awaitable[Started[Any]]]] = {
 
 async def serve(component: str, settings: Any) -> None:
     """Start one service and run it until SIGTERM or SIGINT, then stop it gracefully."""
+    if component == "trainer" and getattr(settings, "run_job_file", None) is not None:
+        from services.trainer.main import run_one_job
+
+        raise SystemExit(await run_one_job(settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

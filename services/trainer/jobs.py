@@ -187,6 +187,25 @@ class JobRunner:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
+    async def run_one(self, job_id: int) -> store_pb.TrainingJob:
+        """Run one job another trainer queued (a Nomad batch job dispatched with its id), then
+        return it as it ended. Other trainers' jobs are left alone."""
+        response = await self.store.GetTrainingJob(
+            store_pb.GetTrainingJobRequest(job_id=job_id), timeout=STORE_TIMEOUT
+        )
+        if response.job.state == "queued":
+            self._pool = self._pool_factory(1)
+            try:
+                await self._run(job_id, response.job.model)
+            finally:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+        ended = await self.store.GetTrainingJob(
+            store_pb.GetTrainingJobRequest(job_id=job_id), timeout=STORE_TIMEOUT
+        )
+        job: store_pb.TrainingJob = ended.job
+        return job
+
     # --- requests -----------------------------------------------------------------------
 
     async def retrain(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from cyclone.channels import aio_channel
@@ -14,6 +15,8 @@ from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
 from services.trainer.jobs import JobRunner, RolloutStarter
 from services.trainer.servicer import TrainerServicer
 from services.trainer.traffic import TrafficPlane
+
+log = logging.getLogger(__name__)
 
 TRAINER_SERVICE = "cyclone.trainer.v1.TrainerService"
 
@@ -35,6 +38,8 @@ class TrainerSettings(ServerSettings):
     monitor: str = "127.0.0.1:8003"
     orchestrator: str = "local"
     replicas: int = 1
+    # Run the one queued job whose id this file holds, then exit (a Nomad dispatched batch job).
+    run_job_file: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,3 +85,18 @@ def build_trainer_server(
     server.on_start(start)
     server.on_shutdown(stop)
     return server, Trainer(runner, traffic)
+
+
+async def run_one_job(settings: TrainerSettings) -> int:
+    """`cyclone serve trainer --run-job-file F`: run job `F`'s id to its end; 0 unless it failed."""
+    assert settings.run_job_file is not None
+    text = settings.run_job_file.read_text().strip()
+    if not text.isdigit() or int(text) <= 0:
+        raise ValueError(f"run_job_file: {settings.run_job_file} must hold a job id, got {text!r}")
+    get_plugins()
+    async with aio_channel(settings.store) as channel:
+        store = store_grpc.StoreServiceStub(channel)
+        runner = JobRunner(store, settings.model_repository, max_parallel=1)
+        job = await runner.run_one(int(text))
+    log.info("job %d of %s ended %s: %s", job.id, job.model, job.state, job.message)
+    return 1 if job.state == "failed" else 0

@@ -346,3 +346,41 @@ async def test_cli_retrain_and_jobs(stack: Stack) -> None:
     assert listed.exit_code == 0 and f"{MODEL} not_enough_data" in listed.output
     unknown = await asyncio.to_thread(runner.invoke, app, ["retrain", "nope", *args])
     assert unknown.exit_code != 0 and "model: 'nope' is not registered" in unknown.output
+
+
+async def test_run_job_file_runs_one_queued_job_and_exits(stack: Stack, tmp_path: Path) -> None:
+    """What a Nomad-dispatched batch job does: `cyclone serve trainer --run-job-file F`."""
+    import asyncio
+    import subprocess
+    import sys
+
+    await send_labelled(stack.store, credit_frame(2000, seed=6, shift=1.5))
+    queued = await stack.store.CreateTrainingJob(
+        store_pb.CreateTrainingJobRequest(model=MODEL, owner="nomad-dispatcher", reason="dispatch")
+    )
+    job_file = tmp_path / "job-id"
+    job_file.write_text(f"{queued.job.id}\n")
+
+    def run(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable, "-m", "cyclone", "serve", "trainer", "--store", stack.store_address,
+                "--model-repository", str(stack.repo), "--run-job-file", str(path),
+            ],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+
+    done = await asyncio.to_thread(run, job_file)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job = (
+        await stack.store.GetTrainingJob(store_pb.GetTrainingJobRequest(job_id=queued.job.id))
+    ).job
+    assert job.state == "succeeded" and job.new_version == "2", job.message
+    # A second run finds the job ended and leaves it as it is.
+    again = await asyncio.to_thread(run, job_file)
+    assert again.returncode == 0
+    # A file without a job id is refused, naming the setting.
+    bad = tmp_path / "bad"
+    bad.write_text("not-a-number")
+    refused = await asyncio.to_thread(run, bad)
+    assert refused.returncode != 0 and "run_job_file" in refused.stderr
