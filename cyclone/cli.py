@@ -151,6 +151,14 @@ def serve_trainer(
     ] = None,
     monitor: Annotated[str | None, typer.Option(help="Monitor HOST:PORT (control routes).")] = None,
     replicas: Annotated[int | None, typer.Option(help="Processes per model revision.")] = None,
+    idle_timeout_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--idle-timeout",
+            help="Seconds without requests before a revision is stopped (scale to zero; the"
+            " next request starts it again). 0 = never.",
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,

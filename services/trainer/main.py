@@ -35,6 +35,9 @@ class TrainerSettings(ServerSettings):
     monitor: str = "127.0.0.1:8003"
     orchestrator: str = "local"
     replicas: int = 1
+    # Scale to zero: stop a revision without requests for this long; its next request starts
+    # it again (held by Envoy meanwhile). 0 = never.
+    idle_timeout_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
