@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 # Counters of a revision's own cluster that move when a request is sent to it, including one
 # that cannot connect (it waits as pending, then fails): the wake-up signal.
-_TRAFFIC_COUNTERS = ("upstream_rq_total", "upstream_rq_pending_total", "upstream_rq_active")
+_TRAFFIC_COUNTERS = ("upstream_rq_total", "upstream_rq_pending_total")
+# Gauges of requests in flight: a long stream keeps its revision busy though no counter moves.
+_IN_FLIGHT_GAUGES = ("upstream_rq_active", "upstream_rq_pending_active")
 # How long a woken revision may take to pass Envoy's health check.
 _HEALTHY_TIMEOUT_S = 30.0
 
@@ -115,12 +117,12 @@ class IdleWatcher:
 
     async def _check(self, model: str, revision: Revision) -> None:
         now = time.monotonic()
-        traffic = await self._traffic(revision.name)
+        traffic, in_flight = await self._traffic(revision.name)
         watched = self._watched.get(model)
         if watched is None or watched.revision != revision:
             self._watched[model] = _Watched(revision, traffic, now)
             return
-        if traffic != watched.traffic:
+        if traffic != watched.traffic or in_flight:
             watched.traffic, watched.changed_at = traffic, now
             if watched.asleep:
                 await self._wake(model, watched)
@@ -148,7 +150,7 @@ class IdleWatcher:
             watched.revision = woken
         watched.asleep = False
         await self.proxy.wait_healthy(woken, _HEALTHY_TIMEOUT_S)
-        watched.traffic = await self._traffic(woken.name)
+        watched.traffic, _ = await self._traffic(woken.name)
         watched.changed_at = time.monotonic()
         cold = ColdStart(woken.name, watched.changed_at - started)
         self.cold_starts.append(cold)
@@ -165,9 +167,14 @@ class IdleWatcher:
             log.warning("revision %s: cannot start on %s again; new ports", revision.name, ports)
         return await self.orchestrator.start(revision.model, revision.version, len(ports))
 
-    async def _traffic(self, name: str) -> float:
+    async def _traffic(self, name: str) -> tuple[float, bool]:
+        """(requests sent so far, whether any is in flight) for one revision's cluster."""
         values, _ = await self.proxy.admin.stats(f"cluster.{name}.upstream_rq_")
-        return sum(values.get(f"cluster.{name}.{c}", 0) for c in _TRAFFIC_COUNTERS)
+
+        def total(stats: Sequence[str]) -> float:
+            return float(sum(values.get(f"cluster.{name}.{s}", 0) for s in stats))
+
+        return total(_TRAFFIC_COUNTERS), total(_IN_FLIGHT_GAUGES) > 0
 
 
 def _sole_revision(split: TrafficSplit | None) -> Revision | None:

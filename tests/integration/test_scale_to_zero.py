@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import socket
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -212,3 +213,22 @@ def test_up_passes_the_idle_timeout_to_the_trainer(tmp_path: Path) -> None:
     assert trainer.args[trainer.args.index("--idle-timeout") + 1] == "600"
     off = next(p for p in MeshPlan(MeshSettings(tmp_path)).plan() if p.name == "trainer")
     assert "--idle-timeout" not in off.args
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_a_revision_whose_port_was_taken_wakes_on_a_new_one(mesh: Mesh) -> None:
+    orchestrator = mesh.plane.orchestrator
+    assert (await _grpc_predict(mesh.public)).version == "1"
+    (old_port,) = [e.port for r in await orchestrator.running() for e in r.endpoints]
+    await _wait_asleep(mesh.plane)
+    # Another program binds the port meanwhile (bound, not listening: Envoy's connects are
+    # refused and the revision cannot bind it).
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", old_port))
+        answer = await _grpc_predict(mesh.public)
+        assert answer.version == "1"
+        (new_port,) = [e.port for r in await orchestrator.running() for e in r.endpoints]
+        assert new_port != old_port
+        split = mesh.plane.proxy.splits["credit"]
+        assert [e.port for e in split.revisions[REVISION].endpoints] == [new_port]
