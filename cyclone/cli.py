@@ -155,6 +155,14 @@ def serve_trainer(
         Path | None,
         typer.Option(help="Run the one queued job whose id this file holds, then exit (Nomad)."),
     ] = None,
+    idle_timeout_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--idle-timeout",
+            help="Seconds without requests before a revision is stopped (scale to zero; the"
+            " next request starts it again). 0 = never.",
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,

@@ -48,14 +48,27 @@ def up(
     auth: Annotated[
         bool, typer.Option("--auth/--no-auth", help="Require a token for the control plane.")
     ] = True,
+    idle_timeout: Annotated[
+        str,
+        typer.Option(
+            help="Stop a model revision after this long without requests (30s, 10m, 1h); the"
+            " next request starts it again and waits for it. 0 = never."
+        ),
+    ] = "0",
 ) -> None:
     """Start the whole mesh on this machine; Ctrl-C or SIGTERM stops it."""
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
 
+    from cyclone.plan import parse_duration
     from services.mesh import Mesh, MeshError, MeshSettings, hold_data_dir
 
+    try:
+        idle_seconds = 0 if idle_timeout.strip() == "0" else parse_duration(idle_timeout.strip())
+    except ValueError as exc:
+        _fail(f"--idle-timeout: {exc}")
+        return
     settings = MeshSettings(
         data_dir=(data_dir or default_data_dir()).resolve(),
         host=host,
@@ -70,6 +83,7 @@ def up(
         database_url=database_url or os.environ.get("CYCLONE_DATABASE_URL") or None,
         model_repository=model_repository,
         auth=auth,
+        idle_timeout_seconds=idle_seconds,
     )
     console = Console()
     states: dict[str, tuple[str, str]] = {}

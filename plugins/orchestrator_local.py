@@ -2,7 +2,7 @@
 
 Each replica is `python -m cyclone serve inference --model-repository R --model M --version V
 --port P [--store S]` on a port chosen once (a restarted replica keeps it, so the proxy's
-endpoints stay valid). `start` returns once every replica answers gRPC health with SERVING; a
+endpoints stay valid; `start(..., ports=...)` brings a stopped revision back on its old ports). `start` returns once every replica answers gRPC health with SERVING; a
 replica that dies is restarted with exponential backoff; `stop` sends SIGTERM and kills after a
 grace period. One log file per revision under `<data_dir>/revisions/`.
 
@@ -95,14 +95,20 @@ class LocalOrchestrator:
     def log_path(self, name: str) -> Path:
         return self.data_dir / "revisions" / f"{name}.log"
 
-    async def start(self, model: str, version: str, replicas: int) -> Revision:
+    async def start(
+        self, model: str, version: str, replicas: int, *, ports: Sequence[int] | None = None
+    ) -> Revision:
+        """Start the revision; `ports` (one per replica) restarts a stopped revision where it
+        was, so the proxy's endpoints for it stay valid (scale to zero, then wake)."""
         name = revision_name(model, version)
         async with self._lock:
             if name in self._revisions:
                 return self._revisions[name].revision
             path = self.log_path(name)
             path.parent.mkdir(parents=True, exist_ok=True)
-            ports = [_free_port(self.host) for _ in range(max(replicas, 1))]
+            if ports is not None and not ports:
+                raise ValueError("ports: give one port per replica, got none")
+            ports = list(ports or [_free_port(self.host) for _ in range(max(replicas, 1))])
             revision = Revision(model, version, tuple(Endpoint(self.host, p) for p in ports))
             running = _Running(revision, [_Replica(p) for p in ports], path.open("ab"))
             self._revisions[name] = running

@@ -43,6 +43,8 @@ class MeshSettings:
     model_repository: Path | None = None
     # Generate a token (mode 0600) and require it for the control plane.
     auth: bool = True
+    # Scale to zero: seconds without requests before a model revision is stopped (0 = never).
+    idle_timeout_seconds: float = 0.0
 
     @property
     def repository(self) -> Path:
@@ -142,6 +144,11 @@ class Mesh:
                     str(s.port("control")),
                     "--monitor",
                     monitor,
+                    *(
+                        ["--idle-timeout", f"{s.idle_timeout_seconds:g}"]
+                        if s.idle_timeout_seconds > 0
+                        else []
+                    ),
                 ],
                 s.port("trainer"),
             ),

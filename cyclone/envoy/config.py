@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,9 @@ class EnvoySettings:
     connect_timeout_s: float = 1.0
     num_retries: int = 3
     retry_budget_percent: float = 25.0
+    # Scale to zero: a request to a stopped revision is held this long (retried on connect
+    # failure with back-off) while the trainer starts the revision again; 0 = fail fast.
+    cold_start_hold_s: float = 0.0
     drain_timeout_s: float = 10.0
     log_level: str = "warning"
     # TLS on the public listener: both files (PEM) or neither.
@@ -116,6 +120,8 @@ class EnvoySettings:
             raise ValueError("rate_limit_per_client: must be 1 or more (None turns it off)")
         if not 0 <= self.trace_sampling_percent <= 100:
             raise ValueError("trace_sampling_percent: must be between 0 and 100")
+        if self.cold_start_hold_s < 0:
+            raise ValueError("cold_start_hold_s: must be 0 (off) or more")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,14 +260,15 @@ def _http2() -> dict[str, Any]:
 
 def _retry_budget(settings: EnvoySettings) -> dict[str, Any]:
     # Retries may add at most this share of the active requests: a dying revision cannot
-    # turn every request into four.
+    # turn every request into four. While a stopped revision wakes, every caller waits in a
+    # retry back-off, so the floor is raised to let a burst of first callers wait together.
     return {
         "thresholds": [
             {
                 "priority": "DEFAULT",
                 "retry_budget": {
                     "budget_percent": {"value": settings.retry_budget_percent},
-                    "min_retry_concurrency": 8,
+                    "min_retry_concurrency": 64 if settings.cold_start_hold_s > 0 else 8,
                 },
             }
         ]
@@ -424,11 +431,25 @@ def _weighted(split: TrafficSplit) -> list[str]:
 # --- routes ---------------------------------------------------------------------------------
 
 
+# Envoy's back-off is fully jittered: attempt n waits a uniform time up to
+# min((2^n - 1) * base, max), so once capped a retry waits max / 2 on average.
+_COLD_BASE_S = 0.25
+_COLD_MAX_S = 1.0
+
+
 def _retry_policy(settings: EnvoySettings) -> dict[str, Any]:
+    retries, back_off = settings.num_retries, {"base_interval": "0.01s", "max_interval": "0.1s"}
+    if settings.cold_start_hold_s > 0:
+        # Enough slow retries to span the hold: the caller waits for the revision to wake.
+        retries = max(retries, math.ceil(settings.cold_start_hold_s / (_COLD_MAX_S / 2)))
+        back_off = {
+            "base_interval": _seconds(_COLD_BASE_S),
+            "max_interval": _seconds(_COLD_MAX_S),
+        }
     return {
         "retry_on": "connect-failure,refused-stream,unavailable,reset",
-        "num_retries": settings.num_retries,
-        "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.1s"},
+        "num_retries": retries,
+        "retry_back_off": back_off,
         "retry_host_predicate": [
             {
                 "name": "envoy.retry_host_predicates.previous_hosts",

@@ -40,6 +40,9 @@ class TrainerSettings(ServerSettings):
     replicas: int = 1
     # Run the one queued job whose id this file holds, then exit (a Nomad dispatched batch job).
     run_job_file: Path | None = None
+    # Scale to zero: stop a revision without requests for this long; its next request starts
+    # it again (held by Envoy meanwhile). 0 = never.
+    idle_timeout_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Started with the trainer when it runs with `envoy` on (as under `cyclone up`): it starts Envoy,
 resumes (or rolls back) the rollouts a previous process left, then serves every registered
-model. Stopped in reverse: rollouts pause where they are (they resume on the next start), the
+model. With `idle_timeout_seconds` it also scales idle revisions to zero (`services.trainer.idle`).
+Stopped in reverse: rollouts pause where they are (they resume on the next start), the
 revisions stop, Envoy stops.
 """
 
@@ -15,11 +16,15 @@ from cyclone.envoy import EnvoyProxy, EnvoySettings
 from cyclone.plugins import orchestrators
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.traffic import Endpoint
+from services.trainer.idle import IdleWatcher
 from services.trainer.rollout import ControllerSettings, ProbeSmokeTester, RolloutController
 from services.trainer.rollout.store_gateway import StoreGateway
 from services.trainer.serving import ServingKeeper
 
 log = logging.getLogger(__name__)
+
+# How long Envoy holds a request to a stopped revision while it starts again.
+COLD_START_HOLD_S = 20.0
 
 
 def _endpoint(address: str) -> Endpoint:
@@ -35,10 +40,15 @@ class TrafficPlane:
         self.orchestrator: Any = None
         self.controller: RolloutController | None = None
         self.keeper: ServingKeeper | None = None
+        self.idle: IdleWatcher | None = None
         self._gateway: StoreGateway | None = None
 
     async def start(self, trainer_port: int) -> None:
         s = self.settings
+        if s.idle_timeout_seconds < 0:
+            raise ValueError(
+                f"idle_timeout_seconds: must be 0 (never) or more, got {s.idle_timeout_seconds:g}"
+            )
         spec = orchestrators().get(s.orchestrator)
         if spec is None:
             raise ValueError(
@@ -61,6 +71,7 @@ class TrafficPlane:
                 store=_endpoint(s.store),
                 monitor=_endpoint(s.monitor) if s.monitor else None,
                 trainer=Endpoint("127.0.0.1", trainer_port),
+                cold_start_hold_s=COLD_START_HOLD_S if s.idle_timeout_seconds > 0 else 0.0,
             )
         )
         await self.proxy.start()
@@ -82,6 +93,11 @@ class TrafficPlane:
             replicas=s.replicas,
         )
         served = await self.keeper.reconcile()
+        if s.idle_timeout_seconds > 0:
+            self.idle = IdleWatcher(
+                self.orchestrator, self.proxy, self._rollout_active, s.idle_timeout_seconds
+            )
+            self.idle.start()
         log.info(
             "traffic plane up: public %s, control %s, serving %s",
             self.proxy.public_address,
@@ -93,10 +109,19 @@ class TrafficPlane:
         """The retraining job's hand-off: roll the new version out with the plan's strategy."""
         if self.controller is None:
             raise RuntimeError("the traffic plane is not started")
+        if self.idle is not None:
+            await self.idle.wake_model(model)  # the rollout starts from a running revision
         rollout = await self.controller.start(model, version)
         return rollout.id
 
+    async def _rollout_active(self, model: str) -> bool:
+        if self.controller is None:
+            return False
+        return any(r.state.active for r in await self.controller.list(model, 10))
+
     async def stop(self) -> None:
+        if self.idle is not None:
+            await self.idle.close()
         if self.controller is not None:
             await self.controller.close()
         if self.orchestrator is not None:
