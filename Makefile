@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) -m bench.envoy
 	$(PY) -m bench.rollout
 	$(PY) -m bench.loop
+	$(PY) -m bench.cold_start
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
