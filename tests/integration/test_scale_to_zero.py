@@ -150,6 +150,12 @@ async def test_idle_revision_stops_and_the_next_request_wakes_it(mesh: Mesh) -> 
     woken = orchestrator.replica_pids(REVISION)
     assert woken and set(woken).isdisjoint(pids)
     assert [e.port for r in await orchestrator.running() for e in r.endpoints] == ports
+    # The answer can come before Envoy's health check passes and the watcher records the
+    # wake-up (Envoy routes to the host at once), so "awake" is waited for, not assumed.
+    for _ in range(100):
+        if mesh.plane.idle.asleep() == []:
+            break
+        await asyncio.sleep(0.1)
     assert mesh.plane.idle.asleep() == []
 
     # REST, after another idle period.
