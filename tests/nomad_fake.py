@@ -165,6 +165,12 @@ class FakeNomad:
                     for port in self.ports[: group["Count"]]
                 ]
 
+    def finish(self, job: str) -> None:
+        """A batch job's task is over: the job is dead (Nomad keeps it till garbage collection)."""
+        with self.changed:
+            self.jobs[job]["Status"] = "dead"
+            self._bump()
+
     # -- HTTP --
     def handle(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any]:
         self.calls.append((method, path, body))
@@ -261,6 +267,18 @@ class FakeNomad:
                 return 400, "Specified job is not a parameterized job"
             self.dispatches += 1
             dispatched = f"{name}/dispatch-{self.dispatches}-abc"
+            # The dispatched child job; `finish(dispatched)` when its task is over.
+            self.jobs[dispatched] = {
+                "ID": dispatched,
+                "ParentID": name,
+                "Type": "batch",
+                "Status": "running",
+                "Stop": False,
+                "Meta": dict((body or {}).get("Meta") or {}),
+                "TaskGroups": [],
+                "ParameterizedJob": None,
+                "Dispatched": True,
+            }
             if self.on_dispatch is not None:
                 payload = base64.b64decode((body or {}).get("Payload") or "")
                 self.on_dispatch(dispatched, payload, dict((body or {}).get("Meta") or {}))

@@ -71,6 +71,9 @@ DISPATCHED = "dispatched"
 # How often the dispatching trainer looks at a remote job, and how long it waits at most on top
 # of the plan's `retrain.wait` (fit + convert of a large window on a busy cluster).
 REMOTE_POLL_SECONDS = 0.5
+# How often it asks the cluster whether the run is still there (a run that died before it
+# could record anything, say a bad image, would otherwise be noticed only at the timeout).
+REMOTE_CHECK_SECONDS = 2.0
 REMOTE_TIMEOUT_SECONDS = 3600.0
 STORE_TIMEOUT = 30.0
 T = TypeVar("T")
@@ -101,10 +104,16 @@ class ServeImmediately:
 
 
 class JobDispatcher(Protocol):
-    """Starts job `job_id` of `model` elsewhere (a Nomad dispatch); returns that run's id.
-    Raises when the cluster refuses; the message names why."""
+    """Runs jobs elsewhere (the `nomad` executor: a dispatch of the retrain batch job)."""
 
-    async def __call__(self, job_id: int, model: str) -> str: ...
+    async def dispatch(self, job_id: int, model: str) -> str:
+        """Start job `job_id` of `model`; returns the run's id. Raises, naming why, when the
+        cluster refuses."""
+        ...
+
+    async def ended(self, remote: str) -> str:
+        """ "" while run `remote` may still be going; once it is over, how it ended."""
+        ...
 
 
 def _log_warm_up_failure(future: Future[None]) -> None:
@@ -601,7 +610,7 @@ class JobRunner:
         except _JobGone:
             return  # cancelled while queued
         try:
-            remote = await dispatcher(job_id, model)
+            remote = await dispatcher.dispatch(job_id, model)
         except Exception as exc:
             # "" = any unended state: a dispatch that timed out may still have started.
             await self._finish(job_id, "failed", f"dispatch: {exc}", expected="")
@@ -610,7 +619,7 @@ class JobRunner:
         with contextlib.suppress(_JobGone):
             await self._update(job_id, "", message=f"dispatched as nomad job {remote}")
         try:
-            await self._follow(job_id, model, remote)
+            await self._follow(job_id, model, remote, dispatcher)
         except _JobGone as exc:
             log.info("job %d ended elsewhere (%s)", job_id, exc)
         except JobFailure as exc:
@@ -620,8 +629,13 @@ class JobRunner:
                 job_id, "failed", f"store: {exc.code().name}: {exc.details()}", expected=""
             )
 
-    async def _follow(self, job_id: int, model: str, remote: str) -> None:
-        deadline = asyncio.get_running_loop().time() + await self._remote_limit(model)
+    async def _follow(
+        self, job_id: int, model: str, remote: str, dispatcher: JobDispatcher
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + await self._remote_limit(model)
+        next_check = loop.time() + REMOTE_CHECK_SECONDS
+        ended = ""
         while True:
             job = await self.get(job_id)
             if job.state in TERMINAL:
@@ -632,7 +646,16 @@ class JobRunner:
                     job_id, model, job.new_version, f"{job.decision} (ran as {remote})"
                 )
                 return
-            if asyncio.get_running_loop().time() >= deadline:
+            if ended:  # read the job once more after the run was over: it did not finish it
+                raise JobFailure(
+                    f"dispatch: nomad job {remote} ended ({ended}) without finishing the job"
+                    f" (stage {job.stage}); see its allocation's logs"
+                )
+            if loop.time() >= next_check:
+                next_check = loop.time() + REMOTE_CHECK_SECONDS
+                ended = await dispatcher.ended(remote)
+                continue
+            if loop.time() >= deadline:
                 raise JobFailure(
                     f"dispatch: nomad job {remote} did not finish within"
                     f" {self.remote_timeout:g} s (stage {job.stage})"

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from cyclone.channels import aio_channel
-from cyclone.nomad.api import NomadClient
+from cyclone.nomad.api import NomadClient, NomadError
 from cyclone.nomad.dispatch import dispatch_retrain
 from cyclone.nomad.render import RETRAIN_JOB
 from cyclone.plugins import get_plugins
@@ -15,7 +15,7 @@ from cyclone.server import CycloneServer
 from cyclone.settings import ServerSettings, SettingsError
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
-from services.trainer.jobs import REMOTE_TIMEOUT_SECONDS, JobDispatcher, JobRunner, RolloutStarter
+from services.trainer.jobs import REMOTE_TIMEOUT_SECONDS, JobRunner, RolloutStarter
 from services.trainer.servicer import TrainerServicer
 from services.trainer.traffic import TrafficPlane
 
@@ -89,7 +89,7 @@ def build_trainer_server(
         settings.model_repository,
         max_parallel=settings.max_parallel_jobs,
         rollout=rollout,
-        dispatcher=nomad_dispatcher(settings) if settings.job_executor == "nomad" else None,
+        dispatcher=NomadDispatcher(settings) if settings.job_executor == "nomad" else None,
         remote_timeout=settings.remote_job_timeout_seconds,
     )
     server = CycloneServer("trainer", settings)
@@ -114,18 +114,29 @@ def build_trainer_server(
     return server, Trainer(runner, traffic)
 
 
-def nomad_dispatcher(settings: TrainerSettings) -> JobDispatcher:
-    """Each job: dispatch the retrain batch job with the job id as payload."""
-    client = NomadClient(
-        settings.nomad_address,
-        token=settings.nomad_token or None,
-        namespace=settings.nomad_namespace or None,
-    )
+class NomadDispatcher:
+    """Each job: a dispatch of the retrain batch job with the job id as payload."""
 
-    async def dispatch(job_id: int, model: str) -> str:
-        return await dispatch_retrain(client, job_id, model, job=settings.nomad_retrain_job)
+    def __init__(self, settings: TrainerSettings) -> None:
+        self.client = NomadClient(
+            settings.nomad_address,
+            token=settings.nomad_token or None,
+            namespace=settings.nomad_namespace or None,
+        )
+        self.job = settings.nomad_retrain_job
 
-    return dispatch
+    async def dispatch(self, job_id: int, model: str) -> str:
+        return await dispatch_retrain(self.client, job_id, model, job=self.job)
+
+    async def ended(self, remote: str) -> str:
+        try:
+            job = await self.client.read(remote)
+        except NomadError as exc:  # Nomad busy or away: ask again later
+            log.warning("%s", exc)
+            return ""
+        if job is None:
+            return "Nomad no longer knows it"
+        return "dead" if job.get("Status") == "dead" else ""
 
 
 async def run_one_job(settings: TrainerSettings) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ class Cluster:
     rollout: RecordingRollout
     runs: list[subprocess.Popen[bytes]]
     repo: Path
+    # Payload the fake's task gets instead of the dispatched one (a broken run), when set.
+    task: dict[str, bytes]
 
 
 @pytest.fixture
@@ -73,16 +76,20 @@ async def cluster(fresh_database_url: str, tmp_path: Path) -> AsyncIterator[Clus
     nomad.jobs["cyclone-retrain"] = nomad._job_json(RETRAIN_HCL.read_text())
     http = serve(nomad)
     runs: list[subprocess.Popen[bytes]] = []
+    task: dict[str, bytes] = {}
 
     def run_task(dispatched: str, payload: bytes, meta: dict[str, str]) -> None:
         # The task's command from retrain.nomad.hcl, payload at ${NOMAD_TASK_DIR}/job-id.
         task_dir = tmp_path / dispatched.replace("/", "_")
         task_dir.mkdir()
-        (task_dir / "job-id").write_bytes(payload)
+        (task_dir / "job-id").write_bytes(task.get("payload", payload))
         command = [sys.executable, "-m", "cyclone", "serve", "trainer", "--store", store_address]
         command += ["--model-repository", str(repo), "--run-job-file", str(task_dir / "job-id")]
         with (task_dir / "out.log").open("wb") as out:
-            runs.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT))
+            run = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        runs.append(run)
+        # Nomad marks a batch job dead once its task exits.
+        threading.Thread(target=lambda: (run.wait(), nomad.finish(dispatched)), daemon=True).start()
 
     nomad.on_dispatch = run_task
     channel = aio.insecure_channel(store_address)
@@ -107,7 +114,7 @@ async def cluster(fresh_database_url: str, tmp_path: Path) -> AsyncIterator[Clus
         servers.append(trainer_server)
         trainer_channel = aio.insecure_channel(f"127.0.0.1:{trainer_server.port}")
         yield Cluster(
-            store, pb_grpc.TrainerServiceStub(trainer_channel), nomad, rollout, runs, repo
+            store, pb_grpc.TrainerServiceStub(trainer_channel), nomad, rollout, runs, repo, task
         )
         await trainer_channel.close()
     finally:
@@ -174,6 +181,18 @@ async def test_refused_dispatch_fails_the_job_with_nomads_reason(cluster: Cluste
     job = await finished(cluster, again.job.id)
     assert pb.JobState.Name(job.state) == "JOB_STATE_FAILED"
     assert "HTTP 400" in job.message and "not a parameterized job" in job.message
+
+
+async def test_a_run_that_dies_without_recording_fails_the_job(cluster: Cluster) -> None:
+    # The task cannot read its job id (a broken image, say): it exits before touching the job.
+    cluster.task["payload"] = b"garbage"
+    response = await cluster.trainer.Retrain(pb.RetrainRequest(model=MODEL), timeout=10)
+    job = await finished(cluster, response.job.id)
+    assert pb.JobState.Name(job.state) == "JOB_STATE_FAILED"
+    assert "nomad job cyclone-retrain/dispatch-1-abc ended (dead)" in job.message, job.message
+    assert "stage dispatched" in job.message
+    [run] = cluster.runs
+    assert run.returncode != 0 and cluster.rollout.calls == []
 
 
 @pytest.mark.parametrize(
