@@ -163,6 +163,30 @@ def serve_trainer(
             " next request starts it again). 0 = never.",
         ),
     ] = None,
+    job_executor: Annotated[
+        str | None,
+        typer.Option(
+            help="Where retraining jobs run: local (worker processes here) or nomad (a dispatch"
+            " of the retrain batch job per job; this trainer still rolls out)."
+        ),
+    ] = None,
+    nomad_address: Annotated[
+        str | None, typer.Option(help="Nomad HTTP API address (--job-executor nomad).")
+    ] = None,
+    nomad_token: Annotated[
+        str | None, typer.Option(help="Nomad ACL token (or CYCLONE_NOMAD_TOKEN).")
+    ] = None,
+    nomad_namespace: Annotated[str | None, typer.Option(help="Nomad namespace.")] = None,
+    nomad_retrain_job: Annotated[
+        str | None, typer.Option(help="The parameterized retrain job to dispatch.")
+    ] = None,
+    remote_job_timeout_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--remote-job-timeout",
+            help="Seconds a dispatched job may take (plus the plan's retrain.wait).",
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,

@@ -11,6 +11,12 @@ hand to the rollout -> SUCCEEDED.
 With tracing on, a job runs in a `trainer.job` span continuing the trace of the Retrain call that
 queued it (for an alert: the monitor's evaluation), each stage an event on it, fit/convert/rollout
 child spans; the trace id is logged and ends the job's final message.
+
+With a dispatcher (`job_executor: nomad`) the trainer does not fit locally: each queued job is
+dispatched (a Nomad parameterized batch job running `cyclone serve trainer --run-job-file`), the
+trainer follows it in the store, and once the remote run registered the version (stage
+`rollout`, still running) the trainer hands it to the rollout and ends the job: the remote run
+has no traffic router, so it never rolls out a job a trainer dispatched.
 """
 
 from __future__ import annotations
@@ -60,6 +66,15 @@ log = logging.getLogger(__name__)
 FRESH_POLL_SECONDS = 2.0
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "not_enough_data", "rejected"})
+# Stage of a queued job a trainer dispatched to run elsewhere: that trainer rolls it out.
+DISPATCHED = "dispatched"
+# How often the dispatching trainer looks at a remote job, and how long it waits at most on top
+# of the plan's `retrain.wait` (fit + convert of a large window on a busy cluster).
+REMOTE_POLL_SECONDS = 0.5
+# How often it asks the cluster whether the run is still there (a run that died before it
+# could record anything, say a bad image, would otherwise be noticed only at the timeout).
+REMOTE_CHECK_SECONDS = 2.0
+REMOTE_TIMEOUT_SECONDS = 3600.0
 STORE_TIMEOUT = 30.0
 T = TypeVar("T")
 
@@ -86,6 +101,19 @@ class ServeImmediately:
             timeout=STORE_TIMEOUT,
         )
         return ""
+
+
+class JobDispatcher(Protocol):
+    """Runs jobs elsewhere (the `nomad` executor: a dispatch of the retrain batch job)."""
+
+    async def dispatch(self, job_id: int, model: str) -> str:
+        """Start job `job_id` of `model`; returns the run's id. Raises, naming why, when the
+        cluster refuses."""
+        ...
+
+    async def ended(self, remote: str) -> str:
+        """ "" while run `remote` may still be going; once it is over, how it ended."""
+        ...
 
 
 def _log_warm_up_failure(future: Future[None]) -> None:
@@ -133,6 +161,8 @@ class JobRunner:
         rollout: RolloutStarter | None = None,
         owner: str | None = None,
         pool_factory: Callable[[int], Executor] = spawn_pool,
+        dispatcher: JobDispatcher | None = None,
+        remote_timeout: float = REMOTE_TIMEOUT_SECONDS,
     ) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel: must be at least 1")
@@ -142,6 +172,8 @@ class JobRunner:
         self.rollout: RolloutStarter = rollout or ServeImmediately(store)
         self.owner = owner or default_owner()
         self._pool_factory = pool_factory
+        self.dispatcher = dispatcher
+        self.remote_timeout = remote_timeout
         self._pool: Executor | None = None
         self._slots = asyncio.Semaphore(max_parallel)
         # (job id, traceparent of the Retrain call that queued it)
@@ -164,8 +196,9 @@ class JobRunner:
         )
         for job in response.jobs:
             log.warning("job %d of %s was left %s; marked failed", job.id, job.model, job.stage)
-        self._pool = self._pool_factory(self.max_parallel)
-        self._warm_pool()
+        if self.dispatcher is None:  # dispatched jobs fit elsewhere: no local workers
+            self._pool = self._pool_factory(self.max_parallel)
+            self._warm_pool()
         self._started.set()
 
     def _warm_pool(self) -> None:
@@ -189,14 +222,17 @@ class JobRunner:
 
     async def run_one(self, job_id: int) -> store_pb.TrainingJob:
         """Run one job another trainer queued (a Nomad batch job dispatched with its id), then
-        return it as it ended. Other trainers' jobs are left alone."""
+        return it as it ended. Other trainers' jobs are left alone. A job a trainer dispatched
+        stops once its version is registered (stage `rollout`): that trainer rolls it out."""
         response = await self.store.GetTrainingJob(
             store_pb.GetTrainingJobRequest(job_id=job_id), timeout=STORE_TIMEOUT
         )
         if response.job.state == "queued":
             self._pool = self._pool_factory(1)
             try:
-                await self._run(job_id, response.job.model)
+                await self._run(
+                    job_id, response.job.model, roll_out=response.job.stage != DISPATCHED
+                )
             finally:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
@@ -309,6 +345,18 @@ class JobRunner:
         await self._started.wait()
         while True:
             job_id, traceparent = await queue.get()
+            if self.dispatcher is not None:
+                # The cluster does the work: no local slot, still one job per model at a time.
+                try:
+                    with telemetry.span(
+                        "trainer.job",
+                        parent=traceparent,
+                        attributes={"cyclone.job_id": job_id, "cyclone.model": model},
+                    ):
+                        await self._run_remote(job_id, model, self.dispatcher)
+                except Exception:
+                    log.exception("job %d of %s crashed", job_id, model)
+                continue
             async with self._slots:
                 try:
                     with telemetry.span(
@@ -347,13 +395,16 @@ class JobRunner:
                 raise _JobGone(exc.details()) from None
             raise
 
-    async def _finish(self, job_id: int, state: str, message: str, **fields: Any) -> None:
+    async def _finish(
+        self, job_id: int, state: str, message: str, expected: str = "running", **fields: Any
+    ) -> None:
         trace_id = telemetry.current_trace_id()
         if trace_id:
             message = f"{message} (trace {trace_id})"
         with contextlib.suppress(_JobGone):
             await self._update(
                 job_id,
+                expected,
                 state=state,
                 stage="done",
                 message=message,
@@ -362,7 +413,7 @@ class JobRunner:
             )
         log.info("job %d: %s: %s", job_id, state, message)
 
-    async def _run(self, job_id: int, model: str) -> None:
+    async def _run(self, job_id: int, model: str, roll_out: bool = True) -> None:
         try:
             job = await self._update(
                 job_id, "queued", state="running", stage="fetch", started_at=datetime.now(UTC)
@@ -370,7 +421,9 @@ class JobRunner:
         except _JobGone:
             return  # cancelled while queued
         try:
-            await self._execute(job_id, model, job.alert_id, job.created_at.ToDatetime(UTC))
+            await self._execute(
+                job_id, model, job.alert_id, job.created_at.ToDatetime(UTC), roll_out
+            )
         except _JobGone as exc:
             log.info("job %d ended elsewhere (%s); result discarded", job_id, exc)
         except JobFailure as exc:
@@ -390,7 +443,9 @@ class JobRunner:
             raise RuntimeError("JobRunner is not started")
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def _execute(self, job_id: int, model: str, alert_id: int, asked_at: datetime) -> None:
+    async def _execute(
+        self, job_id: int, model: str, alert_id: int, asked_at: datetime, roll_out: bool = True
+    ) -> None:
         champion = await self._champion(model)
         plan = await self._plan(model, champion.task)
         spec = plan.retrain
@@ -516,7 +571,19 @@ class JobRunner:
             ):
                 raise _JobGone(exc.details()) from None
             raise
+        if not roll_out:
+            # Dispatched: the trainer that dispatched the job (it has the router) takes it on.
+            await self._update(
+                job_id,
+                stage="rollout",
+                message=f"version {version} registered; the dispatching trainer rolls it out",
+            )
+            log.info("job %d: version %s registered; handed back for the rollout", job_id, version)
+            return
         await self._update(job_id, stage="rollout")
+        await self._roll_out(job_id, model, version, outcome.decision)
+
+    async def _roll_out(self, job_id: int, model: str, version: str, decision: str) -> None:
         try:
             with telemetry.span("trainer.rollout", attributes={"cyclone.version": version}):
                 rollout_id = await self.rollout(model, version, job_id)
@@ -528,9 +595,81 @@ class JobRunner:
         await self._finish(
             job_id,
             "succeeded",
-            f"version {version} registered and handed to the rollout; {outcome.decision}",
+            f"version {version} registered and handed to the rollout; {decision}",
             rollout_id=rollout_id,
         )
+
+    # --- one job, run elsewhere -----------------------------------------------------------
+
+    async def _run_remote(self, job_id: int, model: str, dispatcher: JobDispatcher) -> None:
+        """Dispatch the queued job, follow it in the store till it ends or hands back its
+        registered version, then roll that out here."""
+        try:
+            # Marked before the dispatch: the remote run reads it when it starts.
+            await self._update(job_id, "queued", stage=DISPATCHED, message="dispatching")
+        except _JobGone:
+            return  # cancelled while queued
+        try:
+            remote = await dispatcher.dispatch(job_id, model)
+        except Exception as exc:
+            # "" = any unended state: a dispatch that timed out may still have started.
+            await self._finish(job_id, "failed", f"dispatch: {exc}", expected="")
+            return
+        log.info("job %d of %s dispatched as %s", job_id, model, remote)
+        with contextlib.suppress(_JobGone):
+            await self._update(job_id, "", message=f"dispatched as nomad job {remote}")
+        try:
+            await self._follow(job_id, model, remote, dispatcher)
+        except _JobGone as exc:
+            log.info("job %d ended elsewhere (%s)", job_id, exc)
+        except JobFailure as exc:
+            await self._finish(job_id, "failed", str(exc), expected="")
+        except grpc.aio.AioRpcError as exc:
+            await self._finish(
+                job_id, "failed", f"store: {exc.code().name}: {exc.details()}", expected=""
+            )
+
+    async def _follow(
+        self, job_id: int, model: str, remote: str, dispatcher: JobDispatcher
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + await self._remote_limit(model)
+        next_check = loop.time() + REMOTE_CHECK_SECONDS
+        ended = ""
+        while True:
+            job = await self.get(job_id)
+            if job.state in TERMINAL:
+                log.info("job %d (%s) ended %s: %s", job_id, remote, job.state, job.message)
+                return
+            if job.state == "running" and job.stage == "rollout" and job.new_version:
+                await self._roll_out(
+                    job_id, model, job.new_version, f"{job.decision} (ran as {remote})"
+                )
+                return
+            if ended:  # read the job once more after the run was over: it did not finish it
+                raise JobFailure(
+                    f"dispatch: nomad job {remote} ended ({ended}) without finishing the job"
+                    f" (stage {job.stage}); see its allocation's logs"
+                )
+            if loop.time() >= next_check:
+                next_check = loop.time() + REMOTE_CHECK_SECONDS
+                ended = await dispatcher.ended(remote)
+                continue
+            if loop.time() >= deadline:
+                raise JobFailure(
+                    f"dispatch: nomad job {remote} did not finish within"
+                    f" {self.remote_timeout:g} s (stage {job.stage})"
+                )
+            await asyncio.sleep(REMOTE_POLL_SECONDS)
+
+    async def _remote_limit(self, model: str) -> float:
+        """The plan's `retrain.wait` (a since-alert job waits for labels) plus the default."""
+        try:
+            champion = await self._champion(model)
+            plan = await self._plan(model, champion.task)
+        except (JobFailure, NotFound):
+            return self.remote_timeout  # the remote run fails the job with the reason
+        return self.remote_timeout + (plan.retrain.wait_seconds if plan.retrain.since_alert else 0)
 
     async def _champion(self, model: str) -> Champion:
         try:

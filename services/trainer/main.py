@@ -7,18 +7,22 @@ import logging
 from pathlib import Path
 
 from cyclone.channels import aio_channel
+from cyclone.nomad.api import NomadClient, NomadError
+from cyclone.nomad.dispatch import dispatch_retrain
+from cyclone.nomad.render import RETRAIN_JOB
 from cyclone.plugins import get_plugins
 from cyclone.server import CycloneServer
-from cyclone.settings import ServerSettings
+from cyclone.settings import ServerSettings, SettingsError
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
-from services.trainer.jobs import JobRunner, RolloutStarter
+from services.trainer.jobs import REMOTE_TIMEOUT_SECONDS, JobRunner, RolloutStarter
 from services.trainer.servicer import TrainerServicer
 from services.trainer.traffic import TrafficPlane
 
 log = logging.getLogger(__name__)
 
 TRAINER_SERVICE = "cyclone.trainer.v1.TrainerService"
+JOB_EXECUTORS = ("local", "nomad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,24 @@ class TrainerSettings(ServerSettings):
     # Scale to zero: stop a revision without requests for this long; its next request starts
     # it again (held by Envoy meanwhile). 0 = never.
     idle_timeout_seconds: float = 0.0
+    # Where retraining jobs run: "local" (worker processes here) or "nomad" (each job a
+    # dispatch of the `nomad_retrain_job` parameterized batch job; this trainer rolls out).
+    job_executor: str = "local"
+    nomad_address: str = "http://127.0.0.1:4646"
+    nomad_token: str = ""
+    nomad_namespace: str = ""
+    nomad_retrain_job: str = RETRAIN_JOB
+    # How long a dispatched job may take (on top of the plan's `retrain.wait`).
+    remote_job_timeout_seconds: float = REMOTE_TIMEOUT_SECONDS
+
+    def __post_init__(self) -> None:
+        if self.job_executor not in JOB_EXECUTORS:
+            raise SettingsError(
+                f"job_executor: must be one of {', '.join(JOB_EXECUTORS)},"
+                f" got {self.job_executor!r}"
+            )
+        if self.remote_job_timeout_seconds <= 0:
+            raise SettingsError("remote_job_timeout_seconds: must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +89,8 @@ def build_trainer_server(
         settings.model_repository,
         max_parallel=settings.max_parallel_jobs,
         rollout=rollout,
+        dispatcher=NomadDispatcher(settings) if settings.job_executor == "nomad" else None,
+        remote_timeout=settings.remote_job_timeout_seconds,
     )
     server = CycloneServer("trainer", settings)
     server.add_service(
@@ -88,6 +112,31 @@ def build_trainer_server(
     server.on_start(start)
     server.on_shutdown(stop)
     return server, Trainer(runner, traffic)
+
+
+class NomadDispatcher:
+    """Each job: a dispatch of the retrain batch job with the job id as payload."""
+
+    def __init__(self, settings: TrainerSettings) -> None:
+        self.client = NomadClient(
+            settings.nomad_address,
+            token=settings.nomad_token or None,
+            namespace=settings.nomad_namespace or None,
+        )
+        self.job = settings.nomad_retrain_job
+
+    async def dispatch(self, job_id: int, model: str) -> str:
+        return await dispatch_retrain(self.client, job_id, model, job=self.job)
+
+    async def ended(self, remote: str) -> str:
+        try:
+            job = await self.client.read(remote)
+        except NomadError as exc:  # Nomad busy or away: ask again later
+            log.warning("%s", exc)
+            return ""
+        if job is None:
+            return "Nomad no longer knows it"
+        return "dead" if job.get("Status") == "dead" else ""
 
 
 async def run_one_job(settings: TrainerSettings) -> int:
