@@ -92,6 +92,15 @@ def job_to_pb(j: store_pb.TrainingJob) -> pb.Job:
     return job
 
 
+def _rollout_id(value: str) -> str:
+    """Rollout ids are the store's positive integers, sent as text."""
+    if not value:
+        raise InvalidArgument("rollout_id: empty")
+    if not value.isdigit() or int(value) <= 0:
+        raise InvalidArgument(f"rollout_id: expected a positive integer, got {value!r}")
+    return value
+
+
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
     def __init__(self, runner: JobRunner, traffic: TrafficPlane | None = None) -> None:
         self.runner = runner
@@ -137,13 +146,13 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
     @rpc_errors(translate=store_errors)
     async def Promote(self, request: pb.PromoteRequest, context: Context) -> pb.PromoteResponse:
-        promoted = await self._controller("Promote").promote(request.rollout_id)
+        promoted = await self._controller("Promote").promote(_rollout_id(request.rollout_id))
         return pb.PromoteResponse(rollout=convert.rollout_to_pb(promoted))
 
     @rpc_errors(translate=store_errors)
     async def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.RollbackResponse:
         controller = self._controller("Rollback")
-        rollout_id = request.rollout_id
+        rollout_id = _rollout_id(request.rollout_id) if request.rollout_id else ""
         reason = request.reason or (
             f"rollback requested by alert {request.alert_id}" if request.alert_id else "by hand"
         )
@@ -163,7 +172,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def GetRollout(
         self, request: pb.GetRolloutRequest, context: Context
     ) -> pb.GetRolloutResponse:
-        found = await self._controller("GetRollout").get(request.rollout_id)
+        found = await self._controller("GetRollout").get(_rollout_id(request.rollout_id))
         return pb.GetRolloutResponse(rollout=convert.rollout_to_pb(found))
 
     @rpc_errors(translate=store_errors)
@@ -183,8 +192,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     @rpc_errors(translate=store_errors)
     async def WatchRollout(self, request: pb.WatchRolloutRequest, context: Context) -> Any:
         controller = self._controller("WatchRollout")
-        async for step in controller.watch(request.rollout_id):
-            current = await controller.get(request.rollout_id)
+        rollout_id = _rollout_id(request.rollout_id)
+        async for step in controller.watch(rollout_id):
+            current = await controller.get(rollout_id)
             yield pb.WatchRolloutResponse(
                 rollout=convert.rollout_to_pb(current), step=convert.step_to_pb(step)
             )

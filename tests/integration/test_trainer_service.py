@@ -256,6 +256,20 @@ async def test_job_rpcs_bad_input_and_rollouts_without_a_router(stack: Stack) ->
     with pytest.raises(aio.AioRpcError) as info:
         await stack.trainer.ListJobs(pb.ListJobsRequest(limit=5000), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for call, code in (
+        (stack.trainer.CancelJob(pb.CancelJobRequest(job_id=0)), grpc.StatusCode.INVALID_ARGUMENT),
+        (stack.trainer.CancelJob(pb.CancelJobRequest(job_id=999)), grpc.StatusCode.NOT_FOUND),
+        (stack.trainer.ListJobs(pb.ListJobsRequest(state=42)), grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == code, info.value.details()
+    for job_id, code in ((0, grpc.StatusCode.INVALID_ARGUMENT), (999, grpc.StatusCode.NOT_FOUND)):
+        with pytest.raises(aio.AioRpcError) as info:
+            async for _ in stack.trainer.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=10):
+                pass
+        assert info.value.code() == code, info.value.details()
+        assert "job" in (info.value.details() or "")
     with pytest.raises(aio.AioRpcError) as info:
         await stack.trainer.Rollout(pb.RolloutRequest(model=MODEL, version="1"), timeout=10)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION

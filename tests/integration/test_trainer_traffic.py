@@ -176,6 +176,42 @@ async def test_rollout_bad_input(mesh: Mesh) -> None:
     with pytest.raises(aio.AioRpcError) as err:
         await mesh.trainer.Rollback(pb.RollbackRequest())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    by_id = [
+        (
+            mesh.trainer.GetRollout(pb.GetRolloutRequest(rollout_id="")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            mesh.trainer.GetRollout(pb.GetRolloutRequest(rollout_id="abc")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            mesh.trainer.GetRollout(pb.GetRolloutRequest(rollout_id="999")),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (mesh.trainer.Promote(pb.PromoteRequest(rollout_id="999")), grpc.StatusCode.NOT_FOUND),
+        (
+            mesh.trainer.ListRollouts(pb.ListRolloutsRequest(limit=-1)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            mesh.trainer.ListRollouts(pb.ListRolloutsRequest(state=42)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ]
+    for call, code in by_id:
+        with pytest.raises(aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == code, (code, err.value.details())
+        assert (
+            "rollout" in (err.value.details() or "")
+            or "limit" in (err.value.details() or "")
+            or "state" in (err.value.details() or "")
+        )
+    with pytest.raises(aio.AioRpcError) as err:
+        async for _ in mesh.trainer.WatchRollout(pb.WatchRolloutRequest(rollout_id="999")):
+            pass
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
 
 
 async def test_rollback_alert_sends_traffic_back_through_the_trainer_sink(mesh: Mesh) -> None:
