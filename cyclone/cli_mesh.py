@@ -69,17 +69,25 @@ def up(
     except ValueError as exc:
         _fail(f"--idle-timeout: {exc}")
         return
+    ports = {
+        "public": public_port,
+        "control": control_port,
+        "store": store_port,
+        "monitor": monitor_port,
+        "trainer": trainer_port,
+        "dashboard": dashboard_port,
+    }
+    for name, port in ports.items():
+        if not 1 <= port <= 65535:
+            _fail(f"--{name}-port: must be between 1 and 65535, got {port}")
+    shared = sorted({p for p in ports.values() if list(ports.values()).count(p) > 1})
+    if shared:
+        names = [f"--{n}-port" for n, p in ports.items() if p in shared]
+        _fail(f"{', '.join(names)}: must differ, all are {shared[0]}")
     settings = MeshSettings(
         data_dir=(data_dir or default_data_dir()).resolve(),
         host=host,
-        ports={
-            "public": public_port,
-            "control": control_port,
-            "store": store_port,
-            "monitor": monitor_port,
-            "trainer": trainer_port,
-            "dashboard": dashboard_port,
-        },
+        ports=ports,
         database_url=database_url or os.environ.get("CYCLONE_DATABASE_URL") or None,
         model_repository=model_repository,
         auth=auth,

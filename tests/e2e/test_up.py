@@ -190,3 +190,25 @@ def test_a_port_already_taken_is_refused_and_nothing_starts(tmp_path: Path) -> N
     assert f"store port {ports['store']}" in result.stdout + result.stderr
     assert "nothing was started" in result.stdout + result.stderr
     assert _left_behind(str(tmp_path / "d")) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--public-port", "99999"], "--public-port: must be between 1 and 65535"),
+        (
+            ["--public-port", "8002", "--store-port", "8002"],
+            "--public-port, --store-port: must differ",
+        ),
+        (["--idle-timeout", "soon"], "--idle-timeout"),
+    ],
+)
+def test_bad_flags_name_the_flag_and_start_nothing(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cyclone", "up", "--data-dir", str(tmp_path / "d"), *flags],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert _left_behind(str(tmp_path / "d")) == []
