@@ -270,9 +270,18 @@ def model_import(
         f"on {report.rows} rows"
     )
     if mesh is not None and mesh.repository and target.resolve().is_relative_to(mesh.repository):
+        import grpc
+
         from cyclone.cli_mesh import announce_import
 
-        typer.echo(announce_import(mesh, target))
+        try:
+            typer.echo(announce_import(mesh, target))
+        except grpc.RpcError as exc:
+            fail(
+                f"imported into {target}, but the running mesh did not take it: "
+                f"{exc.code().name}: {exc.details()}",
+                1,
+            )
 
 
 def _read_rows(rows: list[str], file: Path | None) -> list[dict[str, Any]]:
