@@ -220,6 +220,8 @@ def run_demo(workdir: Path | None = None, keep_running: bool = False) -> None:
     with hold_data_dir(data):
         mesh = Mesh(settings, progress)
         info = mesh.start()
+        # This process's clients send the mesh's token (not one from the caller's environment).
+        os.environ["CYCLONE_TOKEN"] = (data / "token").read_text().strip()
         traffic: Traffic | None = None
         try:
             console.print(

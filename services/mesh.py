@@ -227,13 +227,15 @@ class Mesh:
         """What every component gets: the tokens it checks and the token it sends."""
         if not self.settings.auth:
             return {}
-        from cyclone.auth import TOKEN_ENV, TOKENS_FILE_NAME, client_token
+        from cyclone.auth import TOKEN_ENV, TOKEN_FILE_NAME, TOKENS_FILE_NAME
 
-        token = client_token(self.settings.data_dir) if TOKEN_ENV not in os.environ else None
-        env = {"CYCLONE_TOKENS_FILE": str(self.settings.data_dir / TOKENS_FILE_NAME)}
-        if token:
-            env[TOKEN_ENV] = token
-        return env
+        # The mesh's own token, whatever the caller's environment says: the components must
+        # send a token their tokens file knows.
+        token = (self.settings.data_dir / TOKEN_FILE_NAME).read_text().strip()
+        return {
+            "CYCLONE_TOKENS_FILE": str(self.settings.data_dir / TOKENS_FILE_NAME),
+            TOKEN_ENV: token,
+        }
 
     def info(self) -> MeshInfo:
         s = self.settings
