@@ -28,6 +28,9 @@ from services.launch import Spawned, spawn
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "mesh.lock"
+# A component that exits is restarted, unless it exits this often within the window.
+RESTART_LIMIT = 5
+RESTART_WINDOW = 120.0
 
 
 class MeshError(RuntimeError):
@@ -190,8 +193,6 @@ class Mesh:
             from cyclone.auth import write_local_tokens
 
             write_local_tokens(self.settings.data_dir)
-        env = self.environment()
-        logs = self.settings.data_dir / "logs"
         try:
             for component in self.plan():
                 if self._stopping.is_set():
@@ -199,14 +200,7 @@ class Mesh:
                 self.progress(component.name, "starting", f"port {component.port}")
                 started = time.monotonic()
                 try:
-                    running = spawn(
-                        component.name,
-                        component.args,
-                        logs / f"{component.name}.log",
-                        port=component.port,
-                        env=env,
-                        new_session=True,
-                    )
+                    running = self._spawn(component)
                 except RuntimeError as exc:
                     self.progress(component.name, "failed", str(exc).splitlines()[0])
                     raise MeshError(f"{component.name} did not start: {exc}") from None
@@ -222,6 +216,16 @@ class Mesh:
         info = self.info()
         self._write_info(info)
         return info
+
+    def _spawn(self, component: ComponentPlan) -> Spawned:
+        return spawn(
+            component.name,
+            component.args,
+            self.settings.data_dir / "logs" / f"{component.name}.log",
+            port=component.port,
+            env=self.environment(),
+            new_session=True,
+        )
 
     def environment(self) -> dict[str, str]:
         """What every component gets: the tokens it checks and the token it sends."""
@@ -262,14 +266,71 @@ class Mesh:
         return [r for r in self.running if r.process.poll() is not None]
 
     def wait(self, every: float = 0.5) -> None:
-        """Block until `request_stop()` (signals) or a component exits on its own."""
+        """Supervise until `request_stop()` (signals): a component that exits is restarted with
+        backoff (its process group cleared first, so no child of the old one lingers). One that
+        keeps failing (RESTART_LIMIT times within RESTART_WINDOW seconds) ends the wait."""
+        failures: dict[str, list[float]] = {}
         while not self._stopping.wait(every):
-            for r in self.dead():
-                self.progress(r.component, "failed", f"exited with {r.process.returncode}")
-                log.error(
-                    "%s exited (%s); log tail:\n%s", r.component, r.process.returncode, r.log_tail()
-                )
-                return
+            for index, r in enumerate(self.running):
+                if r.process.poll() is None:
+                    continue
+                code = r.process.returncode
+                log.error("%s exited (%s); log tail:\n%s", r.component, code, r.log_tail())
+                now = time.monotonic()
+                recent = [t for t in failures.get(r.component, []) if now - t < RESTART_WINDOW]
+                failures[r.component] = [*recent, now]
+                if len(failures[r.component]) > RESTART_LIMIT:
+                    self.progress(r.component, "failed", f"exited with {code}; giving up")
+                    return
+                self.progress(r.component, "starting", f"exited with {code}; restarting")
+                self._clear_group(r)
+                if r.component == "trainer":
+                    self._stop_strays()  # its revisions run in sessions of their own
+                if self._stopping.wait(min(2.0 ** (len(recent)), 30.0)):
+                    return
+                try:
+                    self.running[index] = self._spawn(self._plan_for(r.component))
+                except RuntimeError as exc:
+                    self.progress(r.component, "failed", str(exc).splitlines()[0])
+                    continue  # tried again next round, until the limit
+                self.progress(r.component, "ready", f"restarted on {self.running[index].address}")
+                self._write_info(self.info())
+
+    def _plan_for(self, component: str) -> ComponentPlan:
+        return next(c for c in self.plan() if c.name == component)
+
+    @staticmethod
+    def _clear_group(running: Spawned) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(running.process.pid, signal.SIGKILL)
+
+    def _stop_strays(self, grace: float = 5.0) -> list[int]:
+        """Processes of this mesh outside every component's group: revisions (they run in
+        sessions of their own) and an Envoy whose trainer was killed, found by the mesh's model
+        repository or data dir in their command line; stopped."""
+        import psutil
+
+        marker = str(self.settings.data_dir)
+        repository = str(self.settings.repository.resolve())
+        me = os.getpid()
+        strays = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            argv = proc.info["cmdline"] or []
+            if proc.info["pid"] == me or not argv:
+                continue
+            cmdline = " ".join(argv)
+            revision = "serve inference" in cmdline and repository in cmdline
+            envoy = Path(argv[0]).name == "envoy" and marker in cmdline
+            if revision or envoy:
+                strays.append(proc)
+        for proc in strays:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(strays, timeout=grace)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        return [p.pid for p in strays]
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -284,6 +345,9 @@ class Mesh:
                 os.killpg(running.process.pid, signal.SIGKILL)  # its children, if any remain
             self.progress(running.component, "stopped", "")
         self.running.clear()
+        stray = self._stop_strays()
+        if stray:
+            log.warning("stopped %d process(es) the components left behind: %s", len(stray), stray)
         if not self.settings.database_url:
             from services.store.embedded import stop_if_running
 

@@ -212,3 +212,51 @@ def test_bad_flags_name_the_flag_and_start_nothing(
     )  # fmt: skip
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert _left_behind(str(tmp_path / "d")) == []
+
+
+def _component_pid(data_dir: Path, component: str) -> int:
+    try:
+        return int(json.loads((data_dir / "mesh.json").read_text())["components"][component]["pid"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _eventually(check: Any, timeout: float = 120.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+        except Exception:  # the mesh is restarting
+            result = None
+        if result:
+            return result
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def test_a_killed_component_is_restarted_and_nothing_leaks(
+    tmp_path: Path, pipeline_file: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    up = Up(data_dir, _ports())
+    up.start()
+    try:
+        up.cli(
+            "model", "import", str(pipeline_file / "credit.joblib"), "--name", "credit",
+            "--sample", str(pipeline_file / "sample.csv"), "--label-column", "defaulted",
+        )  # fmt: skip
+        assert _rest_predict(up.ports["public"], "credit")["version"] == "1"
+        for component in ("store", "trainer"):
+            old = _component_pid(data_dir, component)
+            os.kill(old, signal.SIGKILL)
+            new = _eventually(lambda c=component, o=old: _component_pid(data_dir, c) not in (0, o))
+            assert new
+            # Serving comes back (through a restarted trainer, Envoy and revision too).
+            answer = _eventually(lambda: _rest_predict(up.ports["public"], "credit"))
+            assert answer["version"] == "1"
+        status = json.loads(up.cli("status", "--json").stdout)
+        assert status["problems"] == [] and status["models"]["credit"]["serving"] == "1"
+        assert len(status["mesh"]["revisions"]) == 1  # the old trainer's revision did not linger
+    finally:
+        assert up.stop() == 0, up.log.read_text()[-3000:]
+    assert _left_behind(str(data_dir)) == []
