@@ -35,6 +35,30 @@ Translator = Callable[[BaseException], CycloneError | None]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class UpstreamError(CycloneError):
+    """Another service answered with an error: its status, with where it came from."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def upstream(name: str) -> Translator:
+    """A translator for calls to another service (`name`): its status is kept, a deadline it
+    missed becomes UNAVAILABLE (retryable), and the details say which service answered."""
+
+    def translate(exc: BaseException) -> CycloneError | None:
+        if isinstance(exc, grpc.RpcError) and isinstance(exc, aio.AioRpcError | grpc.Call):
+            code = exc.code()
+            passed = (
+                grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.DEADLINE_EXCEEDED else code
+            )
+            return UpstreamError(passed, f"{name}: {exc.details() or code.name}")
+        return None
+
+    return translate
+
+
 def status_for(
     exc: BaseException, translate: Translator | None = None
 ) -> tuple[grpc.StatusCode, str]:

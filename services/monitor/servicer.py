@@ -5,35 +5,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
-import grpc
 from grpc import aio
 
-from cyclone.errors import CycloneError
 from cyclone.monitor.v1 import monitor_service_pb2 as pb
 from cyclone.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
-from cyclone.rpc_errors import rpc_errors
+from cyclone.rpc_errors import rpc_errors, upstream
 from services.monitor import convert
 from services.monitor.monitor import Monitor
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 
 
-class StoreError(CycloneError):
-    """A store call failed: its status passes through, its details say it came from the store."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def store_errors(exc: BaseException) -> CycloneError | None:
-    """The store's status, kept; a store that does not answer in time is UNAVAILABLE."""
-    # grpc.aio's AioRpcError has code() and details() but is no grpc.Call.
-    if isinstance(exc, aio.AioRpcError | grpc.Call) and isinstance(exc, grpc.RpcError):
-        code = exc.code()
-        passed = grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.DEADLINE_EXCEEDED else code
-        return StoreError(passed, f"store: {code.name}: {exc.details()}")
-    return None
+# The store's status passes through, its details say it came from the store.
+store_errors = upstream("store")
 
 
 class MonitorServicer(pb_grpc.MonitorServiceServicer):

@@ -6,17 +6,13 @@ from __future__ import annotations
 import json
 from typing import Any, TypeAlias
 
-import grpc
 from grpc import aio
 
 from cyclone.errors import (
-    CycloneError,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
-    Unavailable,
 )
-from cyclone.rpc_errors import rpc_errors
+from cyclone.rpc_errors import rpc_errors, upstream
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
@@ -39,23 +35,8 @@ _STATES = {
 _STATE_NAMES = {v: k for k, v in _STATES.items()}
 
 
-_UPSTREAM: dict[grpc.StatusCode, type[CycloneError]] = {
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
-}
-
-
-def store_errors(exc: BaseException) -> CycloneError | None:
-    """The store's answer keeps its status (an aio error is not a `grpc.Call`)."""
-    if isinstance(exc, aio.AioRpcError) and exc.code() in _UPSTREAM:
-        details = exc.details() or exc.code().name
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            details = f"store: {details}"
-        return _UPSTREAM[exc.code()](details)
-    return None
+# The store's status passes through, its details say it came from the store.
+store_errors = upstream("store")
 
 
 def _metrics(text: str) -> dict[str, float]:

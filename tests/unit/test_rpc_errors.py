@@ -127,3 +127,21 @@ async def test_streaming_failures_map_after_the_items_already_sent(
 
 async def test_success_passes_through(channel: aio.Channel) -> None:
     assert await channel.unary_unary("/t.T/Unary")(b"ok") == b"fine"
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.NOT_FOUND),
+        (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.FAILED_PRECONDITION),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE),  # retryable
+    ],
+)
+def test_upstream_keeps_the_status_and_names_the_service(
+    code: grpc.StatusCode, expected: grpc.StatusCode
+) -> None:
+    from cyclone.rpc_errors import status_for, upstream
+
+    failed = aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), details="no such model")
+    assert status_for(failed, upstream("store")) == (expected, "store: no such model")
+    assert status_for(KeyError("x"), upstream("store"))[0] == grpc.StatusCode.INTERNAL
