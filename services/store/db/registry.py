@@ -1,4 +1,4 @@
-"""Model registry, monitoring plans and rollouts."""
+"""Model registry and monitoring plans (rollouts: `rollouts.py`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
 from ._base import Conn, StoreBase
-from .types import AlreadyExistsError, ModelStatus, ModelVersion, NotFoundError, Plan, Rollout
+from .types import AlreadyExistsError, ModelStatus, ModelVersion, NotFoundError, Plan
 
 _MV_COLS = [f.name for f in fields(ModelVersion)]
 _MV_SELECT = "SELECT " + ", ".join(_MV_COLS) + " FROM model_versions"
@@ -22,7 +22,6 @@ _JSON_COLS = {
     "hyperparameters",
     "holdout_metrics",
 }
-_ROLLOUT_COLS = "model, to_version, status, from_version, weights, id, created_at, updated_at"
 _STATUSES = ("staged", "canary", "serving", "retired")
 
 
@@ -144,44 +143,3 @@ class RegistryMixin(StoreBase):
             )
             row = await cur.fetchone()
         return Plan(*row) if row else None
-
-    # --- rollouts ---------------------------------------------------------------------
-
-    async def create_rollout(self, r: Rollout, *, conn: Conn | None = None) -> Rollout:
-        async with self._conn(conn) as c:
-            cur = await c.execute(
-                "INSERT INTO rollouts (model, from_version, to_version, status, weights)"
-                " VALUES (%s, %s, %s, %s, %s) RETURNING " + _ROLLOUT_COLS,
-                (r.model, r.from_version, r.to_version, r.status, Jsonb(r.weights)),
-            )
-            row = await cur.fetchone()
-        assert row is not None
-        return Rollout(*row)
-
-    async def update_rollout(
-        self,
-        rollout_id: int,
-        status: str,
-        weights: dict[str, Any] | None = None,
-        *,
-        conn: Conn | None = None,
-    ) -> Rollout:
-        async with self._conn(conn) as c:
-            cur = await c.execute(
-                "UPDATE rollouts SET status = %s, weights = coalesce(%s, weights),"
-                " updated_at = now() WHERE id = %s RETURNING " + _ROLLOUT_COLS,
-                (status, Jsonb(weights) if weights is not None else None, rollout_id),
-            )
-            row = await cur.fetchone()
-        if row is None:
-            raise NotFoundError(f"rollout {rollout_id} not found")
-        return Rollout(*row)
-
-    async def list_rollouts(self, model: str, limit: int = 50) -> list[Rollout]:
-        async with self.pool.connection() as c:
-            cur = await c.execute(
-                "SELECT " + _ROLLOUT_COLS + " FROM rollouts WHERE model = %s"
-                " ORDER BY id DESC LIMIT %s",
-                (model, limit),
-            )
-            return [Rollout(*r) for r in await cur.fetchall()]

@@ -245,15 +245,3 @@ class Alert:
     last_error: str | None = None
     # W3C traceparent of the evaluation that raised it; "" when tracing was off.
     traceparent: str = ""
-
-
-@dataclass(slots=True)
-class Rollout:
-    model: str
-    to_version: str
-    status: str
-    from_version: str | None = None
-    weights: dict[str, Any] = field(default_factory=dict)
-    id: int | None = None
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
