@@ -13,7 +13,6 @@ concurrency 32), so a batcher only added an event-loop pass per call.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -26,15 +25,44 @@ from services.inference.model import LoadedModel, Outputs
 ROWS_PER_BATCHED_RUN = 256
 
 
-@dataclasses.dataclass(slots=True)
 class Prepared:
     """One validated request: its columns (what the sink gets) and, when all numeric
     checks ran on it, its (numeric features, rows) float block (float32 or float64; often a
-    transposed view of the request's own [rows, features] tensor, so feeding it copies nothing)."""
+    transposed view of the request's own [rows, features] tensor, so feeding it copies nothing).
 
-    columns: Mapping[str, np.ndarray]
-    rows: int
-    block: np.ndarray | None = None
+    An all-numeric request may come as the block alone (`columns=None`, with `names` naming
+    its rows): its columns are views of the block, made only if something asks for them.
+    Most requests never need them (the sink reads the block), and a dict of twelve views
+    costs more than scoring one row.
+    """
+
+    __slots__ = ("_columns", "block", "names", "rows")
+
+    def __init__(
+        self,
+        columns: Mapping[str, np.ndarray] | None,
+        rows: int,
+        block: np.ndarray | None = None,
+        names: tuple[str, ...] = (),
+    ) -> None:
+        if columns is None and (block is None or len(names) != len(block)):
+            raise ValueError("a request given as a block alone needs one name per block row")
+        self._columns = columns
+        self.rows = rows
+        self.block = block
+        self.names = names
+
+    @property
+    def columns(self) -> Mapping[str, np.ndarray]:
+        if self._columns is None:
+            assert self.block is not None
+            self._columns = dict(zip(self.names, self.block, strict=True))
+        return self._columns
+
+    @property
+    def whole_block(self) -> bool:
+        """True when the block holds every feature, in `names` order (no other columns)."""
+        return self._columns is None
 
 
 def _concat_columns(model: LoadedModel, jobs: Sequence[Prepared]) -> dict[str, np.ndarray]:

@@ -92,6 +92,8 @@ def quick_prepared_from_proto(
         block = block.reshape(len(ordered), rows)
         if not model.numeric_ok(block):
             return None
+        if not strings:
+            return Prepared(None, rows, block, model.numeric_names)
         columns = dict(zip(model.numeric_names, block, strict=True))
     for name, texts in strings.items():
         if not model.categories_ok(name, texts):
@@ -399,7 +401,7 @@ def quick_prepared_from_tensors(
         return None
     if not model.numeric_ok(block):
         return None
-    return Prepared(dict(zip(model.feature_names, block, strict=True)), rows, block)
+    return Prepared(None, rows, block, model.feature_names)
 
 
 def requested_outputs(model: LoadedModel, request: oip_pb.ModelInferRequest) -> list[str]:

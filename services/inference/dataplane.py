@@ -73,7 +73,7 @@ class DataPlane:
         ids = uuid7_batch(job.rows)
         latency_ms = (time.perf_counter() - started) * 1000.0
         if record:
-            self.sink.submit(model, ids, job.columns, outputs, latency_ms, current_trace_id())
+            self.sink.submit(model, ids, job, outputs, latency_ms, current_trace_id())
         return ids, outputs
 
     async def score_stream(
@@ -116,7 +116,7 @@ class DataPlane:
                 continue
             ids = uuid7_batch(job.rows)
             latency_ms = (time.perf_counter() - started) * 1000.0
-            self.sink.submit(model, ids, job.columns, outcome, latency_ms, trace_id)
+            self.sink.submit(model, ids, job, outcome, latency_ms, trace_id)
             results.append((ids, outcome))
         return results
 

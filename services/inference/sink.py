@@ -6,11 +6,9 @@ it; the store-backed sink (batching, disk spool) lives in its own module.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Protocol
 
-import numpy as np
-
+from services.inference.batching import Prepared
 from services.inference.model import LoadedModel, Outputs
 
 
@@ -19,12 +17,12 @@ class PredictionSink(Protocol):
         self,
         model: LoadedModel,
         prediction_ids: list[str],
-        columns: Mapping[str, np.ndarray],
+        job: Prepared,
         outputs: Outputs,
         latency_ms: float,
         trace_id: str,
     ) -> None:
-        """Take one scored batch; must return at once and never raise."""
+        """Take one scored request (`job` is what was scored); return at once, never raise."""
 
 
 class NullSink:
@@ -34,7 +32,7 @@ class NullSink:
         self,
         model: LoadedModel,
         prediction_ids: list[str],
-        columns: Mapping[str, np.ndarray],
+        job: Prepared,
         outputs: Outputs,
         latency_ms: float,
         trace_id: str,

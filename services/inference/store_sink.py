@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge
 from cyclone.channels import aio_channel
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
+from services.inference.batching import Prepared
 from services.inference.model import LoadedModel, Outputs
 from services.inference.spool import Spool, SpoolFull
 
@@ -48,7 +49,7 @@ class Submitted(NamedTuple):
     model: str
     version: str
     prediction_ids: list[str]
-    columns: Mapping[str, np.ndarray]
+    job: Prepared
     outputs: Outputs
     class_labels: tuple[str, ...]
     latency_ms: float
@@ -63,12 +64,30 @@ def _json_values(column: np.ndarray) -> list[Any]:
     return values
 
 
+def _input_rows(items: list[Submitted]) -> tuple[list[str], list[Sequence[Any]]]:
+    """Feature names and one tuple of JSON-ready values per row, for a group's requests.
+
+    Requests that arrived as one numeric block (most) are joined block-wise: one
+    concatenation and one `tolist` per flush. Their values passed the finiteness check, so
+    there is no NaN to turn into null."""
+    first = items[0].job
+    if all(item.job.whole_block for item in items):
+        assert first.block is not None
+        block = np.concatenate([item.job.block for item in items], axis=1)
+        rows: list[Sequence[Any]] = block.T.tolist()
+        return list(first.names), rows
+    names = list(first.columns)
+    columns = [
+        _json_values(np.concatenate([item.job.columns[n] for item in items])) for n in names
+    ]
+    return names, list(zip(*columns, strict=True))
+
+
 def _add_group(items: list[Submitted], request: pb.LogPredictionsRequest) -> None:
     """Rows of several scored requests of one model version, columns joined first so the
     numpy work is per flush, not per request (most requests are one row)."""
     first = items[0]
-    names = list(first.columns)
-    columns = [_json_values(np.concatenate([item.columns[n] for item in items])) for n in names]
+    names, rows = _input_rows(items)
     ids = [pid for item in items for pid in item.prediction_ids]
     latency = [item.latency_ms for item in items for _ in item.prediction_ids]
     traces = [item.trace_id for item in items for _ in item.prediction_ids]
@@ -92,7 +111,7 @@ def _add_group(items: list[Submitted], request: pb.LogPredictionsRequest) -> Non
             for label, probs in zip(labels.tolist(), probabilities.tolist(), strict=True)
         ]
     add = request.records.add
-    for i, row in enumerate(zip(*columns, strict=True)):
+    for i, row in enumerate(rows):
         add(
             prediction_id=ids[i],
             model=first.model,
@@ -106,7 +125,11 @@ def _add_group(items: list[Submitted], request: pb.LogPredictionsRequest) -> Non
 
 def _same_group(a: Submitted, b: Submitted) -> bool:
     """Same model version with the same features (order included)."""
-    return a.model == b.model and a.version == b.version and a.columns.keys() == b.columns.keys()
+    if a.model != b.model or a.version != b.version:
+        return False
+    if a.job.whole_block and b.job.whole_block:
+        return a.job.names == b.job.names
+    return list(a.job.columns) == list(b.job.columns)
 
 
 def encode_items(items: list[Submitted]) -> pb.LogPredictionsRequest:
@@ -161,7 +184,7 @@ class StoreSink:
         self,
         model: LoadedModel,
         prediction_ids: list[str],
-        columns: Mapping[str, np.ndarray],
+        job: Prepared,
         outputs: Outputs,
         latency_ms: float,
         trace_id: str,
@@ -171,7 +194,7 @@ class StoreSink:
                 model.name,
                 model.version,
                 prediction_ids,
-                columns,
+                job,
                 outputs,
                 model.schema.class_labels,
                 latency_ms,

@@ -28,7 +28,7 @@ class CapturingSink:
         self.trace_ids: list[str] = []
 
     def submit(
-        self, model: Any, ids: Any, columns: Any, outputs: Any, latency: Any, trace_id: str
+        self, model: Any, ids: Any, job: Any, outputs: Any, latency: Any, trace_id: str
     ) -> None:
         self.trace_ids.append(trace_id)
 

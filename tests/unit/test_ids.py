@@ -9,8 +9,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from cyclone.ids import uuid7, uuid7_batch, uuid7_time
+from cyclone.ids import _format, uuid7, uuid7_batch, uuid7_time
 
 
 def _check_layout(value: str) -> uuid.UUID:
@@ -112,3 +114,9 @@ def test_uuid7_time_rejects_other_versions() -> None:
 def test_uuid7_time_rejects_garbage() -> None:
     with pytest.raises(ValueError):
         uuid7_time("not-a-uuid")
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
+def test_hand_written_format_matches_the_uuid_module(high: int, low: int) -> None:
+    # The hot path formats ids itself; any 128 bits must read as the uuid module writes them.
+    assert _format(high, low) == str(uuid.UUID(int=(high << 64) | low))
