@@ -8,6 +8,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from cyclone import heap
 from cyclone.errors import (
     CycloneError,
     FailedPrecondition,
@@ -90,6 +91,7 @@ class ModelCatalog:
             raise
         self.models[name] = loaded
         self.failures.pop(name, None)
+        heap.resettle()
         log.info("loaded model %s version %s (%s)", name, loaded.version, loaded.schema.task)
         return loaded
 
@@ -99,6 +101,7 @@ class ModelCatalog:
         if name not in self.models:
             raise NotFound(f"model_name: {name!r} is not loaded")
         del self.models[name]
+        heap.resettle()
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         loaded = self.models.get(name)

@@ -31,7 +31,7 @@ _ORT_TO_NUMPY = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class Outputs:
     """Per-row model outputs; `values` for regression, `labels` + `probabilities` otherwise."""
 

@@ -77,9 +77,7 @@ def _input_rows(items: list[Submitted]) -> tuple[list[str], list[Sequence[Any]]]
         rows: list[Sequence[Any]] = block.T.tolist()
         return list(first.names), rows
     names = list(first.columns)
-    columns = [
-        _json_values(np.concatenate([item.job.columns[n] for item in items])) for n in names
-    ]
+    columns = [_json_values(np.concatenate([item.job.columns[n] for item in items])) for n in names]
     return names, list(zip(*columns, strict=True))
 
 
