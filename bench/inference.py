@@ -7,6 +7,8 @@ generator drives:
   payload, so a ratio is what Cyclone's parsing, validation, onnxruntime and response cost;
 - Cyclone (`cyclone serve inference`, through `services.launch.spawn`): ModelInfer with one
   [1, 12] FP32 tensor, ModelInfer with one [1, 1] tensor per feature, and Predict;
+- the same ModelInfer on a second Cyclone server logging every prediction to a store (a
+  scratch database on an embedded PostgreSQL, all on this machine; `--no-logging` skips it);
 - MLServer 1.7 serving the same ONNX file through bench/mlserver_runtime.py, with
   `parallel_workers: 0` (its fastest) and its default (one worker process); see
   bench/mlserver_peer.py for why it runs from its own virtualenv (`--no-mlserver` skips it).
@@ -14,13 +16,14 @@ Server CPU per request is the utime + stime of the server's whole process tree (
 the figure, divided by its requests. Figures are medians over `--reps`; the text lines also
 give min..max. The machine is shared: figures are noisy, compare ratios from one run.
 
-Usage: python bench/inference.py [--seconds 3] [--reps 3] [--no-mlserver]
+Usage: python bench/inference.py [--seconds 3] [--reps 3] [--no-mlserver] [--no-logging]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -34,6 +37,7 @@ import numpy as np
 from grpc import aio
 
 from bench._common import PYTHON, Figures, free_port, percentile, start_process, stop_process
+from bench._store_process import scratch_database, start_store_process
 from bench.mlserver_peer import mlserver_executable, start_mlserver
 from cyclone.examples import bench_regressor
 from cyclone.inference.v1 import inference_service_pb2 as pb
@@ -214,6 +218,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-mlserver", action="store_true", help="leave MLServer out")
     parser.add_argument(
+        "--no-logging", action="store_true", help="leave out the case logging to a store"
+    )
+    parser.add_argument(
         "--baseline",
         type=Path,
         help="another Cyclone source tree (e.g. `git archive` of an older commit), served too",
@@ -225,7 +232,8 @@ def main() -> None:
     predict, infer = predict_payload(row), infer_payload(row)
     per_feature = infer_per_feature_payload(row)
     stopping: list[Callable[[], object]] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
         model_dir, _, _ = import_pipeline(model, "rf", Path(tmp) / "models")
         try:
             echo_port = free_port()
@@ -244,6 +252,18 @@ def main() -> None:
                 Case("model_infer_per_feature", cyclone.address, INFER, per_feature, ours),
                 Case("predict", cyclone.address, PREDICT, predict, ours),
             ]
+            if not args.no_logging:
+                # The same server logging every prediction to a store (on this machine too).
+                url = stack.enter_context(scratch_database())
+                store, store_address = start_store_process(url)
+                stopping.append(lambda: stop_process(store))
+                serve = ["--model-repository", f"{tmp}/models", "--model", "rf"]
+                serve += ["--metrics-port", "-1", "--store", store_address]
+                logged = spawn("inference", serve, Path(tmp) / "logged.log")
+                stopping.append(logged.stop)
+                cases.append(
+                    Case("model_infer_logged", logged.address, INFER, infer, logged.process.pid)
+                )
             if args.baseline is not None:
                 base = spawn(
                     "inference",
@@ -345,6 +365,15 @@ def add_unary_figures(
             print(f"  c{conc} {name} cpu: {spread(cpu)} us/req")
             figures.add(f"{name}_c{conc}_cpu_per_request", med(cpu), "us", floor["cpu"], False)
         ours = samples[("model_infer", conc)]
+        if ("model_infer_logged", conc) in samples:
+            # What logging every prediction costs: the same server with and without a store.
+            figures.add(
+                f"model_infer_c{conc}_throughput_logging_on_vs_off",
+                med(s.throughput for s in samples[("model_infer_logged", conc)]),
+                "req/s",
+                med(s.throughput for s in ours),
+                True,
+            )
         for peer in ("mlserver_pw0", "mlserver_default"):
             if (peer, conc) not in samples:
                 continue

@@ -20,22 +20,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import psycopg
 from grpc import aio
-from psycopg.conninfo import make_conninfo
 
 from bench._common import PYTHON, ROOT, Figures, free_port, start_process, stop_process
+from bench._store_process import scratch_database, start_store_process
 from bench.inference import predict_payload, unary_load
 from cyclone.examples import bench_regressor
 from cyclone.models.convert import import_pipeline
@@ -43,7 +42,6 @@ from cyclone.store.v1 import store_service_pb2 as pb
 from services.store.db import PredictionRecord, uuid7, uuid7_time
 from services.store.db.ingest import prepare_copy_cursor
 from services.store.db.queries import COPY_COLUMNS, COPY_TYPES, training_query
-from services.store.embedded import DATABASE_URL_ENV, start_embedded
 
 SERVICE = "/cyclone.store.v1.StoreService/"
 PREDICT = "/cyclone.inference.v1.InferenceService/Predict"
@@ -229,25 +227,6 @@ async def training_data(address: str) -> tuple[int, float, int]:
 # --- orchestration ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def scratch_database() -> Iterator[str]:
-    """A new, empty database on $CYCLONE_DATABASE_URL's server or on an embedded one."""
-    with contextlib.ExitStack() as stack:
-        server_url = os.environ.get(DATABASE_URL_ENV)
-        if not server_url:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cyclone-bench-pg-"))
-            server_url = stack.enter_context(start_embedded(tmp, fast_unsafe=True)).url
-        name = f"cyclone_bench_store_{os.getpid()}"
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            conn.execute(f"CREATE DATABASE {name}")
-        try:
-            yield make_conninfo(server_url, dbname=name)
-        finally:
-            with psycopg.connect(server_url, autocommit=True) as conn:
-                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
@@ -259,25 +238,7 @@ def main() -> None:
     figures = Figures()
 
     with scratch_database() as url, tempfile.TemporaryDirectory(prefix="cyclone-bench-") as tmp:
-        store_port = free_port()
-        store = start_process(
-            [
-                PYTHON,
-                "-m",
-                "cyclone",
-                "serve",
-                "store",
-                "--port",
-                str(store_port),
-                "--database-url",
-                url,
-                "--metrics-port",
-                "-1",
-            ],
-            store_port,
-            timeout=60,
-        )
-        address = f"127.0.0.1:{store_port}"
+        store, address = start_store_process(url)
         try:
             rows = make_rows(n, datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1))
             messages = log_messages(rows, args.per_message)

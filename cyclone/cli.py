@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -74,13 +73,13 @@ def serve_inference(
     config: ConfigOpt = None,
 ) -> None:
     """Serve ONNX models over Cyclone's API and the Open Inference Protocol."""
-    from services.launch import serve, settings_class
+    from services.launch import run, settings_class
 
     flags = {k: v for k, v in locals().items() if k != "config"}
     settings = _settings(settings_class("inference"), flags, config)
     if not settings.model_repository.is_dir():
         fail(f"--model-repository: {settings.model_repository} is not a directory")
-    asyncio.run(serve("inference", settings))
+    run("inference", settings)
 
 
 @serve_app.command("store")
@@ -95,10 +94,10 @@ def serve_store(
     config: ConfigOpt = None,
 ) -> None:
     """Run the prediction/label/registry store (PostgreSQL, TimescaleDB when available)."""
-    from services.launch import serve, settings_class
+    from services.launch import run, settings_class
 
     flags = {k: v for k, v in locals().items() if k != "config"}
-    asyncio.run(serve("store", _settings(settings_class("store"), flags, config)))
+    run("store", _settings(settings_class("store"), flags, config))
 
 
 @serve_app.command("monitor")
@@ -122,10 +121,10 @@ def serve_monitor(
     config: ConfigOpt = None,
 ) -> None:
     """Evaluate monitoring plans on schedule; keep RAG levels; deliver alerts; dashboard."""
-    from services.launch import serve, settings_class
+    from services.launch import run, settings_class
 
     flags = {k: v for k, v in locals().items() if k != "config"}
-    asyncio.run(serve("monitor", _settings(settings_class("monitor"), flags, config)))
+    run("monitor", _settings(settings_class("monitor"), flags, config))
 
 
 @serve_app.command("trainer")
@@ -194,10 +193,10 @@ def serve_trainer(
     config: ConfigOpt = None,
 ) -> None:
     """Retrain models on alerts or by hand; register challengers that beat the champion."""
-    from services.launch import serve, settings_class
+    from services.launch import run, settings_class
 
     flags = {k: v for k, v in locals().items() if k != "config"}
-    asyncio.run(serve("trainer", _settings(settings_class("trainer"), flags, config)))
+    run("trainer", _settings(settings_class("trainer"), flags, config))
 
 
 @model_app.command("import")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import logging
 import os
 import signal
@@ -146,6 +145,19 @@ STARTERS: dict[str, Callable[[Any], Awaitable[Started[Any]]]] = {
 }
 
 
+def run(component: str, settings: Any) -> None:
+    """`serve` on the event loop the settings name (asyncio's own where uvloop is missing)."""
+    if settings.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("%s: uvloop is not installed; running on asyncio's event loop", component)
+        else:
+            uvloop.run(serve(component, settings))
+            return
+    asyncio.run(serve(component, settings))
+
+
 async def serve(component: str, settings: Any) -> None:
     """Start one service and run it until SIGTERM or SIGINT, then stop it gracefully."""
     if component == "trainer" and getattr(settings, "run_job_file", None) is not None:
@@ -157,11 +169,6 @@ async def serve(component: str, settings: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     started = await STARTERS[component](settings)
-    if component == "inference":
-        # Everything loaded so far (onnxruntime, scikit-learn, models) lives as long as the
-        # process: freezing it keeps the collector from rescanning it on every collection.
-        gc.collect()
-        gc.freeze()
     try:
         await stop.wait()
         log.info("%s: shutting down", component)

@@ -58,6 +58,7 @@ class TrainerSettings(ServerSettings):
     remote_job_timeout_seconds: float = REMOTE_TIMEOUT_SECONDS
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.job_executor not in JOB_EXECUTORS:
             raise SettingsError(
                 f"job_executor: must be one of {', '.join(JOB_EXECUTORS)},"

@@ -175,3 +175,30 @@ def test_settings_are_frozen() -> None:
     settings = load_settings(InferenceSettings, {}, env={})
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.port = 1  # type: ignore[misc]
+
+
+def test_event_loop_must_be_one_cyclone_knows() -> None:
+    with pytest.raises(SettingsError, match="event_loop: must be one of asyncio, uvloop"):
+        load_settings(ServerSettings, env={"CYCLONE_EVENT_LOOP": "trio"})
+    assert load_settings(ServerSettings, env={}).event_loop == "asyncio"
+
+
+def test_the_launcher_runs_a_service_on_the_loop_its_settings_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    import uvloop
+
+    from services import launch
+
+    loops: list[type] = []
+
+    async def fake_serve(component: str, settings: object) -> None:
+        loops.append(type(asyncio.get_running_loop()))
+
+    monkeypatch.setattr(launch, "serve", fake_serve)
+    launch.run("inference", ServerSettings(event_loop="uvloop"))
+    launch.run("inference", ServerSettings(event_loop="asyncio"))
+    assert loops[0] is uvloop.Loop
+    assert loops[1] is not uvloop.Loop and issubclass(loops[1], asyncio.AbstractEventLoop)
