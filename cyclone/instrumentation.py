@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextvars
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -82,6 +82,19 @@ def instrument(full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMeth
     return _wrap(handler, _MethodMetrics(full_method))
 
 
+def _serialized_or(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """`serializer`, except that a response a handler serialized itself passes as it is
+    (a hot path may build its bytes from cached parts; see services/inference/convert.py)."""
+    if serializer is None:
+        return None
+    serialize = serializer
+
+    def serialized_or(response: Any) -> bytes:
+        return response if response.__class__ is bytes else serialize(response)
+
+    return serialized_or
+
+
 def _wrap(handler: grpc.RpcMethodHandler, m: _MethodMetrics) -> grpc.RpcMethodHandler:
     def begin(context: aio.ServicerContext[Any, Any]) -> float:
         rid = _request_id(context.invocation_metadata())
@@ -100,7 +113,7 @@ def _wrap(handler: grpc.RpcMethodHandler, m: _MethodMetrics) -> grpc.RpcMethodHa
 
     kwargs = {
         "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
+        "response_serializer": _serialized_or(handler.response_serializer),
     }
     if handler.unary_unary:
         inner_uu = handler.unary_unary

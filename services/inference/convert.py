@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
+import weakref
 from collections.abc import Mapping, Sequence
 from itertools import chain
 from typing import Any
@@ -419,31 +420,61 @@ def requested_outputs(model: LoadedModel, request: oip_pb.ModelInferRequest) -> 
 
 def infer_response(
     model: LoadedModel, ids: list[str], outputs: Outputs, wanted: Sequence[str], request_id: str
-) -> oip_pb.ModelInferResponse:
-    tensors = []
+) -> bytes:
+    """A serialized ModelInferResponse.
+
+    Built as two serialized parts: protobuf merges concatenated messages, so the head (model
+    name and version, each output's name, datatype and shape), which depends only on the
+    model and the outputs' shapes, is serialized once per shape and reused; each request
+    serializes only its id, prediction ids and output bytes. Half the cost of building the
+    whole message per request, on a path where that is a tenth of the server's time.
+    """
+    arrays = [np.asarray(outputs.raw[name]) for name in wanted]
+    key = (tuple(wanted), tuple((a.dtype.str, a.shape) for a in arrays))
+    heads = _response_heads.get(model)
+    if heads is None:
+        heads = _response_heads.setdefault(model, {})
+    head = heads.get(key)
+    if head is None:
+        head = _response_head(model, wanted, arrays)
+        if len(heads) < _MAX_HEADS_PER_MODEL:
+            heads[key] = head
     contents = []
-    for name in wanted:
-        array = np.asarray(outputs.raw[name])
-        datatype = _OIP_DATATYPES.get(array.dtype) or _oip_datatype(array)
-        tensors.append(
-            oip_pb.ModelInferResponse.InferOutputTensor(
-                name=name, datatype=datatype, shape=array.shape
-            )
-        )
-        if datatype == "BYTES":
+    for array in arrays:
+        if array.dtype.kind in "OUS":
             contents.append(encode_bytes_tensor(array))
         else:
             # tobytes() is C order whatever the layout; astype copies only on big-endian data.
             contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
     # Built in one constructor call: each field set afterwards is another trip into upb.
-    return oip_pb.ModelInferResponse(
-        model_name=model.name,
-        model_version=model.version,
+    tail = oip_pb.ModelInferResponse(
         id=request_id,
         parameters={PREDICTION_IDS_PARAMETER: oip_pb.InferParameter(string_param=",".join(ids))},
-        outputs=tensors,
         raw_output_contents=contents,
     )
+    return head + tail.SerializeToString()
+
+
+# Serialized response heads per model (dropped with the model), by outputs and shapes; a
+# model answering many batch sizes keeps the first few and builds the rest each time.
+_response_heads: weakref.WeakKeyDictionary[LoadedModel, dict[Any, bytes]] = (
+    weakref.WeakKeyDictionary()
+)
+_MAX_HEADS_PER_MODEL = 64
+
+
+def _response_head(model: LoadedModel, wanted: Sequence[str], arrays: list[np.ndarray]) -> bytes:
+    tensors = [
+        oip_pb.ModelInferResponse.InferOutputTensor(
+            name=name,
+            datatype=_OIP_DATATYPES.get(array.dtype) or _oip_datatype(array),
+            shape=array.shape,
+        )
+        for name, array in zip(wanted, arrays, strict=True)
+    ]
+    return oip_pb.ModelInferResponse(
+        model_name=model.name, model_version=model.version, outputs=tensors
+    ).SerializeToString()
 
 
 def _tensor_metadata(nodes: Any) -> list[oip_pb.ModelMetadataResponse.TensorMetadata]:

@@ -52,9 +52,10 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return convert.model_metadata(self.catalog.get(request.name, request.version))
 
     @rpc_errors()
-    async def ModelInfer(
+    async def ModelInfer(  # type: ignore[override]  # the generated base says message
         self, request: pb.ModelInferRequest, context: aio.ServicerContext[Any, Any]
-    ) -> pb.ModelInferResponse:
+    ) -> bytes:
+        """Answers with the response already serialized (see `convert.infer_response`)."""
         started = time.perf_counter()
         model = self.catalog.get(request.model_name, request.model_version)
         wanted = convert.requested_outputs(model, request)
