@@ -7,10 +7,12 @@ passes per request burst, and every full pass walks the whole start-up heap agai
 on the inference bench (2 cores, c32): freezing the start-up heap and collecting the young
 generation less often serves ~10 % more requests per second.
 
-`tune()` raises the thresholds (once per process, when a server is built); `settle()` moves
-what exists now out of every future collection (`gc.freeze`) once start-up is done, and is
-called again after a big change (a model loaded or unloaded) so what that freed is
-collected and what it loaded is frozen.
+The launcher (`services.launch.serve`, the one entry point of a service process) calls
+`tune()` to raise the thresholds and, once the service has started, `settle()` to move what
+exists now out of every future collection (`gc.freeze`); `resettle()` repeats that after a
+big change (a model loaded or unloaded) so what it freed is collected and what it loaded is
+frozen. Servers started inside another program (tests, the demo's helpers) leave its
+collector alone.
 """
 
 from __future__ import annotations

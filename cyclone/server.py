@@ -18,7 +18,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from cyclone import heap
 from cyclone.auth import TokenSet, guard
 from cyclone.instrumentation import instrument
 from cyclone.settings import ServerSettings
@@ -89,7 +88,6 @@ class CycloneServer:
         self.component = component
         self.settings = settings
         configure_logging(settings.log_level)
-        heap.tune()
         self.grpc = aio.server(
             interceptors=server_tracing_interceptors(component),
             options=[*channel_options(settings.max_message_bytes), ("grpc.so_reuseport", 0)],
@@ -161,7 +159,6 @@ class CycloneServer:
         await self.grpc.start()
         for hook in self._start_hooks:
             await hook()
-        heap.settle()  # start-up is done: what it made is frozen out of collections
         await self.set_serving(True)
         self._start_metrics()
         log.info(

@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cyclone import heap
 from cyclone.server import CycloneServer
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,11 @@ async def serve(component: str, settings: Any) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    heap.tune()
     started = await STARTERS[component](settings)
+    # Start-up is done: what it made lives as long as the process, out of every collection.
+    # (Process-wide, so here and not in the server: a test process starts hundreds of them.)
+    heap.settle()
     try:
         await stop.wait()
         log.info("%s: shutting down", component)
