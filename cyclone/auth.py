@@ -31,7 +31,7 @@ import hmac
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -192,16 +192,36 @@ class TokenSet:
         return None
 
 
+# Given a call's metadata: None when it may proceed, else the status and message to refuse with.
+Admission = Callable[[Iterable[tuple[str, Any]] | None], tuple[grpc.StatusCode, str] | None]
+
+
+def admission(full_method: str, tokens: TokenSet | None) -> Admission | None:
+    """The check a call of `full_method` must pass; None when nothing is checked (no tokens
+    configured, or a method open to all such as health)."""
+    scope = scope_for(full_method) if tokens is not None else None
+    if tokens is None or scope is None:
+        return None
+
+    def admit(metadata: Iterable[tuple[str, Any]] | None) -> tuple[grpc.StatusCode, str] | None:
+        return tokens.check(scope, metadata)
+
+    return admit
+
+
 def guard(
     full_method: str, handler: grpc.RpcMethodHandler, tokens: TokenSet
 ) -> grpc.RpcMethodHandler:
-    """`handler` refusing calls without the token its method's scope needs."""
-    scope = scope_for(full_method)
-    if scope is None:
+    """`handler` refusing calls without the token its method's scope needs.
+
+    (The server's registration checks unary calls itself, in the one coroutine it wraps
+    around them; see `cyclone.instrumentation.instrument`.)"""
+    admit = admission(full_method, tokens)
+    if admit is None:
         return handler
 
     async def refuse(context: aio.ServicerContext[Any, Any]) -> None:
-        verdict = tokens.check(scope, context.invocation_metadata())
+        verdict = admit(context.invocation_metadata())
         if verdict is not None:
             await context.abort(*verdict)
 

@@ -18,6 +18,9 @@ import grpc
 from grpc import aio
 from prometheus_client import Counter, Histogram
 
+from cyclone.auth import Admission, TokenSet, admission, guard
+from cyclone.rpc_errors import Translator, UnaryCall, abort_with, undecorated_unary
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 REQUESTS = Counter("cyclone_grpc_requests", "gRPC requests handled", ["service", "method"])
@@ -75,11 +78,80 @@ def _failed_code(
     return None
 
 
-def instrument(full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """`handler` with request id and metrics around it; health and reflection pass through."""
-    if full_method.startswith(_SKIPPED):
-        return handler
-    return _wrap(handler, _MethodMetrics(full_method))
+def instrument(
+    full_method: str, handler: grpc.RpcMethodHandler, tokens: TokenSet | None = None
+) -> grpc.RpcMethodHandler:
+    """`handler` with request id, metrics and, with `tokens`, the method's access check
+    (`cyclone.auth`) around it; health and reflection get the access check only.
+
+    A unary-unary servicer method decorated with `rpc_errors` gets all of it, error mapping
+    included, in one coroutine around the undecorated method: each coroutine layer costs a
+    few per cent of a one-row prediction's throughput.
+    """
+    skipped = full_method.startswith(_SKIPPED)
+    direct = None if skipped or not handler.unary_unary else undecorated_unary(handler.unary_unary)
+    if direct is None:
+        guarded = handler if tokens is None else guard(full_method, handler, tokens)
+        return guarded if skipped else _wrap(guarded, _MethodMetrics(full_method))
+    call, translate = direct
+    return _unary_in_one(
+        handler, _MethodMetrics(full_method), admission(full_method, tokens), call, translate
+    )
+
+
+def _begin(context: aio.ServicerContext[Any, Any], m: _MethodMetrics) -> float:
+    rid = _request_id(context.invocation_metadata())
+    request_id_var.set(rid)  # each RPC runs in its own task, so its own context
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+    m.requests.inc()
+    return time.perf_counter()
+
+
+def _end(
+    context: aio.ServicerContext[Any, Any],
+    m: _MethodMetrics,
+    started: float,
+    exc: BaseException | None,
+) -> None:
+    m.latency.observe(time.perf_counter() - started)
+    code = _failed_code(context, exc)
+    if code is not None:
+        m.error(code)
+
+
+def _unary_in_one(
+    handler: grpc.RpcMethodHandler,
+    m: _MethodMetrics,
+    admit: Admission | None,
+    call: UnaryCall,
+    translate: Translator | None,
+) -> grpc.RpcMethodHandler:
+    async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        started, exc = _begin(context, m), None
+        try:
+            if admit is not None:
+                verdict = admit(context.invocation_metadata())
+                if verdict is not None:
+                    await context.abort(*verdict)
+            return await call(request, context)
+        except aio.AbortError as e:
+            exc = e
+            raise
+        except Exception as e:
+            exc = e
+            await abort_with(context, e, translate)
+            raise AssertionError("unreachable: abort raises") from e
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            _end(context, m, started, exc)
+
+    return grpc.unary_unary_rpc_method_handler(
+        unary_unary,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=_serialized_or(handler.response_serializer),
+    )
 
 
 def _serialized_or(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
@@ -96,21 +168,7 @@ def _serialized_or(serializer: Callable[[Any], bytes] | None) -> Callable[[Any],
 
 
 def _wrap(handler: grpc.RpcMethodHandler, m: _MethodMetrics) -> grpc.RpcMethodHandler:
-    def begin(context: aio.ServicerContext[Any, Any]) -> float:
-        rid = _request_id(context.invocation_metadata())
-        request_id_var.set(rid)  # each RPC runs in its own task, so its own context
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
-        m.requests.inc()
-        return time.perf_counter()
-
-    def end(
-        context: aio.ServicerContext[Any, Any], started: float, exc: BaseException | None
-    ) -> None:
-        m.latency.observe(time.perf_counter() - started)
-        code = _failed_code(context, exc)
-        if code is not None:
-            m.error(code)
-
+    """Request id and metrics around any handler, as a coroutine layer of its own."""
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": _serialized_or(handler.response_serializer),
@@ -119,35 +177,35 @@ def _wrap(handler: grpc.RpcMethodHandler, m: _MethodMetrics) -> grpc.RpcMethodHa
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            started, exc = begin(context), None
+            started, exc = _begin(context, m), None
             try:
                 return await inner_uu(request, context)
             except BaseException as e:
                 exc = e
                 raise
             finally:
-                end(context, started, exc)
+                _end(context, m, started, exc)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
     if handler.stream_unary:
         inner_su = handler.stream_unary
 
         async def stream_unary(requests: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            started, exc = begin(context), None
+            started, exc = _begin(context, m), None
             try:
                 return await inner_su(requests, context)
             except BaseException as e:
                 exc = e
                 raise
             finally:
-                end(context, started, exc)
+                _end(context, m, started, exc)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
 
     inner_stream = handler.unary_stream or handler.stream_stream
 
     async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        started, exc = begin(context), None
+        started, exc = _begin(context, m), None
         try:
             async for item in inner_stream(request, context):
                 yield item
@@ -155,7 +213,7 @@ def _wrap(handler: grpc.RpcMethodHandler, m: _MethodMetrics) -> grpc.RpcMethodHa
             exc = e
             raise
         finally:
-            end(context, started, exc)
+            _end(context, m, started, exc)
 
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)

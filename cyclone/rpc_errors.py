@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -115,6 +116,27 @@ def rpc_errors(translate: Translator | None = None) -> Callable[[F], F]:
                 await abort_with(context, exc, translate)
                 raise AssertionError("unreachable: abort raises") from exc
 
+        _UNARY[unary] = (method, translate)
         return cast(F, unary)
 
     return decorate
+
+
+# Unary methods decorated above: the decorator's function -> (the method, its translator).
+_UNARY: dict[Callable[..., Any], tuple[Callable[..., Any], Translator | None]] = {}
+
+UnaryCall = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+def undecorated_unary(behavior: Any) -> tuple[UnaryCall, Translator | None] | None:
+    """For a bound unary method decorated with `rpc_errors`: the bound method without the
+    decorator, and its translator; None for anything else.
+
+    The server's registration (`cyclone.instrumentation`) maps errors itself in the one
+    coroutine it wraps around each call: a coroutine layer per call is measurable on a
+    one-row prediction. Called directly, a decorated method still maps its own errors."""
+    entry = _UNARY.get(getattr(behavior, "__func__", None))  # type: ignore[arg-type]
+    if entry is None:
+        return None
+    method, translate = entry
+    return types.MethodType(method, behavior.__self__), translate

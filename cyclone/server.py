@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from cyclone.auth import TokenSet, guard
+from cyclone.auth import TokenSet
 from cyclone.instrumentation import instrument
 from cyclone.settings import ServerSettings
 from cyclone.telemetry import configure_logging, server_tracing_interceptors
@@ -65,20 +65,13 @@ class _InstrumentingRegistrar:
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:
         wrapped = {
-            name: instrument(f"/{service}/{name}", self._authorized(f"/{service}/{name}", h))
-            for name, h in handlers.items()
+            name: instrument(f"/{service}/{name}", h, self._tokens) for name, h in handlers.items()
         }
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, wrapped),)
         )
         self._server.add_registered_method_handlers(service, wrapped)
         self.registered = True
-
-    def _authorized(
-        self, full_method: str, handler: grpc.RpcMethodHandler
-    ) -> grpc.RpcMethodHandler:
-        # Without tokens nothing is wrapped: the hot path pays for auth only when it is on.
-        return handler if self._tokens is None else guard(full_method, handler, self._tokens)
 
 
 class CycloneServer:

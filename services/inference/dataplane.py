@@ -65,14 +65,33 @@ class DataPlane:
         `record=False` (the monitor's known-answer probes) keeps the rows out of the sink, so
         they are neither logged as traffic nor counted in the store's metrics.
         """
-        feed = model.feed_block(job.block, job.columns)
+        scored = self.score_inline(model, job, started, record=record)
+        if scored is not None:
+            return scored
+        outputs = await asyncio.to_thread(
+            model.run, model.feed_block(job.block, job.columns), job.rows
+        )
+        return self._scored(model, job, outputs, started, record)
+
+    def score_inline(
+        self, model: LoadedModel, job: Prepared, started: float, *, record: bool = True
+    ) -> Scored | None:
+        """`score` without leaving the event loop, for requests small enough to run inline;
+        None for bigger ones (await `score`, which runs them in a worker thread).
+
+        Servicers call this first: most requests are one row, and an awaited coroutine per
+        request is measurable at that size."""
         if job.rows > OFFLOAD_ROWS:
-            outputs = await asyncio.to_thread(model.run, feed, job.rows)
-        else:
-            outputs = model.run(feed, job.rows)
+            return None
+        outputs = model.run(model.feed_block(job.block, job.columns), job.rows)
+        return self._scored(model, job, outputs, started, record)
+
+    def _scored(
+        self, model: LoadedModel, job: Prepared, outputs: Outputs, started: float, record: bool
+    ) -> Scored:
         ids = uuid7_batch(job.rows)
-        latency_ms = (time.perf_counter() - started) * 1000.0
         if record:
+            latency_ms = (time.perf_counter() - started) * 1000.0
             self.sink.submit(model, ids, job, outputs, latency_ms, current_trace_id())
         return ids, outputs
 

@@ -61,7 +61,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         wanted = convert.requested_outputs(model, request)
         job = convert.quick_prepared_from_tensors(model, request)
         if job is not None:
-            ids, outputs = await self.dataplane.score(model, job, started)
+            scored = self.dataplane.score_inline(model, job, started)
+            ids, outputs = scored or await self.dataplane.score(model, job, started)
         else:
             columns = convert.columns_from_tensors(model, request)
             ids, outputs = await self.dataplane.predict(model, columns)

@@ -37,9 +37,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         started = time.perf_counter()
         model = self.catalog.get(request.model, request.version)
         job = convert.prepared_from_proto(model, request.features)
-        ids, outputs = await self.dataplane.score(
-            model, job, started, record=not _is_probe(context)
-        )
+        record = not _is_probe(context)
+        scored = self.dataplane.score_inline(model, job, started, record=record)
+        ids, outputs = scored or await self.dataplane.score(model, job, started, record=record)
         return convert.predict_response(model, ids, outputs, request.request_id)
 
     @rpc_errors()

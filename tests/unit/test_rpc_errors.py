@@ -10,7 +10,8 @@ import pytest
 from grpc import aio
 
 from cyclone.errors import CycloneError, InvalidArgument, NotFound, Unavailable
-from cyclone.rpc_errors import rpc_errors
+from cyclone.instrumentation import instrument
+from cyclone.rpc_errors import rpc_errors, undecorated_unary
 
 
 class _DatabaseDown(Exception):
@@ -77,14 +78,18 @@ class _Servicer:
         raise FAILURES[request.decode()]
 
 
-@pytest.fixture
-async def channel() -> AsyncIterator[aio.Channel]:
+@pytest.fixture(params=["decorator", "registration"])
+async def channel(request: pytest.FixtureRequest) -> AsyncIterator[aio.Channel]:
+    """The servicer on a bare server (the decorator maps errors) and wrapped as Cyclone's
+    server registers it (`instrument` maps them in its one coroutine around the method)."""
     servicer = _Servicer()
     identity = dict(request_deserializer=None, response_serializer=None)
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(servicer.unary, **identity),  # type: ignore[arg-type]
         "Stream": grpc.unary_stream_rpc_method_handler(servicer.stream, **identity),  # type: ignore[arg-type]
     }
+    if request.param == "registration":
+        handlers = {name: instrument(f"/t.T/{name}", h) for name, h in handlers.items()}
     server = aio.server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -145,3 +150,16 @@ def test_upstream_keeps_the_status_and_names_the_service(
     failed = aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), details="no such model")
     assert status_for(failed, upstream("store")) == (expected, "store: no such model")
     assert status_for(KeyError("x"), upstream("store"))[0] == grpc.StatusCode.INTERNAL
+
+
+def test_registration_finds_the_undecorated_unary_method_and_its_translator() -> None:
+    servicer = _Servicer()
+    found = undecorated_unary(servicer.unary)
+    assert found is not None
+    call, translate = found
+    assert call.__func__ is _Servicer.unary.__wrapped__  # type: ignore[attr-defined]
+    assert call.__self__ is servicer  # type: ignore[attr-defined]
+    assert translate is _translate
+    # Streaming methods and plain functions keep their own wrapping.
+    assert undecorated_unary(servicer.stream) is None
+    assert undecorated_unary(_translate) is None
