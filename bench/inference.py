@@ -218,6 +218,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--no-mlserver", action="store_true", help="leave MLServer out")
     parser.add_argument(
+        "--settle", type=float, default=1.0, help="seconds of quiet before each figure"
+    )
+    parser.add_argument(
         "--no-logging", action="store_true", help="leave out the case logging to a store"
     )
     parser.add_argument(
@@ -307,6 +310,9 @@ def main() -> None:
                     # Rotate the order so no case always runs first or after the same one.
                     shift = (rep * 2 + (conc == 32)) % len(cases)
                     for case in cases[shift:] + cases[:shift]:
+                        # Let the previous case's background work end first (the logging
+                        # server's last flush, the store's inserts), so no case pays for it.
+                        time.sleep(args.settle)
                         sample = measure(case, conc, args.seconds)
                         samples.setdefault((case.name, conc), []).append(sample)
                         print(
