@@ -32,8 +32,8 @@ class Prepared:
 
     An all-numeric request may come as the block alone (`columns=None`, with `names` naming
     its rows): its columns are views of the block, made only if something asks for them.
-    Most requests never need them (the sink reads the block), and a dict of twelve views
-    costs more than scoring one row.
+    Most requests never need them (the sink reads the block), and they are per-request work
+    on the hottest path.
     """
 
     __slots__ = ("_columns", "block", "names", "rows")
