@@ -74,6 +74,11 @@ class EnvoySettings:
     descriptor: Path = DESCRIPTOR
     concurrency: int | None = None  # worker threads; None = one per core
     health_interval_s: float = 1.0
+    # How long a health check may take. Longer than the interval on purpose: a revision slow
+    # to answer on a loaded machine is still serving, and marking it unhealthy can leave a
+    # killed sibling as the only place a failed-over retry may go. A dead revision refuses
+    # the connection at once, so this only delays noticing a hung one.
+    health_timeout_s: float = 2.0
     connect_timeout_s: float = 1.0
     num_retries: int = 3
     retry_budget_percent: float = 25.0
@@ -122,6 +127,10 @@ class EnvoySettings:
             raise ValueError("trace_sampling_percent: must be between 0 and 100")
         if self.cold_start_hold_s < 0:
             raise ValueError("cold_start_hold_s: must be 0 (off) or more")
+        if self.health_interval_s <= 0:
+            raise ValueError("health_interval_s: must be more than 0")
+        if self.health_timeout_s <= 0:
+            raise ValueError("health_timeout_s: must be more than 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +341,7 @@ def endpoint_cluster(
         interval = _seconds(settings.health_interval_s)
         cluster["health_checks"] = [
             {
-                "timeout": interval,
+                "timeout": _seconds(settings.health_timeout_s),
                 "interval": interval,
                 "no_traffic_interval": interval,
                 "unhealthy_threshold": 2,

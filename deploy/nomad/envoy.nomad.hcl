@@ -827,7 +827,7 @@ EOT
       },
       "health_checks": [
         {
-          "timeout": "1s",
+          "timeout": "2s",
           "interval": "1s",
           "no_traffic_interval": "1s",
           "unhealthy_threshold": 2,

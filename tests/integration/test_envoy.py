@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from grpc_health.v1.health import aio as health_aio
 from support import free_port
 from typer.testing import CliRunner
 
@@ -107,6 +108,19 @@ async def envoy(tmp_path: Path, components: tuple[int, int]) -> AsyncIterator[En
         yield proxy
     finally:
         await proxy.stop()
+
+
+def slow_health_checks(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Servers started after this answer health checks `seconds` late once `.slow` is set on
+    their health servicer (grpc registers the bound method, so the class is patched)."""
+    check = health_aio.HealthServicer.Check
+
+    async def late_check(self: Any, request: Any, context: Any) -> Any:
+        if getattr(self, "slow", False):
+            await asyncio.sleep(seconds)
+        return await check(self, request, context)
+
+    monkeypatch.setattr(health_aio.HealthServicer, "Check", late_check)
 
 
 @pytest.fixture
@@ -373,17 +387,28 @@ async def test_observed_split_matches_weights(
         assert v1.name not in await envoy.admin.clusters()
 
 
+@pytest.mark.parametrize(
+    "survivor_checks_slow", [False, True], ids=["survivor-ok", "survivor-slow"]
+)
 async def test_stopped_revision_is_retried_elsewhere(
     envoy: EnvoyProxy,
     start_inference_server: StartServer,
     two_versions: Path,
     model_repo: ModelRepo,
+    monkeypatch: pytest.MonkeyPatch,
+    survivor_checks_slow: bool,
 ) -> None:
+    """With `survivor_checks_slow` the surviving revision answers its health checks later than
+    the check interval (a loaded machine): a timed-out check must not leave the killed
+    revision as the only place retries can go."""
+    if survivor_checks_slow:
+        slow_health_checks(monkeypatch, seconds=0.6)
     async with (
         start_inference_server(model_repository=two_versions, model=CREDIT, version="1") as one,
         start_inference_server(model_repository=two_versions, model=CREDIT, version="2") as two,
         inference_stub(envoy.public_address) as stub,
     ):
+        one.server.health.slow = survivor_checks_slow
         v1, v2 = revision(CREDIT, "1", one.port), revision(CREDIT, "2", two.port)
         await envoy.apply(
             TrafficSplit(CREDIT, {v1.name: 50, v2.name: 50}, {v1.name: v1, v2.name: v2})

@@ -262,6 +262,12 @@ async def test_tls_settings_need_both_files(tmp_path: Path) -> None:
         EnvoySettings(work_dir=tmp_path, rate_limit_per_client=0)
 
 
+@pytest.mark.parametrize("field", ["health_interval_s", "health_timeout_s"])
+async def test_health_check_times_must_be_positive(tmp_path: Path, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        EnvoySettings(work_dir=tmp_path, **{field: 0})
+
+
 async def test_a_flooding_client_is_limited_and_another_is_served(
     tmp_path: Path, model_repo: ModelRepo
 ) -> None:
