@@ -5,6 +5,8 @@ run, interleaved (the order rotates every repetition), the same closed-loop grpc
 generator drives:
 - the floor: a bare grpc.aio echo server (bytes in, the same bytes out) given the ModelInfer
   payload, so a ratio is what Cyclone's parsing, validation, onnxruntime and response cost;
+- the second floor: bench/bare_onnx_server.py, grpc.aio + onnxruntime and nothing else (no
+  validation, ids, metrics or logging): what any Python gRPC server could reach here;
 - Cyclone (`cyclone serve inference`, through `services.launch.spawn`): ModelInfer with one
   [1, 12] FP32 tensor, ModelInfer with one [1, 1] tensor per feature, and Predict;
 - the same ModelInfer on a second Cyclone server logging every prediction to a store (a
@@ -242,6 +244,18 @@ def main() -> None:
             echo_port = free_port()
             echo = start_process([PYTHON, "-m", "bench.echo_server", str(echo_port)], echo_port)
             stopping.append(lambda: stop_process(echo))
+            bare_port = free_port()
+            bare = start_process(
+                [
+                    PYTHON,
+                    "-m",
+                    "bench.bare_onnx_server",
+                    str(bare_port),
+                    str(model_dir / "model.onnx"),
+                ],
+                bare_port,
+            )
+            stopping.append(lambda: stop_process(bare))
             cyclone = spawn(
                 "inference",
                 ["--model-repository", f"{tmp}/models", "--model", "rf", "--metrics-port", "-1"],
@@ -251,6 +265,7 @@ def main() -> None:
             ours = cyclone.process.pid
             cases = [
                 Case("echo", f"127.0.0.1:{echo_port}", ECHO, infer, echo.pid),
+                Case("bare_onnx_server", f"127.0.0.1:{bare_port}", INFER, infer, bare.pid),
                 Case("model_infer", cyclone.address, INFER, infer, ours),
                 Case("model_infer_per_feature", cyclone.address, INFER, per_feature, ours),
                 Case("predict", cyclone.address, PREDICT, predict, ours),
@@ -371,6 +386,15 @@ def add_unary_figures(
             print(f"  c{conc} {name} cpu: {spread(cpu)} us/req")
             figures.add(f"{name}_c{conc}_cpu_per_request", med(cpu), "us", floor["cpu"], False)
         ours = samples[("model_infer", conc)]
+        bare = samples[("bare_onnx_server", conc)]
+        # How much of what a bare grpc.aio + onnxruntime server reaches Cyclone keeps.
+        figures.add(
+            f"model_infer_c{conc}_throughput_vs_bare_onnx_server",
+            med(s.throughput for s in ours),
+            "req/s",
+            med(s.throughput for s in bare),
+            True,
+        )
         if ("model_infer_logged", conc) in samples:
             # What logging every prediction costs: the same server with and without a store.
             figures.add(
@@ -390,6 +414,14 @@ def add_unary_figures(
             figures.add(
                 f"model_infer_c{conc}_throughput_vs_{peer}",
                 med(s.throughput for s in ours),
+                "req/s",
+                med(s.throughput for s in theirs),
+                True,
+            )
+            # The ceiling: the bare server against the peer (no Python server can beat it).
+            figures.add(
+                f"bare_onnx_server_c{conc}_throughput_vs_{peer}",
+                med(s.throughput for s in bare),
                 "req/s",
                 med(s.throughput for s in theirs),
                 True,
