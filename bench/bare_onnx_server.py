@@ -4,7 +4,7 @@ grpc.aio on uvloop (as Cyclone's inference service runs), the request parsed by 
 its one FP32 [N, F] tensor handed to onnxruntime, and a minimal ModelInferResponse built
 and returned. No validation, prediction ids, metrics, request ids, logging or error
 handling: what is left between this and Cyclone is what those cost, and a ratio against it
-says how much of a figure any Python server on this machine could have.
+says how much of a figure a grpc.aio server on this machine could have.
 
 Usage: python -m bench.bare_onnx_server PORT MODEL.onnx
 """

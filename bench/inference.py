@@ -6,7 +6,7 @@ generator drives:
 - the floor: a bare grpc.aio echo server (bytes in, the same bytes out) given the ModelInfer
   payload, so a ratio is what Cyclone's parsing, validation, onnxruntime and response cost;
 - the second floor: bench/bare_onnx_server.py, grpc.aio + onnxruntime and nothing else (no
-  validation, ids, metrics or logging): what any Python gRPC server could reach here;
+  validation, ids, metrics or logging): what a grpc.aio server could reach here;
 - Cyclone (`cyclone serve inference`, through `services.launch.spawn`): ModelInfer with one
   [1, 12] FP32 tensor, ModelInfer with one [1, 1] tensor per feature, and Predict;
 - the same ModelInfer on a second Cyclone server logging every prediction to a store (a
@@ -418,7 +418,7 @@ def add_unary_figures(
                 med(s.throughput for s in theirs),
                 True,
             )
-            # The ceiling: the bare server against the peer (no Python server can beat it).
+            # The ceiling for a grpc.aio server here: the bare one against the peer.
             figures.add(
                 f"bare_onnx_server_c{conc}_throughput_vs_{peer}",
                 med(s.throughput for s in bare),
