@@ -365,6 +365,16 @@ def add_unary_figures(
 ) -> None:
     """Medians: each case against the echo floor, then Cyclone's ModelInfer against MLServer."""
     med = statistics.median
+
+    def throughput_ratio(figure: str, value: list[Sample], floor: list[Sample]) -> None:
+        figures.add(
+            figure,
+            med(s.throughput for s in value),
+            "req/s",
+            med(s.throughput for s in floor),
+            True,
+        )
+
     for conc in (1, 32):
         echo = samples[("echo", conc)]
         floor = {
@@ -388,22 +398,11 @@ def add_unary_figures(
         ours = samples[("model_infer", conc)]
         bare = samples[("bare_onnx_server", conc)]
         # How much of what a bare grpc.aio + onnxruntime server reaches Cyclone keeps.
-        figures.add(
-            f"model_infer_c{conc}_throughput_vs_bare_onnx_server",
-            med(s.throughput for s in ours),
-            "req/s",
-            med(s.throughput for s in bare),
-            True,
-        )
+        throughput_ratio(f"model_infer_c{conc}_throughput_vs_bare_onnx_server", ours, bare)
         if ("model_infer_logged", conc) in samples:
             # What logging every prediction costs: the same server with and without a store.
-            figures.add(
-                f"model_infer_c{conc}_throughput_logging_on_vs_off",
-                med(s.throughput for s in samples[("model_infer_logged", conc)]),
-                "req/s",
-                med(s.throughput for s in ours),
-                True,
-            )
+            logged = samples[("model_infer_logged", conc)]
+            throughput_ratio(f"model_infer_c{conc}_throughput_logging_on_vs_off", logged, ours)
         for peer in ("mlserver_pw0", "mlserver_default"):
             if (peer, conc) not in samples:
                 continue
@@ -411,21 +410,9 @@ def add_unary_figures(
             # Per-repetition ratios: the cases of one repetition ran back to back.
             speedups = [a.throughput / b.throughput for a, b in zip(ours, theirs, strict=True)]
             print(f"  c{conc} model_infer / {peer} throughput: {spread(speedups)}")
-            figures.add(
-                f"model_infer_c{conc}_throughput_vs_{peer}",
-                med(s.throughput for s in ours),
-                "req/s",
-                med(s.throughput for s in theirs),
-                True,
-            )
+            throughput_ratio(f"model_infer_c{conc}_throughput_vs_{peer}", ours, theirs)
             # The ceiling for a grpc.aio server here: the bare one against the peer.
-            figures.add(
-                f"bare_onnx_server_c{conc}_throughput_vs_{peer}",
-                med(s.throughput for s in bare),
-                "req/s",
-                med(s.throughput for s in theirs),
-                True,
-            )
+            throughput_ratio(f"bare_onnx_server_c{conc}_throughput_vs_{peer}", bare, theirs)
             figures.add(
                 f"model_infer_c{conc}_p99_vs_{peer}",
                 med(s.p99 for s in ours),
