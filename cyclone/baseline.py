@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cyclone.models.schema import ModelSchema
+from cyclone.models.schema import MISSING_CATEGORY, ModelSchema
 from cyclone.plugin_api import MetricContext, ReferenceProfile, Window
 from cyclone.plugins import metrics
 from cyclone.reference import Calibration, ErrorProfile, build_profile
@@ -43,6 +43,9 @@ def window_from_frame(
     features: dict[str, np.ndarray] = {}
     for f in schema.features:
         column = frame[f.name]
+        if f.kind == "categorical" and f.allow_missing:
+            # As served and logged: a missing category is the marker, not "nan".
+            column = column.where(column.notna(), MISSING_CATEGORY)
         features[f.name] = (
             column.astype(str).to_numpy(dtype=object)
             if f.kind == "categorical"

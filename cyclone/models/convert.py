@@ -7,6 +7,7 @@ to predict the same as the pipeline it came from.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -31,7 +32,7 @@ from cyclone.models.repository import (
     ModelRepository,
     sha256_of,
 )
-from cyclone.models.schema import FeatureSchema, ModelSchema, validate_name
+from cyclone.models.schema import MISSING_CATEGORY, FeatureSchema, ModelSchema, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,46 @@ def _has_converter(estimator: Any) -> bool:
     from skl2onnx._supported_operators import sklearn_operator_name_map
 
     return type(estimator) in sklearn_operator_name_map
+
+
+def _with_string_missing_marker(
+    pipeline: Any, options: dict[int, dict[str, Any]]
+) -> tuple[Any, dict[int, dict[str, Any]]]:
+    """The pipeline to convert: a copy whose categorical SimpleImputers look for
+    MISSING_CATEGORY instead of NaN (skl2onnx imputes strings only for a string marker), with
+    `options` re-keyed to the copy's steps; `pipeline` itself when there is none."""
+    from sklearn.impute import SimpleImputer
+
+    ct = _find_column_transformer(pipeline)
+    transformers = getattr(ct, "transformers_", []) if ct is not None else []
+    imputers = [
+        id(step)
+        for _, transformer, _ in transformers
+        if not isinstance(transformer, str) and _is_categorical_transformer(transformer)
+        for _, step in _named_steps(transformer)
+        if isinstance(step, SimpleImputer) and not isinstance(step.missing_values, str)
+    ]
+    if not imputers:
+        return pipeline, options
+    memo: dict[int, Any] = {}
+    convertible = copy.deepcopy(pipeline, memo)
+    for original in imputers:
+        memo[original].missing_values = MISSING_CATEGORY
+    return convertible, {id(memo[key]): value for key, value in options.items()}
+
+
+def _require_probabilities(pipeline: Any, final: Any) -> None:
+    """Cyclone's classifiers answer with class probabilities (confidence-based estimates and
+    the probability metrics need them); one that cannot give any is refused by name."""
+    if hasattr(pipeline, "predict_proba") or not _has_converter(final):
+        return  # without a converter, the conversion's own message says more
+    where = next((w for w, step in _named_steps(pipeline) if step is final), type(final).__name__)
+    raise ConversionError(
+        f"pipeline: {where} gives no class probabilities (no predict_proba); Cyclone serves "
+        "a classifier's probabilities with its labels: wrap it in "
+        "sklearn.calibration.CalibratedClassifierCV, or use a classifier that has them "
+        "(for SVC, probability=True)"
+    )
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
@@ -246,7 +287,11 @@ def infer_features(
         cats = _categories_of(transformer) or [[] for _ in cols]
         for col, col_cats in zip(cols, cats, strict=False):
             kinds[col] = FeatureSchema(
-                col, "categorical", "string", categories=tuple(col_cats) if strict else ()
+                col,
+                "categorical",
+                "string",
+                categories=tuple(col_cats) if strict else (),
+                allow_missing=imputes,  # served as MISSING_CATEGORY, imputed by the model
             )
     return tuple(kinds[n] for n in names), "columns"
 
@@ -320,23 +365,63 @@ def sample_frame(
 
 
 def onnx_feed(schema: ModelSchema, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The rows as the ONNX model takes them (a missing category is MISSING_CATEGORY)."""
     if schema.input_layout == "matrix":
         return {"input": frame[schema.feature_names].to_numpy(dtype=np.float32)}
     feed: dict[str, np.ndarray] = {}
     for f in schema.features:
-        col = frame[f.name].to_numpy()
-        feed[f.name] = (
-            col.astype(str) if f.kind == "categorical" else col.astype(np.float32)
-        ).reshape(-1, 1)
+        col = frame[f.name]
+        if f.kind == "categorical":
+            values = col.where(col.notna(), MISSING_CATEGORY) if f.allow_missing else col
+            feed[f.name] = values.to_numpy().astype(str).reshape(-1, 1)
+        else:
+            feed[f.name] = col.to_numpy().astype(np.float32).reshape(-1, 1)
     return feed
 
 
 def sklearn_input(pipeline: Any, schema: ModelSchema, frame: pd.DataFrame) -> Any:
-    """The rows as the pipeline was fitted on them: a DataFrame if it knows column names."""
-    columns = frame[schema.feature_names]
+    """The rows as the pipeline was fitted on them: a DataFrame if it knows column names,
+    with missing categories back to NaN (see `sklearn_frame`)."""
+    columns = sklearn_frame(schema, frame[schema.feature_names])
     if schema.input_layout == "columns" or hasattr(pipeline, "feature_names_in_"):
         return columns
     return columns.to_numpy()
+
+
+def sklearn_frame(schema: ModelSchema, frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with every MISSING_CATEGORY of an imputed categorical feature as NaN, which is
+    what the pipeline's SimpleImputer was fitted to replace (logged rows and served requests
+    carry the marker: a string tensor has no null)."""
+    marked = [f.name for f in schema.features if f.kind == "categorical" and f.allow_missing]
+    return missing_as_nan(frame, marked)
+
+
+def missing_as_nan(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    present = [c for c in columns if c in frame]
+    if not present:
+        return frame
+    out = frame.copy()
+    for name in present:
+        out[name] = out[name].mask(out[name] == MISSING_CATEGORY, np.nan)
+    return out
+
+
+def imputed_categorical_columns(pipeline: Any) -> list[str]:
+    """Columns, by name, that a pipeline (fitted or not) sends through a categorical branch
+    with a SimpleImputer: what it must be given NaN for where rows say MISSING_CATEGORY."""
+    from sklearn.impute import SimpleImputer
+
+    ct = _find_column_transformer(pipeline)
+    if ct is None:
+        return []
+    found: list[str] = []
+    for _, transformer, columns in getattr(ct, "transformers_", ct.transformers):
+        if isinstance(transformer, str) or not _is_categorical_transformer(transformer):
+            continue
+        if any(isinstance(step, SimpleImputer) for _, step in _named_steps(transformer)):
+            cols = [columns] if isinstance(columns, str) else list(columns)
+            found += [c for c in cols if isinstance(c, str)]
+    return found
 
 
 # Relative and absolute nudge of numeric inputs: a few float32 ulps, far below any real change.
@@ -470,17 +555,21 @@ def convert_pipeline(
     class_labels: tuple[str, ...] = ()
     options: dict[int, dict[str, Any]] = {}
     if task == "classification":
+        _require_probabilities(pipeline, final)
         class_labels = tuple(str(c) for c in final.classes_)
         options[id(final)] = {"zipmap": False}
     _fix_skl2onnx_tree_attributes()
+    convertible, options = _with_string_missing_marker(pipeline, options)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             onx = convert_sklearn(
-                pipeline, initial_types=_initial_types(features, layout), options=options or None
+                convertible,
+                initial_types=_initial_types(features, layout),
+                options=options or None,
             )
     except Exception as exc:
-        where = _failing_step(pipeline, exc.__traceback__)
+        where = _failing_step(convertible, exc.__traceback__)
         raise ConversionError(
             f"pipeline: skl2onnx cannot convert {where}: {_first_line(exc)}"
         ) from None
@@ -596,7 +685,8 @@ def known_answers(
         for f in schema.features:
             value = head[f.name].iloc[i]
             if f.kind == "categorical":
-                record[f.name] = str(value)
+                missing = f.allow_missing and pd.isna(value)
+                record[f.name] = MISSING_CATEGORY if missing else str(value)
             else:
                 number = float(pd.to_numeric(value, errors="coerce"))
                 record[f.name] = None if np.isnan(number) else number

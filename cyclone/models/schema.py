@@ -19,6 +19,12 @@ NUMERIC_DTYPES = ("float32", "float64", "int64")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
+# A categorical value that is missing, in requests, logs and the ONNX model's string input
+# (a string tensor has no null). Only features with `allow_missing` (the pipeline imputes
+# them) accept it beyond their categories.
+MISSING_CATEGORY = ""
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureSchema:
     name: str

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from cyclone.errors import InvalidArgument, ModelLoadError
 from cyclone.models.repository import ModelFiles, sha256_of
-from cyclone.models.schema import FeatureSchema, ModelSchema
+from cyclone.models.schema import MISSING_CATEGORY, FeatureSchema, ModelSchema
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,10 @@ class LoadedModel:
         self._features = self.schema.features
         self._numeric = [f for f in self._features if f.kind == "numeric"]
         self._categorical = [f for f in self._features if f.kind == "categorical"]
+        # What a categorical feature with limits accepts: its categories, and the missing
+        # marker where the model imputes it.
         self._category_sets = {
-            f.name: np.array(sorted(f.categories), dtype=object)
+            f.name: np.array(sorted(_accepted(f)), dtype=object)
             for f in self._categorical
             if f.categories
         }
@@ -94,7 +96,7 @@ class LoadedModel:
         self._name_set = frozenset(self.feature_names)
         self.numeric_names: tuple[str, ...] = tuple(f.name for f in self._numeric)
         self.category_lookup: dict[str, frozenset[str] | None] = {
-            f.name: frozenset(f.categories) if f.categories else None for f in self._categorical
+            f.name: frozenset(_accepted(f)) if f.categories else None for f in self._categorical
         }
         self._lo = np.array(
             [-np.inf if f.min is None else f.min for f in self._numeric], dtype=np.float64
@@ -310,3 +312,7 @@ class LoadedModel:
     def predict(self, columns: Mapping[str, np.ndarray]) -> Outputs:
         rows = self.validate(columns)
         return self.run(self.feed(columns), rows)
+
+
+def _accepted(feature: FeatureSchema) -> set[str]:
+    return {*feature.categories, *((MISSING_CATEGORY,) if feature.allow_missing else ())}

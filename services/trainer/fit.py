@@ -144,6 +144,7 @@ def warm_up() -> None:
 
 def fit_and_evaluate(task: FitTask) -> FitOutcome:
     """Fit the challenger on the training rows and compare it with the champion on the holdout."""
+    from cyclone.models.convert import imputed_categorical_columns, missing_as_nan
     from cyclone.plugins import get_plugins
     from services.trainer.evaluate import decide, holdout_metrics
 
@@ -158,7 +159,10 @@ def fit_and_evaluate(task: FitTask) -> FitOutcome:
         estimator = family.estimator(task.params, context)
     except ValueError as exc:
         raise JobFailure(str(exc)) from None
-    x_train = _x(task.train, task.features)
+    # Logged rows say MISSING_CATEGORY where a request had no category; a pipeline that
+    # imputes that column (a refit of one that did) was fitted to see NaN there.
+    missing = imputed_categorical_columns(estimator)
+    x_train = missing_as_nan(_x(task.train, task.features), missing)
     y_train = task.train[LABEL].to_numpy()
     try:
         estimator.fit(x_train, y_train)
@@ -172,7 +176,7 @@ def fit_and_evaluate(task: FitTask) -> FitOutcome:
         champion = _score_champion(champion_dir, x_holdout, task.task)
     except Exception as exc:
         raise JobFailure(f"champion: cannot score it on the holdout: {exc}") from None
-    challenger = _score_challenger(estimator, x_holdout, task.task)
+    challenger = _score_challenger(estimator, missing_as_nan(x_holdout, missing), task.task)
     specs = plugins.metrics
     spec = specs.get(task.metric.name)
     if spec is None:

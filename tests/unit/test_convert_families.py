@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 from sklearn.base import BaseEstimator, RegressorMixin, clone, is_classifier
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import (
     ExtraTreesClassifier,
@@ -28,10 +29,11 @@ from sklearn.ensemble import (
     RandomForestClassifier,
     RandomForestRegressor,
 )
-from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
+from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge, RidgeClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.svm import SVC, LinearSVC
 
 from cyclone.errors import ModelLoadError, NotFound
 from cyclone.models.convert import ConversionError, import_pipeline
@@ -246,6 +248,43 @@ def test_estimator_without_converter_refused_naming_the_step(
         match=r"^pipeline: skl2onnx cannot convert step 'median' \(_MedianRegressor\): ",
     ):
         import_pipeline(pipeline, "median", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("model", "where"),
+    [
+        (lambda: LinearSVC(), "LinearSVC"),
+        (lambda: RidgeClassifier(), "RidgeClassifier"),
+        (lambda: Pipeline([("scale", StandardScaler()), ("svm", SVC())]), r"step 'svm' \(SVC\)"),
+    ],
+    ids=["linear_svc", "ridge_classifier", "svc_without_probability"],
+)
+def test_classifier_without_probabilities_refused_naming_the_step(
+    frame: pd.DataFrame, tmp_path: Path, model: Callable[[], Any], where: str
+) -> None:
+    fitted = model().fit(frame[NUMERIC], frame["churned"])
+    with pytest.raises(
+        ConversionError,
+        match=rf"^pipeline: {where} gives no class probabilities .*CalibratedClassifierCV",
+    ):
+        import_pipeline(fitted, "noproba", tmp_path, sample=frame)
+    assert not (tmp_path / "noproba").exists() or not any((tmp_path / "noproba").iterdir())
+
+
+def test_calibrated_margin_classifier_imports_with_probabilities(
+    frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """What the refusal above suggests works: the wrapped classifier imports and its served
+    probabilities match scikit-learn's."""
+    model = CalibratedClassifierCV(LinearSVC()).fit(frame[NUMERIC], frame["churned"])
+    directory, schema, parity = import_pipeline(model, "calibrated", tmp_path, sample=frame)
+    assert schema.task == "classification"
+    assert parity.label_agreement == 1.0
+    session = ort.InferenceSession(str(directory / "model.onnx"))
+    _, probabilities = session.run(None, {"input": frame[NUMERIC].to_numpy(np.float32)})
+    np.testing.assert_allclose(
+        probabilities, model.predict_proba(frame[NUMERIC]), rtol=0, atol=1e-5
+    )
 
 
 def test_native_categorical_hist_gradient_boosting_refused(
