@@ -109,12 +109,18 @@ def _has_converter(estimator: Any) -> bool:
     return type(estimator) in sklearn_operator_name_map
 
 
-def _with_string_missing_marker(
+def _convertible(
     pipeline: Any, options: dict[int, dict[str, Any]]
 ) -> tuple[Any, dict[int, dict[str, Any]]]:
-    """The pipeline to convert: a copy whose categorical SimpleImputers look for
-    MISSING_CATEGORY instead of NaN (skl2onnx imputes strings only for a string marker), with
-    `options` re-keyed to the copy's steps; `pipeline` itself when there is none."""
+    """The pipeline to hand skl2onnx: a copy where it needs one, with `options` re-keyed to
+    the copy's steps; `pipeline` itself otherwise. The copy differs in what skl2onnx reads,
+    not in what it computes:
+
+    - categorical SimpleImputers look for MISSING_CATEGORY instead of NaN (skl2onnx imputes
+      strings only for a string marker);
+    - boolean class labels become their text ("False", "True"): for bool classes skl2onnx
+      answers the class index, which is not a label.
+    """
     from sklearn.impute import SimpleImputer
 
     ct = _find_column_transformer(pipeline)
@@ -126,13 +132,49 @@ def _with_string_missing_marker(
         for _, step in _named_steps(transformer)
         if isinstance(step, SimpleImputer) and not isinstance(step.missing_values, str)
     ]
-    if not imputers:
+    final = _final_estimator(pipeline)
+    classes = np.asarray(getattr(final, "classes_", []))
+    bool_classes = classes.dtype == bool
+    if not imputers and not bool_classes:
         return pipeline, options
     memo: dict[int, Any] = {}
     convertible = copy.deepcopy(pipeline, memo)
     for original in imputers:
         memo[original].missing_values = MISSING_CATEGORY
+    if bool_classes:
+        memo[id(final)].classes_ = np.array([str(c) for c in classes])
     return convertible, {id(memo[key]): value for key, value in options.items()}
+
+
+def _named_inputs(onx: Any, features: tuple[FeatureSchema, ...]) -> None:
+    """Give the ONNX inputs the features' own names (in place).
+
+    skl2onnx renames an input whose name is not an identifier ("monthly charges" becomes
+    "monthly_charges"); ONNX itself takes any name, and requests, `model.yaml` and the feed
+    all use the feature's. Inputs follow `initial_types`, so they pair with features by
+    position."""
+    graph = onx.graph
+    if len(graph.input) != len(features):
+        return
+    renames = {i.name: f.name for i, f in zip(graph.input, features, strict=True)}
+    renames = {old: new for old, new in renames.items() if old != new}
+    if not renames:
+        return
+    taken = {o for node in graph.node for o in node.output} | {t.name for t in graph.initializer}
+    clash = sorted(set(renames.values()) & taken)
+    if clash:
+        raise ConversionError(
+            f"feature_names: {clash[0]!r} is also the name of a tensor inside the ONNX model; "
+            "rename that column"
+        )
+    for value in graph.input:
+        value.name = renames.get(value.name, value.name)
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in renames:
+                node.input[k] = renames[name]
+    for value in graph.output:
+        value.name = renames.get(value.name, value.name)
 
 
 def _require_probabilities(pipeline: Any, final: Any) -> None:
@@ -559,7 +601,7 @@ def convert_pipeline(
         class_labels = tuple(str(c) for c in final.classes_)
         options[id(final)] = {"zipmap": False}
     _fix_skl2onnx_tree_attributes()
-    convertible, options = _with_string_missing_marker(pipeline, options)
+    convertible, options = _convertible(pipeline, options)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -573,6 +615,8 @@ def convert_pipeline(
         raise ConversionError(
             f"pipeline: skl2onnx cannot convert {where}: {_first_line(exc)}"
         ) from None
+    if layout == "columns":
+        _named_inputs(onx, features)
     schema = ModelSchema(
         name=name,
         version=version,

@@ -193,6 +193,63 @@ def test_multiclass(family: str, frame: pd.DataFrame, tmp_path: Path) -> None:
     assert report.label_agreement > 0.99
 
 
+def test_column_names_that_are_not_identifiers_stay_the_inputs_names(
+    frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """skl2onnx renames "monthly income" to an identifier; the model Cyclone writes takes the
+    column's own name, which requests and model.yaml use."""
+    renamed = frame.rename(columns={"income": "monthly income", "plan": "plan-type"})
+    numeric = ["age", "monthly income", "visits", "is_member"]
+    pre = ColumnTransformer(
+        [
+            ("num", StandardScaler(), numeric),
+            ("cat", OneHotEncoder(handle_unknown="ignore"), ["plan-type"]),
+        ]
+    )
+    pipeline = Pipeline([("pre", pre), ("model", Ridge())])
+    pipeline.fit(renamed[[*numeric, "plan-type"]], renamed["amount"])
+    target, schema, _ = import_pipeline(pipeline, "spaced", tmp_path, sample=renamed)
+    assert schema.feature_names == [*numeric, "plan-type"]
+    assert [name for name, _ in _onnx_inputs(target)] == [*numeric, "plan-type"]
+    rows = renamed.iloc[:25]
+    columns: dict[str, np.ndarray] = {n: rows[n].to_numpy(dtype=np.float64) for n in numeric}
+    columns["plan-type"] = rows["plan-type"].to_numpy(dtype=object)
+    served = _served(tmp_path, "spaced")
+    assert served.validate(columns) == len(rows)
+    _assert_served_like_sklearn(served, pipeline, rows[[*numeric, "plan-type"]], columns)
+
+
+def test_a_column_named_like_an_output_is_refused_by_name(
+    frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    renamed = frame.rename(columns={"age": "probabilities"})
+    pre = ColumnTransformer(
+        [("num", StandardScaler(), ["probabilities"]), ("cat", OneHotEncoder(), ["plan"])]
+    )
+    pipeline = Pipeline([("pre", pre), ("model", LogisticRegression())])
+    pipeline.fit(renamed[["probabilities", "plan"]], renamed["churned"])
+    with pytest.raises(ConversionError, match=r"^feature_names: 'probabilities' is also the name"):
+        import_pipeline(pipeline, "clash", tmp_path, sample=renamed)
+
+
+@pytest.mark.parametrize("family", ["logistic_regression", "rf_classifier", "gb_classifier"])
+def test_boolean_class_labels_are_served_as_labels(
+    family: str, frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Fitted on a bool target, skl2onnx would answer the class index (0/1); Cyclone serves
+    "False"/"True", the labels model.yaml lists."""
+    model = FAMILIES[family]().fit(frame[NUMERIC], frame["churned"].astype(bool))
+    _, schema, report = import_pipeline(model, family, tmp_path, sample=frame)
+    assert schema.class_labels == ("False", "True")
+    assert report.label_agreement == 1.0
+    rows = frame.iloc[:40]
+    outputs = _served(tmp_path, family).predict(
+        {n: rows[n].to_numpy(dtype=np.float64) for n in NUMERIC}
+    )
+    assert outputs.labels is not None
+    assert outputs.labels.tolist() == [str(v) for v in model.predict(rows[NUMERIC])]
+
+
 def test_without_sample_uses_synthetic_rows(frame: pd.DataFrame, tmp_path: Path) -> None:
     model = RandomForestRegressor(n_estimators=5, random_state=0).fit(
         frame[NUMERIC], frame["amount"]
