@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -234,7 +235,7 @@ def model_import(
     import pandas as pd
 
     from cyclone.local_mesh import read_mesh
-    from cyclone.models.convert import ConversionError, import_pipeline
+    from cyclone.models.convert import ConversionError, categorical_columns, import_pipeline
 
     mesh = read_mesh()
     if repository is None:
@@ -245,10 +246,14 @@ def model_import(
         fitted = joblib.load(pipeline)
     except Exception as exc:
         fail(f"PIPELINE: {pipeline} is not a joblib file: {exc}")
+    names = None if feature_names is None else feature_names.split(",")
     frame = None
     if sample is not None:
         try:
-            frame = pd.read_csv(sample)
+            # Categories are text ("02134" is not 2134; an empty field is missing).
+            frame = pd.read_csv(
+                sample, dtype=dict.fromkeys(categorical_columns(fitted, names), str)
+            )
         except Exception as exc:
             fail(f"--sample: cannot read {sample}: {exc}")
     try:
@@ -259,7 +264,7 @@ def model_import(
             version=version,
             sample=frame,
             label_column=label_column,
-            feature_names=None if feature_names is None else feature_names.split(","),
+            feature_names=names,
         )
     except (ConversionError, ValueError) as exc:
         fail(str(exc))
@@ -283,7 +288,9 @@ def model_import(
             )
 
 
-def _read_rows(rows: list[str], file: Path | None) -> list[dict[str, Any]]:
+def _read_rows(
+    rows: list[str], file: Path | None, categorical: Collection[str] = ()
+) -> list[dict[str, Any]]:
     parsed: list[dict[str, Any]] = []
     for i, text in enumerate(rows):
         try:
@@ -297,7 +304,8 @@ def _read_rows(rows: list[str], file: Path | None) -> list[dict[str, Any]]:
         if file.suffix == ".csv":
             import pandas as pd
 
-            parsed.extend(pd.read_csv(file).to_dict(orient="records"))
+            frame = pd.read_csv(file, dtype=dict.fromkeys(categorical, str))
+            parsed.extend(frame.to_dict(orient="records"))
         else:
             for n, line in enumerate(file.read_text().splitlines(), 1):
                 if line.strip():
@@ -327,13 +335,18 @@ def predict(
     """Score rows against a running inference server."""
     import grpc
 
-    from cyclone.client import InferenceClient
+    from cyclone.client import InferenceClient, categorical_features
     from cyclone.local_mesh import default_address
 
-    rows = _read_rows(row or [], file)
+    # Rows are checked before anything is asked of a server; a CSV is read once the model's
+    # categorical features are known (they are text, whatever the file looks like).
+    csv = file is not None and file.suffix == ".csv"
+    typed = None if csv else _read_rows(row or [], file)
     try:
         with InferenceClient(address or default_address("public")) as client:
-            predictions = client.predict(model, rows, version)
+            categorical = categorical_features(client.get_model(model, version))
+            rows_read = typed if typed is not None else _read_rows(row or [], file, categorical)
+            predictions = client.predict(model, rows_read, version, categorical)
     except grpc.RpcError as exc:
         fail(f"{exc.code().name}: {exc.details()}", 1)
     if as_json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 from cyclone.channels import sync_channel
@@ -38,8 +38,17 @@ def _is_number(value: Any) -> bool:
     )
 
 
-def build_request(model: str, rows: Rows, version: str = "") -> pb.PredictRequest:
-    """Columns from rows (list of dicts) or from a dict of columns; numbers vs text by value type."""
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def build_request(
+    model: str, rows: Rows, version: str = "", categorical: Collection[str] = ()
+) -> pb.PredictRequest:
+    """Columns from rows (list of dicts) or from a dict of columns; numbers vs text by value
+    type, except that features named in `categorical` are always text (a zip code read as a
+    number is still a category). A missing value (None, or NaN among text) is sent as NaN in
+    a numeric column and as "" in a text one, which is how Cyclone marks a missing category."""
     if isinstance(rows, Mapping):
         columns = {name: list(values) for name, values in rows.items()}
     else:
@@ -50,11 +59,16 @@ def build_request(model: str, rows: Rows, version: str = "") -> pb.PredictReques
     request = pb.PredictRequest(model=model, version=version)
     for name, values in columns.items():
         column = request.features[name]
-        if all(_is_number(v) for v in values):
+        if name not in categorical and all(_is_number(v) for v in values):
             column.numbers.extend(math.nan if v is None else float(v) for v in values)
         else:
-            column.strings.extend("" if v is None else str(v) for v in values)
+            column.strings.extend("" if _is_missing(v) else str(v) for v in values)
     return request
+
+
+def categorical_features(info: pb.ModelInfo) -> set[str]:
+    """The features a served model takes as text (from `InferenceClient.get_model`)."""
+    return {f.name for f in info.features if f.kind == pb.FEATURE_KIND_CATEGORICAL}
 
 
 def predictions_from_response(response: pb.PredictResponse) -> list[Prediction]:
@@ -85,9 +99,13 @@ class InferenceClient:
         self._channel = sync_channel(address, options=channel_options(max_message_bytes))
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
 
-    def predict(self, model: str, rows: Rows, version: str = "") -> list[Prediction]:
+    def predict(
+        self, model: str, rows: Rows, version: str = "", categorical: Collection[str] = ()
+    ) -> list[Prediction]:
+        """`categorical`: features to send as text whatever their values' type (see
+        `build_request`; `categorical_features(client.get_model(model))` gives them)."""
         response = self._stub.Predict(
-            build_request(model, rows, version),
+            build_request(model, rows, version, categorical),
             timeout=self.timeout,
             metadata=model_metadata(model),
         )

@@ -338,6 +338,15 @@ def infer_features(
     return tuple(kinds[n] for n in names), "columns"
 
 
+def categorical_columns(pipeline: Any, feature_names: Sequence[str] | None = None) -> list[str]:
+    """The features the pipeline takes as categories (text); none when it cannot tell."""
+    try:
+        features, _ = infer_features(pipeline, feature_names)
+    except (ConversionError, ValueError, AttributeError, TypeError):
+        return []  # the import itself words what is wrong
+    return [f.name for f in features if f.kind == "categorical"]
+
+
 def _refuse_native_categorical(pipeline: Any) -> None:
     """HistGradientBoosting's own categorical splits have no ONNX equivalent in skl2onnx."""
     for where, step in _named_steps(pipeline):

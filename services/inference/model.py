@@ -294,6 +294,9 @@ class LoadedModel:
                 rows, values=np.asarray(raw_list[0], dtype=np.float64).reshape(rows), raw=raw
             )
         labels = np.asarray(raw_list[0]).reshape(rows)
+        # float32 sums over trees land a few ulps outside [0, 1] (-1.2e-07, 1.0000001):
+        # a probability a caller receives is one. Clipped in place, so the OIP tensor agrees.
+        np.clip(raw_list[1], 0.0, 1.0, out=raw_list[1])
         probabilities = np.asarray(raw_list[1], dtype=np.float64).reshape(rows, -1)
         return Outputs(rows, labels=labels.astype(str), probabilities=probabilities, raw=raw)
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import joblib
 import numpy as np
+import pandas as pd
 import pytest
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from typer.testing import CliRunner
 
 from cyclone.cli import app
@@ -288,3 +296,73 @@ def test_serve_single_model_and_stop_on_sigterm(
         server.process.terminate()
         assert server.process.wait(15) == 0, server.log_path.read_text()
     assert "shutting down" in (tmp_path / "server.log").read_text()
+
+
+# -- CSV with text categories: import and predict -------------------------------------------
+
+
+def _zip_pipeline(tmp_path: Path) -> tuple[Any, pd.DataFrame, Path]:
+    """A churn model whose categories look like numbers ("02134") and are sometimes missing
+    (an empty CSV field); its rows as a CSV file."""
+    rng = np.random.default_rng(5)
+    rows = 240
+    frame = pd.DataFrame(
+        {
+            "monthly income": rng.normal(50, 10, rows),
+            "zip": rng.choice(["02134", "10001", "94105"], rows).astype(object),
+            "plan": rng.choice(["a", "b"], rows).astype(object),
+        }
+    )
+    frame.loc[frame.index % 6 == 0, "plan"] = np.nan
+    frame["churn"] = (
+        (frame["monthly income"] > 50) ^ (frame["zip"] == "02134") ^ (frame["plan"] == "b")
+    ).astype(int)
+    categorical = Pipeline(
+        [
+            ("impute", SimpleImputer(strategy="most_frequent")),
+            ("encode", OneHotEncoder(handle_unknown="error")),
+        ]
+    )
+    pre = ColumnTransformer(
+        [("num", StandardScaler(), ["monthly income"]), ("cat", categorical, ["zip", "plan"])]
+    )
+    pipeline = Pipeline([("pre", pre), ("model", LogisticRegression())])
+    pipeline.fit(frame[["monthly income", "zip", "plan"]], frame["churn"])
+    path = tmp_path / "sample.csv"
+    frame.to_csv(path, index=False)
+    return pipeline, frame, path
+
+
+def test_csv_categories_that_look_like_numbers_import_and_predict(
+    tmp_path: Path,
+    cli_server_process_factory: Callable[..., contextlib.AbstractContextManager[Any]],
+) -> None:
+    pipeline, frame, sample = _zip_pipeline(tmp_path)
+    joblib.dump(pipeline, tmp_path / "zip.joblib")
+    repo = tmp_path / "models"
+    imported = runner.invoke(
+        app,
+        [
+            *("model", "import", str(tmp_path / "zip.joblib"), "--name", "zips"),
+            *("--repository", str(repo), "--sample", str(sample), "--label-column", "churn"),
+        ],
+    )
+    assert imported.exit_code == 0, imported.output
+    rows = tmp_path / "rows.csv"
+    frame.drop(columns="churn").head(12).to_csv(rows, index=False)
+    lines_written = rows.read_text().splitlines()
+    assert any(",02134," in line for line in lines_written)
+    assert lines_written[1].endswith(",")  # row 0 has no plan: an empty field
+    with cli_server_process_factory(repo, tmp_path / "serve.log") as server:
+        result = runner.invoke(
+            app,
+            [
+                *("predict", "--model", "zips", "--address", server.address),
+                *("--file", str(rows), "--json"),
+            ],
+        )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    expected = pipeline.predict_proba(frame[["monthly income", "zip", "plan"]].head(12))
+    got = [[line["probabilities"]["0"], line["probabilities"]["1"]] for line in lines]
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -419,3 +419,22 @@ def test_saved_pipeline_checksum_and_absence(frame: pd.DataFrame, tmp_path: Path
     (target / PIPELINE_FILE).unlink()
     with pytest.raises(NotFound, match=r"^pipeline: 'lin' version '1' has no pipeline.joblib"):
         load_pipeline(files)
+
+
+def test_served_probabilities_stay_within_zero_and_one(tmp_path: Path) -> None:
+    """Twenty trees' float32 average of pure leaves comes out at -1.2e-07 and 1.0000001 in
+    onnxruntime; what the inference service answers is a probability."""
+    rng = np.random.default_rng(0)
+    x = pd.DataFrame(rng.normal(size=(300, 3)), columns=["a", "b", "c"])
+    model = RandomForestClassifier(20, random_state=0).fit(x, (x["a"] > 0).astype(int))
+    target, _, _ = import_pipeline(model, "pure", tmp_path, sample=x)
+    raw = ort.InferenceSession(str(target / "model.onnx")).run(
+        None, {"input": x.to_numpy(np.float32)}
+    )[1]
+    assert raw.min() < 0.0 < 1.0 < raw.max()  # the case this test is about
+    served = _served(tmp_path, "pure")
+    outputs = served.predict({n: x[n].to_numpy(dtype=np.float64) for n in x.columns})
+    assert outputs.probabilities is not None
+    assert outputs.probabilities.min() >= 0.0 and outputs.probabilities.max() <= 1.0
+    assert outputs.raw["probabilities"].min() >= 0.0  # the OIP tensor too
+    np.testing.assert_allclose(outputs.probabilities, model.predict_proba(x), atol=1e-6)
