@@ -121,17 +121,7 @@ def _convertible(
     - boolean class labels become their text ("False", "True"): for bool classes skl2onnx
       answers the class index, which is not a label.
     """
-    from sklearn.impute import SimpleImputer
-
-    ct = _find_column_transformer(pipeline)
-    transformers = getattr(ct, "transformers_", []) if ct is not None else []
-    imputers = [
-        id(step)
-        for _, transformer, _ in transformers
-        if not isinstance(transformer, str) and _is_categorical_transformer(transformer)
-        for _, step in _named_steps(transformer)
-        if isinstance(step, SimpleImputer) and not isinstance(step.missing_values, str)
-    ]
+    imputers = [id(imputer) for _, imputer in _categorical_imputers(pipeline, nan_only=True)]
     final = _final_estimator(pipeline)
     classes = np.asarray(getattr(final, "classes_", []))
     bool_classes = classes.dtype == bool
@@ -315,6 +305,12 @@ def infer_features(
             FeatureSchema(n, "numeric", "float32", allow_missing=imputes) for n in names
         ), "matrix"
     kinds: dict[str, FeatureSchema] = {n: FeatureSchema(n, "numeric", "float32") for n in names}
+    # Served as MISSING_CATEGORY and imputed by the model.
+    missing_imputed = {
+        names[c] if isinstance(c, int | np.integer) else str(c)
+        for columns, _ in _categorical_imputers(pipeline, nan_only=False)
+        for c in columns
+    }
     for _, transformer, columns in getattr(ct, "transformers_", []):
         if transformer in ("drop", "passthrough"):
             continue
@@ -333,7 +329,7 @@ def infer_features(
                 "categorical",
                 "string",
                 categories=tuple(col_cats) if strict else (),
-                allow_missing=imputes,  # served as MISSING_CATEGORY, imputed by the model
+                allow_missing=col in missing_imputed,
             )
     return tuple(kinds[n] for n in names), "columns"
 
@@ -431,20 +427,13 @@ def onnx_feed(schema: ModelSchema, frame: pd.DataFrame) -> dict[str, np.ndarray]
 
 
 def sklearn_input(pipeline: Any, schema: ModelSchema, frame: pd.DataFrame) -> Any:
-    """The rows as the pipeline was fitted on them: a DataFrame if it knows column names,
-    with missing categories back to NaN (see `sklearn_frame`)."""
-    columns = sklearn_frame(schema, frame[schema.feature_names])
+    """The rows as the pipeline was fitted on them: a DataFrame if it knows column names, with
+    MISSING_CATEGORY back to NaN where the pipeline imputes NaN (logged rows and served
+    requests carry the marker: a string tensor has no null)."""
+    columns = missing_as_nan(frame[schema.feature_names], imputed_categorical_columns(pipeline))
     if schema.input_layout == "columns" or hasattr(pipeline, "feature_names_in_"):
         return columns
     return columns.to_numpy()
-
-
-def sklearn_frame(schema: ModelSchema, frame: pd.DataFrame) -> pd.DataFrame:
-    """`frame` with every MISSING_CATEGORY of an imputed categorical feature as NaN, which is
-    what the pipeline's SimpleImputer was fitted to replace (logged rows and served requests
-    carry the marker: a string tensor has no null)."""
-    marked = [f.name for f in schema.features if f.kind == "categorical" and f.allow_missing]
-    return missing_as_nan(frame, marked)
 
 
 def missing_as_nan(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
@@ -458,21 +447,35 @@ def missing_as_nan(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
 
 
 def imputed_categorical_columns(pipeline: Any) -> list[str]:
-    """Columns, by name, that a pipeline (fitted or not) sends through a categorical branch
-    with a SimpleImputer: what it must be given NaN for where rows say MISSING_CATEGORY."""
+    """Columns, by name, that a pipeline (fitted or not) imputes in a categorical branch where
+    they are NaN: what it must be given NaN for where rows say MISSING_CATEGORY."""
+    return [
+        c
+        for columns, _ in _categorical_imputers(pipeline, nan_only=True)
+        for c in columns
+        if isinstance(c, str)
+    ]
+
+
+def _categorical_imputers(pipeline: Any, *, nan_only: bool) -> Iterator[tuple[list[Any], Any]]:
+    """(columns, SimpleImputer) for each categorical branch of the pipeline's ColumnTransformer
+    (fitted or not) that imputes what Cyclone serves as missing: NaN/None, or the marker
+    itself; with `nan_only`, NaN/None only (those skl2onnx cannot convert as they are)."""
     from sklearn.impute import SimpleImputer
 
     ct = _find_column_transformer(pipeline)
     if ct is None:
-        return []
-    found: list[str] = []
+        return
     for _, transformer, columns in getattr(ct, "transformers_", ct.transformers):
         if isinstance(transformer, str) or not _is_categorical_transformer(transformer):
             continue
-        if any(isinstance(step, SimpleImputer) for _, step in _named_steps(transformer)):
-            cols = [columns] if isinstance(columns, str) else list(columns)
-            found += [c for c in cols if isinstance(c, str)]
-    return found
+        cols = [columns] if isinstance(columns, str) else list(columns)
+        for _, step in _named_steps(transformer):
+            if not isinstance(step, SimpleImputer):
+                continue
+            marker = step.missing_values
+            if not isinstance(marker, str) or (not nan_only and marker == MISSING_CATEGORY):
+                yield cols, step
 
 
 # Relative and absolute nudge of numeric inputs: a few float32 ulps, far below any real change.

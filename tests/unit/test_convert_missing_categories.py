@@ -167,3 +167,37 @@ def test_onnx_feed_marks_missing_only_for_imputed_categories(
     feed = onnx_feed(schema, frame.iloc[:20])
     assert feed["plan"][0, 0] == MISSING_CATEGORY  # row 0 is missing in the fixture
     assert np.isnan(feed["income"][0, 0])
+
+
+@pytest.mark.parametrize(
+    ("marker", "marked"), [("", True), ("?", False)], ids=["cyclones-marker", "own-marker"]
+)
+def test_an_imputer_with_a_string_marker_converts_as_it_is(
+    frame: pd.DataFrame, tmp_path: Path, marker: str, marked: bool
+) -> None:
+    """A pipeline fitted with "" as its missing value already speaks Cyclone's marker; one with
+    its own ("?") keeps it, and "" is then an ordinary (unknown) category."""
+    data = frame.assign(plan=frame["plan"].fillna(marker), region=frame["region"].fillna("north"))
+    categorical = Pipeline(
+        [
+            ("impute", SimpleImputer(missing_values=marker, strategy="most_frequent")),
+            ("encode", OneHotEncoder(handle_unknown="ignore")),
+        ]
+    )
+    pre = ColumnTransformer(
+        [("num", SimpleImputer(strategy="median"), NUMERIC), ("cat", categorical, ["plan"])]
+    )
+    pipeline = Pipeline([("pre", pre), ("model", Ridge())])
+    pipeline.fit(data[[*NUMERIC, "plan"]], data["amount"])
+    _, schema, _ = import_pipeline(pipeline, "own", tmp_path, sample=data)
+    assert {f.name: f.allow_missing for f in schema.features}["plan"] is marked
+    assert imputed_categorical_columns(pipeline) == []  # scikit-learn gets the rows as they are
+    served = LoadedModel(ModelRepository(tmp_path).files("own"))
+    rows = data.iloc[:30]
+    columns = {n: rows[n].to_numpy(dtype=np.float64) for n in NUMERIC}
+    columns["plan"] = rows["plan"].to_numpy(dtype=object)
+    outputs = served.predict(columns)
+    assert outputs.values is not None
+    np.testing.assert_allclose(
+        outputs.values, pipeline.predict(rows[[*NUMERIC, "plan"]]), rtol=1e-4, atol=1e-3
+    )
