@@ -109,6 +109,22 @@ def _has_converter(estimator: Any) -> bool:
     return type(estimator) in sklearn_operator_name_map
 
 
+def best_estimator(pipeline: Any) -> Any:
+    """What a fitted hyperparameter search (GridSearchCV, RandomizedSearchCV, ...) predicts
+    with: its refitted best estimator, which is what gets converted, served and refitted."""
+    from sklearn.model_selection._search import BaseSearchCV
+
+    if isinstance(pipeline, BaseSearchCV):
+        best = getattr(pipeline, "best_estimator_", None)
+        if best is None:
+            raise ConversionError(
+                f"pipeline: {type(pipeline).__name__} was fitted with refit=False and has no "
+                "best_estimator_ to serve; refit it, or import the estimator you chose"
+            )
+        return best
+    return pipeline
+
+
 def _convertible(
     pipeline: Any, options: dict[int, dict[str, Any]]
 ) -> tuple[Any, dict[int, dict[str, Any]]]:
@@ -119,18 +135,29 @@ def _convertible(
     - categorical SimpleImputers look for MISSING_CATEGORY instead of NaN (skl2onnx imputes
       strings only for a string marker);
     - boolean class labels become their text ("False", "True"): for bool classes skl2onnx
-      answers the class index, which is not a label.
+      answers the class index, which is not a label;
+    - a soft-voting VotingClassifier does not flatten `transform()` (never called here).
     """
+    from sklearn.ensemble import VotingClassifier
+
     imputers = [id(imputer) for _, imputer in _categorical_imputers(pipeline, nan_only=True)]
     final = _final_estimator(pipeline)
     classes = np.asarray(getattr(final, "classes_", []))
     bool_classes = classes.dtype == bool
-    if not imputers and not bool_classes:
+    # flatten_transform shapes `transform()` only; skl2onnx refuses it for soft voting.
+    voting = [
+        id(step)
+        for _, step in _named_steps(pipeline)
+        if isinstance(step, VotingClassifier) and step.voting == "soft" and step.flatten_transform
+    ]
+    if not imputers and not bool_classes and not voting:
         return pipeline, options
     memo: dict[int, Any] = {}
     convertible = copy.deepcopy(pipeline, memo)
     for original in imputers:
         memo[original].missing_values = MISSING_CATEGORY
+    for original in voting:
+        memo[original].flatten_transform = False
     if bool_classes:
         memo[id(final)].classes_ = np.array([str(c) for c in classes])
     return convertible, {id(memo[key]): value for key, value in options.items()}
@@ -177,7 +204,7 @@ def _require_probabilities(pipeline: Any, final: Any) -> None:
         f"pipeline: {where} gives no class probabilities (no predict_proba); Cyclone serves "
         "a classifier's probabilities with its labels: wrap it in "
         "sklearn.calibration.CalibratedClassifierCV, or use a classifier that has them "
-        "(for SVC, probability=True)"
+        "(SVC: probability=True; VotingClassifier: voting='soft')"
     )
 
 
@@ -596,6 +623,7 @@ def convert_pipeline(
             f"pipeline: {type(pipeline).__name__} is not a scikit-learn estimator"
             " (neither a classifier nor a regressor)"
         )
+    pipeline = best_estimator(pipeline)
     if is_classifier(pipeline):
         task = "classification"
     elif is_regressor(pipeline):
@@ -673,6 +701,7 @@ def import_pipeline(
     repo = ModelRepository(repository)
     version = version or repo.next_version(name)
     validate_name("version", version)
+    pipeline = best_estimator(pipeline)
     onnx_bytes, schema = convert_pipeline(pipeline, name, version, feature_names=feature_names)
     if sample is not None:
         missing = [f for f in schema.feature_names if f not in sample.columns]

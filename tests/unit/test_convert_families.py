@@ -28,8 +28,10 @@ from sklearn.ensemble import (
     HistGradientBoostingRegressor,
     RandomForestClassifier,
     RandomForestRegressor,
+    VotingClassifier,
 )
 from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge, RidgeClassifier
+from sklearn.model_selection import GridSearchCV
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
@@ -438,3 +440,43 @@ def test_served_probabilities_stay_within_zero_and_one(tmp_path: Path) -> None:
     assert outputs.probabilities.min() >= 0.0 and outputs.probabilities.max() <= 1.0
     assert outputs.raw["probabilities"].min() >= 0.0  # the OIP tensor too
     np.testing.assert_allclose(outputs.probabilities, model.predict_proba(x), atol=1e-6)
+
+
+def test_a_fitted_search_imports_its_best_estimator(frame: pd.DataFrame, tmp_path: Path) -> None:
+    """Users save the GridSearchCV itself; what it predicts with is best_estimator_."""
+    pre = ColumnTransformer(
+        [
+            ("num", StandardScaler(), NUMERIC),
+            ("cat", OneHotEncoder(handle_unknown="ignore"), ["plan"]),
+        ]
+    )
+    search = GridSearchCV(
+        Pipeline([("pre", pre), ("model", LogisticRegression(max_iter=500))]),
+        {"model__C": [0.1, 1.0]},
+        cv=3,
+    ).fit(frame[FEATURES], frame["churned"])
+    _, schema, report = import_pipeline(search, "searched", tmp_path, sample=frame)
+    assert schema.input_layout == "columns"
+    assert report.label_agreement == 1.0
+    assert type(load_pipeline(ModelRepository(tmp_path).files("searched"))) is Pipeline
+    unrefit = GridSearchCV(Ridge(), {"alpha": [1.0]}, refit=False, cv=3)
+    unrefit.fit(frame[NUMERIC], frame["amount"])
+    with pytest.raises(
+        ConversionError, match=r"^pipeline: GridSearchCV was fitted with refit=False"
+    ):
+        import_pipeline(unrefit, "unrefit", tmp_path)
+
+
+def test_soft_voting_imports_and_hard_voting_is_refused(
+    frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    members = [
+        ("lr", LogisticRegression(max_iter=500)),
+        ("rf", RandomForestClassifier(5, max_depth=4, random_state=0)),
+    ]
+    soft = VotingClassifier(members, voting="soft").fit(frame[NUMERIC], frame["churned"])
+    _, _, report = import_pipeline(soft, "soft", tmp_path, sample=frame)
+    assert report.label_agreement == 1.0
+    hard = VotingClassifier(members).fit(frame[NUMERIC], frame["churned"])
+    with pytest.raises(ConversionError, match=r"gives no class probabilities.*voting='soft'"):
+        import_pipeline(hard, "hard", tmp_path, sample=frame)
