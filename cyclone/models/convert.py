@@ -112,9 +112,7 @@ def _has_converter(estimator: Any) -> bool:
 def best_estimator(pipeline: Any) -> Any:
     """What a fitted hyperparameter search (GridSearchCV, RandomizedSearchCV, ...) predicts
     with: its refitted best estimator, which is what gets converted, served and refitted."""
-    from sklearn.model_selection._search import BaseSearchCV
-
-    if isinstance(pipeline, BaseSearchCV):
+    if hasattr(pipeline, "cv_results_"):  # a fitted search (its base class is private)
         best = getattr(pipeline, "best_estimator_", None)
         if best is None:
             raise ConversionError(
