@@ -85,10 +85,13 @@ class LoadedModel:
         self._categorical = [f for f in self._features if f.kind == "categorical"]
         # What a categorical feature with limits accepts: its categories, and the missing
         # marker where the model imputes it.
-        self._category_sets = {
-            f.name: np.array(sorted(_accepted(f)), dtype=object)
+        accepted = {
+            f.name: {*f.categories, *((MISSING_CATEGORY,) if f.allow_missing else ())}
             for f in self._categorical
             if f.categories
+        }
+        self._category_sets = {
+            name: np.array(sorted(values), dtype=object) for name, values in accepted.items()
         }
         # Precomputed for the fast paths: they only decide "valid or not"; any doubt falls
         # back to `validate`, which stays the one place that words the errors.
@@ -96,7 +99,8 @@ class LoadedModel:
         self._name_set = frozenset(self.feature_names)
         self.numeric_names: tuple[str, ...] = tuple(f.name for f in self._numeric)
         self.category_lookup: dict[str, frozenset[str] | None] = {
-            f.name: frozenset(_accepted(f)) if f.categories else None for f in self._categorical
+            f.name: frozenset(accepted[f.name]) if f.name in accepted else None
+            for f in self._categorical
         }
         self._lo = np.array(
             [-np.inf if f.min is None else f.min for f in self._numeric], dtype=np.float64
@@ -315,7 +319,3 @@ class LoadedModel:
     def predict(self, columns: Mapping[str, np.ndarray]) -> Outputs:
         rows = self.validate(columns)
         return self.run(self.feed(columns), rows)
-
-
-def _accepted(feature: FeatureSchema) -> set[str]:
-    return {*feature.categories, *((MISSING_CATEGORY,) if feature.allow_missing else ())}
