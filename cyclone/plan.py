@@ -105,8 +105,12 @@ class RetrainSpec:
     """The plan's ``retrain:`` section: which labelled rows a retraining job uses and when the
     challenger replaces the champion.
 
-    ``window``: ``sliding`` keeps the newest ``rows`` labelled rows or those of the last
-    ``duration``; ``expanding`` takes every labelled row. ``holdout`` is the fraction of the
+    ``window``: ``auto`` (the default) reads the newest ``rows`` labelled rows, finds where the
+    loss of the served predictions rose (the change point), waits up to ``wait`` for
+    ``fresh_rows`` labelled rows after it, fits candidates on the rows since the change and on
+    all of them, and keeps the one that does best on the newest rows; without a change point it
+    is ``sliding`` over ``rows``. ``sliding`` keeps the newest ``rows`` labelled rows or those of
+    the last ``duration``; ``expanding`` takes every labelled row. ``holdout`` is the fraction of the
     newest rows kept out of fitting for the comparison. ``metric`` (default: the plan's primary
     quality metric) must improve by ``margin``, relative to the champion's value, and a paired
     bootstrap on the holdout must be ``confidence`` sure the improvement is not noise.
@@ -116,7 +120,7 @@ class RetrainSpec:
     ``min_rows`` of them to be labelled, else it ends "not enough data".
     """
 
-    kind: Literal["sliding", "expanding"] = "sliding"
+    kind: Literal["auto", "sliding", "expanding"] = "auto"
     duration_seconds: int | None = None
     rows: int | None = 50_000
     min_rows: int = 200
@@ -129,6 +133,13 @@ class RetrainSpec:
     resamples: int = 500
     since_alert: bool = False
     wait_seconds: int = 3600
+    # auto: labelled rows after the change point a job waits for before fitting.
+    fresh_rows: int = 2000
+    # While the model stays RED after a rejected challenger: attempts per alert in all.
+    attempts: int = 3
+
+
+RETRAIN_WINDOWS = ("auto", "sliding", "expanding")
 
 
 @dataclass(frozen=True)
@@ -506,6 +517,8 @@ _RETRAIN_KEYS = {
     "resamples",
     "since_alert",
     "wait",
+    "fresh_rows",
+    "attempts",
 }
 
 
@@ -513,9 +526,10 @@ def _retrain(c: _Checker, raw: object, reg: Registry) -> RetrainSpec:
     data = c.mapping(raw, "retrain")
     c.unknown_keys(data, _RETRAIN_KEYS, "retrain")
     default = RetrainSpec()
-    kind = data.get("window", default.kind)
-    if kind not in ("sliding", "expanding"):
-        c.fail("retrain.window", f"expected 'sliding' or 'expanding', got {kind!r}")
+    # A duration alone kept its meaning from before `auto`: the rows of the last duration.
+    kind = data.get("window", "sliding" if "duration" in data else default.kind)
+    if kind not in RETRAIN_WINDOWS:
+        c.fail("retrain.window", f"expected 'auto', 'sliding' or 'expanding', got {kind!r}")
         kind = default.kind
     rows, duration = default.rows, default.duration_seconds
     if "rows" in data and "duration" in data:
@@ -527,6 +541,8 @@ def _retrain(c: _Checker, raw: object, reg: Registry) -> RetrainSpec:
                 c.fail(f"retrain.{key}", "only a sliding window has a size")
     elif "rows" in data:
         rows = c.count(data["rows"], "retrain.rows", 1)
+    elif "duration" in data and kind == "auto":
+        c.fail("retrain.duration", "an auto window is sized by rows (the newest rows it reads)")
     elif "duration" in data:
         rows, duration = None, c.duration(data["duration"], "retrain.duration")
     min_rows = c.count(data.get("min_rows", default.min_rows), "retrain.min_rows", 10)
@@ -552,6 +568,11 @@ def _retrain(c: _Checker, raw: object, reg: Registry) -> RetrainSpec:
         c.fail("retrain.since_alert", f"expected true or false, got {since_alert!r}")
         since_alert = default.since_alert
     wait = c.duration(data["wait"], "retrain.wait") if "wait" in data else default.wait_seconds
+    fresh_rows = c.count(data.get("fresh_rows", default.fresh_rows), "retrain.fresh_rows", 1)
+    attempts = c.count(data.get("attempts", default.attempts), "retrain.attempts", 1)
+    for key in ("fresh_rows",):
+        if key in data and kind != "auto":
+            c.fail(f"retrain.{key}", "only an auto window waits for rows after the change")
     return RetrainSpec(
         cast(Any, kind),
         duration,
@@ -566,6 +587,8 @@ def _retrain(c: _Checker, raw: object, reg: Registry) -> RetrainSpec:
         resamples or default.resamples,
         since_alert,
         default.wait_seconds if wait is None else wait,
+        fresh_rows or default.fresh_rows,
+        attempts or default.attempts,
     )
 
 
@@ -626,6 +649,10 @@ def _retrain_to_yaml(spec: RetrainSpec) -> dict[str, Any]:
     out.update(confidence=spec.confidence, resamples=spec.resamples)
     if spec.since_alert:
         out.update(since_alert=True, wait=format_duration(spec.wait_seconds))
+    elif spec.kind == "auto":
+        out.update(fresh_rows=spec.fresh_rows, wait=format_duration(spec.wait_seconds))
+    if spec.attempts != RetrainSpec.attempts:
+        out["attempts"] = spec.attempts
     return out
 
 

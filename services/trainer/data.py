@@ -26,7 +26,7 @@ def window_request(
     chunk_rows: int = 10_000,
     since: datetime | None = None,
 ) -> store_pb.GetTrainingDataRequest:
-    """Sliding by rows: the newest ``rows`` labelled rows; sliding by time: the last
+    """Sliding by rows (and auto): the newest ``rows`` labelled rows; sliding by time: the last
     ``duration``; expanding: every labelled row. With ``since`` (``retrain.since_alert``):
     every labelled row predicted after it."""
     request = store_pb.GetTrainingDataRequest(model=model, chunk_rows=chunk_rows)
@@ -36,7 +36,7 @@ def window_request(
         end.FromDatetime(now + timedelta(seconds=1))
         request.start.CopyFrom(start)
         request.end.CopyFrom(end)
-    elif spec.kind == "sliding" and spec.rows is not None:
+    elif spec.kind in ("sliding", "auto") and spec.rows is not None:
         request.last_n = spec.rows
     elif spec.kind == "sliding" and spec.duration_seconds is not None:
         start, end = Timestamp(), Timestamp()
@@ -52,6 +52,10 @@ class LabelledWindow:
     frame: pd.DataFrame  # features + LABEL, oldest first
     start: datetime | None
     end: datetime | None
+    # The served prediction of each row (class label or value): its loss dates a change.
+    predictions: Any = None
+    # Prediction times, Unix microseconds, one per row.
+    times: Any = None
 
     @property
     def rows(self) -> int:
@@ -66,6 +70,7 @@ async def collect(
     """Assemble columnar chunks into one frame; labels of the wrong type fail the job."""
     columns: dict[str, list[Any]] = {name: [] for name, _ in features}
     labels: list[Any] = []
+    served: list[Any] = []
     times: list[int] = []
     async for chunk in chunks:
         n = len(chunk.prediction_ids)
@@ -87,6 +92,11 @@ async def collect(
                 raise JobFailure("labels: expected numbers for a regression model, got text")
             labels.extend(chunk.labels.numbers)
         times.extend(chunk.created_at_micros)
+        answers = chunk.predictions
+        if task == "classification":
+            served.extend(list(answers.strings) or [str(v) for v in answers.numbers] or [""] * n)
+        else:
+            served.extend(list(answers.numbers) or [float("nan")] * n)
     frame = pd.DataFrame(columns)
     for name, kind in features:
         if kind == "numeric":
@@ -98,7 +108,8 @@ async def collect(
         raise JobFailure("labels: regression labels must be finite numbers")
     start = _time(times[0]) if times else None
     end = _time(times[-1]) if times else None
-    return LabelledWindow(frame, start, end)
+    predictions = np.asarray(served, dtype=object if task == "classification" else np.float64)
+    return LabelledWindow(frame, start, end, predictions, np.asarray(times, dtype=np.int64))
 
 
 def _numbers(texts: Any, name: str) -> list[float]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pickle
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,9 @@ class FitTask:
     margin: float
     confidence: float
     resamples: int
+    # More windows to fit besides `train` (name, rows): the best on the holdout is kept.
+    alternatives: tuple[tuple[str, pd.DataFrame], ...] = ()
+    train_name: str = "window"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +63,10 @@ class FitOutcome:
     challenger_metrics: dict[str, float]
     hyperparameters: dict[str, Any]
     pipeline: bytes  # the fitted challenger, pickled
+    # Which candidate window won, and each candidate's primary metric on the holdout.
+    window: str = "window"
+    candidates: dict[str, float] = dataclasses.field(default_factory=dict)
+    train_rows: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +154,7 @@ def fit_and_evaluate(task: FitTask) -> FitOutcome:
     """Fit the challenger on the training rows and compare it with the champion on the holdout."""
     from cyclone.models.convert import imputed_categorical_columns, missing_as_nan
     from cyclone.plugins import get_plugins
-    from services.trainer.evaluate import decide, holdout_metrics
+    from services.trainer.evaluate import decide, holdout_metrics, metric_value
 
     plugins = get_plugins()
     family = plugins.model_families.get(task.family)
@@ -155,32 +163,45 @@ def fit_and_evaluate(task: FitTask) -> FitOutcome:
         raise JobFailure(f"retrain.family: unknown model family {task.family!r} (known: {known})")
     champion_dir = Path(task.champion_dir)
     context = FamilyContext(task.task, task.features, _champion_pipeline(champion_dir))
-    try:
-        estimator = family.estimator(task.params, context)
-    except ValueError as exc:
-        raise JobFailure(str(exc)) from None
-    # Logged rows say MISSING_CATEGORY where a request had no category; a pipeline that
-    # imputes that column (a refit of one that did) was fitted to see NaN there.
-    missing = imputed_categorical_columns(estimator)
-    x_train = missing_as_nan(_x(task.train, task.features), missing)
-    y_train = task.train[LABEL].to_numpy()
-    try:
-        estimator.fit(x_train, y_train)
-    except Exception as exc:  # a plugin's estimator may raise anything
-        raise JobFailure(f"fit: {task.family} failed: {type(exc).__name__}: {exc}") from None
     x_holdout = _x(task.holdout, task.features)
     labels = task.holdout[LABEL].to_numpy()
     if task.task == "classification":
         labels = labels.astype(str).astype(object)
-    try:
-        champion = _score_champion(champion_dir, x_holdout, task.task)
-    except Exception as exc:
-        raise JobFailure(f"champion: cannot score it on the holdout: {exc}") from None
-    challenger = _score_challenger(estimator, missing_as_nan(x_holdout, missing), task.task)
     specs = plugins.metrics
     spec = specs.get(task.metric.name)
     if spec is None:
         raise JobFailure(f"retrain.metric: unknown metric {task.metric.name!r}")
+    fitted: list[tuple[str, Any, Any, float | None, int]] = []
+    for name, rows in ((task.train_name, task.train), *task.alternatives):
+        try:
+            estimator = family.estimator(task.params, context)
+        except ValueError as exc:
+            raise JobFailure(str(exc)) from None
+        # Logged rows say MISSING_CATEGORY where a request had no category; a pipeline that
+        # imputes that column (a refit of one that did) was fitted to see NaN there.
+        missing = imputed_categorical_columns(estimator)
+        x_train = missing_as_nan(_x(rows, task.features), missing)
+        try:
+            estimator.fit(x_train, rows[LABEL].to_numpy())
+        except Exception as exc:  # a plugin's estimator may raise anything
+            if task.alternatives:
+                continue  # another window may fit (one class only in a short window, say)
+            raise JobFailure(f"fit: {task.family} failed: {type(exc).__name__}: {exc}") from None
+        scored = _score_challenger(estimator, missing_as_nan(x_holdout, missing), task.task)
+        value = metric_value(spec, task.metric, task.task, labels, scored)
+        fitted.append((name, estimator, scored, value, len(rows)))
+    if not fitted:
+        raise JobFailure(f"fit: {task.family} failed on every candidate window")
+    sign = 1.0 if spec.higher_is_better else -1.0
+    # The window whose challenger does best on the newest rows (no value: last choice).
+    window, estimator, challenger, _, train_rows = max(
+        fitted, key=lambda f: -math.inf if f[3] is None else sign * f[3]
+    )
+    candidates = {f[0]: f[3] for f in fitted if f[3] is not None}
+    try:
+        champion = _score_champion(champion_dir, x_holdout, task.task)
+    except Exception as exc:
+        raise JobFailure(f"champion: cannot score it on the holdout: {exc}") from None
     try:
         decision = decide(
             spec,
@@ -203,6 +224,9 @@ def fit_and_evaluate(task: FitTask) -> FitOutcome:
         challenger_metrics=holdout_metrics(specs, task.metric, task.task, labels, challenger),
         hyperparameters=_hyperparameters(estimator),
         pipeline=pickle.dumps(estimator),
+        window=window,
+        candidates=candidates,
+        train_rows=train_rows,
     )
 
 

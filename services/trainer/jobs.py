@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -47,11 +47,15 @@ from cyclone.models.registration import with_probes
 from cyclone.models.repository import ModelRepository
 from cyclone.models.schema import validate_name
 from cyclone.plan import Plan, PlanError, default_plan, parse_plan, primary_metric
+from cyclone.plugin_api import Alert
+from cyclone.plugins import get_plugins
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from services.trainer.auto import AutoWindow, broken_features, locate_change, plan_auto
 from services.trainer.data import LabelledWindow, collect, window_request
 from services.trainer.evaluate import class_counts, split_holdout
 from services.trainer.fit import (
+    LABEL,
     FitOutcome,
     FitTask,
     JobFailure,
@@ -62,8 +66,10 @@ from services.trainer.fit import (
 
 log = logging.getLogger(__name__)
 
-# How often a `since_alert` job looks for newly labelled rows.
+# How often a `since_alert` or `auto` job looks for newly labelled rows.
 FRESH_POLL_SECONDS = 2.0
+# Backoff before the second attempt of a rejected alert's job; doubles after each attempt.
+RETRY_BACKOFF_SECONDS = 15.0
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "not_enough_data", "rejected"})
 # Stage of a queued job a trainer dispatched to run elsewhere: that trainer rolls it out.
@@ -132,6 +138,35 @@ class Champion:
     directory: Path
     task: str
     features: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One attempt's rows: the window, how it was cut, the candidate windows to fit (first is
+    the preferred one on a tie) and the holdout."""
+
+    window: LabelledWindow
+    auto: AutoWindow
+    trains: list[tuple[str, Any]]
+    holdout: Any
+    fields: dict[str, Any]
+    lineage: dict[str, Any]
+
+    @property
+    def fresh(self) -> int:
+        return self.auto.fresh_rows
+
+
+def _window_text(outcome: FitOutcome, prepared: Prepared) -> str:
+    """Which window the challenger was fitted on, and why that one, for the job's record."""
+    text = f"window {outcome.window} ({outcome.train_rows} rows)"
+    change = prepared.auto.change
+    if change is not None:
+        text += f", change point: {change.describe(prepared.window.rows)}"
+    if len(outcome.candidates) > 1:
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in outcome.candidates.items())
+        text += f"; candidates on the holdout: {scores}"
+    return text
 
 
 def _ts(when: datetime | None) -> Timestamp | None:
@@ -449,8 +484,70 @@ class JobRunner:
         champion = await self._champion(model)
         plan = await self._plan(model, champion.task)
         spec = plan.retrain
+        auto = spec.kind == "auto" and not spec.since_alert
+        # Retries only for what an alert asked: a rejected challenger while the model is RED.
+        attempts = spec.attempts if auto and alert_id else 1
+        fresh_wanted = spec.fresh_rows
+        last = ""
+        for attempt in range(1, attempts + 1):
+            prepared = await self._prepare(
+                job_id, model, champion, plan, alert_id, asked_at, fresh_wanted
+            )
+            if prepared is None:
+                return  # finished: not enough data, or a data fault
+            outcome = await self._fit(job_id, model, champion, plan, prepared)
+            if outcome.promote:
+                await self._register(
+                    job_id, model, champion, plan, alert_id, prepared, outcome, roll_out
+                )
+                return
+            last = f"{_window_text(outcome, prepared)}; {outcome.decision}"
+            if attempt == attempts:
+                break
+            red = await self._still_red(model, champion.version)
+            if not red:
+                await self._finish(job_id, "rejected", f"{last}; the model is no longer RED")
+                return
+            # The next challenger needs new rows of the new world: twice as many after the
+            # change, and a backoff that doubles, both bounded by retrain.wait.
+            fresh_wanted = max(fresh_wanted, 2 * prepared.fresh)
+            delay = RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1)
+            next_at = datetime.now(UTC) + timedelta(seconds=delay)
+            await self._update(
+                job_id,
+                stage=f"attempt {attempt + 1}/{attempts} at {next_at:%H:%M:%S} UTC, with"
+                f" {fresh_wanted} labelled rows after the change (attempt {attempt} rejected)",
+                decision=outcome.decision,
+            )
+            await asyncio.sleep(delay)
+            asked_at = datetime.now(UTC)
+        if attempts > 1:
+            message = f"retraining did not beat the champion after {attempts} attempts: {last}"
+            await self._notify(plan, model, champion.version, message)
+        else:
+            message = last
+        await self._finish(job_id, "rejected", message)
+
+    async def _prepare(
+        self,
+        job_id: int,
+        model: str,
+        champion: Champion,
+        plan: Plan,
+        alert_id: int,
+        asked_at: datetime,
+        fresh_wanted: int,
+    ) -> Prepared | None:
+        """The labelled window of one attempt, split into holdout and candidate windows;
+        None when the job has ended (too few rows, or broken features)."""
+        spec = plan.retrain
+        auto: AutoWindow | None = None
         if spec.since_alert:
             window = await self._wait_for_fresh_rows(job_id, model, champion, plan, asked_at)
+        elif spec.kind == "auto":
+            window, auto = await self._auto_window(
+                job_id, model, champion, plan, asked_at, fresh_wanted if alert_id else 0
+            )
         else:
             window = await self._fetch(model, champion, plan)
         counts = window.rows
@@ -461,28 +558,66 @@ class JobRunner:
         }
         if window.start is not None:
             fields.update(window_start=window.start, window_end=window.end)
-        if counts < spec.min_rows:
+        if auto is not None and auto.change is not None:
+            broken = broken_features(window.frame, champion.features, auto.change.index)
+            if broken:
+                message = (
+                    f"data fault, not retrained on broken rows ({auto.change.describe(counts)}):"
+                    f" {'; '.join(broken)}"
+                )
+                await self._notify(plan, model, champion.version, message)
+                await self._finish(job_id, "failed", message, **fields)
+                return None
+        needed = spec.min_rows
+        have = counts if auto is None else auto.fresh_rows
+        if have < needed:
+            what = (
+                "labelled rows in the window"
+                if auto is None or auto.change is None
+                else ("labelled rows after the change point")
+            )
             await self._finish(
                 job_id,
                 "not_enough_data",
-                f"{counts} labelled rows in the window, retrain.min_rows is {spec.min_rows}",
+                f"{have} {what}, retrain.min_rows is {spec.min_rows}",
                 **fields,
             )
-            return
-        train_part, holdout_part = split_holdout(counts, spec.holdout)
-        train = window.frame.iloc[train_part].reset_index(drop=True)
-        holdout = window.frame.iloc[holdout_part].reset_index(drop=True)
+            return None
+        if auto is None:
+            train_part, holdout_part = split_holdout(counts, spec.holdout)
+            auto = AutoWindow(None, holdout_part, {"window": train_part})
+            lineage: dict[str, Any] = {"kind": "since_alert" if spec.since_alert else spec.kind}
+        else:
+            lineage = auto.lineage(counts)
+        holdout = window.frame.iloc[auto.holdout].reset_index(drop=True)
+        trains = [
+            (name, window.frame.iloc[rows].reset_index(drop=True))
+            for name, rows in auto.candidates.items()
+        ]
         if champion.task == "classification":
-            classes = class_counts(train["__cyclone_label__"])
-            if len(classes) < 2:
+            usable = [(n, t) for n, t in trains if len(class_counts(t[LABEL])) >= 2]
+            if not usable:
+                classes = class_counts(trains[0][1][LABEL])
                 raise JobFailure(
                     f"labels: the training rows have one class only ({classes}); "
                     "a classifier needs at least two"
                 )
+            trains = usable
         await self._update(
-            job_id, stage="fit", train_rows=len(train), holdout_rows=len(holdout), **fields
+            job_id,
+            stage="fit",
+            train_rows=len(trains[0][1]),
+            holdout_rows=len(holdout),
+            **fields,
         )
+        return Prepared(window, auto, trains, holdout, fields, lineage)
+
+    async def _fit(
+        self, job_id: int, model: str, champion: Champion, plan: Plan, prepared: Prepared
+    ) -> FitOutcome:
+        spec = plan.retrain
         metric = primary_metric(plan, champion.task)
+        (first, train), *others = prepared.trains
         with telemetry.span("trainer.fit", attributes={"cyclone.train_rows": len(train)}):
             outcome: FitOutcome = await self._in_worker(
                 fit_and_evaluate,
@@ -491,7 +626,7 @@ class JobRunner:
                     task=champion.task,  # type: ignore[arg-type]
                     features=champion.features,
                     train=train,
-                    holdout=holdout,
+                    holdout=prepared.holdout,
                     champion_dir=str(champion.directory),
                     family=spec.family,
                     params=dict(spec.params),
@@ -499,18 +634,40 @@ class JobRunner:
                     margin=spec.margin,
                     confidence=spec.confidence,
                     resamples=spec.resamples,
+                    alternatives=tuple(others),
+                    train_name=first,
                 ),
             )
         await self._update(
             job_id,
             stage="evaluate",
+            train_rows=outcome.train_rows or len(train),
             champion_metrics=outcome.champion_metrics,
             challenger_metrics=outcome.challenger_metrics,
-            decision=outcome.decision,
+            decision=f"{_window_text(outcome, prepared)}; {outcome.decision}",
         )
-        if not outcome.promote:
-            await self._finish(job_id, "rejected", outcome.decision)
-            return
+        return outcome
+
+    async def _register(
+        self,
+        job_id: int,
+        model: str,
+        champion: Champion,
+        plan: Plan,
+        alert_id: int,
+        prepared: Prepared,
+        outcome: FitOutcome,
+        roll_out: bool,
+    ) -> None:
+        spec = plan.retrain
+        metric = primary_metric(plan, champion.task)
+        window, holdout = prepared.window, prepared.holdout
+        train_rows = outcome.train_rows
+        window_lineage = {
+            **prepared.lineage,
+            "chosen": outcome.window,
+            "candidates": outcome.candidates,
+        }
         await self._update(job_id, stage="convert")
         version = await self._next_version(model)
         with telemetry.span("trainer.convert", attributes={"cyclone.version": version}):
@@ -547,7 +704,7 @@ class JobRunner:
                         if written.reference_profile
                         else "",
                         status=store_pb.MODEL_STATUS_STAGED,
-                        training_rows=len(train),
+                        training_rows=train_rows,
                         family=spec.family,
                         hyperparameters_json=json.dumps(outcome.hyperparameters),
                         holdout_metrics_json=json.dumps(
@@ -557,6 +714,7 @@ class JobRunner:
                                 "champion": outcome.champion_metrics,
                                 "challenger": outcome.challenger_metrics,
                                 "decision": outcome.decision_numbers,
+                                "window": window_lineage,
                             }
                         ),
                     ),
@@ -581,7 +739,9 @@ class JobRunner:
             log.info("job %d: version %s registered; handed back for the rollout", job_id, version)
             return
         await self._update(job_id, stage="rollout")
-        await self._roll_out(job_id, model, version, outcome.decision)
+        await self._roll_out(
+            job_id, model, version, f"{_window_text(outcome, prepared)}; {outcome.decision}"
+        )
 
     async def _roll_out(self, job_id: int, model: str, version: str, decision: str) -> None:
         try:
@@ -669,7 +829,9 @@ class JobRunner:
             plan = await self._plan(model, champion.task)
         except (JobFailure, NotFound):
             return self.remote_timeout  # the remote run fails the job with the reason
-        return self.remote_timeout + (plan.retrain.wait_seconds if plan.retrain.since_alert else 0)
+        spec = plan.retrain
+        waits = spec.since_alert or spec.kind == "auto"
+        return self.remote_timeout + (spec.wait_seconds * spec.attempts if waits else 0)
 
     async def _champion(self, model: str) -> Champion:
         try:
@@ -725,6 +887,76 @@ class JobRunner:
                     job_id, stage=f"waiting for labels ({window.rows}/{spec.min_rows})"
                 )
             await asyncio.sleep(FRESH_POLL_SECONDS)
+
+    async def _auto_window(
+        self,
+        job_id: int,
+        model: str,
+        champion: Champion,
+        plan: Plan,
+        asked_at: datetime,
+        fresh_wanted: int,
+    ) -> tuple[LabelledWindow, AutoWindow]:
+        """The newest rows cut at the loss's change point; waits (up to ``retrain.wait``) until
+        ``fresh_wanted`` labelled rows came after the change: the new world must be seen
+        before a model of it can beat the champion."""
+        spec = plan.retrain
+        deadline = asked_at.timestamp() + spec.wait_seconds
+        shown = -1
+        while True:
+            window = await self._fetch(model, champion, plan)
+            change, when = locate_change(window, champion.task)
+            auto = plan_auto(window.rows, spec.holdout, change, when)
+            fresh = auto.fresh_rows if change is not None else 0
+            if (
+                not fresh_wanted
+                or change is None
+                or fresh >= fresh_wanted
+                or datetime.now(UTC).timestamp() >= deadline
+            ):
+                return window, auto
+            if fresh != shown:
+                shown = fresh
+                await self._update(
+                    job_id,
+                    stage=f"waiting for labels after the change point ({fresh}/{fresh_wanted})",
+                )
+            await asyncio.sleep(FRESH_POLL_SECONDS)
+
+    async def _still_red(self, model: str, version: str) -> bool:
+        """Whether `version` still serves `model` and the monitor last judged it RED."""
+        response = await self.store.GetHealth(
+            store_pb.GetHealthRequest(model=model), timeout=STORE_TIMEOUT
+        )
+        serving = await self._champion(model)
+        if serving.version != version:
+            return False
+        return any(h.version == version and h.level == "RED" for h in response.health)
+
+    async def _notify(self, plan: Plan, model: str, version: str, message: str) -> None:
+        """Tell the plan's notify sinks what the trainer could not fix (best effort: the
+        job's record keeps the message whatever happens to the delivery)."""
+        sinks = get_plugins().alert_sinks
+        alert = Alert(
+            id=f"{model}-{version}-{uuid.uuid4().hex[:8]}",
+            model=model,
+            version=version,
+            level="RED",
+            previous_level="RED",
+            reasons=[message],
+            actions=["notify"],
+            created_at=datetime.now(UTC),
+        )
+        for ref in plan.notify:
+            sink = sinks.get(ref.sink)
+            if sink is None:
+                log.warning("notify sink %r of %s is not installed: %s", ref.sink, model, message)
+                continue
+            try:
+                await asyncio.to_thread(sink.deliver, alert, dict(ref.config))
+            except Exception as exc:
+                log.warning("notify sink %r of %s failed: %s", ref.sink, model, exc)
+        log.warning("%s %s: %s", model, version, message)
 
     async def _fetch(
         self, model: str, champion: Champion, plan: Plan, since: datetime | None = None

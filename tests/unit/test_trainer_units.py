@@ -26,7 +26,7 @@ def plan(text: str, registry: Registry):  # type: ignore[no-untyped-def]
 
 def test_plan_without_retrain_section_gets_defaults(registry: Registry) -> None:
     spec = plan("model: m\n", registry).retrain
-    assert (spec.kind, spec.rows, spec.family, spec.min_rows) == ("sliding", 50_000, "refit", 200)
+    assert (spec.kind, spec.rows, spec.family, spec.min_rows) == ("auto", 50_000, "refit", 200)
     assert primary_metric(default_plan("m", "classification"), "classification").name == "accuracy"
     assert primary_metric(default_plan("m", "regression"), "regression").name == "rmse"
 

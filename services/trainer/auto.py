@@ -1,0 +1,136 @@
+"""``retrain.window: auto``: which rows to hold out and which windows to fit, from the change
+point of the served predictions' loss; and the features that broke at that point (a data fault
+that retraining would learn instead of fixing). Pure functions over a `LabelledWindow`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from services.trainer.changepoint import ChangePoint, find_change, per_row_loss
+from services.trainer.data import LabelledWindow
+from services.trainer.evaluate import split_holdout
+from services.trainer.fit import LABEL
+
+SINCE_CHANGE = "since_change"
+NEWEST = "newest"
+# A feature is broken when this share of the rows after the change is broken (and was not).
+BROKEN_SHARE = 0.5
+# A feature is stuck when one value is this share of the rows after the change.
+STUCK_SHARE = 0.9
+
+
+@dataclass(frozen=True)
+class AutoWindow:
+    """Rows (positions in the window's frame) to fit on, per candidate, and to hold out."""
+
+    change: ChangePoint | None
+    holdout: slice
+    candidates: dict[str, slice] = field(default_factory=dict)
+    change_time: datetime | None = None
+
+    @property
+    def fresh_rows(self) -> int:
+        """Labelled rows after the change point (all rows when there is none)."""
+        if self.change is None:
+            return int(self.holdout.stop)
+        return int(self.holdout.stop - self.change.index)
+
+    def lineage(self, rows: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": "auto", "rows": rows}
+        if self.change is not None:
+            out["change_point"] = {
+                "row": self.change.index,
+                "time": None if self.change_time is None else self.change_time.isoformat(),
+                "loss_before": self.change.loss_before,
+                "loss_after": self.change.loss_after,
+                "p_value": self.change.p_value,
+            }
+        return out
+
+
+def locate_change(window: LabelledWindow, task: str) -> tuple[ChangePoint | None, datetime | None]:
+    if window.predictions is None or window.rows == 0:
+        return None, None
+    loss = per_row_loss(task, window.frame[LABEL].to_numpy(), window.predictions)
+    change = find_change(loss)
+    when = None
+    if change is not None and window.times is not None and len(window.times) > change.index:
+        micros = int(window.times[change.index])
+        when = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+    return change, when
+
+
+def plan_auto(
+    rows: int, fraction: float, change: ChangePoint | None, when: datetime | None = None
+) -> AutoWindow:
+    """Holdout: the newest ``fraction`` of the rows after the change (of all rows without one).
+    Candidates: since the change, and the whole window (which wins when the change point is a
+    false alarm or the old rows still teach something)."""
+    if change is None or rows - change.index < 2:
+        train, holdout = split_holdout(rows, fraction)
+        return AutoWindow(None, holdout, {NEWEST: train})
+    fresh = rows - change.index
+    held = min(max(1, round(fresh * fraction)), fresh - 1)
+    cut = rows - held
+    return AutoWindow(
+        change,
+        slice(cut, rows),
+        {SINCE_CHANGE: slice(change.index, cut), NEWEST: slice(0, cut)},
+        when,
+    )
+
+
+def broken_features(
+    frame: pd.DataFrame, features: tuple[tuple[str, str], ...], since: int
+) -> list[str]:
+    """Features that broke at row ``since``: all missing, one constant value, mostly out of
+    the range seen before, or mostly a category never seen before -- while they were not so
+    before. One reason per broken feature, naming it."""
+    if since <= 0 or since >= len(frame):
+        return []
+    reasons: list[str] = []
+    for name, kind in features:
+        before, after = frame[name].iloc[:since], frame[name].iloc[since:]
+        if kind == "numeric":
+            b = pd.to_numeric(before, errors="coerce").to_numpy(dtype=np.float64)
+            a = pd.to_numeric(after, errors="coerce").to_numpy(dtype=np.float64)
+            b_ok, a_ok = b[np.isfinite(b)], a[np.isfinite(a)]
+            if len(b_ok) == 0:
+                continue
+            if np.mean(~np.isfinite(a)) >= BROKEN_SHARE > np.mean(~np.isfinite(b)):
+                reasons.append(f"{name}: missing in {np.mean(~np.isfinite(a)):.0%} of rows")
+            elif len(a_ok) > 1 and _top_share(a_ok) >= STUCK_SHARE > 2 * _top_share(b_ok):
+                value = pd.Series(a_ok).mode().iloc[0]
+                reasons.append(
+                    f"{name}: stuck at {value:g} in {_top_share(a_ok):.0%} of rows since the change"
+                )
+            elif len(a_ok):
+                low, high = float(b_ok.min()), float(b_ok.max())
+                outside = float(np.mean((a_ok < low) | (a_ok > high)))
+                if outside >= BROKEN_SHARE:
+                    reasons.append(
+                        f"{name}: {outside:.0%} of values outside [{low:g}, {high:g}] seen before"
+                    )
+        else:
+            seen = set(before.astype(str))
+            a_text = after.astype(str)
+            unseen = float(np.mean(~a_text.isin(seen)))
+            if unseen >= BROKEN_SHARE:
+                reasons.append(f"{name}: {unseen:.0%} of values are categories never seen before")
+            elif _top_share(a_text) >= STUCK_SHARE > 2 * _top_share(before.astype(str)):
+                value = a_text.mode().iloc[0]
+                reasons.append(
+                    f"{name}: stuck at {value!r} in {_top_share(a_text):.0%} of rows since the change"
+                )
+    return reasons
+
+
+def _top_share(values: Any) -> float:
+    """Share of the most frequent value (a change point is a few rows off: not exactly 1)."""
+    counts = pd.Series(values).value_counts()
+    return float(counts.iloc[0] / counts.sum()) if len(counts) else 0.0
