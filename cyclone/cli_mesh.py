@@ -322,8 +322,26 @@ def collect_status(
                     models[r.model]["split"] = split
     except grpc.RpcError as exc:
         problems.append(f"trainer: {exc.code().name}: {exc.details()}")
+    for model, entry in models.items():
+        if entry.get("level") == "RED":
+            entry["next"] = next_step([j for j in out["jobs"] if j["model"] == model])
     out["problems"] = problems
     return out
+
+
+def next_step(jobs: list[dict[str, Any]]) -> str:
+    """What happens next to a RED model, from its newest retraining job (newest first)."""
+    if not jobs:
+        return "no retraining job yet (the plan's RED actions decide whether one comes)"
+    job = jobs[0]
+    if job["state"] in ("queued", "running"):
+        return f"job {job['id']} {job['state']}: {job['stage']}"
+    if job["state"] == "succeeded":
+        return f"job {job['id']} registered v{job['new_version']}: its rollout decides"
+    return (
+        f"no further retraining until the level changes: job {job['id']} {job['state']}: "
+        + (job["message"])
+    )
 
 
 def status(
@@ -383,6 +401,8 @@ def status(
             console.print(f"{model}: {reason}", markup=False)
         for line in m.get("estimated_vs_realized", []):
             console.print(f"{model}: {line}", markup=False)
+        if m.get("next"):
+            console.print(f"{model}: next: {m['next']}", markup=False)
     for r in collected["rollouts"][:5]:
         console.print(
             f"rollout {r['id']} {r['model']} {r['from'] or '-'}→{r['to']} {r['strategy']}: "

@@ -160,14 +160,9 @@ def _demo_plan(plan_yaml: str) -> str:
     plan = yaml.safe_load(plan_yaml)
     plan["window"] = {"kind": "sliding", "rows": 300, "min_labelled_rows": 150}
     plan["schedule"] = {"every": "2s"}
-    # Retrain on the world after the change only, once enough of it is labelled.
-    plan["retrain"] = {
-        **plan.get("retrain", {}),
-        "since_alert": True,
-        "min_rows": 500,
-        "wait": "2m",
-    }
-    plan["retrain"].pop("rows", None)
+    # The default `auto` window finds the change itself; a month of hours is a small world,
+    # so it waits for 500 labelled hours after the change rather than the default 2000.
+    plan["retrain"] = {**plan.get("retrain", {}), "fresh_rows": 500, "wait": "2m"}
     plan["rollout"] = {
         "strategy": "canary",
         "steps": [20, 50, 100],

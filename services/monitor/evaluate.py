@@ -23,6 +23,7 @@ from cyclone.plugin_api import (
     Window,
 )
 from cyclone.plugins import Plugins, get_plugins
+from services.monitor.explain import explain
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,15 @@ def evaluate(
     notes.extend(estimated_vs_realized(metrics, window.n_labelled))
     fired = [r for r in results if r.fired]
     level = max((r.trigger.level for r in fired), key=lambda lv: lv.rank, default=Level.GREEN)
+    reasons = tuple(r.detail for r in fired)
+    if level == Level.RED and labelled:
+        # A RED says why: alerts and the status carry the reasons.
+        why = explain(window, reference, _baseline_error(window.task, baseline or {}))
+        if why is not None:
+            reasons += (why.text(),)
     return Evaluation(
         level=level,
-        reasons=tuple(r.detail for r in fired),
+        reasons=reasons,
         actions=plan.actions.get(level, ()),
         metrics=metrics,
         drift=drift,
@@ -105,6 +112,13 @@ def evaluate(
         n_rows=window.n_rows,
         n_labelled=window.n_labelled,
     )
+
+
+def _baseline_error(task: str, baseline: Mapping[str, float]) -> float | None:
+    """The per-row loss the version had at registration, in `explain`'s units."""
+    if task == "classification" and "accuracy" in baseline:
+        return 1.0 - baseline["accuracy"]
+    return baseline.get("mae") if task == "regression" else None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def _served(champion: Champion, frame: pd.DataFrame) -> tuple[Any, Any]:
     return champion.pipeline.predict(x), champion.pipeline.predict_proba(x)
 
 
-def _level(champion: Champion, frame: pd.DataFrame) -> tuple[Level, tuple[str, ...]]:
+def _evaluate(champion: Champion, frame: pd.DataFrame) -> Any:
     plan = dataclasses.replace(
         default_plan("m", "classification"), window=WindowSpec("sliding", None, 1000, 200)
     )
@@ -77,8 +78,7 @@ def _level(champion: Champion, frame: pd.DataFrame) -> tuple[Level, tuple[str, .
     window = window_from_frame(
         champion.schema, frame, predictions, probabilities, frame[LABEL].to_numpy()
     )
-    ev = evaluate(plan, window, champion.reference, champion.baseline)
-    return ev.level, ev.actions
+    return evaluate(plan, window, champion.reference, champion.baseline)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -89,14 +89,22 @@ def test_the_default_plan_asks_for_a_retrain_only_when_quality_dipped(
     world = World(scenario, seed)  # type: ignore[arg-type]
     champion = champions[(scenario, seed)]
     rng = np.random.default_rng(seed + 7)
-    before_level, before_actions = _level(champion, world.rows(1000, -1000, rng))
-    after_level, after_actions = _level(champion, world.rows(1000, world.ramp, rng))
-    assert "retrain" not in before_actions and before_level != Level.RED
+    before = _evaluate(champion, world.rows(1000, -1000, rng))
+    after = _evaluate(champion, world.rows(1000, world.ramp, rng))
+    assert "retrain" not in before.actions and before.level != Level.RED
     if scenario in ("stable", "covariate_benign"):
         # Drift that does not hurt is AMBER at most: never a retrain.
-        assert after_level != Level.RED and "retrain" not in after_actions
-    else:
-        assert after_level == Level.RED and "retrain" in after_actions
+        assert after.level != Level.RED and "retrain" not in after.actions
+        assert not any(r.startswith("why:") for r in after.reasons)
+        return
+    assert after.level == Level.RED and "retrain" in after.actions
+    (why,) = [r for r in after.reasons if r.startswith("why:")]
+    ranked = why.split(";")[0]
+    # x1 is what changed most (its rule flipped, or it got stuck): first, of three.
+    assert ranked.startswith("why: loss explained most by x1") and ranked.count("(") == 3, why
+    segment = why.split("error rose most where ")[1]
+    rose, was = (float(v) for v in re.findall(r"error ([\d.]+) vs ([\d.]+)", segment)[0])
+    assert segment.split()[0] in FEATURES and rose > was + 0.1, why
 
 
 def _window(champion: Champion, frame: pd.DataFrame) -> LabelledWindow:

@@ -158,3 +158,18 @@ def test_lower_is_better_metrics_flip_the_direction() -> None:
     kwargs = {"margin": 0.05, "confidence": 0.95, "resamples": 200}
     assert decide(spec, MetricRef("rmse"), "regression", y, bad, good, **kwargs).promote
     assert not decide(spec, MetricRef("rmse"), "regression", y, good, bad, **kwargs).promote
+
+
+def test_status_says_what_happens_next_to_a_red_model() -> None:
+    from cyclone.cli_mesh import next_step
+
+    assert next_step([]).startswith("no retraining job yet")
+    waiting = {"id": 3, "model": "m", "state": "running", "new_version": None, "message": ""}
+    waiting["stage"] = "attempt 2/3 at 10:00:15 UTC, with 4000 labelled rows after the change"
+    assert next_step([waiting]) == f"job 3 running: {waiting['stage']}"
+    done = {**waiting, "state": "rejected", "stage": "done"}
+    done["message"] = "retraining did not beat the champion after 3 attempts: ..."
+    assert next_step([done, waiting]).startswith("no further retraining until the level changes")
+    assert "did not beat the champion after 3 attempts" in next_step([done])
+    promoted = {**waiting, "state": "succeeded", "new_version": "4"}
+    assert next_step([promoted]) == "job 3 registered v4: its rollout decides"
