@@ -339,8 +339,8 @@ def next_step(jobs: list[dict[str, Any]]) -> str:
     if job["state"] == "succeeded":
         return f"job {job['id']} registered v{job['new_version']}: its rollout decides"
     return (
-        f"no further retraining until the level changes: job {job['id']} {job['state']}: "
-        + (job["message"])
+        f"no further retraining until the level changes: job {job['id']} {job['state']}:"
+        f" {job['message']}"
     )
 
 
