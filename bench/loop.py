@@ -29,7 +29,12 @@ waiting for its health and the cutover.
 PostgreSQL: $CYCLONE_DATABASE_URL (a scratch database is created there and dropped after) or an
 embedded server in a temp dir with fsync off.
 
-Usage: python -m bench.loop [--rows 10000,100000]
+With `--scenarios`, instead: the whole loop through `cyclone up` with the default plan on the
+generated worlds of `cyclone/worlds.py` -- per scenario, retrains while stable, time from the
+change to a new version serving all traffic, and the recovered accuracy against an oracle
+fitted on exactly the post-change rows (`bench/loop_scenarios.py`; one run each).
+
+Usage: python -m bench.loop [--rows 10000,100000] [--scenarios concept,gradual,...] [--seed 0]
 """
 
 from __future__ import annotations
@@ -305,7 +310,20 @@ def run_once(rows: int, champion: Any, champion_frame: pd.DataFrame) -> LoopTime
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="10000,100000", help="window sizes, comma-separated")
+    parser.add_argument(
+        "--scenarios", default="", help="worlds to run through cyclone up (cyclone/worlds.py)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --scenarios worlds")
     args = parser.parse_args()
+    if args.scenarios:
+        from bench.loop_scenarios import report, run_scenario
+
+        outcomes = []
+        for scenario in args.scenarios.split(","):
+            print(f"scenario {scenario} (seed {args.seed}) ...", flush=True)
+            outcomes.append(run_scenario(scenario, args.seed))
+        report(outcomes)
+        return
     figures = Figures()
     champion_frame = bike_frame(4000, seed=0)
     champion = bike_pipeline(champion_frame)

@@ -280,7 +280,7 @@ def _story(clock: Clock, traffic: Traffic, monitor: Any, trainer: Any, baseline_
         f"  {clock()} level [red]RED[/red] {time.monotonic() - shifted_at:.0f}s after the shift: "
         f"MAE {_metric(red, 'mae'):.1f}"
     )
-    for reason in list(red.reasons)[:3]:
+    for reason in list(red.reasons)[:4]:  # the last says why (services/monitor/explain.py)
         console.print(f"    • {reason}")
 
     console.print("\n[bold]5. Retraining[/bold] (the alert went through the outbox to the trainer)")
