@@ -510,14 +510,16 @@ class JobRunner:
                 return
             # The next challenger needs new rows of the new world: twice as many after the
             # change, and a backoff that doubles, both bounded by retrain.wait.
-            fresh_wanted = max(fresh_wanted, 2 * prepared.fresh)
             delay = RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1)
             next_at = datetime.now(UTC) + timedelta(seconds=delay)
+            rows = "the rows labelled by then"
+            if prepared.auto.change is not None:
+                fresh_wanted = max(fresh_wanted, 2 * prepared.fresh)
+                rows = f"{fresh_wanted} labelled rows after the change"
             await self._update(
                 job_id,
                 stage=f"attempt {attempt + 1}/{attempts} at {next_at:%H:%M:%S} UTC, with"
-                f" {fresh_wanted} labelled rows after the change (attempt {attempt} rejected)",
-                decision=outcome.decision,
+                f" {rows} (attempt {attempt} rejected)",
             )
             await asyncio.sleep(delay)
             asked_at = datetime.now(UTC)
