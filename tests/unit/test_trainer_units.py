@@ -173,3 +173,48 @@ def test_status_says_what_happens_next_to_a_red_model() -> None:
     assert "did not beat the champion after 3 attempts" in next_step([done])
     promoted = {**waiting, "state": "succeeded", "new_version": "4"}
     assert next_step([promoted]) == "job 3 registered v4: its rollout decides"
+
+
+def test_auto_window_plan_keys_and_errors_name_the_field(registry: Registry) -> None:
+    from cyclone.plan import plan_to_yaml
+
+    spec = plan("model: m\nretrain: {fresh_rows: 500, attempts: 2, wait: 5m}\n", registry).retrain
+    assert (spec.kind, spec.fresh_rows, spec.attempts, spec.wait_seconds) == ("auto", 500, 2, 300)
+    again = plan(plan_to_yaml(plan("model: m\nretrain: {fresh_rows: 500}\n", registry)), registry)
+    assert again.retrain.fresh_rows == 500 and again.retrain.kind == "auto"
+    # A duration alone keeps its meaning from before auto: the sliding hour.
+    assert plan("model: m\nretrain: {duration: 1h}\n", registry).retrain.kind == "sliding"
+    bad = {
+        "retrain: {window: newest}": "retrain.window: expected 'auto', 'sliding' or 'expanding'",
+        "retrain: {window: auto, duration: 1h}": "retrain.duration: an auto window is sized",
+        "retrain: {window: sliding, fresh_rows: 10}": "retrain.fresh_rows: only an auto window",
+        "retrain: {attempts: 0}": "retrain.attempts: must be at least 1",
+        "retrain: {fresh_rows: many}": "retrain.fresh_rows: expected an integer",
+    }
+    for text, message in bad.items():
+        with pytest.raises(PlanError) as info:
+            plan(f"model: m\n{text}\n", registry)
+        assert any(p.startswith(message) for p in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_change_point_false_alarms_and_newest_change(seed: int) -> None:
+    from services.trainer.changepoint import find_change, per_row_loss
+
+    rng = np.random.default_rng(seed)
+    # A stationary loss (10 % errors over 20k rows): no change point.
+    assert find_change((rng.uniform(size=20_000) < 0.1).astype(float)) is None
+    # Two rises: the newest is where the new world starts.
+    loss = np.concatenate(
+        [rng.uniform(size=n) < p for n, p in ((4000, 0.1), (3000, 0.25), (2000, 0.5))]
+    ).astype(float)
+    change = find_change(loss)
+    assert change is not None and abs(change.index - 7000) <= 80
+    assert change.loss_after > 0.4 and change.loss_before < 0.35
+    # A loss that fell (a better model took over) is no change to retrain from.
+    assert find_change(loss[::-1].copy()) is None
+    # Regression: absolute errors that grow.
+    labels = rng.normal(0, 1, 3000)
+    served = labels + np.where(np.arange(3000) < 2000, 0.1, 1.0) * rng.normal(0, 1, 3000)
+    rise = find_change(per_row_loss("regression", labels, served))
+    assert rise is not None and abs(rise.index - 2000) <= 80
