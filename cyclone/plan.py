@@ -115,6 +115,10 @@ class RetrainSpec:
     quality metric) must improve by ``margin``, relative to the champion's value, and a paired
     bootstrap on the holdout must be ``confidence`` sure the improvement is not noise.
 
+    ``attempts``: a job an alert asked for whose challenger was rejected tries again while the
+    model stays RED (with more rows after the change, after a doubling backoff), up to this
+    many attempts in all, then tells the plan's notify sinks that retraining did not help.
+
     ``since_alert``: train only on rows predicted after the retraining was asked for (the
     world after the change, not a mix of before and after); the job waits up to ``wait`` for
     ``min_rows`` of them to be labelled, else it ends "not enough data".
