@@ -71,6 +71,8 @@ def plan_auto(
     """Holdout: the newest ``fraction`` of the rows after the change (of all rows without one).
     Candidates: since the change, and the whole window (which wins when the change point is a
     false alarm or the old rows still teach something)."""
+    if rows < 2:  # nothing to split: the job ends "not enough data" on the row count
+        return AutoWindow(None, slice(rows, rows), {NEWEST: slice(0, rows)})
     if change is None or rows - change.index < 2:
         train, holdout = split_holdout(rows, fraction)
         return AutoWindow(None, holdout, {NEWEST: train})

@@ -218,3 +218,18 @@ def test_change_point_false_alarms_and_newest_change(seed: int) -> None:
     served = labels + np.where(np.arange(3000) < 2000, 0.1, 1.0) * rng.normal(0, 1, 3000)
     rise = find_change(per_row_loss("regression", labels, served))
     assert rise is not None and abs(rise.index - 2000) <= 80
+
+
+def test_auto_window_cuts_at_the_change_and_survives_empty_windows() -> None:
+    from services.trainer.auto import NEWEST, SINCE_CHANGE, plan_auto
+    from services.trainer.changepoint import ChangePoint
+
+    for rows in (0, 1):
+        empty = plan_auto(rows, 0.2, None)
+        assert empty.fresh_rows == rows and empty.change is None
+    cut = plan_auto(1000, 0.2, ChangePoint(600, 0.1, 0.5, 1e-9))
+    # The holdout is the newest fifth of the rows after the change, not of the whole window.
+    assert cut.holdout == slice(920, 1000) and cut.fresh_rows == 400
+    assert cut.candidates == {SINCE_CHANGE: slice(600, 920), NEWEST: slice(0, 920)}
+    plain = plan_auto(1000, 0.2, None)
+    assert plain.holdout == slice(800, 1000) and plain.candidates == {NEWEST: slice(0, 800)}
