@@ -149,11 +149,16 @@ def with_probes(ev: Evaluation, probes: ProbeSummary | None, plan: Plan) -> Eval
         level, reasons = Level.AMBER, (probes.error,)
     if level.rank <= ev.level.rank:
         return replace(ev, metrics={**ev.metrics, "uptime": uptime}, reasons=ev.reasons + reasons)
+    actions = plan.actions.get(level, ())
+    if probes.wrong:
+        # A version answering its own known rows wrongly is a serving fault: a model refitted
+        # on the labels would not mend the artifact. Roll back or notify; never retrain.
+        actions = tuple(a for a in actions if a != "retrain")
     return replace(
         ev,
         level=level,
         reasons=ev.reasons + reasons,
-        actions=plan.actions.get(level, ()),
+        actions=actions,
         metrics={**ev.metrics, "uptime": uptime},
     )
 
