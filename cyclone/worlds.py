@@ -9,6 +9,8 @@ change, ``after`` it. Each scenario changes one thing:
 - ``covariate_benign``: ``x4``, which the rule ignores, moves: drift that does not hurt.
 - ``broken``: ``x1`` is stuck at 0 (a sensor that broke): a data fault, not a new world.
 - ``gradual``: the concept's new rule fades in over ``ramp`` rows.
+- ``covariate_harmful``: ``x4`` moves to where the rule bends (a square term the old data
+  barely showed): the same rule, inputs the model never learned.
 
 Seeds change the coefficients a little as well as the noise, so tests do not tune to one.
 """
@@ -21,13 +23,24 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-Scenario = Literal["stable", "concept", "covariate_benign", "broken", "gradual"]
-SCENARIOS: tuple[Scenario, ...] = ("stable", "concept", "covariate_benign", "broken", "gradual")
+Scenario = Literal[
+    "stable", "concept", "covariate_benign", "broken", "gradual", "covariate_harmful"
+]
+SCENARIOS: tuple[Scenario, ...] = (
+    "stable",
+    "concept",
+    "covariate_benign",
+    "broken",
+    "gradual",
+    "covariate_harmful",
+)
 FEATURES = ["x1", "x2", "x3", "x4", "region"]
 LABEL = "y"
 REGIONS = ("north", "south", "east")
 # Scenarios after which retraining can help, and those where it must not happen.
-RECOVERABLE: tuple[Scenario, ...] = ("concept", "gradual")
+RECOVERABLE: tuple[Scenario, ...] = ("concept", "gradual", "covariate_harmful")
+# The feature a RED's explanation should put first: what changed, or what broke.
+CAUSE = {"concept": "x1", "gradual": "x1", "broken": "x1", "covariate_harmful": "x4"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +62,7 @@ class World:
         after = position >= 0
         x = rng.normal(0.0, 1.0, (n, 4))
         region = rng.choice(REGIONS, n, p=(0.5, 0.3, 0.2))
-        if self.scenario == "covariate_benign":
+        if self.scenario in ("covariate_benign", "covariate_harmful"):
             x[after, 3] += 2.5
         if self.scenario == "concept":
             mix = after.astype(np.float64)
@@ -60,6 +73,9 @@ class World:
         w = (1 - mix)[:, None] * old[None, :] + mix[:, None] * new[None, :]
         effect = pd.Series(region).map({"north": 0.0, "south": 0.8, "east": -0.8}).to_numpy()
         logit = 1.5 * ((w * x[:, :3]).sum(axis=1) + effect)
+        if self.scenario == "covariate_harmful":
+            # Flat where the old inputs were (|x4| < 1.5), steep where they go.
+            logit += 2.0 * np.clip(x[:, 3] - 1.5, 0.0, None) ** 2
         y = (rng.uniform(size=n) < 1.0 / (1.0 + np.exp(-logit))).astype(int)
         if self.scenario == "broken":
             x[after, 0] = 0.0  # after the label was drawn: the world is the same, the data not

@@ -6,10 +6,13 @@ are; a bin of their own for values beyond the reference's range). With ``e_b`` t
 error in bin ``b``, ``w_b`` its share of the window's rows and ``r_b`` its share of the
 reference rows, a feature's score is
 
-- the loss its drift brings, ``sum_b (w_b - r_b) * e_b``: rows moved into bins where the model
-  errs (zero when the feature did not move), plus
-- how unevenly the error falls along it, ``sqrt(sum_b w_b (e_b - e)^2)``: a concept change
-  along a feature leaves its inputs where they were but piles the errors into some of its bins.
+- the loss its drift brings, ``sum_b max(w_b - r_b, 0) * max(e_b - e0, 0)``: rows that moved
+  into bins where the error rose (about zero when the feature did not move), plus
+- how unevenly the *unexpected* error falls along it, ``sqrt(sum_b w_b (s_b - s)^2)`` with
+  ``s_b`` the bin's mean of loss minus the loss the model expected for the row (1 - its top
+  probability; the reference's error at that prediction for a regression): a concept change
+  along a feature leaves its inputs where they were but piles surprising errors into some of
+  its bins, while the errors every model makes near its decision boundary are expected.
 
 The segment is the (feature, bin) whose error rose most against the error the version had at
 registration (``e0``, from its baseline), weighed by its evidence: ``sqrt(n_b) * (e_b - e0)``.
@@ -39,6 +42,20 @@ class Explanation:
     def text(self) -> str:
         ranked = ", ".join(f"{name} ({score:.3f})" for name, score in self.features)
         return f"why: loss explained most by {ranked}; error rose most where {self.segment}"
+
+
+def expected_loss(window: Window, reference: ReferenceProfile) -> Any:
+    """Per labelled row, the loss the model itself expected there: 1 - its top probability
+    (classification), the reference's error at that prediction (regression); None if unknown.
+    Errors near a decision boundary are expected; only the excess over them is news."""
+    w = window.labelled
+    if window.task == "classification":
+        if w.probabilities is None or len(w.probabilities) != w.n_rows:
+            return None
+        return 1.0 - np.max(np.asarray(w.probabilities, dtype=np.float64), axis=1)
+    if reference.error_profile is None:
+        return None
+    return reference.error_profile.expected_abs_error(np.asarray(w.predictions, dtype=np.float64))
 
 
 def row_loss(window: Window) -> Any:
@@ -88,6 +105,9 @@ def explain(
         return None
     mean = float(loss.mean())
     e0 = mean if baseline_error is None else baseline_error
+    expected = expected_loss(window, reference)
+    surprise = loss if expected is None else loss - expected
+    surprise_mean = float(surprise.mean())
     labelled = window.labelled
     scores: list[tuple[str, float]] = []
     best = (-math.inf, "")
@@ -103,16 +123,24 @@ def explain(
         sums = np.bincount(codes, weights=loss, minlength=len(names))
         error = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
         share = counts / n
-        drift = float(np.sum((share - ref) * error))
-        spread = math.sqrt(float(np.sum(share * (error - mean) ** 2)))
-        scores.append((name, max(drift, 0.0) + spread))
+        # Only mass that moved in, and only where the error rose: sampling noise in the shares
+        # of a feature that did not move times bins of ordinary error cancels out to ~0.
+        drift = float(np.sum(np.clip(share - ref, 0, None) * np.clip(error - e0, 0, None)))
+        excess = np.divide(
+            np.bincount(codes, weights=surprise, minlength=len(names)),
+            counts,
+            out=np.zeros_like(sums),
+            where=counts > 0,
+        )
+        spread = math.sqrt(float(np.sum(share * (excess - surprise_mean) ** 2)))
+        scores.append((name, drift + spread))
         # The rise weighed by its evidence (sqrt of rows), so a small bin of a few bad rows
         # does not win, nor a big bin whose error rose a little.
-        excess = np.sqrt(counts) * (error - e0)
-        b = int(np.argmax(excess))
-        if excess[b] > best[0] and counts[b] > 0:
+        rise = np.sqrt(counts) * (error - e0)
+        b = int(np.argmax(rise))
+        if rise[b] > best[0] and counts[b] > 0:
             best = (
-                float(excess[b]),
+                float(rise[b]),
                 f"{name} {names[b]}: error {error[b]:.3g} vs {e0:.3g} at registration"
                 f" over {int(counts[b])} rows",
             )

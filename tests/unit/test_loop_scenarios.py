@@ -23,7 +23,16 @@ from cyclone.models.schema import ModelSchema
 from cyclone.plan import MetricRef, WindowSpec, default_plan
 from cyclone.plugin_api import Level
 from cyclone.reference import ReferenceProfile
-from cyclone.worlds import FEATURES, LABEL, RECOVERABLE, SCENARIOS, World, champion_pipeline, stream
+from cyclone.worlds import (
+    CAUSE,
+    FEATURES,
+    LABEL,
+    RECOVERABLE,
+    SCENARIOS,
+    World,
+    champion_pipeline,
+    stream,
+)
 from services.monitor.evaluate import evaluate
 from services.trainer.auto import NEWEST, SINCE_CHANGE, broken_features, locate_change, plan_auto
 from services.trainer.data import LabelledWindow
@@ -100,8 +109,10 @@ def test_the_default_plan_asks_for_a_retrain_only_when_quality_dipped(
     assert after.level == Level.RED and "retrain" in after.actions
     (why,) = [r for r in after.reasons if r.startswith("why:")]
     ranked = why.split(";")[0]
-    # x1 is what changed most (its rule flipped, or it got stuck): first, of three.
-    assert ranked.startswith("why: loss explained most by x1") and ranked.count("(") == 3, why
+    # What changed most (a rule flipped along it, it got stuck, it moved): first, of three.
+    cause = CAUSE[scenario]
+    assert ranked.startswith(f"why: loss explained most by {cause}"), why
+    assert ranked.count("(") == 3, why
     segment = why.split("error rose most where ")[1]
     rose, was = (float(v) for v in re.findall(r"error ([\d.]+) vs ([\d.]+)", segment)[0])
     assert segment.split()[0] in FEATURES and rose > was + 0.1, why
@@ -180,7 +191,10 @@ def test_auto_window_recovers_against_an_oracle(
         )
     )
     assert outcome.promote, outcome.decision
-    assert outcome.window == SINCE_CHANGE, outcome.candidates
+    if scenario != "covariate_harmful":
+        # A new rule: the old rows teach the wrong one. (Under a covariate shift the old rows
+        # are still right where they are, and the whole window may do as well.)
+        assert outcome.window == SINCE_CHANGE, outcome.candidates
     rng = np.random.default_rng(seed + 99)
     future = world.rows(3000, world.ramp + AFTER, rng)
     past = world.rows(3000, -10_000, rng)
