@@ -570,18 +570,15 @@ class JobRunner:
                 await self._notify(plan, model, champion.version, message)
                 await self._finish(job_id, "failed", message, **fields)
                 return None
-        needed = spec.min_rows
-        have = counts if auto is None else auto.fresh_rows
-        if have < needed:
-            what = (
-                "labelled rows in the window"
-                if auto is None or auto.change is None
-                else ("labelled rows after the change point")
-            )
+        if auto is not None and auto.change is not None and auto.fresh_rows < spec.min_rows:
+            # Too few rows after the change to fit on them alone (a recent change and a job by
+            # hand, or `wait` ran out): the whole window, which a retry may improve on.
+            auto = plan_auto(counts, spec.holdout, None)
+        if counts < spec.min_rows:
             await self._finish(
                 job_id,
                 "not_enough_data",
-                f"{have} {what}, retrain.min_rows is {spec.min_rows}",
+                f"{counts} labelled rows in the window, retrain.min_rows is {spec.min_rows}",
                 **fields,
             )
             return None

@@ -277,3 +277,17 @@ async def test_a_rejected_challenger_is_not_retried_once_the_model_is_not_red(
     assert job.message.endswith("the model is no longer RED")
     assert not any(s.startswith("attempt 2") for s in stages)
     assert not stack.alerts.exists()
+
+
+async def test_a_job_by_hand_does_not_wait_and_fits_the_whole_window_on_a_fresh_change(
+    stack_of: Any,
+) -> None:
+    world = World("concept", 6)
+    stack: Stack = await stack_of(world)
+    await serve(stack, stream(world, BEFORE, 120))  # a change too recent to fit on alone
+    response = await stack.trainer.Retrain(pb.RetrainRequest(model=MODEL), timeout=10)
+    job, stages = await finished(stack, response.job.id, timeout=60)
+    assert not any(s.startswith("waiting for labels") for s in stages), stages
+    assert pb.JobState.Name(job.state) in ("JOB_STATE_SUCCEEDED", "JOB_STATE_REJECTED")
+    assert job.decision.startswith("window newest"), job.decision
+    assert job.window.rows == BEFORE + 120
