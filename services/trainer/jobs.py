@@ -8,6 +8,12 @@ holdout -> not better (or maybe noise): REJECTED, nothing written -> convert + p
 (the version directory appears atomically) -> register with lineage in one store transaction ->
 hand to the rollout -> SUCCEEDED.
 
+With ``retrain.window: auto`` (the default) the window is cut at the change point of the served
+predictions' loss, a job an alert asked for first waits for labelled rows after it, features
+that broke there end the job (a data fault, told to the plan's notify sinks), candidate windows
+are fitted and the best on the newest rows is the challenger; a rejected one is tried again
+while the model stays RED, up to ``retrain.attempts``, and the sinks hear when none won.
+
 With tracing on, a job runs in a `trainer.job` span continuing the trace of the Retrain call that
 queued it (for an alert: the monitor's evaluation), each stage an event on it, fit/convert/rollout
 child spans; the trace id is logged and ends the job's final message.
