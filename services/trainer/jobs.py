@@ -488,6 +488,12 @@ class JobRunner:
         self, job_id: int, model: str, alert_id: int, asked_at: datetime, roll_out: bool = True
     ) -> None:
         champion = await self._champion(model)
+        rolling = await self._rollout_in_progress(model)
+        if rolling and roll_out:
+            # The answer to this alert may already be on its way; a challenger fitted now
+            # could not be rolled out anyway (one rollout per model).
+            await self._finish(job_id, "cancelled", f"{rolling} is in progress: retrain after it")
+            return
         plan = await self._plan(model, champion.task)
         spec = plan.retrain
         auto = spec.kind == "auto" and not spec.since_alert
@@ -927,6 +933,16 @@ class JobRunner:
                     stage=f"waiting for labels after the change point ({fresh}/{fresh_wanted})",
                 )
             await asyncio.sleep(FRESH_POLL_SECONDS)
+
+    async def _rollout_in_progress(self, model: str) -> str:
+        """ "rollout N of version V" when one of `model` is pending, progressing or paused."""
+        response = await self.store.ListRollouts(
+            store_pb.ListRolloutsRequest(model=model, active_only=True, limit=1),
+            timeout=STORE_TIMEOUT,
+        )
+        for rollout in response.rollouts:
+            return f"rollout {rollout.id} of version {rollout.to_version}"
+        return ""
 
     async def _still_red(self, model: str, version: str) -> bool:
         """Whether `version` still serves `model` and the monitor last judged it RED."""

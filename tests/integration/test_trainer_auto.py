@@ -291,3 +291,27 @@ async def test_a_job_by_hand_does_not_wait_and_fits_the_whole_window_on_a_fresh_
     assert pb.JobState.Name(job.state) in ("JOB_STATE_SUCCEEDED", "JOB_STATE_REJECTED")
     assert job.decision.startswith("window newest"), job.decision
     assert job.window.rows == BEFORE + 120
+
+
+async def test_no_challenger_is_fitted_while_a_rollout_of_the_model_is_in_progress(
+    stack_of: Any,
+) -> None:
+    world = World("concept", 7)
+    stack: Stack = await stack_of(world)
+    await serve(stack, stream(world, BEFORE, 1000))
+    rollout = (
+        await stack.store.CreateRollout(
+            store_pb.CreateRolloutRequest(
+                rollout=store_pb.RolloutRecord(
+                    model=MODEL, to_version="1", strategy="canary", state="progressing"
+                ),
+                event=store_pb.RolloutEvent(state="progressing", decision="start", reason="test"),
+            )
+        )
+    ).rollout
+    # An alert that came while the answer to the last one is being rolled out.
+    response = await stack.trainer.Retrain(pb.RetrainRequest(model=MODEL, alert_id=11), timeout=10)
+    job, stages = await finished(stack, response.job.id, timeout=30)
+    assert pb.JobState.Name(job.state) == "JOB_STATE_CANCELLED", job.message
+    assert job.message.startswith(f"rollout {rollout.id} of version 1 is in progress")
+    assert "fit" not in stages
