@@ -167,21 +167,18 @@ def down(
 # ---- status ---------------------------------------------------------------------------------
 
 
-def _revision_processes(trainer_pid: int) -> list[dict[str, Any]]:
-    """The inference processes the trainer runs: model, version, port, pid (from their args)."""
+def _revision_processes(repository: str) -> list[dict[str, Any]]:
+    """The mesh's inference processes (the revisions outlive the trainer that started them,
+    so they are found by the mesh's model repository): model, version, port, pid."""
     import psutil
 
     found: list[dict[str, Any]] = []
-    try:
-        children = psutil.Process(trainer_pid).children(recursive=True)
-    except psutil.Error:
-        return found
-    for child in children:
+    for child in psutil.process_iter():
         try:
             args = child.cmdline()
         except psutil.Error:
             continue
-        if "serve" not in args or "inference" not in args:
+        if "serve" not in args or "inference" not in args or repository not in args:
             continue
 
         def arg(flag: str, argv: list[str] = args) -> str:
@@ -227,8 +224,7 @@ def collect_status(
             "dashboard": mesh.dashboard,
             "components": {k: vars(v) for k, v in mesh.components.items()},
         }
-        trainer_info = mesh.components.get("trainer")
-        out["mesh"]["revisions"] = _revision_processes(trainer_info.pid) if trainer_info else []
+        out["mesh"]["revisions"] = _revision_processes(mesh.repository)
     problems: list[str] = []
     models: dict[str, Any] = out["models"]
     try:
