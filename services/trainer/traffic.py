@@ -23,6 +23,7 @@ from cyclone.plugins import orchestrators
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.trainer.idle import IdleWatcher
 from services.trainer.rollout import ControllerSettings, ProbeSmokeTester, RolloutController
+from services.trainer.rollout.calibrations import RepositoryCalibrations
 from services.trainer.rollout.store_gateway import StoreGateway
 from services.trainer.serving import ServingKeeper
 
@@ -87,6 +88,7 @@ class TrafficPlane:
             self._gateway,
             ControllerSettings(),
             smoke=ProbeSmokeTester(s.model_repository),
+            calibrations=RepositoryCalibrations(s.model_repository),
         )
         await self.controller.start_up()
         self.keeper = ServingKeeper(
