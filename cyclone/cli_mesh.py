@@ -55,6 +55,14 @@ def up(
             " next request starts it again and waits for it. 0 = never."
         ),
     ] = "0",
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes per serving model version; default 2 with 2+ cores and 2 GiB"
+            " free (a crashed one's requests go to the other), else 1.",
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """Start the whole mesh on this machine; Ctrl-C or SIGTERM stops it."""
     from rich.console import Console
@@ -92,6 +100,7 @@ def up(
         model_repository=model_repository,
         auth=auth,
         idle_timeout_seconds=idle_seconds,
+        replicas=replicas,
     )
     console = Console()
     states: dict[str, tuple[str, str]] = {}
