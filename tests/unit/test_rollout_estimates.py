@@ -220,3 +220,30 @@ async def test_labels_that_contradict_the_estimate_roll_the_promotion_back() -> 
 
 async def _tick() -> None:
     await asyncio.sleep(0.01)
+
+
+async def test_a_restart_while_the_new_revision_starts_carries_on_when_it_still_runs() -> None:
+    """The data plane outlives the trainer: a rollout caught in its start phase finds its new
+    revision adopted and goes on; without it, it rolls back as before."""
+    for adopted in (True, False):
+        controller, store, router = _controller(
+            served(300, 0.8, 0), served(300, 0.8, 1), replace(LABEL_FREE, confirm_seconds=0)
+        )
+        orchestrator = controller.orchestrator
+        await orchestrator.start(M, "1", 1)
+        r = await controller.start(M, "2")
+        await controller.close()  # the trainer dies before the first tick
+        record = store.records[r.id]
+        assert record.progress.phase == "start" and record.state.active
+        if adopted:
+            await orchestrator.start(M, "2", 1)  # it kept running (adopted by the new trainer)
+        again = RolloutController(orchestrator, router, store, calibrations=FakeCalibrations())
+        await again.start_up()
+        done = await again.wait(r.id, 10) if adopted else await again.get(r.id)
+        await again.close()
+        if adopted:
+            assert done.state is RolloutState.PROMOTED, [s.reason for s in done.steps]
+            assert "resumed while starting" in " ".join(s.reason for s in done.steps)
+        else:
+            assert done.state is RolloutState.ROLLED_BACK
+            assert "before the new revision was healthy" in done.reason

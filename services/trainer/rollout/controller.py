@@ -682,8 +682,14 @@ class RolloutController:
         champ_ok = not r.from_version or revision_name(r.model, r.from_version) in running
         if not self.settings.resume:
             await self._rollback(r, "controller restarted with resume off")
-        elif r.progress.phase == "start":
+        elif r.progress.phase == "start" and not new_ok:
             await self._rollback(r, "controller restarted before the new revision was healthy")
+        elif r.progress.phase == "start":
+            # The new revision outlived the old controller (adopted): start it over from its
+            # health check; traffic has not moved yet.
+            await self._record(r, "resumed", "resumed while starting the new revision")
+            self._spawn(r)
+            return
         elif not (new_ok and champ_ok):
             missing = [
                 n
