@@ -106,6 +106,8 @@ class Monitor:
         tick_seconds: float = 1.0,
         request_timeout: float = 30.0,
         probe_address: str = "",
+        probe_grace_seconds: float = 60.0,
+        probe_retry_seconds: float = 1.0,
     ) -> None:
         self.store_address = store_address
         self.record_path = record_path
@@ -127,6 +129,12 @@ class Monitor:
         self._next_probe: dict[str, float] = {}
         self._probe_channels: dict[str, aio.Channel] = {}
         self._known_answers: dict[tuple[str, str], probes.KnownAnswers | None] = {}
+        # "No answer" counts only for a model that answered once since this monitor started, or
+        # that stayed unanswered longer than the grace: a starting mesh is not an outage.
+        self.probe_grace_seconds = probe_grace_seconds
+        self.probe_retry_seconds = probe_retry_seconds  # one retry after a transient status
+        self._probe_answered: set[str] = set()
+        self._unanswered_since: dict[str, float] = {}
 
     @property
     def store(self) -> store_grpc.StoreServiceStub:
@@ -371,11 +379,19 @@ class Monitor:
         if channel is None:
             channel = self._probe_channels[address] = aio_channel(address)
         answer = await probes.ask(channel, model, serving, timeout=self.request_timeout)
-        if isinstance(answer, str):
+        if isinstance(answer, probes.NoAnswer) and answer.transient and self.probe_retry_seconds:
+            await asyncio.sleep(self.probe_retry_seconds)
+            answer = await probes.ask(channel, model, serving, timeout=self.request_timeout)
+        if isinstance(answer, probes.NoAnswer):
+            if not self._no_answer_counts(model):
+                log.info("%s probes: no answer yet from %s (%s)", model, address, answer.reason)
+                return False
             outcome = probes.ProbeRound(
-                address, error=f"probes: no answer from {address}: {answer}"
+                address, error=f"probes: no answer from {address}: {answer.reason}"
             )
         else:
+            self._probe_answered.add(model)
+            self._unanswered_since.pop(model, None)
             # During a rollout the endpoint may answer with another registered version: judge
             # it by that version's own recorded answers.
             expected = serving
@@ -390,6 +406,13 @@ class Monitor:
                 "%s probes: %s", model, "; ".join(outcome.wrong) or outcome.error or "answers match"
             )
         return changed
+
+    def _no_answer_counts(self, model: str) -> bool:
+        """True once `model` answered before, or has gone unanswered past the grace."""
+        if model in self._probe_answered:
+            return True
+        first = self._unanswered_since.setdefault(model, time.monotonic())
+        return time.monotonic() - first >= self.probe_grace_seconds
 
     async def _answers_of(self, model: str, version: str) -> probes.KnownAnswers | None:
         """Recorded answers of `version` ("" the serving one); versions are immutable, so
