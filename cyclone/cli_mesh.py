@@ -491,6 +491,19 @@ def _trainer_call(trainer: str | None, call: Any) -> Any:
         _fail(f"{exc.code().name}: {exc.details()}", 1)
 
 
+def _follow(trainer: str | None, rollout_id: str) -> Any:
+    """Print each step of a rollout until it ends; the rollout as it ended."""
+    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+    def follow(client: Any) -> Any:
+        for event in client._stub.WatchRollout(tpb.WatchRolloutRequest(rollout_id=rollout_id)):
+            s = event.step
+            typer.echo(f"  {s.weight:>5.1f}%  {s.decision:<12} {s.reason}")
+        return client.get_rollout(rollout_id)
+
+    return _trainer_call(trainer, follow)
+
+
 def rollout(
     model: Annotated[str, typer.Argument(help="Model name.")],
     version: Annotated[str, typer.Argument(help="Registered version to roll out.")],
@@ -506,16 +519,9 @@ def rollout(
     started = _trainer_call(trainer, lambda c: c.rollout(model, version, strategy))
     _show_rollout(started)
     if not wait:
+        typer.echo(f"follow it with `cyclone rollouts --model {model}`")
         return
-    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
-
-    def follow(client: Any) -> Any:
-        for event in client._stub.WatchRollout(tpb.WatchRolloutRequest(rollout_id=started.id)):
-            s = event.step
-            typer.echo(f"  {s.weight:>5.1f}%  {s.decision:<12} {s.reason}")
-        return client.get_rollout(started.id)
-
-    _show_rollout(_trainer_call(trainer, follow))
+    _show_rollout(_follow(trainer, started.id))
 
 
 def promote(
@@ -523,7 +529,9 @@ def promote(
     trainer: TrainerAddress = None,
 ) -> None:
     """Promote a rollout now (skip the remaining steps)."""
-    _show_rollout(_trainer_call(trainer, lambda c: c.promote(rollout_id)))
+    r = _trainer_call(trainer, lambda c: c.promote(rollout_id))
+    typer.echo(f"promoted rollout {r.id}: {r.model} {r.to_version} takes all traffic")
+    _show_rollout(r)
 
 
 def rollback(
@@ -532,10 +540,34 @@ def rollback(
         str, typer.Option(help="Rollout id; default the model's active one.")
     ] = "",
     reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
+    wait: Annotated[bool, typer.Option(help="Follow it until it ends.")] = False,
     trainer: TrainerAddress = None,
 ) -> None:
-    """Send all of a model's traffic back to the previous version."""
-    _show_rollout(_trainer_call(trainer, lambda c: c.rollback(model, rollout_id, reason)))
+    """Send all of a model's traffic back to the previous version.
+
+    During a rollout: roll it back. After a promotion: a rollout of its own back to the version
+    the promotion replaced (red-black: started, healthy, then all traffic at once).
+    """
+    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+    r = _trainer_call(trainer, lambda c: c.rollback(model, rollout_id, reason))
+    if r.state == tpb.ROLLOUT_STATE_ROLLED_BACK:
+        typer.echo(
+            f"rolled back rollout {r.id}: {r.model} {r.from_version or '-'} serves all traffic"
+            f" again, {r.to_version} stopped"
+        )
+    else:
+        typer.echo(
+            f"rolling {r.model} back from {r.from_version or '-'} to {r.to_version}"
+            f" (rollout {r.id}, {_enum_name(tpb.RolloutStrategy, r.strategy, 'ROLLOUT_STRATEGY_')})"
+        )
+    if wait and r.state in (
+        tpb.ROLLOUT_STATE_PENDING,
+        tpb.ROLLOUT_STATE_PROGRESSING,
+        tpb.ROLLOUT_STATE_PAUSED,
+    ):
+        r = _follow(trainer, r.id)
+    _show_rollout(r)
 
 
 def rollouts(
