@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cyclone.local_mesh import DEFAULT_PORTS, default_address, default_data_dir, read_mesh
+from cyclone.local_mesh import DEFAULT_PORTS, default_data_dir, read_mesh, resolve
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -229,10 +229,16 @@ def collect_status(
         }
         trainer_info = mesh.components.get("trainer")
         out["mesh"]["revisions"] = _revision_processes(trainer_info.pid) if trainer_info else []
+    from cyclone.cli_errors import describe_failure
+
     problems: list[str] = []
     models: dict[str, Any] = out["models"]
+    targets = {
+        name: resolve(name, flag, data_dir)
+        for name, flag in (("store", store), ("monitor", monitor), ("trainer", trainer))
+    }
     try:
-        with StoreClient(store or default_address("store", data_dir)) as store_client:
+        with StoreClient(targets["store"].address) as store_client:
             stats = store_client.stats()
             out["storage_mode"] = stats.storage_mode
             for m in stats.models:
@@ -260,9 +266,9 @@ def collect_status(
                     entry["serving"] = v.version
                     entry["split"] = {v.version: 100.0}
     except grpc.RpcError as exc:
-        problems.append(f"store: {exc.code().name}: {exc.details()}")
+        problems.append(f"store: {describe_failure(exc, targets['store'])}")
     try:
-        with MonitorClient(monitor or default_address("monitor", data_dir)) as monitor_client:
+        with MonitorClient(targets["monitor"].address) as monitor_client:
             for s in monitor_client.status():
                 entry = models.setdefault(s.model, {"versions": {}, "split": {}})
                 entry["level"] = _enum_name(mpb.Level, s.level, "LEVEL_").upper()
@@ -284,11 +290,9 @@ def collect_status(
                 if a.status != "delivered"
             ]
     except grpc.RpcError as exc:
-        problems.append(f"monitor: {exc.code().name}: {exc.details()}")
+        problems.append(f"monitor: {describe_failure(exc, targets['monitor'])}")
     try:
-        with TrainerClient(
-            trainer or default_address("trainer", data_dir), timeout=10
-        ) as trainer_client:
+        with TrainerClient(targets["trainer"].address, timeout=10) as trainer_client:
             out["jobs"] = [
                 {
                     "id": j.id,
@@ -321,7 +325,7 @@ def collect_status(
                         split[r.from_version] = 100.0 - r.current_weight
                     models[r.model]["split"] = split
     except grpc.RpcError as exc:
-        problems.append(f"trainer: {exc.code().name}: {exc.details()}")
+        problems.append(f"trainer: {describe_failure(exc, targets['trainer'])}")
     out["problems"] = problems
     return out
 
@@ -482,13 +486,15 @@ def _show_rollout(r: Any) -> None:
 def _trainer_call(trainer: str | None, call: Any) -> Any:
     import grpc
 
+    from cyclone.cli_errors import describe_failure
     from cyclone.client import TrainerClient
 
+    target = resolve("trainer", trainer)
     try:
-        with TrainerClient(trainer or default_address("trainer")) as client:
+        with TrainerClient(target.address) as client:
             return call(client)
     except grpc.RpcError as exc:
-        _fail(f"{exc.code().name}: {exc.details()}", 1)
+        _fail(describe_failure(exc, target), 1)
 
 
 def _follow(trainer: str | None, rollout_id: str) -> Any:
