@@ -591,7 +591,10 @@ def inference_routes(
                 "route": action,
             },
         ]
-    unknown = f"model %REQ({MODEL_HEADER})% is not served here (header {MODEL_HEADER})"
+    served = ", ".join(sorted(splits)) or "none"
+    unknown = (
+        f"model %REQ({MODEL_HEADER})% is not served here (header {MODEL_HEADER}); served: {served}"
+    )
     routes += [
         {
             "match": {"prefix": p, "grpc": {}, "headers": [_present()]},
@@ -626,7 +629,11 @@ def inference_routes(
     routes.append(
         {
             "match": _regex(r"/v1/models/[^/]+"),
-            **_json_error(404, _NOT_FOUND, "model is not served here (the path names the model)"),
+            **_json_error(
+                404,
+                _NOT_FOUND,
+                f"model is not served here (the path names the model); served: {served}",
+            ),
         }
     )
     return routes

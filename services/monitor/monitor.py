@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,15 @@ from prometheus_client import Gauge
 from cyclone import telemetry
 from cyclone.channels import aio_channel
 from cyclone.errors import InvalidArgument, NotFound
-from cyclone.plan import Plan, PlanError, Registry, default_plan, parse_plan, plan_to_yaml
+from cyclone.plan import (
+    Plan,
+    PlanError,
+    Registry,
+    default_plan,
+    parse_plan,
+    plan_to_yaml,
+    task_problems,
+)
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.monitor import convert, probes
@@ -196,7 +205,10 @@ class Monitor:
             raise InvalidArgument(
                 f"plan_yaml: model: the plan is for {plan.model!r}, not {model!r}"
             )
-        await self._model_version(model)  # a plan for an unknown model is a typo, not a plan
+        info = await self._model_version(model)  # a plan for an unknown model is a typo
+        problems = task_problems(replace(plan, model=model), info.task)
+        if problems:
+            raise InvalidArgument("plan_yaml: " + "; ".join(problems))
         response = await self.store.SavePlan(
             store_pb.SavePlanRequest(model=model, plan_yaml=plan_yaml), timeout=self.request_timeout
         )
@@ -224,9 +236,17 @@ class Monitor:
             )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"model: {model!r} is not registered") from None
+                raise NotFound(f"model: {model!r} is not registered{await self._known()}") from None
             raise
         return convert.model_info_from_store(response.model_version)
+
+    async def _known(self) -> str:
+        """ "; registered models: a, b" for a NOT_FOUND message (a typo is the usual cause)."""
+        listed = await self.store.ListModelVersions(
+            store_pb.ListModelVersionsRequest(), timeout=self.request_timeout
+        )
+        names = sorted({v.model for v in listed.model_versions})
+        return f"; registered models: {', '.join(names)}" if names else "; no model is registered"
 
     async def evaluate_model(self, model: str) -> tuple[ModelStatus, list[int]]:
         lock = self._locks.setdefault(model, asyncio.Lock())
