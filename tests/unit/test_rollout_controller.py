@@ -128,6 +128,9 @@ class FakeStore:
             return None
         return next((v.version for v in self.versions.values() if v.status == "serving"), None)
 
+    async def registered(self, model: str | None = None) -> list[VersionInfo]:
+        return [v for v in self.versions.values() if model in (None, v.model)]
+
     async def set_status(self, model: str, version: str, status: str) -> None:
         if status == "serving":
             for v, info in self.versions.items():
@@ -496,8 +499,10 @@ async def test_second_rollout_of_a_model_is_refused(mesh: Mesh) -> None:
 
 
 async def test_unknown_and_serving_versions_are_refused(mesh: Mesh) -> None:
-    with pytest.raises(NotFound, match="version"):
+    with pytest.raises(NotFound, match=r"no version '9' \(its versions: 1 \(serving\), 2"):
         await mesh.controller.start(M, "9")
+    with pytest.raises(NotFound, match=r"'credt' is not registered \(registered models: credit\)"):
+        await mesh.controller.start("credt", "2")
     with pytest.raises(FailedPrecondition, match="already serving"):
         await mesh.controller.start(M, "1")
     with pytest.raises(NotFound, match="rollout_id"):
@@ -544,7 +549,7 @@ async def test_a_repeated_rollback_alert_goes_back_once(mesh: Mesh) -> None:
 async def test_rollback_with_no_earlier_version_is_refused(mesh: Mesh) -> None:
     with pytest.raises(FailedPrecondition, match="no version to go back to"):
         await mesh.controller.revert(M)
-    with pytest.raises(NotFound, match="'forest' has no serving version"):
+    with pytest.raises(NotFound, match=r"'forest' is not registered \(registered models: credit\)"):
         await mesh.controller.revert("forest")
 
 

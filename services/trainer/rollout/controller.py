@@ -101,7 +101,7 @@ class RolloutController:
             return repeated[0]
         serving = await self.store.serving_version(model)
         if serving is None:
-            raise NotFound(f"model: {model!r} has no serving version")
+            raise NotFound(await self._unknown(model, ""))
         promoted = next(
             (r for r in recent if r.state is S.PROMOTED and r.to_version == serving), None
         )
@@ -141,7 +141,7 @@ class RolloutController:
         try:
             info = await self.store.model_version(model, to_version)
             if info is None:
-                raise NotFound(f"version: model {model!r} has no version {to_version!r}")
+                raise NotFound(await self._unknown(model, to_version))
             if info.status == "serving":
                 raise FailedPrecondition(f"version: {model} {to_version} is already serving")
             active = [r for r in await self.store.list(model, active_only=True)]
@@ -660,6 +660,19 @@ class RolloutController:
         self._rollouts[r.id] = r
 
     # ---- helpers ---------------------------------------------------------------------------
+
+    async def _unknown(self, model: str, version: str) -> str:
+        """A NOT_FOUND message listing what exists: the models, or the model's versions."""
+        known = await self.store.registered()
+        mine = [v for v in known if v.model == model]
+        if not mine:
+            names = sorted({v.model for v in known})
+            listed = ", ".join(names) if names else "none"
+            return f"model: {model!r} is not registered (registered models: {listed})"
+        if version:
+            versions = ", ".join(f"{v.version} ({v.status})" for v in mine)
+            return f"version: model {model!r} has no version {version!r} (its versions: {versions})"
+        return f"model: {model!r} has no serving version"
 
     def _lock(self, rollout_id: str) -> asyncio.Lock:
         return self._locks.setdefault(rollout_id, asyncio.Lock())
