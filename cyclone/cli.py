@@ -373,15 +373,16 @@ def predict(
         for p in predictions:
             typer.echo(json.dumps({k: v for k, v in p.__dict__.items() if v is not None}))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table("prediction_id", "prediction", "probabilities")
+    from cyclone.cli_output import console
+
+    table = Table("prediction_id", "prediction", "probabilities", "version")
     for p in predictions:
         shown = f"{p.value:.6g}" if p.value is not None else str(p.label)
         probs = ", ".join(f"{k}: {v:.3f}" for k, v in (p.probabilities or {}).items())
-        table.add_row(p.prediction_id, shown, probs)
-    Console().print(table)
+        table.add_row(p.prediction_id, shown, probs, p.version)
+    console().print(table)
 
 
 @app.command("models")
@@ -621,9 +622,9 @@ def jobs(
 @plugins_app.command("list")
 def plugins_list() -> None:
     """Show loaded plugins, their package, and what they register."""
-    from rich.console import Console
     from rich.table import Table
 
+    from cyclone.cli_output import console as make_console
     from cyclone.plugins import get_plugins
 
     plugins = get_plugins()
@@ -631,7 +632,7 @@ def plugins_list() -> None:
     for info in plugins.plugin_infos():
         package = f"{info.distribution} {info.version}" if info.distribution else "-"
         table.add_row(info.name, info.module, package, ", ".join(info.hooks), info.error or "")
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print(
         f"metrics: {', '.join(sorted(plugins.metrics))}\n"

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cyclone.cli_output import console as make_console
 from cyclone.local_mesh import DEFAULT_PORTS, default_data_dir, read_mesh, resolve
 
 
@@ -57,7 +58,6 @@ def up(
     ] = "0",
 ) -> None:
     """Start the whole mesh on this machine; Ctrl-C or SIGTERM stops it."""
-    from rich.console import Console
     from rich.live import Live
     from rich.table import Table
 
@@ -93,7 +93,7 @@ def up(
         auth=auth,
         idle_timeout_seconds=idle_seconds,
     )
-    console = Console()
+    console = make_console()
     states: dict[str, tuple[str, str]] = {}
 
     def render() -> Table:
@@ -155,13 +155,34 @@ def down(
     if mesh is None:
         _fail("no running mesh found (is `cyclone up` running on this data dir?)", 1)
         return
+    # The mesh file goes first; "stopped" waits for the processes themselves.
+    pids = {mesh.pid, *(c.pid for c in mesh.components.values())}
     os.kill(mesh.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while read_mesh(data_dir) is not None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if read_mesh(data_dir) is not None:
-        _fail(f"the mesh (pid {mesh.pid}) is still stopping after {timeout:g}s", 1)
-    typer.echo("stopped")
+    while (read_mesh(data_dir) is not None or _running(pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _running(pids)
+    if read_mesh(data_dir) is not None or left:
+        _fail(
+            f"the mesh (pid {mesh.pid}) is still stopping after {timeout:g}s"
+            + (f" (pids {', '.join(map(str, sorted(left)))} still run)" if left else ""),
+            1,
+        )
+    typer.echo(f"stopped the mesh in {mesh.data_dir} ({len(pids)} processes)")
+
+
+def _running(pids: set[int]) -> set[int]:
+    """The pids still running (a zombie waiting for its parent counts as gone)."""
+    import psutil
+
+    alive = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.add(pid)
+        except psutil.Error:
+            continue
+    return alive
 
 
 # ---- status ---------------------------------------------------------------------------------
@@ -344,10 +365,9 @@ def status(
     if as_json:
         typer.echo(json.dumps(collected, indent=2, default=str))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = make_console()
     mesh = collected["mesh"]
     if mesh:
         console.print(
