@@ -53,6 +53,8 @@ DRIFTED = Gauge(
     "cyclone_model_drifted_features", "Features flagged by any drift test", ["model", "version"]
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# While a model has not answered its first probe, rounds come this often (at most).
+STARTING_PROBE_SECONDS = 5.0
 
 
 def status_from_evaluation(
@@ -405,6 +407,9 @@ class Monitor:
         if isinstance(answer, probes.NoAnswer):
             if not self._no_answer_counts(model):
                 log.info("%s probes: no answer yet from %s (%s)", model, address, answer.reason)
+                # Starting: look again soon rather than a whole `probes.every` later.
+                again = time.monotonic() + min(plan.probes.every_seconds, STARTING_PROBE_SECONDS)
+                self._next_probe[model] = min(self._next_probe.get(model, again), again)
                 return False
             outcome = probes.ProbeRound(
                 address, error=f"probes: no answer from {address}: {answer.reason}"
