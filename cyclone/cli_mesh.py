@@ -84,6 +84,17 @@ def up(
     if shared:
         names = [f"--{n}-port" for n, p in ports.items() if p in shared]
         _fail(f"{', '.join(names)}: must differ, all are {shared[0]}")
+    # Before the data dir, its lock or the live table exist: a refusal leaves nothing behind.
+    taken = [
+        f"{name} port {port} (--{name}-port)"
+        for name, port in ports.items()
+        if _port_taken(host if name == "public" else "127.0.0.1", port)
+    ]
+    if taken:
+        _fail(
+            f"already in use: {', '.join(taken)}; nothing was started. Stop what listens there "
+            "or pick free ports with those flags (another `cyclone up`? `cyclone status`)"
+        )
     settings = MeshSettings(
         data_dir=(data_dir or default_data_dir()).resolve(),
         host=host,
@@ -144,6 +155,18 @@ def up(
                     signal.signal(sig, handler)
     except MeshError as exc:
         _fail(str(exc))
+
+
+def _port_taken(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def down(
