@@ -163,6 +163,14 @@ def serve_trainer(
             help="Run Envoy in front: serve every registered model, roll new versions out.",
         ),
     ] = None,
+    envoy_apart: Annotated[
+        bool | None,
+        typer.Option(
+            "--envoy-apart/--no-envoy-apart",
+            help="With --envoy: Envoy runs apart (cyclone up supervises it); attach to it, adopt"
+            " running revisions, and leave both running at exit.",
+        ),
+    ] = None,
     public_host: Annotated[str | None, typer.Option(help="Envoy public listener host.")] = None,
     public_port: Annotated[int | None, typer.Option(help="Envoy public listener port.")] = None,
     control_port: Annotated[

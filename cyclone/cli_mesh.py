@@ -56,6 +56,14 @@ def up(
             " next request starts it again and waits for it. 0 = never."
         ),
     ] = "0",
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes per serving model version; default 2 with 2+ cores and 2 GiB"
+            " free (a crashed one's requests go to the other), else 1.",
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """Start the whole mesh on this machine; Ctrl-C or SIGTERM stops it."""
     from rich.live import Live
@@ -103,6 +111,7 @@ def up(
         model_repository=model_repository,
         auth=auth,
         idle_timeout_seconds=idle_seconds,
+        replicas=replicas,
     )
     console = make_console()
     states: dict[str, tuple[str, str]] = {}
@@ -211,21 +220,18 @@ def _running(pids: set[int]) -> set[int]:
 # ---- status ---------------------------------------------------------------------------------
 
 
-def _revision_processes(trainer_pid: int) -> list[dict[str, Any]]:
-    """The inference processes the trainer runs: model, version, port, pid (from their args)."""
+def _revision_processes(repository: str) -> list[dict[str, Any]]:
+    """The mesh's inference processes (the revisions outlive the trainer that started them,
+    so they are found by the mesh's model repository): model, version, port, pid."""
     import psutil
 
     found: list[dict[str, Any]] = []
-    try:
-        children = psutil.Process(trainer_pid).children(recursive=True)
-    except psutil.Error:
-        return found
-    for child in children:
+    for child in psutil.process_iter():
         try:
             args = child.cmdline()
         except psutil.Error:
             continue
-        if "serve" not in args or "inference" not in args:
+        if "serve" not in args or "inference" not in args or repository not in args:
             continue
 
         def arg(flag: str, argv: list[str] = args) -> str:
@@ -271,8 +277,7 @@ def collect_status(
             "dashboard": mesh.dashboard,
             "components": {k: vars(v) for k, v in mesh.components.items()},
         }
-        trainer_info = mesh.components.get("trainer")
-        out["mesh"]["revisions"] = _revision_processes(trainer_info.pid) if trainer_info else []
+        out["mesh"]["revisions"] = _revision_processes(mesh.repository)
     from cyclone.cli_errors import describe_failure
 
     problems: list[str] = []

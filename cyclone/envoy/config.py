@@ -23,6 +23,7 @@ from cyclone.traffic import Endpoint, Revision, TrafficSplit
 
 PUBLIC = "public"
 CONTROL = "control"
+ROUTE_TABLES = (PUBLIC, CONTROL)
 DESCRIPTOR = Path(__file__).with_name("cyclone.binpb")
 
 INFERENCE_SERVICE = "cyclone.inference.v1.InferenceService"
@@ -161,6 +162,11 @@ class Layout:
     @property
     def admin_address(self) -> Path:
         return self.work_dir / "admin-address.txt"
+
+    @property
+    def splits(self) -> Path:
+        """The splits behind the installed routes, so a new driver carries on from them."""
+        return self.work_dir / "splits.json"
 
     @property
     def log(self) -> Path:
