@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,12 @@ def test_the_readme_with_two_models_on_other_ports(tmp_path: Path) -> None:
         forest = up.cli("predict", "--model", "forest", "--row", json.dumps(FOREST_ROW), "--json")
         assert json.loads(forest.stdout)["label"] in ("0", "1")
         assert _rest_predict(up.ports["public"], "credit")["version"] == "1"
+        listing = f"http://127.0.0.1:{up.ports['public']}/v1/models"
+        with urllib.request.urlopen(listing, timeout=10) as response:
+            assert [m["name"] for m in json.loads(response.read())["models"]] == [
+                "credit",
+                "forest",
+            ]
         labelled = up.cli("label", "--model", "credit", "--id", prediction["prediction_id"],
                           "--value", "1")  # fmt: skip
         assert "stored 1 label(s)" in labelled.stdout
