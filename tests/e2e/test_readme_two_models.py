@@ -1,6 +1,7 @@
-"""The README's commands, in its order, against `cyclone up` serving two models on other ports:
-no address flag anywhere, rollback after a promotion, and no level but GREEN and no alert while
-nothing is wrong (the monitor's probes reach both models through Envoy)."""
+"""The README's commands, in its order, against `cyclone up` serving two models on other ports
+(and a third imported into the running mesh): no address flag anywhere, rollback after a
+promotion, and no level but GREEN and no alert while nothing is wrong (the monitor's probes
+reach every model through Envoy, a fresh route included)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import yaml
 from sklearn.ensemble import RandomForestClassifier
 from test_up import ROW, Up, _ports, _rest_predict
 
-from cyclone.examples import credit_frame, credit_pipeline
+from cyclone.examples import bike_frame, bike_pipeline, credit_frame, credit_pipeline
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -34,7 +35,12 @@ def _files(root: Path) -> dict[str, Path]:
     x = np.column_stack([rng.uniform(18, 80, 300), rng.uniform(1e4, 1e5, 300), rng.poisson(3, 300)])
     forest = RandomForestClassifier(n_estimators=5, max_depth=3, random_state=0)
     joblib.dump(forest.fit(x, (x[:, 2] > 3).astype(int)), root / "forest.joblib")
+    bikes = bike_frame(24 * 20, seed=0)
+    joblib.dump(bike_pipeline(bikes), root / "bikes.joblib")
+    bikes.to_csv(root / "bikes.csv", index=False)
     return {
+        "bikes": root / "bikes.joblib",
+        "bikes_sample": root / "bikes.csv",
         "credit": root / "credit.joblib",
         "holdout": root / "holdout.csv",
         "credit2": root / "credit-2.joblib",
@@ -42,18 +48,31 @@ def _files(root: Path) -> dict[str, Path]:
     }
 
 
-def _all_green(up: Up) -> dict[str, Any]:
+def _all_green(up: Up, models: set[str]) -> dict[str, Any]:
     """`cyclone status --json`, asserting every model is GREEN, no alert is open, no problem."""
     status = json.loads(up.cli("status", "--json").stdout)
     assert status["problems"] == [], status["problems"]
     levels = {m: s.get("level") for m, s in status["models"].items()}
-    assert set(levels) == {"credit", "forest"}, levels
+    assert set(levels) == models, levels
     wrong = {
         m: (lv, status["models"][m].get("reasons")) for m, lv in levels.items() if lv != "GREEN"
     }
     assert not wrong, wrong  # None: not evaluated yet is fine too
     assert status["alerts"] == [], status["alerts"]
     return status
+
+
+def _probes_answered(up: Up, models: set[str], timeout: float = 90) -> None:
+    """Wait until the monitor's probes got an answer from every model (uptime 1.0), checking
+    all the while that nothing turned AMBER or raised an alert."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _all_green(up, models)
+        uptimes = {m: s.get("metrics", {}).get("uptime") for m, s in status["models"].items()}
+        if all(uptimes[m] == 1.0 for m in models):
+            return
+        assert time.monotonic() < deadline, uptimes
+        time.sleep(1)
 
 
 def test_the_readme_with_two_models_on_other_ports(tmp_path: Path) -> None:
@@ -74,14 +93,16 @@ def test_the_readme_with_two_models_on_other_ports(tmp_path: Path) -> None:
     try:
         # Both models answer through Envoy; the monitor's probes reach both (uptime 1.0) and
         # the mesh's own start-up turned nothing AMBER.
-        deadline = time.monotonic() + 90
-        while True:
-            status = _all_green(up)
-            uptimes = {m: s.get("metrics", {}).get("uptime") for m, s in status["models"].items()}
-            if uptimes == {"credit": 1.0, "forest": 1.0}:
-                break
-            assert time.monotonic() < deadline, uptimes
-            time.sleep(1)
+        _probes_answered(up, {"credit", "forest"})
+        # A third model imported into the running mesh: its route is new when the first probe
+        # round comes, and that is not an outage either.
+        third = up.cli(
+            "model", "import", str(files["bikes"]), "--name", "bikes",
+            "--sample", str(files["bikes_sample"]), "--label-column", "rentals",
+        )  # fmt: skip
+        assert "serving it through" in third.stdout, third.stdout
+        _probes_answered(up, {"credit", "forest", "bikes"})
+        models = {"credit", "forest", "bikes"}
 
         row = up.cli("predict", "--model", "credit", "--row", json.dumps(ROW), "--json")
         prediction = json.loads(row.stdout.splitlines()[0])
@@ -92,6 +113,7 @@ def test_the_readme_with_two_models_on_other_ports(tmp_path: Path) -> None:
         listing = f"http://127.0.0.1:{up.ports['public']}/v1/models"
         with urllib.request.urlopen(listing, timeout=10) as response:
             assert [m["name"] for m in json.loads(response.read())["models"]] == [
+                "bikes",
                 "credit",
                 "forest",
             ]
@@ -100,7 +122,7 @@ def test_the_readme_with_two_models_on_other_ports(tmp_path: Path) -> None:
         assert "stored 1 label(s)" in labelled.stdout
 
         text = up.cli("status").stdout
-        assert "credit" in text and "forest" in text and "…" not in text
+        assert all(m in text for m in models) and "…" not in text
 
         # plan get -> edit -> plan set: a red-black rollout that keeps the old version warm 1 s.
         got = up.cli("plan", "get", "credit").stdout
@@ -149,7 +171,7 @@ def test_the_readme_with_two_models_on_other_ports(tmp_path: Path) -> None:
 
         assert up.cli("alerts").stdout.strip() == ""
         assert "metrics:" in up.cli("plugins", "list").stdout
-        status = _all_green(up)
+        status = _all_green(up, models)
         assert status["models"]["credit"]["serving"] == "1"
     finally:
         stopped = up.cli("down", check=False)
