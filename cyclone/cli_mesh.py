@@ -185,7 +185,11 @@ def down(
     """Stop the mesh `cyclone up` started on this data dir."""
     mesh = read_mesh(data_dir)
     if mesh is None:
-        _fail("no running mesh found (is `cyclone up` running on this data dir?)", 1)
+        _fail(
+            f"no `cyclone up` is running in {data_dir or default_data_dir()} (nothing to stop;"
+            " --data-dir or CYCLONE_DATA_DIR names another data dir)",
+            1,
+        )
         return
     # The mesh file goes first; "stopped" waits for the processes themselves.
     pids = {mesh.pid, *(c.pid for c in mesh.components.values())}
@@ -390,8 +394,12 @@ def status(
 ) -> None:
     """Components, models, versions, traffic split, levels, open alerts, jobs and rollouts."""
     collected = collect_status(data_dir, store, monitor, trainer)
+    # Nothing answered at all: say so in the exit code too (scripts, `&&`).
+    nothing = collected["mesh"] is None and len(collected["problems"]) == 3
     if as_json:
         typer.echo(json.dumps(collected, indent=2, default=str))
+        if nothing:
+            raise typer.Exit(1)
         return
     from rich.table import Table
 
@@ -447,7 +455,9 @@ def status(
             f"[yellow]alert #{a['id']} {a['model']} {a['action']}→{a['sink']}: {a['status']}[/]"
         )
     for p in collected["problems"]:
-        console.print(f"[red]{p}[/red]")
+        console.print(f"[red]{p}[/red]", markup=True, highlight=False)
+    if nothing:
+        raise typer.Exit(1)
 
 
 def estimated_lines(metrics: Any) -> list[str]:

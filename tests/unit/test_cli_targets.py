@@ -121,3 +121,21 @@ def test_with_nothing_running_the_error_names_where_the_address_came_from(
 def test_a_plan_saved_from_plan_get_loses_its_revision_header() -> None:
     text = "# revision 0 (generated default)\nmodel: credit\n# a comment of the user\n"
     assert without_revision_header(text) == "model: credit\n# a comment of the user\n"
+
+
+def test_status_with_nothing_running_says_so_and_exits_non_zero(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("CYCLONE_STORE", "CYCLONE_MONITOR", "CYCLONE_TRAINER"):
+        monkeypatch.setenv(name, f"127.0.0.1:{_free_port()}")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 1, result.output
+    assert "no `cyclone up` mesh running here" in result.output
+    assert result.output.count("start it with `cyclone up`") == 3
+    assert runner.invoke(app, ["status", "--json"]).exit_code == 1
+
+
+def test_down_with_nothing_running_names_the_data_dir(data_dir: Path) -> None:
+    result = runner.invoke(app, ["down"])
+    assert result.exit_code == 1
+    assert f"no `cyclone up` is running in {data_dir}" in result.output
