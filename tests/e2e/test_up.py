@@ -188,8 +188,10 @@ def test_a_port_already_taken_is_refused_and_nothing_starts(tmp_path: Path) -> N
             env={**os.environ, "COLUMNS": "160"},
         )  # fmt: skip
     assert result.returncode != 0
-    assert f"store port {ports['store']}" in result.stdout + result.stderr
+    assert f"store port {ports['store']} (--store-port)" in result.stdout + result.stderr
     assert "nothing was started" in result.stdout + result.stderr
+    assert "┏" not in result.stdout  # no empty component table
+    assert not (tmp_path / "d").exists()  # no data dir, no stray mesh.lock
     assert _left_behind(str(tmp_path / "d")) == []
 
 

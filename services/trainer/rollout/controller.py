@@ -85,6 +85,57 @@ class RolloutController:
         self, model: str, to_version: str, strategy: Strategy | str | None = None
     ) -> Rollout:
         """Begin moving `model`'s traffic to `to_version` (strategy: the plan's unless given)."""
+        return await self._begin(model, to_version, strategy)
+
+    async def revert(self, model: str, reason: str = "", key: str = "") -> Rollout:
+        """Send `model`'s traffic back to the previous version.
+
+        During a rollout that is its rollback. After a promotion it is a rollout of its own back
+        to the version the promotion replaced: red-black (started, healthy at 0 %, then all
+        traffic at once) with a one-second keep-warm, so the version being left stops as soon
+        as it has drained. `key` (an alert id) makes a repeated request return the first one's
+        rollout instead of going back twice.
+        """
+        if not model:
+            raise InvalidArgument("model: empty")
+        recent = await self.list(model, limit=20)
+        active = [r for r in recent if r.state.active]
+        if active:
+            return await self.rollback(active[0].id, reason)
+        marker = f"[{key}]" if key else ""
+        repeated = [r for r in recent if marker and r.steps and marker in r.steps[0].reason]
+        if repeated:
+            return repeated[0]
+        serving = await self.store.serving_version(model)
+        if serving is None:
+            raise NotFound(await self._unknown(model, ""))
+        promoted = next(
+            (r for r in recent if r.state is S.PROMOTED and r.to_version == serving), None
+        )
+        if promoted is None or not promoted.from_version:
+            raise FailedPrecondition(
+                f"model: {model!r} has no version to go back to: {serving} was not promoted"
+                " over an earlier one"
+            )
+        spec = (await self.store.rollout_spec(model)).with_strategy("red_black")
+        # Going back to a version that served before needs no long keep-warm (1 s: the
+        # shortest a stored spec can say).
+        spec = replace(spec, red_black=replace(spec.red_black, keep_old_for_seconds=1.0))
+        why = f"rollback of {model} from {serving} to {promoted.from_version}"
+        why += f": {reason}" if reason else ""
+        return await self._begin(
+            model, promoted.from_version, None, spec=spec, note=f"{why} {marker}".strip()
+        )
+
+    async def _begin(
+        self,
+        model: str,
+        to_version: str,
+        strategy: Strategy | str | None,
+        *,
+        spec: RolloutSpec | None = None,
+        note: str = "",
+    ) -> Rollout:
         if not model:
             raise InvalidArgument("model: empty")
         if not to_version:
@@ -97,7 +148,7 @@ class RolloutController:
         try:
             info = await self.store.model_version(model, to_version)
             if info is None:
-                raise NotFound(f"version: model {model!r} has no version {to_version!r}")
+                raise NotFound(await self._unknown(model, to_version))
             if info.status == "serving":
                 raise FailedPrecondition(f"version: {model} {to_version} is already serving")
             active = [r for r in await self.store.list(model, active_only=True)]
@@ -106,7 +157,8 @@ class RolloutController:
                     f"model: {model!r} already has an active rollout ({active[0].id}, to version"
                     f" {active[0].to_version}); promote or roll it back first"
                 )
-            spec = (await self.store.rollout_spec(model)).with_strategy(strategy)
+            if spec is None:
+                spec = (await self.store.rollout_spec(model)).with_strategy(strategy)
             champion = await self.store.serving_version(model)
             now = self.clock()
             rollout = Rollout(
@@ -120,7 +172,8 @@ class RolloutController:
             first = self._step(
                 rollout,
                 "start",
-                f"{spec.strategy} rollout of {model} {to_version}"
+                note
+                or f"{spec.strategy} rollout of {model} {to_version}"
                 + (f" replacing {champion}" if champion else " (first version)"),
             )
             rollout = await self.store.create(rollout, first)
@@ -709,6 +762,19 @@ class RolloutController:
         self._rollouts[r.id] = r
 
     # ---- helpers ---------------------------------------------------------------------------
+
+    async def _unknown(self, model: str, version: str) -> str:
+        """A NOT_FOUND message listing what exists: the models, or the model's versions."""
+        known = await self.store.registered()
+        mine = [v for v in known if v.model == model]
+        if not mine:
+            names = sorted({v.model for v in known})
+            listed = ", ".join(names) if names else "none"
+            return f"model: {model!r} is not registered (registered models: {listed})"
+        if version:
+            versions = ", ".join(f"{v.version} ({v.status})" for v in mine)
+            return f"version: model {model!r} has no version {version!r} (its versions: {versions})"
+        return f"model: {model!r} has no serving version"
 
     def _lock(self, rollout_id: str) -> asyncio.Lock:
         return self._locks.setdefault(rollout_id, asyncio.Lock())

@@ -106,6 +106,9 @@ class RolloutStore(Protocol):
 
     async def serving_version(self, model: str) -> str | None: ...
 
+    async def registered(self, model: str | None = None) -> list[VersionInfo]:
+        """Registered versions of `model` (every model's when None): for NOT_FOUND messages."""
+
     async def set_status(self, model: str, version: str, status: str) -> None: ...
 
     async def rollout_spec(self, model: str) -> RolloutSpec:

@@ -111,6 +111,15 @@ class StoreGateway:
             (v.version for v in reply.model_versions if v.status == pb.MODEL_STATUS_SERVING), None
         )
 
+    async def registered(self, model: str | None = None) -> list[VersionInfo]:
+        reply = await self.stub.ListModelVersions(
+            pb.ListModelVersionsRequest(model=model or ""), timeout=self.timeout
+        )
+        return [
+            VersionInfo(v.model, v.version, _STATUS.get(v.status, "staged"), v.task)
+            for v in reply.model_versions
+        ]
+
     async def set_status(self, model: str, version: str, status: str) -> None:
         await self.stub.SetModelStatus(
             pb.SetModelStatusRequest(model=model, version=version, status=_TO_STATUS[status]),
