@@ -20,9 +20,28 @@ app.add_typer(model_app, name="model")
 app.add_typer(plan_app, name="plan")
 app.add_typer(plugins_app, name="plugins")
 
-StoreOpt = Annotated[str, typer.Option("--store", help="Store address HOST:PORT.")]
-MonitorOpt = Annotated[str, typer.Option("--monitor", help="Monitor address HOST:PORT.")]
-TrainerOpt = Annotated[str, typer.Option("--trainer", help="Trainer address HOST:PORT.")]
+_WHERE = "default: ${env}, else the running `cyclone up`'s, else 127.0.0.1:{port}"
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="Store HOST:PORT; " + _WHERE.format(env="CYCLONE_STORE", port=8002),
+    ),
+]
+MonitorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--monitor",
+        help="Monitor HOST:PORT; " + _WHERE.format(env="CYCLONE_MONITOR", port=8003),
+    ),
+]
+TrainerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--trainer",
+        help="Trainer HOST:PORT; " + _WHERE.format(env="CYCLONE_TRAINER", port=8004),
+    ),
+]
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML settings file.")]
 HostOpt = Annotated[str | None, typer.Option(help="Address to bind.")]
@@ -142,6 +161,14 @@ def serve_trainer(
         typer.Option(
             "--envoy/--no-envoy",
             help="Run Envoy in front: serve every registered model, roll new versions out.",
+        ),
+    ] = None,
+    envoy_apart: Annotated[
+        bool | None,
+        typer.Option(
+            "--envoy-apart/--no-envoy-apart",
+            help="With --envoy: Envoy runs apart (cyclone up supervises it); attach to it, adopt"
+            " running revisions, and leave both running at exit.",
         ),
     ] = None,
     public_host: Annotated[str | None, typer.Option(help="Envoy public listener host.")] = None,
@@ -336,32 +363,34 @@ def predict(
     import grpc
 
     from cyclone.client import InferenceClient, categorical_features
-    from cyclone.local_mesh import default_address
+    from cyclone.local_mesh import resolve
 
     # Rows are checked before anything is asked of a server; a CSV is read once the model's
     # categorical features are known (they are text, whatever the file looks like).
     csv = file is not None and file.suffix == ".csv"
     typed = None if csv else _read_rows(row or [], file)
+    target = resolve("public", address)
     try:
-        with InferenceClient(address or default_address("public")) as client:
+        with InferenceClient(target.address) as client:
             categorical = categorical_features(client.get_model(model, version))
             rows_read = typed if typed is not None else _read_rows(row or [], file, categorical)
             predictions = client.predict(model, rows_read, version, categorical)
     except grpc.RpcError as exc:
-        fail(f"{exc.code().name}: {exc.details()}", 1)
+        _rpc_fail(exc, target)
     if as_json:
         for p in predictions:
             typer.echo(json.dumps({k: v for k, v in p.__dict__.items() if v is not None}))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table("prediction_id", "prediction", "probabilities")
+    from cyclone.cli_output import console
+
+    table = Table("prediction_id", "prediction", "probabilities", "version")
     for p in predictions:
         shown = f"{p.value:.6g}" if p.value is not None else str(p.label)
         probs = ", ".join(f"{k}: {v:.3f}" for k, v in (p.probabilities or {}).items())
-        table.add_row(p.prediction_id, shown, probs)
-    Console().print(table)
+        table.add_row(p.prediction_id, shown, probs, p.version)
+    console().print(table)
 
 
 @app.command("models")
@@ -375,28 +404,43 @@ def list_models(
     import grpc
 
     from cyclone.client import InferenceClient, StoreClient
-    from cyclone.local_mesh import read_mesh
+    from cyclone.local_mesh import read_mesh, resolve
     from cyclone.store.v1.store_service_pb2 import ModelStatus
 
     mesh = read_mesh()
-    try:
-        if address is None and mesh is not None:
-            with StoreClient(mesh.address("store") or "127.0.0.1:8002") as store:
+    if address is None and mesh is not None:
+        target = resolve("store")
+        try:
+            with StoreClient(target.address) as store:
                 for v in store.model_versions():
                     status = ModelStatus.Name(v.status).removeprefix("MODEL_STATUS_").lower()
                     typer.echo(f"{v.model} {v.version}  {status}  {v.task}")
-            return
-        with InferenceClient(address or "127.0.0.1:8001") as client:
+        except grpc.RpcError as exc:
+            _rpc_fail(exc, target)
+        return
+    target = resolve("public", address)
+    try:
+        with InferenceClient(target.address) as client:
             models = client.list_models()
     except grpc.RpcError as exc:
-        fail(f"{exc.code().name}: {exc.details()}", 1)
+        _rpc_fail(exc, target)
     for m in models:
         features = ", ".join(f.name for f in m.features)
         typer.echo(f"{m.name} {m.version}  [{features}]")
 
 
-def _rpc_fail(exc: Any) -> NoReturn:
-    fail(f"{exc.code().name}: {exc.details()}", 1)
+def _rpc_fail(exc: Any, target: Any = None) -> NoReturn:
+    """One sentence (what was tried and the way out when nothing answered); the raw error goes
+    to the CLI log."""
+    from cyclone.cli_errors import describe_failure
+
+    fail(describe_failure(exc, target), 1)
+
+
+def _target(component: str, flag: str | None) -> Any:
+    from cyclone.local_mesh import resolve
+
+    return resolve(component, flag)
 
 
 @app.command()
@@ -411,7 +455,7 @@ def label(
     file: Annotated[
         Path | None, typer.Option(help="CSV or JSON lines with prediction_id and label columns.")
     ] = None,
-    store: StoreOpt = "127.0.0.1:8002",
+    store: StoreOpt = None,
 ) -> None:
     """Send true labels for earlier predictions to the store."""
     from cyclone.client import StoreClient
@@ -439,41 +483,52 @@ def label(
         fail("give labels with --id ID --value LABEL or --file")
     import grpc
 
+    target = _target("store", store)
     try:
-        with StoreClient(store) as client:
+        with StoreClient(target.address) as client:
             stored, unmatched = client.add_labels(model, pairs)
     except grpc.RpcError as exc:
-        _rpc_fail(exc)
+        _rpc_fail(exc, target)
     typer.echo(
         f"stored {stored} label(s)"
         + (f"; {len(unmatched)} not matched to a stored prediction yet" if unmatched else "")
     )
 
 
+def without_revision_header(plan_yaml: str) -> str:
+    """The plan without the leading "# revision N" lines `plan get` prints: a plan saved from
+    its output would otherwise carry its old revision into every later `plan get`."""
+    lines = plan_yaml.splitlines(keepends=True)
+    while lines and lines[0].startswith("# revision "):
+        lines.pop(0)
+    return "".join(lines)
+
+
 @plan_app.command("get")
 def plan_get(
     model: Annotated[str, typer.Argument(help="Model name.")],
-    monitor: MonitorOpt = "127.0.0.1:8003",
+    monitor: MonitorOpt = None,
 ) -> None:
     """Print a model's monitoring plan (the generated default if none was set)."""
     import grpc
 
     from cyclone.client import MonitorClient
 
+    target = _target("monitor", monitor)
     try:
-        with MonitorClient(monitor) as client:
+        with MonitorClient(target.address) as client:
             plan_yaml, revision = client.get_plan(model)
     except grpc.RpcError as exc:
-        _rpc_fail(exc)
+        _rpc_fail(exc, target)
     typer.echo(f"# revision {revision}" + (" (generated default)" if revision == 0 else ""))
-    typer.echo(plan_yaml.rstrip())
+    typer.echo(without_revision_header(plan_yaml).rstrip())
 
 
 @plan_app.command("set")
 def plan_set(
     model: Annotated[str, typer.Argument(help="Model name.")],
     plan_file: Annotated[Path, typer.Argument(help="Plan YAML file.")],
-    monitor: MonitorOpt = "127.0.0.1:8003",
+    monitor: MonitorOpt = None,
 ) -> None:
     """Validate and store a new revision of a model's monitoring plan."""
     import grpc
@@ -482,29 +537,31 @@ def plan_set(
 
     if not plan_file.is_file():
         fail(f"PLAN_FILE: {plan_file} does not exist")
+    target = _target("monitor", monitor)
     try:
-        with MonitorClient(monitor) as client:
-            revision = client.set_plan(model, plan_file.read_text())
+        with MonitorClient(target.address) as client:
+            revision = client.set_plan(model, without_revision_header(plan_file.read_text()))
     except grpc.RpcError as exc:
-        _rpc_fail(exc)
+        _rpc_fail(exc, target)
     typer.echo(f"plan of {model} saved as revision {revision}")
 
 
 @app.command()
 def alerts(
     model: Annotated[str, typer.Option(help="Model name; default all.")] = "",
-    monitor: MonitorOpt = "127.0.0.1:8003",
+    monitor: MonitorOpt = None,
 ) -> None:
     """List alerts, newest first."""
     import grpc
 
     from cyclone.client import MonitorClient
 
+    target = _target("monitor", monitor)
     try:
-        with MonitorClient(monitor) as client:
+        with MonitorClient(target.address) as client:
             listed = client.alerts(model)
     except grpc.RpcError as exc:
-        _rpc_fail(exc)
+        _rpc_fail(exc, target)
     from cyclone.monitor.v1 import monitor_service_pb2 as mpb
 
     for a in listed:
@@ -527,15 +584,16 @@ def retrain(
     model: Annotated[str, typer.Argument(help="Model to retrain.")],
     reason: Annotated[str, typer.Option(help="Why, recorded on the job.")] = "by hand",
     wait: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = True,
-    trainer: TrainerOpt = "127.0.0.1:8004",
+    trainer: TrainerOpt = None,
 ) -> None:
     """Queue a retraining job; with --wait, print its progress until it ends."""
     import grpc
 
     from cyclone.client import TrainerClient
 
+    target = _target("trainer", trainer)
     try:
-        with TrainerClient(trainer) as client:
+        with TrainerClient(target.address) as client:
             job = client.retrain(model, reason)
             typer.echo(_job_line(job))
             if wait:
@@ -543,7 +601,7 @@ def retrain(
                     typer.echo(_job_line(update))
                     job = update
     except grpc.RpcError as exc:
-        _rpc_fail(exc)
+        _rpc_fail(exc, target)
     if job.decision:
         typer.echo(job.decision)
 
@@ -552,18 +610,19 @@ def retrain(
 def jobs(
     model: Annotated[str, typer.Option(help="Model name; default all.")] = "",
     limit: Annotated[int, typer.Option(help="Most jobs to show.")] = 20,
-    trainer: TrainerOpt = "127.0.0.1:8004",
+    trainer: TrainerOpt = None,
 ) -> None:
     """List retraining jobs, newest first."""
     import grpc
 
     from cyclone.client import TrainerClient
 
+    target = _target("trainer", trainer)
     try:
-        with TrainerClient(trainer) as client:
+        with TrainerClient(target.address) as client:
             listed = client.jobs(model, limit)
     except grpc.RpcError as exc:
-        _rpc_fail(exc)
+        _rpc_fail(exc, target)
     for job in listed:
         typer.echo(_job_line(job))
 
@@ -571,9 +630,9 @@ def jobs(
 @plugins_app.command("list")
 def plugins_list() -> None:
     """Show loaded plugins, their package, and what they register."""
-    from rich.console import Console
     from rich.table import Table
 
+    from cyclone.cli_output import console as make_console
     from cyclone.plugins import get_plugins
 
     plugins = get_plugins()
@@ -581,7 +640,7 @@ def plugins_list() -> None:
     for info in plugins.plugin_infos():
         package = f"{info.distribution} {info.version}" if info.distribution else "-"
         table.add_row(info.name, info.module, package, ", ".join(info.hooks), info.error or "")
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print(
         f"metrics: {', '.join(sorted(plugins.metrics))}\n"

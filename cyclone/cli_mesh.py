@@ -14,7 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
-from cyclone.local_mesh import DEFAULT_PORTS, default_address, default_data_dir, read_mesh
+from cyclone.cli_output import console as make_console
+from cyclone.local_mesh import DEFAULT_PORTS, default_data_dir, read_mesh, resolve
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -55,9 +56,16 @@ def up(
             " next request starts it again and waits for it. 0 = never."
         ),
     ] = "0",
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes per serving model version; default 2 with 2+ cores and 2 GiB"
+            " free (a crashed one's requests go to the other), else 1.",
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """Start the whole mesh on this machine; Ctrl-C or SIGTERM stops it."""
-    from rich.console import Console
     from rich.live import Live
     from rich.table import Table
 
@@ -84,6 +92,17 @@ def up(
     if shared:
         names = [f"--{n}-port" for n, p in ports.items() if p in shared]
         _fail(f"{', '.join(names)}: must differ, all are {shared[0]}")
+    # Before the data dir, its lock or the live table exist: a refusal leaves nothing behind.
+    taken = [
+        f"{name} port {port} (--{name}-port)"
+        for name, port in ports.items()
+        if _port_taken(host if name == "public" else "127.0.0.1", port)
+    ]
+    if taken:
+        _fail(
+            f"already in use: {', '.join(taken)}; nothing was started. Stop what listens there "
+            "or pick free ports with those flags (another `cyclone up`? `cyclone status`)"
+        )
     settings = MeshSettings(
         data_dir=(data_dir or default_data_dir()).resolve(),
         host=host,
@@ -92,8 +111,9 @@ def up(
         model_repository=model_repository,
         auth=auth,
         idle_timeout_seconds=idle_seconds,
+        replicas=replicas,
     )
-    console = Console()
+    console = make_console()
     states: dict[str, tuple[str, str]] = {}
 
     def render() -> Table:
@@ -146,6 +166,18 @@ def up(
         _fail(str(exc))
 
 
+def _port_taken(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def down(
     data_dir: Annotated[Path | None, typer.Option(help="Data dir of the mesh.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for it to stop.")] = 60.0,
@@ -153,35 +185,57 @@ def down(
     """Stop the mesh `cyclone up` started on this data dir."""
     mesh = read_mesh(data_dir)
     if mesh is None:
-        _fail("no running mesh found (is `cyclone up` running on this data dir?)", 1)
+        _fail(
+            f"no `cyclone up` is running in {data_dir or default_data_dir()} (nothing to stop;"
+            " --data-dir or CYCLONE_DATA_DIR names another data dir)",
+            1,
+        )
         return
+    # The mesh file goes first; "stopped" waits for the processes themselves.
+    pids = {mesh.pid, *(c.pid for c in mesh.components.values())}
     os.kill(mesh.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while read_mesh(data_dir) is not None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if read_mesh(data_dir) is not None:
-        _fail(f"the mesh (pid {mesh.pid}) is still stopping after {timeout:g}s", 1)
-    typer.echo("stopped")
+    while (read_mesh(data_dir) is not None or _running(pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = _running(pids)
+    if read_mesh(data_dir) is not None or left:
+        _fail(
+            f"the mesh (pid {mesh.pid}) is still stopping after {timeout:g}s"
+            + (f" (pids {', '.join(map(str, sorted(left)))} still run)" if left else ""),
+            1,
+        )
+    typer.echo(f"stopped the mesh in {mesh.data_dir} ({len(pids)} processes)")
+
+
+def _running(pids: set[int]) -> set[int]:
+    """The pids still running (a zombie waiting for its parent counts as gone)."""
+    import psutil
+
+    alive = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.add(pid)
+        except psutil.Error:
+            continue
+    return alive
 
 
 # ---- status ---------------------------------------------------------------------------------
 
 
-def _revision_processes(trainer_pid: int) -> list[dict[str, Any]]:
-    """The inference processes the trainer runs: model, version, port, pid (from their args)."""
+def _revision_processes(repository: str) -> list[dict[str, Any]]:
+    """The mesh's inference processes (the revisions outlive the trainer that started them,
+    so they are found by the mesh's model repository): model, version, port, pid."""
     import psutil
 
     found: list[dict[str, Any]] = []
-    try:
-        children = psutil.Process(trainer_pid).children(recursive=True)
-    except psutil.Error:
-        return found
-    for child in children:
+    for child in psutil.process_iter():
         try:
             args = child.cmdline()
         except psutil.Error:
             continue
-        if "serve" not in args or "inference" not in args:
+        if "serve" not in args or "inference" not in args or repository not in args:
             continue
 
         def arg(flag: str, argv: list[str] = args) -> str:
@@ -227,12 +281,17 @@ def collect_status(
             "dashboard": mesh.dashboard,
             "components": {k: vars(v) for k, v in mesh.components.items()},
         }
-        trainer_info = mesh.components.get("trainer")
-        out["mesh"]["revisions"] = _revision_processes(trainer_info.pid) if trainer_info else []
+        out["mesh"]["revisions"] = _revision_processes(mesh.repository)
+    from cyclone.cli_errors import describe_failure
+
     problems: list[str] = []
     models: dict[str, Any] = out["models"]
+    targets = {
+        name: resolve(name, flag, data_dir)
+        for name, flag in (("store", store), ("monitor", monitor), ("trainer", trainer))
+    }
     try:
-        with StoreClient(store or default_address("store", data_dir)) as store_client:
+        with StoreClient(targets["store"].address) as store_client:
             stats = store_client.stats()
             out["storage_mode"] = stats.storage_mode
             for m in stats.models:
@@ -260,9 +319,9 @@ def collect_status(
                     entry["serving"] = v.version
                     entry["split"] = {v.version: 100.0}
     except grpc.RpcError as exc:
-        problems.append(f"store: {exc.code().name}: {exc.details()}")
+        problems.append(f"store: {describe_failure(exc, targets['store'])}")
     try:
-        with MonitorClient(monitor or default_address("monitor", data_dir)) as monitor_client:
+        with MonitorClient(targets["monitor"].address) as monitor_client:
             for s in monitor_client.status():
                 entry = models.setdefault(s.model, {"versions": {}, "split": {}})
                 entry["level"] = _enum_name(mpb.Level, s.level, "LEVEL_").upper()
@@ -284,11 +343,9 @@ def collect_status(
                 if a.status != "delivered"
             ]
     except grpc.RpcError as exc:
-        problems.append(f"monitor: {exc.code().name}: {exc.details()}")
+        problems.append(f"monitor: {describe_failure(exc, targets['monitor'])}")
     try:
-        with TrainerClient(
-            trainer or default_address("trainer", data_dir), timeout=10
-        ) as trainer_client:
+        with TrainerClient(targets["trainer"].address, timeout=10) as trainer_client:
             out["jobs"] = [
                 {
                     "id": j.id,
@@ -321,7 +378,7 @@ def collect_status(
                         split[r.from_version] = 100.0 - r.current_weight
                     models[r.model]["split"] = split
     except grpc.RpcError as exc:
-        problems.append(f"trainer: {exc.code().name}: {exc.details()}")
+        problems.append(f"trainer: {describe_failure(exc, targets['trainer'])}")
     for model, entry in models.items():
         if entry.get("level") == "RED":
             entry["next"] = next_step([j for j in out["jobs"] if j["model"] == model])
@@ -355,13 +412,16 @@ def status(
 ) -> None:
     """Components, models, versions, traffic split, levels, open alerts, jobs and rollouts."""
     collected = collect_status(data_dir, store, monitor, trainer)
+    # Nothing answered at all: say so in the exit code too (scripts, `&&`).
+    nothing = collected["mesh"] is None and len(collected["problems"]) == 3
     if as_json:
         typer.echo(json.dumps(collected, indent=2, default=str))
+        if nothing:
+            raise typer.Exit(1)
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = make_console()
     mesh = collected["mesh"]
     if mesh:
         console.print(
@@ -415,7 +475,9 @@ def status(
             f"[yellow]alert #{a['id']} {a['model']} {a['action']}→{a['sink']}: {a['status']}[/]"
         )
     for p in collected["problems"]:
-        console.print(f"[red]{p}[/red]")
+        console.print(f"[red]{p}[/red]", markup=True, highlight=False)
+    if nothing:
+        raise typer.Exit(1)
 
 
 def estimated_lines(metrics: Any) -> list[str]:
@@ -502,13 +564,28 @@ def _show_rollout(r: Any) -> None:
 def _trainer_call(trainer: str | None, call: Any) -> Any:
     import grpc
 
+    from cyclone.cli_errors import describe_failure
     from cyclone.client import TrainerClient
 
+    target = resolve("trainer", trainer)
     try:
-        with TrainerClient(trainer or default_address("trainer")) as client:
+        with TrainerClient(target.address) as client:
             return call(client)
     except grpc.RpcError as exc:
-        _fail(f"{exc.code().name}: {exc.details()}", 1)
+        _fail(describe_failure(exc, target), 1)
+
+
+def _follow(trainer: str | None, rollout_id: str) -> Any:
+    """Print each step of a rollout until it ends; the rollout as it ended."""
+    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+    def follow(client: Any) -> Any:
+        for event in client._stub.WatchRollout(tpb.WatchRolloutRequest(rollout_id=rollout_id)):
+            s = event.step
+            typer.echo(f"  {s.weight:>5.1f}%  {s.decision:<12} {s.reason}")
+        return client.get_rollout(rollout_id)
+
+    return _trainer_call(trainer, follow)
 
 
 def rollout(
@@ -526,16 +603,9 @@ def rollout(
     started = _trainer_call(trainer, lambda c: c.rollout(model, version, strategy))
     _show_rollout(started)
     if not wait:
+        typer.echo(f"follow it with `cyclone rollouts --model {model}`")
         return
-    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
-
-    def follow(client: Any) -> Any:
-        for event in client._stub.WatchRollout(tpb.WatchRolloutRequest(rollout_id=started.id)):
-            s = event.step
-            typer.echo(f"  {s.weight:>5.1f}%  {s.decision:<12} {s.reason}")
-        return client.get_rollout(started.id)
-
-    _show_rollout(_trainer_call(trainer, follow))
+    _show_rollout(_follow(trainer, started.id))
 
 
 def promote(
@@ -543,7 +613,9 @@ def promote(
     trainer: TrainerAddress = None,
 ) -> None:
     """Promote a rollout now (skip the remaining steps)."""
-    _show_rollout(_trainer_call(trainer, lambda c: c.promote(rollout_id)))
+    r = _trainer_call(trainer, lambda c: c.promote(rollout_id))
+    typer.echo(f"promoted rollout {r.id}: {r.model} {r.to_version} takes all traffic")
+    _show_rollout(r)
 
 
 def rollback(
@@ -552,10 +624,34 @@ def rollback(
         str, typer.Option(help="Rollout id; default the model's active one.")
     ] = "",
     reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
+    wait: Annotated[bool, typer.Option(help="Follow it until it ends.")] = False,
     trainer: TrainerAddress = None,
 ) -> None:
-    """Send all of a model's traffic back to the previous version."""
-    _show_rollout(_trainer_call(trainer, lambda c: c.rollback(model, rollout_id, reason)))
+    """Send all of a model's traffic back to the previous version.
+
+    During a rollout: roll it back. After a promotion: a rollout of its own back to the version
+    the promotion replaced (red-black: started, healthy, then all traffic at once).
+    """
+    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+    r = _trainer_call(trainer, lambda c: c.rollback(model, rollout_id, reason))
+    if r.state == tpb.ROLLOUT_STATE_ROLLED_BACK:
+        typer.echo(
+            f"rolled back rollout {r.id}: {r.model} {r.from_version or '-'} serves all traffic"
+            f" again, {r.to_version} stopped"
+        )
+    else:
+        typer.echo(
+            f"rolling {r.model} back from {r.from_version or '-'} to {r.to_version}"
+            f" (rollout {r.id}, {_enum_name(tpb.RolloutStrategy, r.strategy, 'ROLLOUT_STRATEGY_')})"
+        )
+    if wait and r.state in (
+        tpb.ROLLOUT_STATE_PENDING,
+        tpb.ROLLOUT_STATE_PROGRESSING,
+        tpb.ROLLOUT_STATE_PAUSED,
+    ):
+        r = _follow(trainer, r.id)
+    _show_rollout(r)
 
 
 def rollouts(

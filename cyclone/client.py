@@ -28,6 +28,8 @@ class Prediction:
     value: float | None = None
     label: str | None = None
     probabilities: dict[str, float] | None = None
+    # The model version that answered (during a rollout, either one); "" from an old server.
+    version: str = ""
 
 
 def _is_number(value: Any) -> bool:
@@ -73,8 +75,12 @@ def categorical_features(info: pb.ModelInfo) -> set[str]:
 
 def predictions_from_response(response: pb.PredictResponse) -> list[Prediction]:
     ids = list(response.prediction_ids)
+    version = response.version
     if response.values:
-        return [Prediction(i, value=v) for i, v in zip(ids, response.values, strict=True)]
+        return [
+            Prediction(i, value=v, version=version)
+            for i, v in zip(ids, response.values, strict=True)
+        ]
     classes = list(response.class_labels)
     probs = list(response.probabilities)
     k = len(classes)
@@ -83,6 +89,7 @@ def predictions_from_response(response: pb.PredictResponse) -> list[Prediction]:
             i,
             label=label,
             probabilities=dict(zip(classes, probs[r * k : (r + 1) * k], strict=True)),
+            version=version,
         )
         for r, (i, label) in enumerate(zip(ids, response.labels, strict=True))
     ]

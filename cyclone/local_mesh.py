@@ -90,19 +90,65 @@ def read_mesh(data_dir: Path | None = None) -> MeshInfo | None:
     return info if _alive(info.pid) else None
 
 
-def default_address(component: str, data_dir: Path | None = None) -> str:
-    """Where `component` listens: the running mesh's address, else its default port.
+# Where each component's address comes from, in order: its flag, its environment variable,
+# the running mesh of the data dir, the default port.
+ADDRESS_FLAG: dict[str, str] = {
+    "public": "--address",
+    "store": "--store",
+    "monitor": "--monitor",
+    "trainer": "--trainer",
+}
+ADDRESS_ENV: dict[str, str] = {
+    "public": "CYCLONE_ADDRESS",
+    "store": "CYCLONE_STORE",
+    "monitor": "CYCLONE_MONITOR",
+    "trainer": "CYCLONE_TRAINER",
+}
+_NAMES = {"public": "the public listener (Envoy)"}
 
-    `component` is a service name (store, monitor, trainer) or "public" (Envoy's listener,
-    where predictions and labels go when a mesh is up; else a lone inference server on 8001).
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A component's address and where it came from (said in errors when nothing answers)."""
+
+    component: str
+    address: str
+    source: str  # "--monitor", "$CYCLONE_MONITOR", "mesh", "default"
+    data_dir: Path | None = None
+
+    def describe(self) -> str:
+        name = _NAMES.get(self.component, f"the {self.component}")
+        if self.source == "mesh":
+            origin = f"the `cyclone up` running in {self.data_dir}"
+        elif self.source == "default":
+            origin = f"default port; no `cyclone up` is running in {self.data_dir}"
+        else:
+            origin = f"from {self.source}"
+        return f"{name} at {self.address} ({origin})"
+
+
+def resolve(component: str, flag: str | None = None, data_dir: Path | None = None) -> Target:
+    """Where `component` (public, store, monitor, trainer) listens: the flag, else its
+    `CYCLONE_*` variable, else the running mesh of the data dir, else the default port.
+
+    "public" is Envoy's public listener with a mesh running, else a lone inference server on
+    8001.
     """
-    mesh = read_mesh(data_dir)
+    if flag:
+        return Target(component, flag, ADDRESS_FLAG[component])
+    env = os.environ.get(ADDRESS_ENV[component], "").strip()
+    if env:
+        return Target(component, env, "$" + ADDRESS_ENV[component])
+    directory = data_dir or default_data_dir()
+    mesh = read_mesh(directory)
     if mesh is not None:
-        if component == "public":
-            return mesh.public
-        found = mesh.address(component)
+        found = mesh.public if component == "public" else mesh.address(component)
         if found:
-            return found
-    if component == "public":
-        return "127.0.0.1:8001"
-    return f"127.0.0.1:{DEFAULT_PORTS[component]}"
+            return Target(component, found, "mesh", directory)
+    port = 8001 if component == "public" else DEFAULT_PORTS[component]
+    return Target(component, f"127.0.0.1:{port}", "default", directory)
+
+
+def default_address(component: str, data_dir: Path | None = None) -> str:
+    """Where `component` listens when no flag names it (see `resolve`)."""
+    return resolve(component, None, data_dir).address

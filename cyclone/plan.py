@@ -275,6 +275,24 @@ class Registry:
         return cls(facade.metrics, facade.drift_tests, facade.alert_sinks, facade.model_families)
 
 
+def task_problems(plan: Plan, task: str, registry: Registry | None = None) -> list[str]:
+    """Metrics of the plan that do not apply to a `task` model (rmse on a classifier), each
+    naming the metric, its task and the metrics that do apply."""
+    reg = registry if registry is not None else Registry.from_plugins()
+    fitting = sorted(
+        n for n, m in reg.metrics.items() if getattr(m, "task", "any") in ("any", task)
+    )
+    problems = []
+    for i, ref in enumerate(plan.metrics):
+        metric_task = getattr(reg.metrics.get(ref.name), "task", "any")
+        if metric_task not in ("any", task):
+            problems.append(
+                f"metrics[{i}]: {ref.name!r} is a {metric_task} metric and {plan.model or 'the'}"
+                f" model is a {task} model (its metrics: {', '.join(fitting)})"
+            )
+    return problems
+
+
 def parse_plan(text: str, registry: Registry | None = None) -> Plan:
     """Parse and validate YAML; raises :class:`PlanError` listing every problem."""
     try:

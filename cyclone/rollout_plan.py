@@ -13,6 +13,7 @@ Example (every field optional; the defaults suit one machine: steps of seconds, 
       replicas: 1
       health_timeout: 60s
       drain: 5s                   # most time the old revision gets to finish in-flight calls
+      confirm: 2m                 # after a promotion judged on estimates, labels may undo it
       analysis:
         max_error_rate_increase: 0.02   # tolerated rise over the champion (one-sided test)
         max_p99_latency_ratio: 2.0
@@ -22,11 +23,18 @@ Example (every field optional; the defaults suit one machine: steps of seconds, 
         min_labelled_rows: 50
         significance: 0.05
         failure_limit: 2                # failed checks before an automatic rollback
+        estimates: true                 # judge quality before labels, on calibrated estimates
       blue_green: {smoke_requests: 20, min_smoke_accuracy: 0.0}
       red_black: {keep_old_for: 30s}
       shadow: {mirror_percent: 100, min_paired_rows: 50, promote_if: not_worse}
 
 Only the statistical tests decide: a raw difference within noise never fails a check.
+
+Estimated, then confirmed: before labels come, a classifier's quality is judged on what each
+version expects of itself on live traffic (its calibrated probabilities; the champion's realized
+accuracy on recent labels when it has them). A promotion decided that way is confirmed: for
+`confirm` the previous version stays warm at 0 %, and if the labels that arrive meanwhile show
+the new version worse, the traffic goes back by itself.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ class AnalysisSpec:
     min_labelled_rows: int = 50
     significance: float = 0.05
     failure_limit: int = 2
+    # Judge quality on calibrated estimates before labels come (classifiers with calibration).
+    estimates: bool = True
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,9 @@ class RolloutSpec:
     replicas: int = 1
     health_timeout_seconds: float = 60.0
     drain_seconds: float = 5.0
+    # After a promotion decided without labels: how long the old version stays warm while
+    # labels confirm the decision (0 = promote outright).
+    confirm_seconds: float = 120.0
     analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
     blue_green: BlueGreenSpec = field(default_factory=BlueGreenSpec)
     red_black: RedBlackSpec = field(default_factory=RedBlackSpec)
@@ -187,6 +200,13 @@ class _Check:
             return default
         return float(value)
 
+    def boolean(self, data: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+        value = data.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(f"{path}.{key}", f"expected true or false, got {value!r}")
+            return default
+        return value
+
     def choice(
         self, data: Mapping[str, Any], key: str, path: str, options: tuple[str, ...], default: str
     ) -> str:
@@ -208,6 +228,7 @@ _TOP = {
     "replicas",
     "health_timeout",
     "drain",
+    "confirm",
     "analysis",
     "blue_green",
     "red_black",
@@ -237,6 +258,7 @@ def check_rollout(raw: object, path: str = "rollout") -> tuple[RolloutSpec, list
         min_labelled_rows=c.integer(a, "min_labelled_rows", ap, ad.min_labelled_rows, 1),
         significance=c.number(a, "significance", ap, ad.significance, 0, 0.5, low_open=True),
         failure_limit=c.integer(a, "failure_limit", ap, ad.failure_limit, 1),
+        estimates=c.boolean(a, "estimates", ap, ad.estimates),
     )
     bp, bd = f"{path}.blue_green", BlueGreenSpec()
     b = c.mapping(data.get("blue_green"), bp, set(BlueGreenSpec.__annotations__))
@@ -272,12 +294,20 @@ def check_rollout(raw: object, path: str = "rollout") -> tuple[RolloutSpec, list
         replicas=c.integer(data, "replicas", path, d.replicas, 1),
         health_timeout_seconds=c.seconds(data, "health_timeout", path, d.health_timeout_seconds),
         drain_seconds=c.seconds(data, "drain", path, d.drain_seconds),
+        confirm_seconds=_confirm(c, data, path, d.confirm_seconds),
         analysis=analysis,
         blue_green=blue_green,
         red_black=red_black,
         shadow=shadow,
     )
     return spec, c.problems
+
+
+def _confirm(c: _Check, data: Mapping[str, Any], path: str, default: float) -> float:
+    """`confirm`: a duration, or 0 to promote without a confirmation phase."""
+    if data.get("confirm") in (0, "0", "0s"):
+        return 0.0
+    return c.seconds(data, "confirm", path, default)
 
 
 def _steps(c: _Check, raw: object, path: str, strategy: str) -> tuple[int, ...]:
@@ -325,6 +355,7 @@ def rollout_to_dict(spec: RolloutSpec) -> dict[str, Any]:
         "replicas": spec.replicas,
         "health_timeout": format_seconds(spec.health_timeout_seconds),
         "drain": format_seconds(spec.drain_seconds),
+        "confirm": format_seconds(spec.confirm_seconds),
         "analysis": asdict(spec.analysis),
         "blue_green": asdict(spec.blue_green),
         "red_black": {"keep_old_for": format_seconds(spec.red_black.keep_old_for_seconds)},

@@ -6,9 +6,18 @@ endpoints stay valid; `start(..., ports=...)` brings a stopped revision back on 
 replica that dies is restarted with exponential backoff; `stop` sends SIGTERM and kills after a
 grace period. One log file per revision under `<data_dir>/revisions/`.
 
+With ``detached`` (as under `cyclone up`) the replicas outlive the orchestrator: `close` leaves
+them running, their ports and pids are kept in `<data_dir>/revisions/running.json`, and `adopt`
+in the next orchestrator (a restarted trainer) supervises them again -- a dead one is restarted
+on its port -- so serving never waits for the control plane.
+
+A replica that exits is restarted at once the first time (Envoy holds its requests meanwhile),
+then with exponential backoff if it keeps exiting.
+
 Config (``create(config)``): ``model_repository`` (required), ``store`` (HOST:PORT, optional),
 ``data_dir`` (default ``~/.cyclone``), ``host`` (127.0.0.1), ``grace_seconds`` (10),
-``start_timeout`` (60), ``python`` (this interpreter), ``extra_args`` (list of strings).
+``start_timeout`` (60), ``python`` (this interpreter), ``extra_args`` (list of strings),
+``detached`` (False).
 The methods are async and revisions are named by `cyclone.traffic.revision_name`, so a Nomad
 orchestrator can offer the same interface.
 """
@@ -17,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import logging
 import os
 import signal
@@ -29,6 +40,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import grpc
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cyclone.channels import aio_channel
@@ -66,6 +78,55 @@ class _Replica:
     port: int
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    # A replica a previous orchestrator started (detached): watched by pid, not waited on.
+    adopted_pid: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        if self.process is not None and self.process.returncode is None:
+            return self.process.pid
+        return self.adopted_pid
+
+
+def _is_replica(pid: int, revision: Revision, port: int) -> bool:
+    """`pid` is alive and is the inference server of `revision` on `port` (not a reused pid)."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        argv = process.cmdline()
+    except psutil.Error:
+        return False
+    wanted = [
+        ("--model", revision.model),
+        ("--version", revision.version),
+        ("--port", str(port)),
+    ]
+    pairs = set(itertools.pairwise(argv))
+    return "inference" in argv and all(pair in pairs for pair in wanted)
+
+
+async def _wait_exit(pid: int, poll: float = 0.1) -> None:
+    """Until a process that is not our child exits (a pidfd where the kernel has them)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            await asyncio.sleep(poll)
+        return
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 @dataclass
@@ -89,11 +150,85 @@ class LocalOrchestrator:
         self.start_timeout = float(config.get("start_timeout", 60.0))
         self.python = str(config.get("python") or sys.executable)
         self.extra_args = [str(a) for a in config.get("extra_args", [])]
+        self.detached = bool(config.get("detached", False))
         self._revisions: dict[str, _Running] = {}
         self._lock = asyncio.Lock()
 
     def log_path(self, name: str) -> Path:
         return self.data_dir / "revisions" / f"{name}.log"
+
+    @property
+    def state_path(self) -> Path:
+        return self.data_dir / "revisions" / "running.json"
+
+    def _save_state(self) -> None:
+        """Which revisions run where, for the next orchestrator to adopt (detached only)."""
+        if not self.detached:
+            return
+        state = {
+            name: {
+                "model": r.revision.model,
+                "version": r.revision.version,
+                "ports": [replica.port for replica in r.replicas],
+                "pids": [replica.pid for replica in r.replicas],
+            }
+            for name, r in self._revisions.items()
+        }
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        tmp.replace(self.state_path)
+
+    async def adopt(self) -> list[Revision]:
+        """Supervise again the revisions a previous orchestrator left running (detached): a
+        replica still alive is watched where it is, a dead one restarted on its port. Returns
+        the revisions adopted; `running()` lists them from now on."""
+        try:
+            state = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return []
+        except ValueError as exc:
+            log.warning("ignoring unreadable %s: %s", self.state_path, exc)
+            return []
+        adopted = []
+        for name, entry in sorted(state.items()):
+            try:
+                ports = [int(p) for p in entry["ports"]]
+                pids = [int(p) if p else None for p in entry["pids"]]
+                revision = Revision(
+                    str(entry["model"]),
+                    str(entry["version"]),
+                    tuple(Endpoint(self.host, p) for p in ports),
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("cannot adopt %s from %s: %s", name, self.state_path, exc)
+                continue
+            async with self._lock:
+                if name in self._revisions:
+                    continue
+                replicas = [
+                    _Replica(
+                        port, adopted_pid=pid if pid and _is_replica(pid, revision, port) else None
+                    )
+                    for port, pid in zip(ports, pids, strict=False)
+                ]
+                path = self.log_path(name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                running = _Running(revision, replicas, path.open("ab"))
+                self._revisions[name] = running
+                for replica in replicas:
+                    running.supervisors.append(
+                        asyncio.create_task(
+                            self._supervise(running, replica), name=f"{name}:{replica.port}"
+                        )
+                    )
+            alive = sum(r.adopted_pid is not None for r in replicas)
+            log.info(
+                "adopted revision %s: %d of %d replica(s) still running", name, alive, len(replicas)
+            )
+            adopted.append(revision)
+        self._save_state()
+        return adopted
 
     async def start(
         self, model: str, version: str, replicas: int, *, ports: Sequence[int] | None = None
@@ -123,6 +258,7 @@ class LocalOrchestrator:
         except BaseException:
             await self.stop(name)
             raise
+        self._save_state()
         log.info("revision %s serving on %s", name, [e.address for e in revision.endpoints])
         return revision
 
@@ -133,6 +269,10 @@ class LocalOrchestrator:
             return
         running.stopping = True
         await asyncio.gather(*(self._terminate(r) for r in running.replicas))
+        await self._cancel_supervisors(running)
+        self._save_state()
+
+    async def _cancel_supervisors(self, running: _Running) -> None:
         for task in running.supervisors:
             task.cancel()
         for task in running.supervisors:
@@ -144,7 +284,15 @@ class LocalOrchestrator:
         return [r.revision for r in self._revisions.values()]
 
     async def close(self) -> None:
-        """Stop every revision (the orchestrator's owner shuts down)."""
+        """The orchestrator's owner shuts down: stop every revision, or when detached leave
+        them serving (the next orchestrator adopts them)."""
+        if self.detached:
+            async with self._lock:
+                revisions, self._revisions = self._revisions, {}
+            for running in revisions.values():
+                running.stopping = True  # only the supervision ends
+                await self._cancel_supervisors(running)
+            return
         for name in list(self._revisions):
             await self.stop(name)
 
@@ -152,9 +300,7 @@ class LocalOrchestrator:
         running = self._revisions.get(revision_name)
         if running is None:
             return []
-        return [
-            r.process.pid for r in running.replicas if r.process and r.process.returncode is None
-        ]
+        return [pid for pid in (r.pid for r in running.replicas) if pid is not None]
 
     # ---- internals -------------------------------------------------------------------------
 
@@ -183,8 +329,19 @@ class LocalOrchestrator:
         return cmd + self.extra_args
 
     async def _supervise(self, running: _Running, replica: _Replica) -> None:
-        """Run one replica; restart it with exponential backoff whenever it exits."""
-        backoff = 0.5
+        """Run one replica; restart it whenever it exits: at once the first time (a crash of
+        the only replica: Envoy holds its requests meanwhile), then with exponential backoff."""
+        backoff = 0.0
+        if replica.adopted_pid is not None:
+            await _wait_exit(replica.adopted_pid)
+            replica.adopted_pid = None
+            if running.stopping:
+                return
+            log.warning(
+                "revision %s replica :%d (adopted) exited; restarting",
+                running.revision.name,
+                replica.port,
+            )
         while not running.stopping:
             started = time.monotonic()
             replica.process = await asyncio.create_subprocess_exec(
@@ -194,11 +351,12 @@ class LocalOrchestrator:
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # our signals reach it only when we send them
             )
+            self._save_state()
             code = await replica.process.wait()
             if running.stopping:
                 return
             if time.monotonic() - started > 30:
-                backoff = 0.5  # it ran fine for a while: restart promptly
+                backoff = 0.0  # it ran fine for a while: restart at once
             replica.restarts += 1
             log.warning(
                 "revision %s replica :%d exited with %s; restarting in %.1f s",
@@ -208,7 +366,7 @@ class LocalOrchestrator:
                 backoff,
             )
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            backoff = min(max(backoff * 2, 0.5), MAX_BACKOFF)
 
     async def _wait_serving(self, running: _Running) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -239,6 +397,9 @@ class LocalOrchestrator:
         return "\n".join(text.splitlines()[-lines:])
 
     async def _terminate(self, replica: _Replica) -> None:
+        if replica.adopted_pid is not None:
+            await self._terminate_adopted(replica.adopted_pid)
+            return
         process = replica.process
         if process is None or process.returncode is not None:
             return
@@ -250,6 +411,15 @@ class LocalOrchestrator:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
+
+    async def _terminate_adopted(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(_wait_exit(pid), self.grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 def _create(config: Mapping[str, Any]) -> LocalOrchestrator:

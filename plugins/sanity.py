@@ -12,10 +12,21 @@ import numpy as np
 import numpy.typing as npt
 
 from cyclone.hookspecs import hookimpl
-from cyclone.plugin_api import MetricContext, MetricResult, MetricSpec, NumericProfile, Window
+from cyclone.plugin_api import (
+    CategoricalProfile,
+    MetricContext,
+    MetricResult,
+    MetricSpec,
+    NumericProfile,
+    Window,
+)
 
 FloatArray = npt.NDArray[np.float64]
 PROBABILITY_SUM_TOLERANCE = 1e-3
+# constant_predictions: the fewest identical predictions that can mean a stuck model, and how
+# unlikely they must be under the reference's class shares.
+STUCK_MIN_ROWS = 20
+STUCK_CHANCE = 1e-3
 
 
 def numeric_predictions(window: Window) -> FloatArray | None:
@@ -64,14 +75,36 @@ def invalid_probability_rate(window: Window, ctx: MetricContext) -> MetricResult
 
 
 def constant_predictions(window: Window, ctx: MetricContext) -> MetricResult:
-    """1.0 when every prediction in the window is the same (a stuck model), else 0.0."""
+    """1.0 when every prediction in the window is the same (a stuck model), else 0.0.
+
+    Identical predictions are evidence only when a working model would almost surely have
+    varied: at least `STUCK_MIN_ROWS` of them, and for a classifier whose reference profile
+    knows its class shares, its most frequent class alone that often must be rarer than
+    `STUCK_CHANCE` (three "0"s from a model that says "0" 90 % of the time are normal).
+    """
     if window.n_rows < 2:
         return MetricResult.not_enough_data("need at least two predictions")
     x = numeric_predictions(window)
     if x is None or window.task == "classification":
         codes = window.prediction_codes
-        return MetricResult.ok(float(codes.min() == codes.max()))
-    return MetricResult.ok(float(np.nanmin(x) == np.nanmax(x)))
+        same = bool(codes.min() == codes.max())
+    else:
+        same = bool(np.nanmin(x) == np.nanmax(x))
+    if not same:
+        return MetricResult.ok(0.0)
+    if window.n_rows < STUCK_MIN_ROWS:
+        return MetricResult.not_enough_data(
+            f"{window.n_rows} identical predictions; need {STUCK_MIN_ROWS} to call the model stuck"
+        )
+    ref = ctx.reference.prediction if ctx.reference is not None else None
+    if window.task == "classification" and isinstance(ref, CategoricalProfile) and ref.count:
+        share = max(ref.frequencies.values(), default=0) / ref.count
+        if share**window.n_rows > STUCK_CHANCE:
+            return MetricResult.not_enough_data(
+                f"{window.n_rows} identical predictions are not unusual for a model whose most"
+                f" frequent class is {share:.0%} of its reference predictions"
+            )
+    return MetricResult.ok(1.0)
 
 
 def out_of_training_range_rate(window: Window, ctx: MetricContext) -> MetricResult:

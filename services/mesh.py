@@ -1,10 +1,16 @@
 """`cyclone up`: the whole mesh on one machine, started through the launcher and supervised.
 
-Order of start: store (embedded PostgreSQL unless a URL is given), trainer (it owns the model
-revisions and Envoy's routes), Envoy, monitor (with the dashboard). Each component is its own
-process in its own session, logging to `<data_dir>/logs/<component>.log`. Stop is the reverse
-order, each component gracefully (SIGTERM), then its whole process group, so nothing stays
-behind. A second `cyclone up` on the same data dir resumes: everything durable is in the store.
+Order of start: store (embedded PostgreSQL unless a URL is given), Envoy, trainer (it drives
+Envoy's routes and starts the model revisions), monitor (with the dashboard). Each component is
+its own process in its own session, logging to `<data_dir>/logs/<component>.log`.
+
+Two planes. The data plane -- Envoy and the model revisions -- outlives the control plane:
+Envoy is supervised here (restarted at once on the files that hold its last config) and the
+revisions run in sessions of their own, so a trainer, monitor or store that dies is restarted
+and adopts them; nothing that serves is swept or restarted. Stop is the reverse order, each
+component gracefully (SIGTERM), then its whole process group; the revisions stop before Envoy,
+so nothing stays behind. A second `cyclone up` on the same data dir resumes: everything durable
+is in the store.
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from cyclone.envoy import edge
+from cyclone.envoy.config import EnvoySettings, Layout
 from cyclone.local_mesh import MESH_FILE, ComponentInfo, MeshInfo
 from services.launch import Spawned, spawn
 
@@ -31,6 +40,23 @@ LOCK_FILE = "mesh.lock"
 # A component that exits is restarted, unless it exits this often within the window.
 RESTART_LIMIT = 5
 RESTART_WINDOW = 120.0
+# How often the supervisor looks at its components: Envoy is back within a second of dying.
+SUPERVISE_EVERY = 0.1
+ENVOY = "envoy"
+# Where the local orchestrator keeps the revisions a restarted trainer adopts.
+REVISIONS_STATE = Path("revisions") / "running.json"
+# A serving version runs in two processes when the machine has the cores and memory for it,
+# so a crashed replica's requests are retried on its sibling at once.
+REPLICA_MEMORY_BYTES = 2 * 1024**3
+
+
+def serving_replicas() -> int:
+    """Processes per serving revision: 2 with at least 2 cores and 2 GiB available, else 1."""
+    import psutil
+
+    cores = os.cpu_count() or 1
+    available = psutil.virtual_memory().available
+    return 2 if cores >= 2 and available >= REPLICA_MEMORY_BYTES else 1
 
 
 class MeshError(RuntimeError):
@@ -48,6 +74,8 @@ class MeshSettings:
     auth: bool = True
     # Scale to zero: seconds without requests before a model revision is stopped (0 = never).
     idle_timeout_seconds: float = 0.0
+    # Processes per serving revision; None decides by the machine (`serving_replicas`).
+    replicas: int | None = None
 
     @property
     def repository(self) -> Path:
@@ -129,7 +157,9 @@ class Mesh:
             store_args += ["--database-url", s.database_url]
         return [
             ComponentPlan("store", store_args, s.port("store")),
-            # The trainer runs Envoy and the model revisions behind it.
+            # The data plane's edge, run by this supervisor (not `cyclone serve`).
+            ComponentPlan(ENVOY, [], s.port("public")),
+            # The trainer drives Envoy's routes and starts the model revisions; both outlive it.
             ComponentPlan(
                 "trainer",
                 [
@@ -137,8 +167,11 @@ class Mesh:
                     "--store",
                     store,
                     "--model-repository",
-                    str(s.repository),
+                    str(s.repository.resolve()),
                     "--envoy",
+                    "--envoy-apart",
+                    "--replicas",
+                    str(s.replicas or serving_replicas()),
                     "--public-host",
                     s.host,
                     "--public-port",
@@ -173,9 +206,21 @@ class Mesh:
             ),
         ]
 
+    def envoy_settings(self) -> EnvoySettings:
+        s = self.settings
+        return edge.edge_settings(
+            s.data_dir,
+            public_host=s.host,
+            public_port=s.port("public"),
+            control_port=s.port("control"),
+            store=f"127.0.0.1:{s.port('store')}",
+            monitor=f"127.0.0.1:{s.port('monitor')}",
+            trainer=f"127.0.0.1:{s.port('trainer')}",
+        )
+
     def ports_in_use(self) -> list[str]:
         s = self.settings
-        wanted = {c.name: c.port for c in self.plan()}
+        wanted = {c.name: c.port for c in self.plan() if c.name != ENVOY}
         for extra in ("dashboard", "public", "control"):
             wanted[extra] = s.port(extra)
         return [
@@ -193,6 +238,10 @@ class Mesh:
             from cyclone.auth import write_local_tokens
 
             write_local_tokens(self.settings.data_dir)
+        # A mesh killed outright may have left revisions (or an Envoy) behind: this mesh
+        # starts its own, so there is nothing for its trainer to adopt.
+        self._stop_strays()
+        (self.settings.data_dir / REVISIONS_STATE).unlink(missing_ok=True)
         try:
             for component in self.plan():
                 if self._stopping.is_set():
@@ -217,7 +266,9 @@ class Mesh:
         self._write_info(info)
         return info
 
-    def _spawn(self, component: ComponentPlan) -> Spawned:
+    def _spawn(self, component: ComponentPlan, *, restart: bool = False) -> Spawned:
+        if component.name == ENVOY:
+            return self._spawn_envoy(fresh=not restart)
         return spawn(
             component.name,
             component.args,
@@ -226,6 +277,33 @@ class Mesh:
             env=self.environment(),
             new_session=True,
         )
+
+    def _spawn_envoy(self, *, fresh: bool, timeout: float = 30.0) -> Spawned:
+        """Run Envoy on a fresh configuration (the mesh starts), or on the files it left (a
+        restart: the last clusters and routes the trainer wrote)."""
+        settings = self.envoy_settings()
+        layout = Layout(settings.work_dir)
+        if fresh or not layout.bootstrap.exists():
+            edge.prepare(settings)
+        layout.admin_address.unlink(missing_ok=True)
+        log_path = self.settings.data_dir / "logs" / f"{ENVOY}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as out:
+            process = subprocess.Popen(
+                edge.command(settings),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        running = Spawned(ENVOY, f"127.0.0.1:{settings.public_port}", process, log_path)
+        deadline = time.monotonic() + timeout
+        while not edge.ready(settings):
+            if process.poll() is not None or time.monotonic() > deadline:
+                running.stop(5)
+                raise RuntimeError(f"envoy did not start; log:\n{running.log_tail()}")
+            time.sleep(0.05)
+        return running
 
     def environment(self) -> dict[str, str]:
         """What every component gets: the tokens it checks and the token it sends."""
@@ -265,10 +343,12 @@ class Mesh:
     def dead(self) -> list[Spawned]:
         return [r for r in self.running if r.process.poll() is not None]
 
-    def wait(self, every: float = 0.5) -> None:
-        """Supervise until `request_stop()` (signals): a component that exits is restarted with
-        backoff (its process group cleared first, so no child of the old one lingers). One that
-        keeps failing (RESTART_LIMIT times within RESTART_WINDOW seconds) ends the wait."""
+    def wait(self, every: float = SUPERVISE_EVERY) -> None:
+        """Supervise until `request_stop()` (signals): a component that exits is restarted, at
+        once the first time, then with backoff (its process group cleared first, so no child of
+        the old one lingers; the revisions run in sessions of their own and are adopted by the
+        new trainer). One that keeps failing (RESTART_LIMIT times within RESTART_WINDOW
+        seconds) ends the wait."""
         failures: dict[str, list[float]] = {}
         while not self._stopping.wait(every):
             for index, r in enumerate(self.running):
@@ -284,12 +364,10 @@ class Mesh:
                     return
                 self.progress(r.component, "starting", f"exited with {code}; restarting")
                 self._clear_group(r)
-                if r.component == "trainer":
-                    self._stop_strays()  # its revisions run in sessions of their own
-                if self._stopping.wait(min(2.0 ** (len(recent)), 30.0)):
+                if recent and self._stopping.wait(min(2.0 ** (len(recent)), 30.0)):
                     return
                 try:
-                    self.running[index] = self._spawn(self._plan_for(r.component))
+                    self.running[index] = self._spawn(self._plan_for(r.component), restart=True)
                 except RuntimeError as exc:
                     self.progress(r.component, "failed", str(exc).splitlines()[0])
                     continue  # tried again next round, until the limit
@@ -312,11 +390,11 @@ class Mesh:
 
         marker = str(self.settings.data_dir)
         repository = str(self.settings.repository.resolve())
-        me = os.getpid()
+        ours = {os.getpid(), *(r.process.pid for r in self.running)}
         strays = []
         for proc in psutil.process_iter(["pid", "cmdline"]):
             argv = proc.info["cmdline"] or []
-            if proc.info["pid"] == me or not argv:
+            if proc.info["pid"] in ours or not argv:
                 continue
             cmdline = " ".join(argv)
             revision = "serve inference" in cmdline and repository in cmdline
@@ -340,6 +418,8 @@ class Mesh:
         with contextlib.suppress(FileNotFoundError):
             (self.settings.data_dir / MESH_FILE).unlink()
         for running in reversed(self.running):
+            if running.component == ENVOY:
+                self._stop_strays()  # the revisions, before the edge in front of them
             running.stop(timeout=30)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(running.process.pid, signal.SIGKILL)  # its children, if any remain

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from cyclone.traffic import Endpoint, Revision, TrafficSplit
 
 PUBLIC = "public"
 CONTROL = "control"
+ROUTE_TABLES = (PUBLIC, CONTROL)
 DESCRIPTOR = Path(__file__).with_name("cyclone.binpb")
 
 INFERENCE_SERVICE = "cyclone.inference.v1.InferenceService"
@@ -161,6 +163,11 @@ class Layout:
     @property
     def admin_address(self) -> Path:
         return self.work_dir / "admin-address.txt"
+
+    @property
+    def splits(self) -> Path:
+        """The splits behind the installed routes, so a new driver carries on from them."""
+        return self.work_dir / "splits.json"
 
     @property
     def log(self) -> Path:
@@ -546,6 +553,21 @@ def _json_error(status: int, code: int, message: str) -> dict[str, Any]:
     }
 
 
+def _json_listing(names: list[str]) -> dict[str, Any]:
+    """`GET /v1/models` with several models: their names, in ListModels' JSON shape (no one
+    upstream serves them all; `GET /v1/models/{model}` describes one)."""
+    body = json.dumps({"models": [{"name": n} for n in names]}, separators=(",", ":"))
+    return {
+        "direct_response": {"status": 200, "body": {"inline_string": body}},
+        "response_headers_to_add": [
+            {
+                "header": {"key": "content-type", "value": "application/json"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+    }
+
+
 def _header(model: str) -> dict[str, Any]:
     return {"name": MODEL_HEADER, "string_match": {"exact": model}}
 
@@ -591,7 +613,10 @@ def inference_routes(
                 "route": action,
             },
         ]
-    unknown = f"model %REQ({MODEL_HEADER})% is not served here (header {MODEL_HEADER})"
+    served = ", ".join(sorted(splits)) or "none"
+    unknown = (
+        f"model %REQ({MODEL_HEADER})% is not served here (header {MODEL_HEADER}); served: {served}"
+    )
     routes += [
         {
             "match": {"prefix": p, "grpc": {}, "headers": [_present()]},
@@ -620,13 +645,17 @@ def inference_routes(
         routes.append(
             {
                 "match": {"path": "/v1/models", "headers": [_method("GET")]},
-                **_json_error(400, _INVALID_ARGUMENT, missing),
+                **_json_listing(sorted(splits)),
             }
         )
     routes.append(
         {
             "match": _regex(r"/v1/models/[^/]+"),
-            **_json_error(404, _NOT_FOUND, "model is not served here (the path names the model)"),
+            **_json_error(
+                404,
+                _NOT_FOUND,
+                f"model is not served here (the path names the model); served: {served}",
+            ),
         }
     )
     return routes

@@ -10,6 +10,7 @@ before it is written; a rejected one leaves Envoy as it was.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import subprocess
@@ -18,12 +19,13 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+import yaml
 from google.protobuf import descriptor_pb2
 
 from cyclone.envoy import config as cfg
 from cyclone.envoy.admin import EnvoyAdmin
 from cyclone.envoy.files import EnvoyConfigError, dump, envoy_binary, validate, write_atomically
-from cyclone.traffic import Revision, RevisionStats, TrafficSplit
+from cyclone.traffic import Endpoint, Revision, RevisionStats, TrafficSplit
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,53 @@ def check_references(clusters: Sequence[Mapping[str, Any]], routes: Mapping[str,
         raise EnvoyConfigError(f"routes name clusters that are not configured: {missing}")
 
 
+def save_splits(path: Any, splits: Mapping[str, TrafficSplit]) -> None:
+    document = {
+        model: {
+            "weights": dict(split.weights),
+            "revisions": {
+                name: {
+                    "model": r.model,
+                    "version": r.version,
+                    "endpoints": [[e.host, e.port] for e in r.endpoints],
+                }
+                for name, r in split.revisions.items()
+            },
+            "shadow": split.shadow,
+            "shadow_percent": split.shadow_percent,
+        }
+        for model, split in splits.items()
+    }
+    write_atomically(path, json.dumps(document, indent=1, sort_keys=True))
+
+
+def load_splits(path: Any) -> dict[str, TrafficSplit]:
+    """The saved splits; none when the file is missing or unreadable (the driver re-applies)."""
+    try:
+        document = json.loads(path.read_text())
+        return {
+            model: TrafficSplit(
+                model,
+                {name: int(w) for name, w in body["weights"].items()},
+                {
+                    name: Revision(
+                        r["model"],
+                        r["version"],
+                        tuple(Endpoint(h, int(p)) for h, p in r["endpoints"]),
+                    )
+                    for name, r in body["revisions"].items()
+                },
+                body.get("shadow"),
+                float(body.get("shadow_percent", 100.0)),
+            )
+            for model, body in document.items()
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.warning("ignoring unreadable %s: %s", path, exc)
+        return {}
+
+
 class EnvoyProxy:
     """One Envoy process in front of Cyclone; `async with EnvoyProxy(settings) as proxy:`."""
 
@@ -85,12 +134,18 @@ class EnvoyProxy:
         self._lock = asyncio.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._admin: EnvoyAdmin | None = None
+        # Envoy runs apart (attach): its admin address is re-read, as it moves on a restart.
+        self._attached = False
         self._ports: dict[str, int] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     @property
     def admin(self) -> EnvoyAdmin:
+        if self._attached:
+            address = self._read_admin_address()
+            if address and (self._admin is None or self._admin.address != address):
+                self._admin = EnvoyAdmin(address)
         if self._admin is None:
             raise RuntimeError("envoy is not running: call start() first")
         return self._admin
@@ -120,8 +175,10 @@ class EnvoyProxy:
     def splits(self) -> Mapping[str, TrafficSplit]:
         return dict(self._splits)
 
-    async def start(self, timeout: float = 30.0) -> None:
-        """Write and validate the initial config, start Envoy, wait until both listeners are up."""
+    async def write_config(self) -> None:
+        """Write and validate the bootstrap, the listeners and the initial clusters and routes
+        (the components only, plus any split applied before start). Whoever runs Envoy calls
+        it once; an Envoy restarted on the same files comes back with the last config."""
         layout = self.layout
         layout.xds_dir.mkdir(parents=True, exist_ok=True)
         clusters = cfg.component_clusters(self.settings)
@@ -133,14 +190,17 @@ class EnvoyProxy:
         for table, body in routes.items():
             write_atomically(layout.rds(table), dump(cfg.rds_response(version, body)))
         self._installed_routes = dict(routes)
+        self._installed_clusters = clusters
+        save_splits(layout.splits, self._splits)
         listeners = cfg.listeners(self.settings, self._services, cfg.rds_sources(layout))
         write_atomically(layout.lds, dump(cfg.lds_response(version, listeners)))
         bootstrap = cfg.bootstrap(self.settings, layout)
         await validate(bootstrap, layout.work_dir)
         write_atomically(layout.bootstrap, dump(bootstrap))
-        self._installed_clusters = clusters
-        layout.admin_address.unlink(missing_ok=True)
 
+    def command(self) -> list[str]:
+        """How Envoy is run on the written bootstrap (by this proxy, or by a supervisor)."""
+        layout = self.layout
         command = [
             str(envoy_binary()),
             "-c",
@@ -155,9 +215,15 @@ class EnvoyProxy:
         ]
         if self.settings.concurrency:
             command += ["--concurrency", str(self.settings.concurrency)]
-        with layout.log.open("ab") as log_file:
+        return command
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Write and validate the initial config, start Envoy, wait until both listeners are up."""
+        await self.write_config()
+        self.layout.admin_address.unlink(missing_ok=True)
+        with self.layout.log.open("ab") as log_file:
             self._process = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.command(), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
         try:
             await self._wait_started(timeout)
@@ -167,6 +233,43 @@ class EnvoyProxy:
         log.info(
             "envoy listening: public %s, control %s", self.public_address, self.control_address
         )
+
+    async def attach(self, timeout: float = 30.0) -> None:
+        """Drive an Envoy that runs apart (`cyclone up` supervises it): wait until it is up,
+        then carry on from the clusters, routes and splits it has. Never starts or stops it,
+        so a restarted trainer changes nothing in flight."""
+        if not self._load_installed():
+            raise RuntimeError(
+                f"no Envoy configuration under {self.layout.work_dir}: whoever runs Envoy"
+                " writes it first (EnvoyProxy.write_config)"
+            )
+        self._attached = True
+        await self._wait_started(timeout)
+        log.info(
+            "attached to envoy: public %s, control %s, %d model(s) routed",
+            self.public_address,
+            self.control_address,
+            len(self._splits),
+        )
+
+    def _load_installed(self) -> bool:
+        """Read back what the xDS files say is installed (and the splits behind it)."""
+        layout = self.layout
+        try:
+            cds = yaml.safe_load(layout.cds.read_text())
+            tables = {t: yaml.safe_load(layout.rds(t).read_text()) for t in cfg.ROUTE_TABLES}
+        except (FileNotFoundError, yaml.YAMLError):
+            return False
+
+        def strip(resource: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in resource.items() if k != "@type"}
+
+        self._installed_clusters = [strip(c) for c in cds["resources"]]
+        self._installed_routes = {t: strip(body["resources"][0]) for t, body in tables.items()}
+        versions = [cds["version_info"], *(body["version_info"] for body in tables.values())]
+        self._version = max(self._version, *(int(v) for v in versions))
+        self._splits = load_splits(layout.splits)
+        return True
 
     async def _wait_started(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -358,6 +461,7 @@ class EnvoyProxy:
         await self._write_clusters(list(union.values()))
         await self._write_routes(routes)
         self._splits = splits
+        save_splits(self.layout.splits, splits)
         if leaving:
             await self._wait_drained(leaving)
             await self._write_clusters(target)

@@ -342,7 +342,8 @@ resources:
         append_action: OVERWRITE_IF_EXISTS_OR_ADD
       - header:
           key: grpc-message
-          value: model %REQ(cyclone-model)% is not served here (header cyclone-model)
+          value: 'model %REQ(cyclone-model)% is not served here (header cyclone-model);
+            served: credit'
         append_action: OVERWRITE_IF_EXISTS_OR_ADD
       typed_per_filter_config: *id001
     - match:
@@ -364,7 +365,8 @@ resources:
         append_action: OVERWRITE_IF_EXISTS_OR_ADD
       - header:
           key: grpc-message
-          value: model %REQ(cyclone-model)% is not served here (header cyclone-model)
+          value: 'model %REQ(cyclone-model)% is not served here (header cyclone-model);
+            served: credit'
         append_action: OVERWRITE_IF_EXISTS_OR_ADD
       typed_per_filter_config: *id001
     - match:
@@ -414,7 +416,7 @@ resources:
         status: 404
         body:
           inline_string: '{"code":5,"message":"model is not served here (the path
-            names the model)","details":[]}'
+            names the model); served: credit","details":[]}'
       response_headers_to_add:
       - header:
           key: content-type
@@ -569,7 +571,8 @@ resources:
         append_action: OVERWRITE_IF_EXISTS_OR_ADD
       - header:
           key: grpc-message
-          value: model %REQ(cyclone-model)% is not served here (header cyclone-model)
+          value: 'model %REQ(cyclone-model)% is not served here (header cyclone-model);
+            served: credit'
         append_action: OVERWRITE_IF_EXISTS_OR_ADD
     - match:
         prefix: /inference.GRPCInferenceService/
@@ -590,7 +593,8 @@ resources:
         append_action: OVERWRITE_IF_EXISTS_OR_ADD
       - header:
           key: grpc-message
-          value: model %REQ(cyclone-model)% is not served here (header cyclone-model)
+          value: 'model %REQ(cyclone-model)% is not served here (header cyclone-model);
+            served: credit'
         append_action: OVERWRITE_IF_EXISTS_OR_ADD
     - match:
         prefix: /cyclone.inference.v1.InferenceService/
@@ -637,7 +641,7 @@ resources:
         status: 404
         body:
           inline_string: '{"code":5,"message":"model is not served here (the path
-            names the model)","details":[]}'
+            names the model); served: credit","details":[]}'
       response_headers_to_add:
       - header:
           key: content-type

@@ -214,6 +214,21 @@ class LoadedModel:
             return None
         return rows, block
 
+    def _no_features(self) -> str:
+        """A request without any feature: most often a REST body without its wrapper."""
+        example = ", ".join(
+            f'"{f.name}": {{"strings": ["..."]}}'
+            if f.kind == "categorical"
+            else f'"{f.name}": {{"numbers": [...]}}'
+            for f in self._features[:2]
+        )
+        more = ", ..." if len(self._features) > 2 else ""
+        return (
+            f"features: none given; model {self.name!r} takes "
+            f"{', '.join(self.schema.feature_names)}, one column each (a REST body needs them"
+            f' under "features": {{"features": {{{example}{more}}}}})'
+        )
+
     def validate(self, columns: Mapping[str, np.ndarray]) -> int:
         """Check names, kinds, lengths and values; return the row count."""
         unknown = [name for name in columns if name not in self._names]
@@ -222,6 +237,8 @@ class LoadedModel:
                 f"features.{unknown[0]}: unknown feature (model {self.name!r} takes "
                 f"{', '.join(self.schema.feature_names)})"
             )
+        if not columns:
+            raise InvalidArgument(self._no_features())
         rows = -1
         for f in self._features:
             column = columns.get(f.name)

@@ -1,8 +1,9 @@
 """Streams served predictions to the store in the background; never blocks serving.
 
-`submit` only appends to an in-memory list. A flusher task turns what piled up
-into one `LogPredictions` batch every `flush_interval` (or sooner when a batch
-fills). When the store is slow or down, batches go to a bounded on-disk spool and
+`submit` only appends to an in-memory list (and to a write-ahead journal, so the
+requests a SIGKILLed process answered are logged by the next one: `journal.py`). A
+flusher task turns what piled up into one `LogPredictions` batch every
+`flush_interval` (or sooner when a batch fills). When the store is slow or down, batches go to a bounded on-disk spool and
 are replayed in order when it answers again; while the spool holds anything, new
 batches queue behind it so the store receives them in serving order. The store is
 idempotent on prediction id, so a batch replayed after a lost acknowledgement is
@@ -30,6 +31,7 @@ from cyclone.channels import aio_channel
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
 from services.inference.batching import Prepared
+from services.inference.journal import Journal
 from services.inference.model import LoadedModel, Outputs
 from services.inference.spool import Spool, SpoolFull
 
@@ -156,6 +158,7 @@ class StoreSink:
         spool_max_bytes: int = 1 << 30,
         send_timeout: float = 5.0,
         retry_interval: float = 1.0,
+        journal: bool = True,
     ) -> None:
         self.address = address
         self.flush_interval = flush_interval
@@ -166,6 +169,10 @@ class StoreSink:
         SPOOL_BYTES.set(self.spool.bytes)
         self._pending: list[Submitted] = []
         self._pending_rows = 0
+        # Under the spool's directory lock, so one process writes it.
+        self.journal = Journal(spool_dir / "journal") if journal else None
+        # Journal segments whose requests are in the batch being flushed (released after).
+        self._sealed: list[Path] = []
         # Read at scrape time: setting a gauge on every request would cost the hot path a lock.
         QUEUED.set_function(lambda: self._pending_rows)
         self._wake = asyncio.Event()
@@ -200,6 +207,8 @@ class StoreSink:
             )
         )
         self._pending_rows += len(prediction_ids)
+        if self.journal is not None:
+            self.journal.append(self._pending[-1])
         if self._pending_rows >= self.batch_rows:
             self._wake.set()
 
@@ -218,6 +227,14 @@ class StoreSink:
             ],
         )
         self._stub = pb_grpc.StoreServiceStub(self._channel)
+        if self.journal is not None:
+            # Answered before the last process died: logged first, in serving order.
+            recovered = [Submitted(*fields) for fields in self.journal.recover()]
+            self._pending[:0] = recovered
+            self._pending_rows += sum(len(item.prediction_ids) for item in recovered)
+            self._sealed += self.journal.left_behind
+            if recovered:
+                self._wake.set()  # logged at once, not at the next interval
         self._task = asyncio.create_task(self._run(), name="store-sink")
 
     async def stop(self) -> None:
@@ -235,6 +252,8 @@ class StoreSink:
                 log.exception("store sink flush failed while stopping")
             self._flushing = None
         await self.flush(replay=True)
+        if self.journal is not None:
+            self.journal.close()
         self.spool.close()
         if self._channel is not None:
             await self._channel.close()
@@ -252,19 +271,27 @@ class StoreSink:
                 log.exception("store sink flush failed; will retry")
             self._flushing = None
 
-    def _drain(self) -> pb.LogPredictionsRequest | None:
+    def _drain(self) -> tuple[pb.LogPredictionsRequest | None, list[Path]]:
+        """The pending requests as one batch, and the journal segments holding them."""
+        sealed, self._sealed = self._sealed, []
+        if self.journal is not None and (segment := self.journal.seal()) is not None:
+            sealed.append(segment)
         if not self._pending:
-            return None
+            return None, sealed
         items, self._pending, self._pending_rows = self._pending, [], 0
-        return encode_items(items)
+        return encode_items(items), sealed
 
     async def flush(self, *, replay: bool = False) -> None:
         """Send what is pending; replay the spool when the store may be back."""
-        request = self._drain()
+        request, sealed = self._drain()
         if len(self.spool) and (replay or time.monotonic() >= self._next_retry):
             await self._replay()
-        if request is None:
-            return
+        if request is not None:
+            await self._deliver(request)
+        # The batch is in the store or the spool (or refused for good): its journal can go.
+        Journal.release(sealed)
+
+    async def _deliver(self, request: pb.LogPredictionsRequest) -> None:
         rows = len(request.records)
         if not len(self.spool) and await self._send(request):
             SENT.inc(rows)

@@ -5,9 +5,10 @@ no web framework and the user no build step (the chart library is vendored under
 `static/vendor/`). The page gets everything by push on `/api/events`:
 
 - `snapshot` first on every (re)connection: statuses, versions with lineage, alerts, training
-  jobs and rollouts;
+  jobs, rollouts and each model's live counts (predictions and labels stored now);
 - `status` each time an evaluation lands (it carries the level, so a level change shows at once);
-- `alerts`, `jobs`, `rollouts`, `versions`, `traffic` when what the store holds changed (one
+- `alerts`, `jobs`, `rollouts`, `versions`, `traffic`, `counts` when what the store holds
+  changed (one
   watcher thread reads the store for all clients, and only while someone is watching);
 - `heartbeat` every `heartbeat_seconds`, so proxies keep the stream open and the page can tell
   a quiet monitor from a dead one.
@@ -42,6 +43,7 @@ from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.monitor import convert
 from services.monitor.records import (
+    LiveCounts,
     MetricPoint,
     ModelStatus,
     QueuedAlert,
@@ -74,6 +76,7 @@ class DashboardSource(Protocol):
     def rollouts(self) -> list[RolloutSummary]: ...
     def history(self, model: str, since: datetime) -> list[MetricPoint]: ...
     def traffic(self, model: str, since: datetime) -> list[TrafficPoint]: ...
+    def counts(self) -> list[LiveCounts]: ...
 
 
 class StoreReader:
@@ -124,6 +127,10 @@ class StoreReader:
         response = self._store.ListPredictionStats(request, timeout=self._timeout)
         return [convert.traffic_from_store(s) for s in response.stats]
 
+    def counts(self) -> list[LiveCounts]:
+        response = self._store.GetStats(store_pb.GetStatsRequest(), timeout=self._timeout)
+        return [LiveCounts(m.model, m.predictions, m.labels) for m in response.models]
+
 
 def _ts(value: datetime) -> Timestamp:
     out = Timestamp()
@@ -155,6 +162,10 @@ def status_json(status: ModelStatus) -> dict[str, Any]:
         convert.status_to_pb(status), preserving_proto_field_name=True
     )
     return body
+
+
+def counts_json(counts: list[LiveCounts]) -> dict[str, dict[str, int]]:
+    return {c.model: {"predictions": c.predictions, "labels": c.labels} for c in counts}
 
 
 def alert_json(alert: QueuedAlert) -> dict[str, Any]:
@@ -360,6 +371,7 @@ class Dashboard:
             "alerts": [alert_json(a) for a in source.alerts()],
             "jobs": _plain(source.jobs()),
             "rollouts": _plain(source.rollouts()),
+            "counts": counts_json(source.counts()),
         }
 
     def history(self, model: str) -> dict[str, Any]:
@@ -419,6 +431,7 @@ class Dashboard:
                     models = sorted({s.model for s in self.source.statuses()})
                     traffic = {m: _plain(self.source.traffic(m, since)) for m in models}
                     self._publish_if_changed("traffic", traffic)
+                    self._publish_if_changed("counts", counts_json(self.source.counts()))
                 if not healthy:
                     healthy = True
                     self._publish_if_changed("problem", {"message": ""})

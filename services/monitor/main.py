@@ -41,6 +41,9 @@ class MonitorSettings(ServerSettings):
     # Where known-answer probes go when a plan's `probes.address` is empty (the public
     # listener or an inference server, HOST:PORT); empty: no probes for such plans.
     probe_address: str = ""
+    # A model that never answered a probe since this monitor started may stay unanswered this
+    # long before "no answer" counts (a starting mesh, a route not yet there after an import).
+    probe_grace_seconds: float = 60.0
     # Live dashboard (HTTP); 0 picks a free port, -1 turns it off.
     dashboard_port: int = -1
     # Seconds between keep-alive events on the dashboard's event stream.
@@ -59,6 +62,7 @@ def build_monitor_server(
         trainer=settings.trainer,
         tick_seconds=settings.tick_seconds,
         probe_address=settings.probe_address,
+        probe_grace_seconds=settings.probe_grace_seconds,
     )
     server = CycloneServer("monitor", settings)
     server.add_service(

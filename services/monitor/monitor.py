@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,15 @@ from prometheus_client import Gauge
 from cyclone import telemetry
 from cyclone.channels import aio_channel
 from cyclone.errors import InvalidArgument, NotFound
-from cyclone.plan import Plan, PlanError, Registry, default_plan, parse_plan, plan_to_yaml
+from cyclone.plan import (
+    Plan,
+    PlanError,
+    Registry,
+    default_plan,
+    parse_plan,
+    plan_to_yaml,
+    task_problems,
+)
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.monitor import convert, probes
@@ -44,6 +53,8 @@ DRIFTED = Gauge(
     "cyclone_model_drifted_features", "Features flagged by any drift test", ["model", "version"]
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# While a model has not answered its first probe, rounds come this often (at most).
+STARTING_PROBE_SECONDS = 5.0
 
 
 def status_from_evaluation(
@@ -106,6 +117,8 @@ class Monitor:
         tick_seconds: float = 1.0,
         request_timeout: float = 30.0,
         probe_address: str = "",
+        probe_grace_seconds: float = 60.0,
+        probe_retry_seconds: float = 1.0,
     ) -> None:
         self.store_address = store_address
         self.record_path = record_path
@@ -127,6 +140,12 @@ class Monitor:
         self._next_probe: dict[str, float] = {}
         self._probe_channels: dict[str, aio.Channel] = {}
         self._known_answers: dict[tuple[str, str], probes.KnownAnswers | None] = {}
+        # "No answer" counts only for a model that answered once since this monitor started, or
+        # that stayed unanswered longer than the grace: a starting mesh is not an outage.
+        self.probe_grace_seconds = probe_grace_seconds
+        self.probe_retry_seconds = probe_retry_seconds  # one retry after a transient status
+        self._probe_answered: set[str] = set()
+        self._unanswered_since: dict[str, float] = {}
 
     @property
     def store(self) -> store_grpc.StoreServiceStub:
@@ -188,7 +207,10 @@ class Monitor:
             raise InvalidArgument(
                 f"plan_yaml: model: the plan is for {plan.model!r}, not {model!r}"
             )
-        await self._model_version(model)  # a plan for an unknown model is a typo, not a plan
+        info = await self._model_version(model)  # a plan for an unknown model is a typo
+        problems = task_problems(replace(plan, model=model), info.task)
+        if problems:
+            raise InvalidArgument("plan_yaml: " + "; ".join(problems))
         response = await self.store.SavePlan(
             store_pb.SavePlanRequest(model=model, plan_yaml=plan_yaml), timeout=self.request_timeout
         )
@@ -216,9 +238,17 @@ class Monitor:
             )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"model: {model!r} is not registered") from None
+                raise NotFound(f"model: {model!r} is not registered{await self._known()}") from None
             raise
         return convert.model_info_from_store(response.model_version)
+
+    async def _known(self) -> str:
+        """ "; registered models: a, b" for a NOT_FOUND message (a typo is the usual cause)."""
+        listed = await self.store.ListModelVersions(
+            store_pb.ListModelVersionsRequest(), timeout=self.request_timeout
+        )
+        names = sorted({v.model for v in listed.model_versions})
+        return f"; registered models: {', '.join(names)}" if names else "; no model is registered"
 
     async def evaluate_model(self, model: str) -> tuple[ModelStatus, list[int]]:
         lock = self._locks.setdefault(model, asyncio.Lock())
@@ -371,11 +401,22 @@ class Monitor:
         if channel is None:
             channel = self._probe_channels[address] = aio_channel(address)
         answer = await probes.ask(channel, model, serving, timeout=self.request_timeout)
-        if isinstance(answer, str):
+        if isinstance(answer, probes.NoAnswer) and answer.transient and self.probe_retry_seconds:
+            await asyncio.sleep(self.probe_retry_seconds)
+            answer = await probes.ask(channel, model, serving, timeout=self.request_timeout)
+        if isinstance(answer, probes.NoAnswer):
+            if not self._no_answer_counts(model):
+                log.info("%s probes: no answer yet from %s (%s)", model, address, answer.reason)
+                # Starting: look again soon rather than a whole `probes.every` later.
+                again = time.monotonic() + min(plan.probes.every_seconds, STARTING_PROBE_SECONDS)
+                self._next_probe[model] = min(self._next_probe.get(model, again), again)
+                return False
             outcome = probes.ProbeRound(
-                address, error=f"probes: no answer from {address}: {answer}"
+                address, error=f"probes: no answer from {address}: {answer.reason}"
             )
         else:
+            self._probe_answered.add(model)
+            self._unanswered_since.pop(model, None)
             # During a rollout the endpoint may answer with another registered version: judge
             # it by that version's own recorded answers.
             expected = serving
@@ -390,6 +431,13 @@ class Monitor:
                 "%s probes: %s", model, "; ".join(outcome.wrong) or outcome.error or "answers match"
             )
         return changed
+
+    def _no_answer_counts(self, model: str) -> bool:
+        """True once `model` answered before, or has gone unanswered past the grace."""
+        if model in self._probe_answered:
+            return True
+        first = self._unanswered_since.setdefault(model, time.monotonic())
+        return time.monotonic() - first >= self.probe_grace_seconds
 
     async def _answers_of(self, model: str, version: str) -> probes.KnownAnswers | None:
         """Recorded answers of `version` ("" the serving one); versions are immutable, so

@@ -3,7 +3,8 @@
 Each version keeps up to 20 rows with its own ONNX answers (`probes.json`, carried in the
 registry's schema JSON under "probes"). A probe round sends them in one Predict call marked
 with the `cyclone-probe: 1` metadata header (the inference server answers but does not log
-them) and compares the answers with the recorded ones. A different answer means a software
+them) and the `cyclone-model` header (Envoy routes by it once two models are served), and
+compares the answers with the recorded ones. A different answer means a software
 fault (the wrong model serving, a changed runtime, a corrupted artifact), not drift.
 """
 
@@ -18,10 +19,21 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from cyclone.client import MODEL_HEADER
 from cyclone.inference.v1 import inference_service_pb2 as inference_pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as inference_grpc
 
 PROBE_METADATA = (("cyclone-probe", "1"),)
+# Statuses a starting mesh answers with (Envoy up before its route, a revision not yet
+# healthy, nothing listening yet): worth a second try before a round counts as unanswered.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND})
+
+
+def probe_metadata(model: str) -> tuple[tuple[str, str], ...]:
+    """The probe marker plus the model header, so Envoy routes the call with 2+ models."""
+    return (*PROBE_METADATA, (MODEL_HEADER, model))
+
+
 # At most this many differing rows are named in a reason; the count says how many there were.
 NAMED_ROWS = 3
 
@@ -133,19 +145,39 @@ def wrong_answers(answers: KnownAnswers, answer: Answer, tolerance: float) -> tu
     )
 
 
+def failure_text(exc: BaseException) -> str:
+    """One short sentence for a failed call: the status name and its details (the first line),
+    never the multi-line repr of an AioRpcError."""
+    code = getattr(exc, "code", None)
+    details = getattr(exc, "details", None)
+    if callable(code) and callable(details):
+        status = code()
+        text = (details() or "").strip().splitlines()
+        name = status.name if isinstance(status, grpc.StatusCode) else "error"
+        return f"{name}: {text[0]}" if text else name
+    return type(exc).__name__
+
+
+@dataclass(frozen=True)
+class NoAnswer:
+    """Why a round got no answer, and whether a starting mesh could explain it."""
+
+    reason: str
+    transient: bool = False
+
+
 async def ask(
     channel: aio.Channel, model: str, answers: KnownAnswers, timeout: float
-) -> Answer | str:
-    """Send the probe rows; the answer, or why none came (a short error text)."""
+) -> Answer | NoAnswer:
+    """Send the probe rows; the answer, or why none came (one short sentence)."""
     stub = inference_grpc.InferenceServiceStub(channel)
     try:
         response = await stub.Predict(
-            predict_request(model, answers), metadata=PROBE_METADATA, timeout=timeout
+            predict_request(model, answers), metadata=probe_metadata(model), timeout=timeout
         )
     except grpc.RpcError as exc:
-        code = exc.code() if isinstance(exc, grpc.Call) else None
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        return f"{code.name if code else 'error'}: {details}"
+        code = exc.code() if callable(getattr(exc, "code", None)) else None
+        return NoAnswer(failure_text(exc), code in TRANSIENT)
     return answer_from_response(response)
 
 

@@ -185,3 +185,13 @@ class TrafficPoint:
     avg_latency_ms: float | None = None
     p50_latency_ms: float | None = None
     max_latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class LiveCounts:
+    """What the store holds for one model right now (the card shows it beside the last
+    evaluation, whose window may be older or smaller)."""
+
+    model: str
+    predictions: int
+    labels: int

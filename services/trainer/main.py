@@ -39,6 +39,9 @@ class TrainerSettings(ServerSettings):
     public_port: int = 8080
     control_port: int = 8081
     envoy_admin_port: int = 0
+    # With `envoy`: Envoy and the revisions run apart from this process (`cyclone up`
+    # supervises Envoy): attach to Envoy, adopt running revisions, leave both at stop.
+    envoy_apart: bool = False
     monitor: str = "127.0.0.1:8003"
     orchestrator: str = "local"
     replicas: int = 1

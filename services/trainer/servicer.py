@@ -137,16 +137,13 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         reason = request.reason or (
             f"rollback requested by alert {request.alert_id}" if request.alert_id else "by hand"
         )
-        if not rollout_id:
-            if not request.model:
-                raise InvalidArgument("model: empty (name the model or the rollout_id)")
-            active = [r for r in await controller.list(request.model) if r.state.active]
-            if not active:
-                raise FailedPrecondition(
-                    f"model: {request.model!r} has no active rollout to roll back"
-                )
-            rollout_id = active[0].id
-        rolled_back = await controller.rollback(rollout_id, reason)
+        if rollout_id:
+            rolled_back = await controller.rollback(rollout_id, reason)
+        elif not request.model:
+            raise InvalidArgument("model: empty (name the model or the rollout_id)")
+        else:
+            key = f"alert {request.alert_id}" if request.alert_id else ""
+            rolled_back = await controller.revert(request.model, reason, key)
         return pb.RollbackResponse(rollout=convert.rollout_to_pb(rolled_back))
 
     @rpc_errors(translate=store_errors)

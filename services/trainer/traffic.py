@@ -1,10 +1,15 @@
 """The trainer's traffic plane: Envoy, the model revisions and the rollouts that move between them.
 
-Started with the trainer when it runs with `envoy` on (as under `cyclone up`): it starts Envoy,
-resumes (or rolls back) the rollouts a previous process left, then serves every registered
-model. With `idle_timeout_seconds` it also scales idle revisions to zero (`services.trainer.idle`).
-Stopped in reverse: rollouts pause where they are (they resume on the next start), the
-revisions stop, Envoy stops.
+Started with the trainer when it runs with `envoy` on: it starts Envoy, resumes (or rolls
+back) the rollouts a previous process left, then serves every registered model. With
+`idle_timeout_seconds` it also scales idle revisions to zero (`services.trainer.idle`). Stopped
+in reverse: rollouts pause where they are (they resume on the next start), the revisions stop,
+Envoy stops.
+
+With `envoy_apart` (as under `cyclone up`) the data plane outlives the trainer: Envoy runs
+under the mesh's supervisor and the revisions in sessions of their own. The trainer attaches to
+that Envoy, adopts the revisions a previous trainer left running, and at stop leaves both as
+they are, so a trainer that dies or restarts fails no request.
 """
 
 from __future__ import annotations
@@ -12,24 +17,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from cyclone.envoy import EnvoyProxy, EnvoySettings
+from cyclone.envoy import EnvoyProxy
+from cyclone.envoy.edge import edge_settings
 from cyclone.plugins import orchestrators
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
-from cyclone.traffic import Endpoint
 from services.trainer.idle import IdleWatcher
 from services.trainer.rollout import ControllerSettings, ProbeSmokeTester, RolloutController
+from services.trainer.rollout.calibrations import RepositoryCalibrations
 from services.trainer.rollout.store_gateway import StoreGateway
 from services.trainer.serving import ServingKeeper
 
 log = logging.getLogger(__name__)
-
-# How long Envoy holds a request to a stopped revision while it starts again.
-COLD_START_HOLD_S = 20.0
-
-
-def _endpoint(address: str) -> Endpoint:
-    host, _, port = address.rpartition(":")
-    return Endpoint(host or "127.0.0.1", int(port))
 
 
 class TrafficPlane:
@@ -59,22 +57,30 @@ class TrafficPlane:
                 "model_repository": str(s.model_repository),
                 "store": s.store,
                 "data_dir": str(s.data_dir),
+                # Apart: revisions outlive this process and are adopted by the next one.
+                "detached": s.envoy_apart,
             }
         )
         self.proxy = EnvoyProxy(
-            EnvoySettings(
-                work_dir=s.data_dir / "envoy",
+            edge_settings(
+                s.data_dir,
                 public_host=s.public_host,
                 public_port=s.public_port,
                 control_port=s.control_port,
                 admin_port=s.envoy_admin_port,
-                store=_endpoint(s.store),
-                monitor=_endpoint(s.monitor) if s.monitor else None,
-                trainer=Endpoint("127.0.0.1", trainer_port),
-                cold_start_hold_s=COLD_START_HOLD_S if s.idle_timeout_seconds > 0 else 0.0,
+                store=s.store,
+                monitor=s.monitor or None,
+                trainer=f"127.0.0.1:{trainer_port}",
             )
         )
-        await self.proxy.start()
+        if s.envoy_apart:
+            await self.proxy.attach()
+            adopt = getattr(self.orchestrator, "adopt", None)
+            if adopt is not None:
+                adopted = await adopt()
+                log.info("adopted %d running revision(s)", len(adopted))
+        else:
+            await self.proxy.start()
         self._gateway = StoreGateway(s.store)
         self.controller = RolloutController(
             self.orchestrator,
@@ -82,6 +88,7 @@ class TrafficPlane:
             self._gateway,
             ControllerSettings(),
             smoke=ProbeSmokeTester(s.model_repository),
+            calibrations=RepositoryCalibrations(s.model_repository),
         )
         await self.controller.start_up()
         self.keeper = ServingKeeper(

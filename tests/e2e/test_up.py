@@ -144,10 +144,11 @@ def test_up_import_serve_status_stop_and_resume(tmp_path: Path, pipeline_file: P
 
         assert "credit 1  serving  classification" in up.cli("models").stdout
         status = json.loads(up.cli("status", "--json").stdout)
-        assert set(status["mesh"]["components"]) == {"store", "trainer", "monitor"}
+        assert set(status["mesh"]["components"]) == {"store", "envoy", "trainer", "monitor"}
         assert status["mesh"]["public"] == f"127.0.0.1:{up.ports['public']}"
-        [revision] = status["mesh"]["revisions"]
-        assert revision["model"] == "credit" and psutil.pid_exists(revision["pid"])
+        revisions = status["mesh"]["revisions"]
+        assert 1 <= len(revisions) <= 2  # replicas: two where the machine allows
+        assert all(r["model"] == "credit" and psutil.pid_exists(r["pid"]) for r in revisions)
         assert status["models"]["credit"]["serving"] == "1"
         assert status["models"]["credit"]["split"] == {"1": 100.0}
         assert status["problems"] == []
@@ -187,8 +188,10 @@ def test_a_port_already_taken_is_refused_and_nothing_starts(tmp_path: Path) -> N
             env={**os.environ, "COLUMNS": "160"},
         )  # fmt: skip
     assert result.returncode != 0
-    assert f"store port {ports['store']}" in result.stdout + result.stderr
+    assert f"store port {ports['store']} (--store-port)" in result.stdout + result.stderr
     assert "nothing was started" in result.stdout + result.stderr
+    assert "┏" not in result.stdout  # no empty component table
+    assert not (tmp_path / "d").exists()  # no data dir, no stray mesh.lock
     assert _left_behind(str(tmp_path / "d")) == []
 
 
@@ -246,17 +249,19 @@ def test_a_killed_component_is_restarted_and_nothing_leaks(
             "--sample", str(pipeline_file / "sample.csv"), "--label-column", "defaulted",
         )  # fmt: skip
         assert _rest_predict(up.ports["public"], "credit")["version"] == "1"
-        for component in ("store", "trainer"):
+        for component in ("store", "trainer", "envoy"):
             old = _component_pid(data_dir, component)
             os.kill(old, signal.SIGKILL)
             new = _eventually(lambda c=component, o=old: _component_pid(data_dir, c) not in (0, o))
             assert new
-            # Serving comes back (through a restarted trainer, Envoy and revision too).
+            # Serving comes back (Envoy restarted on its last config; the revisions never left).
             answer = _eventually(lambda: _rest_predict(up.ports["public"], "credit"))
             assert answer["version"] == "1"
         status = json.loads(up.cli("status", "--json").stdout)
         assert status["problems"] == [] and status["models"]["credit"]["serving"] == "1"
-        assert len(status["mesh"]["revisions"]) == 1  # the old trainer's revision did not linger
+        revisions = status["mesh"]["revisions"]
+        # The revision outlived the trainer and was adopted, not doubled.
+        assert {r["version"] for r in revisions} == {"1"} and 1 <= len(revisions) <= 2
     finally:
         assert up.stop() == 0, up.log.read_text()[-3000:]
     assert _left_behind(str(data_dir)) == []

@@ -267,7 +267,11 @@ def test_predict_server_not_reachable() -> None:
         app, ["predict", "--model", CREDIT, "--address", address, "--row", '{"age": 1}']
     )
     assert result.exit_code == 1
-    assert "error: UNAVAILABLE" in result.output
+    assert (
+        f"error: nothing answered at the public listener (Envoy) at {address} (from --address)"
+        in result.output
+    )
+    assert "start it with `cyclone up`" in result.output
 
 
 def test_models_lists_served_models(cli_server: str) -> None:
@@ -281,7 +285,7 @@ def test_models_lists_served_models(cli_server: str) -> None:
 def test_models_server_not_reachable() -> None:
     result = runner.invoke(app, ["models", "--address", f"127.0.0.1:{_free_port()}"])
     assert result.exit_code == 1
-    assert "error: UNAVAILABLE" in result.output
+    assert "error: nothing answered at" in result.output and "`cyclone up`" in result.output
 
 
 def test_serve_single_model_and_stop_on_sigterm(

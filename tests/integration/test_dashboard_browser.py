@@ -309,6 +309,16 @@ async def test_dashboard_in_chromium_draws_charts_and_shows_a_pushed_level_chang
                 points = await series_points(page, chart)
                 assert points and min(points) >= 1, (chart, points)
                 assert await painted_pixels(page, chart) > 500, chart
+            # A one-point chart (all traffic in one minute) gets minutes of axis, not years.
+            lo, hi, n = await page.evaluate(
+                """() => { const p = window.cyclone.charts.get("credit/traffic").plot;
+                           return [p.scales.x.min, p.scales.x.max, p.data[0].length]; }"""
+            )
+            assert 0 < hi - lo <= (3600 if n == 1 else 7 * 3600), (lo, hi, n)
+            # The card: what the store holds now beside what the last evaluation saw.
+            summary = await page.locator(f'section[data-model="{MODEL}"] .summary').inner_text()
+            assert "now 600 predictions, 600 labelled" in summary, summary
+            assert f"last evaluation v{mesh.version} at" in summary, summary
             assert await page.locator("#jobs").inner_text() != ""
             assert "dashboard test" in await page.locator("#jobs").inner_text()
             assert "25% on" in await page.locator(".rollout").inner_text()

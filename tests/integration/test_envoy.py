@@ -242,9 +242,10 @@ async def test_grpc_predict_with_and_without_header(
             await stub.Predict(build_request("nope", rows), metadata=[("cyclone-model", "nope")])
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         assert "nope" in (unknown.value.details() or "")
-        # REST names the model in the path; listing needs the header with two models.
+        assert (unknown.value.details() or "").endswith(f"served: {BENCH}, {CREDIT}")
+        # REST names the model in the path; with two models the listing names them both.
         status, body = await http(envoy.public_address, "/v1/models")
-        assert status == 400 and "cyclone-model" in body["message"]
+        assert status == 200 and [m["name"] for m in body["models"]] == [BENCH, CREDIT], body
         # Removing a model: back to one, so no header needed again.
         await envoy.remove_model(BENCH)
         assert (await stub.Predict(build_request(CREDIT, rows))).model == CREDIT
@@ -276,7 +277,13 @@ async def test_rest_predict_returns_json_and_bad_input_is_400(
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "income" in (error.value.details() or "")
         status, body = await http(envoy.public_address, "/v1/models/nope:predict", rest_body(rows))
-        assert status == 404
+        assert status == 404 and body["message"].endswith("; served: credit"), body
+        # The features straight in the body, without their wrapper: the message shows it.
+        unwrapped = json.loads(rest_body(rows))["features"]
+        status, body = await http(
+            envoy.public_address, "/v1/models/credit:predict", json.dumps(unwrapped).encode()
+        )
+        assert status == 400 and 'needs them under "features"' in body["message"], body
 
 
 async def test_control_plane_only_on_the_control_listener(

@@ -498,6 +498,13 @@ async def test_plans_default_custom_and_rejected(stack: Stack) -> None:
             "window.rows: must be at least 1",
         ),
         "another model": (plan_yaml(model="churn"), "model: the plan is for 'churn', not 'credit'"),
+        "a regression metric on a classifier": (
+            plan_yaml(
+                metrics=["accuracy", "rmse"],
+                triggers=[{"metric": "rmse", "condition": "above", "threshold": 1, "level": "RED"}],
+            ),
+            "metrics[1]: 'rmse' is a regression metric and credit model is a classification model",
+        ),
         "not yaml": ("model: [unclosed", "<yaml>"),
     }
     for case, (text, expected) in bad.items():
@@ -517,6 +524,7 @@ async def test_plans_default_custom_and_rejected(stack: Stack) -> None:
     assert (got.revision, got.plan_yaml) == (1, custom)
     error = await rpc_error(stack.client.GetPlan(pb.GetPlanRequest(model="nope"), timeout=10))
     assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "'nope' is not registered; registered models: credit" in error.details()
 
 
 # --- (6) not enough data ------------------------------------------------------------------------

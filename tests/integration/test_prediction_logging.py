@@ -459,3 +459,65 @@ async def test_store_killed_and_restarted_under_load_loses_nothing(
     assert set(ids) == set(answered)
     assert not list((tmp_path / "spool").glob("*.batch"))
     assert second.poll() is None
+
+
+async def test_an_inference_process_killed_before_its_flush_loses_nothing(
+    repo: Repo, fresh_database_url: str, tmp_path: Path
+) -> None:
+    """Answered, then SIGKILLed before the batch left (a flush every minute): the process that
+    restarts on the same spool logs every answered prediction, once."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "cyclone", "serve", "inference",
+        "--model-repository", str(repo.root), "--port", str(port), "--metrics-port", "-1",
+        "--spool-dir", str(tmp_path / "spool"),
+    ]  # fmt: skip
+    env = {**os.environ, "CYCLONE_LOG_FLUSH_INTERVAL": "60", "CYCLONE_LOG_LEVEL": "WARNING"}
+    async with store_server(fresh_database_url) as store:
+        command += ["--store", f"127.0.0.1:{store.port}"]
+        log = (tmp_path / "inference.log").open("ab")
+        first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        second: subprocess.Popen[bytes] | None = None
+        try:
+            answered: list[str] = []
+            async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = inf_grpc.InferenceServiceStub(channel)
+
+                async def serving() -> bool:
+                    try:
+                        await stub.Predict(build_request(MODEL, repo.rows(0, 1)), timeout=2)
+                    except aio.AioRpcError:
+                        return False
+                    return True
+
+                await eventually(serving, 60, "the inference server")
+                warm = await count_stored(fresh_database_url)
+                for k in range(40):
+                    rows = repo.rows(k * 3, 1 + k % 4)
+                    rows[0]["city"] = None  # a missing category travels through the journal too
+                    request = build_request(MODEL, rows, "", {"city"})
+                    response = await stub.Predict(request, timeout=10)
+                    answered.extend(response.prediction_ids)
+            assert await count_stored(fresh_database_url) == warm  # nothing flushed yet
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
+
+            second = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+            async def all_stored() -> bool:
+                return set(answered) <= set(stored_ids(fresh_database_url))
+
+            await eventually(all_stored, 60, f"{len(answered)} answered predictions stored")
+        finally:
+            for process in (first, second):
+                if process is not None and process.poll() is None:
+                    process.kill()
+                    process.wait(10)
+            log.close()
+    ids = stored_ids(fresh_database_url)
+    assert len(ids) == len(set(ids)), "a replayed journal stored a prediction twice"
+    with psycopg.connect(fresh_database_url) as conn:
+        row = conn.execute(
+            "SELECT input, output FROM predictions WHERE prediction_id = %s", (answered[0],)
+        ).fetchone()
+    assert row is not None and row[0]["city"] in ("", None) and "label" in row[1]

@@ -7,6 +7,7 @@ the level RED naming the rows; an address nobody answers turns it AMBER; uptime 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import socket
@@ -194,12 +195,50 @@ async def test_an_unreachable_endpoint_turns_amber_and_counts_against_uptime(
     await _register(store_address, good)
     address = f"127.0.0.1:{_free_port()}"
     monitor.request_timeout = 2.0
+    monitor.probe_grace_seconds = 0.0  # long past any start-up
+    monitor.probe_retry_seconds = 0.0
     await _set_probes(monitor, {"address": address})
     await monitor.run_due()
     status = monitor.statuses[MODEL]
     assert status.level is Level.AMBER
-    assert any(f"probes: no answer from {address}" in r for r in status.evaluation.reasons)
+    [reason] = [r for r in status.evaluation.reasons if r.startswith("probes:")]
+    # One short sentence: the status name and its details, never an AioRpcError repr.
+    assert reason.startswith(f"probes: no answer from {address}: UNAVAILABLE: "), reason
+    assert "\n" not in reason and "AioRpcError" not in reason, reason
+    assert "debug_error_string" not in reason, reason
     assert status.evaluation.metrics["uptime"].value == 0.0
+
+
+async def test_no_answer_before_the_first_answer_is_a_start_up_not_an_outage(
+    repos: tuple[Path, Path], store_address: str, monitor: Monitor, tmp_path: Path
+) -> None:
+    """Within the grace a model that never answered stays GREEN; once it answered, a round
+    without an answer counts at once."""
+    good, _ = repos
+    await _register(store_address, good)
+    monitor.request_timeout = 2.0
+    monitor.probe_retry_seconds = 0.0
+    port = _free_port()
+    await _set_probes(monitor, {"every": "1s", "address": f"127.0.0.1:{port}"})
+    await monitor.run_due()  # nothing listens yet: the mesh is "starting"
+    status = monitor.statuses[MODEL]
+    assert status.level is Level.GREEN, status.evaluation.reasons
+    assert "uptime" not in status.evaluation.metrics  # the round is not counted at all
+    settings = dataclasses.replace(_inference(good, tmp_path), port=port)
+    async with await start_inference(settings):
+        deadline = time.monotonic() + 10
+        while MODEL not in monitor.probe_records:  # the channel's reconnect backoff
+            assert time.monotonic() < deadline, "the probe never got an answer"
+            monitor._next_probe.clear()
+            await monitor.run_due()
+            await asyncio.sleep(0.2)
+        assert monitor.statuses[MODEL].level is Level.GREEN
+        assert monitor.statuses[MODEL].evaluation.metrics["uptime"].value == 1.0
+    monitor._next_probe.clear()
+    await monitor.run_due()  # it answered before: now no answer is an outage
+    status = monitor.statuses[MODEL]
+    assert status.level is Level.AMBER
+    assert any("probes: no answer" in r for r in status.evaluation.reasons)
 
 
 async def test_no_address_means_no_probes(
@@ -215,7 +254,8 @@ async def test_no_address_means_no_probes(
 async def test_probes_through_envoy_are_answered_not_logged_and_keep_green(
     repos: tuple[Path, Path], store_address: str, monitor: Monitor, tmp_path: Path
 ) -> None:
-    """The header survives the public listener: the model answers, the store logs nothing."""
+    """The headers survive the public listener with two models served: the probe names its
+    model, the model answers, the store logs nothing."""
     from cyclone.envoy import EnvoyProxy, EnvoySettings
     from cyclone.traffic import Endpoint, Revision, TrafficSplit
 
@@ -241,8 +281,12 @@ async def test_probes_through_envoy_are_answered_not_logged_and_keep_green(
             await start_inference(_inference(good, tmp_path, store_address)) as inference,
             aio.insecure_channel(store_address) as store_channel,
         ):
-            rev = Revision(MODEL, version, (Endpoint("127.0.0.1", inference.server.port),))
+            endpoint = (Endpoint("127.0.0.1", inference.server.port),)
+            rev = Revision(MODEL, version, endpoint)
             await envoy.apply(TrafficSplit(MODEL, {rev.name: 100}, {rev.name: rev}))
+            # A second model: from now on Envoy routes only calls naming their model.
+            forest = Revision("forest", "1", endpoint)
+            await envoy.apply(TrafficSplit("forest", {forest.name: 100}, {forest.name: forest}))
             await _set_probes(monitor, {"address": envoy.public_address})
             deadline = time.monotonic() + 15
             while True:  # Envoy's health check admits the endpoint within a few intervals
@@ -250,7 +294,8 @@ async def test_probes_through_envoy_are_answered_not_logged_and_keep_green(
                 monitor._next_probe.clear()
                 monitor._next_due.clear()
                 await monitor.run_due()
-                if monitor.statuses[MODEL].level is Level.GREEN or time.monotonic() > deadline:
+                answered = "uptime" in monitor.statuses[MODEL].evaluation.metrics
+                if answered or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.25)
             status = monitor.statuses[MODEL]

@@ -103,3 +103,34 @@ async def test_stats_report_recent_latency_and_failed_health_checks(
     while (await envoy.stats(rev.name)).extra["health_check_failures"] < 2:
         assert time.monotonic() < deadline, "health check failures were not counted"
         await asyncio.sleep(0.1)
+
+
+async def test_a_second_driver_attaches_and_carries_on_without_touching_traffic(
+    envoy: EnvoyProxy, start_inference_server: StartServer
+) -> None:
+    """A restarted trainer attaches to the running Envoy: the splits it finds are the ones in
+    place, re-applying them changes nothing, and it can go on moving weights."""
+    async with start_inference_server() as one, start_inference_server() as two:
+        champion, challenger = revision("1", one.port), revision("2", two.port)
+        both = {champion.name: champion, challenger.name: challenger}
+        split = TrafficSplit(CREDIT, {champion.name: 90, challenger.name: 10}, both)
+        await envoy.apply(split)
+        routes = envoy.layout.rds("public").read_text()
+
+        attached = EnvoyProxy(envoy.settings)
+        await attached.attach(timeout=10)
+        assert attached.splits == {CREDIT: split}
+        assert attached.public_port == envoy.public_port
+        await attached.apply(split)
+        assert envoy.layout.rds("public").read_text() == routes  # nothing moved
+        await attached.apply(TrafficSplit(CREDIT, {champion.name: 0, challenger.name: 100}, both))
+        assert attached.splits[CREDIT].weights[challenger.name] == 100
+        await attached.wait_healthy(challenger, 10)
+        await attached.stop()  # attached: Envoy is not its to stop
+        assert await envoy.admin.ready()
+
+
+async def test_attach_without_a_written_configuration_says_so(tmp_path: Path) -> None:
+    proxy = EnvoyProxy(EnvoySettings(work_dir=tmp_path / "nothing"))
+    with pytest.raises(RuntimeError, match="no Envoy configuration"):
+        await proxy.attach(timeout=1)

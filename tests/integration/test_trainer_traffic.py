@@ -259,3 +259,71 @@ async def test_rollback_alert_sends_traffic_back_through_the_trainer_sink(mesh: 
     assert final.state == pb.ROLLOUT_STATE_ROLLED_BACK
     assert "alert 91" in final.reason or "errors" in final.reason, final.reason
     assert (await _predict(mesh.public)).version == "1"
+
+
+async def test_rollback_after_a_promotion_goes_back_to_the_previous_version(mesh: Mesh) -> None:
+    """The plan's `rollback` action once the new version serves alone: a rollout of its own back
+    to v1, every request answered meanwhile; the same alert delivered again changes nothing."""
+    from datetime import UTC, datetime
+
+    from cyclone.plugin_api import Alert
+    from plugins.alert_sinks import deliver_trainer
+
+    frame = credit_frame(400, seed=5)
+    import_pipeline(
+        credit_pipeline(frame), "credit", mesh.repository, sample=frame, label_column="defaulted"
+    )
+    plan = default_plan("credit", "classification")
+    fast = dataclasses.replace(plan.rollout, red_black=RedBlackSpec(keep_old_for_seconds=1.0))
+    plan = dataclasses.replace(plan, rollout=fast)
+    await mesh.store.SavePlan(
+        store_pb.SavePlanRequest(model="credit", plan_yaml=plan_to_yaml(plan))
+    )
+    await mesh.plane.keeper.register_repository()
+    started = await mesh.trainer.Rollout(
+        pb.RolloutRequest(model="credit", version="2", strategy=pb.ROLLOUT_STRATEGY_RED_BLACK)
+    )
+
+    async def ended(rollout_id: str) -> pb.Rollout:
+        for _ in range(300):
+            got = await mesh.trainer.GetRollout(pb.GetRolloutRequest(rollout_id=rollout_id))
+            if got.rollout.state not in (
+                pb.ROLLOUT_STATE_PENDING,
+                pb.ROLLOUT_STATE_PROGRESSING,
+            ):
+                return got.rollout
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"rollout {rollout_id} did not end")
+
+    assert (await ended(started.rollout.id)).state == pb.ROLLOUT_STATE_PROMOTED
+    assert (await _predict(mesh.public)).version == "2"
+
+    failed: list[str] = []
+    stop = asyncio.Event()
+
+    async def traffic() -> int:
+        n = 0
+        while not stop.is_set():
+            try:
+                await _predict(mesh.public)
+            except aio.AioRpcError as exc:
+                failed.append(exc.code().name)
+            n += 1
+        return n
+
+    caller = asyncio.create_task(traffic())
+    alert = Alert("92", "credit", "2", "RED", "GREEN", ["errors"], ["rollback"], datetime.now(UTC))
+    await asyncio.to_thread(deliver_trainer, alert, {"address": mesh.trainer_address})
+    listed = (await mesh.trainer.ListRollouts(pb.ListRolloutsRequest(model="credit"))).rollouts
+    back = listed[0]
+    assert back.id != started.rollout.id
+    assert (back.from_version, back.to_version) == ("2", "1")
+    done = await ended(back.id)
+    stop.set()
+    calls = await caller
+    assert done.state == pb.ROLLOUT_STATE_PROMOTED, done.reason
+    assert calls > 0 and failed == []
+    assert (await _predict(mesh.public)).version == "1"
+    await asyncio.to_thread(deliver_trainer, alert, {"address": mesh.trainer_address})
+    again = (await mesh.trainer.ListRollouts(pb.ListRolloutsRequest(model="credit"))).rollouts
+    assert len(again) == len(listed)

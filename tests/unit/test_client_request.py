@@ -39,3 +39,17 @@ def test_categorical_features_of_a_model_info() -> None:
         ]
     )
     assert categorical_features(info) == {"zip"}
+
+
+def test_a_prediction_says_which_version_answered() -> None:
+    from cyclone.client import predictions_from_response
+    from cyclone.inference.v1 import inference_service_pb2 as pb
+
+    regression = pb.PredictResponse(version="2", prediction_ids=["a", "b"], values=[1.0, 2.0])
+    assert [p.version for p in predictions_from_response(regression)] == ["2", "2"]
+    classified = pb.PredictResponse(
+        version="3", prediction_ids=["c"], labels=["1"], class_labels=["0", "1"],
+        probabilities=[0.2, 0.8],
+    )  # fmt: skip
+    [p] = predictions_from_response(classified)
+    assert (p.label, p.version, p.probabilities) == ("1", "3", {"0": 0.2, "1": 0.8})

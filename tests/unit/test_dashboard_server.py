@@ -20,6 +20,7 @@ import pytest
 
 from services.monitor.dashboard import Dashboard
 from services.monitor.records import (
+    LiveCounts,
     MetricPoint,
     ModelStatus,
     QueuedAlert,
@@ -38,6 +39,7 @@ class MemorySource:
     def __init__(self) -> None:
         self.store_up = True
         self.jobs_list: list[TrainingJobSummary] = []
+        self.predictions = 10
 
     def _store(self) -> None:
         if not self.store_up:
@@ -69,6 +71,10 @@ class MemorySource:
     def traffic(self, model: str, since: datetime) -> list[TrafficPoint]:
         self._store()
         return [TrafficPoint("2", T0, 10, 1.5, 1.0, float("nan"))]
+
+    def counts(self) -> list[LiveCounts]:
+        self._store()
+        return [LiveCounts("m", self.predictions, 4)]
 
 
 @pytest.fixture
@@ -210,3 +216,23 @@ def test_stop_ends_open_streams() -> None:
     with pytest.raises((EOFError, ConnectionError)):
         stream.event()
     stream.close()
+
+
+def test_live_counts_come_with_the_snapshot_and_follow_the_store(
+    served: tuple[Dashboard, MemorySource],
+) -> None:
+    """The card's live counts are what the store holds now, not the last evaluation's window."""
+    dashboard, source = served
+    stream = Stream(dashboard)
+    try:
+        snapshot = stream.next_named("snapshot")
+        assert snapshot["counts"] == {"m": {"predictions": 10, "labels": 4}}
+        source.predictions = 25
+        deadline = time.monotonic() + 5
+        while True:
+            counts = stream.next_named("counts")
+            if counts["m"]["predictions"] == 25 or time.monotonic() > deadline:
+                break
+        assert counts == {"m": {"predictions": 25, "labels": 4}}
+    finally:
+        stream.close()

@@ -195,3 +195,33 @@ def test_feature_validity(registry: dict[str, MetricSpec]) -> None:
     assert registry["feature_type_error_rate"].fn(typed, ctx).value == pytest.approx(1 / 3)
     only_age = registry["feature_missing_rate"].fn(window, MetricContext({"features": ["age"]}))
     assert only_age.value == pytest.approx(1 / 6)
+
+
+def test_a_few_identical_predictions_are_not_a_stuck_model(
+    registry: dict[str, MetricSpec],
+) -> None:
+    from cyclone.reference import CategoricalProfile, ReferenceProfile
+
+    few = Window({}, np.full(3, 4.2), task="regression")
+    assert compute(registry, "constant_predictions", few).status == "not_enough_data"
+
+    def same_class(n: int) -> Window:
+        return Window(
+            {},
+            np.array(["0"] * n, dtype=object),
+            probabilities=np.tile([0.9, 0.1], (n, 1)),
+            class_labels=["0", "1"],
+            task="classification",
+        )
+
+    # A model that says "0" 90 % of the time: 30 zeros in a row are a 4 % chance, not a fault.
+    mostly_zero = ReferenceProfile(
+        {}, prediction=CategoricalProfile({"0": 900, "1": 100}, 1000, 0.0)
+    )
+    ctx = MetricContext({}, mostly_zero)
+    result = registry["constant_predictions"].fn(same_class(30), ctx)
+    assert result.status == "not_enough_data" and "90%" in result.detail
+    assert registry["constant_predictions"].fn(same_class(200), ctx).value == 1.0
+    assert compute(registry, "constant_predictions", same_class(30)).value == 1.0  # no reference
+    mixed = Window({}, np.array([1.0, 2.0]), task="regression")
+    assert compute(registry, "constant_predictions", mixed).value == 0.0

@@ -178,8 +178,14 @@ def test_no_rows(credit: LoadedModel, bench: LoadedModel) -> None:
     _expect_invalid(credit, empty, "features: the request has no rows")
 
 
-def test_no_columns(credit: LoadedModel) -> None:
-    _expect_invalid(credit, {}, "features.age: missing")
+def test_no_columns_says_the_body_needs_the_features_wrapper(credit: LoadedModel) -> None:
+    _expect_invalid(
+        credit,
+        {},
+        "features: none given; model 'credit' takes age, income, debt_ratio, city",
+        'a REST body needs them under "features": {"features": {"age": {"numbers": [...]}, '
+        '"income": {"numbers": [...]}, ...}}',
+    )
 
 
 def test_more_rows_than_max_batch_rows(credit: LoadedModel, model_repo: ModelRepo) -> None:

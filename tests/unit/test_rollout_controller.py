@@ -124,7 +124,12 @@ class FakeStore:
         return self.versions.get(version) if model == M else None
 
     async def serving_version(self, model: str) -> str | None:
+        if model != M:
+            return None
         return next((v.version for v in self.versions.values() if v.status == "serving"), None)
+
+    async def registered(self, model: str | None = None) -> list[VersionInfo]:
+        return [v for v in self.versions.values() if model in (None, v.model)]
 
     async def set_status(self, model: str, version: str, status: str) -> None:
         if status == "serving":
@@ -494,8 +499,10 @@ async def test_second_rollout_of_a_model_is_refused(mesh: Mesh) -> None:
 
 
 async def test_unknown_and_serving_versions_are_refused(mesh: Mesh) -> None:
-    with pytest.raises(NotFound, match="version"):
+    with pytest.raises(NotFound, match=r"no version '9' \(its versions: 1 \(serving\), 2"):
         await mesh.controller.start(M, "9")
+    with pytest.raises(NotFound, match=r"'credt' is not registered \(registered models: credit\)"):
+        await mesh.controller.start("credt", "2")
     with pytest.raises(FailedPrecondition, match="already serving"):
         await mesh.controller.start(M, "1")
     with pytest.raises(NotFound, match="rollout_id"):
@@ -508,3 +515,47 @@ async def test_watch_streams_every_step_until_the_end(mesh: Mesh) -> None:
     seen = [s.decision async for s in mesh.controller.watch(r.id)]
     assert seen[0] == "start" and seen[-1] == "promoted"
     assert seen == mesh.decisions(r.id)
+
+
+async def test_rollback_after_a_promotion_is_a_rollout_back_to_the_previous_version(
+    mesh: Mesh,
+) -> None:
+    promoted = await finish(mesh, (await mesh.controller.start(M, "2")).id)
+    assert promoted.state is RolloutState.PROMOTED and OLD in mesh.orchestrator.stopped
+    splits_before = len(mesh.router.splits)
+    back = await mesh.controller.revert(M, "v2 went RED")
+    assert back.id != promoted.id and (back.from_version, back.to_version) == ("2", "1")
+    assert back.strategy == "red_black"
+    assert back.steps[0].reason == "rollback of credit from 2 to 1: v2 went RED"
+    done = await finish(mesh, back.id)
+    assert done.state is RolloutState.PROMOTED, done.steps
+    # Zero downtime: v1 added at 0 % beside v2, then all at once, then v2 out and stopped.
+    splits = mesh.router.splits[splits_before:]
+    assert [s.weights for s in splits] == [{NEW: 100, OLD: 0}, {NEW: 0, OLD: 100}, {OLD: 100}]
+    assert mesh.orchestrator.stopped[-1] == NEW and OLD in mesh.orchestrator.revisions
+    assert mesh.store.versions["1"].status == "serving"
+    assert mesh.store.versions["2"].status == "retired"
+
+
+async def test_a_repeated_rollback_alert_goes_back_once(mesh: Mesh) -> None:
+    await finish(mesh, (await mesh.controller.start(M, "2")).id)
+    first = await mesh.controller.revert(M, "RED", key="alert 7")
+    await finish(mesh, first.id)
+    again = await mesh.controller.revert(M, "RED", key="alert 7")
+    assert again.id == first.id
+    assert mesh.store.versions["1"].status == "serving"
+
+
+async def test_rollback_with_no_earlier_version_is_refused(mesh: Mesh) -> None:
+    with pytest.raises(FailedPrecondition, match="no version to go back to"):
+        await mesh.controller.revert(M)
+    with pytest.raises(NotFound, match=r"'forest' is not registered \(registered models: credit\)"):
+        await mesh.controller.revert("forest")
+
+
+async def test_rollback_during_a_rollout_rolls_that_rollout_back(mesh: Mesh) -> None:
+    mesh.store.spec = replace(FAST, deadline_seconds=60, step_seconds=60)
+    r = await mesh.controller.start(M, "2")
+    back = await mesh.controller.revert(M, "by hand")
+    assert back.id == r.id and back.state is RolloutState.ROLLED_BACK
+    assert mesh.store.versions["1"].status == "serving"

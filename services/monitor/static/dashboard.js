@@ -9,6 +9,8 @@ const state = {
   rollouts: [],          // RolloutSummary records
   points: new Map(),     // model -> Map(series name -> Map(t seconds -> value))
   traffic: new Map(),    // model -> TrafficPoint records
+  counts: {},            // model -> {predictions, labels}: what the store holds now
+  jobs: [],              // TrainingJobSummary records, newest first
   loaded: new Set(),     // models whose history is being or was read
   histories: new Set(),  // models whose history is on the charts
   charts: new Map(),     // "model/kind" -> {plot, keys}
@@ -74,6 +76,12 @@ function aligned(named) {
   return { keys, data: [xs, ...keys.map(k => xs.map(x => named.get(k).has(x) ? named.get(k).get(x) : null))] };
 }
 
+function xRange(xs) {
+  // [first, last] point in seconds; one point (or one instant) gets ten minutes before it.
+  const lo = xs[0], hi = xs[xs.length - 1];
+  return hi - lo >= 1 ? [lo, hi] : [lo - 600, hi + 60];
+}
+
 function chart(model, kind, title, named, label) {
   const box = $(`[data-chart="${kind}"]`, $(`#model-${slug(model)}`));
   if (!box) return;
@@ -86,16 +94,19 @@ function chart(model, kind, title, named, label) {
     return;
   }
   if (existing && existing.keys.join("\n") === keys.join("\n")) {
-    existing.plot.setData(data);
+    existing.plot.setData(data, false);
+    const [lo, hi] = xRange(data[0]);
+    existing.plot.setScale("x", { min: lo, max: hi });
     return;
   }
   if (existing) existing.plot.destroy();
   box.innerHTML = `<h3>${esc(title)}</h3>`;
   const width = Math.max(320, box.clientWidth || 420);
+  const [lo, hi] = xRange(data[0]);
   const plot = new uPlot({
     width, height: 180,
-    // One point (a single minute of traffic) would otherwise span years.
-    scales: { x: { time: true, range: (u, min, max) => min === max ? [min - 600, max + 60] : [min, max] } },
+    // The x range is ours, not uPlot's guess: one point would otherwise span years.
+    scales: { x: { time: true, auto: false, min: lo, max: hi, range: (u, min, max) => xRange([min, max]) } },
     axes: [{}, { label, size: 56 }],
     series: [{}, ...keys.map((k, i) => ({
       label: k, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true,
@@ -156,10 +167,10 @@ function renderModel(model) {
   const badge = $(".level", el);
   badge.dataset.level = level;
   badge.textContent = level || "not evaluated";
-  $(".summary", el).textContent = s
-    ? `v${s.version} · ${s.rows || 0} rows, ${s.labelled_rows || 0} labelled · evaluated ${time(s.evaluated_at)}`
-    : "";
-  $(".reasons", el).innerHTML = (s?.reasons || []).map(r => `<li>${esc(r)}</li>`).join("");
+  renderSummary(model, el);
+  const next = nextStep(model, s);
+  $(".reasons", el).innerHTML = (s?.reasons || []).map(r => `<li>${esc(r)}</li>`).join("")
+    + (next ? `<li class="next">${esc(next)}</li>` : "");
   const versions = state.versions.filter(v => v.model === model)
     .sort((a, b) => String(b.created_at).localeCompare(String(a.created_at)));
   $(".versions tbody", el).innerHTML = versions.map(v => `<tr><td>${esc(v.version)}</td><td>${esc(v.status)}</td>
@@ -168,6 +179,31 @@ function renderModel(model) {
     <td>${v.triggering_alert_id ? "#" + esc(v.triggering_alert_id) : ""}</td><td>${esc(time(v.created_at))}</td></tr>`).join("");
   renderSplit(el, model, versions);
   renderCharts(model);
+}
+
+function renderSummary(model, el) {
+  // Live counts (the store now) beside the last evaluation (its window, maybe older).
+  const s = state.statuses.get(model), c = state.counts[model];
+  const live = c ? `now ${c.predictions} predictions, ${c.labels} labelled` : "";
+  const last = s
+    ? `last evaluation v${s.version} at ${time(s.evaluated_at)}: ${s.rows || 0} rows, ${s.labelled_rows || 0} labelled in its window`
+    : "not evaluated yet";
+  $(".summary", el).textContent = [live, last].filter(Boolean).join(" · ");
+}
+
+const ENDED = ["succeeded", "failed", "cancelled", "not_enough_data", "rejected"];
+
+function nextStep(model, s) {
+  // For a RED model: what happens next, from its rollout, its job or the plan's actions.
+  if (!s || levelName(s.level) !== "RED") return "";
+  const rollout = state.rollouts.find(r => r.model === model && ["pending", "progressing", "paused"].includes(r.state));
+  if (rollout) return `next: rollout #${rollout.id} to v${rollout.to_version} is ${rollout.state}`;
+  const job = state.jobs.find(j => j.model === model);
+  if (job && !ENDED.includes(job.state)) return `next: retraining job #${job.id} is ${job.state} (${job.stage || "queued"})`;
+  const actions = s.actions || [];
+  if (actions.includes("retrain")) return "next: retraining was asked for" + (job ? `; the last job #${job.id} ended ${job.state}` : "");
+  if (actions.includes("rollback")) return "next: the previous version was asked back (rollback)";
+  return actions.length ? `next: ${actions.join(", ")}` : "next: nothing automatic (the plan has no RED action)";
 }
 
 function renderSplit(el, model, versions) {
@@ -216,14 +252,16 @@ const handlers = {
   snapshot(d) {
     state.statuses = new Map(d.statuses.map(s => [s.model, s]));
     for (const s of d.statuses) addStatusPoints(s);
-    state.versions = d.versions; state.rollouts = d.rollouts;
+    state.versions = d.versions; state.rollouts = d.rollouts; state.jobs = d.jobs;
+    state.counts = d.counts || {};
     renderAlerts(d.alerts); renderJobs(d.jobs); renderAll(); showProblem("");
   },
   status(s) { state.statuses.set(s.model, s); addStatusPoints(s); renderModel(s.model); loadHistory(s.model); },
   versions(d) { state.versions = d; renderAll(); },
   rollouts(d) { state.rollouts = d; renderAll(); },
   alerts(d) { renderAlerts(d); },
-  jobs(d) { renderJobs(d); },
+  jobs(d) { state.jobs = d; renderJobs(d); for (const m of models()) renderModel(m); },
+  counts(d) { state.counts = d; for (const m of models()) renderSummary(m, section(m)); },
   traffic(d) { for (const [model, points] of Object.entries(d)) { state.traffic.set(model, points); renderCharts(model); } },
   heartbeat(d) { $("#heartbeat").textContent = "last heartbeat " + time(d.time); },
   problem(d) { showProblem(d.message); },

@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from scipy import stats as st
 
 from cyclone.rollout_plan import AnalysisSpec, PromoteIf
 
-from .ports import Rows
+from .ports import Calibrated, Rows
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,84 @@ def quality(champion: Rows, canary: Rows, metric: str, spec: AnalysisSpec) -> Ch
     if p < spec.significance:
         return Check("quality", False, f"{text}: worse beyond {margin:g} (p={p:.3g})", numbers)
     return Check("quality", True, text, numbers)
+
+
+# The champion's quality, when judged on realized labels: its newest labelled rows (recent
+# enough to reflect the world the challenger was trained for).
+CHAMPION_RECENT_ROWS = 200
+
+
+def expected_correct(rows: Rows, calibrated: Calibrated) -> np.ndarray | None:
+    """Per row, the calibrated probability that the served answer is right (CBPE); None when
+    the rows carry no probabilities in classes the calibration knows."""
+    if rows.probabilities is None or not rows.predictions:
+        return None
+    served = [str(c) for c in rows.classes]
+    if sorted(served) != sorted(calibrated.classes):
+        return None
+    order = [served.index(c) for c in calibrated.classes]
+    probabilities = np.asarray(rows.probabilities, dtype=np.float64)[:, order]
+    position = {c: i for i, c in enumerate(calibrated.classes)}
+    predicted = [position.get(str(p), -1) for p in rows.predictions]
+    if min(predicted) < 0:
+        return None
+    calibrated_p = calibrated.calibration.apply(probabilities)
+    return np.asarray(calibrated_p[np.arange(len(predicted)), predicted], dtype=np.float64)
+
+
+def estimated_quality(
+    champion: Rows,
+    candidate: Rows,
+    champion_calibration: Calibrated | None,
+    candidate_calibration: Calibrated | None,
+    metric: str,
+    spec: AnalysisSpec,
+) -> Check:
+    """Before labels: the candidate's accuracy as its own calibration expects it on its live
+    rows, against the champion's -- realized on its newest labelled rows when it has enough
+    (a calibration goes stale under concept shift; labels do not), else estimated the same
+    way. Worse beyond `max_quality_drop` (one-sided z-test) fails; shown not worse by that
+    margin (non-inferiority at the same significance) passes; anything else is inconclusive."""
+    name = "estimated_quality"
+    if metric != "accuracy":
+        return Check(name, None, "estimates cover classifiers only: waiting for labels")
+    if candidate_calibration is None:
+        return Check(name, None, "the new version has no calibration: waiting for labels")
+    need = spec.min_labelled_rows
+    mine = expected_correct(candidate, candidate_calibration)
+    if mine is None or len(mine) < need:
+        n = 0 if mine is None else len(mine)
+        return Check(name, None, f"{n} candidate rows with probabilities < {need}")
+    recent = champion.labelled().newest(CHAMPION_RECENT_ROWS)
+    if len(recent.labels) >= need:
+        basis, theirs = "realized", np.asarray(_correct(recent), dtype=np.float64)
+    elif champion_calibration is not None:
+        basis, estimate = "estimated", expected_correct(champion, champion_calibration)
+        if estimate is None or len(estimate) < need:
+            return Check(name, None, "too few champion rows with probabilities to compare")
+        theirs = estimate
+    else:
+        return Check(name, None, "the champion has neither labels nor a calibration to compare")
+    mc, mh = float(mine.mean()), float(theirs.mean())
+    se = math.sqrt(float(mine.var(ddof=1)) / len(mine) + float(theirs.var(ddof=1)) / len(theirs))
+    diff = mh - mc  # > 0: the candidate is expected worse
+    margin = spec.max_quality_drop
+    p_worse = _one_sided_p(diff, margin, se)
+    p_not_worse = _one_sided_p(-diff, -margin, se)  # H1: diff < margin
+    numbers = {
+        "candidate_estimated_accuracy": mc,
+        f"champion_{basis}_accuracy": mh,
+        "candidate_rows": float(len(mine)),
+        "champion_rows": float(len(theirs)),
+        "estimate_p_worse": p_worse,
+        "estimate_p_not_worse": p_not_worse,
+    }
+    text = f"estimated accuracy {mc:.4g} vs champion {mh:.4g} ({basis})"
+    if p_worse < spec.significance:
+        return Check(name, False, f"{text}: worse beyond {margin:g} (p={p_worse:.3g})", numbers)
+    if p_not_worse < spec.significance:
+        return Check(name, True, f"{text}: not worse (p={p_not_worse:.3g})", numbers)
+    return Check(name, None, f"{text}: inconclusive so far", numbers)
 
 
 def pair(champion: Rows, challenger: Rows) -> tuple[list[Any], list[Any], list[Any]]:

@@ -27,11 +27,14 @@ from cyclone.traffic import Revision, RevisionStats, TrafficRouter, TrafficSplit
 from . import analysis
 from .analysis import Check, Counts
 from .model import Progress, Rollout, RolloutState, RolloutStep
-from .ports import Orchestrator, RolloutStore, SmokeTester
+from .ports import Calibrations, Orchestrator, RolloutStore, Rows, SmokeTester
 
 log = logging.getLogger(__name__)
 
 S = RolloutState
+
+# How far back the champion's realized quality is looked for when a rollout starts.
+CHAMPION_LOOKBACK_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class RolloutController:
         settings: ControllerSettings | None = None,
         *,
         smoke: SmokeTester | None = None,
+        calibrations: Calibrations | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.orchestrator = orchestrator
@@ -64,6 +68,9 @@ class RolloutController:
         self.store = store
         self.settings = settings or ControllerSettings()
         self.smoke = smoke
+        self.calibrations = calibrations
+        # Per rollout: the champion's newest labelled rows from before it began (read once).
+        self._champion_recent: dict[str, Rows] = {}
         self.clock = clock
         self._rollouts: dict[str, Rollout] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -78,6 +85,57 @@ class RolloutController:
         self, model: str, to_version: str, strategy: Strategy | str | None = None
     ) -> Rollout:
         """Begin moving `model`'s traffic to `to_version` (strategy: the plan's unless given)."""
+        return await self._begin(model, to_version, strategy)
+
+    async def revert(self, model: str, reason: str = "", key: str = "") -> Rollout:
+        """Send `model`'s traffic back to the previous version.
+
+        During a rollout that is its rollback. After a promotion it is a rollout of its own back
+        to the version the promotion replaced: red-black (started, healthy at 0 %, then all
+        traffic at once) with a one-second keep-warm, so the version being left stops as soon
+        as it has drained. `key` (an alert id) makes a repeated request return the first one's
+        rollout instead of going back twice.
+        """
+        if not model:
+            raise InvalidArgument("model: empty")
+        recent = await self.list(model, limit=20)
+        active = [r for r in recent if r.state.active]
+        if active:
+            return await self.rollback(active[0].id, reason)
+        marker = f"[{key}]" if key else ""
+        repeated = [r for r in recent if marker and r.steps and marker in r.steps[0].reason]
+        if repeated:
+            return repeated[0]
+        serving = await self.store.serving_version(model)
+        if serving is None:
+            raise NotFound(await self._unknown(model, ""))
+        promoted = next(
+            (r for r in recent if r.state is S.PROMOTED and r.to_version == serving), None
+        )
+        if promoted is None or not promoted.from_version:
+            raise FailedPrecondition(
+                f"model: {model!r} has no version to go back to: {serving} was not promoted"
+                " over an earlier one"
+            )
+        spec = (await self.store.rollout_spec(model)).with_strategy("red_black")
+        # Going back to a version that served before needs no long keep-warm (1 s: the
+        # shortest a stored spec can say).
+        spec = replace(spec, red_black=replace(spec.red_black, keep_old_for_seconds=1.0))
+        why = f"rollback of {model} from {serving} to {promoted.from_version}"
+        why += f": {reason}" if reason else ""
+        return await self._begin(
+            model, promoted.from_version, None, spec=spec, note=f"{why} {marker}".strip()
+        )
+
+    async def _begin(
+        self,
+        model: str,
+        to_version: str,
+        strategy: Strategy | str | None,
+        *,
+        spec: RolloutSpec | None = None,
+        note: str = "",
+    ) -> Rollout:
         if not model:
             raise InvalidArgument("model: empty")
         if not to_version:
@@ -90,7 +148,7 @@ class RolloutController:
         try:
             info = await self.store.model_version(model, to_version)
             if info is None:
-                raise NotFound(f"version: model {model!r} has no version {to_version!r}")
+                raise NotFound(await self._unknown(model, to_version))
             if info.status == "serving":
                 raise FailedPrecondition(f"version: {model} {to_version} is already serving")
             active = [r for r in await self.store.list(model, active_only=True)]
@@ -99,7 +157,8 @@ class RolloutController:
                     f"model: {model!r} already has an active rollout ({active[0].id}, to version"
                     f" {active[0].to_version}); promote or roll it back first"
                 )
-            spec = (await self.store.rollout_spec(model)).with_strategy(strategy)
+            if spec is None:
+                spec = (await self.store.rollout_spec(model)).with_strategy(strategy)
             champion = await self.store.serving_version(model)
             now = self.clock()
             rollout = Rollout(
@@ -113,7 +172,8 @@ class RolloutController:
             first = self._step(
                 rollout,
                 "start",
-                f"{spec.strategy} rollout of {model} {to_version}"
+                note
+                or f"{spec.strategy} rollout of {model} {to_version}"
                 + (f" replacing {champion}" if champion else " (first version)"),
             )
             rollout = await self.store.create(rollout, first)
@@ -237,6 +297,7 @@ class RolloutController:
                         self._wake[rollout.id].wait(), rollout.spec.interval_seconds
                     )
                 self._wake[rollout.id].clear()
+        self._champion_recent.pop(rollout.id, None)
         for q in self._watchers.pop(rollout.id, []):
             q.put_nowait(None)
 
@@ -252,6 +313,8 @@ class RolloutController:
             await self._keep_warm(r)
         elif phase == "shadow":
             await self._shadow(r)
+        elif phase == "confirm":
+            await self._confirm(r)
         elif phase == "finalize":
             await self._finalize(r, "finishing the promotion")
         else:  # pragma: no cover - recorded by a newer controller
@@ -360,8 +423,9 @@ class RolloutController:
         promotion_gate = p.step_index >= len(spec.steps) - 2
         enough = canary_requests >= spec.min_requests and elapsed >= spec.step_seconds
         quality = next(c for c in checks if c.name == "quality")
+        estimated = _estimate_passed(checks)
         numbers = _numbers(checks)
-        if enough and promotion_gate and quality.passed is None:
+        if enough and promotion_gate and quality.passed is None and not estimated:
             if elapsed < spec.deadline_seconds:
                 await self._waiting(r, "labels", f"waiting for labels: {quality.reason}", numbers)
                 return
@@ -373,7 +437,9 @@ class RolloutController:
                 numbers,
             )
         if enough:
-            if last:
+            if last and quality.passed is None and estimated:
+                await self._enter_confirm(r, _summary(checks), numbers)
+            elif last:
                 await self._finalize(r, _summary(checks) or "all steps passed", numbers)
             else:
                 await self._record(r, "advance", _summary(checks), numbers)
@@ -455,10 +521,15 @@ class RolloutController:
             spec.shadow.promote_if,
             spec.shadow.min_paired_rows,
         )
+        estimate = await self._estimated_check(r, champ_rows, chall_rows, metric)
         if check.passed is True:
             await self._finalize(r, check.reason, check.numbers)
         elif check.passed is False:
             await self._rollback(r, f"shadow comparison: {check.reason}", check.numbers)
+        elif estimate is not None and estimate.passed is False:
+            await self._count_failures(r, [estimate])
+        elif estimate is not None and estimate.passed:
+            await self._enter_confirm(r, estimate.reason, estimate.numbers)
         elif self.clock() - r.progress.step_started_at >= spec.deadline_seconds:
             await self._on_deadline(r, f"deadline: {check.reason}", check.numbers)
         else:
@@ -492,15 +563,93 @@ class RolloutController:
         info = await self.store.model_version(r.model, r.to_version)
         metric = analysis.resolve_metric(a.quality_metric, info.task if info else "")
         assert r.from_version is not None
-        checks.append(
-            analysis.quality(
-                await self.store.rows(r.model, r.from_version, since),
-                await self.store.rows(r.model, r.to_version, since),
-                metric,
-                a,
-            )
-        )
+        champion_rows = await self.store.rows(r.model, r.from_version, since)
+        canary_rows = await self.store.rows(r.model, r.to_version, since)
+        checks.append(analysis.quality(champion_rows, canary_rows, metric, a))
+        estimate = await self._estimated_check(r, champion_rows, canary_rows, metric)
+        if estimate is not None:
+            checks.append(estimate)
         return checks, canary.requests
+
+    async def _estimated_check(
+        self, r: Rollout, champion_rows: Rows, candidate_rows: Rows, metric: str
+    ) -> Check | None:
+        """Quality before labels (None when the plan turns estimates off or nothing can
+        calibrate): the candidate's calibrated expectation against the champion's quality --
+        realized on its newest labelled rows from just before the rollout when it has them."""
+        if not r.spec.analysis.estimates or self.calibrations is None or not r.from_version:
+            return None
+        recent = self._champion_recent.get(r.id)
+        if recent is None:
+            since = _utc(r.progress.started_at - CHAMPION_LOOKBACK_S)
+            before = await self.store.rows(r.model, r.from_version, since)
+            recent = before.labelled().newest(analysis.CHAMPION_RECENT_ROWS)
+            self._champion_recent[r.id] = recent
+        enough = len(recent.labels) >= r.spec.analysis.min_labelled_rows
+        return analysis.estimated_quality(
+            recent if enough else champion_rows,
+            candidate_rows,
+            await self.calibrations.calibration(r.model, r.from_version),
+            await self.calibrations.calibration(r.model, r.to_version),
+            metric,
+            r.spec.analysis,
+        )
+
+    async def _enter_confirm(self, r: Rollout, reason: str, numbers: dict[str, float]) -> None:
+        """Promoted on estimates: all traffic on the new version, now serving; the old one
+        stays warm at 0 % while labels confirm the decision (or undo it)."""
+        if r.spec.confirm_seconds <= 0:
+            await self._finalize(r, f"{reason} (estimated)", numbers)
+            return
+        champion = await self._champion_revision(r)
+        new = await self._running(self._new_name(r))
+        assert champion is not None
+        r.progress.shadow = ""
+        await self._apply(r, {champion.name: 0, new.name: 100}, [champion, new])
+        r.weight = 100
+        await self._set_status(r.model, r.to_version, "serving")
+        r.progress.phase = "confirm"
+        r.progress.step_started_at = self.clock()
+        r.progress.waiting = ""
+        await self._record(
+            r,
+            "promote",
+            f"{reason} (estimated, no labels yet); {champion.name} kept warm while labels"
+            f" confirm for up to {r.spec.confirm_seconds:g} s",
+            numbers,
+        )
+
+    async def _confirm(self, r: Rollout) -> None:
+        """Realized quality of the new version since its promotion against the champion's
+        recent realized quality: worse rolls back by itself; confirmed (or not contradicted
+        within `confirm_seconds`) finishes the promotion."""
+        assert r.from_version is not None
+        info = await self.store.model_version(r.model, r.to_version)
+        metric = analysis.resolve_metric(r.spec.analysis.quality_metric, info.task if info else "")
+        champion = await self.store.rows(
+            r.model, r.from_version, _utc(r.progress.started_at - CHAMPION_LOOKBACK_S)
+        )
+        new = await self.store.rows(r.model, r.to_version, _utc(r.progress.started_at))
+        check = analysis.quality(
+            champion.labelled().newest(analysis.CHAMPION_RECENT_ROWS), new, metric, r.spec.analysis
+        )
+        if check.passed is False:
+            await self._rollback(
+                r, f"labels contradict the estimate: {check.reason}", check.numbers
+            )
+            return
+        waited = self.clock() - r.progress.step_started_at
+        if check.passed is None and waited < r.spec.confirm_seconds:
+            await self._waiting(r, "labels", f"confirming: {check.reason}", check.numbers)
+            return
+        why = (
+            f"confirmed by labels: {check.reason}"
+            if check.passed
+            else f"not contradicted by labels within {r.spec.confirm_seconds:g} s: {check.reason}"
+        )
+        await self._record(r, "confirmed", why, check.numbers)
+        r.progress.phase = "finalize"
+        await self._finalize(r, why, check.numbers)
 
     def _window_requests(self, r: Rollout, stats: RevisionStats) -> float | None:
         """About how many canary calls the router's recent latency window holds (its rate in
@@ -586,8 +735,14 @@ class RolloutController:
         champ_ok = not r.from_version or revision_name(r.model, r.from_version) in running
         if not self.settings.resume:
             await self._rollback(r, "controller restarted with resume off")
-        elif r.progress.phase == "start":
+        elif r.progress.phase == "start" and not new_ok:
             await self._rollback(r, "controller restarted before the new revision was healthy")
+        elif r.progress.phase == "start":
+            # The new revision outlived the old controller (adopted): start it over from its
+            # health check; traffic has not moved yet.
+            await self._record(r, "resumed", "resumed while starting the new revision")
+            self._spawn(r)
+            return
         elif not (new_ok and champ_ok):
             missing = [
                 n
@@ -607,6 +762,19 @@ class RolloutController:
         self._rollouts[r.id] = r
 
     # ---- helpers ---------------------------------------------------------------------------
+
+    async def _unknown(self, model: str, version: str) -> str:
+        """A NOT_FOUND message listing what exists: the models, or the model's versions."""
+        known = await self.store.registered()
+        mine = [v for v in known if v.model == model]
+        if not mine:
+            names = sorted({v.model for v in known})
+            listed = ", ".join(names) if names else "none"
+            return f"model: {model!r} is not registered (registered models: {listed})"
+        if version:
+            versions = ", ".join(f"{v.version} ({v.status})" for v in mine)
+            return f"version: model {model!r} has no version {version!r} (its versions: {versions})"
+        return f"model: {model!r} has no serving version"
 
     def _lock(self, rollout_id: str) -> asyncio.Lock:
         return self._locks.setdefault(rollout_id, asyncio.Lock())
@@ -749,6 +917,10 @@ def _unhealthy(stats: RevisionStats, baseline: Sequence[int] | None) -> tuple[in
     base = [*(baseline or [])[2:4], 0, 0]
     now = _health_counters(stats)
     return max(now[0] - base[0], 0), max(now[1] - base[1], 0)
+
+
+def _estimate_passed(checks: list[Check]) -> bool:
+    return any(c.name == "estimated_quality" and c.passed for c in checks)
 
 
 def _numbers(checks: list[Check]) -> dict[str, float]:

@@ -39,7 +39,8 @@ class RolloutStep:
 class Progress:
     """What a restarted controller needs to carry on where the last one stopped."""
 
-    phase: str = "start"  # start | smoke | steps | cutover | keep_warm | shadow | finalize
+    # start | smoke | steps | cutover | keep_warm | shadow | confirm | finalize
+    phase: str = "start"
     step_index: int = -1
     step_started_at: float = 0.0  # epoch seconds
     started_at: float = 0.0

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from cyclone.reference import Calibration
 from cyclone.rollout_plan import RolloutSpec
 from cyclone.traffic import Revision
 
@@ -41,20 +42,47 @@ class VersionInfo:
 
 @dataclass(frozen=True)
 class Rows:
-    """Rows one version served: an input fingerprint (pairs the same request across versions),
-    the prediction and the label (None when unlabelled)."""
+    """Rows one version served, in time order: an input fingerprint (pairs the same request
+    across versions), the prediction, the label (None when unlabelled) and, for classifiers,
+    the served class probabilities (columns in `classes` order)."""
 
     keys: Sequence[str]
     predictions: Sequence[Any]
     labels: Sequence[Any]
+    probabilities: Sequence[Sequence[float]] | None = None
+    classes: Sequence[str] = ()
 
     def labelled(self) -> Rows:
-        idx = [i for i, label in enumerate(self.labels) if label is not None]
+        return self.subset([i for i, label in enumerate(self.labels) if label is not None])
+
+    def subset(self, idx: Sequence[int]) -> Rows:
+        probabilities = self.probabilities
         return Rows(
             [self.keys[i] for i in idx],
             [self.predictions[i] for i in idx],
             [self.labels[i] for i in idx],
+            None if probabilities is None else [probabilities[i] for i in idx],
+            self.classes,
         )
+
+    def newest(self, n: int) -> Rows:
+        return self.subset(range(max(len(self.keys) - n, 0), len(self.keys)))
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """A version's own calibration (fitted on labelled rows when it was registered) and the
+    class order its maps apply to."""
+
+    classes: tuple[str, ...]
+    calibration: Calibration
+
+
+class Calibrations(Protocol):
+    """Where a version's calibration is kept (its reference profile)."""
+
+    async def calibration(self, model: str, version: str) -> Calibrated | None:
+        """None when the version has none (imported without labelled rows, or a regressor)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +105,9 @@ class RolloutStore(Protocol):
     async def model_version(self, model: str, version: str) -> VersionInfo | None: ...
 
     async def serving_version(self, model: str) -> str | None: ...
+
+    async def registered(self, model: str | None = None) -> list[VersionInfo]:
+        """Registered versions of `model` (every model's when None): for NOT_FOUND messages."""
 
     async def set_status(self, model: str, version: str, status: str) -> None: ...
 

@@ -111,6 +111,15 @@ class StoreGateway:
             (v.version for v in reply.model_versions if v.status == pb.MODEL_STATUS_SERVING), None
         )
 
+    async def registered(self, model: str | None = None) -> list[VersionInfo]:
+        reply = await self.stub.ListModelVersions(
+            pb.ListModelVersionsRequest(model=model or ""), timeout=self.timeout
+        )
+        return [
+            VersionInfo(v.model, v.version, _STATUS.get(v.status, "staged"), v.task)
+            for v in reply.model_versions
+        ]
+
     async def set_status(self, model: str, version: str, status: str) -> None:
         await self.stub.SetModelStatus(
             pb.SetModelStatusRequest(model=model, version=version, status=_TO_STATUS[status]),
@@ -131,6 +140,8 @@ class StoreGateway:
         keys: list[str] = []
         predictions: list[Any] = []
         labels: list[Any] = []
+        probabilities: list[list[float]] = []
+        classes: list[str] = []
         call = self.stub.GetTrainingData(
             pb.GetTrainingDataRequest(
                 model=model, version=version, start=_ts(since), include_unlabelled=True
@@ -150,7 +161,23 @@ class StoreGateway:
                 keys.append(_row_key(features, i))
                 predictions.append(preds[i] if i < len(preds) else None)
                 labels.append(truth[i] if flags[i] and i < len(truth) else None)
-        return Rows(keys, predictions, labels)
+            k = len(chunk.class_labels)
+            if (
+                k
+                and len(chunk.probabilities) == n * k
+                and (not classes or classes == list(chunk.class_labels))
+            ):
+                classes = list(chunk.class_labels)
+                flat = list(chunk.probabilities)
+                probabilities += [flat[i * k : (i + 1) * k] for i in range(n)]
+        complete = bool(classes) and len(probabilities) == len(keys)
+        return Rows(
+            keys,
+            predictions,
+            labels,
+            probabilities if complete else None,
+            classes if complete else (),
+        )
 
     async def create(self, rollout: Rollout, first: RolloutStep) -> Rollout:
         try:
