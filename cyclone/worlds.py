@@ -11,6 +11,7 @@ change, ``after`` it. Each scenario changes one thing:
 - ``gradual``: the concept's new rule fades in over ``ramp`` rows.
 - ``covariate_harmful``: ``x4`` moves to where the rule bends (a square term the old data
   barely showed): the same rule, inputs the model never learned.
+- ``prior``: the label's base rate moves (far more positives at the same inputs).
 
 Seeds change the coefficients a little as well as the noise, so tests do not tune to one.
 """
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 Scenario = Literal[
-    "stable", "concept", "covariate_benign", "broken", "gradual", "covariate_harmful"
+    "stable", "concept", "covariate_benign", "broken", "gradual", "covariate_harmful", "prior"
 ]
 SCENARIOS: tuple[Scenario, ...] = (
     "stable",
@@ -33,13 +34,15 @@ SCENARIOS: tuple[Scenario, ...] = (
     "broken",
     "gradual",
     "covariate_harmful",
+    "prior",
 )
 FEATURES = ["x1", "x2", "x3", "x4", "region"]
 LABEL = "y"
 REGIONS = ("north", "south", "east")
 # Scenarios after which retraining can help, and those where it must not happen.
-RECOVERABLE: tuple[Scenario, ...] = ("concept", "gradual", "covariate_harmful")
-# The feature a RED's explanation should put first: what changed, or what broke.
+RECOVERABLE: tuple[Scenario, ...] = ("concept", "gradual", "covariate_harmful", "prior")
+# The feature a RED's explanation should put first: what changed, or what broke (a prior shift
+# has none).
 CAUSE = {"concept": "x1", "gradual": "x1", "broken": "x1", "covariate_harmful": "x4"}
 
 
@@ -73,6 +76,8 @@ class World:
         w = (1 - mix)[:, None] * old[None, :] + mix[:, None] * new[None, :]
         effect = pd.Series(region).map({"north": 0.0, "south": 0.8, "east": -0.8}).to_numpy()
         logit = 1.5 * ((w * x[:, :3]).sum(axis=1) + effect)
+        if self.scenario == "prior":
+            logit += 3.5 * after
         if self.scenario == "covariate_harmful":
             # Flat where the old inputs were (|x4| < 1.5), steep where they go.
             logit += 2.0 * np.clip(x[:, 3] - 1.5, 0.0, None) ** 2

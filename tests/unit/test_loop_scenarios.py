@@ -110,8 +110,8 @@ def test_the_default_plan_asks_for_a_retrain_only_when_quality_dipped(
     (why,) = [r for r in after.reasons if r.startswith("why:")]
     ranked = why.split(";")[0]
     # What changed most (a rule flipped along it, it got stuck, it moved): first, of three.
-    cause = CAUSE[scenario]
-    assert ranked.startswith(f"why: loss explained most by {cause}"), why
+    cause = CAUSE.get(scenario)  # a prior shift has no feature to blame
+    assert cause is None or ranked.startswith(f"why: loss explained most by {cause}"), why
     assert ranked.count("(") == 3, why
     segment = why.split("error rose most where ")[1]
     rose, was = (float(v) for v in re.findall(r"error ([\d.]+) vs ([\d.]+)", segment)[0])
