@@ -436,7 +436,12 @@ def _bad_requests(
             invalid,
             ("features.age", "row 0 is inf"),
         ),
-        ("empty request", pb.PredictRequest(model=CREDIT), invalid, ("features.age", "missing")),
+        (
+            "empty request",
+            pb.PredictRequest(model=CREDIT),
+            invalid,
+            ("features: none given", "takes age, income", '"features"'),
+        ),
         ("no rows", empty_columns, invalid, ("features", "no rows")),
         (
             "no model name",
