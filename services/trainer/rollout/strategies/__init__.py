@@ -14,7 +14,8 @@ from cyclone.rollout_strategies import STRATEGIES
 from .base import Engine, Handler, Strategy
 
 
-def _load(name: str) -> Strategy:
+def load(name: str) -> Strategy:
+    """The `STRATEGY` of module `<name>.py` here (ImportError naming the file when missing)."""
     try:
         module = importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError as exc:
@@ -30,6 +31,6 @@ def _load(name: str) -> Strategy:
     return strategy
 
 
-BY_NAME: dict[str, Strategy] = {name: _load(name) for name in STRATEGIES}
+BY_NAME: dict[str, Strategy] = {name: load(name) for name in STRATEGIES}
 
-__all__ = ["BY_NAME", "Engine", "Handler", "Strategy"]
+__all__ = ["BY_NAME", "Engine", "Handler", "Strategy", "load"]
