@@ -5,7 +5,8 @@ wait until the proxy sees it healthy (else: stop it, traffic never moved) -> mov
 at 100 %: mark it serving, take the old revision out of the split, stop it once it has drained.
 A rollback puts the champion back at 100 % first, then stops the challenger. Every step and
 decision is recorded (with its numbers) before the next one is taken, so a restarted controller
-resumes from the record or rolls back cleanly.
+resumes from the record or rolls back cleanly. What happens between "healthy at 0 %" and
+the promotion is the strategy's: `strategies/<name>.py`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class RolloutController:
     `controller = RolloutController(orchestrator, router, store)`; `await controller.start_up()`
     resumes what a previous process left; `await controller.close()` stops the background tasks
     (rollouts stay recorded as they are and resume on the next start-up).
+
+    Its methods without a leading underscore besides that API (`apply`, `record`, `checks`,
+    `finalize`, `roll_back_to_champion`, ...) are `strategies.base.Engine`: the shared steps
+    each strategy module (`strategies/<name>.py`) drives its own phases with.
     """
 
     def __init__(
