@@ -693,3 +693,18 @@ async def test_each_strategy_goes_only_through_the_phases_its_module_lists(
     assert set(seen) <= set(phases), f"{name} went through {seen}, lists {phases}"
     assert sorted(seen, key=phases.index) == seen  # in the order the module lists them
     assert seen[-1] is Phase.FINALIZE
+
+
+async def test_a_strategy_this_controller_does_not_know_rolls_back_on_resume(mesh: Mesh) -> None:
+    mesh.store.spec = replace(FAST, step_seconds=5, deadline_seconds=10)
+    r = await mesh.controller.start(M, "2")
+    await wait_for_phase(mesh, r.id, Phase.STEPS)
+    await mesh.controller.close()
+    record = mesh.store.records[r.id]
+    record.spec = replace(record.spec, strategy="ramp")  # a newer controller's strategy
+    again = RolloutController(mesh.orchestrator, mesh.router, mesh.store)
+    await again.start_up()
+    done = await again.wait(r.id, 5)
+    await again.close()
+    assert done.state is RolloutState.ROLLED_BACK and done.reason == "unknown strategy 'ramp'"
+    assert mesh.router.splits[-1].weights == {OLD: 100} and NEW in mesh.orchestrator.stopped
