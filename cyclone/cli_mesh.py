@@ -256,6 +256,17 @@ def _enum_name(enum: Any, value: int, prefix: str) -> str:
     return str(enum.Name(value)).removeprefix(prefix).lower()
 
 
+def _strategy_name(number: int) -> str:
+    """A rollout's strategy as a user writes it ("unspecified" for none, the number for one
+    this CLI does not know)."""
+    from cyclone.rollout_strategies import strategy_from_pb
+
+    try:
+        return strategy_from_pb(number) or "unspecified"
+    except ValueError:
+        return str(number)
+
+
 def collect_status(
     data_dir: Path | None = None,
     store: str | None = None,
@@ -365,9 +376,7 @@ def collect_status(
                         "model": r.model,
                         "from": r.from_version or None,
                         "to": r.to_version,
-                        "strategy": _enum_name(
-                            tpb.RolloutStrategy, r.strategy, "ROLLOUT_STRATEGY_"
-                        ),
+                        "strategy": _strategy_name(r.strategy),
                         "state": state,
                         "weight": r.current_weight,
                     }
@@ -554,7 +563,7 @@ def _show_rollout(r: Any) -> None:
     from cyclone.trainer.v1 import trainer_service_pb2 as tpb
 
     state = _enum_name(tpb.RolloutState, r.state, "ROLLOUT_STATE_")
-    strategy = _enum_name(tpb.RolloutStrategy, r.strategy, "ROLLOUT_STRATEGY_")
+    strategy = _strategy_name(r.strategy)
     typer.echo(
         f"rollout {r.id} {r.model} {r.from_version or '-'} -> {r.to_version} ({strategy}): "
         f"{state} at {r.current_weight:.0f}%" + (f"; {r.reason}" if r.reason else "")
@@ -592,14 +601,16 @@ def rollout(
     model: Annotated[str, typer.Argument(help="Model name.")],
     version: Annotated[str, typer.Argument(help="Registered version to roll out.")],
     strategy: Annotated[
-        str, typer.Option(help="canary, blue_green, red_black or shadow; default the plan's.")
+        str, typer.Option(help="A rollout strategy (canary, blue_green, ...); default the plan's.")
     ] = "",
     wait: Annotated[bool, typer.Option(help="Follow the steps until it ends.")] = False,
     trainer: TrainerAddress = None,
 ) -> None:
     """Move a model's traffic to a version, zero-downtime, with automatic analysis."""
-    if strategy and strategy not in ("canary", "blue_green", "red_black", "shadow"):
-        _fail(f"--strategy: expected canary, blue_green, red_black or shadow, got {strategy!r}")
+    from cyclone.rollout_strategies import STRATEGIES
+
+    if strategy and strategy not in STRATEGIES:
+        _fail(f"--strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     started = _trainer_call(trainer, lambda c: c.rollout(model, version, strategy))
     _show_rollout(started)
     if not wait:
@@ -643,7 +654,7 @@ def rollback(
     else:
         typer.echo(
             f"rolling {r.model} back from {r.from_version or '-'} to {r.to_version}"
-            f" (rollout {r.id}, {_enum_name(tpb.RolloutStrategy, r.strategy, 'ROLLOUT_STRATEGY_')})"
+            f" (rollout {r.id}, {_strategy_name(r.strategy)})"
         )
     if wait and r.state in (
         tpb.ROLLOUT_STATE_PENDING,

@@ -298,13 +298,12 @@ class TrainerClient:
         return self._stub.CancelJob(tpb.CancelJobRequest(job_id=job_id), timeout=self.timeout).job
 
     def rollout(self, model: str, version: str, strategy: str = "") -> Any:
-        """Start moving `model`'s traffic to `version` (strategy: canary, blue_green,
-        red_black, shadow; empty: the plan's)."""
+        """Start moving `model`'s traffic to `version` (strategy: one of
+        `cyclone.rollout_strategies.STRATEGIES`; empty: the plan's)."""
+        from cyclone.rollout_strategies import strategy_to_pb
         from cyclone.trainer.v1 import trainer_service_pb2 as tpb
 
-        value = tpb.RolloutStrategy.Value(
-            f"ROLLOUT_STRATEGY_{strategy.upper()}" if strategy else "ROLLOUT_STRATEGY_UNSPECIFIED"
-        )
+        value = strategy_to_pb(strategy)
         request = tpb.RolloutRequest(model=model, version=version, strategy=value)
         return self._stub.Rollout(request, timeout=self.timeout).rollout
 

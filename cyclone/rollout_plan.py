@@ -3,7 +3,7 @@
 Example (every field optional; the defaults suit one machine: steps of seconds, not hours)::
 
     rollout:
-      strategy: canary            # canary | blue_green | red_black | shadow
+      strategy: canary            # canary | blue_green | red_black | shadow (rollout_strategies)
       steps: [10, 50, 100]        # percent of traffic on the new version, ending at 100
       interval: 2s                # the rollout is advanced (and analysed) once per interval
       step_duration: 10s          # minimum time at each step
@@ -44,12 +44,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, cast
 
-Strategy = Literal["canary", "blue_green", "red_black", "shadow"]
+from cyclone.rollout_strategies import STRATEGIES, StrategyName
+
 OnDeadline = Literal["promote", "rollback", "hold"]
 QualityMetric = Literal["auto", "accuracy", "mae"]
 PromoteIf = Literal["not_worse", "better"]
 
-STRATEGIES: tuple[Strategy, ...] = ("canary", "blue_green", "red_black", "shadow")
 ON_DEADLINE: tuple[OnDeadline, ...] = ("promote", "rollback", "hold")
 QUALITY_METRICS: tuple[QualityMetric, ...] = ("auto", "accuracy", "mae")
 PROMOTE_IF: tuple[PromoteIf, ...] = ("not_worse", "better")
@@ -94,7 +94,7 @@ class ShadowSpec:
 
 @dataclass(frozen=True)
 class RolloutSpec:
-    strategy: Strategy = "canary"
+    strategy: StrategyName = "canary"
     steps: tuple[int, ...] = (10, 50, 100)
     interval_seconds: float = 2.0
     step_seconds: float = 10.0
@@ -112,7 +112,7 @@ class RolloutSpec:
     red_black: RedBlackSpec = field(default_factory=RedBlackSpec)
     shadow: ShadowSpec = field(default_factory=ShadowSpec)
 
-    def with_strategy(self, strategy: Strategy | None) -> RolloutSpec:
+    def with_strategy(self, strategy: StrategyName | None) -> RolloutSpec:
         return self if strategy is None else replace(self, strategy=strategy)
 
 
@@ -282,7 +282,7 @@ def check_rollout(raw: object, path: str = "rollout") -> tuple[RolloutSpec, list
     if "deadline" in data and deadline < step_seconds:
         c.fail(f"{path}.deadline", f"must not be shorter than step_duration ({step_seconds:g}s)")
     spec = RolloutSpec(
-        strategy=cast(Strategy, strategy),
+        strategy=strategy,
         steps=steps,
         interval_seconds=interval,
         step_seconds=step_seconds,

@@ -6,17 +6,11 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from cyclone import rollout_strategies
 from cyclone.errors import InvalidArgument
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from services.trainer.rollout import Rollout, RolloutState, RolloutStep
 
-STRATEGY_TO_PB = {
-    "canary": pb.ROLLOUT_STRATEGY_CANARY,
-    "blue_green": pb.ROLLOUT_STRATEGY_BLUE_GREEN,
-    "red_black": pb.ROLLOUT_STRATEGY_RED_BLACK,
-    "shadow": pb.ROLLOUT_STRATEGY_SHADOW,
-}
-PB_TO_STRATEGY: dict[int, str] = {int(v): k for k, v in STRATEGY_TO_PB.items()}
 STATE_TO_PB = {
     RolloutState.PENDING: pb.ROLLOUT_STATE_PENDING,
     RolloutState.PROGRESSING: pb.ROLLOUT_STATE_PROGRESSING,
@@ -38,11 +32,18 @@ def _ts(value: datetime | None) -> Timestamp | None:
 
 def strategy_from_pb(value: int) -> str | None:
     """None for UNSPECIFIED (the plan decides)."""
-    if value == pb.ROLLOUT_STRATEGY_UNSPECIFIED:
-        return None
-    if value not in PB_TO_STRATEGY:
-        raise InvalidArgument(f"strategy: unknown rollout strategy {value}")
-    return PB_TO_STRATEGY[value]
+    try:
+        return rollout_strategies.strategy_from_pb(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"strategy: {exc}") from None
+
+
+def _strategy_to_pb(strategy: str) -> pb.RolloutStrategy.ValueType:
+    """UNSPECIFIED for a name this build no longer knows (a record from an older one)."""
+    try:
+        return rollout_strategies.strategy_to_pb(strategy)
+    except ValueError:
+        return pb.ROLLOUT_STRATEGY_UNSPECIFIED
 
 
 def state_from_pb(value: int) -> RolloutState | None:
@@ -69,7 +70,7 @@ def rollout_to_pb(r: Rollout) -> pb.Rollout:
         model=r.model,
         from_version=r.from_version or "",
         to_version=r.to_version,
-        strategy=STRATEGY_TO_PB.get(r.spec.strategy, pb.ROLLOUT_STRATEGY_UNSPECIFIED),
+        strategy=_strategy_to_pb(r.spec.strategy),
         state=STATE_TO_PB[r.state],
         current_weight=r.weight,
         steps=[step_to_pb(s) for s in r.steps],

@@ -16,6 +16,8 @@ from cyclone.errors import FailedPrecondition
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
 from services.launch import start_store
+from services.store.db import StoreDB
+from services.store.db.rollouts import RolloutEventRow, RolloutRow
 from services.store.main import StoreSettings
 from services.trainer.rollout import RolloutController, RolloutState
 from services.trainer.rollout.store_gateway import StoreGateway
@@ -214,6 +216,24 @@ async def test_update_get_list_bad_input(stub: pb_grpc.StoreServiceStub) -> None
     # Nothing of the refused updates was written.
     got = (await stub.GetRollout(pb.GetRolloutRequest(rollout_id=rid))).rollout
     assert got.state == "pending" and len(got.events) == 1
+
+
+async def test_the_strategy_list_lives_in_one_place_not_in_the_schema(
+    fresh_database_url: str, stub: pb_grpc.StoreServiceStub
+) -> None:
+    """The RPC refuses a name outside cyclone.rollout_strategies; the table takes any (a
+    strategy added to the trainer proto needs no migration)."""
+    await expect_error(
+        stub.CreateRollout(create(strategy="ramp")), grpc.StatusCode.INVALID_ARGUMENT, "ramp"
+    )
+    db = StoreDB()
+    await db.open(fresh_database_url)
+    try:
+        row = RolloutRow(model=M, to_version="2", strategy="ramp", state="pending")
+        stored = await db.insert_rollout(row, RolloutEventRow("pending", 0.0, "start"))
+        assert stored.strategy == "ramp"
+    finally:
+        await db.close()
 
 
 async def test_controller_records_a_canary_in_the_store(

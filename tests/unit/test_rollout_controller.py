@@ -19,6 +19,8 @@ from cyclone.errors import FailedPrecondition, NotFound
 from cyclone.rollout_plan import AnalysisSpec, RedBlackSpec, RolloutSpec, ShadowSpec
 from cyclone.traffic import Endpoint, Revision, RevisionStats, TrafficSplit, revision_name
 from services.trainer.rollout import (
+    Phase,
+    Progress,
     Rollout,
     RolloutController,
     RolloutState,
@@ -27,6 +29,7 @@ from services.trainer.rollout import (
     SmokeResult,
     VersionInfo,
 )
+from services.trainer.rollout.strategies import BY_NAME
 
 M = "credit"
 OLD, NEW = revision_name(M, "1"), revision_name(M, "2")
@@ -559,3 +562,149 @@ async def test_rollback_during_a_rollout_rolls_that_rollout_back(mesh: Mesh) -> 
     back = await mesh.controller.revert(M, "by hand")
     assert back.id == r.id and back.state is RolloutState.ROLLED_BACK
     assert mesh.store.versions["1"].status == "serving"
+
+
+# ---- failure paths: each injected -------------------------------------------------------------
+
+
+async def wait_for_phase(mesh: Mesh, rollout_id: str, phase: Phase) -> None:
+    for _ in range(400):
+        if mesh.store.records[rollout_id].progress.phase is phase:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"rollout {rollout_id} never reached {phase}")
+
+
+async def test_an_exception_inside_a_tick_rolls_back_as_an_internal_error(mesh: Mesh) -> None:
+    async def store_down(model: str, version: str, since: datetime) -> Rows:
+        raise ConnectionError("store unreachable")
+
+    mesh.store.rows = store_down  # type: ignore[method-assign]  # read first when judging a step
+    r = await mesh.controller.start(M, "2")
+    done = await finish(mesh, r.id)
+    assert done.state is RolloutState.ROLLED_BACK
+    assert done.reason == "internal error: store unreachable"
+    assert mesh.decisions(r.id)[-2:] == ["set_weight", "rollback"]  # the step moved, then back
+    assert mesh.router.splits[-1].weights == {OLD: 100}
+    assert mesh.orchestrator.stopped == [NEW] and OLD in mesh.orchestrator.revisions
+    assert mesh.store.versions["2"].status == "retired"
+    assert mesh.store.versions["1"].status == "serving"
+
+
+async def test_a_resume_that_fails_rolls_back_cleanly(mesh: Mesh) -> None:
+    mesh.store.spec = replace(FAST, step_seconds=5, deadline_seconds=10)
+    r = await mesh.controller.start(M, "2")
+    await wait_for_phase(mesh, r.id, Phase.STEPS)
+    await mesh.controller.close()  # the trainer dies mid-canary; both revisions live on
+    real_apply = mesh.router.apply
+    refused: list[TrafficSplit] = []
+
+    async def proxy_refuses_once(split: TrafficSplit) -> None:
+        if not refused:
+            refused.append(split)
+            raise RuntimeError("envoy rejected the config")
+        await real_apply(split)
+
+    mesh.router.apply = proxy_refuses_once  # type: ignore[method-assign]
+    again = RolloutController(mesh.orchestrator, mesh.router, mesh.store)
+    await again.start_up()
+    done = await again.get(r.id)
+    await again.close()
+    assert refused and refused[0].weights == {OLD: 50, NEW: 50}  # resume re-applied the split
+    assert done.state is RolloutState.ROLLED_BACK
+    assert done.reason == "could not resume after a restart"
+    assert "resumed" not in mesh.decisions(r.id)
+    assert mesh.router.splits[-1].weights == {OLD: 100}
+    assert NEW in mesh.orchestrator.stopped and OLD in mesh.orchestrator.revisions
+    assert mesh.store.versions["2"].status == "retired"
+    assert mesh.store.versions["1"].status == "serving"
+
+
+async def test_blue_green_without_a_smoke_tester_is_refused_at_start(mesh: Mesh) -> None:
+    mesh.controller.smoke = None
+    with pytest.raises(FailedPrecondition, match=r"blue_green smoke-tests .* no smoke tester"):
+        await mesh.controller.start(M, "2", "blue_green")
+    assert mesh.store.records == {} and NEW not in mesh.orchestrator.started
+    mesh.store.spec = replace(FAST, strategy="blue_green")  # the plan's strategy: refused too
+    with pytest.raises(FailedPrecondition, match="no smoke tester"):
+        await mesh.controller.start(M, "2")
+    done = await finish(mesh, (await mesh.controller.start(M, "2", "canary")).id)
+    assert done.state is RolloutState.PROMOTED  # what the refusal suggests works
+
+
+async def test_a_blue_green_rollout_resumed_without_a_smoke_tester_rolls_back(
+    mesh: Mesh,
+) -> None:
+    smoking = asyncio.Event()
+
+    class HangingSmoke:
+        async def smoke(self, revision: Revision, rows: int) -> SmokeResult:
+            smoking.set()
+            await asyncio.Event().wait()  # the trainer dies while smoke requests are in flight
+            raise AssertionError("unreachable")
+
+    mesh.controller.smoke = HangingSmoke()
+    r = await mesh.controller.start(M, "2", "blue_green")
+    await asyncio.wait_for(smoking.wait(), 5)
+    await mesh.controller.close()
+    assert mesh.orchestrator.revisions.keys() == {OLD, NEW}  # both outlive the trainer
+    again = RolloutController(mesh.orchestrator, mesh.router, mesh.store)  # no smoke tester
+    await again.start_up()
+    done = await again.wait(r.id, 5)
+    await again.close()
+    assert done.state is RolloutState.ROLLED_BACK
+    assert "needs a smoke tester" in done.reason
+    assert mesh.router.max_weight(NEW) == 0 and NEW in mesh.orchestrator.stopped
+
+
+async def test_a_phase_this_controller_does_not_know_rolls_back_on_resume(mesh: Mesh) -> None:
+    mesh.store.spec = replace(FAST, step_seconds=5, deadline_seconds=10)
+    r = await mesh.controller.start(M, "2")
+    await wait_for_phase(mesh, r.id, Phase.STEPS)
+    await mesh.controller.close()
+    record = mesh.store.records[r.id]
+    record.progress = Progress.from_dict({**record.progress.to_dict(), "phase": "ramp"})
+    again = RolloutController(mesh.orchestrator, mesh.router, mesh.store)
+    await again.start_up()
+    done = await again.wait(r.id, 5)
+    await again.close()
+    assert done.state is RolloutState.ROLLED_BACK
+    assert done.reason == "unknown phase 'unknown' of canary"
+    assert mesh.router.splits[-1].weights == {OLD: 100}
+
+
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+async def test_each_strategy_goes_only_through_the_phases_its_module_lists(
+    mesh: Mesh, name: str
+) -> None:
+    mesh.store.version_rows = {"1": rows(60, 40), "2": rows(60, 55)}  # shadow: promote
+    seen: list[Phase] = []
+    real_save = mesh.store.save
+
+    async def save(rollout: Rollout, steps: Sequence[RolloutStep]) -> None:
+        if not seen or seen[-1] is not rollout.progress.phase:
+            seen.append(rollout.progress.phase)
+        await real_save(rollout, steps)
+
+    mesh.store.save = save  # type: ignore[method-assign]
+    done = await finish(mesh, (await mesh.controller.start(M, "2", name)).id)
+    assert done.state is RolloutState.PROMOTED, done.reason
+    phases = BY_NAME[name].phases
+    assert set(seen) <= set(phases), f"{name} went through {seen}, lists {phases}"
+    assert sorted(seen, key=phases.index) == seen  # in the order the module lists them
+    assert seen[-1] is Phase.FINALIZE
+
+
+async def test_a_strategy_this_controller_does_not_know_rolls_back_on_resume(mesh: Mesh) -> None:
+    mesh.store.spec = replace(FAST, step_seconds=5, deadline_seconds=10)
+    r = await mesh.controller.start(M, "2")
+    await wait_for_phase(mesh, r.id, Phase.STEPS)
+    await mesh.controller.close()
+    record = mesh.store.records[r.id]
+    record.spec = replace(record.spec, strategy="ramp")  # a newer controller's strategy
+    again = RolloutController(mesh.orchestrator, mesh.router, mesh.store)
+    await again.start_up()
+    done = await again.wait(r.id, 5)
+    await again.close()
+    assert done.state is RolloutState.ROLLED_BACK and done.reason == "unknown strategy 'ramp'"
+    assert mesh.router.splits[-1].weights == {OLD: 100} and NEW in mesh.orchestrator.stopped

@@ -10,12 +10,14 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+# Re-exported: the store enforces the one list of strategy names, derived from the trainer proto.
+from cyclone.rollout_strategies import STRATEGIES as STRATEGIES
+
 from ._base import Conn, StoreBase
 from .types import NotFoundError, StoreError
 
 ACTIVE_STATES = ("pending", "progressing", "paused")
 ROLLOUT_STATES = (*ACTIVE_STATES, "promoted", "rolled_back", "failed")
-STRATEGIES = ("canary", "blue_green", "red_black", "shadow")
 
 _COLS = (
     "id, model, from_version, to_version, strategy, status, current_weight, weights, reason,"

@@ -10,13 +10,14 @@ await controller.close()
 """
 
 from .controller import ControllerSettings, RolloutController
-from .model import Progress, Rollout, RolloutState, RolloutStep
+from .model import Phase, Progress, Rollout, RolloutState, RolloutStep
 from .ports import Orchestrator, RolloutStore, Rows, SmokeResult, SmokeTester, VersionInfo
 from .smoke import ProbeSmokeTester
 
 __all__ = [
     "ControllerSettings",
     "Orchestrator",
+    "Phase",
     "ProbeSmokeTester",
     "Progress",
     "Rollout",

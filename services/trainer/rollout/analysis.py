@@ -36,6 +36,14 @@ class Check:
     numbers: dict[str, float] = field(default_factory=dict)
 
 
+def numbers(checks: list[Check]) -> dict[str, float]:
+    """Every check's numbers in one mapping (what a recorded step carries)."""
+    out: dict[str, float] = {}
+    for c in checks:
+        out.update(c.numbers)
+    return out
+
+
 def _one_sided_p(diff: float, margin: float, se: float) -> float:
     """p-value of H1: the true difference exceeds `margin` (z-test; exact when there is no noise)."""
     if se == 0:

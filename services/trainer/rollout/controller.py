@@ -5,7 +5,8 @@ wait until the proxy sees it healthy (else: stop it, traffic never moved) -> mov
 at 100 %: mark it serving, take the old revision out of the split, stop it once it has drained.
 A rollback puts the champion back at 100 % first, then stops the challenger. Every step and
 decision is recorded (with its numbers) before the next one is taken, so a restarted controller
-resumes from the record or rolls back cleanly.
+resumes from the record or rolls back cleanly. What happens between "healthy at 0 %" and
+the promotion is the strategy's: `strategies/<name>.py`.
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from cyclone.errors import FailedPrecondition, InvalidArgument, NotFound
-from cyclone.rollout_plan import STRATEGIES, RolloutSpec, Strategy
+from cyclone.rollout_plan import RolloutSpec
+from cyclone.rollout_strategies import STRATEGIES, StrategyName
 from cyclone.traffic import Revision, RevisionStats, TrafficRouter, TrafficSplit, revision_name
 
-from . import analysis
+from . import analysis, strategies
 from .analysis import Check, Counts
-from .model import Progress, Rollout, RolloutState, RolloutStep
+from .model import Phase, Progress, Rollout, RolloutState, RolloutStep
 from .ports import Calibrations, Orchestrator, RolloutStore, Rows, SmokeTester
+from .strategies.base import Strategy, rows_since
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,10 @@ class RolloutController:
     `controller = RolloutController(orchestrator, router, store)`; `await controller.start_up()`
     resumes what a previous process left; `await controller.close()` stops the background tasks
     (rollouts stay recorded as they are and resume on the next start-up).
+
+    Its methods without a leading underscore besides that API (`apply`, `record`, `checks`,
+    `finalize`, `roll_back_to_champion`, ...) are `strategies.base.Engine`: the shared steps
+    each strategy module (`strategies/<name>.py`) drives its own phases with.
     """
 
     def __init__(
@@ -82,7 +89,7 @@ class RolloutController:
     # ---- public API ------------------------------------------------------------------------
 
     async def start(
-        self, model: str, to_version: str, strategy: Strategy | str | None = None
+        self, model: str, to_version: str, strategy: StrategyName | None = None
     ) -> Rollout:
         """Begin moving `model`'s traffic to `to_version` (strategy: the plan's unless given)."""
         return await self._begin(model, to_version, strategy)
@@ -131,7 +138,7 @@ class RolloutController:
         self,
         model: str,
         to_version: str,
-        strategy: Strategy | str | None,
+        strategy: StrategyName | None,
         *,
         spec: RolloutSpec | None = None,
         note: str = "",
@@ -160,6 +167,12 @@ class RolloutController:
             if spec is None:
                 spec = (await self.store.rollout_spec(model)).with_strategy(strategy)
             champion = await self.store.serving_version(model)
+            if champion and strategies.BY_NAME[spec.strategy].needs_smoke_tester and not self.smoke:
+                # Its gate is the point of the strategy: refused, never skipped.
+                raise FailedPrecondition(
+                    f"strategy: {spec.strategy} smoke-tests the new version before it takes"
+                    " traffic, and this controller has no smoke tester; use canary instead"
+                )
             now = self.clock()
             rollout = Rollout(
                 id="",
@@ -187,11 +200,11 @@ class RolloutController:
         rollout = await self._active(rollout_id)
         async with self._lock(rollout.id):
             if rollout.state.active:
-                if rollout.progress.phase == "start":
+                if rollout.progress.phase is Phase.START:
                     raise FailedPrecondition(
                         f"rollout_id: {rollout.id} has not started its new revision yet"
                     )
-                await self._finalize(rollout, "promoted by hand")
+                await self.finalize(rollout, "promoted by hand")
         self._wake_up(rollout.id)
         return rollout
 
@@ -200,7 +213,7 @@ class RolloutController:
         rollout = await self._active(rollout_id)
         async with self._lock(rollout.id):
             if rollout.state.active:
-                await self._rollback(rollout, reason or "rolled back by hand")
+                await self.roll_back_to_champion(rollout, reason or "rolled back by hand")
         self._wake_up(rollout.id)
         return rollout
 
@@ -242,7 +255,7 @@ class RolloutController:
                 await self._resume(rollout, running)
             except Exception:
                 log.exception("rollout %s: could not resume; rolling back", rollout.id)
-                await self._rollback(rollout, "could not resume after a restart")
+                await self.roll_back_to_champion(rollout, "could not resume after a restart")
 
     async def close(self) -> None:
         """Stop advancing rollouts (they stay recorded and resume on the next start-up)."""
@@ -289,7 +302,7 @@ class RolloutController:
                 log.exception("rollout %s: step failed", rollout.id)
                 async with self._lock(rollout.id):
                     if rollout.state.active:
-                        await self._rollback(rollout, f"internal error: {exc}")
+                        await self.roll_back_to_champion(rollout, f"internal error: {exc}")
                 break
             if rollout.state.active:
                 with contextlib.suppress(TimeoutError):
@@ -302,29 +315,28 @@ class RolloutController:
             q.put_nowait(None)
 
     async def _tick(self, r: Rollout) -> None:
+        """Run the current phase once: the shared ones here, the strategy's own from its
+        module (`strategies/<name>.py`)."""
         phase = r.progress.phase
-        if phase == "start":
-            await self._start_revision(r)
-        elif phase == "smoke":
-            await self._smoke(r)
-        elif phase == "steps":
-            await self._analyse_step(r)
-        elif phase == "keep_warm":
-            await self._keep_warm(r)
-        elif phase == "shadow":
-            await self._shadow(r)
-        elif phase == "confirm":
+        strategy = strategies.BY_NAME.get(r.strategy)
+        if strategy is None:
+            await self.roll_back_to_champion(r, f"unknown strategy {r.strategy!r}")
+        elif phase is Phase.START:
+            await self._start_revision(r, strategy)
+        elif phase is Phase.CONFIRM:
             await self._confirm(r)
-        elif phase == "finalize":
-            await self._finalize(r, "finishing the promotion")
-        else:  # pragma: no cover - recorded by a newer controller
-            await self._rollback(r, f"unknown phase {phase!r}")
+        elif phase is Phase.FINALIZE:
+            await self.finalize(r, "finishing the promotion")
+        elif phase in strategy.ticks:
+            await strategy.ticks[phase](self, r)
+        else:  # recorded by a newer controller, or not a phase of this strategy
+            await self.roll_back_to_champion(r, f"unknown phase {phase.value!r} of {strategy.name}")
 
     # ---- phases ------------------------------------------------------------------------------
 
-    async def _start_revision(self, r: Rollout) -> None:
+    async def _start_revision(self, r: Rollout, strategy: Strategy) -> None:
         spec = r.spec
-        champion = await self._champion_revision(r)
+        champion = await self.champion_revision(r)
         try:
             new = await self.orchestrator.start(r.model, r.to_version, spec.replicas)
         except Exception as exc:
@@ -332,218 +344,59 @@ class RolloutController:
             return
         if champion is None:
             # First version of the model: there is no traffic to protect.
-            await self._apply(r, {new.name: 100}, [new])
+            await self.apply(r, {new.name: 100}, [new])
         else:
-            await self._apply(r, {champion.name: 100, new.name: 0}, [champion, new])
+            await self.apply(r, {champion.name: 100, new.name: 0}, [champion, new])
         try:
             await self.router.wait_healthy(new, spec.health_timeout_seconds)
         except Exception as exc:
             await self._abort(r, f"new revision failed health: {exc}")
             return
         r.state = S.PROGRESSING
-        r.progress.rollout_baseline = await self._snapshot(r)
+        r.progress.rollout_baseline = await self.snapshot(r)
         if champion is None:
             r.weight = 100
-            r.progress.phase = "finalize"
-            await self._record(r, "healthy", f"{new.name} is healthy; first version, promoting")
-            await self._finalize(r, "first version of the model")
+            r.progress.phase = Phase.FINALIZE
+            await self.record(r, "healthy", f"{new.name} is healthy; first version, promoting")
+            await self.finalize(r, "first version of the model")
             return
-        await self._record(r, "healthy", f"{new.name} is healthy at 0 % of traffic")
-        if spec.strategy == "blue_green":
-            r.progress.phase = "smoke"
-        elif spec.strategy == "red_black":
-            await self._cutover(r)
-        elif spec.strategy == "shadow":
-            await self._start_shadow(r)
-        else:
-            await self._enter_step(r, 0)
+        await self.record(r, "healthy", f"{new.name} is healthy at 0 % of traffic")
+        await strategy.begin(self, r)
 
     async def _abort(self, r: Rollout, reason: str) -> None:
         """Health failed: the challenger never took traffic; take it out and stop it."""
-        champion = await self._champion_revision(r)
+        champion = await self.champion_revision(r)
         if champion is not None:
-            await self._apply(r, {champion.name: 100}, [champion])
+            await self.apply(r, {champion.name: 100}, [champion])
         else:
             with contextlib.suppress(Exception):
                 await self.router.remove_model(r.model)
-        await self._stop(self._new_name(r))
-        await self._set_status(r.model, r.to_version, "retired")
+        await self._stop(r.new_revision)
+        await self.set_status(r.model, r.to_version, "retired")
         r.weight = 0
         r.state = S.FAILED
         r.reason = reason
-        await self._record(r, "abort", reason + "; traffic never moved")
+        await self.record(r, "abort", reason + "; traffic never moved")
 
-    async def _smoke(self, r: Rollout) -> None:
-        new = await self._running(self._new_name(r))
-        if self.smoke is None:
-            await self._record(r, "smoke_skipped", "no smoke tester configured")
-            await self._enter_step(r, 0)
-            return
-        result = await self.smoke.smoke(new, r.spec.blue_green.smoke_requests)
-        accuracy = result.correct / result.requests if result.requests else 0.0
-        numbers = {
-            "smoke_requests": float(result.requests),
-            "smoke_failures": float(result.failures),
-            "smoke_accuracy": accuracy,
-        }
-        minimum = r.spec.blue_green.min_smoke_accuracy
-        if result.requests == 0 or result.failures or accuracy < minimum:
-            why = (
-                f"smoke test failed: {result.failures}/{result.requests} requests failed,"
-                f" accuracy {accuracy:.2%} (minimum {minimum:.2%}) {result.detail}"
-            ).strip()
-            await self._rollback(r, why, numbers)
-            return
-        await self._record(r, "smoke_passed", f"{result.requests} smoke requests answered", numbers)
-        await self._enter_step(r, 0)
-
-    async def _enter_step(self, r: Rollout, index: int) -> None:
-        weight = r.spec.steps[index]
-        champion = await self._champion_revision(r)
-        new = await self._running(self._new_name(r))
-        assert champion is not None
-        if r.weight == 0 and weight > 0:
-            await self._set_status(r.model, r.to_version, "canary")
-        await self._apply(r, {champion.name: 100 - weight, new.name: weight}, [champion, new])
-        r.weight = weight
-        r.progress.phase = "steps"
-        r.progress.step_index = index
-        r.progress.step_started_at = self.clock()
-        r.progress.baseline = await self._snapshot(r)
-        r.progress.waiting = ""
-        await self._record(r, "set_weight", f"step {index + 1}/{len(r.spec.steps)}: {weight} %")
-
-    async def _analyse_step(self, r: Rollout) -> None:
-        spec, p = r.spec, r.progress
-        elapsed = self.clock() - p.step_started_at
-        checks, canary_requests = await self._checks(r)
-        if await self._count_failures(r, checks):
-            return
-        last = p.step_index >= len(spec.steps) - 1
-        promotion_gate = p.step_index >= len(spec.steps) - 2
-        enough = canary_requests >= spec.min_requests and elapsed >= spec.step_seconds
-        quality = next(c for c in checks if c.name == "quality")
-        estimated = _estimate_passed(checks)
-        numbers = _numbers(checks)
-        if enough and promotion_gate and quality.passed is None and not estimated:
-            if elapsed < spec.deadline_seconds:
-                await self._waiting(r, "labels", f"waiting for labels: {quality.reason}", numbers)
-                return
-            numbers["quality_judged"] = 0.0
-            await self._record(
-                r,
-                "quality_not_judged",
-                f"{quality.reason} by the deadline; deciding on error rate and latency",
-                numbers,
-            )
-        if enough:
-            if last and quality.passed is None and estimated:
-                await self._enter_confirm(r, _summary(checks), numbers)
-            elif last:
-                await self._finalize(r, _summary(checks) or "all steps passed", numbers)
-            else:
-                await self._record(r, "advance", _summary(checks), numbers)
-                await self._enter_step(r, p.step_index + 1)
-            return
-        if elapsed >= spec.deadline_seconds:
-            why = (
-                f"deadline: {canary_requests} requests < {spec.min_requests} after"
-                f" {elapsed:.0f} s at {r.weight:g} %"
-            )
-            await self._on_deadline(r, why, numbers)
-            return
-        await self._waiting(
-            r, "requests", f"{canary_requests}/{spec.min_requests} requests", numbers
-        )
-
-    async def _on_deadline(self, r: Rollout, why: str, numbers: dict[str, float]) -> None:
+    async def on_deadline(self, r: Rollout, why: str, numbers: dict[str, float]) -> None:
         policy = r.spec.on_deadline
         if policy == "promote":
-            await self._finalize(r, f"{why}; on_deadline=promote", numbers)
+            await self.finalize(r, f"{why}; on_deadline=promote", numbers)
         elif policy == "rollback":
-            await self._rollback(r, f"{why}; on_deadline=rollback", numbers)
+            await self.roll_back_to_champion(r, f"{why}; on_deadline=rollback", numbers)
         else:
             r.state = S.PAUSED
-            await self._record(r, "hold", f"{why}; on_deadline=hold: waiting for a person", numbers)
-
-    async def _cutover(self, r: Rollout) -> None:
-        champion = await self._champion_revision(r)
-        new = await self._running(self._new_name(r))
-        assert champion is not None
-        await self._set_status(r.model, r.to_version, "canary")
-        # The champion stays in the split at 0 % (and running): a rollback is one weight change.
-        await self._apply(r, {champion.name: 0, new.name: 100}, [champion, new])
-        r.weight = 100
-        r.progress.phase = "keep_warm"
-        r.progress.step_started_at = self.clock()
-        r.progress.baseline = await self._snapshot(r)
-        await self._record(
-            r,
-            "cutover",
-            f"all traffic on {new.name}; {champion.name} kept warm for"
-            f" {r.spec.red_black.keep_old_for_seconds:g} s",
-        )
-
-    async def _keep_warm(self, r: Rollout) -> None:
-        checks, _ = await self._checks(r)
-        if await self._count_failures(r, checks):
-            return
-        if self.clock() - r.progress.step_started_at >= r.spec.red_black.keep_old_for_seconds:
-            await self._finalize(r, "keep-warm period over", _numbers(checks))
-
-    async def _start_shadow(self, r: Rollout) -> None:
-        champion = await self._champion_revision(r)
-        new = await self._running(self._new_name(r))
-        assert champion is not None
-        percent = r.spec.shadow.mirror_percent
-        r.progress.shadow, r.progress.shadow_percent = new.name, percent
-        await self._set_status(r.model, r.to_version, "canary")
-        await self._apply(r, {champion.name: 100}, [champion, new])
-        r.progress.phase = "shadow"
-        r.progress.step_started_at = self.clock()
-        await self._record(r, "shadow", f"mirroring {percent:g} % of requests to {new.name}")
-
-    async def _shadow(self, r: Rollout) -> None:
-        spec = r.spec
-        since = _utc(r.progress.started_at)
-        assert r.from_version is not None
-        info = await self.store.model_version(r.model, r.to_version)
-        metric = analysis.resolve_metric(spec.analysis.quality_metric, info.task if info else "")
-        champ_rows = await self.store.rows(r.model, r.from_version, since)
-        chall_rows = await self.store.rows(r.model, r.to_version, since)
-        labels, champ, chall = analysis.pair(champ_rows, chall_rows)
-        check = analysis.paired(
-            labels,
-            champ,
-            chall,
-            metric,
-            spec.analysis,
-            spec.shadow.promote_if,
-            spec.shadow.min_paired_rows,
-        )
-        estimate = await self._estimated_check(r, champ_rows, chall_rows, metric)
-        if check.passed is True:
-            await self._finalize(r, check.reason, check.numbers)
-        elif check.passed is False:
-            await self._rollback(r, f"shadow comparison: {check.reason}", check.numbers)
-        elif estimate is not None and estimate.passed is False:
-            await self._count_failures(r, [estimate])
-        elif estimate is not None and estimate.passed:
-            await self._enter_confirm(r, estimate.reason, estimate.numbers)
-        elif self.clock() - r.progress.step_started_at >= spec.deadline_seconds:
-            await self._on_deadline(r, f"deadline: {check.reason}", check.numbers)
-        else:
-            await self._waiting(r, "pairs", check.reason, check.numbers)
+            await self.record(r, "hold", f"{why}; on_deadline=hold: waiting for a person", numbers)
 
     # ---- decisions -------------------------------------------------------------------------
 
-    async def _checks(self, r: Rollout) -> tuple[builtins.list[Check], int]:
+    async def checks(self, r: Rollout) -> tuple[builtins.list[Check], int]:
         """Error rate of the canary since its step began against the champion over the whole
         rollout, p99 latency (over the router's recent window when it has one), the canary's
         health since it was first seen healthy, and quality on labelled rows since the rollout
         began."""
         a = r.spec.analysis
-        new_name = self._new_name(r)
+        new_name = r.new_revision
         champ_name = revision_name(r.model, r.from_version or "")
         new_stats = await self.router.stats(new_name)
         champ_stats = await self.router.stats(champ_name)
@@ -559,19 +412,19 @@ class RolloutController:
             ),
             analysis.stability(health_failures, ejections),
         ]
-        since = _utc(r.progress.started_at)
+        since = rows_since(r.progress.started_at)
         info = await self.store.model_version(r.model, r.to_version)
         metric = analysis.resolve_metric(a.quality_metric, info.task if info else "")
         assert r.from_version is not None
         champion_rows = await self.store.rows(r.model, r.from_version, since)
         canary_rows = await self.store.rows(r.model, r.to_version, since)
         checks.append(analysis.quality(champion_rows, canary_rows, metric, a))
-        estimate = await self._estimated_check(r, champion_rows, canary_rows, metric)
+        estimate = await self.estimated_check(r, champion_rows, canary_rows, metric)
         if estimate is not None:
             checks.append(estimate)
         return checks, canary.requests
 
-    async def _estimated_check(
+    async def estimated_check(
         self, r: Rollout, champion_rows: Rows, candidate_rows: Rows, metric: str
     ) -> Check | None:
         """Quality before labels (None when the plan turns estimates off or nothing can
@@ -581,7 +434,7 @@ class RolloutController:
             return None
         recent = self._champion_recent.get(r.id)
         if recent is None:
-            since = _utc(r.progress.started_at - CHAMPION_LOOKBACK_S)
+            since = rows_since(r.progress.started_at - CHAMPION_LOOKBACK_S)
             before = await self.store.rows(r.model, r.from_version, since)
             recent = before.labelled().newest(analysis.CHAMPION_RECENT_ROWS)
             self._champion_recent[r.id] = recent
@@ -595,23 +448,23 @@ class RolloutController:
             r.spec.analysis,
         )
 
-    async def _enter_confirm(self, r: Rollout, reason: str, numbers: dict[str, float]) -> None:
+    async def enter_confirm(self, r: Rollout, reason: str, numbers: dict[str, float]) -> None:
         """Promoted on estimates: all traffic on the new version, now serving; the old one
         stays warm at 0 % while labels confirm the decision (or undo it)."""
         if r.spec.confirm_seconds <= 0:
-            await self._finalize(r, f"{reason} (estimated)", numbers)
+            await self.finalize(r, f"{reason} (estimated)", numbers)
             return
-        champion = await self._champion_revision(r)
-        new = await self._running(self._new_name(r))
+        champion = await self.champion_revision(r)
+        new = await self.running(r.new_revision)
         assert champion is not None
         r.progress.shadow = ""
-        await self._apply(r, {champion.name: 0, new.name: 100}, [champion, new])
+        await self.apply(r, {champion.name: 0, new.name: 100}, [champion, new])
         r.weight = 100
-        await self._set_status(r.model, r.to_version, "serving")
-        r.progress.phase = "confirm"
+        await self.set_status(r.model, r.to_version, "serving")
+        r.progress.phase = Phase.CONFIRM
         r.progress.step_started_at = self.clock()
         r.progress.waiting = ""
-        await self._record(
+        await self.record(
             r,
             "promote",
             f"{reason} (estimated, no labels yet); {champion.name} kept warm while labels"
@@ -627,29 +480,29 @@ class RolloutController:
         info = await self.store.model_version(r.model, r.to_version)
         metric = analysis.resolve_metric(r.spec.analysis.quality_metric, info.task if info else "")
         champion = await self.store.rows(
-            r.model, r.from_version, _utc(r.progress.started_at - CHAMPION_LOOKBACK_S)
+            r.model, r.from_version, rows_since(r.progress.started_at - CHAMPION_LOOKBACK_S)
         )
-        new = await self.store.rows(r.model, r.to_version, _utc(r.progress.started_at))
+        new = await self.store.rows(r.model, r.to_version, rows_since(r.progress.started_at))
         check = analysis.quality(
             champion.labelled().newest(analysis.CHAMPION_RECENT_ROWS), new, metric, r.spec.analysis
         )
         if check.passed is False:
-            await self._rollback(
+            await self.roll_back_to_champion(
                 r, f"labels contradict the estimate: {check.reason}", check.numbers
             )
             return
         waited = self.clock() - r.progress.step_started_at
         if check.passed is None and waited < r.spec.confirm_seconds:
-            await self._waiting(r, "labels", f"confirming: {check.reason}", check.numbers)
+            await self.waiting(r, "labels", f"confirming: {check.reason}", check.numbers)
             return
         why = (
             f"confirmed by labels: {check.reason}"
             if check.passed
             else f"not contradicted by labels within {r.spec.confirm_seconds:g} s: {check.reason}"
         )
-        await self._record(r, "confirmed", why, check.numbers)
-        r.progress.phase = "finalize"
-        await self._finalize(r, why, check.numbers)
+        await self.record(r, "confirmed", why, check.numbers)
+        r.progress.phase = Phase.FINALIZE
+        await self.finalize(r, why, check.numbers)
 
     def _window_requests(self, r: Rollout, stats: RevisionStats) -> float | None:
         """About how many canary calls the router's recent latency window holds (its rate in
@@ -661,102 +514,104 @@ class RolloutController:
         if now - r.progress.latency_judged_at < window:
             return 0.0  # this window was judged at the last tick: one window, one observation
         r.progress.latency_judged_at = now
-        base = r.progress.baseline.get(self._new_name(r)) or [0]
+        base = r.progress.baseline.get(r.new_revision) or [0]
         elapsed = max(now - r.progress.step_started_at, window)
         return max(stats.requests - base[0], 0) / elapsed * window
 
-    async def _count_failures(self, r: Rollout, checks: builtins.list[Check]) -> bool:
+    async def count_failures(self, r: Rollout, checks: builtins.list[Check]) -> bool:
         """Record failed checks; roll back at the failure limit. True when the rollout ended."""
         failed = [c for c in checks if c.passed is False]
         if not failed:
             return False
         r.progress.failed_checks += 1
         limit = r.spec.analysis.failure_limit
-        numbers = _numbers(checks)
+        numbers = analysis.numbers(checks)
         numbers["failed_checks"] = float(r.progress.failed_checks)
         why = "; ".join(c.reason for c in failed)
         if r.progress.failed_checks >= limit:
-            await self._rollback(r, f"failure limit {limit} reached: {why}", numbers)
+            await self.roll_back_to_champion(r, f"failure limit {limit} reached: {why}", numbers)
             return True
-        await self._record(
+        await self.record(
             r, "check_failed", f"{r.progress.failed_checks}/{limit} failed checks: {why}", numbers
         )
         return False
 
-    async def _waiting(self, r: Rollout, what: str, reason: str, numbers: dict[str, float]) -> None:
+    async def waiting(self, r: Rollout, what: str, reason: str, numbers: dict[str, float]) -> None:
         """Record that a step waits, once per kind of wait (not once per interval)."""
         if r.progress.waiting != what:
             r.progress.waiting = what
-            await self._record(r, "wait", reason, numbers)
+            await self.record(r, "wait", reason, numbers)
 
-    async def _finalize(
+    async def finalize(
         self, r: Rollout, reason: str, numbers: dict[str, float] | None = None
     ) -> None:
         """All traffic to the new revision; old one out of the split, drained, then stopped."""
-        new = await self._running(self._new_name(r))
+        new = await self.running(r.new_revision)
         r.progress.shadow = ""  # a promoted shadow takes the traffic instead of a copy of it
-        if r.progress.phase != "finalize":
-            r.progress.phase = "finalize"
-            await self._apply(r, {new.name: 100}, [new])
+        if r.progress.phase is not Phase.FINALIZE:
+            r.progress.phase = Phase.FINALIZE
+            await self.apply(r, {new.name: 100}, [new])
             r.weight = 100
-            await self._record(r, "promote", reason, numbers or {})
+            await self.record(r, "promote", reason, numbers or {})
         else:
-            await self._apply(r, {new.name: 100}, [new])
-        await self._set_status(r.model, r.to_version, "serving")
+            await self.apply(r, {new.name: 100}, [new])
+        await self.set_status(r.model, r.to_version, "serving")
         if r.from_version:
             await self._drain(revision_name(r.model, r.from_version), r.spec.drain_seconds)
             await self._stop(revision_name(r.model, r.from_version))
         r.state = S.PROMOTED
         r.reason = reason
-        await self._record(r, "promoted", f"{r.to_version} serves all traffic")
+        await self.record(r, "promoted", f"{r.to_version} serves all traffic")
 
-    async def _rollback(
+    async def roll_back_to_champion(
         self, r: Rollout, reason: str, numbers: dict[str, float] | None = None
     ) -> None:
         """Champion back to 100 % first, then the challenger stops and is retired."""
-        champion = await self._champion_revision(r)
+        champion = await self.champion_revision(r)
         r.progress.shadow = ""
         if champion is not None:
-            await self._apply(r, {champion.name: 100}, [champion])
+            await self.apply(r, {champion.name: 100}, [champion])
         else:
             with contextlib.suppress(Exception):
                 await self.router.remove_model(r.model)
         r.weight = 0
-        await self._stop(self._new_name(r))
-        await self._set_status(r.model, r.to_version, "retired")
+        await self._stop(r.new_revision)
+        await self.set_status(r.model, r.to_version, "retired")
         if r.from_version:
-            await self._set_status(r.model, r.from_version, "serving")
+            await self.set_status(r.model, r.from_version, "serving")
         r.state = S.ROLLED_BACK
         r.reason = reason
-        await self._record(r, "rollback", reason, numbers or {})
+        await self.record(r, "rollback", reason, numbers or {})
 
     async def _resume(self, r: Rollout, running: dict[str, Revision]) -> None:
-        new_ok = self._new_name(r) in running
+        new_ok = r.new_revision in running
         champ_ok = not r.from_version or revision_name(r.model, r.from_version) in running
         if not self.settings.resume:
-            await self._rollback(r, "controller restarted with resume off")
-        elif r.progress.phase == "start" and not new_ok:
-            await self._rollback(r, "controller restarted before the new revision was healthy")
-        elif r.progress.phase == "start":
+            await self.roll_back_to_champion(r, "controller restarted with resume off")
+        elif r.progress.phase is Phase.START and not new_ok:
+            await self.roll_back_to_champion(
+                r, "controller restarted before the new revision was healthy"
+            )
+        elif r.progress.phase is Phase.START:
             # The new revision outlived the old controller (adopted): start it over from its
             # health check; traffic has not moved yet.
-            await self._record(r, "resumed", "resumed while starting the new revision")
+            await self.record(r, "resumed", "resumed while starting the new revision")
             self._spawn(r)
             return
         elif not (new_ok and champ_ok):
             missing = [
                 n
-                for n, ok in ((self._new_name(r), new_ok), (r.from_version or "", champ_ok))
+                for n, ok in ((r.new_revision, new_ok), (r.from_version or "", champ_ok))
                 if not ok
             ]
-            await self._rollback(r, f"controller restarted and {missing} no longer run")
+            await self.roll_back_to_champion(r, f"controller restarted and {missing} no longer run")
         else:
             revisions = [running[n] for n in r.weights if n in running]
             if r.progress.shadow and r.progress.shadow in running:
                 revisions.append(running[r.progress.shadow])
             if r.weights:
-                await self._apply(r, dict(r.weights), revisions)
-            await self._record(r, "resumed", f"resumed in phase {r.progress.phase}")
+                await self.apply(r, dict(r.weights), revisions)
+            await self.record(r, "resumed", f"resumed in phase {r.progress.phase.value}")
             self._spawn(r)
             return
         self._rollouts[r.id] = r
@@ -795,17 +650,13 @@ class RolloutController:
             )
         return self._rollouts[rollout.id]
 
-    @staticmethod
-    def _new_name(r: Rollout) -> str:
-        return revision_name(r.model, r.to_version)
-
-    async def _running(self, name: str) -> Revision:
+    async def running(self, name: str) -> Revision:
         for revision in await self.orchestrator.running():
             if revision.name == name:
                 return revision
         raise FailedPrecondition(f"revision {name} is not running")
 
-    async def _champion_revision(self, r: Rollout) -> Revision | None:
+    async def champion_revision(self, r: Rollout) -> Revision | None:
         """The champion's revision, started if it is not running (the proxy must never name a
         cluster whose processes are gone)."""
         if not r.from_version:
@@ -816,7 +667,7 @@ class RolloutController:
                 return revision
         return await self.orchestrator.start(r.model, r.from_version, r.spec.replicas)
 
-    async def _apply(
+    async def apply(
         self, r: Rollout, weights: dict[str, int], revisions: builtins.list[Revision]
     ) -> None:
         shadow = r.progress.shadow or None
@@ -840,11 +691,11 @@ class RolloutController:
         except Exception:
             log.exception("could not stop revision %s", name)
 
-    async def _set_status(self, model: str, version: str, status: str) -> None:
+    async def set_status(self, model: str, version: str, status: str) -> None:
         await self.store.set_status(model, version, status)
 
-    async def _snapshot(self, r: Rollout) -> dict[str, builtins.list[int]]:
-        names = [self._new_name(r)]
+    async def snapshot(self, r: Rollout) -> dict[str, builtins.list[int]]:
+        names = [r.new_revision]
         if r.from_version:
             names.append(revision_name(r.model, r.from_version))
         out: dict[str, builtins.list[int]] = {}
@@ -876,7 +727,7 @@ class RolloutController:
             numbers={k: float(v) for k, v in (numbers or {}).items()},
         )
 
-    async def _record(
+    async def record(
         self, r: Rollout, decision: str, reason: str, numbers: dict[str, float] | None = None
     ) -> None:
         step = self._step(r, decision, reason, numbers)
@@ -917,25 +768,6 @@ def _unhealthy(stats: RevisionStats, baseline: Sequence[int] | None) -> tuple[in
     base = [*(baseline or [])[2:4], 0, 0]
     now = _health_counters(stats)
     return max(now[0] - base[0], 0), max(now[1] - base[1], 0)
-
-
-def _estimate_passed(checks: list[Check]) -> bool:
-    return any(c.name == "estimated_quality" and c.passed for c in checks)
-
-
-def _numbers(checks: list[Check]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for c in checks:
-        out.update(c.numbers)
-    return out
-
-
-def _summary(checks: list[Check]) -> str:
-    return "; ".join(c.reason for c in checks if c.passed is not None or c.name == "quality")
-
-
-def _utc(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, UTC) - timedelta(seconds=1)
 
 
 def spec_override(spec: RolloutSpec, **changes: Any) -> RolloutSpec:

@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 from cyclone.rollout_plan import RolloutSpec
+from cyclone.traffic import revision_name
 
 
 class RolloutState(StrEnum):
@@ -21,6 +22,27 @@ class RolloutState(StrEnum):
     @property
     def active(self) -> bool:
         return self in (RolloutState.PENDING, RolloutState.PROGRESSING, RolloutState.PAUSED)
+
+
+class Phase(StrEnum):
+    """Where a rollout is within its strategy; persisted by value (records stay readable)."""
+
+    START = "start"  # starting the new revision, until the proxy sees it healthy at 0 %
+    SMOKE = "smoke"  # blue-green: smoke requests straight to the new revision
+    STEPS = "steps"  # weight steps, each analysed before the next
+    KEEP_WARM = "keep_warm"  # red-black: all traffic on the new revision, the old one warm at 0 %
+    SHADOW = "shadow"  # mirrored traffic, the two versions compared on paired rows
+    CONFIRM = "confirm"  # promoted on estimates: labels may still undo it
+    FINALIZE = "finalize"  # promoting: the old revision out of the split, drained, stopped
+    UNKNOWN = "unknown"  # a phase this controller does not know (a newer one recorded it)
+
+    @classmethod
+    def load(cls, value: object) -> Phase:
+        """A persisted phase; one this build does not know is UNKNOWN (rolled back on resume)."""
+        try:
+            return cls(str(value))
+        except ValueError:
+            return cls.UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -39,8 +61,7 @@ class RolloutStep:
 class Progress:
     """What a restarted controller needs to carry on where the last one stopped."""
 
-    # start | smoke | steps | cutover | keep_warm | shadow | confirm | finalize
-    phase: str = "start"
+    phase: Phase = Phase.START
     step_index: int = -1
     step_started_at: float = 0.0  # epoch seconds
     started_at: float = 0.0
@@ -58,6 +79,8 @@ class Progress:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Progress:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "phase" in known:
+            known["phase"] = Phase.load(known["phase"])
         return cls(**known)
 
 
@@ -80,3 +103,8 @@ class Rollout:
     @property
     def strategy(self) -> str:
         return self.spec.strategy
+
+    @property
+    def new_revision(self) -> str:
+        """The revision name of the version being rolled out."""
+        return revision_name(self.model, self.to_version)
