@@ -44,13 +44,22 @@ class Sample:
     ok: bool
     version: str = ""
     error: str = ""
+    prediction_id: str = ""  # gRPC answers
+    row: int = -1  # which of the load's rows was sent
 
 
 class Load:
     """Steady traffic through Envoy: half the clients over gRPC, half over REST."""
 
-    def __init__(self, public_port: int, model: str, clients: int = 2) -> None:
+    def __init__(
+        self,
+        public_port: int,
+        model: str,
+        clients: int = 2,
+        rows: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.public_port, self.model, self.clients = public_port, model, clients
+        self.rows = rows or [ROW]
         self.samples: list[Sample] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -61,13 +70,24 @@ class Load:
             self.samples.append(sample)
 
     def _grpc(self) -> None:
-        request = build_request(self.model, [ROW], "", {"city"})
+        requests = [build_request(self.model, [row], "", {"city"}) for row in self.rows]
+        k = 0
         with InferenceClient(f"127.0.0.1:{self.public_port}", timeout=30) as client:
             while not self._stop.is_set():
                 started = time.monotonic()
+                k = (k + 1) % len(requests)
                 try:
-                    answer = client.predict_request(request)
-                    self._record(Sample(started, time.monotonic() - started, True, answer.version))
+                    answer = client.predict_request(requests[k])
+                    self._record(
+                        Sample(
+                            started,
+                            time.monotonic() - started,
+                            True,
+                            answer.version,
+                            prediction_id=answer.prediction_ids[0],
+                            row=k,
+                        )
+                    )
                 except Exception as exc:
                     self._record(
                         Sample(started, time.monotonic() - started, False, error=str(exc)[:200])

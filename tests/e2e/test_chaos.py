@@ -8,6 +8,7 @@ successor), and nothing is left behind after Ctrl-C."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import yaml
 
 from bench.chaos import ROW, Load, Mesh, kill_component, kill_revision, run_faults, wait_for
 from cyclone.client import InferenceClient
+from cyclone.examples import credit_frame
 
 ACTIVE = ("pending", "progressing", "paused")
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -131,6 +133,22 @@ def test_no_request_fails_whatever_single_process_dies(tmp_path: Path) -> None:
         status = json.loads(mesh.cli("status", "--json"))
         assert status["problems"] == []
         assert status["models"]["credit"]["serving"] == "2"
+
+        # And the loop still closes through the restarted trainer and store: labelled traffic,
+        # then a retrain that fits, evaluates and decides.
+        world = credit_frame(600, seed=5)
+        rows = world[list(ROW)].to_dict("records")
+        load = Load(mesh.ports["public"], "credit", clients=1, rows=rows)  # gRPC: ids known
+        load.start()
+        wait_for(lambda: sum(s.ok for s in load.samples) >= 600, 120)
+        load.stop()
+        truth = world["defaulted"].astype(str).tolist()
+        labels = [(s.prediction_id, truth[s.row]) for s in load.samples if s.ok]
+        lines = ["prediction_id,label", *(f"{pid},{label}" for pid, label in labels)]
+        (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+        mesh.cli("label", "--model", "credit", "--file", str(tmp_path / "labels.csv"))
+        job = mesh.cli("retrain", "credit")
+        assert re.search(r" (succeeded|rejected) \[", job), job
     finally:
         assert mesh.stop() == 0, mesh.log_tail()
     assert _left_behind(str(tmp_path / "data")) == []
