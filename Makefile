@@ -18,9 +18,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m cyclone demo
 
+# Test processes (pytest-xdist; each has its own embedded PostgreSQL and temp dirs). Most of
+# the suite waits on processes, sockets and PostgreSQL, so two workers pay off on two cores.
+TEST_WORKERS ?= 2
+
 # Everything CI checks: stale stubs, lint, types, proto lint, then the test suite.
 test: $(STAMP) check-generated lint typecheck protos-lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cyclone services plugins bench tests
