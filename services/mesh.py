@@ -383,9 +383,9 @@ class Mesh:
             os.killpg(running.process.pid, signal.SIGKILL)
 
     def _stop_strays(self, grace: float = 5.0) -> list[int]:
-        """Processes of this mesh outside every component's group: revisions (they run in
-        sessions of their own) and an Envoy whose trainer was killed, found by the mesh's model
-        repository or data dir in their command line; stopped."""
+        """Processes of this mesh that are not its components: revisions (they run in sessions
+        of their own, outliving trainers) and an Envoy a mesh killed outright left, found by
+        the mesh's model repository or data dir in their command line; stopped."""
         import psutil
 
         marker = str(self.settings.data_dir)
