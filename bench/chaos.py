@@ -220,6 +220,18 @@ class FaultResult:
     errors: list[str]
 
 
+def _short(error: str) -> str:
+    """One line of an error: a gRPC status and its details, or the text's first line."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    status = next((line for line in lines if line.startswith("status =")), "")
+    details = next((line for line in lines if line.startswith("details =")), "")
+    if status:
+        return (
+            f"{status.removeprefix('status = StatusCode.')}: {details.removeprefix('details = ')}"
+        )
+    return lines[0] if lines else ""
+
+
 def kill_component(mesh: Mesh, component: str) -> Callable[[], None]:
     def kill() -> None:
         old = mesh.component_pid(component)
@@ -256,7 +268,7 @@ def run_faults(
             len(window),
             len(failed),
             max((s.latency_s for s in window), default=0.0),
-            sorted({s.error for s in failed})[:3],
+            sorted({_short(s.error) for s in failed})[:3],
         )
 
 
