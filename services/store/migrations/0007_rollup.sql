@@ -1,0 +1,48 @@
+-- Per-minute rollup of predictions and their labels, kept by the store in both modes (see
+-- services/store/db/rollup.py). GetStats reads it instead of counting raw rows; on plain
+-- PostgreSQL prediction_stats_1m_range reads it too (TimescaleDB has its continuous aggregate).
+-- Minutes before rollup_state.materialized_to come from here, later ones from raw rows, so a
+-- reader sees the same numbers as a raw computation.
+CREATE TABLE prediction_rollup_1m (
+    model text NOT NULL,
+    version text NOT NULL,
+    bucket timestamptz NOT NULL,
+    predictions bigint NOT NULL,
+    labels bigint NOT NULL,
+    avg_latency_ms double precision,
+    p50_latency_ms double precision,
+    max_latency_ms real,
+    avg_value double precision,
+    last_at timestamptz NOT NULL,
+    PRIMARY KEY (model, bucket, version)
+);
+
+-- Time ranges whose minutes must be recomputed: every ingest batch and every label batch adds
+-- one in its own transaction, so a refresh that sees the range also sees the rows.
+CREATE TABLE rollup_dirty (
+    lo timestamptz NOT NULL,
+    hi timestamptz NOT NULL
+);
+
+CREATE TABLE rollup_state (
+    id boolean PRIMARY KEY DEFAULT true CHECK (id),
+    materialized_to timestamptz NOT NULL DEFAULT '1970-01-01 00:00:00+00'
+);
+INSERT INTO rollup_state DEFAULT VALUES;
+
+-- Rows stored before this migration: one range, aggregated by the first refresh.
+INSERT INTO rollup_dirty (lo, hi)
+SELECT min(created_at), max(created_at) + INTERVAL '1 minute' FROM predictions
+HAVING count(*) > 0;
+
+-- Minutes before materialized_to whose rollup rows are stale (late rows or new labels not yet
+-- refreshed): readers aggregate those from raw rows, so every answer equals a raw computation.
+CREATE FUNCTION rollup_pending_minutes() RETURNS SETOF timestamptz
+LANGUAGE sql STABLE
+AS $$
+  SELECT DISTINCT m
+  FROM rollup_state s, rollup_dirty d,
+       generate_series(date_bin(INTERVAL '1 minute', d.lo, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
+                       d.hi - INTERVAL '1 microsecond', INTERVAL '1 minute') AS m
+  WHERE d.lo < s.materialized_to AND m < s.materialized_to
+$$;
