@@ -157,7 +157,24 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
             {"to": (old + timedelta(hours=1)).isoformat()},
         ),
         _step("pending", "SELECT count(*)::int AS n FROM rollup_pending_minutes()"),
-        _step("rollup_stats", queries.STATS, {"model": None, "since": window["hi"], "pending": []}),
+        _step(
+            "rollup_stats",
+            queries.STATS,
+            {"model": None, "since": window["hi"], "pending": [], "minutes": []},
+        ),
+        # Labels recounted from the labels' id range of their minute, on compressed rows.
+        _step("label_dirty", rollup.TAKE_LABEL_DIRTY, {"to": window["hi"]}),
+        _step("zero_labels", rollup.ZERO_LABELS, {"minutes": [old.isoformat()]}),
+        _step(
+            "recount_labels",
+            rollup.RECOUNT_LABELS,
+            {"minutes": [old.isoformat(), (old + timedelta(minutes=1)).isoformat()]},
+        ),
+        _step(
+            "relabelled_stats",
+            queries.STATS,
+            {"model": None, "since": window["hi"], "pending": [], "minutes": []},
+        ),
         _step("raw_stats", queries.STATS_RAW, {"model": None}),
         _step(
             "update_compressed",
@@ -232,6 +249,9 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
     assert rows("labels2") == [{"stored": 1, "unmatched": []}]
     assert out["recompute_rollup"]["affectedRows"] == 2  # two minutes of model m, version 1
     assert rows("pending") == [{"n": 0}]
+    assert len(rows("label_dirty")) == 1  # labels1 and labels2 touched one minute
+    assert out["recount_labels"]["affectedRows"] == 1
+    assert rows("relabelled_stats") == rows("raw_stats")
     assert rows("rollup_stats") == rows("raw_stats")
     assert [(r["predictions"], r["labels"]) for r in rows("rollup_stats")] == [(6, 3)]
     assert out["update_compressed"]["affectedRows"] == 1

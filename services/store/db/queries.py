@@ -33,12 +33,11 @@ WITH u AS (
             model = coalesce(EXCLUDED.model, l.model)
     RETURNING 1
 ), dirty AS (
-    -- The rollup counts labelled predictions per minute: recompute the minutes touched.
-    INSERT INTO rollup_dirty (lo, hi)
-    SELECT b, b + INTERVAL '1 minute'
-    FROM (SELECT DISTINCT date_bin(INTERVAL '1 minute', uuid7_time(id),
-                                   TIMESTAMPTZ '2000-01-01 00:00:00+00') AS b
-          FROM m WHERE model IS NOT NULL) d
+    -- The rollup counts labelled predictions per minute: recount the minutes touched.
+    INSERT INTO rollup_label_dirty (bucket)
+    SELECT DISTINCT date_bin(INTERVAL '1 minute', uuid7_time(id),
+                             TIMESTAMPTZ '2000-01-01 00:00:00+00')
+    FROM m WHERE model IS NOT NULL
 )
 SELECT (SELECT count(*) FROM ins) AS stored,
        coalesce(array_agg(id) FILTER (WHERE model IS NULL), '{}') AS unmatched
@@ -145,18 +144,45 @@ SELECT model, version, bucket, predictions, avg_latency_ms, p50_latency_ms, max_
 FROM prediction_stats_1m_range(%(model)s, %(start)s, %(end)s)
 """
 
+# Labelled predictions per (model, version, minute) for the minutes %(minutes)s, from the
+# labels' primary key range of each minute (ids are time ordered), joined to their predictions
+# by id and time (one partition/chunk each): the cost follows those minutes' labels.
+LABELS_PER_MINUTE = """
+SELECT p.model, p.version,
+       date_bin(INTERVAL '1 minute', p.created_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS b,
+       count(*) AS n
+FROM unnest(%(minutes)s::timestamptz[]) AS m(b)
+JOIN labels l ON l.prediction_id >= uuid7_floor(m.b)
+             AND l.prediction_id < uuid7_floor(m.b + INTERVAL '1 minute')
+JOIN predictions p ON p.prediction_id = l.prediction_id
+                  AND p.created_at = uuid7_time(l.prediction_id)
+GROUP BY 1, 2, 3
+"""
+
 # Per model, from the rollup for the minutes before %(since)s (the rollup's materialized_to,
 # read first and passed as a value so the planner prunes to the newest partition and sizes the
-# label join for a minute of rows), from raw rows after it and for the %(pending)s minutes
-# (stale rollup rows, see rollup_pending_minutes): the cost follows the number of minutes with
-# traffic, not the number of rows.
-STATS = """
+# label join for a minute of rows) and from raw rows after it. Minutes whose rollup rows are
+# stale come from raw rows (%(pending)s: late predictions) or have their labels recounted
+# (%(minutes)s: new labels). The cost follows the minutes with traffic, not the rows.
+STATS = (
+    """
 WITH r AS (
-    SELECT model, sum(predictions) AS predictions, sum(labels) AS labels, max(last_at) AS last_at
+    SELECT model, sum(predictions) AS predictions,
+           coalesce(sum(labels) FILTER (WHERE bucket <> ALL(%(minutes)s::timestamptz[])), 0)
+               AS labels,
+           max(last_at) AS last_at
     FROM prediction_rollup_1m
     WHERE bucket < %(since)s AND bucket <> ALL(%(pending)s::timestamptz[])
       AND (%(model)s::text IS NULL OR model = %(model)s::text)
     GROUP BY model
+), relabelled AS (
+    SELECT c.model, 0::bigint AS predictions, sum(c.n) AS labels, NULL::timestamptz AS last_at
+    FROM ("""
+    + LABELS_PER_MINUTE
+    + """) c
+    WHERE c.b <> ALL(%(pending)s::timestamptz[])
+      AND (%(model)s::text IS NULL OR c.model = %(model)s::text)
+    GROUP BY c.model
 ), late AS (
     SELECT x.* FROM unnest(%(pending)s::timestamptz[]) AS d(m)
     CROSS JOIN LATERAL (
@@ -177,13 +203,17 @@ WITH r AS (
 )
 SELECT model, sum(predictions)::bigint AS predictions, sum(labels)::bigint AS labels,
        max(last_at) AS last_prediction_at
-FROM (SELECT * FROM r UNION ALL SELECT * FROM late UNION ALL SELECT * FROM recent) u
+FROM (SELECT * FROM r UNION ALL SELECT * FROM relabelled
+      UNION ALL SELECT * FROM late UNION ALL SELECT * FROM recent) u
 GROUP BY model
 ORDER BY model
 """
+)
 
 MATERIALIZED_TO = """
-SELECT materialized_to, now(), ARRAY(SELECT rollup_pending_minutes() ORDER BY 1) FROM rollup_state
+SELECT materialized_to, now(), ARRAY(SELECT rollup_pending_minutes() ORDER BY 1),
+       ARRAY(SELECT rollup_label_pending_minutes() ORDER BY 1)
+FROM rollup_state
 """
 
 # The same figures from raw rows only: what the rollup must agree with (tests, benchmark).

@@ -228,7 +228,12 @@ class ReadsMixin(StoreBase):
             cur = await conn.execute(queries.MATERIALIZED_TO)
             now_row = await cur.fetchone()
             assert now_row is not None
-            params = {"model": model, "since": now_row[0], "pending": now_row[2]}
+            params = {
+                "model": model,
+                "since": now_row[0],
+                "pending": now_row[2],
+                "minutes": now_row[3],
+            }
             cur = await conn.execute(queries.STATS_RAW if raw else queries.STATS, params)
             rows = await cur.fetchall()
         now: datetime = now_row[1]

@@ -2,8 +2,9 @@
 
 Every ingest and label batch records the time range it touched in ``rollup_dirty`` in its own
 transaction. A refresh takes the ranges that end before its new watermark, recomputes exactly
-those minutes from raw rows (predictions ⨝ labels) and moves ``materialized_to`` forward, all
-in one transaction: readers see either the old or the new state, never a mix. A batch that
+those minutes from raw rows (predictions ⨝ labels), recounts the labels of the minutes that
+only got labels (``rollup_label_dirty``) and moves ``materialized_to`` forward, all in one
+transaction: readers see either the old or the new state, never a mix. A batch that
 commits after the refresh took the log leaves its range for the next refresh.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from . import queries
 from ._base import Conn, StoreBase
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,20 @@ WHERE p.created_at >= %(lo)s AND p.created_at < %(hi)s
 GROUP BY 1, 2, 3
 """
 
+TAKE_LABEL_DIRTY = """
+WITH taken AS (DELETE FROM rollup_label_dirty WHERE bucket < %(to)s::timestamptz RETURNING bucket)
+SELECT DISTINCT bucket FROM taken ORDER BY 1
+"""
+
+# Labels only ever add to a minute's count (retention removes whole minutes), but a recount is
+# exact whatever happened: zero the minutes, then set the counts found.
+ZERO_LABELS = "UPDATE prediction_rollup_1m SET labels = 0 WHERE bucket = ANY(%(minutes)s)"
+RECOUNT_LABELS = (
+    "UPDATE prediction_rollup_1m r SET labels = c.n FROM ("
+    + queries.LABELS_PER_MINUTE
+    + ") c WHERE r.model = c.model AND r.version = c.version AND r.bucket = c.b"
+)
+
 MARK_DIRTY = "INSERT INTO rollup_dirty (lo, hi) VALUES (%s, %s)"
 
 
@@ -83,6 +99,7 @@ def merge_ranges(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[date
 class RefreshResult:
     materialized_to: datetime | None
     minutes: int
+    relabelled: int = 0
     skipped: bool = False
 
 
@@ -102,20 +119,32 @@ class RollupMixin(StoreBase):
             row = await cur.fetchone()
             assert row is not None
             if not row[0]:
-                return RefreshResult(None, 0, skipped=True)
+                return RefreshResult(None, 0, 0, skipped=True)
             to = floor_minute((now or row[1]) - self.rollup_lag)
             cur = await conn.execute(TAKE_DIRTY, {"to": to})
             ranges = merge_ranges(await cur.fetchall())
             for lo, hi in ranges:
                 await conn.execute(CLEAR, {"lo": lo, "hi": hi})
                 await conn.execute(RECOMPUTE, {"lo": lo, "hi": hi})
+            cur = await conn.execute(TAKE_LABEL_DIRTY, {"to": to})
+            relabelled = [
+                b for (b,) in await cur.fetchall() if not any(lo <= b < hi for lo, hi in ranges)
+            ]
+            if relabelled:
+                await conn.execute(ZERO_LABELS, {"minutes": relabelled})
+                await conn.execute(RECOUNT_LABELS, {"minutes": relabelled})
             await conn.execute(
                 "UPDATE rollup_state SET materialized_to = greatest(materialized_to, %s)", (to,)
             )
         minutes = sum((hi - lo) // MINUTE for lo, hi in ranges)
-        if minutes:
-            log.debug("rollup: %d minute(s) recomputed, materialized to %s", minutes, to)
-        return RefreshResult(to, minutes)
+        if minutes or relabelled:
+            log.debug(
+                "rollup: %d minute(s) recomputed, %d recounted, materialized to %s",
+                minutes,
+                len(relabelled),
+                to,
+            )
+        return RefreshResult(to, minutes, len(relabelled))
 
 
 __all__ = ["RefreshResult", "RollupMixin", "dirty_span", "mark_dirty", "merge_ranges"]

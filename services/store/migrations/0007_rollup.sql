@@ -17,12 +17,27 @@ CREATE TABLE prediction_rollup_1m (
     PRIMARY KEY (model, bucket, version)
 );
 
--- Time ranges whose minutes must be recomputed: every ingest batch and every label batch adds
--- one in its own transaction, so a refresh that sees the range also sees the rows.
+-- Time ranges whose minutes must be recomputed: every ingest batch adds one in its own
+-- transaction, so a refresh that sees the range also sees the rows.
 CREATE TABLE rollup_dirty (
     lo timestamptz NOT NULL,
     hi timestamptz NOT NULL
 );
+
+-- Minutes whose labelled-prediction count changed (a label batch adds the minutes of the
+-- predictions it labelled): only the count is redone, from the labels of that minute.
+CREATE TABLE rollup_label_dirty (
+    bucket timestamptz NOT NULL
+);
+
+-- The smallest UUIDv7 of a millisecond: labels of predictions made in [a, b) are the ids in
+-- [uuid7_floor(a), uuid7_floor(b)), a range of the labels' primary key.
+CREATE FUNCTION uuid7_floor(t timestamptz) RETURNS uuid
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$
+  SELECT (lpad(to_hex(floor(extract(epoch FROM t) * 1000)::bigint), 12, '0')
+          || '00000000000000000000')::uuid
+$$;
 
 CREATE TABLE rollup_state (
     id boolean PRIMARY KEY DEFAULT true CHECK (id),
@@ -35,8 +50,8 @@ INSERT INTO rollup_dirty (lo, hi)
 SELECT min(created_at), max(created_at) + INTERVAL '1 minute' FROM predictions
 HAVING count(*) > 0;
 
--- Minutes before materialized_to whose rollup rows are stale (late rows or new labels not yet
--- refreshed): readers aggregate those from raw rows, so every answer equals a raw computation.
+-- Minutes before materialized_to whose rollup rows are stale (late rows not yet refreshed):
+-- readers aggregate those from raw rows, so every answer equals a raw computation.
 CREATE FUNCTION rollup_pending_minutes() RETURNS SETOF timestamptz
 LANGUAGE sql STABLE
 AS $$
@@ -45,4 +60,13 @@ AS $$
        generate_series(date_bin(INTERVAL '1 minute', d.lo, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
                        d.hi - INTERVAL '1 microsecond', INTERVAL '1 minute') AS m
   WHERE d.lo < s.materialized_to AND m < s.materialized_to
+$$;
+
+-- Minutes before materialized_to whose labelled count is stale (labels not yet refreshed).
+CREATE FUNCTION rollup_label_pending_minutes() RETURNS SETOF timestamptz
+LANGUAGE sql STABLE
+AS $$
+  SELECT DISTINCT d.bucket
+  FROM rollup_state s, rollup_label_dirty d
+  WHERE d.bucket < s.materialized_to
 $$;
