@@ -285,7 +285,7 @@ async def test_lookups_by_prediction_id_touch_one_partition(db: StoreDB) -> None
 
 
 async def test_uuid7_floor_orders_ids_by_their_millisecond(db: StoreDB) -> None:
-    from services.store.db.retention import first_uuid7
+    from services.store.db.rollup import first_uuid7
 
     at = datetime(2026, 3, 4, 5, 6, 7, 891000, tzinfo=UTC)
     async with db.pool.connection() as c:

@@ -90,6 +90,14 @@ def _step(
     return {"name": name, "sql": text, "params": values}
 
 
+def _iso(params: dict[str, list[Any]]) -> dict[str, list[str]]:
+    """Datetimes and UUIDs as PGlite takes them: text."""
+    return {
+        k: [v.isoformat() if isinstance(v, datetime) else str(v) for v in vs]
+        for k, vs in params.items()
+    }
+
+
 def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
     _ensure_pglite()
     old = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)  # far past: a chunk to compress
@@ -160,7 +168,7 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
         _step(
             "rollup_stats",
             queries.STATS,
-            {"model": None, "since": window["hi"], "pending": [], "minutes": []},
+            {"model": None, "since": window["hi"], "pending": [], **rollup.label_minutes([])},
         ),
         # Labels recounted from the labels' id range of their minute, on compressed rows.
         _step("label_dirty", rollup.TAKE_LABEL_DIRTY, {"to": window["hi"]}),
@@ -168,12 +176,12 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
         _step(
             "recount_labels",
             rollup.RECOUNT_LABELS,
-            {"minutes": [old.isoformat(), (old + timedelta(minutes=1)).isoformat()]},
+            _iso(rollup.label_minutes([old, old + timedelta(minutes=1)])),
         ),
         _step(
             "relabelled_stats",
             queries.STATS,
-            {"model": None, "since": window["hi"], "pending": [], "minutes": []},
+            {"model": None, "since": window["hi"], "pending": [], **rollup.label_minutes([])},
         ),
         _step("raw_stats", queries.STATS_RAW, {"model": None}),
         _step(

@@ -145,19 +145,24 @@ FROM prediction_stats_1m_range(%(model)s, %(start)s, %(end)s)
 """
 
 # Labelled predictions per (model, version, minute) for the minutes %(minutes)s, from the
-# labels' primary key range of each minute (ids are time ordered), joined to their predictions
-# by id and time (one partition/chunk each): the cost follows those minutes' labels.
+# labels' primary key range of each minute (%(lo_ids)s..%(hi_ids)s: ids are time ordered,
+# see rollup.label_minutes), each joined to its prediction by id and time (one partition/chunk,
+# one index lookup): the cost follows those minutes' labels, not the tables.
 LABELS_PER_MINUTE = """
-SELECT p.model, p.version,
-       date_bin(INTERVAL '1 minute', p.created_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS b,
-       count(*) AS n
-FROM unnest(%(minutes)s::timestamptz[]) AS m(b)
-JOIN labels l ON l.prediction_id >= uuid7_floor(m.b)
-             AND l.prediction_id < uuid7_floor(m.b + INTERVAL '1 minute')
-JOIN predictions p ON p.prediction_id = l.prediction_id
-                  AND p.created_at = uuid7_time(l.prediction_id)
+SELECT p.model, p.version, m.b, count(*) AS n
+FROM unnest(%(minutes)s::timestamptz[], %(lo_ids)s::uuid[], %(hi_ids)s::uuid[]) AS m(b, lo, hi)
+JOIN labels l ON l.prediction_id >= m.lo AND l.prediction_id < m.hi
+CROSS JOIN LATERAL (
+    SELECT pr.model, pr.version FROM predictions pr
+    WHERE pr.prediction_id = l.prediction_id AND pr.created_at = uuid7_time(l.prediction_id)
+    LIMIT 1
+) p
 GROUP BY 1, 2, 3
 """
+
+# Whether a prediction row has a label: one index lookup per row, so aggregating a minute
+# never hashes the whole labels table.
+HAS_LABEL = "EXISTS (SELECT 1 FROM labels l WHERE l.prediction_id = p.prediction_id)"
 
 # Per model, from the rollup for the minutes before %(since)s (the rollup's materialized_to,
 # read first and passed as a value so the planner prunes to the newest partition and sizes the
@@ -186,17 +191,21 @@ WITH r AS (
 ), late AS (
     SELECT x.* FROM unnest(%(pending)s::timestamptz[]) AS d(m)
     CROSS JOIN LATERAL (
-        SELECT p.model, count(*) AS predictions, count(l.prediction_id) AS labels,
-               max(p.created_at) AS last_at
-        FROM predictions p LEFT JOIN labels l ON l.prediction_id = p.prediction_id
+        SELECT p.model, count(*) AS predictions, count(*) FILTER (WHERE """
+    + HAS_LABEL
+    + """)
+                   AS labels, max(p.created_at) AS last_at
+        FROM predictions p
         WHERE p.created_at >= d.m AND p.created_at < d.m + INTERVAL '1 minute'
           AND (%(model)s::text IS NULL OR p.model = %(model)s::text)
         GROUP BY p.model
     ) x
 ), recent AS (
-    SELECT p.model, count(*) AS predictions, count(l.prediction_id) AS labels,
-           max(p.created_at) AS last_at
-    FROM predictions p LEFT JOIN labels l ON l.prediction_id = p.prediction_id
+    SELECT p.model, count(*) AS predictions, count(*) FILTER (WHERE """
+    + HAS_LABEL
+    + """)
+               AS labels, max(p.created_at) AS last_at
+    FROM predictions p
     WHERE p.created_at >= %(since)s
       AND (%(model)s::text IS NULL OR p.model = %(model)s::text)
     GROUP BY p.model

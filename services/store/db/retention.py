@@ -9,7 +9,6 @@ primary key is a time index), rollup minutes and their pending ranges.
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -17,7 +16,7 @@ from psycopg import sql
 
 from ._base import StoreBase
 from .partitions import PARTITIONED_TABLES, drop_partitions_before
-from .types import EPOCH
+from .rollup import first_uuid7
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +27,6 @@ def retention_cutoff(retain_for: timedelta | None, now: datetime | None = None) 
         return None
     day = ((now or datetime.now(UTC)) - retain_for).date()
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
-
-
-def first_uuid7(at: datetime) -> uuid.UUID:
-    """The smallest UUIDv7 of millisecond ``at``: ids below it are from earlier."""
-    return uuid.UUID(int=int((at - EPOCH) / timedelta(milliseconds=1)) << 80)
 
 
 @dataclass(frozen=True)
@@ -80,4 +74,4 @@ class RetentionMixin(StoreBase):
         return RetentionResult(cutoff, dropped, deleted)
 
 
-__all__ = ["RetentionMixin", "RetentionResult", "first_uuid7", "retention_cutoff"]
+__all__ = ["RetentionMixin", "RetentionResult", "retention_cutoff"]

@@ -11,12 +11,15 @@ commits after the refresh took the log leaves its range for the next refresh.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from . import queries
 from ._base import Conn, StoreBase
+from .types import EPOCH
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +39,26 @@ SELECT lo, least(hi, %(to)s::timestamptz) FROM taken
 CLEAR = "DELETE FROM prediction_rollup_1m WHERE bucket >= %(lo)s AND bucket < %(hi)s"
 
 # Same definitions as prediction_stats_1m_raw (0008), plus labels and the newest row.
-RECOMPUTE = """
+RECOMPUTE = (
+    """
 INSERT INTO prediction_rollup_1m
     (model, version, bucket, predictions, labels, avg_latency_ms, p50_latency_ms,
      max_latency_ms, avg_value, last_at)
 SELECT p.model, p.version,
        date_bin(INTERVAL '1 minute', p.created_at, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
-       count(*), count(l.prediction_id), avg(p.latency_ms),
+       count(*), count(*) FILTER (WHERE """
+    + queries.HAS_LABEL
+    + """), avg(p.latency_ms),
        percentile_cont(0.5) WITHIN GROUP (ORDER BY p.latency_ms),
        max(p.latency_ms),
        avg(CASE WHEN jsonb_typeof(p.output -> 'value') = 'number'
                 THEN (p.output -> 'value')::double precision END),
        max(p.created_at)
-FROM predictions p LEFT JOIN labels l ON l.prediction_id = p.prediction_id
+FROM predictions p
 WHERE p.created_at >= %(lo)s AND p.created_at < %(hi)s
 GROUP BY 1, 2, 3
 """
+)
 
 TAKE_LABEL_DIRTY = """
 WITH taken AS (DELETE FROM rollup_label_dirty WHERE bucket < %(to)s::timestamptz RETURNING bucket)
@@ -68,6 +75,20 @@ RECOUNT_LABELS = (
 )
 
 MARK_DIRTY = "INSERT INTO rollup_dirty (lo, hi) VALUES (%s, %s)"
+
+
+def label_minutes(minutes: list[datetime]) -> dict[str, list[Any]]:
+    """Parameters of `queries.LABELS_PER_MINUTE`: each minute and its labels' id range."""
+    return {
+        "minutes": minutes,
+        "lo_ids": [first_uuid7(m) for m in minutes],
+        "hi_ids": [first_uuid7(m + MINUTE) for m in minutes],
+    }
+
+
+def first_uuid7(at: datetime) -> uuid.UUID:
+    """The smallest UUIDv7 of millisecond ``at``: ids below it are from earlier."""
+    return uuid.UUID(int=int((at - EPOCH) // timedelta(milliseconds=1)) << 80)
 
 
 def floor_minute(t: datetime) -> datetime:
@@ -132,7 +153,7 @@ class RollupMixin(StoreBase):
             ]
             if relabelled:
                 await conn.execute(ZERO_LABELS, {"minutes": relabelled})
-                await conn.execute(RECOUNT_LABELS, {"minutes": relabelled})
+                await conn.execute(RECOUNT_LABELS, label_minutes(relabelled))
             await conn.execute(
                 "UPDATE rollup_state SET materialized_to = greatest(materialized_to, %s)", (to,)
             )
@@ -147,4 +168,12 @@ class RollupMixin(StoreBase):
         return RefreshResult(to, minutes, len(relabelled))
 
 
-__all__ = ["RefreshResult", "RollupMixin", "dirty_span", "mark_dirty", "merge_ranges"]
+__all__ = [
+    "RefreshResult",
+    "RollupMixin",
+    "dirty_span",
+    "first_uuid7",
+    "label_minutes",
+    "mark_dirty",
+    "merge_ranges",
+]
