@@ -223,6 +223,18 @@ async def test_rollup_equals_raw_computation_through_late_rows_and_labels(db: St
     refreshed = await db.refresh_rollup()
     assert refreshed.minutes >= 4 and refreshed.relabelled >= 1
     assert await _count(db, "SELECT count(*) FROM rollup_pending_minutes()") == 0
+    # Grafana's label coverage reads the rollup too, and agrees with raw rows once refreshed.
+    async with db.pool.connection() as c:
+        window = ("a", t0, datetime.now(UTC) + timedelta(minutes=1))
+        cur = await c.execute("SELECT * FROM label_coverage_1m_range(%s, %s, %s)", window)
+        coverage = await cur.fetchall()
+        cur = await c.execute(
+            "SELECT date_bin('1 minute', p.created_at, timestamptz '2000-01-01'), count(*),"
+            " count(l.prediction_id) FROM predictions p LEFT JOIN labels l USING (prediction_id)"
+            " WHERE p.model = %s AND p.created_at >= %s AND p.created_at < %s GROUP BY 1 ORDER BY 1",
+            window,
+        )
+        assert coverage == await cur.fetchall()
     await _assert_same_as_raw(db, t0)
     assert await _count(db, "SELECT count(*) FROM rollup_label_dirty") == 0
 

@@ -70,3 +70,27 @@ AS $$
   FROM rollup_state s, rollup_label_dirty d
   WHERE d.bucket < s.materialized_to
 $$;
+
+-- Label coverage per minute for dashboards (Grafana): the rollup's whole minutes, raw rows
+-- after materialized_to. Late rows and labels show after the store's next refresh.
+CREATE FUNCTION label_coverage_1m_range(p_model text, p_start timestamptz, p_end timestamptz)
+RETURNS TABLE (bucket timestamptz, predictions bigint, labels bigint)
+LANGUAGE sql STABLE
+AS $$
+  SELECT u.bucket, sum(u.predictions)::bigint, sum(u.labels)::bigint
+  FROM (
+    SELECT r.bucket, r.predictions, r.labels
+    FROM prediction_rollup_1m r
+    WHERE r.model = p_model
+      AND r.bucket >= date_bin(INTERVAL '1 minute', p_start, TIMESTAMPTZ '2000-01-01 00:00:00+00')
+      AND r.bucket < least(p_end, (SELECT materialized_to FROM rollup_state))
+    UNION ALL
+    SELECT date_bin(INTERVAL '1 minute', p.created_at, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
+           1, (EXISTS (SELECT 1 FROM labels l WHERE l.prediction_id = p.prediction_id))::int
+    FROM predictions p
+    WHERE p.model = p_model AND p.created_at < p_end
+      AND p.created_at >= greatest(p_start, (SELECT materialized_to FROM rollup_state))
+  ) u
+  GROUP BY u.bucket
+  ORDER BY u.bucket
+$$;
