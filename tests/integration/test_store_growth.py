@@ -218,7 +218,7 @@ async def test_rollup_equals_raw_computation_through_late_rows_and_labels(db: St
     # Before the refresh, the stale minutes are read from raw rows: still the same answers.
     pending = await _count(db, "SELECT count(*) FROM rollup_pending_minutes()")
     assert pending >= 4
-    assert await _count(db, "SELECT count(*) FROM rollup_label_pending_minutes()") >= 5
+    assert await _count(db, "SELECT count(*) FROM rollup_label_delta") >= 5
     await _assert_same_as_raw(db, t0)
     refreshed = await db.refresh_rollup()
     assert refreshed.minutes >= 4 and refreshed.relabelled >= 1
@@ -236,7 +236,7 @@ async def test_rollup_equals_raw_computation_through_late_rows_and_labels(db: St
         )
         assert coverage == await cur.fetchall()
     await _assert_same_as_raw(db, t0)
-    assert await _count(db, "SELECT count(*) FROM rollup_label_dirty") == 0
+    assert await _count(db, "SELECT count(*) FROM rollup_label_delta") == 0
 
 
 async def test_status_reads_the_rollup_not_raw_rows(db: StoreDB) -> None:
@@ -294,13 +294,3 @@ async def test_lookups_by_prediction_id_touch_one_partition(db: StoreDB) -> None
     assert len(executed) == 1 and f"predictions_p{uuid7_time(pid):%Y%m%d}" in executed[0], (
         label_plan
     )
-
-
-async def test_uuid7_floor_orders_ids_by_their_millisecond(db: StoreDB) -> None:
-    from services.store.db.rollup import first_uuid7
-
-    at = datetime(2026, 3, 4, 5, 6, 7, 891000, tzinfo=UTC)
-    async with db.pool.connection() as c:
-        row = await (await c.execute("SELECT uuid7_floor(%s)", (at,))).fetchone()
-    assert row is not None and row[0] == first_uuid7(at)
-    assert first_uuid7(at) <= uuid7(at) < first_uuid7(at + timedelta(milliseconds=1))

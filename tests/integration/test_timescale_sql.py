@@ -90,14 +90,6 @@ def _step(
     return {"name": name, "sql": text, "params": values}
 
 
-def _iso(params: dict[str, list[Any]]) -> dict[str, list[str]]:
-    """Datetimes and UUIDs as PGlite takes them: text."""
-    return {
-        k: [v.isoformat() if isinstance(v, datetime) else str(v) for v in vs]
-        for k, vs in params.items()
-    }
-
-
 def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
     _ensure_pglite()
     old = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)  # far past: a chunk to compress
@@ -168,22 +160,24 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
         _step(
             "rollup_stats",
             queries.STATS,
-            {"model": None, "since": window["hi"], "pending": [], **rollup.label_minutes([])},
+            {"model": None, "since": window["hi"], "pending": []},
         ),
-        # Labels recounted from the labels' id range of their minute, on compressed rows.
-        _step("label_dirty", rollup.TAKE_LABEL_DIRTY, {"to": window["hi"]}),
-        _step("zero_labels", rollup.ZERO_LABELS, {"minutes": [old.isoformat()]}),
+        # A label delta (labels3: a first label for ids[3]) is counted on read, then folded.
+        _step("labels3", queries.UPSERT_LABELS, {"ids": ids[3:4], "labels": ["5"], "model": None}),
         _step(
-            "recount_labels",
-            rollup.RECOUNT_LABELS,
-            _iso(rollup.label_minutes([old, old + timedelta(minutes=1)])),
+            "delta_stats",
+            queries.STATS,
+            {"model": None, "since": window["hi"], "pending": []},
         ),
+        _step("fold_labels", rollup.FOLD_LABELS, {"to": window["hi"]}),
         _step(
             "relabelled_stats",
             queries.STATS,
-            {"model": None, "since": window["hi"], "pending": [], **rollup.label_minutes([])},
+            {"model": None, "since": window["hi"], "pending": []},
         ),
         _step("raw_stats", queries.STATS_RAW, {"model": None}),
+        # Back to three labelled rows for the reads below.
+        _step("unlabel", "DELETE FROM labels WHERE prediction_id = %(id)s", {"id": ids[3]}),
         _step(
             "update_compressed",
             "UPDATE predictions SET trace_id = 'fixed'"
@@ -257,10 +251,10 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
     assert rows("labels2") == [{"stored": 1, "unmatched": []}]
     assert out["recompute_rollup"]["affectedRows"] == 2  # two minutes of model m, version 1
     assert rows("pending") == [{"n": 0}]
-    assert len(rows("label_dirty")) == 1  # labels1 and labels2 touched one minute
-    assert out["recount_labels"]["affectedRows"] == 1
+    assert [r["labels"] for r in rows("delta_stats")] == [4]
+    assert out["fold_labels"]["affectedRows"] == 1
+    assert [r["labels"] for r in rows("relabelled_stats")] == [4]
     assert rows("relabelled_stats") == rows("raw_stats")
-    assert rows("rollup_stats") == rows("raw_stats")
     assert [(r["predictions"], r["labels"]) for r in rows("rollup_stats")] == [(6, 3)]
     assert out["update_compressed"]["affectedRows"] == 1
     assert rows("get")[0]["label"] == 7  # replaced, last write wins

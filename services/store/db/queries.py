@@ -17,10 +17,10 @@ UPSERT_LABELS = """
 WITH u AS (
     SELECT id, label FROM unnest(%(ids)s::uuid[], %(labels)s::jsonb[]) AS t(id, label)
 ), m AS (
-    SELECT u.id, u.label, p.model
+    SELECT u.id, u.label, p.model, p.version
     FROM u
     LEFT JOIN LATERAL (
-        SELECT pr.model FROM predictions pr
+        SELECT pr.model, pr.version FROM predictions pr
         WHERE pr.prediction_id = u.id AND pr.created_at = uuid7_time(u.id)
         LIMIT 1
     ) p ON true
@@ -31,13 +31,17 @@ WITH u AS (
         SET label = EXCLUDED.label,
             labelled_at = EXCLUDED.labelled_at,
             model = coalesce(EXCLUDED.model, l.model)
-    RETURNING 1
-), dirty AS (
-    -- The rollup counts labelled predictions per minute: recount the minutes touched.
-    INSERT INTO rollup_label_dirty (bucket)
-    SELECT DISTINCT date_bin(INTERVAL '1 minute', uuid7_time(id),
-                             TIMESTAMPTZ '2000-01-01 00:00:00+00')
-    FROM m WHERE model IS NOT NULL
+    RETURNING l.prediction_id, (xmax = 0) AS inserted
+), delta AS (
+    -- The rollup counts labelled predictions per minute: a first label for a stored
+    -- prediction adds one (a replaced label changes nothing).
+    INSERT INTO rollup_label_delta (model, version, bucket, n)
+    SELECT m.model, m.version,
+           date_bin(INTERVAL '1 minute', uuid7_time(m.id), TIMESTAMPTZ '2000-01-01 00:00:00+00'),
+           count(*)
+    FROM m JOIN ins ON ins.prediction_id = m.id
+    WHERE ins.inserted AND m.model IS NOT NULL
+    GROUP BY 1, 2, 3
 )
 SELECT (SELECT count(*) FROM ins) AS stored,
        coalesce(array_agg(id) FILTER (WHERE model IS NULL), '{}') AS unmatched
@@ -144,56 +148,32 @@ SELECT model, version, bucket, predictions, avg_latency_ms, p50_latency_ms, max_
 FROM prediction_stats_1m_range(%(model)s, %(start)s, %(end)s)
 """
 
-# Labelled predictions per (model, version, minute) for the minutes %(minutes)s, from the
-# labels' primary key range of each minute (%(lo_ids)s..%(hi_ids)s: ids are time ordered,
-# see rollup.label_minutes), each joined to its prediction by id and time (one partition/chunk,
-# one index lookup): the cost follows those minutes' labels, not the tables.
-LABELS_PER_MINUTE = """
-SELECT p.model, p.version, m.b, count(*) AS n
-FROM unnest(%(minutes)s::timestamptz[], %(lo_ids)s::uuid[], %(hi_ids)s::uuid[]) AS m(b, lo, hi)
-JOIN labels l ON l.prediction_id >= m.lo AND l.prediction_id < m.hi
-CROSS JOIN LATERAL (
-    SELECT pr.model, pr.version FROM predictions pr
-    WHERE pr.prediction_id = l.prediction_id AND pr.created_at = uuid7_time(l.prediction_id)
-    LIMIT 1
-) p
-GROUP BY 1, 2, 3
-"""
-
 # Whether a prediction row has a label: one index lookup per row, so aggregating a minute
 # never hashes the whole labels table.
 HAS_LABEL = "EXISTS (SELECT 1 FROM labels l WHERE l.prediction_id = p.prediction_id)"
 
 # Per model, from the rollup for the minutes before %(since)s (the rollup's materialized_to,
 # read first and passed as a value so the planner prunes to the newest partition and sizes the
-# label join for a minute of rows) and from raw rows after it. Minutes whose rollup rows are
-# stale come from raw rows (%(pending)s: late predictions) or have their labels recounted
-# (%(minutes)s: new labels). The cost follows the minutes with traffic, not the rows.
-STATS = (
-    """
+# label join for a minute of rows), plus the label counts not yet folded in, and from raw rows
+# after it and for the %(pending)s minutes (late rows not yet refreshed). The cost follows the
+# minutes with traffic and the labels since the last refresh, not the rows.
+STATS = """
 WITH r AS (
-    SELECT model, sum(predictions) AS predictions,
-           coalesce(sum(labels) FILTER (WHERE bucket <> ALL(%(minutes)s::timestamptz[])), 0)
-               AS labels,
-           max(last_at) AS last_at
+    SELECT model, sum(predictions) AS predictions, sum(labels) AS labels, max(last_at) AS last_at
     FROM prediction_rollup_1m
-    WHERE bucket < %(since)s AND bucket <> ALL(%(pending)s::timestamptz[])
+    WHERE bucket < %(since)s AND bucket NOT IN (SELECT unnest(%(pending)s::timestamptz[]))
       AND (%(model)s::text IS NULL OR model = %(model)s::text)
     GROUP BY model
-), relabelled AS (
-    SELECT c.model, 0::bigint AS predictions, sum(c.n) AS labels, NULL::timestamptz AS last_at
-    FROM ("""
-    + LABELS_PER_MINUTE
-    + """) c
-    WHERE c.b <> ALL(%(pending)s::timestamptz[])
-      AND (%(model)s::text IS NULL OR c.model = %(model)s::text)
-    GROUP BY c.model
+), delta AS (
+    SELECT model, 0::bigint AS predictions, sum(n) AS labels, NULL::timestamptz AS last_at
+    FROM rollup_label_delta
+    WHERE bucket < %(since)s AND bucket NOT IN (SELECT unnest(%(pending)s::timestamptz[]))
+      AND (%(model)s::text IS NULL OR model = %(model)s::text)
+    GROUP BY model
 ), late AS (
     SELECT x.* FROM unnest(%(pending)s::timestamptz[]) AS d(m)
     CROSS JOIN LATERAL (
-        SELECT p.model, count(*) AS predictions, count(*) FILTER (WHERE """
-    + HAS_LABEL
-    + """)
+        SELECT p.model, count(*) AS predictions, count(*) FILTER (WHERE {has_label})
                    AS labels, max(p.created_at) AS last_at
         FROM predictions p
         WHERE p.created_at >= d.m AND p.created_at < d.m + INTERVAL '1 minute'
@@ -201,9 +181,7 @@ WITH r AS (
         GROUP BY p.model
     ) x
 ), recent AS (
-    SELECT p.model, count(*) AS predictions, count(*) FILTER (WHERE """
-    + HAS_LABEL
-    + """)
+    SELECT p.model, count(*) AS predictions, count(*) FILTER (WHERE {has_label})
                AS labels, max(p.created_at) AS last_at
     FROM predictions p
     WHERE p.created_at >= %(since)s
@@ -212,16 +190,14 @@ WITH r AS (
 )
 SELECT model, sum(predictions)::bigint AS predictions, sum(labels)::bigint AS labels,
        max(last_at) AS last_prediction_at
-FROM (SELECT * FROM r UNION ALL SELECT * FROM relabelled
+FROM (SELECT * FROM r UNION ALL SELECT * FROM delta
       UNION ALL SELECT * FROM late UNION ALL SELECT * FROM recent) u
 GROUP BY model
 ORDER BY model
-"""
-)
+""".replace("{has_label}", HAS_LABEL)
 
 MATERIALIZED_TO = """
-SELECT materialized_to, now(), ARRAY(SELECT rollup_pending_minutes() ORDER BY 1),
-       ARRAY(SELECT rollup_label_pending_minutes() ORDER BY 1)
+SELECT materialized_to, now(), ARRAY(SELECT rollup_pending_minutes() ORDER BY 1)
 FROM rollup_state
 """
 

@@ -12,7 +12,6 @@ from psycopg.types.json import Jsonb
 
 from . import queries
 from ._base import StoreBase
-from .rollup import label_minutes
 from .types import (
     ColumnChunk,
     FeatureFilter,
@@ -233,7 +232,6 @@ class ReadsMixin(StoreBase):
                 "model": model,
                 "since": now_row[0],
                 "pending": now_row[2],
-                **label_minutes(now_row[3]),
             }
             cur = await conn.execute(queries.STATS_RAW if raw else queries.STATS, params)
             rows = await cur.fetchall()

@@ -63,7 +63,7 @@ class RetentionMixin(StoreBase):
             deleted = cur.rowcount
             await conn.execute("DELETE FROM prediction_rollup_1m WHERE bucket < %s", (cutoff,))
             await conn.execute("DELETE FROM rollup_dirty WHERE hi <= %s", (cutoff,))
-            await conn.execute("DELETE FROM rollup_label_dirty WHERE bucket < %s", (cutoff,))
+            await conn.execute("DELETE FROM rollup_label_delta WHERE bucket < %s", (cutoff,))
         if dropped or deleted:
             log.info(
                 "retention (before %s): dropped %s, %d label(s)",

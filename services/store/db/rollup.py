@@ -2,9 +2,8 @@
 
 Every ingest and label batch records the time range it touched in ``rollup_dirty`` in its own
 transaction. A refresh takes the ranges that end before its new watermark, recomputes exactly
-those minutes from raw rows (predictions ⨝ labels), recounts the labels of the minutes that
-only got labels (``rollup_label_dirty``) and moves ``materialized_to`` forward, all in one
-transaction: readers see either the old or the new state, never a mix. A batch that
+those minutes from raw rows (predictions ⨝ labels), adds the label counts that label batches
+left in ``rollup_label_delta`` and moves ``materialized_to`` forward, all in one transaction: readers see either the old or the new state, never a mix. A batch that
 commits after the refresh took the log leaves its range for the next refresh.
 """
 
@@ -15,7 +14,6 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from . import queries
 from ._base import Conn, StoreBase
@@ -38,17 +36,18 @@ SELECT lo, least(hi, %(to)s::timestamptz) FROM taken
 
 CLEAR = "DELETE FROM prediction_rollup_1m WHERE bucket >= %(lo)s AND bucket < %(hi)s"
 
-# Same definitions as prediction_stats_1m_raw (0008), plus labels and the newest row.
-RECOMPUTE = (
-    """
+# Same definitions as prediction_stats_1m_raw (0008), plus labels and the newest row. One
+# statement, one snapshot: the label deltas it drops are exactly those its count includes.
+RECOMPUTE = """
+WITH counted AS (
+    DELETE FROM rollup_label_delta WHERE bucket >= %(lo)s AND bucket < %(hi)s
+)
 INSERT INTO prediction_rollup_1m
     (model, version, bucket, predictions, labels, avg_latency_ms, p50_latency_ms,
      max_latency_ms, avg_value, last_at)
 SELECT p.model, p.version,
        date_bin(INTERVAL '1 minute', p.created_at, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
-       count(*), count(*) FILTER (WHERE """
-    + queries.HAS_LABEL
-    + """), avg(p.latency_ms),
+       count(*), count(*) FILTER (WHERE {has_label}), avg(p.latency_ms),
        percentile_cont(0.5) WITHIN GROUP (ORDER BY p.latency_ms),
        max(p.latency_ms),
        avg(CASE WHEN jsonb_typeof(p.output -> 'value') = 'number'
@@ -57,33 +56,22 @@ SELECT p.model, p.version,
 FROM predictions p
 WHERE p.created_at >= %(lo)s AND p.created_at < %(hi)s
 GROUP BY 1, 2, 3
-"""
-)
+""".replace("{has_label}", queries.HAS_LABEL)
 
-TAKE_LABEL_DIRTY = """
-WITH taken AS (DELETE FROM rollup_label_dirty WHERE bucket < %(to)s::timestamptz RETURNING bucket)
-SELECT DISTINCT bucket FROM taken ORDER BY 1
-"""
-
-# Labels only ever add to a minute's count (retention removes whole minutes), but a recount is
-# exact whatever happened: zero the minutes, then set the counts found.
-ZERO_LABELS = "UPDATE prediction_rollup_1m SET labels = 0 WHERE bucket = ANY(%(minutes)s)"
-RECOUNT_LABELS = (
-    "UPDATE prediction_rollup_1m r SET labels = c.n FROM ("
-    + queries.LABELS_PER_MINUTE
-    + ") c WHERE r.model = c.model AND r.version = c.version AND r.bucket = c.b"
+# Label counts added since the last refresh, folded in (one snapshot for both halves).
+FOLD_LABELS = """
+WITH taken AS (
+    DELETE FROM rollup_label_delta WHERE bucket < %(to)s::timestamptz
+    RETURNING model, version, bucket, n
+), summed AS (
+    SELECT model, version, bucket, sum(n) AS n FROM taken GROUP BY 1, 2, 3
 )
+UPDATE prediction_rollup_1m r SET labels = r.labels + s.n
+FROM summed s
+WHERE r.model = s.model AND r.version = s.version AND r.bucket = s.bucket
+"""
 
 MARK_DIRTY = "INSERT INTO rollup_dirty (lo, hi) VALUES (%s, %s)"
-
-
-def label_minutes(minutes: list[datetime]) -> dict[str, list[Any]]:
-    """Parameters of `queries.LABELS_PER_MINUTE`: each minute and its labels' id range."""
-    return {
-        "minutes": minutes,
-        "lo_ids": [first_uuid7(m) for m in minutes],
-        "hi_ids": [first_uuid7(m + MINUTE) for m in minutes],
-    }
 
 
 def first_uuid7(at: datetime) -> uuid.UUID:
@@ -147,25 +135,20 @@ class RollupMixin(StoreBase):
             for lo, hi in ranges:
                 await conn.execute(CLEAR, {"lo": lo, "hi": hi})
                 await conn.execute(RECOMPUTE, {"lo": lo, "hi": hi})
-            cur = await conn.execute(TAKE_LABEL_DIRTY, {"to": to})
-            relabelled = [
-                b for (b,) in await cur.fetchall() if not any(lo <= b < hi for lo, hi in ranges)
-            ]
-            if relabelled:
-                await conn.execute(ZERO_LABELS, {"minutes": relabelled})
-                await conn.execute(RECOUNT_LABELS, label_minutes(relabelled))
+            cur = await conn.execute(FOLD_LABELS, {"to": to})
+            relabelled = cur.rowcount
             await conn.execute(
                 "UPDATE rollup_state SET materialized_to = greatest(materialized_to, %s)", (to,)
             )
         minutes = sum((hi - lo) // MINUTE for lo, hi in ranges)
         if minutes or relabelled:
             log.debug(
-                "rollup: %d minute(s) recomputed, %d recounted, materialized to %s",
+                "rollup: %d minute(s) recomputed, %d relabelled, materialized to %s",
                 minutes,
-                len(relabelled),
+                relabelled,
                 to,
             )
-        return RefreshResult(to, minutes, len(relabelled))
+        return RefreshResult(to, minutes, relabelled)
 
 
 __all__ = [
@@ -173,7 +156,6 @@ __all__ = [
     "RollupMixin",
     "dirty_span",
     "first_uuid7",
-    "label_minutes",
     "mark_dirty",
     "merge_ranges",
 ]

@@ -24,20 +24,16 @@ CREATE TABLE rollup_dirty (
     hi timestamptz NOT NULL
 );
 
--- Minutes whose labelled-prediction count changed (a label batch adds the minutes of the
--- predictions it labelled): only the count is redone, from the labels of that minute.
-CREATE TABLE rollup_label_dirty (
-    bucket timestamptz NOT NULL
+-- Labelled-prediction counts not yet folded into the rollup: a label batch adds, in its own
+-- transaction, one row per (model, version, minute) it labelled for the first time. Readers add
+-- them to the rollup's counts; a refresh folds them in. Cost: the labels, not the tables.
+CREATE TABLE rollup_label_delta (
+    model text NOT NULL,
+    version text NOT NULL,
+    bucket timestamptz NOT NULL,
+    n bigint NOT NULL
 );
-
--- The smallest UUIDv7 of a millisecond: labels of predictions made in [a, b) are the ids in
--- [uuid7_floor(a), uuid7_floor(b)), a range of the labels' primary key.
-CREATE FUNCTION uuid7_floor(t timestamptz) RETURNS uuid
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-AS $$
-  SELECT (lpad(to_hex(floor(extract(epoch FROM t) * 1000)::bigint), 12, '0')
-          || '00000000000000000000')::uuid
-$$;
+CREATE INDEX rollup_label_delta_bucket ON rollup_label_delta (bucket);
 
 CREATE TABLE rollup_state (
     id boolean PRIMARY KEY DEFAULT true CHECK (id),
@@ -60,15 +56,6 @@ AS $$
        generate_series(date_bin(INTERVAL '1 minute', d.lo, TIMESTAMPTZ '2000-01-01 00:00:00+00'),
                        d.hi - INTERVAL '1 microsecond', INTERVAL '1 minute') AS m
   WHERE d.lo < s.materialized_to AND m < s.materialized_to
-$$;
-
--- Minutes before materialized_to whose labelled count is stale (labels not yet refreshed).
-CREATE FUNCTION rollup_label_pending_minutes() RETURNS SETOF timestamptz
-LANGUAGE sql STABLE
-AS $$
-  SELECT DISTINCT d.bucket
-  FROM rollup_state s, rollup_label_dirty d
-  WHERE d.bucket < s.materialized_to
 $$;
 
 -- Label coverage per minute for dashboards (Grafana): the rollup's whole minutes, raw rows
