@@ -186,7 +186,7 @@ async def _wait_for_rollup(url: str, timeout: float = 600.0) -> float:
             url,
             "SELECT (SELECT count(*) FROM rollup_dirty d, rollup_state s"
             "        WHERE d.lo < s.materialized_to - interval '1 minute')"
-            " + (SELECT count(*) FROM rollup_label_dirty d, rollup_state s"
+            " + (SELECT count(*) FROM rollup_label_delta d, rollup_state s"
             "    WHERE d.bucket < s.materialized_to - interval '1 minute')",
         )
         if rows and rows[0][0] == 0:
