@@ -65,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--store-days", type=float, default=3.0, help="days the rows span")
     group.add_argument("--store-per-message", type=int, default=5000)
     group.add_argument("--store-samples", type=int, default=200, help="calls per latency figure")
+    group.add_argument("--store-verbose", action="store_true", help="print every slice")
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -366,14 +367,17 @@ async def _run(args: argparse.Namespace, figures: Figures, url: str, address: st
     span = timedelta(days=args.store_days)
     layout = Layout(end - span, span / total, total)
     await _partitions_for(url, layout)
-    floor_rate = await _bare_copy_rate(url, layout, min(200_000, total))
-    print(f"floor: binary COPY into a bare table {floor_rate:,.0f} rows/s", flush=True)
+    # The ingest floor is measured before every stage (the machine's load moves); the best is
+    # kept, so the ratio is against the fastest the machine showed in this run.
+    floor_rates: list[float] = []
     ids: list[str] = []
     stages: list[Stage] = []
     async with aio.insecure_channel(address, options=OPTIONS) as channel:
         await _register(channel)
         done = 0
         for size in sizes:
+            floor_rates.append(await _bare_copy_rate(url, layout, min(100_000, total)))
+            print(f"floor: binary COPY into a bare table {floor_rates[-1]:,.0f} rows/s", flush=True)
             logged_seconds = 0.0
             label_seconds = 0.0
             labelled = 0
@@ -389,6 +393,11 @@ async def _run(args: argparse.Namespace, figures: Figures, url: str, address: st
                 for m in label_msgs:
                     await _unary(channel, "AddLabels", m, pb.AddLabelsResponse)
                 label_seconds += time.perf_counter() - t0
+                if args.store_verbose:
+                    print(
+                        f"  rows {lo:,}-{hi:,}: labels {len(to_label) / (time.perf_counter() - t0):,.0f}/s",
+                        flush=True,
+                    )
                 labelled += len(to_label)
             rate = (size - done) / logged_seconds
             label_rate = labelled / label_seconds if label_seconds else float("nan")
@@ -425,6 +434,7 @@ async def _run(args: argparse.Namespace, figures: Figures, url: str, address: st
         disk = await _disk(url)
         archived_rows, archived = await _archived_bytes(url, min(500_000, total))
 
+    floor_rate = max(floor_rates)
     first, last = stages[0], stages[-1]
     sustained = total / sum(s.rows / s.ingest_rate for s in _increments(stages))
     figures.add("store_ingest_sustained", sustained, "rows/s", floor_rate, True)

@@ -1,10 +1,11 @@
-"""The per-minute rollup (migration 0007): incremental refresh from the dirty-range log.
+"""The per-minute rollup (migration 0008): incremental refresh from the dirty-range log.
 
 Every ingest and label batch records the time range it touched in ``rollup_dirty`` in its own
 transaction. A refresh takes the ranges that end before its new watermark, recomputes exactly
 those minutes from raw rows (predictions ⨝ labels), adds the label counts that label batches
-left in ``rollup_label_delta`` and moves ``materialized_to`` forward, all in one transaction: readers see either the old or the new state, never a mix. A batch that
-commits after the refresh took the log leaves its range for the next refresh.
+left in ``rollup_label_delta`` and moves ``materialized_to`` forward, all in one
+transaction: readers see either the old or the new state, never a mix. A batch that commits
+after the refresh took the log leaves its range for the next refresh.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ SELECT lo, least(hi, %(to)s::timestamptz) FROM taken
 
 CLEAR = "DELETE FROM prediction_rollup_1m WHERE bucket >= %(lo)s AND bucket < %(hi)s"
 
-# Same definitions as prediction_stats_1m_raw (0008), plus labels and the newest row. One
+# Same definitions as prediction_stats_1m_raw (0009), plus labels and the newest row. One
 # statement, one snapshot: the label deltas it drops are exactly those its count includes.
 RECOMPUTE = """
 WITH counted AS (
