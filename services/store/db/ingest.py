@@ -150,7 +150,12 @@ class IngestMixin(StoreBase):
             latest[key] = label.decode() if isinstance(label, bytes) else label
         if not latest:
             return LabelResult(0, [], expired)
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, conn.transaction():
+            # Each id is looked up in one partition by its index. A partition filled since its
+            # last ANALYZE looks empty to the planner, which then prefers a sequential scan per
+            # id: seconds per batch until autovacuum catches up (seen at midnight rollover and
+            # in bench/store_scale.py). Never worth it for point lookups.
+            await conn.execute("SET LOCAL enable_seqscan = off")
             cur = await conn.execute(
                 queries.UPSERT_LABELS,
                 {"ids": list(latest), "labels": list(latest.values()), "model": model},
