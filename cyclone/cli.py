@@ -111,6 +111,10 @@ def serve_store(
     host: HostOpt = None,
     port: PortOpt = None,
     metrics_port: MetricsPortOpt = None,
+    retention_days: Annotated[
+        int | None,
+        typer.Option(help="Drop predictions and labels older than this many days; 0: never."),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the prediction/label/registry store (PostgreSQL, TimescaleDB when available)."""

@@ -40,7 +40,7 @@ from services.store.db import (
     StoreDB,
     TrainingChunk,
 )
-from services.store.db.copy_binary import RecordError, WireRecord, encode_predictions
+from services.store.db.copy_binary import Payload, RecordError, WireRecord, encode_predictions
 
 MAX_PAGE_SIZE = 1000
 MAX_CHUNK_ROWS = 100_000
@@ -274,13 +274,13 @@ class Store:
         try:
             async for records in batches:
                 # Encode this batch while PostgreSQL is still working through the previous one.
-                payload, rows = _encode(records, received)
+                payload = _encode(records, received)
                 if pending is not None:
                     inserted += await pending
                     pending = None
-                if rows:
-                    pending = asyncio.create_task(self._copy(records, payload, rows, received))
-                received += rows
+                if payload.rows:
+                    pending = asyncio.create_task(self._copy(records, payload, received))
+                received += payload.rows
             if pending is not None:
                 inserted += await pending
                 pending = None
@@ -291,11 +291,13 @@ class Store:
                     await pending
         return received, inserted
 
-    async def _copy(
-        self, records: Sequence[WireRecord], payload: bytes, rows: int, offset: int
-    ) -> int:
+    async def _copy(self, records: Sequence[WireRecord], payload: Payload, offset: int) -> int:
         try:
-            return await self.db.copy_prediction_payload(payload, rows)
+            span = (
+                EPOCH + timedelta(milliseconds=payload.first_ms),
+                EPOCH + timedelta(milliseconds=payload.last_ms),
+            )
+            return await self.db.copy_prediction_payload(payload.data, payload.rows, span)
         except psycopg.DataError:
             raise _bad_json(records, offset) from None
 
@@ -315,7 +317,7 @@ class Store:
         ]
         if not items:
             raise InvalidArgument("labels: empty")
-        return await self.db.add_labels(items, model=model)
+        return await self.db.add_labels(items, model=model, not_before=self.db.retention_cutoff())
 
     async def training_data(self, request: TrainingRequest) -> TrainingStream:
         """A window of a model's rows (labelled, or all with `include_unlabelled`)."""
@@ -490,7 +492,7 @@ def _check_alert_id(alert_id: int) -> None:
         raise InvalidArgument("alert_id: must be positive")
 
 
-def _encode(records: Sequence[WireRecord], offset: int) -> tuple[bytes, int]:
+def _encode(records: Sequence[WireRecord], offset: int) -> Payload:
     try:
         return encode_predictions(records)
     except RecordError as exc:

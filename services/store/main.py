@@ -9,7 +9,7 @@ import logging
 from datetime import timedelta
 
 from cyclone.server import CycloneServer
-from cyclone.settings import ServerSettings
+from cyclone.settings import ServerSettings, SettingsError
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
 from services.store.db import StoreDB
 from services.store.embedded import EmbeddedPostgres, resolve_database_url
@@ -28,20 +28,58 @@ class StoreSettings(ServerSettings):
     pool_min_size: int = 2
     pool_max_size: int = 10
     partitions_ahead_days: int = 7
+    # TimescaleDB: compress chunks older than this.
     compress_after_days: int = 7
-    retention_days: int = 365
+    # Predictions, labels, metric points and rollup minutes older than this many days are
+    # dropped (whole days); 0 keeps everything forever.
+    retention_days: int = 30
+    # How often the store refreshes its per-minute rollup (seconds); retention and partitions
+    # ahead are kept hourly.
+    rollup_refresh_seconds: float = 20.0
     # Embedded server only: fsync off. For tests and benchmarks, never for real data.
     embedded_fast_unsafe: bool = False
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.retention_days < 0:
+            raise SettingsError(
+                f"retention_days: must be a number of days, or 0 to keep everything;"
+                f" got {self.retention_days}"
+            )
+        if self.compress_after_days < 1:
+            raise SettingsError(
+                f"compress_after_days: must be at least 1, got {self.compress_after_days}"
+            )
+        if self.partitions_ahead_days < 1:
+            raise SettingsError(
+                f"partitions_ahead_days: must be at least 1, got {self.partitions_ahead_days}"
+            )
+        if not self.rollup_refresh_seconds > 0:
+            raise SettingsError(
+                f"rollup_refresh_seconds: must be positive, got {self.rollup_refresh_seconds}"
+            )
 
-async def _maintain_partitions(db: StoreDB, every: float = 3600.0) -> None:
-    """Keep daily partitions created ahead (plain PostgreSQL mode)."""
+    @property
+    def retain_for(self) -> timedelta | None:
+        return timedelta(days=self.retention_days) if self.retention_days else None
+
+
+async def _maintain(db: StoreDB, every: float, housekeeping_every: float = 3600.0) -> None:
+    """Refresh the rollup every ``every`` seconds; hourly, partitions ahead and retention."""
+    loop = asyncio.get_running_loop()
+    housekeeping_at = loop.time()
     while True:
-        await asyncio.sleep(every)
         try:
-            await db.ensure_partitions()
+            if loop.time() >= housekeeping_at:
+                housekeeping_at = loop.time() + housekeeping_every
+                await db.ensure_partitions()
+                await db.apply_retention()
+            await db.refresh_rollup()
+        except asyncio.CancelledError:
+            raise
         except Exception:
-            log.exception("creating partitions ahead failed; retrying in %.0fs", every)
+            log.exception("store maintenance failed; retrying in %.0fs", every)
+        await asyncio.sleep(every)
 
 
 async def open_store(settings: StoreSettings) -> tuple[StoreDB, EmbeddedPostgres | None]:
@@ -56,7 +94,7 @@ async def open_store(settings: StoreSettings) -> tuple[StoreDB, EmbeddedPostgres
         max_size=settings.pool_max_size,
         partitions_ahead_days=settings.partitions_ahead_days,
         compress_after=timedelta(days=settings.compress_after_days),
-        retain_for=timedelta(days=settings.retention_days),
+        retain_for=settings.retain_for,
     )
     try:
         await db.open(url)
@@ -75,7 +113,7 @@ async def build_store_server(settings: StoreSettings) -> CycloneServer:
     server.add_service(
         STORE_SERVICE, lambda s: pb_grpc.add_StoreServiceServicer_to_server(StoreServicer(db), s)
     )
-    maintenance = asyncio.create_task(_maintain_partitions(db))
+    maintenance = asyncio.create_task(_maintain(db, settings.rollup_refresh_seconds))
 
     async def shutdown() -> None:
         maintenance.cancel()

@@ -42,14 +42,16 @@ class StoreServicer(MonitoringRpcs, TrainingRpcs, RolloutRpcs, pb_grpc.StoreServ
     ) -> pb.AddLabelsResponse:
         result = await self.store.add_labels(request.model, convert.labels_from_pb(request.labels))
         return pb.AddLabelsResponse(
-            stored=result.stored, unmatched_prediction_ids=[str(u) for u in result.unmatched]
+            stored=result.stored,
+            unmatched_prediction_ids=[str(u) for u in result.unmatched],
+            expired_prediction_ids=[str(u) for u in result.expired],
         )
 
     @rpc_errors(translate=database_errors)
     async def AddLabelsStream(
         self, request_iterator: AsyncIterator[pb.AddLabelsStreamRequest], context: Context
     ) -> pb.AddLabelsStreamResponse:
-        stored, seen, unmatched = 0, 0, list[str]()
+        stored, seen, unmatched, expired = 0, 0, list[str](), list[str]()
         async for message in request_iterator:
             batch = message.batch
             result = await self.store.add_labels(
@@ -58,7 +60,10 @@ class StoreServicer(MonitoringRpcs, TrainingRpcs, RolloutRpcs, pb_grpc.StoreServ
             stored += result.stored
             seen += len(batch.labels)
             unmatched.extend(str(u) for u in result.unmatched)
-        return pb.AddLabelsStreamResponse(stored=stored, unmatched_prediction_ids=unmatched)
+            expired.extend(str(u) for u in result.expired)
+        return pb.AddLabelsStreamResponse(
+            stored=stored, unmatched_prediction_ids=unmatched, expired_prediction_ids=expired
+        )
 
     @rpc_errors(translate=database_errors)
     async def GetTrainingData(

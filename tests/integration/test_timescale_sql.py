@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import pytest
 
 from services.store import timescale
-from services.store.db import queries, uuid7, uuid7_time
+from services.store.db import queries, rollup, uuid7, uuid7_time
 from services.store.migrations import migrations_for
 
 pytestmark = pytest.mark.integration
@@ -109,6 +109,7 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
             }
         )
     ids = [p["prediction_id"] for p in preds]
+    window = {"lo": old.isoformat(), "hi": (old + timedelta(hours=1)).isoformat()}
     orphan = str(uuid7(old))
     steps: list[dict[str, Any]] = [
         {"name": f"migration_{m.version}", "sql": m.sql, "exec": True}
@@ -141,6 +142,42 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
             {"ids": [*ids[:3], orphan], "labels": ["1", "1", "2", "9"], "model": None},
         ),
         _step("labels2", queries.UPSERT_LABELS, {"ids": ids[:1], "labels": ["7"], "model": None}),
+        # The store's rollup, refreshed over the compressed chunk, agrees with raw counting.
+        _step(
+            "mark_dirty",
+            "INSERT INTO rollup_dirty (lo, hi) VALUES (%(lo)s, %(hi)s)",
+            {"lo": old.isoformat(), "hi": (old + timedelta(minutes=2)).isoformat()},
+        ),
+        _step("take_dirty", rollup.TAKE_DIRTY, {"to": (old + timedelta(hours=1)).isoformat()}),
+        _step("clear_rollup", rollup.CLEAR, window),
+        _step("recompute_rollup", rollup.RECOMPUTE, window),
+        _step(
+            "advance_rollup",
+            "UPDATE rollup_state SET materialized_to = %(to)s",
+            {"to": (old + timedelta(hours=1)).isoformat()},
+        ),
+        _step("pending", "SELECT count(*)::int AS n FROM rollup_pending_minutes()"),
+        _step(
+            "rollup_stats",
+            queries.STATS,
+            {"model": None, "since": window["hi"], "pending": []},
+        ),
+        # A label delta (labels3: a first label for ids[3]) is counted on read, then folded.
+        _step("labels3", queries.UPSERT_LABELS, {"ids": ids[3:4], "labels": ["5"], "model": None}),
+        _step(
+            "delta_stats",
+            queries.STATS,
+            {"model": None, "since": window["hi"], "pending": []},
+        ),
+        _step("fold_labels", rollup.FOLD_LABELS, {"to": window["hi"]}),
+        _step(
+            "relabelled_stats",
+            queries.STATS,
+            {"model": None, "since": window["hi"], "pending": []},
+        ),
+        _step("raw_stats", queries.STATS_RAW, {"model": None}),
+        # Back to three labelled rows for the reads below.
+        _step("unlabel", "DELETE FROM labels WHERE prediction_id = %(id)s", {"id": ids[3]}),
         _step(
             "update_compressed",
             "UPDATE predictions SET trace_id = 'fixed'"
@@ -212,6 +249,13 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
     assert rows("compressed") == [{"n": 1}]
     assert rows("labels1") == [{"stored": 4, "unmatched": [orphan]}]
     assert rows("labels2") == [{"stored": 1, "unmatched": []}]
+    assert out["recompute_rollup"]["affectedRows"] == 2  # two minutes of model m, version 1
+    assert rows("pending") == [{"n": 0}]
+    assert [r["labels"] for r in rows("delta_stats")] == [4]
+    assert out["fold_labels"]["affectedRows"] == 1
+    assert [r["labels"] for r in rows("relabelled_stats")] == [4]
+    assert rows("relabelled_stats") == rows("raw_stats")
+    assert [(r["predictions"], r["labels"]) for r in rows("rollup_stats")] == [(6, 3)]
     assert out["update_compressed"]["affectedRows"] == 1
     assert rows("get")[0]["label"] == 7  # replaced, last write wins
     assert rows("get_updated")[0]["trace_id"] == "fixed"
@@ -234,3 +278,5 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
         "policy_retention",
         "policy_refresh_continuous_aggregate",
     }
+    # Retention on predictions, metric points and the continuous aggregate alike.
+    assert sum(j["proc_name"] == "policy_retention" for j in rows("jobs")) == 3

@@ -271,21 +271,29 @@ class AddLabelsResponse(_message.Message):
 
     STORED_FIELD_NUMBER: _builtins.int
     UNMATCHED_PREDICTION_IDS_FIELD_NUMBER: _builtins.int
+    EXPIRED_PREDICTION_IDS_FIELD_NUMBER: _builtins.int
     stored: _builtins.int
     """Labels stored (new or replacing an earlier one)."""
     @_builtins.property
     def unmatched_prediction_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids with no stored prediction yet; their labels are kept and join later."""
 
+    @_builtins.property
+    def expired_prediction_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of predictions older than the store's retention (dropped, or about to
+        be); their labels are ignored, not stored.
+        """
+
     def __init__(
         self,
         *,
         stored: _builtins.int = ...,
         unmatched_prediction_ids: _abc.Iterable[_builtins.str] | None = ...,
+        expired_prediction_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stored", b"stored", "unmatched_prediction_ids", b"unmatched_prediction_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired_prediction_ids", b"expired_prediction_ids", "stored", b"stored", "unmatched_prediction_ids", b"unmatched_prediction_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,21 +331,27 @@ class AddLabelsStreamResponse(_message.Message):
 
     STORED_FIELD_NUMBER: _builtins.int
     UNMATCHED_PREDICTION_IDS_FIELD_NUMBER: _builtins.int
+    EXPIRED_PREDICTION_IDS_FIELD_NUMBER: _builtins.int
     stored: _builtins.int
     """Labels stored."""
     @_builtins.property
     def unmatched_prediction_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids with no stored prediction yet."""
 
+    @_builtins.property
+    def expired_prediction_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of predictions older than the store's retention; their labels are ignored."""
+
     def __init__(
         self,
         *,
         stored: _builtins.int = ...,
         unmatched_prediction_ids: _abc.Iterable[_builtins.str] | None = ...,
+        expired_prediction_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stored", b"stored", "unmatched_prediction_ids", b"unmatched_prediction_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired_prediction_ids", b"expired_prediction_ids", "stored", b"stored", "unmatched_prediction_ids", b"unmatched_prediction_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

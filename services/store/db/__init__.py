@@ -4,6 +4,8 @@ db = StoreDB()
 await db.open(url)          # migrations, partitions/policies; db.mode says which
 await db.copy_predictions(records)
 ...
+await db.refresh_rollup()   # periodically: per-minute rollup (rollup.py)
+await db.apply_retention()  # periodically: drop what is past retention (retention.py)
 await db.close()
 """
 
@@ -15,7 +17,9 @@ from .ingest import IngestMixin
 from .outbox import OutboxMixin
 from .reads import ReadsMixin, decode_page_token, encode_page_token
 from .registry import RegistryMixin
+from .retention import RetentionMixin, RetentionResult
 from .rollouts import RolloutsMixin
+from .rollup import RefreshResult, RollupMixin
 from .training import JobEndedError, TrainingJob, TrainingMixin
 from .types import (
     EPOCH,
@@ -43,7 +47,15 @@ from .types import (
 
 
 class StoreDB(
-    TrainingMixin, IngestMixin, ReadsMixin, RegistryMixin, OutboxMixin, HealthMixin, RolloutsMixin
+    TrainingMixin,
+    IngestMixin,
+    ReadsMixin,
+    RegistryMixin,
+    OutboxMixin,
+    HealthMixin,
+    RolloutsMixin,
+    RollupMixin,
+    RetentionMixin,
 ):
     """The store's database: see the mixins for the methods."""
 
@@ -73,6 +85,8 @@ __all__ = [
     "Plan",
     "PredictionRecord",
     "PredictionRow",
+    "RefreshResult",
+    "RetentionResult",
     "StoreDB",
     "StoreError",
     "TrainingChunk",

@@ -12,7 +12,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from .. import migrations, timescale
-from .partitions import drop_partitions_before, ensure_partitions
+from .partitions import ensure_partitions
 from .types import Mode
 
 log = logging.getLogger("services.store.db")
@@ -31,12 +31,13 @@ class StoreBase:
         max_size: int = 10,
         partitions_ahead_days: int = 7,
         compress_after: timedelta = timedelta(days=7),
-        retain_for: timedelta | None = timedelta(days=365),
+        retain_for: timedelta | None = timedelta(days=30),
     ) -> None:
         self._min_size = min_size
         self._max_size = max_size
         self.partitions_ahead_days = partitions_ahead_days
         self.compress_after = compress_after
+        # None: keep forever.
         self.retain_for = retain_for
         self._pool: AsyncConnectionPool[Conn] | None = None
         self.mode: Mode = "postgres-partitioned"
@@ -111,10 +112,3 @@ class StoreBase:
         days = self.partitions_ahead_days if ahead_days is None else ahead_days
         async with self.pool.connection() as conn:
             return await ensure_partitions(conn, days)
-
-    async def apply_retention(self) -> list[str]:
-        """Plain mode: drop daily partitions wholly older than ``retain_for``."""
-        if self.mode != "postgres-partitioned" or self.retain_for is None:
-            return []
-        async with self.pool.connection() as conn:
-            return await drop_partitions_before(conn, self.retain_for)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 _SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
 _TRAILER = b"\xff\xff"
@@ -49,12 +49,22 @@ class RecordError(ValueError):
         self.index, self.field, self.reason = index, field, reason
 
 
-def encode_predictions(records: Iterable[WireRecord]) -> tuple[bytes, int]:
-    """The whole COPY payload (signature to trailer) and its row count.
+class Payload(NamedTuple):
+    """A COPY payload, its row count and the Unix milliseconds of its oldest and newest rows."""
+
+    data: bytes
+    rows: int
+    first_ms: int
+    last_ms: int
+
+
+def encode_predictions(records: Iterable[WireRecord]) -> Payload:
+    """The whole COPY payload (signature to trailer), its row count and time span.
 
     created_at is the millisecond embedded in the UUIDv7 id (the store's invariant).
     """
     parts = [_SIGNATURE]
+    first_ms, last_ms = 1 << 48, 0
     append = parts.append
     fromhex = bytes.fromhex
     head, length, float4 = _HEAD.pack, _LEN.pack, _FLOAT4.pack
@@ -84,7 +94,12 @@ def encode_predictions(records: Iterable[WireRecord]) -> tuple[bytes, int]:
             m, v = key[0].encode(), key[1].encode()
             mv = model_version[key] = length(len(m)) + m + length(len(v)) + v
         inp, out, latency, trace = r.input_json, r.output_json, r.latency_ms, r.trace_id
-        created_us = (int.from_bytes(raw[:6], "big") - _PG_EPOCH_MS) * 1000
+        ms = int.from_bytes(raw[:6], "big")
+        if ms < first_ms:
+            first_ms = ms
+        if ms > last_ms:
+            last_ms = ms
+        created_us = (ms - _PG_EPOCH_MS) * 1000
         append(
             b"".join(
                 (
@@ -102,4 +117,4 @@ def encode_predictions(records: Iterable[WireRecord]) -> tuple[bytes, int]:
             )
         )
     append(_TRAILER)
-    return b"".join(parts), count
+    return Payload(b"".join(parts), count, first_ms, last_ms)

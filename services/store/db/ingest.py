@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime
 
 import psycopg
 from psycopg import AsyncCursor
@@ -15,6 +16,7 @@ from psycopg.rows import TupleRow
 
 from . import queries
 from ._base import Conn, StoreBase
+from .rollup import mark_dirty
 from .types import LabelResult, PredictionRecord, uuid7_time
 
 log = logging.getLogger(__name__)
@@ -76,27 +78,38 @@ class IngestMixin(StoreBase):
         """Ingest one batch; idempotent on prediction id. Returns the number of new rows."""
         if not rows:
             return 0
+        rows = [_normalise(r) for r in rows]
+        times = [r.created_at for r in rows if r.created_at is not None]
         return await self._copy_idempotent(
-            lambda conn, table: _copy_rows(conn, table, rows), len(rows)
+            lambda conn, table: _copy_rows(conn, table, rows), len(rows), (min(times), max(times))
         )
 
-    async def copy_prediction_payload(self, payload: bytes, rows: int) -> int:
-        """Ingest a binary COPY payload (see copy_binary); idempotent like copy_predictions."""
+    async def copy_prediction_payload(
+        self, payload: bytes, rows: int, span: tuple[datetime, datetime]
+    ) -> int:
+        """Ingest a binary COPY payload (see copy_binary); idempotent like copy_predictions.
+
+        ``span``: the oldest and newest created_at in the payload (for the rollup).
+        """
         if not rows:
             return 0
         return await self._copy_idempotent(
-            lambda conn, table: _copy_payload(conn, table, payload), rows
+            lambda conn, table: _copy_payload(conn, table, payload), rows, span
         )
 
-    async def _copy_idempotent(self, body: CopyBody, rows: int) -> int:
+    async def _copy_idempotent(
+        self, body: CopyBody, rows: int, span: tuple[datetime, datetime]
+    ) -> int:
         """Fast path: COPY straight into ``predictions``. A replayed batch (lost ack) hits
         the unique index; the batch is then re-sent through a temp table with
-        ``ON CONFLICT DO NOTHING`` so only the missing rows are added.
+        ``ON CONFLICT DO NOTHING`` so only the missing rows are added. Either way the batch's
+        time span is marked for the rollup in the same transaction.
         """
         async with self.pool.connection() as conn:
             try:
                 async with conn.transaction():
                     await body(conn, "predictions")
+                    await mark_dirty(conn, *span)
                 return rows
             except psycopg.errors.UniqueViolation:
                 log.info("batch of %d overlaps stored predictions; de-duplicating", rows)
@@ -110,6 +123,7 @@ class IngestMixin(StoreBase):
                     "INSERT INTO predictions SELECT * FROM predictions_stage"
                     " ON CONFLICT (prediction_id, created_at) DO NOTHING"
                 )
+                await mark_dirty(conn, *span)
                 return cur.rowcount
 
     async def add_labels(
@@ -117,26 +131,38 @@ class IngestMixin(StoreBase):
         items: Iterable[tuple[uuid.UUID | str, str | bytes]],
         *,
         model: str | None = None,
+        not_before: datetime | None = None,
     ) -> LabelResult:
         """Store labels (JSON text); a repeated id replaces the earlier label.
 
         Labels whose prediction is not stored (yet) are kept and returned as ``unmatched``.
+        Labels of predictions made before ``not_before`` (past retention: dropped, or about
+        to be) are not stored and are returned as ``expired``.
         Within one call the last label for an id wins.
         """
         latest: dict[uuid.UUID, str] = {}
+        expired: list[uuid.UUID] = []
         for pid, label in items:
             key = pid if isinstance(pid, uuid.UUID) else uuid.UUID(pid)
+            if not_before is not None and uuid7_time(key) < not_before:
+                expired.append(key)
+                continue
             latest[key] = label.decode() if isinstance(label, bytes) else label
         if not latest:
-            return LabelResult(0, [])
-        async with self.pool.connection() as conn:
+            return LabelResult(0, [], expired)
+        async with self.pool.connection() as conn, conn.transaction():
+            # Each id is looked up in one partition by its index. A partition filled since its
+            # last ANALYZE looks empty to the planner, which then prefers a sequential scan per
+            # id: seconds per batch until autovacuum catches up (seen at midnight rollover and
+            # in bench/store_scale.py). Never worth it for point lookups.
+            await conn.execute("SET LOCAL enable_seqscan = off")
             cur = await conn.execute(
                 queries.UPSERT_LABELS,
                 {"ids": list(latest), "labels": list(latest.values()), "model": model},
             )
             row = await cur.fetchone()
         assert row is not None
-        return LabelResult(int(row[0]), list(row[1]))
+        return LabelResult(int(row[0]), list(row[1]), expired)
 
 
 __all__ = ["IngestMixin", "prepare_copy_cursor"]

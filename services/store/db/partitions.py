@@ -66,10 +66,9 @@ async def ensure_partitions(
     return created
 
 
-async def drop_partitions_before(
-    conn: AsyncConnection[TupleRow], retain_for: timedelta
-) -> list[str]:
-    cutoff = (datetime.now(UTC) - retain_for).date()
+async def drop_partitions_before(conn: AsyncConnection[TupleRow], before: datetime) -> list[str]:
+    """Drop the daily partitions whose rows all precede ``before`` (a UTC midnight)."""
+    cutoff = before.date()
     dropped: list[str] = []
     for table in PARTITIONED_TABLES:
         cur = await conn.execute(

@@ -17,10 +17,10 @@ UPSERT_LABELS = """
 WITH u AS (
     SELECT id, label FROM unnest(%(ids)s::uuid[], %(labels)s::jsonb[]) AS t(id, label)
 ), m AS (
-    SELECT u.id, u.label, p.model
+    SELECT u.id, u.label, p.model, p.version
     FROM u
     LEFT JOIN LATERAL (
-        SELECT pr.model FROM predictions pr
+        SELECT pr.model, pr.version FROM predictions pr
         WHERE pr.prediction_id = u.id AND pr.created_at = uuid7_time(u.id)
         LIMIT 1
     ) p ON true
@@ -31,7 +31,17 @@ WITH u AS (
         SET label = EXCLUDED.label,
             labelled_at = EXCLUDED.labelled_at,
             model = coalesce(EXCLUDED.model, l.model)
-    RETURNING 1
+    RETURNING l.prediction_id, (xmax = 0) AS inserted
+), delta AS (
+    -- The rollup counts labelled predictions per minute: a first label for a stored
+    -- prediction adds one (a replaced label changes nothing).
+    INSERT INTO rollup_label_delta (model, version, bucket, n)
+    SELECT m.model, m.version,
+           date_bin(INTERVAL '1 minute', uuid7_time(m.id), TIMESTAMPTZ '2000-01-01 00:00:00+00'),
+           count(*)
+    FROM m JOIN ins ON ins.prediction_id = m.id
+    WHERE ins.inserted AND m.model IS NOT NULL
+    GROUP BY 1, 2, 3
 )
 SELECT (SELECT count(*) FROM ins) AS stored,
        coalesce(array_agg(id) FILTER (WHERE model IS NULL), '{}') AS unmatched
@@ -138,7 +148,61 @@ SELECT model, version, bucket, predictions, avg_latency_ms, p50_latency_ms, max_
 FROM prediction_stats_1m_range(%(model)s, %(start)s, %(end)s)
 """
 
+# Whether a prediction row has a label: one index lookup per row, so aggregating a minute
+# never hashes the whole labels table.
+HAS_LABEL = "EXISTS (SELECT 1 FROM labels l WHERE l.prediction_id = p.prediction_id)"
+
+# Per model, from the rollup for the minutes before %(since)s (the rollup's materialized_to,
+# read first and passed as a value so the planner prunes to the newest partition and sizes the
+# label join for a minute of rows), plus the label counts not yet folded in, and from raw rows
+# after it and for the %(pending)s minutes (late rows not yet refreshed). The cost follows the
+# minutes with traffic and the labels since the last refresh, not the rows.
 STATS = """
+WITH r AS (
+    SELECT model, sum(predictions) AS predictions, sum(labels) AS labels, max(last_at) AS last_at
+    FROM prediction_rollup_1m
+    WHERE bucket < %(since)s AND bucket NOT IN (SELECT unnest(%(pending)s::timestamptz[]))
+      AND (%(model)s::text IS NULL OR model = %(model)s::text)
+    GROUP BY model
+), delta AS (
+    SELECT model, 0::bigint AS predictions, sum(n) AS labels, NULL::timestamptz AS last_at
+    FROM rollup_label_delta
+    WHERE bucket < %(since)s AND bucket NOT IN (SELECT unnest(%(pending)s::timestamptz[]))
+      AND (%(model)s::text IS NULL OR model = %(model)s::text)
+    GROUP BY model
+), late AS (
+    SELECT x.* FROM unnest(%(pending)s::timestamptz[]) AS d(m)
+    CROSS JOIN LATERAL (
+        SELECT p.model, count(*) AS predictions, count(*) FILTER (WHERE {has_label})
+                   AS labels, max(p.created_at) AS last_at
+        FROM predictions p
+        WHERE p.created_at >= d.m AND p.created_at < d.m + INTERVAL '1 minute'
+          AND (%(model)s::text IS NULL OR p.model = %(model)s::text)
+        GROUP BY p.model
+    ) x
+), recent AS (
+    SELECT p.model, count(*) AS predictions, count(*) FILTER (WHERE {has_label})
+               AS labels, max(p.created_at) AS last_at
+    FROM predictions p
+    WHERE p.created_at >= %(since)s
+      AND (%(model)s::text IS NULL OR p.model = %(model)s::text)
+    GROUP BY p.model
+)
+SELECT model, sum(predictions)::bigint AS predictions, sum(labels)::bigint AS labels,
+       max(last_at) AS last_prediction_at
+FROM (SELECT * FROM r UNION ALL SELECT * FROM delta
+      UNION ALL SELECT * FROM late UNION ALL SELECT * FROM recent) u
+GROUP BY model
+ORDER BY model
+""".replace("{has_label}", HAS_LABEL)
+
+MATERIALIZED_TO = """
+SELECT materialized_to, now(), ARRAY(SELECT rollup_pending_minutes() ORDER BY 1)
+FROM rollup_state
+"""
+
+# The same figures from raw rows only: what the rollup must agree with (tests, benchmark).
+STATS_RAW = """
 SELECT p.model, count(*) AS predictions, count(l.prediction_id) AS labels,
        max(p.created_at) AS last_prediction_at
 FROM predictions p LEFT JOIN labels l ON l.prediction_id = p.prediction_id

@@ -218,14 +218,24 @@ class ReadsMixin(StoreBase):
             row = await cur.fetchone()
         return PredictionRow(*row) if row is not None else None
 
-    async def stats(self, model: str | None = None) -> list[ModelStats]:
-        """Per model: predictions, labelled predictions, label coverage, ingest lag."""
+    async def stats(self, model: str | None = None, *, raw: bool = False) -> list[ModelStats]:
+        """Per model: predictions, labelled predictions, label coverage, ingest lag.
+
+        Read from the per-minute rollup (plus the minutes after it); ``raw`` counts every row
+        instead (the reference the rollup is checked against).
+        """
         async with self.pool.connection() as conn:
-            cur = await conn.execute(queries.STATS, {"model": model})
+            cur = await conn.execute(queries.MATERIALIZED_TO)
+            now_row = await cur.fetchone()
+            assert now_row is not None
+            params = {
+                "model": model,
+                "since": now_row[0],
+                "pending": now_row[2],
+            }
+            cur = await conn.execute(queries.STATS_RAW if raw else queries.STATS, params)
             rows = await cur.fetchall()
-            now_row = await (await conn.execute("SELECT now()")).fetchone()
-        assert now_row is not None
-        now: datetime = now_row[0]
+        now: datetime = now_row[1]
         out = []
         for m, n_pred, n_lab, last in rows:
             lag = (now - last).total_seconds() if last is not None else None

@@ -145,6 +145,8 @@ class PredictionRow:
 class LabelResult:
     stored: int
     unmatched: list[uuid.UUID]
+    # Ids of predictions past the store's retention: their labels are not stored.
+    expired: list[uuid.UUID] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,296 @@
+"""A store that stays fast as it grows: retention, the per-minute rollup, pruned label joins.
+
+Real (embedded) PostgreSQL in plain-partitioned mode, small tables.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from cyclone.settings import SettingsError, load_settings
+from services.store.db import PredictionRecord, StoreDB, queries, uuid7, uuid7_time
+from services.store.db.partitions import ensure_partitions
+from services.store.domain import Store
+from services.store.main import StoreSettings
+
+pytestmark = pytest.mark.integration
+
+
+def rec(
+    at: datetime, model: str = "m", version: str = "1", latency: float = 1.0, value: float = 0.0
+) -> PredictionRecord:
+    pid = uuid7(at)
+    return PredictionRecord(
+        pid, uuid7_time(pid), model, version, '{"x": 1}', json.dumps({"value": value}), latency
+    )
+
+
+@pytest.fixture
+async def db(fresh_database_url: str) -> AsyncIterator[StoreDB]:
+    store = StoreDB(min_size=1, max_size=4, retain_for=timedelta(days=3))
+    await store.open(fresh_database_url)
+    yield store
+    await store.close()
+
+
+async def _figures(db: StoreDB, model: str | None = None, *, raw: bool = False) -> list[object]:
+    """GetStats' figures except the lag, which moves with the clock."""
+    stats = await db.stats(model, raw=raw)
+    return [
+        (s.model, s.predictions, s.labels, s.label_coverage, s.last_prediction_at) for s in stats
+    ]
+
+
+async def _count(db: StoreDB, sql: str) -> int:
+    async with db.pool.connection() as c:
+        row = await (await c.execute(sql)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# --- retention ----------------------------------------------------------------------------------
+
+
+async def test_rows_past_retention_are_gone_and_recent_labels_still_join(db: StoreDB) -> None:
+    now = datetime.now(UTC)
+    old, older, recent = now - timedelta(days=5), now - timedelta(days=10), now - timedelta(hours=1)
+    async with db.pool.connection() as c:
+        await ensure_partitions(c, 0, today=old.date())  # a partition for the old day
+    rows = [rec(old), rec(old), rec(older), rec(recent), rec(recent)]  # `older`: DEFAULT
+    await db.copy_predictions(rows)
+    labels = [(r.prediction_id, "1.0") for r in rows]
+    assert (await db.add_labels(labels)).stored == 5
+    await db.refresh_rollup()
+
+    result = await db.apply_retention()
+
+    assert result.cutoff is not None and result.cutoff <= now - timedelta(days=3)
+    assert f"predictions_p{old:%Y%m%d}" in result.dropped_partitions
+    assert result.deleted_labels == 3
+    assert await _count(db, "SELECT count(*) FROM predictions") == 2
+    assert await _count(db, "SELECT count(*) FROM labels") == 2
+    assert (
+        await _count(
+            db, "SELECT count(*) FROM prediction_rollup_1m WHERE bucket < now() - interval '2 days'"
+        )
+        == 0
+    )
+    # Recent rows keep their labels and join as before.
+    for r in rows[3:]:
+        got = await db.get_prediction(r.prediction_id)
+        assert got is not None and got.label == 1.0
+    [stats] = await db.stats("m")
+    assert (stats.predictions, stats.labels) == (2, 2)
+    assert await _figures(db, "m") == await _figures(db, "m", raw=True)
+    assert (await db.apply_retention()).dropped_partitions == []  # idempotent
+
+
+async def test_label_for_a_dropped_prediction_is_ignored_with_an_answer(db: StoreDB) -> None:
+    from services.store.db import ModelVersion
+
+    await db.register_model_version(ModelVersion("m", "1", task="regression"))
+    now = datetime.now(UTC)
+    gone, kept = rec(now - timedelta(days=4)), rec(now - timedelta(minutes=5))
+    await db.copy_predictions([kept])
+    store = Store(db)
+
+    result = await store.add_labels(
+        "m", [(str(gone.prediction_id), 2.0), (str(kept.prediction_id), 3.0)]
+    )
+
+    assert result.stored == 1
+    assert result.expired == [gone.prediction_id]
+    assert result.unmatched == []
+    assert await _count(db, "SELECT count(*) FROM labels") == 1
+
+
+async def test_keep_forever_drops_nothing(fresh_database_url: str) -> None:
+    store = StoreDB(min_size=1, max_size=2, retain_for=None)
+    await store.open(fresh_database_url)
+    try:
+        await store.copy_predictions([rec(datetime.now(UTC) - timedelta(days=900))])
+        result = await store.apply_retention()
+        assert result.cutoff is None and store.retention_cutoff() is None
+        assert await _count(store, "SELECT count(*) FROM predictions") == 1
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"CYCLONE_RETENTION_DAYS": "-1"}, "retention_days"),
+        ({"CYCLONE_RETENTION_DAYS": "a month"}, "retention_days"),
+        ({"CYCLONE_COMPRESS_AFTER_DAYS": "0"}, "compress_after_days"),
+        ({"CYCLONE_ROLLUP_REFRESH_SECONDS": "0"}, "rollup_refresh_seconds"),
+    ],
+)
+def test_bad_retention_settings_name_the_field(env: dict[str, str], field: str) -> None:
+    with pytest.raises(SettingsError, match=field):
+        load_settings(StoreSettings, env=env)
+
+
+def test_retention_settings_default_and_forever() -> None:
+    assert load_settings(StoreSettings, env={}).retain_for == timedelta(days=30)
+    assert load_settings(StoreSettings, env={"CYCLONE_RETENTION_DAYS": "0"}).retain_for is None
+    flags = {"retention_days": 7}
+    assert load_settings(StoreSettings, flags, env={}).retain_for == timedelta(days=7)
+
+
+# --- the per-minute rollup ----------------------------------------------------------------------
+
+
+async def _raw_minutes(
+    db: StoreDB, model: str, start: datetime, end: datetime
+) -> list[tuple[object, ...]]:
+    async with db.pool.connection() as c:
+        cur = await c.execute(
+            "SELECT * FROM prediction_stats_1m_raw(%s, %s, %s) ORDER BY 3, 2", (model, start, end)
+        )
+        return list(await cur.fetchall())
+
+
+async def _minutes(
+    db: StoreDB, model: str, start: datetime, end: datetime
+) -> list[tuple[object, ...]]:
+    async with db.pool.connection() as c:
+        cur = await c.execute(
+            queries.PREDICTION_STATS, {"model": model, "start": start, "end": end}
+        )
+        return list(await cur.fetchall())
+
+
+def _rounded(rows: list[tuple[object, ...]]) -> list[tuple[object, ...]]:
+    # Means may differ in the last bit: the rollup sums the rows in another order.
+    return [tuple(float(f"{v:.12g}") if isinstance(v, float) else v for v in r) for r in rows]
+
+
+async def _assert_same_as_raw(db: StoreDB, t0: datetime) -> None:
+    assert await _figures(db) == await _figures(db, raw=True)
+    windows = [
+        (t0, t0 + timedelta(minutes=30)),  # whole minutes
+        (t0 + timedelta(seconds=17), t0 + timedelta(minutes=9, seconds=41)),  # partial edges
+        (t0 + timedelta(seconds=5), t0 + timedelta(seconds=50)),  # inside one minute
+        (t0 - timedelta(hours=1), datetime.now(UTC) + timedelta(minutes=1)),  # up to now
+    ]
+    for model in ("a", "b"):
+        for start, end in windows:
+            got = await _minutes(db, model, start, end)
+            want = await _raw_minutes(db, model, start, end)
+            assert _rounded(got) == _rounded(want)
+
+
+async def test_rollup_equals_raw_computation_through_late_rows_and_labels(db: StoreDB) -> None:
+    rng = random.Random(7)
+    t0 = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=20)
+
+    def batch(n: int, lo: float, hi: float) -> list[PredictionRecord]:
+        return [
+            rec(
+                t0 + timedelta(seconds=rng.uniform(lo, hi)),
+                model=rng.choice("ab"),
+                version=rng.choice("12"),
+                latency=round(rng.uniform(0.5, 9.0), 2),
+                value=rng.uniform(-1, 1),
+            )
+            for _ in range(n)
+        ]
+
+    first = batch(400, 0, 600)
+    await db.copy_predictions(first)
+    await db.add_labels([(r.prediction_id, "1") for r in first[::3]])
+    refreshed = await db.refresh_rollup()
+    assert refreshed.minutes >= 10
+    assert await _count(db, "SELECT count(*) FROM prediction_rollup_1m") >= 20
+    await _assert_same_as_raw(db, t0)
+
+    # Late rows into minutes already materialized, new labels for old minutes, and rows after
+    # the watermark (read raw until the next refresh).
+    late = batch(50, 60, 300)
+    await db.copy_predictions(late)
+    await db.add_labels([(r.prediction_id, "2") for r in first[1::3] + late[::2]])
+    await db.copy_predictions(batch(30, 1190, 1200))
+    # Before the refresh, the stale minutes are read from raw rows: still the same answers.
+    pending = await _count(db, "SELECT count(*) FROM rollup_pending_minutes()")
+    assert pending >= 4
+    assert await _count(db, "SELECT count(*) FROM rollup_label_delta") >= 5
+    await _assert_same_as_raw(db, t0)
+    refreshed = await db.refresh_rollup()
+    assert refreshed.minutes >= 4 and refreshed.relabelled >= 1
+    assert await _count(db, "SELECT count(*) FROM rollup_pending_minutes()") == 0
+    # Grafana's label coverage reads the rollup too, and agrees with raw rows once refreshed.
+    async with db.pool.connection() as c:
+        window = ("a", t0, datetime.now(UTC) + timedelta(minutes=1))
+        cur = await c.execute("SELECT * FROM label_coverage_1m_range(%s, %s, %s)", window)
+        coverage = await cur.fetchall()
+        cur = await c.execute(
+            "SELECT date_bin('1 minute', p.created_at, timestamptz '2000-01-01'), count(*),"
+            " count(l.prediction_id) FROM predictions p LEFT JOIN labels l USING (prediction_id)"
+            " WHERE p.model = %s AND p.created_at >= %s AND p.created_at < %s GROUP BY 1 ORDER BY 1",
+            window,
+        )
+        assert coverage == await cur.fetchall()
+    await _assert_same_as_raw(db, t0)
+    assert await _count(db, "SELECT count(*) FROM rollup_label_delta") == 0
+
+
+async def test_status_reads_the_rollup_not_raw_rows(db: StoreDB) -> None:
+    t0 = datetime.now(UTC) - timedelta(hours=2)
+    await db.copy_predictions([rec(t0 + timedelta(seconds=i)) for i in range(120)])
+    await db.refresh_rollup()
+    # Rows the rollup does not know about (no dirty range) stay invisible to the stats: proof
+    # that materialized minutes are not recounted from raw rows.
+    async with db.pool.connection() as c:
+        await c.execute(
+            "INSERT INTO predictions (prediction_id, created_at, model, version, input, output)"
+            " VALUES (%s, %s, 'm', '1', '{}', '{}')",
+            (uuid7(t0), uuid7_time(uuid7(t0))),
+        )
+    [stats] = await db.stats("m")
+    assert stats.predictions == 120
+    [raw] = await db.stats("m", raw=True)
+    assert raw.predictions == 121
+
+
+# --- label joins prune to one partition ---------------------------------------------------------
+
+
+async def _plan(db: StoreDB, sql: str, params: dict[str, object]) -> str:
+    async with db.pool.connection() as c:
+        cur = await c.execute(
+            ("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) " + sql).encode(), params
+        )
+        return "\n".join(str(r[0]) for r in await cur.fetchall())
+
+
+async def test_lookups_by_prediction_id_touch_one_partition(db: StoreDB) -> None:
+    now = datetime.now(UTC)
+    rows = [rec(now - timedelta(days=d, minutes=1)) for d in (0, 1)] + [
+        rec(now + timedelta(days=d)) for d in (1, 2, 3)
+    ]
+    await db.copy_predictions(rows)
+    pid = rows[1].prediction_id
+    get_plan = await _plan(db, queries.GET_PREDICTION, {"id": pid})
+    scanned = {
+        line.split(" on ")[1].split()[0]
+        for line in get_plan.splitlines()
+        if " on predictions_" in line
+    }
+    assert scanned == {f"predictions_p{uuid7_time(pid):%Y%m%d}"}, get_plan
+    label_plan = await _plan(
+        db, queries.UPSERT_LABELS, {"ids": [pid], "labels": ["1"], "model": None}
+    )
+    # Runtime pruning: of the partitions, only the id's own day is ever scanned.
+    executed = [
+        line
+        for line in label_plan.splitlines()
+        if " on predictions_" in line and "never executed" not in line
+    ]
+    assert len(executed) == 1 and f"predictions_p{uuid7_time(pid):%Y%m%d}" in executed[0], (
+        label_plan
+    )
