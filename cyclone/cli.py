@@ -89,6 +89,13 @@ def serve_inference(
     spool_dir: Annotated[
         Path | None, typer.Option(help="Disk spool for when the store is down.")
     ] = None,
+    pool_memory_mb: Annotated[
+        float | None,
+        typer.Option(
+            help="Serve as a pool member: load model versions on demand, evict the least"
+            " recently used past this many MiB."
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
