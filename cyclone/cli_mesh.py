@@ -64,6 +64,14 @@ def up(
             min=1,
         ),
     ] = None,
+    pool: Annotated[
+        bool,
+        typer.Option(
+            "--pool/--no-pool",
+            help="Serve small models (model.onnx up to 64 MiB) from a shared pool, one process"
+            " per core, loading versions on demand and evicting the least recently used.",
+        ),
+    ] = False,
 ) -> None:
     """Start the whole mesh on this machine; Ctrl-C or SIGTERM stops it."""
     from rich.live import Live
@@ -112,6 +120,7 @@ def up(
         auth=auth,
         idle_timeout_seconds=idle_seconds,
         replicas=replicas,
+        pool_processes=None if pool else 0,
     )
     console = make_console()
     states: dict[str, tuple[str, str]] = {}

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from cyclone.client import MODEL_HEADER
-from cyclone.traffic import Endpoint, Revision, TrafficSplit
+from cyclone.traffic import (
+    POOL_MODEL_HEADER,
+    POOL_VERSION_HEADER,
+    Endpoint,
+    Revision,
+    TrafficSplit,
+)
 
 PUBLIC = "public"
 CONTROL = "control"
@@ -265,13 +271,14 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _http2() -> dict[str, Any]:
-    return {
-        _HTTP_OPTIONS: {
-            "@type": _T + _HTTP_OPTIONS,
-            "explicit_http_config": {"http2_protocol_options": {}},
-        }
+def _http2(upstream_filters: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "@type": _T + _HTTP_OPTIONS,
+        "explicit_http_config": {"http2_protocol_options": {}},
     }
+    if upstream_filters:
+        options["http_filters"] = list(upstream_filters)
+    return {_HTTP_OPTIONS: options}
 
 
 def _retry_budget(settings: EnvoySettings) -> dict[str, Any]:
@@ -371,7 +378,42 @@ def endpoint_cluster(
 
 
 def revision_cluster(revision: Revision, settings: EnvoySettings) -> dict[str, Any]:
-    return endpoint_cluster(revision.name, revision.endpoints, settings, health_checked=True)
+    cluster = endpoint_cluster(revision.name, revision.endpoints, settings, health_checked=True)
+    if revision.pooled:
+        cluster["typed_extension_protocol_options"] = _http2(_pool_headers(revision))
+    return cluster
+
+
+def _pool_headers(revision: Revision) -> list[dict[str, Any]]:
+    """Upstream filters naming the version a pooled revision's processes answer, set by the
+    clusters themselves: the weighted route's failover cluster and the revision's own (which
+    the shadow mirror names). Health checks stay per process."""
+    headers = {POOL_MODEL_HEADER: revision.model, POOL_VERSION_HEADER: revision.version}
+    return [
+        {
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {
+                    "request_mutations": [
+                        {
+                            "append": {
+                                "header": {"key": key, "value": value},
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                            }
+                        }
+                        for key, value in headers.items()
+                    ]
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+            },
+        },
+    ]
 
 
 def failover_name(revision_name: str) -> str:
@@ -379,16 +421,23 @@ def failover_name(revision_name: str) -> str:
 
 
 def failover_cluster(
-    revision_name: str, siblings: Sequence[str], settings: EnvoySettings
+    revision_name: str,
+    siblings: Sequence[str],
+    settings: EnvoySettings,
+    pooled: Revision | None = None,
 ) -> dict[str, Any]:
     """Aggregate cluster: the revision, then its siblings, as priorities. Retries use
-    `previous_priorities`, so a failed attempt on a dead revision is retried on another."""
+    `previous_priorities`, so a failed attempt on a dead revision is retried on another.
+
+    The router runs the upstream filters of the cluster the route names -- this aggregate --
+    so a `pooled` revision's version headers are set here too (a retry that fails over to a
+    sibling's processes still asks for the version the route chose)."""
     order = [revision_name, *(s for s in siblings if s != revision_name)]
     return {
         "name": failover_name(revision_name),
         "connect_timeout": _seconds(settings.connect_timeout_s),
         "lb_policy": "CLUSTER_PROVIDED",
-        "typed_extension_protocol_options": _http2(),
+        "typed_extension_protocol_options": _http2(_pool_headers(pooled) if pooled else ()),
         "circuit_breakers": _retry_budget(settings),
         "cluster_type": {
             "name": "envoy.clusters.aggregate",
@@ -433,7 +482,12 @@ def split_clusters(split: TrafficSplit, settings: EnvoySettings) -> list[dict[st
     clusters its route names."""
     clusters = [revision_cluster(split.revisions[n], settings) for n in sorted(split.revisions)]
     weighted = _weighted(split)
-    clusters += [failover_cluster(n, weighted, settings) for n in weighted]
+    clusters += [
+        failover_cluster(
+            n, weighted, settings, split.revisions[n] if split.revisions[n].pooled else None
+        )
+        for n in weighted
+    ]
     return clusters
 
 

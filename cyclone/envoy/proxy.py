@@ -82,6 +82,7 @@ def save_splits(path: Any, splits: Mapping[str, TrafficSplit]) -> None:
                     "model": r.model,
                     "version": r.version,
                     "endpoints": [[e.host, e.port] for e in r.endpoints],
+                    "pooled": r.pooled,
                 }
                 for name, r in split.revisions.items()
             },
@@ -106,6 +107,7 @@ def load_splits(path: Any) -> dict[str, TrafficSplit]:
                         r["model"],
                         r["version"],
                         tuple(Endpoint(h, int(p)) for h, p in r["endpoints"]),
+                        bool(r.get("pooled", False)),
                     )
                     for name, r in body["revisions"].items()
                 },

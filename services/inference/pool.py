@@ -2,7 +2,7 @@
 request and evicted, least recently used first, once their memory passes a budget.
 
 Envoy keeps one cluster per model version; a pooled version's cluster points at the pool's
-processes and names the version in request headers (`POOL_MODEL_HEADER`, `POOL_VERSION_HEADER`,
+processes and names the version in request headers (`cyclone.traffic.POOL_MODEL_HEADER` and `POOL_VERSION_HEADER`,
 set by the cluster, so retries, failover and the shadow mirror carry the right one). A request
 for a version that is not loaded waits for its load (one load per version, however many callers
 wait); a version that cannot be loaded is NOT_FOUND naming it. Transport-free.
@@ -26,9 +26,6 @@ from services.inference.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
-# Request headers a pooled version's Envoy cluster sets: which version this process answers.
-POOL_MODEL_HEADER = "cyclone-pool-model"
-POOL_VERSION_HEADER = "cyclone-pool-version"
 
 MIB = 1 << 20
 

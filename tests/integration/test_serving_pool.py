@@ -21,8 +21,8 @@ from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from cyclone.models.convert import import_pipeline
 from cyclone.settings import SettingsError
+from cyclone.traffic import POOL_MODEL_HEADER, POOL_VERSION_HEADER
 from services.inference.main import InferenceSettings
-from services.inference.pool import POOL_MODEL_HEADER, POOL_VERSION_HEADER
 
 if TYPE_CHECKING:
     from tests.conftest import RunningServer
