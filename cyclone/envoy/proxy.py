@@ -342,6 +342,13 @@ class EnvoyProxy:
         async with self._lock:
             await self._install({**self._splits, split.model: split})
 
+    async def apply_all(self, splits: Sequence[TrafficSplit]) -> None:
+        """Install several models' splits as one config (one validation, one file write): what
+        serving hundreds of models at once needs, where `apply` per model costs a validation
+        of the whole config each."""
+        async with self._lock:
+            await self._install({**self._splits, **{split.model: split for split in splits}})
+
     async def remove_model(self, model: str) -> None:
         async with self._lock:
             if model in self._splits:

@@ -99,6 +99,7 @@ async def test_a_rollout_across_the_pool_moves_weights_through_envoy(
         "pool_memory_mb": 256,
     }
     first = LocalOrchestrator(config)
+    second: LocalOrchestrator | None = None
     pool_pids: list[int] = []
     try:
         v1 = await first.start("credit", "1", 2)
@@ -143,6 +144,9 @@ async def test_a_rollout_across_the_pool_moves_weights_through_envoy(
         await second.close()  # not detached: the pool stops with it
         assert not any(_alive(pid) for pid in pool_pids)
     finally:
+        await first.close()  # supervision ends first, so nothing restarts what is killed
+        if second is not None:
+            await second.close()
         for pid in pool_pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
