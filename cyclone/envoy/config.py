@@ -639,6 +639,18 @@ def _regex(pattern: str) -> dict[str, Any]:
 
 
 _INFERENCE_PREFIXES = (f"/{INFERENCE_SERVICE}/", f"/{OIP_SERVICE}/")
+# `GET /v1/models` lists every model from the route table (Envoy's default cap is 4 KiB: about
+# 150 names); error messages, sent as a header, name the first few.
+_MAX_LISTING_BYTES = 1 << 20
+_NAMES_IN_MESSAGES = 20
+
+
+def _some_names(names: Sequence[str]) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:_NAMES_IN_MESSAGES])
+    more = len(names) - _NAMES_IN_MESSAGES
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def inference_routes(
@@ -667,7 +679,7 @@ def inference_routes(
                 "route": action,
             },
         ]
-    served = ", ".join(sorted(splits)) or "none"
+    served = _some_names(sorted(splits))
     unknown = (
         f"model %REQ({MODEL_HEADER})% is not served here (header {MODEL_HEADER}); served: {served}"
     )
@@ -690,7 +702,7 @@ def inference_routes(
     else:
         missing = (
             f"header {MODEL_HEADER} is required: it names the model to route to "
-            f"({len(splits)} models are served: {', '.join(sorted(splits)) or 'none'})"
+            f"({len(splits)} models are served: {_some_names(sorted(splits))})"
         )
         routes += [
             {"match": {"prefix": p, "grpc": {}}, **_grpc_error(_INVALID_ARGUMENT, missing)}
@@ -748,7 +760,11 @@ def public_routes(splits: Mapping[str, TrafficSplit], settings: EnvoySettings) -
     routes = [
         {**r, "typed_per_filter_config": unbuffered} if "grpc" in r["match"] else r for r in routes
     ]
-    return {"name": PUBLIC, "virtual_hosts": [{"name": PUBLIC, "domains": ["*"], "routes": routes}]}
+    return {
+        "name": PUBLIC,
+        "virtual_hosts": [{"name": PUBLIC, "domains": ["*"], "routes": routes}],
+        "max_direct_response_body_size_bytes": _MAX_LISTING_BYTES,
+    }
 
 
 def control_routes(splits: Mapping[str, TrafficSplit], settings: EnvoySettings) -> dict[str, Any]:
@@ -772,6 +788,7 @@ def control_routes(splits: Mapping[str, TrafficSplit], settings: EnvoySettings) 
     return {
         "name": CONTROL,
         "virtual_hosts": [{"name": CONTROL, "domains": ["*"], "routes": routes}],
+        "max_direct_response_body_size_bytes": _MAX_LISTING_BYTES,
     }
 
 
