@@ -484,7 +484,10 @@ class EnvoyProxy:
         deadline = time.monotonic() + timeout
         while True:
             # Envoy lists only active (warmed) clusters; removed ones disappear.
-            dynamic = set(await self.admin.clusters())
+            try:
+                dynamic = set(await self.admin.clusters())
+            except TimeoutError:
+                dynamic = set()  # busy taking hundreds of clusters: ask again
             if dynamic == wanted:
                 return
             if time.monotonic() > deadline:
@@ -508,7 +511,10 @@ class EnvoyProxy:
         self._installed_routes.update(routes)
         deadline = time.monotonic() + timeout
         while True:
-            installed = await self.admin.route_versions()
+            try:
+                installed = await self.admin.route_versions()
+            except TimeoutError:
+                installed = {}  # an Envoy busy taking hundreds of clusters: ask again
             if all(installed.get(t) == version for t in routes):
                 return
             if time.monotonic() > deadline:

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 
 MIB = 1 << 20
+# The memory a model takes per byte of its file is learnt from files at least this big, and
+# capped (a load that overlapped other allocations must not inflate every later estimate).
+_LEARN_FROM_BYTES = 64 * 1024
+_MAX_MEMORY_PER_FILE_BYTE = 20.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,6 +80,9 @@ class ModelPool:
         self._load_lock = asyncio.Lock()
         self.loads = 0
         self.evictions = 0
+        # Memory per byte of model file, the most seen: once evictions free memory the heap
+        # reuses it, a load no longer grows the process, and the file size alone undercounts.
+        self._memory_per_file_byte = 1.0
         self.recently_evicted: collections.deque[tuple[str, str]] = collections.deque(maxlen=64)
 
     def loaded(self, model: str, version: str) -> LoadedModel | None:
@@ -117,8 +124,16 @@ class ModelPool:
                     f"version: {model!r} version {version!r} is not in the repository"
                     f" ({exc.message})"
                 ) from exc
-            # What the version costs: the process's growth, at least its model file's size.
-            cost = max(_rss() - rss_before, loaded.files.onnx_path.stat().st_size)
+            # What the version costs: the process's growth, or what its file size says when
+            # the load reused memory an eviction freed.
+            file_size = max(loaded.files.onnx_path.stat().st_size, 1)
+            grown = _rss() - rss_before
+            if self.loads == 0:
+                grown = 0  # the first load also pays onnxruntime's one-time set-up
+            elif file_size >= _LEARN_FROM_BYTES:  # small files: a fixed overhead dominates
+                ratio = min(grown / file_size, _MAX_MEMORY_PER_FILE_BYTE)
+                self._memory_per_file_byte = max(self._memory_per_file_byte, ratio)
+            cost = max(grown, int(file_size * self._memory_per_file_byte))
             self._resident[(model, version)] = _Resident(loaded, cost, time.monotonic())
             self.loads += 1
             self._evict_past_budget(keep=(model, version))
