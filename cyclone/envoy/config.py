@@ -381,6 +381,9 @@ def revision_cluster(revision: Revision, settings: EnvoySettings) -> dict[str, A
     cluster = endpoint_cluster(revision.name, revision.endpoints, settings, health_checked=True)
     if revision.pooled:
         cluster["typed_extension_protocol_options"] = _http2(_pool_headers(revision))
+        # Each model on one member by a hash of the route's key (`_POOL_HASH`), not on all:
+        # a member holds half the models, so twice as many fit before evictions.
+        cluster["lb_policy"] = "MAGLEV"
     return cluster
 
 
@@ -541,6 +544,11 @@ def _retry_policy(settings: EnvoySettings) -> dict[str, Any]:
     }
 
 
+# Where a pooled model's requests go among the pool's members: by the model (its header for
+# gRPC, the path for REST), so one member holds it; a dead member's share moves to the others.
+_POOL_HASH = [{"header": {"header_name": MODEL_HEADER}}, {"header": {"header_name": ":path"}}]
+
+
 def _model_action(split: TrafficSplit, settings: EnvoySettings) -> dict[str, Any]:
     weighted = _weighted(split)
     action: dict[str, Any] = {
@@ -551,6 +559,8 @@ def _model_action(split: TrafficSplit, settings: EnvoySettings) -> dict[str, Any
         "max_stream_duration": {"grpc_timeout_header_max": "0s"},
         "retry_policy": _retry_policy(settings),
     }
+    if any(r.pooled for r in split.revisions.values()):
+        action["hash_policy"] = _POOL_HASH
     if split.shadow:
         action["request_mirror_policies"] = [
             {

@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 import psutil
 
-from cyclone import heap
 from cyclone.errors import CycloneError, ModelLoadError, NotFound
 from cyclone.models.repository import ModelRepository
 from services.inference.model import LoadedModel
@@ -32,6 +31,7 @@ MIB = 1 << 20
 # capped (a load that overlapped other allocations must not inflate every later estimate).
 _LEARN_FROM_BYTES = 64 * 1024
 _MAX_MEMORY_PER_FILE_BYTE = 20.0
+_RATIOS_KEPT = 64
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,9 +80,10 @@ class ModelPool:
         self._load_lock = asyncio.Lock()
         self.loads = 0
         self.evictions = 0
-        # Memory per byte of model file, the most seen: once evictions free memory the heap
-        # reuses it, a load no longer grows the process, and the file size alone undercounts.
-        self._memory_per_file_byte = 1.0
+        # Memory per byte of model file, the mean of what loads that grew the process took:
+        # once evictions free memory the heap reuses it, a load no longer grows the process,
+        # and the file size alone would undercount.
+        self._ratios: list[float] = []
         self.recently_evicted: collections.deque[tuple[str, str]] = collections.deque(maxlen=64)
 
     def loaded(self, model: str, version: str) -> LoadedModel | None:
@@ -130,10 +131,11 @@ class ModelPool:
             grown = _rss() - rss_before
             if self.loads == 0:
                 grown = 0  # the first load also pays onnxruntime's one-time set-up
-            elif file_size >= _LEARN_FROM_BYTES:  # small files: a fixed overhead dominates
-                ratio = min(grown / file_size, _MAX_MEMORY_PER_FILE_BYTE)
-                self._memory_per_file_byte = max(self._memory_per_file_byte, ratio)
-            cost = max(grown, int(file_size * self._memory_per_file_byte))
+            elif file_size >= _LEARN_FROM_BYTES and grown > file_size:  # a load that grew
+                self._ratios.append(min(grown / file_size, _MAX_MEMORY_PER_FILE_BYTE))
+                del self._ratios[:-_RATIOS_KEPT]
+            per_byte = sum(self._ratios) / len(self._ratios) if self._ratios else 1.0
+            cost = max(grown, int(file_size * per_byte))
             self._resident[(model, version)] = _Resident(loaded, cost, time.monotonic())
             self.loads += 1
             self._evict_past_budget(keep=(model, version))
@@ -150,7 +152,9 @@ class ModelPool:
             return loaded
 
     def _evict_past_budget(self, keep: tuple[str, str]) -> None:
-        evicted = False
+        # No `heap.resettle()` here (a dedicated revision's load/unload does one): a full
+        # collection per eviction would stall the event loop as often as models churn, and
+        # versions loaded after start-up are never frozen, so the collector reaches them.
         while self.used_bytes > self.budget_bytes and len(self._resident) > 1:
             key, resident = next(iter(self._resident.items()))
             if key == keep:
@@ -158,15 +162,12 @@ class ModelPool:
             del self._resident[key]
             self.evictions += 1
             self.recently_evicted.append(key)
-            evicted = True
             log.info(
                 "pool evicted %s version %s (%.1f MiB, least recently used)",
                 key[0],
                 key[1],
                 resident.cost_bytes / MIB,
             )
-        if evicted:
-            heap.resettle()
 
     def unload(self, model: str, version: str | None = None) -> None:
         """Drop `model` at `version` (None: every version of it) ahead of the LRU."""
@@ -177,7 +178,6 @@ class ModelPool:
         for key in keys:
             del self._resident[key]
         self.evictions += len(keys)
-        heap.resettle()
 
     def models(self) -> list[LoadedModel]:
         return [r.model for r in self._resident.values()]

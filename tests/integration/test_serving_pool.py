@@ -87,7 +87,8 @@ async def test_loads_on_first_request_evicts_lru_and_reloads(
         loaded = {(m.name, m.version) for m in pool.models()}
         assert pool.recently_evicted[0] == ("m2", "1")  # the least recently used first
         assert ("m0", "1") in loaded and ("m2", "1") not in loaded
-        assert pool.used_bytes <= pool.budget_bytes
+        # Within the budget, unless the newest alone is over it (then it is all that is kept).
+        assert pool.used_bytes <= pool.budget_bytes or loaded == {("m0", "1")}
         loads = pool.loads
         reply = await stub.Predict(_request("m2", frame))  # evicted: loaded again, answered
         assert reply.version == "1"
