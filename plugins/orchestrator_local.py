@@ -19,14 +19,15 @@ With ``pool_processes`` > 0 small models share a serving pool: that many inferen
 recently used past its budget), started with the first pooled revision and supervised like a
 revision's replicas (adopted the same way when detached). A version whose `model.onnx` is at
 most ``pool_threshold_mb`` is pooled: its Revision's endpoints are the pool's processes
-(``pooled``: Envoy's cluster names the version in request headers), its start only warms it
-in the members and its stop leaves it to their LRU; bigger ones get dedicated replicas.
+(``pooled``: Envoy's cluster names the version in request headers), its start loads nothing
+(the member Envoy sends it to loads it on its first request; ``pool_warm`` loads it in every
+member at once) and its stop leaves it to their LRU; bigger ones get dedicated replicas.
 
 Config (``create(config)``): ``model_repository`` (required), ``store`` (HOST:PORT, optional),
 ``data_dir`` (default ``~/.cyclone``), ``host`` (127.0.0.1), ``grace_seconds`` (10),
 ``start_timeout`` (60), ``python`` (this interpreter), ``extra_args`` (list of strings),
 ``detached`` (False), ``pool_processes`` (0: no pool), ``pool_memory_mb`` (1024, per process),
-``pool_threshold_mb`` (64).
+``pool_threshold_mb`` (64), ``pool_warm`` (False).
 The methods are async and revisions are named by `cyclone.traffic.revision_name`, so a Nomad
 orchestrator can offer the same interface.
 """
@@ -191,6 +192,10 @@ class LocalOrchestrator:
             )
         self.pool_memory_mb = _positive(config, "pool_memory_mb", POOL_MEMORY_MB)
         self.pool_threshold_mb = _positive(config, "pool_threshold_mb", POOL_THRESHOLD_MB)
+        # Load a pooled version in every member at start. Off by default: Envoy sends a model
+        # to one member (by hash), so warming all of them fills the others' budgets with
+        # versions they never serve; the first request waits for the load instead.
+        self.pool_warm = bool(config.get("pool_warm", False))
         self._revisions: dict[str, _Running] = {}
         # Pooled revisions (model versions served by the pool) and the pool's own processes.
         self._pooled: dict[str, Revision] = {}
@@ -349,7 +354,8 @@ class LocalOrchestrator:
         revision = Revision(model, version, pool.revision.endpoints, pooled=True)
         async with self._lock:
             self._pooled[revision.name] = revision
-        await self._warm(revision)
+        if self.pool_warm:
+            await self._warm(revision)
         self._save_state()
         log.info(
             "revision %s served by the pool on %s",
