@@ -76,9 +76,9 @@ class MeshSettings:
     idle_timeout_seconds: float = 0.0
     # Processes per serving revision; None decides by the machine (`serving_replicas`).
     replicas: int | None = None
-    # Serve small models from a shared pool of this many processes (0: a revision per
-    # version; None: one per core).
-    pool_processes: int | None = 0
+    # Serve small models from a shared pool of this many processes (None: one per core; 0: a
+    # revision per version, as before the pool).
+    pool_processes: int | None = None
 
     @property
     def repository(self) -> Path:
