@@ -89,6 +89,13 @@ def serve_inference(
     spool_dir: Annotated[
         Path | None, typer.Option(help="Disk spool for when the store is down.")
     ] = None,
+    pool_memory_mb: Annotated[
+        float | None,
+        typer.Option(
+            help="Serve as a pool member: load model versions on demand, evict the least"
+            " recently used past this many MiB."
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -182,6 +189,20 @@ def serve_trainer(
     ] = None,
     monitor: Annotated[str | None, typer.Option(help="Monitor HOST:PORT (control routes).")] = None,
     replicas: Annotated[int | None, typer.Option(help="Processes per model revision.")] = None,
+    pool_processes: Annotated[
+        int | None,
+        typer.Option(
+            help="Serving pool: shared inference processes for small models (0: a revision"
+            " per version)."
+        ),
+    ] = None,
+    pool_memory_mb: Annotated[
+        float | None, typer.Option(help="Serving pool: MiB of models each process holds.")
+    ] = None,
+    pool_threshold_mb: Annotated[
+        float | None,
+        typer.Option(help="Serving pool: versions whose model.onnx is at most this are pooled."),
+    ] = None,
     run_job_file: Annotated[
         Path | None,
         typer.Option(help="Run the one queued job whose id this file holds, then exit (Nomad)."),

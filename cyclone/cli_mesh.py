@@ -64,6 +64,15 @@ def up(
             min=1,
         ),
     ] = None,
+    pool: Annotated[
+        bool,
+        typer.Option(
+            "--pool/--no-pool",
+            help="Serve small models (model.onnx up to 64 MiB) from a shared pool, one process"
+            " per core, loading versions on demand and evicting the least recently used;"
+            " --no-pool: a revision (replicas) per version.",
+        ),
+    ] = True,
 ) -> None:
     """Start the whole mesh on this machine; Ctrl-C or SIGTERM stops it."""
     from rich.live import Live
@@ -112,6 +121,7 @@ def up(
         auth=auth,
         idle_timeout_seconds=idle_seconds,
         replicas=replicas,
+        pool_processes=None if pool else 0,
     )
     console = make_console()
     states: dict[str, tuple[str, str]] = {}
@@ -224,11 +234,13 @@ def _running(pids: set[int]) -> set[int]:
 # ---- status ---------------------------------------------------------------------------------
 
 
-def _revision_processes(repository: str) -> list[dict[str, Any]]:
+def _revision_processes(repository: str, data_dir: str = "") -> list[dict[str, Any]]:
     """The mesh's inference processes (the revisions outlive the trainer that started them,
-    so they are found by the mesh's model repository): model, version, port, pid."""
+    so they are found by the mesh's model repository): model, version, port, pid. A serving
+    pool's process is listed once per pooled version the orchestrator recorded for it."""
     import psutil
 
+    pooled = _pooled_versions(data_dir)
     found: list[dict[str, Any]] = []
     for child in psutil.process_iter():
         try:
@@ -241,15 +253,26 @@ def _revision_processes(repository: str) -> list[dict[str, Any]]:
         def arg(flag: str, argv: list[str] = args) -> str:
             return argv[argv.index(flag) + 1] if flag in argv else ""
 
-        found.append(
-            {
-                "model": arg("--model"),
-                "version": arg("--version"),
-                "address": f"{arg('--host') or '127.0.0.1'}:{arg('--port')}",
-                "pid": child.pid,
-            }
-        )
+        address = f"{arg('--host') or '127.0.0.1'}:{arg('--port')}"
+        serves = pooled if "--pool-memory-mb" in args else [(arg("--model"), arg("--version"))]
+        found += [
+            {"model": model, "version": version, "address": address, "pid": child.pid}
+            for model, version in serves
+        ]
     return sorted(found, key=lambda r: (r["model"], r["version"], r["address"]))
+
+
+def _pooled_versions(data_dir: str) -> list[tuple[str, str]]:
+    """(model, version) of every pooled revision in `<data_dir>/revisions/running.json`."""
+    try:
+        state = json.loads((Path(data_dir) / "revisions" / "running.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [
+        (str(e["model"]), str(e["version"]))
+        for e in state.values()
+        if isinstance(e, dict) and e.get("pooled") and "model" in e and "version" in e
+    ]
 
 
 def _enum_name(enum: Any, value: int, prefix: str) -> str:
@@ -292,7 +315,7 @@ def collect_status(
             "dashboard": mesh.dashboard,
             "components": {k: vars(v) for k, v in mesh.components.items()},
         }
-        out["mesh"]["revisions"] = _revision_processes(mesh.repository)
+        out["mesh"]["revisions"] = _revision_processes(mesh.repository, mesh.data_dir)
     from cyclone.cli_errors import describe_failure
 
     problems: list[str] = []

@@ -13,6 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# Request headers a pooled revision's proxy cluster sets: the model version its processes,
+# shared by many versions, answer (`cyclone.envoy.config`, `services/inference/pool.py`).
+POOL_MODEL_HEADER = "cyclone-pool-model"
+POOL_VERSION_HEADER = "cyclone-pool-version"
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -33,11 +38,16 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Revision:
-    """One model version and the replica processes serving it."""
+    """One model version and the replica processes serving it.
+
+    A `pooled` revision's endpoints are the serving pool's processes, shared with other model
+    versions: the proxy tells them which version to answer (request headers set per cluster).
+    """
 
     model: str
     version: str
     endpoints: tuple[Endpoint, ...]
+    pooled: bool = False
 
     @property
     def name(self) -> str:

@@ -92,7 +92,7 @@ async def start_inference(settings: Any, sink: Any = None) -> Started[Any]:
     server, scorer = build_inference_server(settings, sink)
     if settings.store and sink is None:
         attach_store(settings, server, scorer)
-    if not scorer.catalog.models:
+    if not scorer.catalog.models and not scorer.catalog.pooled:
         # Keep running: a model can still be loaded through the repository API.
         log.warning("no model loaded from %s; OIP ServerReady is false", settings.model_repository)
     await server.start()

@@ -76,6 +76,9 @@ class MeshSettings:
     idle_timeout_seconds: float = 0.0
     # Processes per serving revision; None decides by the machine (`serving_replicas`).
     replicas: int | None = None
+    # Serve small models from a shared pool of this many processes (None: one per core; 0: a
+    # revision per version, as before the pool).
+    pool_processes: int | None = None
 
     @property
     def repository(self) -> Path:
@@ -172,6 +175,8 @@ class Mesh:
                     "--envoy-apart",
                     "--replicas",
                     str(s.replicas or serving_replicas()),
+                    "--pool-processes",
+                    str((os.cpu_count() or 1) if s.pool_processes is None else s.pool_processes),
                     "--public-host",
                     s.host,
                     "--public-port",

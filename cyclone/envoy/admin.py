@@ -80,7 +80,10 @@ class EnvoyAdmin:
 
     async def route_versions(self) -> dict[str, str]:
         """Dynamic route table name -> the version_info Envoy installed."""
-        body = await self.get_json("/config_dump?resource=dynamic_route_configs")
+        # Only the names and versions: whole tables of hundreds of models are megabytes.
+        body = await self.get_json(
+            "/config_dump?resource=dynamic_route_configs&mask=version_info,route_config.name"
+        )
         versions: dict[str, str] = {}
         for item in body.get("configs", []):
             name = item.get("route_config", {}).get("name")

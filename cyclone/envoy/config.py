@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from cyclone.client import MODEL_HEADER
-from cyclone.traffic import Endpoint, Revision, TrafficSplit
+from cyclone.traffic import (
+    POOL_MODEL_HEADER,
+    POOL_VERSION_HEADER,
+    Endpoint,
+    Revision,
+    TrafficSplit,
+)
 
 PUBLIC = "public"
 CONTROL = "control"
@@ -265,13 +271,14 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _http2() -> dict[str, Any]:
-    return {
-        _HTTP_OPTIONS: {
-            "@type": _T + _HTTP_OPTIONS,
-            "explicit_http_config": {"http2_protocol_options": {}},
-        }
+def _http2(upstream_filters: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "@type": _T + _HTTP_OPTIONS,
+        "explicit_http_config": {"http2_protocol_options": {}},
     }
+    if upstream_filters:
+        options["http_filters"] = list(upstream_filters)
+    return {_HTTP_OPTIONS: options}
 
 
 def _retry_budget(settings: EnvoySettings) -> dict[str, Any]:
@@ -371,7 +378,45 @@ def endpoint_cluster(
 
 
 def revision_cluster(revision: Revision, settings: EnvoySettings) -> dict[str, Any]:
-    return endpoint_cluster(revision.name, revision.endpoints, settings, health_checked=True)
+    cluster = endpoint_cluster(revision.name, revision.endpoints, settings, health_checked=True)
+    if revision.pooled:
+        cluster["typed_extension_protocol_options"] = _http2(_pool_headers(revision))
+        # Each model on one member by a hash of the route's key (`_POOL_HASH`), not on all:
+        # a member holds half the models, so twice as many fit before evictions.
+        cluster["lb_policy"] = "MAGLEV"
+    return cluster
+
+
+def _pool_headers(revision: Revision) -> list[dict[str, Any]]:
+    """Upstream filters naming the version a pooled revision's processes answer, set by the
+    clusters themselves: the weighted route's failover cluster and the revision's own (which
+    the shadow mirror names). Health checks stay per process."""
+    headers = {POOL_MODEL_HEADER: revision.model, POOL_VERSION_HEADER: revision.version}
+    return [
+        {
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {
+                    "request_mutations": [
+                        {
+                            "append": {
+                                "header": {"key": key, "value": value},
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                            }
+                        }
+                        for key, value in headers.items()
+                    ]
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+            },
+        },
+    ]
 
 
 def failover_name(revision_name: str) -> str:
@@ -379,16 +424,23 @@ def failover_name(revision_name: str) -> str:
 
 
 def failover_cluster(
-    revision_name: str, siblings: Sequence[str], settings: EnvoySettings
+    revision_name: str,
+    siblings: Sequence[str],
+    settings: EnvoySettings,
+    pooled: Revision | None = None,
 ) -> dict[str, Any]:
     """Aggregate cluster: the revision, then its siblings, as priorities. Retries use
-    `previous_priorities`, so a failed attempt on a dead revision is retried on another."""
+    `previous_priorities`, so a failed attempt on a dead revision is retried on another.
+
+    The router runs the upstream filters of the cluster the route names -- this aggregate --
+    so a `pooled` revision's version headers are set here too (a retry that fails over to a
+    sibling's processes still asks for the version the route chose)."""
     order = [revision_name, *(s for s in siblings if s != revision_name)]
     return {
         "name": failover_name(revision_name),
         "connect_timeout": _seconds(settings.connect_timeout_s),
         "lb_policy": "CLUSTER_PROVIDED",
-        "typed_extension_protocol_options": _http2(),
+        "typed_extension_protocol_options": _http2(_pool_headers(pooled) if pooled else ()),
         "circuit_breakers": _retry_budget(settings),
         "cluster_type": {
             "name": "envoy.clusters.aggregate",
@@ -433,7 +485,12 @@ def split_clusters(split: TrafficSplit, settings: EnvoySettings) -> list[dict[st
     clusters its route names."""
     clusters = [revision_cluster(split.revisions[n], settings) for n in sorted(split.revisions)]
     weighted = _weighted(split)
-    clusters += [failover_cluster(n, weighted, settings) for n in weighted]
+    clusters += [
+        failover_cluster(
+            n, weighted, settings, split.revisions[n] if split.revisions[n].pooled else None
+        )
+        for n in weighted
+    ]
     return clusters
 
 
@@ -487,6 +544,11 @@ def _retry_policy(settings: EnvoySettings) -> dict[str, Any]:
     }
 
 
+# Where a pooled model's requests go among the pool's members: by the model (its header for
+# gRPC, the path for REST), so one member holds it; a dead member's share moves to the others.
+_POOL_HASH = [{"header": {"header_name": MODEL_HEADER}}, {"header": {"header_name": ":path"}}]
+
+
 def _model_action(split: TrafficSplit, settings: EnvoySettings) -> dict[str, Any]:
     weighted = _weighted(split)
     action: dict[str, Any] = {
@@ -497,6 +559,8 @@ def _model_action(split: TrafficSplit, settings: EnvoySettings) -> dict[str, Any
         "max_stream_duration": {"grpc_timeout_header_max": "0s"},
         "retry_policy": _retry_policy(settings),
     }
+    if any(r.pooled for r in split.revisions.values()):
+        action["hash_policy"] = _POOL_HASH
     if split.shadow:
         action["request_mirror_policies"] = [
             {
@@ -585,6 +649,18 @@ def _regex(pattern: str) -> dict[str, Any]:
 
 
 _INFERENCE_PREFIXES = (f"/{INFERENCE_SERVICE}/", f"/{OIP_SERVICE}/")
+# `GET /v1/models` lists every model from the route table (Envoy's default cap is 4 KiB: about
+# 150 names); error messages, sent as a header, name the first few.
+_MAX_LISTING_BYTES = 1 << 20
+_NAMES_IN_MESSAGES = 20
+
+
+def _some_names(names: Sequence[str]) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:_NAMES_IN_MESSAGES])
+    more = len(names) - _NAMES_IN_MESSAGES
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def inference_routes(
@@ -613,7 +689,7 @@ def inference_routes(
                 "route": action,
             },
         ]
-    served = ", ".join(sorted(splits)) or "none"
+    served = _some_names(sorted(splits))
     unknown = (
         f"model %REQ({MODEL_HEADER})% is not served here (header {MODEL_HEADER}); served: {served}"
     )
@@ -636,7 +712,7 @@ def inference_routes(
     else:
         missing = (
             f"header {MODEL_HEADER} is required: it names the model to route to "
-            f"({len(splits)} models are served: {', '.join(sorted(splits)) or 'none'})"
+            f"({len(splits)} models are served: {_some_names(sorted(splits))})"
         )
         routes += [
             {"match": {"prefix": p, "grpc": {}}, **_grpc_error(_INVALID_ARGUMENT, missing)}
@@ -694,7 +770,11 @@ def public_routes(splits: Mapping[str, TrafficSplit], settings: EnvoySettings) -
     routes = [
         {**r, "typed_per_filter_config": unbuffered} if "grpc" in r["match"] else r for r in routes
     ]
-    return {"name": PUBLIC, "virtual_hosts": [{"name": PUBLIC, "domains": ["*"], "routes": routes}]}
+    return {
+        "name": PUBLIC,
+        "virtual_hosts": [{"name": PUBLIC, "domains": ["*"], "routes": routes}],
+        "max_direct_response_body_size_bytes": _MAX_LISTING_BYTES,
+    }
 
 
 def control_routes(splits: Mapping[str, TrafficSplit], settings: EnvoySettings) -> dict[str, Any]:
@@ -718,6 +798,7 @@ def control_routes(splits: Mapping[str, TrafficSplit], settings: EnvoySettings) 
     return {
         "name": CONTROL,
         "virtual_hosts": [{"name": CONTROL, "domains": ["*"], "routes": routes}],
+        "max_direct_response_body_size_bytes": _MAX_LISTING_BYTES,
     }
 
 

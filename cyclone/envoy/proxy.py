@@ -82,6 +82,7 @@ def save_splits(path: Any, splits: Mapping[str, TrafficSplit]) -> None:
                     "model": r.model,
                     "version": r.version,
                     "endpoints": [[e.host, e.port] for e in r.endpoints],
+                    "pooled": r.pooled,
                 }
                 for name, r in split.revisions.items()
             },
@@ -106,6 +107,7 @@ def load_splits(path: Any) -> dict[str, TrafficSplit]:
                         r["model"],
                         r["version"],
                         tuple(Endpoint(h, int(p)) for h, p in r["endpoints"]),
+                        bool(r.get("pooled", False)),
                     )
                     for name, r in body["revisions"].items()
                 },
@@ -340,6 +342,13 @@ class EnvoyProxy:
         async with self._lock:
             await self._install({**self._splits, split.model: split})
 
+    async def apply_all(self, splits: Sequence[TrafficSplit]) -> None:
+        """Install several models' splits as one config (one validation, one file write): what
+        serving hundreds of models at once needs, where `apply` per model costs a validation
+        of the whole config each."""
+        async with self._lock:
+            await self._install({**self._splits, **{split.model: split for split in splits}})
+
     async def remove_model(self, model: str) -> None:
         async with self._lock:
             if model in self._splits:
@@ -475,7 +484,10 @@ class EnvoyProxy:
         deadline = time.monotonic() + timeout
         while True:
             # Envoy lists only active (warmed) clusters; removed ones disappear.
-            dynamic = set(await self.admin.clusters())
+            try:
+                dynamic = set(await self.admin.clusters())
+            except TimeoutError:
+                dynamic = set()  # busy taking hundreds of clusters: ask again
             if dynamic == wanted:
                 return
             if time.monotonic() > deadline:
@@ -499,7 +511,10 @@ class EnvoyProxy:
         self._installed_routes.update(routes)
         deadline = time.monotonic() + timeout
         while True:
-            installed = await self.admin.route_versions()
+            try:
+                installed = await self.admin.route_versions()
+            except TimeoutError:
+                installed = {}  # an Envoy busy taking hundreds of clusters: ask again
             if all(installed.get(t) == version for t in routes):
                 return
             if time.monotonic() > deadline:

@@ -452,6 +452,7 @@ resources:
           key: content-type
           value: application/json
         append_action: OVERWRITE_IF_EXISTS_OR_ADD
+  max_direct_response_body_size_bytes: 1048576
 EOT
       }
 
@@ -676,6 +677,7 @@ resources:
           key: content-type
           value: application/json
         append_action: OVERWRITE_IF_EXISTS_OR_ADD
+  max_direct_response_body_size_bytes: 1048576
 EOT
       }
 

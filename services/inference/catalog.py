@@ -18,6 +18,7 @@ from cyclone.errors import (
 )
 from cyclone.models.repository import ModelRepository
 from services.inference.model import LoadedModel
+from services.inference.pool import MIB, ModelPool, PoolTarget
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ class RepositoryEntry:
 
 
 class ModelCatalog:
-    """Loaded models by name; one version each (a process serves one revision per model)."""
+    """Loaded models by name; one version each (a process serves one revision per model) --
+    or, as a serving pool member (`pool_memory_mb`), many versions loaded on demand."""
 
     def __init__(
         self,
@@ -44,6 +46,7 @@ class ModelCatalog:
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
         max_batch_rows: int = 10_000,
+        pool_memory_mb: float | None = None,
     ) -> None:
         self.repository = ModelRepository(repository)
         self.pinned_model = model
@@ -52,13 +55,77 @@ class ModelCatalog:
         self.max_batch_rows = max_batch_rows
         self.models: dict[str, LoadedModel] = {}
         self.failures: dict[str, str] = {}
+        self.pool: ModelPool | None = None
+        if pool_memory_mb is not None:
+            if model is not None:
+                raise ValueError("pool_memory_mb: a pool member serves many models; drop --model")
+            self.pool = ModelPool(self.repository, int(pool_memory_mb * MIB), self._open)
 
     @property
     def single_revision(self) -> bool:
         return self.pinned_model is not None
 
+    @property
+    def pooled(self) -> bool:
+        return self.pool is not None
+
+    def lookup(
+        self, name: str, version: str, target: PoolTarget | None = None
+    ) -> LoadedModel | None:
+        """The model a request names, when it is loaded; None when a pool member must load it
+        first (await `acquire`). The hot path: no await."""
+        if self.pool is None:
+            return self.get(name, version)
+        return self.pool.loaded(*self._pool_key(name, version, target))
+
+    async def acquire(
+        self, name: str, version: str, target: PoolTarget | None = None
+    ) -> LoadedModel:
+        """The model a request names, loading it into the pool when it is not (waits for it)."""
+        if self.pool is None:
+            return self.get(name, version)
+        return await self.pool.get(*self._pool_key(name, version, target))
+
+    def _pool_key(self, name: str, version: str, target: PoolTarget | None) -> tuple[str, str]:
+        """Which version answers: the one the request's Envoy cluster names, else the one the
+        request names, else the repository's latest."""
+        if target is not None:
+            if name and name != target.model:
+                raise FailedPrecondition(
+                    f"model_name: this route serves {target.model!r}, not {name!r}"
+                )
+            if version and version != target.version:
+                raise NotFound(
+                    f"version: {target.model!r} version {version!r} is not served by this route"
+                    f" (serving {target.version!r})"
+                )
+            return target.model, target.version
+        if not name:
+            raise NotFound("model: empty model name")
+        if version:
+            return name, version
+        versions = self.repository.versions(name)
+        if not versions:
+            raise NotFound(f"model: {name!r} is not in the repository")
+        return name, versions[-1]
+
+    def _open(self, repository: ModelRepository, name: str, version: str) -> LoadedModel:
+        return LoadedModel(
+            repository.files(name, version),
+            intra_op_threads=self._threads[0],
+            inter_op_threads=self._threads[1],
+            max_batch_rows=self.max_batch_rows,
+        )
+
+    def served(self) -> list[LoadedModel]:
+        """Every model version loaded in this process."""
+        return self.pool.models() if self.pool is not None else list(self.models.values())
+
     def load_initial(self) -> None:
-        """Load the pinned revision, or every model of the repository; failures are recorded."""
+        """Load the pinned revision, or every model of the repository; failures are recorded.
+        A pool member starts empty: it loads versions as requests ask for them."""
+        if self.pool is not None:
+            return
         names = [self.pinned_model] if self.pinned_model else self.repository.models()
         for name in names:
             try:
@@ -96,6 +163,9 @@ class ModelCatalog:
         return loaded
 
     def unload(self, name: str) -> None:
+        if self.pool is not None:
+            self.pool.unload(name)
+            return
         if self.single_revision:
             raise FailedPrecondition("model_name: a single-revision server cannot unload its model")
         if name not in self.models:
@@ -130,8 +200,9 @@ class ModelCatalog:
         """Every model this server may serve: loaded ones READY, the others UNAVAILABLE with why."""
         entries: list[RepositoryEntry] = []
         names = [self.pinned_model] if self.pinned_model else self.repository.models()
+        loaded_now = {m.name: m for m in self.served()}
         for name in names:
-            loaded = self.models.get(name)
+            loaded = loaded_now.get(name)
             if loaded is not None:
                 entries.append(RepositoryEntry(name, loaded.version, "READY"))
             elif not ready_only:
@@ -141,7 +212,12 @@ class ModelCatalog:
                         name,
                         versions[-1] if versions else "",
                         "UNAVAILABLE",
-                        self.failures.get(name, "not loaded"),
+                        self.failures.get(
+                            name,
+                            "not loaded (loads on its first request)"
+                            if self.pool
+                            else "not loaded",
+                        ),
                     )
                 )
         return entries

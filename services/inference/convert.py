@@ -25,9 +25,11 @@ import cyclone
 from cyclone.errors import CycloneError, InvalidArgument
 from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.oip.v2 import open_inference_pb2 as oip_pb
+from cyclone.traffic import POOL_MODEL_HEADER, POOL_VERSION_HEADER
 from services.inference.batching import Prepared
 from services.inference.catalog import RepositoryEntry
 from services.inference.model import LoadedModel, Outputs
+from services.inference.pool import PoolTarget
 
 # -- cyclone.inference.v1 -------------------------------------------------------------------
 
@@ -517,3 +519,18 @@ def load_version(request: oip_pb.RepositoryModelLoadRequest) -> str | None:
     """The `version` parameter of a load request; None (the latest) when absent or empty."""
     param = request.parameters.get("version")
     return (param.string_param if param is not None else None) or None
+
+
+# -- serving pool ----------------------------------------------------------------------------
+
+
+def pool_target(metadata: Sequence[tuple[str, str | bytes]] | None) -> PoolTarget | None:
+    """The model version a pooled revision's Envoy cluster named in the request headers; None
+    when they are absent (a caller reaching the process directly names it in the request)."""
+    model = version = ""
+    for key, value in metadata or ():
+        if key == POOL_MODEL_HEADER:
+            model = value if isinstance(value, str) else value.decode()
+        elif key == POOL_VERSION_HEADER:
+            version = value if isinstance(value, str) else value.decode()
+    return PoolTarget(model, version) if model and version else None

@@ -16,7 +16,7 @@ from cyclone.models.registration import with_probes
 from cyclone.models.repository import EVALUATION_FILE, REFERENCE_FILE
 from cyclone.oip.v2 import open_inference_pb2_grpc as oip_grpc
 from cyclone.server import CycloneServer
-from cyclone.settings import ServerSettings
+from cyclone.settings import ServerSettings, SettingsError
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.inference.catalog import ModelCatalog
@@ -51,6 +51,21 @@ class InferenceSettings(ServerSettings):
     log_flush_interval: float = 0.2
     # The serving path is event-loop bound: uvloop's loop is worth ~10 % at concurrency 32.
     event_loop: str = "uvloop"
+    # A serving pool member (no `model`): loads the versions requests name (Envoy's cluster
+    # sets them in headers) and evicts the least recently used past this many MiB of models.
+    pool_memory_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pool_memory_mb is not None:
+            if not self.pool_memory_mb > 0:
+                raise SettingsError(
+                    f"pool_memory_mb: must be more than 0 MiB, got {self.pool_memory_mb:g}"
+                )
+            if self.model is not None:
+                raise SettingsError(
+                    "pool_memory_mb: a pool member serves many models; do not also give model"
+                )
 
 
 def build_inference_server(
@@ -63,6 +78,7 @@ def build_inference_server(
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         max_batch_rows=settings.max_batch_rows,
+        pool_memory_mb=settings.pool_memory_mb,
     )
     catalog.load_initial()
     scorer = Scorer(catalog, sink)
@@ -139,7 +155,9 @@ def attach_store(settings: InferenceSettings, server: CycloneServer, scorer: Sco
     assert settings.store is not None
     spool_dir = (
         settings.spool_dir
-        or settings.data_dir / "spool" / f"inference-{settings.model or 'all'}-{settings.port}"
+        or settings.data_dir
+        / "spool"
+        / f"inference-{settings.model or ('pool' if settings.pool_memory_mb else 'all')}-{settings.port}"
     )
     sink = StoreSink(
         settings.store,

@@ -9,11 +9,13 @@ from typing import Any
 
 from grpc import aio
 
+from cyclone.errors import CycloneError
 from cyclone.oip.v2 import open_inference_pb2 as pb
 from cyclone.oip.v2 import open_inference_pb2_grpc as pb_grpc
 from cyclone.rpc_errors import rpc_errors
 from services.inference import convert
 from services.inference.dataplane import DataPlane
+from services.inference.pool import PoolTarget
 
 
 class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -31,12 +33,19 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=bool(self.catalog.models))
+        # A pool member is ready empty: it loads versions as requests name them.
+        return pb.ServerReadyResponse(ready=self.catalog.pooled or bool(self.catalog.models))
 
     @rpc_errors()
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.ModelReadyResponse:
+        if self.catalog.pooled:
+            try:
+                await self.catalog.acquire(request.name, request.version, _pool_target(context))
+            except CycloneError:
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=True)
         return pb.ModelReadyResponse(ready=self.catalog.is_ready(request.name, request.version))
 
     @rpc_errors()
@@ -49,7 +58,10 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.ModelMetadataResponse:
-        return convert.model_metadata(self.catalog.get(request.name, request.version))
+        target = _pool_target(context) if self.catalog.pooled else None
+        return convert.model_metadata(
+            await self.catalog.acquire(request.name, request.version, target)
+        )
 
     @rpc_errors()
     async def ModelInfer(  # type: ignore[override]  # the generated base says message
@@ -57,7 +69,10 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> bytes:
         """Answers with the response already serialized (see `convert.infer_response`)."""
         started = time.perf_counter()
-        model = self.catalog.get(request.model_name, request.model_version)
+        target = _pool_target(context) if self.catalog.pooled else None
+        model = self.catalog.lookup(
+            request.model_name, request.model_version, target
+        ) or await self.catalog.acquire(request.model_name, request.model_version, target)
         wanted = convert.requested_outputs(model, request)
         job = convert.quick_prepared_from_tensors(model, request)
         if job is not None:
@@ -78,7 +93,10 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.RepositoryModelLoadResponse:
-        self.catalog.load(request.model_name, convert.load_version(request))
+        if self.catalog.pooled:
+            await self.catalog.acquire(request.model_name, convert.load_version(request) or "")
+        else:
+            self.catalog.load(request.model_name, convert.load_version(request))
         return pb.RepositoryModelLoadResponse()
 
     @rpc_errors()
@@ -87,3 +105,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         self.catalog.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _pool_target(context: aio.ServicerContext[Any, Any]) -> PoolTarget | None:
+    return convert.pool_target(context.invocation_metadata())

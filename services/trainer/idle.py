@@ -6,6 +6,8 @@ next request then fails to connect; Envoy holds it, retrying with back-off (the 
 policy, `EnvoySettings.cold_start_hold_s`), while this watcher sees the attempts in Envoy's
 counters and starts the revision again on the same ports. The caller gets a slow answer, not an
 error. Only requests count as traffic: Envoy's health checks do not move these counters.
+A pooled revision is left alone: the pool's processes stay up, and a version nobody calls is
+evicted by their least-recently-used budget and loaded again on its next request.
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ class IdleWatcher:
                     await self._check(model, revision)
 
     async def _check(self, model: str, revision: Revision) -> None:
+        if revision.pooled:
+            return  # its pool processes stay; an idle version is evicted by their LRU
         now = time.monotonic()
         traffic, in_flight = await self._traffic(revision.name)
         watched = self._watched.get(model)

@@ -45,6 +45,12 @@ class TrainerSettings(ServerSettings):
     monitor: str = "127.0.0.1:8003"
     orchestrator: str = "local"
     replicas: int = 1
+    # Serving pool (local orchestrator): this many shared inference processes serve every
+    # version whose model.onnx is at most `pool_threshold_mb`, each holding up to
+    # `pool_memory_mb` of models (least recently used evicted). 0 = a revision per version.
+    pool_processes: int = 0
+    pool_memory_mb: float = 1024.0
+    pool_threshold_mb: float = 64.0
     # Run the one queued job whose id this file holds, then exit (a Nomad dispatched batch job).
     run_job_file: Path | None = None
     # Scale to zero: stop a revision without requests for this long; its next request starts
@@ -69,6 +75,14 @@ class TrainerSettings(ServerSettings):
             )
         if self.remote_job_timeout_seconds <= 0:
             raise SettingsError("remote_job_timeout_seconds: must be positive")
+        if self.pool_processes < 0:
+            raise SettingsError(
+                f"pool_processes: must be 0 (no pool) or more, got {self.pool_processes}"
+            )
+        for name in ("pool_memory_mb", "pool_threshold_mb"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise SettingsError(f"{name}: must be more than 0 MiB, got {value:g}")
 
 
 @dataclasses.dataclass(frozen=True)

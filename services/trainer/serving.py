@@ -61,24 +61,62 @@ class ServingKeeper:
         }
 
     async def reconcile(self) -> dict[str, str]:
-        """Serve every model's serving version; returns model -> version served."""
+        """Serve every model's serving version; returns model -> version served.
+
+        Revisions start first, then every route goes in as one config where the router can
+        (`apply_all`: one validation for hundreds of models instead of one each), then each
+        revision is awaited healthy."""
         await self.register_repository()
         active = {r.model for r in await self.controller.list(None, 1000) if r.state.active}
         running = {r.name: r for r in await self.orchestrator.running()}
-        served: dict[str, str] = {}
+        started: dict[str, Revision] = {}
         for model, version in sorted((await self.serving_versions()).items()):
             if model in active:
                 continue
             try:
-                await self.serve(model, version, running)
-                served[model] = version
+                started[model] = running.get(
+                    revision_name(model, version)
+                ) or await self.orchestrator.start(model, version, self.replicas)
             except Exception:
                 log.exception("cannot serve %s %s", model, version)
+        splits = [TrafficSplit(m, {r.name: 100}, {r.name: r}) for m, r in started.items()]
+        routed = await self._route(splits)
+        served: dict[str, str] = {}
+        for model, revision in started.items():
+            if model not in routed:
+                continue
+            try:
+                await self.router.wait_healthy(revision, 60)
+            except Exception:
+                log.exception("%s is not healthy behind the router", revision.name)
+                continue
+            served[model] = revision.version
+            log.info(
+                "serving %s %s as %s (%s)",
+                model,
+                revision.version,
+                revision.name,
+                "pooled" if revision.pooled else f"{len(revision.endpoints)} replica(s)",
+            )
         return served
 
-    async def serve(self, model: str, version: str, running: dict[str, Revision]) -> None:
-        name = revision_name(model, version)
-        revision = running.get(name) or await self.orchestrator.start(model, version, self.replicas)
-        await self.router.apply(TrafficSplit(model, {name: 100}, {name: revision}))
-        await self.router.wait_healthy(revision, 60)
-        log.info("serving %s %s as %s (%d replica(s))", model, version, name, self.replicas)
+    async def _route(self, splits: list[TrafficSplit]) -> set[str]:
+        """Install the splits, together when the router can; the models now routed. Should
+        the whole config be refused, each goes alone, so one bad model keeps no other out."""
+        apply_all = getattr(self.router, "apply_all", None)
+        if apply_all is not None and splits:
+            try:
+                await apply_all(splits)
+                return {split.model for split in splits}
+            except Exception:
+                log.exception(
+                    "installing %d models' routes at once failed; one by one", len(splits)
+                )
+        routed = set()
+        for split in splits:
+            try:
+                await self.router.apply(split)
+                routed.add(split.model)
+            except Exception:
+                log.exception("cannot route %s", split.model)
+        return routed

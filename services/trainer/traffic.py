@@ -59,6 +59,9 @@ class TrafficPlane:
                 "data_dir": str(s.data_dir),
                 # Apart: revisions outlive this process and are adopted by the next one.
                 "detached": s.envoy_apart,
+                "pool_processes": s.pool_processes,
+                "pool_memory_mb": s.pool_memory_mb,
+                "pool_threshold_mb": s.pool_threshold_mb,
             }
         )
         self.proxy = EnvoyProxy(

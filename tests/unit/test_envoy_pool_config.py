@@ -1,0 +1,55 @@
+"""Envoy config for pooled revisions: the version headers are set by the revision's cluster
+and by its failover aggregate (the one the weighted route names), requests are hashed to one
+member by model, and a dedicated revision's clusters stay as they were."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cyclone.envoy import config as cfg
+from cyclone.traffic import (
+    POOL_MODEL_HEADER,
+    POOL_VERSION_HEADER,
+    Endpoint,
+    Revision,
+    TrafficSplit,
+)
+
+POOL = (Endpoint("127.0.0.1", 9001), Endpoint("127.0.0.1", 9002))
+SETTINGS = cfg.EnvoySettings(work_dir=Path("/nonexistent"))
+
+
+def _headers_set(cluster: dict[str, Any]) -> dict[str, str]:
+    options = cluster["typed_extension_protocol_options"][cfg._HTTP_OPTIONS]
+    found = {}
+    for upstream_filter in options.get("http_filters", []):
+        mutations = upstream_filter["typed_config"].get("mutations", {})
+        for mutation in mutations.get("request_mutations", []):
+            header = mutation["append"]["header"]
+            found[header["key"]] = header["value"]
+    return found
+
+
+def test_pooled_clusters_name_their_version_and_hash_by_model() -> None:
+    v1, v2 = Revision("credit", "1", POOL, pooled=True), Revision("credit", "2", POOL, pooled=True)
+    split = TrafficSplit("credit", {v1.name: 90, v2.name: 10}, {v1.name: v1, v2.name: v2})
+    clusters = {c["name"]: c for c in cfg.split_clusters(split, SETTINGS)}
+    for revision in (v1, v2):
+        wanted = {POOL_MODEL_HEADER: "credit", POOL_VERSION_HEADER: revision.version}
+        assert _headers_set(clusters[revision.name]) == wanted
+        assert _headers_set(clusters[cfg.failover_name(revision.name)]) == wanted
+        assert clusters[revision.name]["lb_policy"] == "MAGLEV"
+    routes = cfg.inference_routes({"credit": split}, SETTINGS)
+    action = next(r["route"] for r in routes if "route" in r)
+    assert action["hash_policy"][0] == {"header": {"header_name": cfg.MODEL_HEADER}}
+
+
+def test_dedicated_revisions_are_unchanged() -> None:
+    revision = Revision("credit", "1", (Endpoint("127.0.0.1", 9001),))
+    split = TrafficSplit("credit", {revision.name: 100}, {revision.name: revision})
+    for cluster in cfg.split_clusters(split, SETTINGS):
+        assert _headers_set(cluster) == {}
+        assert cluster["lb_policy"] != "MAGLEV"
+    routes = cfg.inference_routes({"credit": split}, SETTINGS)
+    assert all("hash_policy" not in r.get("route", {}) for r in routes)
