@@ -429,31 +429,42 @@ class Monitor:
         A probe round whose verdict changed (a wrong answer, or no answer, or back to right)
         makes the model's evaluation due at once, so the level follows within one round.
         """
-        await asyncio.gather(*await self._start_due())
+        await asyncio.gather(*self._start_due(await self._monitored_models()))
 
-    async def _start_due(self) -> list[asyncio.Task[None]]:
+    def _start_due(self, models: dict[str, ModelInfo]) -> list[asyncio.Task[None]]:
         """Start a round for every due model not already in one; at most
         `max_concurrent_evaluations` run at once, the others wait for a slot. A model whose
         round is slow delays only its own next round."""
-        models = await self._monitored_models()
         now = time.monotonic()
         started = []
         for model, info in models.items():
             if model in self._rounds:
                 continue
             due = self._next_due.setdefault(model, now)  # a model seen first is due now
-            evaluation_due = due <= now
             probe_due = self._next_probe.get(model, 0.0) <= now
-            if not (evaluation_due or probe_due):
+            if not (due <= now or probe_due):
                 continue
-            self._waiting[model] = due if evaluation_due else now
+            self._waiting[model] = min(due, now)
             task = asyncio.create_task(
-                self._round(info, evaluation_due, probe_due), name=f"monitor-round-{model}"
+                self._round(info, due if due <= now else None, probe_due),
+                name=f"monitor-round-{model}",
             )
             self._rounds[model] = task
             started.append(task)
         OVERDUE.set(self.overdue_seconds(now))
         return started
+
+    def _earliest_due(self, models: dict[str, ModelInfo]) -> float:
+        """When the next round of a model not in one is due (inf: none)."""
+        now = time.monotonic()
+        return min(
+            (
+                min(self._next_due.get(m, now), self._next_probe.get(m, now))
+                for m in models
+                if m not in self._rounds
+            ),
+            default=math.inf,
+        )
 
     def overdue_seconds(self, now: float | None = None) -> float:
         """How long the most overdue model has been due without its round starting: waiting
@@ -463,19 +474,21 @@ class Monitor:
         dues += [self._next_due[m] for m in self._rounds if m not in self._waiting]
         return max((now - due for due in dues if due < now), default=0.0)
 
-    async def _round(self, info: ModelInfo, evaluation_due: bool, probe_due: bool) -> None:
+    async def _round(self, info: ModelInfo, due: float | None, probe_due: bool) -> None:
+        """One model's round: probe and/or evaluate. `due`: when its evaluation was due (None:
+        only its probe is)."""
         model = info.model
         try:
             async with self._slots:
                 start = time.monotonic()
-                due = self._waiting.pop(model, start)
-                if evaluation_due:
+                self._waiting.pop(model, None)
+                if due is not None:
                     lag = max(0.0, start - due)
                     EVALUATION_LAG.observe(lag)
                     self.lags.append(lag)
                     # Started: not overdue while its plan (and so its next due time) is read.
                     self._next_due[model] = math.inf
-                await self._probe_and_evaluate(info, start, evaluation_due, probe_due)
+                await self._probe_and_evaluate(info, start, due, probe_due)
         finally:
             self._waiting.pop(model, None)
             self._rounds.pop(model, None)
@@ -483,7 +496,7 @@ class Monitor:
                 self._next_due[model] = time.monotonic()  # no plan read: try again next tick
 
     async def _probe_and_evaluate(
-        self, info: ModelInfo, start: float, evaluation_due: bool, probe_due: bool
+        self, info: ModelInfo, start: float, due: float | None, probe_due: bool
     ) -> None:
         model = info.model
         try:
@@ -495,6 +508,7 @@ class Monitor:
             log.exception("reading the plan of %s failed", model)
             return
         plan = planned[0]
+        evaluation_due = due is not None
         if probe_due:
             self._next_probe[model] = start + plan.probes.every_seconds
             try:
@@ -503,12 +517,37 @@ class Monitor:
                 log.exception("probing %s failed", model)
         if not evaluation_due:
             return
-        # From the start, not the due time: a round that overran does not pile up the next.
-        self._next_due[model] = start + plan.every_seconds
+        self._next_due[model] = self._next_after(due, start, plan.every_seconds)
         try:
             await self.evaluate_model(model, info=info, plan=planned)
         except Exception:
             log.exception("evaluating %s failed; next try in %ds", model, plan.every_seconds)
+
+    def _next_after(self, due: float | None, start: float, every: float) -> float:
+        """Next due time of a round due at `due` that started at `start`. Late by at most a
+        tick, it keeps its cadence; later than that, the schedule moves with the start: models
+        due together (at start-up) spread out instead of staying a burst, and a round that
+        overran does not pile up the next."""
+        if due is None:  # evaluated because a probe's verdict changed
+            return start + every
+        return max(due + every, start + every - self.tick_seconds)
+
+    async def _schedule(self) -> None:
+        """List the models every tick; start each round when it is due, not at the next tick."""
+        models: dict[str, ModelInfo] = {}
+        listed_at = -math.inf
+        while True:
+            try:
+                if time.monotonic() - listed_at >= self.tick_seconds:
+                    listed_at = time.monotonic()
+                    models = await self._monitored_models()
+                self._start_due(models)  # rounds run on their own: the loop never waits for them
+            except grpc.RpcError as exc:
+                log.warning("store unavailable for scheduling (%s)", exc.code().name)
+            except Exception:
+                log.exception("monitor schedule failed")
+            wake = min(listed_at + self.tick_seconds, self._earliest_due(models))
+            await asyncio.sleep(max(0.005, wake - time.monotonic()))
 
     # -- known-answer probes -------------------------------------------------------------------
 
@@ -592,13 +631,3 @@ class Monitor:
         if record is None or record.last is None:
             return None
         return ProbeSummary(record.rounds, record.answered, record.last.wrong, record.last.error)
-
-    async def _schedule(self) -> None:
-        while True:
-            try:
-                await self._start_due()  # rounds run on their own: a tick never waits for them
-            except grpc.RpcError as exc:
-                log.warning("store unavailable for scheduling (%s)", exc.code().name)
-            except Exception:
-                log.exception("monitor schedule failed")
-            await asyncio.sleep(self.tick_seconds)
