@@ -54,10 +54,12 @@ class SizeResult:
     models: int
     every_seconds: int
     evaluations: int  # in the steady stretch
-    expected: int  # evaluations the schedule asks for in that stretch
+    asked_per_s: float  # evaluations per second the schedule asks for: models / every
+    done_per_s: float  # evaluations per second done in the steady stretch
     lag_p50_s: float
     lag_p99_s: float
     lag_max_s: float
+    overdue_max_s: float  # sampled twice a second: the most overdue model not yet started
     first_round_s: float  # every model due at once: how long until all were evaluated
     cpu_per_evaluation_ms: float
     cpu_per_window_read_ms: float  # the floor
@@ -222,6 +224,8 @@ async def measure(
     async with scheduled(monitor) as seen:
         started = time.monotonic()
         while len({m for m, _ in seen}) < n:  # the first round: every model due at once
+            if time.monotonic() - started > 300:
+                raise RuntimeError(f"the first round of {n} models took over 300 s")
             await asyncio.sleep(0.1)
         first_round = time.monotonic() - started
         monitor.lags.clear()
@@ -229,7 +233,10 @@ async def measure(
         stretch = 3 * every
         cpu, store_cpu = time.process_time(), store_proc.cpu_times()
         t0, before = time.monotonic(), len(seen)
-        await asyncio.sleep(stretch)
+        overdue = 0.0
+        while time.monotonic() - t0 < stretch:
+            await asyncio.sleep(0.5)
+            overdue = max(overdue, monitor.overdue_seconds())
         wall = time.monotonic() - t0
         cpu = time.process_time() - cpu
         after = store_proc.cpu_times()
@@ -247,10 +254,12 @@ async def measure(
         models=n,
         every_seconds=every,
         evaluations=evaluations,
-        expected=round(n * wall / every),
+        asked_per_s=n / every,
+        done_per_s=evaluations / wall,
         lag_p50_s=statistics.median(lags) if lags else float("nan"),
         lag_p99_s=percentile(lags, 0.99),
         lag_max_s=max(lags, default=float("nan")),
+        overdue_max_s=overdue,
         first_round_s=first_round,
         cpu_per_evaluation_ms=per_eval * 1000,
         cpu_per_window_read_ms=floor * 1000,
@@ -299,14 +308,16 @@ def run(sizes: Sequence[int] = (10, 100, 1000), every: int = 20, rows: int = 100
     print(f"\nMONITOR: ~{rows}-row windows, default classification plan, every {every} s,")
     print(f"{DEFAULT_CONCURRENT_EVALUATIONS} evaluations at once, this process on one core")
     header = (
-        f"{'models':>7} {'evals':>6} {'expect':>6} {'lag p50':>8} {'p99':>7} {'max':>7}"
-        f" {'1st round':>9} {'cpu/eval':>9} {'read':>7} {'store/eval':>10} {'cores':>6}"
+        f"{'models':>7} {'asked/s':>7} {'done/s':>7} {'lag p50':>8} {'p99':>7} {'max':>7}"
+        f" {'overdue':>7} {'1st round':>9} {'cpu/eval':>9} {'read':>7} {'store/eval':>10}"
+        f" {'cores':>6}"
     )
     print(header)
     for r in results:
         print(
-            f"{r.models:>7} {r.evaluations:>6} {r.expected:>6} {r.lag_p50_s:>7.2f}s"
-            f" {r.lag_p99_s:>6.2f}s {r.lag_max_s:>6.2f}s {r.first_round_s:>8.1f}s"
+            f"{r.models:>7} {r.asked_per_s:>7.1f} {r.done_per_s:>7.1f} {r.lag_p50_s:>7.2f}s"
+            f" {r.lag_p99_s:>6.2f}s {r.lag_max_s:>6.2f}s {r.overdue_max_s:>6.2f}s"
+            f" {r.first_round_s:>8.1f}s"
             f" {r.cpu_per_evaluation_ms:>7.1f}ms {r.cpu_per_window_read_ms:>5.1f}ms"
             f" {r.store_cpu_per_evaluation_ms:>8.1f}ms {r.cores_used:>6.2f}"
         )
@@ -321,7 +332,7 @@ def run(sizes: Sequence[int] = (10, 100, 1000), every: int = 20, rows: int = 100
             False,
         )
         figures.add(
-            f"monitor_{r.models}_evaluations_done", r.evaluations, "evals", r.expected, True
+            f"monitor_{r.models}_evaluations_per_s", r.done_per_s, "1/s", r.asked_per_s, True
         )
         figures.add(f"monitor_{r.models}_lag_p99_s", r.lag_p99_s, "s", 10.0, False)
     return figures

@@ -18,7 +18,11 @@ from cyclone.settings import ServerSettings, SettingsError
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.monitor.dashboard import Dashboard, StoreReader
 from services.monitor.dispatcher import AlertDispatcher
-from services.monitor.monitor import DEFAULT_CONCURRENT_EVALUATIONS, Monitor
+from services.monitor.monitor import (
+    DEFAULT_CONCURRENT_EVALUATIONS,
+    STORE_CHANNEL_OPTIONS,
+    Monitor,
+)
 from services.monitor.servicer import MonitorServicer
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,11 @@ def build_monitor_server(
     )
     dispatcher_box: list[AlertDispatcher] = []
     tasks: list[asyncio.Task[None]] = []
-    store_channel = sync_channel(settings.store) if settings.dashboard_port >= 0 else None
+    store_channel = (
+        sync_channel(settings.store, options=STORE_CHANNEL_OPTIONS)
+        if settings.dashboard_port >= 0
+        else None
+    )
     dashboard = _dashboard(settings, monitor, store_channel) if store_channel else None
     monitor.dashboard = dashboard
 

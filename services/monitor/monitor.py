@@ -67,6 +67,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Evaluations in flight at once unless configured: enough to overlap store reads with the
 # numpy work of others, few enough that a burst of due models does not swamp the store.
 DEFAULT_CONCURRENT_EVALUATIONS = 8
+# ListModelVersions answers with every version's schema and reference profile (~12 KB for a
+# small tabular model): past ~300 models that is more than gRPC's default 4 MB per message.
+STORE_CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 256 * 1024 * 1024),)
 # While a model has not answered its first probe, rounds come this often (at most).
 STARTING_PROBE_SECONDS = 5.0
 
@@ -183,7 +186,7 @@ class Monitor:
         return self._store
 
     async def start(self, *, schedule: bool = True) -> None:
-        self._channel = aio_channel(self.store_address)
+        self._channel = aio_channel(self.store_address, options=STORE_CHANNEL_OPTIONS)
         self._store = store_grpc.StoreServiceStub(self._channel)
         if schedule:
             self._task = asyncio.create_task(self._schedule(), name="monitor-schedule")
@@ -517,20 +520,14 @@ class Monitor:
                 log.exception("probing %s failed", model)
         if not evaluation_due:
             return
-        self._next_due[model] = self._next_after(due, start, plan.every_seconds)
+        # From the start, not the due time: models due together (at start-up) spread out at
+        # the pace they can be evaluated instead of staying a burst, and a round that overran
+        # does not pile up the next.
+        self._next_due[model] = start + plan.every_seconds
         try:
             await self.evaluate_model(model, info=info, plan=planned)
         except Exception:
             log.exception("evaluating %s failed; next try in %ds", model, plan.every_seconds)
-
-    def _next_after(self, due: float | None, start: float, every: float) -> float:
-        """Next due time of a round due at `due` that started at `start`. Late by at most a
-        tick, it keeps its cadence; later than that, the schedule moves with the start: models
-        due together (at start-up) spread out instead of staying a burst, and a round that
-        overran does not pile up the next."""
-        if due is None:  # evaluated because a probe's verdict changed
-            return start + every
-        return max(due + every, start + every - self.tick_seconds)
 
     async def _schedule(self) -> None:
         """List the models every tick; start each round when it is due, not at the next tick."""
