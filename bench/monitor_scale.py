@@ -228,6 +228,9 @@ async def measure(
                 raise RuntimeError(f"the first round of {n} models took over 300 s")
             await asyncio.sleep(0.1)
         first_round = time.monotonic() - started
+        # Half a period on: models still in step with the first round (a few) fall due in the
+        # middle of the stretch, not on its edges.
+        await asyncio.sleep(every / 2)
         monitor.lags.clear()
         # The steady stretch: three whole periods after the first round.
         stretch = 3 * every
