@@ -272,7 +272,13 @@ async def measure(
 
 
 async def run_sizes(
-    url: str, address: str, store_pid: int, sizes: Sequence[int], every: int, rows: int
+    url: str,
+    address: str,
+    store_pid: int,
+    sizes: Sequence[int],
+    every: int,
+    rows: int,
+    concurrency: int,
 ) -> list[SizeResult]:
     entry = credit_entry()
     results = []
@@ -289,15 +295,18 @@ async def run_sizes(
                 f"[{n} models] registered and filled in {time.monotonic() - t0:.1f} s", flush=True
             )
             with tempfile.TemporaryDirectory(prefix="cyclone-bench-monitor-") as tmp:
-                result = await measure(
-                    address, store_pid, n, every, Path(tmp), DEFAULT_CONCURRENT_EVALUATIONS
-                )
+                result = await measure(address, store_pid, n, every, Path(tmp), concurrency)
             print(f"[{n} models] {json.dumps(asdict(result))}", flush=True)
             results.append(result)
     return results
 
 
-def run(sizes: Sequence[int] = (10, 100, 1000), every: int = 20, rows: int = 1000) -> Figures:
+def run(
+    sizes: Sequence[int] = (10, 100, 1000),
+    every: int = 20,
+    rows: int = 1000,
+    concurrency: int = DEFAULT_CONCURRENT_EVALUATIONS,
+) -> Figures:
     """The MONITOR section of the scale benchmark: a table and its figures."""
     with scratch_database() as url:
         store, address = start_store_process(url)
@@ -305,11 +314,13 @@ def run(sizes: Sequence[int] = (10, 100, 1000), every: int = 20, rows: int = 100
             pin_to_one_core()
             # Level changes are logged as warnings: a thousand of them would drown the table.
             logging.getLogger("services.monitor").setLevel(logging.ERROR)
-            results = asyncio.run(run_sizes(url, address, store.pid, sizes, every, rows))
+            results = asyncio.run(
+                run_sizes(url, address, store.pid, sizes, every, rows, concurrency)
+            )
         finally:
             stop_process(store)
     print(f"\nMONITOR: ~{rows}-row windows, default classification plan, every {every} s,")
-    print(f"{DEFAULT_CONCURRENT_EVALUATIONS} evaluations at once, this process on one core")
+    print(f"{concurrency} evaluations at once, this process on one core")
     header = (
         f"{'models':>7} {'asked/s':>7} {'done/s':>7} {'lag p50':>8} {'p99':>7} {'max':>7}"
         f" {'overdue':>7} {'1st round':>9} {'cpu/eval':>9} {'read':>7} {'store/eval':>10}"
@@ -346,9 +357,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,100,1000")
     ap.add_argument("--every", type=int, default=20, help="schedule, seconds (60: the target)")
     ap.add_argument("--rows", type=int, default=1000, help="rows per window")
+    ap.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENT_EVALUATIONS)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    run(sizes, args.every, args.rows).emit()
+    run(sizes, args.every, args.rows, args.concurrency).emit()
 
 
 if __name__ == "__main__":
