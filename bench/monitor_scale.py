@@ -9,10 +9,13 @@ first round's length, and this process's CPU per evaluation; floor: CPU of the b
 (`Monitor.read_window`, one GetTrainingData stream) of the same models, measured in the same run.
 
 Time is compressed by default: a 20 s schedule puts 3x the load of a 1-minute one on the monitor
-(`--every 60` for the real thing). Target: 1,000 models every minute on one core, lag < 10 s.
+and its store (`--every 60` for the real thing: ~6 minutes at 1,000 models). Target: 1,000
+models every minute on one core, lag < 10 s. The sizes share one database, grown in turn.
 
 Usage: python -m bench.monitor_scale [--sizes 10,100,1000] [--every 20] [--rows 1000]
-The lead's `bench/scale.py` calls `run(sizes, every, rows)` and prints the returned rows.
+       [--concurrency 8]
+`bench/scale.py` can call `run(sizes, every, rows, concurrency)`: it prints the table and
+returns the `Figures` (`.emit()` prints them as JSON lines).
 """
 
 from __future__ import annotations
