@@ -69,9 +69,9 @@ def model_info_from_store(mv: store_pb.ModelVersion) -> ModelInfo:
     )
 
 
-def serving_tasks(versions: Sequence[store_pb.ModelVersion]) -> dict[str, str]:
-    """Model -> task of every serving version (without parsing their reference profiles)."""
-    return {v.model: v.task for v in versions if v.status == store_pb.MODEL_STATUS_SERVING}
+def serving_versions(versions: Sequence[store_pb.ModelVersion]) -> list[store_pb.ModelVersion]:
+    """The serving version of every model (unparsed: the caller parses each version once)."""
+    return [v for v in versions if v.status == store_pb.MODEL_STATUS_SERVING]
 
 
 def window_chunk_from_store(chunk: store_pb.GetTrainingDataResponse, task: str) -> WindowChunk:

@@ -14,11 +14,15 @@ from cyclone.channels import sync_channel
 from cyclone.monitor.v1 import monitor_service_pb2_grpc as pb_grpc
 from cyclone.plugins import get_plugins
 from cyclone.server import CycloneServer
-from cyclone.settings import ServerSettings
+from cyclone.settings import ServerSettings, SettingsError
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.monitor.dashboard import Dashboard, StoreReader
 from services.monitor.dispatcher import AlertDispatcher
-from services.monitor.monitor import Monitor
+from services.monitor.monitor import (
+    DEFAULT_CONCURRENT_EVALUATIONS,
+    STORE_CHANNEL_OPTIONS,
+    Monitor,
+)
 from services.monitor.servicer import MonitorServicer
 
 log = logging.getLogger(__name__)
@@ -32,6 +36,8 @@ class MonitorSettings(ServerSettings):
     store: str = "127.0.0.1:8002"
     # How often due plans are looked for; each plan has its own schedule.
     tick_seconds: float = 1.0
+    # Models evaluated at once (each a window read, plugins, a record); the rest wait their turn.
+    max_concurrent_evaluations: int = DEFAULT_CONCURRENT_EVALUATIONS
     alert_interval: float = 1.0
     # Where the `record` sink writes retrain/rollback requests (JSON lines).
     alert_record_path: Path | None = None
@@ -49,6 +55,16 @@ class MonitorSettings(ServerSettings):
     # Seconds between keep-alive events on the dashboard's event stream.
     dashboard_heartbeat_seconds: float = 15.0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_concurrent_evaluations < 1:
+            raise SettingsError(
+                "max_concurrent_evaluations: must be at least 1,"
+                f" got {self.max_concurrent_evaluations}"
+            )
+        if self.tick_seconds <= 0:
+            raise SettingsError(f"tick_seconds: must be positive, got {self.tick_seconds}")
+
 
 def build_monitor_server(
     settings: MonitorSettings, *, schedule: bool = True
@@ -63,6 +79,7 @@ def build_monitor_server(
         tick_seconds=settings.tick_seconds,
         probe_address=settings.probe_address,
         probe_grace_seconds=settings.probe_grace_seconds,
+        max_concurrent_evaluations=settings.max_concurrent_evaluations,
     )
     server = CycloneServer("monitor", settings)
     server.add_service(
@@ -71,7 +88,11 @@ def build_monitor_server(
     )
     dispatcher_box: list[AlertDispatcher] = []
     tasks: list[asyncio.Task[None]] = []
-    store_channel = sync_channel(settings.store) if settings.dashboard_port >= 0 else None
+    store_channel = (
+        sync_channel(settings.store, options=STORE_CHANNEL_OPTIONS)
+        if settings.dashboard_port >= 0
+        else None
+    )
     dashboard = _dashboard(settings, monitor, store_channel) if store_channel else None
     monitor.dashboard = dashboard
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from typing import Any
 
 import grpc
 from grpc import aio
-from prometheus_client import Gauge
+from prometheus_client import Gauge, Histogram
 
 from cyclone import telemetry
 from cyclone.channels import aio_channel
@@ -34,6 +35,7 @@ from cyclone.plan import (
     plan_to_yaml,
     task_problems,
 )
+from cyclone.plugin_api import Window
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.monitor import convert, probes
@@ -52,7 +54,22 @@ METRIC = Gauge(
 DRIFTED = Gauge(
     "cyclone_model_drifted_features", "Features flagged by any drift test", ["model", "version"]
 )
+EVALUATION_LAG = Histogram(
+    "cyclone_monitor_evaluation_lag_seconds",
+    "Seconds between a scheduled evaluation's due time and its start",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+OVERDUE = Gauge(
+    "cyclone_monitor_overdue_seconds",
+    "How long the most overdue model has been due without starting (0: none), at the last tick",
+)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Evaluations in flight at once unless configured: enough to overlap store reads with the
+# numpy work of others, few enough that a burst of due models does not swamp the store.
+DEFAULT_CONCURRENT_EVALUATIONS = 8
+# ListModelVersions answers with every version's schema and reference profile (~12 KB for a
+# small tabular model): past ~300 models that is more than gRPC's default 4 MB per message.
+STORE_CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 256 * 1024 * 1024),)
 # While a model has not answered its first probe, rounds come this often (at most).
 STARTING_PROBE_SECONDS = 5.0
 
@@ -119,7 +136,12 @@ class Monitor:
         probe_address: str = "",
         probe_grace_seconds: float = 60.0,
         probe_retry_seconds: float = 1.0,
+        max_concurrent_evaluations: int = DEFAULT_CONCURRENT_EVALUATIONS,
     ) -> None:
+        if max_concurrent_evaluations < 1:
+            raise ValueError(
+                f"max_concurrent_evaluations: must be at least 1, got {max_concurrent_evaluations}"
+            )
         self.store_address = store_address
         self.record_path = record_path
         # Where retrain/rollback requests go; empty: recorded durably in `record_path`.
@@ -128,8 +150,19 @@ class Monitor:
         self.request_timeout = request_timeout
         self.statuses: dict[str, ModelStatus] = {}
         self._subscribers: set[asyncio.Queue[ModelStatus]] = set()
+        # Per model: when its next evaluation is due (monotonic); absent: due now.
         self._next_due: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Scheduled rounds in flight (at most one per model) and the slots bounding them.
+        self.max_concurrent_evaluations = max_concurrent_evaluations
+        self._slots = asyncio.Semaphore(max_concurrent_evaluations)
+        self._rounds: dict[str, asyncio.Task[None]] = {}
+        self._waiting: dict[str, float] = {}  # model -> due time, while it waits for a slot
+        self.lags: deque[float] = deque(maxlen=10_000)  # recent lags (seconds), newest last
+        # Serving versions as last listed (reference profiles parsed once per version) and
+        # stored plans parsed once per text: the schedule re-reads neither every round.
+        self._infos: dict[tuple[str, str], ModelInfo] = {}
+        self._plans: dict[str, tuple[str, Plan]] = {}
         self._channel: aio.Channel | None = None
         self._store: store_grpc.StoreServiceStub | None = None
         self._task: asyncio.Task[None] | None = None
@@ -153,7 +186,7 @@ class Monitor:
         return self._store
 
     async def start(self, *, schedule: bool = True) -> None:
-        self._channel = aio_channel(self.store_address)
+        self._channel = aio_channel(self.store_address, options=STORE_CHANNEL_OPTIONS)
         self._store = store_grpc.StoreServiceStub(self._channel)
         if schedule:
             self._task = asyncio.create_task(self._schedule(), name="monitor-schedule")
@@ -163,6 +196,10 @@ class Monitor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        rounds = list(self._rounds.values())
+        for task in rounds:
+            task.cancel()
+        await asyncio.gather(*rounds, return_exceptions=True)
         for channel in self._probe_channels.values():
             await channel.close()
         if self._channel is not None:
@@ -183,7 +220,7 @@ class Monitor:
                 model, "classification" if task == "classification" else "regression"
             ), 0
         try:
-            return parse_plan(stored.plan_yaml, Registry.from_plugins()), stored.revision
+            return self._parsed(model, stored.plan_yaml), stored.revision
         except PlanError as exc:
             # A plan valid when saved can turn invalid if a plugin was removed since.
             log.error(
@@ -195,6 +232,15 @@ class Monitor:
             return default_plan(
                 model, "classification" if task == "classification" else "regression"
             ), 0
+
+    def _parsed(self, model: str, plan_yaml: str) -> Plan:
+        """The stored plan parsed; the text is read every round, parsed only when it changed."""
+        cached = self._plans.get(model)
+        if cached is not None and cached[0] == plan_yaml:
+            return cached[1]
+        plan = parse_plan(plan_yaml, Registry.from_plugins())
+        self._plans[model] = (plan_yaml, plan)
+        return plan
 
     async def set_plan(self, model: str, plan_yaml: str) -> int:
         if not model:
@@ -250,23 +296,38 @@ class Monitor:
         names = sorted({v.model for v in listed.model_versions})
         return f"; registered models: {', '.join(names)}" if names else "; no model is registered"
 
-    async def evaluate_model(self, model: str) -> tuple[ModelStatus, list[int]]:
+    async def evaluate_model(
+        self,
+        model: str,
+        *,
+        info: ModelInfo | None = None,
+        plan: tuple[Plan, int] | None = None,
+    ) -> tuple[ModelStatus, list[int]]:
+        """Evaluate `model` now. The schedule passes the version and plan it already holds;
+        without them both are read from the store."""
         lock = self._locks.setdefault(model, asyncio.Lock())
         async with lock:
             # Its alerts keep this span's trace: their delivery and any retrain continue it.
             with telemetry.span("monitor.evaluate", attributes={"cyclone.model": model}):
-                return await self._evaluate(model)
+                return await self._evaluate(model, info, plan)
 
-    async def _evaluate(self, model: str) -> tuple[ModelStatus, list[int]]:
-        info = await self._model_version(model)
-        plan, revision = await self.plan_for(model, info.task)
+    async def read_window(self, info: ModelInfo, plan: Plan) -> Window:
+        """The plan's window of `info`'s version: one GetTrainingData stream."""
         start, end, last_n = window_bounds(info, plan, datetime.now(UTC))
         request = convert.training_request(info, start, end, last_n)
         chunks = [
             convert.window_chunk_from_store(c, info.task)
             async for c in self.store.GetTrainingData(request, timeout=self.request_timeout)
         ]
-        window = window_from_chunks(chunks, info.task)
+        return window_from_chunks(chunks, info.task)
+
+    async def _evaluate(
+        self, model: str, info: ModelInfo | None, planned: tuple[Plan, int] | None
+    ) -> tuple[ModelStatus, list[int]]:
+        if info is None:
+            info = await self._model_version(model)
+        plan, revision = planned or await self.plan_for(model, info.task)
+        window = await self.read_window(info, plan)
         # Metric plugins are numpy-bound; keep the event loop free for RPCs meanwhile.
         ev = await asyncio.to_thread(evaluate, plan, window, info.reference, dict(info.baseline))
         ev = with_probes(ev, self._probe_summary(model), plan)
@@ -350,38 +411,140 @@ class Monitor:
 
     # -- schedule ------------------------------------------------------------------------------
 
-    async def _monitored_models(self) -> dict[str, str]:
+    async def _monitored_models(self) -> dict[str, ModelInfo]:
+        """Every serving version, by model (parsed once per version: versions never change)."""
         response = await self.store.ListModelVersions(
             store_pb.ListModelVersionsRequest(), timeout=self.request_timeout
         )
-        return convert.serving_tasks(response.model_versions)
+        listed: dict[str, ModelInfo] = {}
+        for mv in convert.serving_versions(response.model_versions):
+            info = self._infos.get((mv.model, mv.version))
+            if info is None:
+                info = self._infos[(mv.model, mv.version)] = convert.model_info_from_store(mv)
+            listed[mv.model] = info
+        for key in [k for k in self._infos if listed.get(k[0]) is not self._infos[k]]:
+            del self._infos[key]  # retired versions, removed models
+        return listed
 
     async def run_due(self) -> None:
-        """Probe and evaluate every serving model whose plan is due.
+        """Probe and evaluate every serving model whose plan is due; return when all are done.
 
         A probe round whose verdict changed (a wrong answer, or no answer, or back to right)
         makes the model's evaluation due at once, so the level follows within one round.
         """
+        await asyncio.gather(*self._start_due(await self._monitored_models()))
+
+    def _start_due(self, models: dict[str, ModelInfo]) -> list[asyncio.Task[None]]:
+        """Start a round for every due model not already in one; at most
+        `max_concurrent_evaluations` run at once, the others wait for a slot. A model whose
+        round is slow delays only its own next round."""
         now = time.monotonic()
-        for model, task in (await self._monitored_models()).items():
-            evaluation_due = self._next_due.get(model, 0.0) <= now
+        started = []
+        for model, info in models.items():
+            if model in self._rounds:
+                continue
+            due = self._next_due.setdefault(model, now)  # a model seen first is due now
             probe_due = self._next_probe.get(model, 0.0) <= now
-            if not (evaluation_due or probe_due):
+            if not (due <= now or probe_due):
                 continue
-            plan, _ = await self.plan_for(model, task)
-            if probe_due:
-                self._next_probe[model] = now + plan.probes.every_seconds
-                try:
-                    evaluation_due |= await self.probe(model, plan)
-                except Exception:
-                    log.exception("probing %s failed", model)
-            if not evaluation_due:
-                continue
-            self._next_due[model] = now + plan.every_seconds
+            self._waiting[model] = min(due, now)
+            task = asyncio.create_task(
+                self._round(info, due if due <= now else None, probe_due),
+                name=f"monitor-round-{model}",
+            )
+            self._rounds[model] = task
+            started.append(task)
+        OVERDUE.set(self.overdue_seconds(now))
+        return started
+
+    def _earliest_due(self, models: dict[str, ModelInfo]) -> float:
+        """When the next round of a model not in one is due (inf: none)."""
+        now = time.monotonic()
+        return min(
+            (
+                min(self._next_due.get(m, now), self._next_probe.get(m, now))
+                for m in models
+                if m not in self._rounds
+            ),
+            default=math.inf,
+        )
+
+    def overdue_seconds(self, now: float | None = None) -> float:
+        """How long the most overdue model has been due without its round starting: waiting
+        for a slot, or still in its previous round past its next due time (0: none)."""
+        now = time.monotonic() if now is None else now
+        dues = list(self._waiting.values())
+        dues += [self._next_due[m] for m in self._rounds if m not in self._waiting]
+        return max((now - due for due in dues if due < now), default=0.0)
+
+    async def _round(self, info: ModelInfo, due: float | None, probe_due: bool) -> None:
+        """One model's round: probe and/or evaluate. `due`: when its evaluation was due (None:
+        only its probe is)."""
+        model = info.model
+        try:
+            async with self._slots:
+                start = time.monotonic()
+                self._waiting.pop(model, None)
+                if due is not None:
+                    lag = max(0.0, start - due)
+                    EVALUATION_LAG.observe(lag)
+                    self.lags.append(lag)
+                    # Started: not overdue while its plan (and so its next due time) is read.
+                    self._next_due[model] = math.inf
+                await self._probe_and_evaluate(info, start, due, probe_due)
+        finally:
+            self._waiting.pop(model, None)
+            self._rounds.pop(model, None)
+            if self._next_due.get(model) == math.inf:
+                self._next_due[model] = time.monotonic()  # no plan read: try again next tick
+
+    async def _probe_and_evaluate(
+        self, info: ModelInfo, start: float, due: float | None, probe_due: bool
+    ) -> None:
+        model = info.model
+        try:
+            planned = await self.plan_for(model, info.task)
+        except grpc.RpcError as exc:
+            log.warning("no plan for %s: store unavailable (%s)", model, exc.code().name)
+            return
+        except Exception:
+            log.exception("reading the plan of %s failed", model)
+            return
+        plan = planned[0]
+        evaluation_due = due is not None
+        if probe_due:
+            self._next_probe[model] = start + plan.probes.every_seconds
             try:
-                await self.evaluate_model(model)
+                evaluation_due |= await self.probe(model, plan)
             except Exception:
-                log.exception("evaluating %s failed; next try in %ds", model, plan.every_seconds)
+                log.exception("probing %s failed", model)
+        if not evaluation_due:
+            return
+        # From the start, not the due time: models due together (at start-up) spread out at
+        # the pace they can be evaluated instead of staying a burst, and a round that overran
+        # does not pile up the next.
+        self._next_due[model] = start + plan.every_seconds
+        try:
+            await self.evaluate_model(model, info=info, plan=planned)
+        except Exception:
+            log.exception("evaluating %s failed; next try in %ds", model, plan.every_seconds)
+
+    async def _schedule(self) -> None:
+        """List the models every tick; start each round when it is due, not at the next tick."""
+        models: dict[str, ModelInfo] = {}
+        listed_at = -math.inf
+        while True:
+            try:
+                if time.monotonic() - listed_at >= self.tick_seconds:
+                    listed_at = time.monotonic()
+                    models = await self._monitored_models()
+                self._start_due(models)  # rounds run on their own: the loop never waits for them
+            except grpc.RpcError as exc:
+                log.warning("store unavailable for scheduling (%s)", exc.code().name)
+            except Exception:
+                log.exception("monitor schedule failed")
+            wake = min(listed_at + self.tick_seconds, self._earliest_due(models))
+            await asyncio.sleep(max(0.005, wake - time.monotonic()))
 
     # -- known-answer probes -------------------------------------------------------------------
 
@@ -465,13 +628,3 @@ class Monitor:
         if record is None or record.last is None:
             return None
         return ProbeSummary(record.rounds, record.answered, record.last.wrong, record.last.error)
-
-    async def _schedule(self) -> None:
-        while True:
-            try:
-                await self.run_due()
-            except grpc.RpcError as exc:
-                log.warning("store unavailable for scheduling (%s)", exc.code().name)
-            except Exception:
-                log.exception("monitor schedule failed")
-            await asyncio.sleep(self.tick_seconds)
