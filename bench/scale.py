@@ -7,19 +7,46 @@ lines (`figure`, `value`, `floor`, `ratio`) like the other benchmarks.
 Sections:
 - store (bench/store_scale.py): ingest sustained through LogPredictions, label join, window
   read, status and dashboard latency at growing table sizes, disk per million rows.
+- pool (bench/pool_scale.py): 10/100/500 models in the serving pool behind Envoy, Zipf traffic:
+  RSS, hot-model p99 against a one-model mesh, cold loads. Its own flags: run it alone for them.
+- monitor (bench/monitor_scale.py): 10/100/1,000 models on one schedule: evaluation lag and
+  CPU per evaluation against the bare window read. Its own flags: run it alone for them.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
-from types import ModuleType
+from typing import Any
 
-from bench import store_scale
+from bench import monitor_scale, pool_scale, store_scale
 from bench._common import ROOT, Figures
 
-SECTIONS: dict[str, ModuleType] = {"store": store_scale}
+
+class _Alone:
+    """A benchmark with flags of its own, run here as a section on its defaults."""
+
+    def __init__(self, main: Callable[[], None]) -> None:
+        self.main = main
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        return None
+
+    def run(self, args: argparse.Namespace, figures: Figures) -> None:
+        argv, sys.argv = sys.argv, sys.argv[:1]  # its own parser sees no flags of ours
+        try:
+            self.main()
+        finally:
+            sys.argv = argv
+
+
+SECTIONS: dict[str, Any] = {
+    "store": store_scale,
+    "pool": _Alone(lambda: pool_scale.main([])),
+    "monitor": _Alone(monitor_scale.main),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
