@@ -79,7 +79,7 @@ def up(
     from rich.table import Table
 
     from cyclone.plan import parse_duration
-    from services.mesh import Mesh, MeshError, MeshSettings, hold_data_dir
+    from services.mesh import Mesh, MeshError, MeshSettings, hold_data_dir, port_taken
 
     try:
         idle_seconds = 0 if idle_timeout.strip() == "0" else parse_duration(idle_timeout.strip())
@@ -105,7 +105,7 @@ def up(
     taken = [
         f"{name} port {port} (--{name}-port)"
         for name, port in ports.items()
-        if _port_taken(host if name == "public" else "127.0.0.1", port)
+        if port_taken(host if name == "public" else "127.0.0.1", port)
     ]
     if taken:
         _fail(
@@ -174,18 +174,6 @@ def up(
                     signal.signal(sig, handler)
     except MeshError as exc:
         _fail(str(exc))
-
-
-def _port_taken(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def down(

@@ -103,7 +103,7 @@ class ComponentPlan:
 Progress = Callable[[str, str, str], None]
 
 
-def _port_taken(host: str, port: int) -> bool:
+def port_taken(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -229,7 +229,7 @@ class Mesh:
         for extra in ("dashboard", "public", "control"):
             wanted[extra] = s.port(extra)
         return [
-            f"{name} port {port}" for name, port in wanted.items() if _port_taken("127.0.0.1", port)
+            f"{name} port {port}" for name, port in wanted.items() if port_taken("127.0.0.1", port)
         ]
 
     # -- life cycle --------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from grpc import aio
 
 from services.launch import free_port
 
-__all__ = ["eventually", "expect_error", "free_port", "make_pki"]
+__all__ = ["eventually", "expect_error", "free_port", "make_pki", "store_and_trainer"]
 
 
 async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, *fragments: str) -> str:
@@ -68,3 +69,36 @@ def make_pki(root: Path, client_name: str = "client") -> dict[str, Path]:
         )  # fmt: skip
         files[f"{who}.key"], files[f"{who}.pem"] = key, pem
     return files
+
+
+@contextlib.asynccontextmanager
+async def store_and_trainer(
+    database_url: str, repository: Path, data_dir: Path, **trainer: Any
+) -> AsyncIterator[tuple[Any, Any]]:
+    """A store on `database_url` and a trainer running Envoy in front of `repository`'s models
+    (public and control listeners on free loopback ports); `trainer` overrides its settings."""
+    from services.launch import start_store, start_trainer
+    from services.store.main import StoreSettings
+    from services.trainer.main import TrainerSettings
+
+    store_settings = StoreSettings(
+        port=0, database_url=database_url, log_level="WARNING", pool_min_size=1
+    )
+    async with await start_store(store_settings) as store:
+        settings = TrainerSettings(
+            **{
+                "port": 0,
+                "store": store.address,
+                "model_repository": repository,
+                "data_dir": data_dir,
+                "log_level": "WARNING",
+                "envoy": True,
+                "public_host": "127.0.0.1",
+                "public_port": 0,
+                "control_port": 0,
+                "monitor": "",
+                **trainer,
+            }
+        )
+        async with await start_trainer(settings) as started:
+            yield store, started

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from grpc import aio
+from support import store_and_trainer
 
 from cyclone.client import MODEL_HEADER, build_request, predictions_from_response
 from cyclone.examples import CREDIT_FEATURES, credit_frame, credit_pipeline
@@ -28,9 +29,6 @@ from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
-from services.launch import start_store, start_trainer
-from services.store.main import StoreSettings
-from services.trainer.main import TrainerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -86,35 +84,19 @@ async def mesh(database_url: str, tmp_path: Path, champion: pd.DataFrame) -> Asy
     repository = tmp_path / "models"
     repository.mkdir()
     _fit(champion, credit_frame(600, seed=99), repository)
-    store_settings = StoreSettings(
-        port=0, database_url=database_url, log_level="WARNING", pool_min_size=1
-    )
-    async with await start_store(store_settings) as store:
-        settings = TrainerSettings(
-            port=0,
-            store=store.address,
-            model_repository=repository,
-            data_dir=tmp_path / "data",
-            log_level="WARNING",
-            envoy=True,
-            public_host="127.0.0.1",
-            public_port=0,
-            control_port=0,
-            monitor="",
+    async with (
+        store_and_trainer(database_url, repository, tmp_path / "data") as (store, trainer),
+        aio.insecure_channel(store.address) as store_channel,
+        aio.insecure_channel(trainer.address) as trainer_channel,
+    ):
+        plane = trainer.domain.traffic
+        yield Mesh(
+            store_grpc.StoreServiceStub(store_channel),
+            pb_grpc.TrainerServiceStub(trainer_channel),
+            plane.proxy.public_address,
+            repository,
+            plane,
         )
-        async with (
-            await start_trainer(settings) as trainer,
-            aio.insecure_channel(store.address) as store_channel,
-            aio.insecure_channel(trainer.address) as trainer_channel,
-        ):
-            plane = trainer.domain.traffic
-            yield Mesh(
-                store_grpc.StoreServiceStub(store_channel),
-                pb_grpc.TrainerServiceStub(trainer_channel),
-                plane.proxy.public_address,
-                repository,
-                plane,
-            )
 
 
 async def _candidate(m: Mesh, frame: pd.DataFrame, confirm: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from grpc import aio
+from support import store_and_trainer
 from typer.testing import CliRunner
 
 from cyclone.client import MODEL_HEADER
@@ -27,8 +28,6 @@ from cyclone.inference.v1 import inference_service_pb2 as inference_pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from cyclone.models.convert import import_pipeline
 from cyclone.traffic import revision_name
-from services.launch import start_store, start_trainer
-from services.store.main import StoreSettings
 from services.trainer.main import TrainerSettings
 from services.trainer.traffic import TrafficPlane
 
@@ -53,26 +52,11 @@ async def mesh(fresh_database_url: str, tmp_path: Path) -> AsyncIterator[Mesh]:
     import_pipeline(
         credit_pipeline(frame), "credit", repository, sample=frame, label_column="defaulted"
     )
-    store_settings = StoreSettings(
-        port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1
-    )
-    async with await start_store(store_settings) as store:
-        settings = TrainerSettings(
-            port=0,
-            store=store.address,
-            model_repository=repository,
-            data_dir=tmp_path / "data",
-            log_level="WARNING",
-            envoy=True,
-            public_host="127.0.0.1",
-            public_port=0,
-            control_port=0,
-            monitor="",
-            idle_timeout_seconds=IDLE_S,
-        )
-        async with await start_trainer(settings) as trainer:
-            plane = trainer.domain.traffic
-            yield Mesh(plane.proxy.public_address, plane)
+    async with store_and_trainer(
+        fresh_database_url, repository, tmp_path / "data", idle_timeout_seconds=IDLE_S
+    ) as (_, trainer):
+        plane = trainer.domain.traffic
+        yield Mesh(plane.proxy.public_address, plane)
 
 
 async def _grpc_predict(public: str, timeout: float = 30) -> inference_pb.PredictResponse:

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
+from support import store_and_trainer
 
 from cyclone.client import MODEL_HEADER
 from cyclone.examples import credit_frame, credit_pipeline
@@ -26,9 +27,6 @@ from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
-from services.launch import start_store, start_trainer
-from services.store.main import StoreSettings
-from services.trainer.main import TrainerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -51,36 +49,20 @@ async def mesh(fresh_database_url: str, tmp_path: Path, model_repo: Any) -> Asyn
     import_pipeline(
         credit_pipeline(frame), "credit", repository, sample=frame, label_column="defaulted"
     )
-    store_settings = StoreSettings(
-        port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1
-    )
-    async with await start_store(store_settings) as store:
-        settings = TrainerSettings(
-            port=0,
-            store=store.address,
-            model_repository=repository,
-            data_dir=tmp_path / "data",
-            log_level="WARNING",
-            envoy=True,
-            public_host="127.0.0.1",
-            public_port=0,
-            control_port=0,
-            monitor="",
+    async with (
+        store_and_trainer(fresh_database_url, repository, tmp_path / "data") as (store, trainer),
+        aio.insecure_channel(store.address) as store_channel,
+        aio.insecure_channel(trainer.address) as trainer_channel,
+    ):
+        plane = trainer.domain.traffic
+        yield Mesh(
+            store_grpc.StoreServiceStub(store_channel),
+            pb_grpc.TrainerServiceStub(trainer_channel),
+            plane.proxy.public_address,
+            repository,
+            plane,
+            trainer.address,
         )
-        async with (
-            await start_trainer(settings) as trainer,
-            aio.insecure_channel(store.address) as store_channel,
-            aio.insecure_channel(trainer.address) as trainer_channel,
-        ):
-            plane = trainer.domain.traffic
-            yield Mesh(
-                store_grpc.StoreServiceStub(store_channel),
-                pb_grpc.TrainerServiceStub(trainer_channel),
-                plane.proxy.public_address,
-                repository,
-                plane,
-                trainer.address,
-            )
 
 
 async def _predict(public: str) -> inference_pb.PredictResponse:
