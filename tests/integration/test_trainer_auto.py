@@ -21,7 +21,8 @@ import pytest
 from grpc import aio
 
 from cyclone.models.convert import import_pipeline
-from cyclone.models.repository import EVALUATION_FILE, PIPELINE_FILE, REFERENCE_FILE
+from cyclone.models.registration import register
+from cyclone.models.repository import PIPELINE_FILE, ModelRepository
 from cyclone.server import CycloneServer
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
@@ -63,29 +64,11 @@ class Stack:
 async def _register(store: store_grpc.StoreServiceStub, repo: Path, world: World) -> Any:
     frame = world.rows(4000, -20_000, np.random.default_rng(world.seed))
     pipeline = champion_pipeline(frame)
-    directory, schema, _ = import_pipeline(
+    directory, _, _ = import_pipeline(
         pipeline, MODEL, repo, version="1", sample=frame, label_column=LABEL
     )
     joblib.dump(pipeline, directory / PIPELINE_FILE)
-    await store.RegisterModelVersion(
-        store_pb.RegisterModelVersionRequest(
-            model_version=store_pb.ModelVersion(
-                model=MODEL,
-                version="1",
-                task=schema.task,
-                sha256=str(schema.extra["sha256"]),
-                artifact_uri=str(directory),
-                schema_json=json.dumps(schema.to_dict()),
-                reference_profile_json=(directory / REFERENCE_FILE).read_text(),
-                evaluation_json=(directory / EVALUATION_FILE).read_text(),
-            )
-        )
-    )
-    await store.SetModelStatus(
-        store_pb.SetModelStatusRequest(
-            model=MODEL, version="1", status=store_pb.MODEL_STATUS_SERVING
-        )
-    )
+    await register(store, ModelRepository(repo).files(MODEL, "1"))  # registered and serving
     return pipeline
 
 

@@ -33,6 +33,11 @@ def test_section_round_trips() -> None:
     spec = parse_rollout(raw)
     assert spec.red_black.keep_old_for_seconds == 60 and spec.interval_seconds == 0.5
     assert parse_rollout(rollout_to_dict(spec)) == spec
+    # Estimated-then-confirmed: off by a boolean, promote outright with a zero confirmation.
+    off = parse_rollout({"confirm": 0, "analysis": {"estimates": False}})
+    assert off.confirm_seconds == 0 and off.analysis.estimates is False
+    assert parse_rollout(rollout_to_dict(off)) == off
+    assert parse_rollout({"confirm": "5m"}).confirm_seconds == 300
     plan = parse_plan("model: m\nrollout:\n  strategy: shadow\n", REGISTRY)
     assert parse_plan(plan_to_yaml(plan), REGISTRY) == plan
 
@@ -58,6 +63,9 @@ def test_section_round_trips() -> None:
         ({"shadow": {"mirror_percent": 0}}, "rollout.shadow.mirror_percent: must be in"),
         ({"red_black": {"keep_old_for": 0}}, "rollout.red_black.keep_old_for: must be greater"),
         ({"blue_green": {"smoke_requests": 0}}, "rollout.blue_green.smoke_requests: must be at"),
+        ({"confirm": "soon"}, "rollout.confirm: expected a duration"),
+        ({"confirm": -5}, "rollout.confirm: must be greater than zero"),
+        ({"analysis": {"estimates": "yes"}}, "rollout.analysis.estimates: expected true or false"),
         ({"colour": "blue"}, "rollout.colour: unknown field"),
         ("canary", "rollout: expected a mapping"),
     ],
