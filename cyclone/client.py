@@ -11,11 +11,9 @@ from cyclone.channels import sync_channel
 from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from cyclone.server import channel_options
+from cyclone.wire import MODEL_HEADER
 
 Rows = Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]
-
-# Envoy routes gRPC by this header (the model is also in the message; Envoy does not parse it).
-MODEL_HEADER = "cyclone-model"
 
 
 def model_metadata(model: str) -> tuple[tuple[str, str], ...]:

@@ -13,11 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-# Request headers a pooled revision's proxy cluster sets: the model version its processes,
-# shared by many versions, answer (`cyclone.envoy.config`, `services/inference/pool.py`).
-POOL_MODEL_HEADER = "cyclone-pool-model"
-POOL_VERSION_HEADER = "cyclone-pool-version"
-
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 

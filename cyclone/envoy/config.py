@@ -19,14 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cyclone.client import MODEL_HEADER
-from cyclone.traffic import (
-    POOL_MODEL_HEADER,
-    POOL_VERSION_HEADER,
-    Endpoint,
-    Revision,
-    TrafficSplit,
-)
+from cyclone.traffic import Endpoint, Revision, TrafficSplit
+from cyclone.wire import MODEL_HEADER, POOL_MODEL_HEADER, POOL_VERSION_HEADER
 
 PUBLIC = "public"
 CONTROL = "control"

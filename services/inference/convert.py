@@ -25,7 +25,7 @@ import cyclone
 from cyclone.errors import CycloneError, InvalidArgument
 from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.oip.v2 import open_inference_pb2 as oip_pb
-from cyclone.traffic import POOL_MODEL_HEADER, POOL_VERSION_HEADER
+from cyclone.wire import POOL_MODEL_HEADER, POOL_VERSION_HEADER
 from services.inference.batching import Prepared
 from services.inference.catalog import RepositoryEntry
 from services.inference.model import LoadedModel, Outputs

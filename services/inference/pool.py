@@ -2,7 +2,7 @@
 request and evicted, least recently used first, once their memory passes a budget.
 
 Envoy keeps one cluster per model version; a pooled version's cluster points at the pool's
-processes and names the version in request headers (`cyclone.traffic.POOL_MODEL_HEADER` and `POOL_VERSION_HEADER`,
+processes and names the version in request headers (`cyclone.wire.POOL_MODEL_HEADER` and `POOL_VERSION_HEADER`,
 set by the cluster, so retries, failover and the shadow mirror carry the right one). A request
 for a version that is not loaded waits for its load (one load per version, however many callers
 wait); a version that cannot be loaded is NOT_FOUND naming it. Transport-free.

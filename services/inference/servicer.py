@@ -15,12 +15,12 @@ from cyclone.errors import CycloneError, NotFound
 from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from cyclone.rpc_errors import rpc_errors
+from cyclone.wire import PROBE_HEADER
 from services.inference import convert
 from services.inference.dataplane import DataPlane, Scored, StreamJob, read_ahead
 from services.inference.pool import PoolTarget
 
 # Request metadata marking the monitor's known-answer probes: answered, never logged.
-PROBE_HEADER = "cyclone-probe"
 
 # A stream reads at most this many messages ahead of the responses it has written.
 STREAM_READ_AHEAD = 256

@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from cyclone.monitor.v1 import monitor_service_pb2 as pb
 from cyclone.plugin_api import Level, ReferenceProfile
 from cyclone.store.v1 import store_service_pb2 as store_pb
+from cyclone.wire import from_ts, ts
 from services.monitor.records import (
     AlertTarget,
     EvaluationOutcome,
@@ -31,19 +31,6 @@ from services.monitor.records import (
 
 LEVEL_TO_PB = {Level.GREEN: pb.LEVEL_GREEN, Level.AMBER: pb.LEVEL_AMBER, Level.RED: pb.LEVEL_RED}
 NAME_TO_PB = {level.value: code for level, code in LEVEL_TO_PB.items()}
-
-
-def ts(value: datetime) -> Timestamp:
-    out = Timestamp()
-    out.FromDatetime(value.astimezone(UTC))
-    return out
-
-
-def from_ts(message: Any, field: str) -> datetime | None:
-    if not message.HasField(field):
-        return None
-    result: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
-    return result
 
 
 # --- from the store ----------------------------------------------------------------------------

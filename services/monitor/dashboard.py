@@ -37,10 +37,10 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from google.protobuf.json_format import MessageToDict
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from cyclone.wire import ts
 from services.monitor import convert
 from services.monitor.records import (
     LiveCounts,
@@ -118,24 +118,18 @@ class StoreReader:
         return [convert.rollout_from_store(r) for r in response.rollouts]
 
     def history(self, model: str, since: datetime) -> list[MetricPoint]:
-        request = store_pb.ListMetricPointsRequest(model=model, start=_ts(since))
+        request = store_pb.ListMetricPointsRequest(model=model, start=ts(since))
         response = self._store.ListMetricPoints(request, timeout=self._timeout)
         return [convert.point_from_store(p) for p in response.points]
 
     def traffic(self, model: str, since: datetime) -> list[TrafficPoint]:
-        request = store_pb.ListPredictionStatsRequest(model=model, start=_ts(since))
+        request = store_pb.ListPredictionStatsRequest(model=model, start=ts(since))
         response = self._store.ListPredictionStats(request, timeout=self._timeout)
         return [convert.traffic_from_store(s) for s in response.stats]
 
     def counts(self) -> list[LiveCounts]:
         response = self._store.GetStats(store_pb.GetStatsRequest(), timeout=self._timeout)
         return [LiveCounts(m.model, m.predictions, m.labels) for m in response.models]
-
-
-def _ts(value: datetime) -> Timestamp:
-    out = Timestamp()
-    out.FromDatetime(value)
-    return out
 
 
 # --- JSON for the page --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 
-from cyclone import telemetry
+from cyclone import telemetry, wire
 from cyclone.plugin_api import Alert
 from cyclone.plugins import alert_sinks
 from cyclone.store.v1 import store_service_pb2 as store_pb
@@ -91,7 +91,7 @@ class AlertDispatcher:
             )
             if attempts < self.max_attempts:
                 retry_at = datetime.now(UTC) + timedelta(seconds=backoff_seconds(attempts))
-                request.next_attempt_at.CopyFrom(convert.ts(retry_at))
+                request.next_attempt_at.CopyFrom(wire.ts(retry_at))
             log.warning("alert %d delivery failed (attempt %d): %s", alert.id, attempts, error)
             await self.store.CompleteAlert(request, timeout=10)
         return delivered

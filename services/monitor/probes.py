@@ -19,11 +19,11 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from cyclone.client import MODEL_HEADER
 from cyclone.inference.v1 import inference_service_pb2 as inference_pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as inference_grpc
+from cyclone.wire import MODEL_HEADER, PROBE_HEADER
 
-PROBE_METADATA = (("cyclone-probe", "1"),)
+PROBE_METADATA = ((PROBE_HEADER, "1"),)
 # Statuses a starting mesh answers with (Envoy up before its route, a revision not yet
 # healthy, nothing listening yet): worth a second try before a round counts as unanswered.
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND})

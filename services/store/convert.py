@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from cyclone.errors import InvalidArgument
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.telemetry import valid_traceparent
+from cyclone.wire import from_ts, ts_or_none
 from services.store.db import (
     Alert,
     AlertTarget,
@@ -54,22 +54,6 @@ _LABEL_FILTER = {pb.LABEL_FILTER_LABELLED: True, pb.LABEL_FILTER_UNLABELLED: Fal
 
 
 # --- timestamps ------------------------------------------------------------------------------
-
-
-def ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    out = Timestamp()
-    out.FromDatetime(value.astimezone(UTC))
-    return out
-
-
-def from_ts(message: Any, field: str) -> datetime | None:
-    """`message.field` as an aware datetime, None when unset."""
-    if not message.HasField(field):
-        return None
-    result: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
-    return result
 
 
 # --- registry ------------------------------------------------------------------------------
@@ -112,15 +96,15 @@ def model_version_to_pb(m: ModelVersion) -> pb.ModelVersion:
         schema_json=json.dumps(m.schema) if m.schema is not None else "",
         task=m.task or "",
         parent_version=m.parent_version or "",
-        training_window_start=ts(m.training_window_start),
-        training_window_end=ts(m.training_window_end),
+        training_window_start=ts_or_none(m.training_window_start),
+        training_window_end=ts_or_none(m.training_window_end),
         triggering_alert_id=m.triggering_alert_id or 0,
         evaluation_json=json.dumps(m.evaluation) if m.evaluation is not None else "",
         reference_profile_json=json.dumps(m.reference_profile)
         if m.reference_profile is not None
         else "",
         status=STATUS_TO_PB[m.status],
-        created_at=ts(m.created_at),
+        created_at=ts_or_none(m.created_at),
         training_rows=m.training_rows or 0,
         family=m.family or "",
         hyperparameters_json=json.dumps(m.hyperparameters) if m.hyperparameters is not None else "",
@@ -134,7 +118,7 @@ def stats_to_pb(s: ModelStats) -> pb.ModelStats:
         predictions=s.predictions,
         labels=s.labels,
         label_coverage=s.label_coverage,
-        last_prediction_at=ts(s.last_prediction_at),
+        last_prediction_at=ts_or_none(s.last_prediction_at),
         ingest_lag_seconds=s.ingest_lag_seconds or 0.0,
     )
 
@@ -174,7 +158,7 @@ def prediction_query_from_pb(r: pb.QueryPredictionsRequest) -> PredictionQuery:
 def prediction_to_pb(row: PredictionRow) -> pb.StoredPrediction:
     return pb.StoredPrediction(
         prediction_id=str(row.prediction_id),
-        created_at=ts(row.created_at),
+        created_at=ts_or_none(row.created_at),
         model=row.model,
         version=row.version,
         input_json=json.dumps(row.input),
@@ -213,7 +197,7 @@ def plan_to_pb(plan: Plan) -> pb.GetPlanResponse:
         model=plan.model,
         revision=plan.revision,
         plan_yaml=plan.plan_yaml,
-        created_at=ts(plan.created_at),
+        created_at=ts_or_none(plan.created_at),
     )
 
 
@@ -266,14 +250,14 @@ def health_to_pb(h: Health) -> pb.ModelHealth:
         level=h.level,
         reasons_json=json.dumps(h.reasons),
         summary_json=json.dumps(h.summary),
-        evaluated_at=ts(h.evaluated_at),
-        changed_at=ts(h.changed_at),
+        evaluated_at=ts_or_none(h.evaluated_at),
+        changed_at=ts_or_none(h.changed_at),
     )
 
 
 def point_to_pb(p: MetricPoint) -> pb.MetricPoint:
     return pb.MetricPoint(
-        created_at=ts(p.created_at),
+        created_at=ts_or_none(p.created_at),
         model=p.model,
         version=p.version or "",
         metric=p.metric,
@@ -286,7 +270,7 @@ def point_to_pb(p: MetricPoint) -> pb.MetricPoint:
 def minute_stats_to_pb(m: MinuteStats) -> pb.PredictionStats:
     return pb.PredictionStats(
         version=m.version,
-        bucket=ts(m.bucket),
+        bucket=ts_or_none(m.bucket),
         predictions=m.predictions,
         avg_latency_ms=m.avg_latency_ms,
         p50_latency_ms=m.p50_latency_ms,
@@ -318,7 +302,7 @@ def _plain(value: Any) -> Any:
 def alert_to_pb(a: Alert) -> pb.AlertRecord:
     return pb.AlertRecord(
         id=a.id or 0,
-        created_at=ts(a.created_at),
+        created_at=ts_or_none(a.created_at),
         model=a.model,
         version=a.version or "",
         level=a.level,

@@ -10,6 +10,7 @@ from typing import Any, TypeAlias
 
 from grpc import aio
 
+from cyclone import wire
 from cyclone.rpc_errors import rpc_errors
 from cyclone.store.v1 import store_service_pb2 as pb
 from services.store import convert
@@ -60,8 +61,8 @@ class MonitoringRpcs:
     ) -> pb.ListMetricPointsResponse:
         points = await self.store.metric_points(
             request.model,
-            convert.from_ts(request, "start"),
-            convert.from_ts(request, "end"),
+            wire.from_ts(request, "start"),
+            wire.from_ts(request, "end"),
             request.metric,
         )
         return pb.ListMetricPointsResponse(points=[convert.point_to_pb(p) for p in points])
@@ -71,7 +72,7 @@ class MonitoringRpcs:
         self, request: pb.ListPredictionStatsRequest, context: Context
     ) -> pb.ListPredictionStatsResponse:
         stats = await self.store.prediction_stats(
-            request.model, convert.from_ts(request, "start"), convert.from_ts(request, "end")
+            request.model, wire.from_ts(request, "start"), wire.from_ts(request, "end")
         )
         return pb.ListPredictionStatsResponse(stats=[convert.minute_stats_to_pb(m) for m in stats])
 
@@ -90,7 +91,7 @@ class MonitoringRpcs:
             request.alert_id,
             request.delivered,
             request.error,
-            convert.from_ts(request, "next_attempt_at"),
+            wire.from_ts(request, "next_attempt_at"),
         )
         return pb.CompleteAlertResponse()
 

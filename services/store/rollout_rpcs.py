@@ -8,10 +8,10 @@ from typing import Any, TypeAlias
 
 from grpc import aio
 
+from cyclone import wire
 from cyclone.errors import FailedPrecondition, InvalidArgument, NotFound
 from cyclone.rpc_errors import rpc_errors
 from cyclone.store.v1 import store_service_pb2 as pb
-from services.store import convert
 from services.store.db import StoreDB
 from services.store.db.rollouts import (
     ROLLOUT_STATES,
@@ -67,7 +67,7 @@ def _event_from_pb(e: pb.RolloutEvent, field: str) -> RolloutEventRow:
         decision=e.decision,
         reason=e.reason,
         numbers=dict(e.numbers),
-        created_at=convert.from_ts(e, "time"),
+        created_at=wire.from_ts(e, "time"),
     )
 
 
@@ -87,7 +87,7 @@ def rollout_to_pb(r: RolloutRow) -> pb.RolloutRecord:
         events=[
             pb.RolloutEvent(
                 seq=e.seq,
-                time=convert.ts(e.created_at),
+                time=wire.ts_or_none(e.created_at),
                 state=e.state,
                 weight=e.weight,
                 decision=e.decision,
@@ -96,8 +96,8 @@ def rollout_to_pb(r: RolloutRow) -> pb.RolloutRecord:
             )
             for e in r.events
         ],
-        created_at=convert.ts(r.created_at),
-        updated_at=convert.ts(r.updated_at),
+        created_at=wire.ts_or_none(r.created_at),
+        updated_at=wire.ts_or_none(r.updated_at),
     )
 
 

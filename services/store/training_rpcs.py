@@ -8,6 +8,7 @@ from typing import Any, TypeAlias
 from google.protobuf.message import Message
 from grpc import aio
 
+from cyclone import wire
 from cyclone.errors import FailedPrecondition, InvalidArgument, NotFound
 from cyclone.models.schema import validate_name
 from cyclone.rpc_errors import rpc_errors
@@ -34,13 +35,13 @@ def job_to_pb(j: TrainingJob) -> pb.TrainingJob:
         alert_id=j.alert_id or 0,
         reason=j.reason,
         stage=j.stage,
-        created_at=convert.ts(j.created_at),
-        started_at=convert.ts(j.started_at),
-        finished_at=convert.ts(j.finished_at),
+        created_at=wire.ts_or_none(j.created_at),
+        started_at=wire.ts_or_none(j.started_at),
+        finished_at=wire.ts_or_none(j.finished_at),
         message=j.message,
         new_version=j.new_version or "",
-        window_start=convert.ts(j.window_start),
-        window_end=convert.ts(j.window_end),
+        window_start=wire.ts_or_none(j.window_start),
+        window_end=wire.ts_or_none(j.window_end),
         window_rows=j.window_rows or 0,
         train_rows=j.train_rows or 0,
         holdout_rows=j.holdout_rows or 0,
@@ -51,7 +52,7 @@ def job_to_pb(j: TrainingJob) -> pb.TrainingJob:
         champion_version=j.champion_version or "",
         family=j.family or "",
         owner=j.owner,
-        updated_at=convert.ts(j.updated_at),
+        updated_at=wire.ts_or_none(j.updated_at),
     )
 
 
@@ -99,7 +100,7 @@ def _changes(request: pb.UpdateTrainingJobRequest) -> dict[str, Any]:
                 raise InvalidArgument(f"{name}: must not be negative")
             changes[name] = value
     for name in _TIMES:
-        when = convert.from_ts(request, name)
+        when = wire.from_ts(request, name)
         if when is not None:
             changes[name] = when
     for name in _METRICS:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from cyclone import rollout_strategies
 from cyclone.errors import InvalidArgument
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
+from cyclone.wire import ts_or_none
 from services.trainer.rollout import Rollout, RolloutState, RolloutStep
 
 STATE_TO_PB = {
@@ -20,14 +17,6 @@ STATE_TO_PB = {
     RolloutState.FAILED: pb.ROLLOUT_STATE_FAILED,
 }
 PB_TO_STATE: dict[int, RolloutState] = {int(v): k for k, v in STATE_TO_PB.items()}
-
-
-def _ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
 
 
 def strategy_from_pb(value: int) -> str | None:
@@ -56,7 +45,7 @@ def state_from_pb(value: int) -> RolloutState | None:
 
 def step_to_pb(step: RolloutStep) -> pb.RolloutStep:
     return pb.RolloutStep(
-        time=_ts(step.time),
+        time=ts_or_none(step.time),
         weight=step.weight,
         decision=step.decision,
         numbers={k: float(v) for k, v in step.numbers.items()},
@@ -75,6 +64,6 @@ def rollout_to_pb(r: Rollout) -> pb.Rollout:
         current_weight=r.weight,
         steps=[step_to_pb(s) for s in r.steps],
         reason=r.reason,
-        created_at=_ts(r.created_at),
-        updated_at=_ts(r.updated_at),
+        created_at=ts_or_none(r.created_at),
+        updated_at=ts_or_none(r.updated_at),
     )

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from cyclone import telemetry
 from cyclone.errors import InvalidArgument, NotFound
@@ -57,6 +56,7 @@ from cyclone.plugin_api import Alert
 from cyclone.plugins import get_plugins
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from cyclone.wire import ts_or_none
 from services.trainer.auto import AutoWindow, broken_features, locate_change, plan_auto
 from services.trainer.data import LabelledWindow, collect, window_request
 from services.trainer.evaluate import class_counts, split_holdout
@@ -173,14 +173,6 @@ def _window_text(outcome: FitOutcome, prepared: Prepared) -> str:
         scores = ", ".join(f"{k} {v:.4g}" for k, v in outcome.candidates.items())
         text += f"; candidates on the holdout: {scores}"
     return text
-
-
-def _ts(when: datetime | None) -> Timestamp | None:
-    if when is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(when)
-    return stamp
 
 
 def default_owner() -> str:
@@ -345,7 +337,7 @@ class JobRunner:
                     state="cancelled",
                     stage="done",
                     message=f"cancelled while {job.stage}",
-                    finished_at=_ts(datetime.now(UTC)),
+                    finished_at=ts_or_none(datetime.now(UTC)),
                 ),
                 timeout=STORE_TIMEOUT,
             )
@@ -419,7 +411,7 @@ class JobRunner:
                 fields[f"{name}_json"] = json.dumps(fields.pop(name))
         for name, value in list(fields.items()):
             if isinstance(value, datetime):
-                fields[name] = _ts(value)
+                fields[name] = ts_or_none(value)
         if "stage" in fields:
             telemetry.add_event(
                 f"stage {fields['stage']}", {"cyclone.state": fields.get("state", expected)}
@@ -705,8 +697,8 @@ class JobRunner:
                         schema_json=json.dumps(with_probes(written.schema, written.directory)),
                         task=champion.task,
                         parent_version=champion.version,
-                        training_window_start=_ts(window.start),
-                        training_window_end=_ts(window.end),
+                        training_window_start=ts_or_none(window.start),
+                        training_window_end=ts_or_none(window.end),
                         triggering_alert_id=alert_id,
                         evaluation_json=json.dumps(written.evaluation)
                         if written.evaluation

@@ -21,7 +21,7 @@ from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from cyclone.models.convert import import_pipeline
 from cyclone.settings import SettingsError
-from cyclone.traffic import POOL_MODEL_HEADER, POOL_VERSION_HEADER
+from cyclone.wire import POOL_MODEL_HEADER, POOL_VERSION_HEADER
 from services.inference.main import InferenceSettings
 
 if TYPE_CHECKING:

@@ -8,13 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from cyclone.envoy import config as cfg
-from cyclone.traffic import (
-    POOL_MODEL_HEADER,
-    POOL_VERSION_HEADER,
-    Endpoint,
-    Revision,
-    TrafficSplit,
-)
+from cyclone.traffic import Endpoint, Revision, TrafficSplit
+from cyclone.wire import POOL_MODEL_HEADER, POOL_VERSION_HEADER
 
 POOL = (Endpoint("127.0.0.1", 9001), Endpoint("127.0.0.1", 9002))
 SETTINGS = cfg.EnvoySettings(work_dir=Path("/nonexistent"))

@@ -10,7 +10,6 @@ from typing import Any
 
 import grpc
 import yaml
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from cyclone.channels import aio_channel
@@ -18,6 +17,7 @@ from cyclone.errors import FailedPrecondition, NotFound
 from cyclone.rollout_plan import RolloutSpec, parse_rollout, rollout_to_dict
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
+from cyclone.wire import ts
 
 from .model import Progress, Rollout, RolloutState, RolloutStep
 from .ports import Rows, VersionInfo
@@ -31,15 +31,9 @@ _STATUS = {
 _TO_STATUS = {v: k for k, v in _STATUS.items()}
 
 
-def _ts(value: datetime) -> Timestamp:
-    out = Timestamp()
-    out.FromDatetime(value.astimezone(UTC))
-    return out
-
-
 def step_to_pb(step: RolloutStep) -> pb.RolloutEvent:
     return pb.RolloutEvent(
-        time=_ts(step.time),
+        time=ts(step.time),
         state=step.state.value,
         weight=step.weight,
         decision=step.decision,
@@ -144,7 +138,7 @@ class StoreGateway:
         classes: list[str] = []
         call = self.stub.GetTrainingData(
             pb.GetTrainingDataRequest(
-                model=model, version=version, start=_ts(since), include_unlabelled=True
+                model=model, version=version, start=ts(since), include_unlabelled=True
             ),
             timeout=self.timeout,
         )
