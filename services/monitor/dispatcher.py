@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -24,6 +25,12 @@ from services.monitor import convert
 from services.monitor.records import QueuedAlert
 
 log = logging.getLogger(__name__)
+
+
+# A claimed alert is delivered only while this much of its lease is left: a batch whose
+# sinks are slow stops before another dispatcher may claim the rest (they are re-claimed
+# when the lease ends), so no alert goes out from two monitors.
+LEASE_MARGIN_SECONDS = 5.0
 
 
 def backoff_seconds(attempts: int, cap: float = 300.0) -> float:
@@ -66,11 +73,20 @@ class AlertDispatcher:
 
     async def dispatch_once(self) -> int:
         """Deliver what is due; returns how many alerts were delivered."""
+        claimed_at = time.monotonic()
         claimed = await self.store.ClaimAlerts(
             store_pb.ClaimAlertsRequest(limit=50, lease_seconds=self.lease_seconds), timeout=10
         )
+        # Counted from before the claim: never later than the store's end of the lease.
+        deliver_until = claimed_at + self.lease_seconds - LEASE_MARGIN_SECONDS
         delivered = 0
-        for record in claimed.alerts:
+        for index, record in enumerate(claimed.alerts):
+            if time.monotonic() >= deliver_until:
+                log.warning(
+                    "alert lease nearly over; %d alert(s) left for the next claim",
+                    len(claimed.alerts) - index,
+                )
+                break
             alert = convert.alert_from_store(record)
             # Delivery continues the trace of the evaluation that raised the alert.
             with telemetry.span(

@@ -20,6 +20,7 @@ from services.monitor.dashboard import Dashboard, StoreReader
 from services.monitor.dispatcher import AlertDispatcher
 from services.monitor.monitor import (
     DEFAULT_CONCURRENT_EVALUATIONS,
+    DEFAULT_LEASE_SECONDS,
     STORE_CHANNEL_OPTIONS,
     Monitor,
 )
@@ -38,6 +39,12 @@ class MonitorSettings(ServerSettings):
     tick_seconds: float = 1.0
     # Models evaluated at once (each a window read, plugins, a record); the rest wait their turn.
     max_concurrent_evaluations: int = DEFAULT_CONCURRENT_EVALUATIONS
+    # Several monitors share the models through leases in the store: each evaluates only the
+    # models it holds. A dead monitor's models move to the others within this many seconds.
+    lease_seconds: int = DEFAULT_LEASE_SECONDS
+    # This monitor's lease holder id, unique among live monitors; empty: host, pid and a
+    # random part (a Nomad job sets it from the allocation id).
+    instance_id: str = ""
     alert_interval: float = 1.0
     # Where the `record` sink writes retrain/rollback requests (JSON lines).
     alert_record_path: Path | None = None
@@ -64,6 +71,12 @@ class MonitorSettings(ServerSettings):
             )
         if self.tick_seconds <= 0:
             raise SettingsError(f"tick_seconds: must be positive, got {self.tick_seconds}")
+        # A lease is renewed every tick: it must outlast a few ticks, or a slow tick loses it.
+        if self.lease_seconds < 3 * self.tick_seconds:
+            raise SettingsError(
+                f"lease_seconds: must be at least 3 ticks ({3 * self.tick_seconds:g}s),"
+                f" got {self.lease_seconds}"
+            )
 
 
 def build_monitor_server(
@@ -80,6 +93,8 @@ def build_monitor_server(
         probe_address=settings.probe_address,
         probe_grace_seconds=settings.probe_grace_seconds,
         max_concurrent_evaluations=settings.max_concurrent_evaluations,
+        lease_seconds=settings.lease_seconds,
+        holder=settings.instance_id,
     )
     server = CycloneServer("monitor", settings)
     server.add_service(

@@ -11,7 +11,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import socket
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -23,7 +26,7 @@ import grpc
 from grpc import aio
 from prometheus_client import Gauge, Histogram
 
-from cyclone import telemetry
+from cyclone import telemetry, wire
 from cyclone.channels import aio_channel
 from cyclone.errors import InvalidArgument, NotFound
 from cyclone.plan import (
@@ -63,7 +66,13 @@ OVERDUE = Gauge(
     "cyclone_monitor_overdue_seconds",
     "How long the most overdue model has been due without starting (0: none), at the last tick",
 )
+LEASED = Gauge(
+    "cyclone_monitor_leased_models", "Models this monitor holds the lease of (evaluates)"
+)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# How long a model's lease lasts unless renewed (each tick renews it): a monitor that dies
+# hands its models to the others this long after its last tick at the latest.
+DEFAULT_LEASE_SECONDS = 10
 # Evaluations in flight at once unless configured: enough to overlap store reads with the
 # numpy work of others, few enough that a burst of due models does not swamp the store.
 DEFAULT_CONCURRENT_EVALUATIONS = 8
@@ -72,6 +81,12 @@ DEFAULT_CONCURRENT_EVALUATIONS = 8
 STORE_CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 256 * 1024 * 1024),)
 # While a model has not answered its first probe, rounds come this often (at most).
 STARTING_PROBE_SECONDS = 5.0
+
+
+def default_holder() -> str:
+    """This process's lease holder id: host and pid for people, a random part so a restarted
+    process (same pid in a container) is never taken for the one before."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def status_from_evaluation(
@@ -137,6 +152,8 @@ class Monitor:
         probe_grace_seconds: float = 60.0,
         probe_retry_seconds: float = 1.0,
         max_concurrent_evaluations: int = DEFAULT_CONCURRENT_EVALUATIONS,
+        lease_seconds: int = DEFAULT_LEASE_SECONDS,
+        holder: str = "",
     ) -> None:
         if max_concurrent_evaluations < 1:
             raise ValueError(
@@ -179,6 +196,17 @@ class Monitor:
         self.probe_retry_seconds = probe_retry_seconds  # one retry after a transient status
         self._probe_answered: set[str] = set()
         self._unanswered_since: dict[str, float] = {}
+        # Model leases (the store shares the models among the live monitors): the schedule
+        # evaluates only the models leased here, each until its lease ends by this process's
+        # clock (counted from before the call that renewed it, so never after the store's).
+        if lease_seconds < 1:
+            raise ValueError(f"lease_seconds: must be at least 1, got {lease_seconds}")
+        self.lease_seconds = lease_seconds
+        self.holder = holder or default_holder()
+        self._leases: dict[str, float] = {}  # model -> monotonic end of its lease
+        # Models just taken from another holder: when that one last evaluated them, so their
+        # schedule carries on instead of evaluating at once (no model evaluated twice).
+        self._taken_over: dict[str, datetime] = {}
 
     @property
     def store(self) -> store_grpc.StoreServiceStub:
@@ -192,6 +220,7 @@ class Monitor:
             self._task = asyncio.create_task(self._schedule(), name="monitor-schedule")
 
     async def stop(self) -> None:
+        scheduled = self._task is not None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -200,6 +229,8 @@ class Monitor:
         for task in rounds:
             task.cancel()
         await asyncio.gather(*rounds, return_exceptions=True)
+        if scheduled:
+            await self._release_leases()
         for channel in self._probe_channels.values():
             await channel.close()
         if self._channel is not None:
@@ -426,13 +457,74 @@ class Monitor:
             del self._infos[key]  # retired versions, removed models
         return listed
 
+    # -- leases: which models this monitor evaluates ---------------------------------------
+
+    def holds(self, model: str) -> bool:
+        """True while this monitor's lease on `model` has not ended."""
+        return self._leases.get(model, -math.inf) > time.monotonic()
+
+    async def lease(self, models: dict[str, ModelInfo]) -> dict[str, ModelInfo]:
+        """Renew this monitor's leases and take its share of `models` (one store call); the
+        models it holds now. A lease lost (taken by no one else before it ended: released
+        to rebalance, or the store says so) stops that model's round at once."""
+        asked = time.monotonic()
+        response = await self.store.LeaseModels(
+            store_pb.LeaseModelsRequest(
+                holder=self.holder, models=sorted(models), lease_seconds=self.lease_seconds
+            ),
+            timeout=min(self.request_timeout, self.lease_seconds / 2),
+        )
+        until = asked + self.lease_seconds
+        held = {lease.model for lease in response.leases}
+        self._end_leases([m for m in self._leases if m not in held])
+        for lease in response.leases:
+            self._leases[lease.model] = until
+            last = wire.from_ts(lease, "last_evaluated_at")
+            if lease.acquired and last is not None:
+                self._taken_over[lease.model] = last
+        LEASED.set(len(self._leases))
+        return {m: info for m, info in models.items() if m in held}
+
+    def _end_expired_leases(self) -> None:
+        now = time.monotonic()
+        self._end_leases([m for m, until in self._leases.items() if until <= now])
+
+    def _end_leases(self, models: list[str]) -> None:
+        """Stop evaluating `models`: their rounds in flight are cancelled (nothing recorded
+        after the lease ended), their schedule forgotten."""
+        for model in models:
+            log.info("%s: lease ended; another monitor evaluates it", model)
+            self._leases.pop(model, None)
+            self._taken_over.pop(model, None)
+            self._next_due.pop(model, None)
+            task = self._rounds.get(model)
+            if task is not None:
+                task.cancel()
+        if models:
+            LEASED.set(len(self._leases))
+
+    async def _release_leases(self) -> None:
+        """On a clean stop: hand the models to the other monitors now, not at expiry."""
+        if not self._leases or self._store is None:
+            return
+        try:
+            await self.store.ReleaseModelLeases(
+                store_pb.ReleaseModelLeasesRequest(holder=self.holder), timeout=5
+            )
+        except grpc.RpcError as exc:
+            log.warning("could not release model leases (%s); they expire", exc.code().name)
+        self._leases.clear()
+        LEASED.set(0)
+
     async def run_due(self) -> None:
         """Probe and evaluate every serving model whose plan is due; return when all are done.
 
         A probe round whose verdict changed (a wrong answer, or no answer, or back to right)
         makes the model's evaluation due at once, so the level follows within one round.
         """
-        await asyncio.gather(*self._start_due(await self._monitored_models()))
+        models = await self.lease(await self._monitored_models())
+        # A round whose lease ended meanwhile is cancelled: that model is another monitor's.
+        await asyncio.gather(*self._start_due(models), return_exceptions=True)
 
     def _start_due(self, models: dict[str, ModelInfo]) -> list[asyncio.Task[None]]:
         """Start a round for every due model not already in one; at most
@@ -518,7 +610,14 @@ class Monitor:
                 evaluation_due |= await self.probe(model, plan)
             except Exception:
                 log.exception("probing %s failed", model)
-        if not evaluation_due:
+        taken_at = self._taken_over.pop(model, None)
+        if evaluation_due and due is not None and taken_at is not None:
+            # Taken from another monitor: its last evaluation counts, the schedule carries on.
+            wait = (taken_at - datetime.now(UTC)).total_seconds() + plan.every_seconds
+            if wait > 0:
+                self._next_due[model] = start + wait
+                evaluation_due = False
+        if not evaluation_due or not self.holds(model):
             return
         # From the start, not the due time: models due together (at start-up) spread out at
         # the pace they can be evaluated instead of staying a burst, and a round that overran
@@ -530,19 +629,23 @@ class Monitor:
             log.exception("evaluating %s failed; next try in %ds", model, plan.every_seconds)
 
     async def _schedule(self) -> None:
-        """List the models every tick; start each round when it is due, not at the next tick."""
+        """List the models and renew their leases every tick; start the round of each leased
+        model when it is due, not at the next tick."""
         models: dict[str, ModelInfo] = {}
         listed_at = -math.inf
         while True:
             try:
                 if time.monotonic() - listed_at >= self.tick_seconds:
                     listed_at = time.monotonic()
-                    models = await self._monitored_models()
-                self._start_due(models)  # rounds run on their own: the loop never waits for them
+                    models = await self.lease(await self._monitored_models())
             except grpc.RpcError as exc:
                 log.warning("store unavailable for scheduling (%s)", exc.code().name)
             except Exception:
                 log.exception("monitor schedule failed")
+            # Leases end by the clock even while the store cannot be reached.
+            self._end_expired_leases()
+            models = {m: info for m, info in models.items() if m in self._leases}
+            self._start_due(models)  # rounds run on their own: the loop never waits for them
             wake = min(listed_at + self.tick_seconds, self._earliest_due(models))
             await asyncio.sleep(max(0.005, wake - time.monotonic()))
 

@@ -30,6 +30,7 @@ from services.store.db import (
     FeatureFilter,
     Health,
     LabelResult,
+    LeaseOutcome,
     MetricPoint,
     MinuteStats,
     ModelStats,
@@ -52,6 +53,9 @@ FILTER_OPS = ("=", "!=", "<", "<=", ">", ">=")
 LEVELS = ("GREEN", "AMBER", "RED")
 TASKS = ("regression", "classification")
 ALERT_STATUSES = ("pending", "failed", "delivered", "acknowledged", "dead")
+MAX_LEASE_SECONDS = 3600
+MAX_LEASED_MODELS = 100_000
+MAX_HOLDER_LENGTH = 200
 _FAR_FUTURE = timedelta(days=3650)
 
 # A label as sent: a number, a text, or nothing (the caller set neither).
@@ -451,6 +455,29 @@ class Store:
             raise InvalidArgument(f"start: the span must be at most {MAX_STATS_SPAN.days} days")
         return await self.db.prediction_stats(model, start, end)
 
+    # -- model leases: monitors sharing the models ----------------------------------------------
+
+    async def lease_models(
+        self, holder: str, models: Sequence[str], lease_seconds: int
+    ) -> LeaseOutcome:
+        _check_holder(holder)
+        if not 1 <= lease_seconds <= MAX_LEASE_SECONDS:
+            raise InvalidArgument(
+                f"lease_seconds: must be between 1 and {MAX_LEASE_SECONDS}, got {lease_seconds}"
+            )
+        if len(models) > MAX_LEASED_MODELS:
+            raise InvalidArgument(f"models: at most {MAX_LEASED_MODELS}, got {len(models)}")
+        for index, model in enumerate(models):
+            try:
+                validate_name(f"models[{index}]", model)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+        return await self.db.lease_models(holder, models, timedelta(seconds=lease_seconds))
+
+    async def release_model_leases(self, holder: str) -> int:
+        _check_holder(holder)
+        return await self.db.release_model_leases(holder)
+
     # -- the alert outbox -----------------------------------------------------------------------
 
     async def claim_alerts(self, max_alerts: int, lease_seconds: int) -> list[Alert]:
@@ -485,6 +512,12 @@ class Store:
             )
         count = limit("limit", max_alerts, MAX_CLAIM, 100)
         return await self.db.list_alerts(model or None, status or None, count)
+
+
+def _check_holder(holder: str) -> None:
+    require("holder", holder.strip())
+    if len(holder) > MAX_HOLDER_LENGTH:
+        raise InvalidArgument(f"holder: at most {MAX_HOLDER_LENGTH} characters")
 
 
 def _check_alert_id(alert_id: int) -> None:

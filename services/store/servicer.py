@@ -15,6 +15,7 @@ from services.store import convert
 from services.store.db import StoreDB
 from services.store.domain import Store
 from services.store.errors import database_errors
+from services.store.lease_rpcs import LeaseRpcs
 from services.store.monitoring_rpcs import MonitoringRpcs
 from services.store.rollout_rpcs import RolloutRpcs
 from services.store.training_rpcs import TrainingRpcs
@@ -22,7 +23,9 @@ from services.store.training_rpcs import TrainingRpcs
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 
 
-class StoreServicer(MonitoringRpcs, TrainingRpcs, RolloutRpcs, pb_grpc.StoreServiceServicer):
+class StoreServicer(
+    MonitoringRpcs, TrainingRpcs, RolloutRpcs, LeaseRpcs, pb_grpc.StoreServiceServicer
+):
     def __init__(self, db: StoreDB) -> None:
         self.db = db
         self.store = Store(db)

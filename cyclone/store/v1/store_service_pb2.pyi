@@ -2840,3 +2840,153 @@ class ListRolloutsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRolloutsResponse: _TypeAlias = ListRolloutsResponse  # noqa: Y015
+
+@_typing.final
+class LeaseModelsRequest(_message.Message):
+    """LeaseModelsRequest renews and takes model leases for one holder."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLDER_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    holder: _builtins.str
+    """Who holds the leases: one id per monitor process, unique among live ones."""
+    lease_seconds: _builtins.int
+    """How long a lease and the holder's heartbeat last unless renewed (1..3600)."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The models to share out (the serving ones the caller sees); leases the
+        holder has on other models are released.
+        """
+
+    def __init__(
+        self,
+        *,
+        holder: _builtins.str = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+        lease_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "lease_seconds", b"lease_seconds", "models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseModelsRequest: _TypeAlias = LeaseModelsRequest  # noqa: Y015
+
+@_typing.final
+class ModelLease(_message.Message):
+    """ModelLease is one model the holder now holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ACQUIRED_FIELD_NUMBER: _builtins.int
+    LAST_EVALUATED_AT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model name."""
+    acquired: _builtins.bool
+    """True when the holder took it in this call (it did not hold it before)."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the lease ends unless renewed."""
+
+    @_builtins.property
+    def last_evaluated_at(self) -> _timestamp_pb2.Timestamp:
+        """When any monitor last recorded an evaluation of the model (unset: never),
+        so a new holder keeps the model's schedule instead of evaluating at once.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        acquired: _builtins.bool = ...,
+        last_evaluated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "last_evaluated_at", b"last_evaluated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "expires_at", b"expires_at", "last_evaluated_at", b"last_evaluated_at", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelLease: _TypeAlias = ModelLease  # noqa: Y015
+
+@_typing.final
+class LeaseModelsResponse(_message.Message):
+    """LeaseModelsResponse lists the holder's leases after the call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASES_FIELD_NUMBER: _builtins.int
+    HOLDERS_FIELD_NUMBER: _builtins.int
+    FAIR_SHARE_FIELD_NUMBER: _builtins.int
+    holders: _builtins.int
+    """Live holders (including the caller)."""
+    fair_share: _builtins.int
+    """Models per holder this call aimed at."""
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelLease]:
+        """The leases the holder has now, by model name."""
+
+    def __init__(
+        self,
+        *,
+        leases: _abc.Iterable[Global___ModelLease] | None = ...,
+        holders: _builtins.int = ...,
+        fair_share: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fair_share", b"fair_share", "holders", b"holders", "leases", b"leases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseModelsResponse: _TypeAlias = LeaseModelsResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseModelLeasesRequest(_message.Message):
+    """ReleaseModelLeasesRequest names the holder stopping."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLDER_FIELD_NUMBER: _builtins.int
+    holder: _builtins.str
+    """The holder whose leases and heartbeat end now."""
+    def __init__(
+        self,
+        *,
+        holder: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseModelLeasesRequest: _TypeAlias = ReleaseModelLeasesRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseModelLeasesResponse(_message.Message):
+    """ReleaseModelLeasesResponse says how many leases were released."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    released: _builtins.int
+    """Leases released."""
+    def __init__(
+        self,
+        *,
+        released: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseModelLeasesResponse: _TypeAlias = ReleaseModelLeasesResponse  # noqa: Y015

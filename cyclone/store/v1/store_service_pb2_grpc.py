@@ -136,6 +136,16 @@ class StoreServiceStub:
                 request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsRequest.SerializeToString,
                 response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsResponse.FromString,
                 _registered_method=True)
+        self.LeaseModels = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/LeaseModels',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.LeaseModelsRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.LeaseModelsResponse.FromString,
+                _registered_method=True)
+        self.ReleaseModelLeases = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/ReleaseModelLeases',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseModelLeasesRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseModelLeasesResponse.FromString,
+                _registered_method=True)
         self.CreateTrainingJob = channel.unary_unary(
                 '/cyclone.store.v1.StoreService/CreateTrainingJob',
                 request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateTrainingJobRequest.SerializeToString,
@@ -342,6 +352,25 @@ class StoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaseModels(self, request, context):
+        """LeaseModels is a monitor's one call per tick: it renews the caller's
+        heartbeat and its leases on `models`, releases what it holds past a fair
+        share (models / live holders) and takes free or expired leases up to that
+        share, all in one transaction. Several monitors share the models this way:
+        each model is held by at most one live monitor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseModelLeases(self, request, context):
+        """ReleaseModelLeases gives up every lease of a holder (a monitor stopping),
+        so the others take its models on their next tick instead of at expiry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateTrainingJob(self, request, context):
         """Training jobs
 
@@ -524,6 +553,16 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.ListAlerts,
                     request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsRequest.FromString,
                     response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'LeaseModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseModels,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.LeaseModelsRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.LeaseModelsResponse.SerializeToString,
+            ),
+            'ReleaseModelLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseModelLeases,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseModelLeasesRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseModelLeasesResponse.SerializeToString,
             ),
             'CreateTrainingJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateTrainingJob,
@@ -1118,6 +1157,60 @@ class StoreService:
             '/cyclone.store.v1.StoreService/ListAlerts',
             cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsRequest.SerializeToString,
             cyclone_dot_store_dot_v1_dot_store__service__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/LeaseModels',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.LeaseModelsRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.LeaseModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseModelLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/ReleaseModelLeases',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseModelLeasesRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseModelLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

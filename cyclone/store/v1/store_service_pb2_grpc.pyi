@@ -91,6 +91,17 @@ class StoreServiceStub:
     """AcknowledgeAlert marks an alert as seen by a person; it is not retried."""
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ListAlertsRequest, _store_service_pb2.ListAlertsResponse]
     """ListAlerts lists alerts, newest first."""
+    LeaseModels: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.LeaseModelsRequest, _store_service_pb2.LeaseModelsResponse]
+    """LeaseModels is a monitor's one call per tick: it renews the caller's
+    heartbeat and its leases on `models`, releases what it holds past a fair
+    share (models / live holders) and takes free or expired leases up to that
+    share, all in one transaction. Several monitors share the models this way:
+    each model is held by at most one live monitor.
+    """
+    ReleaseModelLeases: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ReleaseModelLeasesRequest, _store_service_pb2.ReleaseModelLeasesResponse]
+    """ReleaseModelLeases gives up every lease of a holder (a monitor stopping),
+    so the others take its models on their next tick instead of at expiry.
+    """
     CreateTrainingJob: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.CreateTrainingJobRequest, _store_service_pb2.CreateTrainingJobResponse]
     """Training jobs
 
@@ -190,6 +201,17 @@ class StoreServiceAsyncStub(StoreServiceStub):
     """AcknowledgeAlert marks an alert as seen by a person; it is not retried."""
     ListAlerts: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ListAlertsRequest, _store_service_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """ListAlerts lists alerts, newest first."""
+    LeaseModels: _aio.UnaryUnaryMultiCallable[_store_service_pb2.LeaseModelsRequest, _store_service_pb2.LeaseModelsResponse]  # type: ignore[assignment]
+    """LeaseModels is a monitor's one call per tick: it renews the caller's
+    heartbeat and its leases on `models`, releases what it holds past a fair
+    share (models / live holders) and takes free or expired leases up to that
+    share, all in one transaction. Several monitors share the models this way:
+    each model is held by at most one live monitor.
+    """
+    ReleaseModelLeases: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ReleaseModelLeasesRequest, _store_service_pb2.ReleaseModelLeasesResponse]  # type: ignore[assignment]
+    """ReleaseModelLeases gives up every lease of a holder (a monitor stopping),
+    so the others take its models on their next tick instead of at expiry.
+    """
     CreateTrainingJob: _aio.UnaryUnaryMultiCallable[_store_service_pb2.CreateTrainingJobRequest, _store_service_pb2.CreateTrainingJobResponse]  # type: ignore[assignment]
     """Training jobs
 
@@ -406,6 +428,29 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_store_service_pb2.ListAlertsResponse, _abc.Awaitable[_store_service_pb2.ListAlertsResponse]]:
         """ListAlerts lists alerts, newest first."""
+
+    @_abc_1.abstractmethod
+    def LeaseModels(
+        self,
+        request: _store_service_pb2.LeaseModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.LeaseModelsResponse, _abc.Awaitable[_store_service_pb2.LeaseModelsResponse]]:
+        """LeaseModels is a monitor's one call per tick: it renews the caller's
+        heartbeat and its leases on `models`, releases what it holds past a fair
+        share (models / live holders) and takes free or expired leases up to that
+        share, all in one transaction. Several monitors share the models this way:
+        each model is held by at most one live monitor.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseModelLeases(
+        self,
+        request: _store_service_pb2.ReleaseModelLeasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.ReleaseModelLeasesResponse, _abc.Awaitable[_store_service_pb2.ReleaseModelLeasesResponse]]:
+        """ReleaseModelLeases gives up every lease of a holder (a monitor stopping),
+        so the others take its models on their next tick instead of at expiry.
+        """
 
     @_abc_1.abstractmethod
     def CreateTrainingJob(

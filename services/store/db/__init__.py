@@ -14,6 +14,7 @@ from __future__ import annotations
 from ._base import Conn
 from .health import EvaluationOutcome, Health, HealthMixin
 from .ingest import IngestMixin
+from .leases import LeaseOutcome, LeasesMixin, ModelLease
 from .outbox import OutboxMixin
 from .reads import ReadsMixin, decode_page_token, encode_page_token
 from .registry import RegistryMixin
@@ -56,6 +57,7 @@ class StoreDB(
     RolloutsMixin,
     RollupMixin,
     RetentionMixin,
+    LeasesMixin,
 ):
     """The store's database: see the mixins for the methods."""
 
@@ -75,9 +77,11 @@ __all__ = [
     "Health",
     "JobEndedError",
     "LabelResult",
+    "LeaseOutcome",
     "MetricPoint",
     "MinuteStats",
     "Mode",
+    "ModelLease",
     "ModelStats",
     "ModelStatus",
     "ModelVersion",

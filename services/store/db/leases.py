@@ -1,0 +1,103 @@
+"""Model leases: how several monitors share the models (one holder per model at a time)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from ._base import StoreBase
+
+# Serialises lease calls: each is a handful of statements on small tables once per monitor
+# tick, and a fair share needs a consistent count of holders and leases.
+LEASE_LOCK_KEY = 0x6C65617365  # "lease" in ASCII
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLease:
+    model: str
+    expires_at: datetime
+    acquired: bool  # taken in this call
+    last_evaluated_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseOutcome:
+    leases: list[ModelLease]
+    holders: int
+    fair_share: int
+
+
+class LeasesMixin(StoreBase):
+    async def lease_models(
+        self, holder: str, models: Sequence[str], lease: timedelta
+    ) -> LeaseOutcome:
+        """Renew `holder`'s heartbeat and its leases on `models`, release what it holds past
+        the fair share (ceil(models / live holders)) and take free or expired leases up to it.
+
+        One transaction under an advisory lock, so two holders never take the same model and
+        the share is computed on a consistent count. Leases on models not in `models` are
+        released (the caller no longer serves them)."""
+        wanted = sorted(set(models))
+        async with self.transaction() as c:
+            await c.execute("SELECT pg_advisory_xact_lock(%s)", (LEASE_LOCK_KEY,))
+            await c.execute(
+                "INSERT INTO lease_holders (holder, expires_at) VALUES (%s, now() + %s)"
+                " ON CONFLICT (holder) DO UPDATE SET expires_at = EXCLUDED.expires_at",
+                (holder, lease),
+            )
+            await c.execute("DELETE FROM lease_holders WHERE expires_at < now()")
+            await c.execute(
+                "DELETE FROM model_leases WHERE expires_at < now()"
+                " OR (holder = %s AND NOT model = ANY(%s))",
+                (holder, wanted),
+            )
+            cur = await c.execute("SELECT count(*) FROM lease_holders")
+            row = await cur.fetchone()
+            holders = max(1, int(row[0]) if row else 1)
+            share = math.ceil(len(wanted) / holders)
+            cur = await c.execute(
+                "UPDATE model_leases SET expires_at = now() + %s WHERE holder = %s RETURNING model",
+                (lease, holder),
+            )
+            held = sorted(str(r[0]) for r in await cur.fetchall())
+            if len(held) > share:
+                # Keep the first `share` by name: a stable choice, so repeated calls do not
+                # shuffle models between holders.
+                await c.execute(
+                    "DELETE FROM model_leases WHERE holder = %s AND model = ANY(%s)",
+                    (holder, held[share:]),
+                )
+                held = held[:share]
+            acquired: list[str] = []
+            if len(held) < share:
+                cur = await c.execute(
+                    "INSERT INTO model_leases (model, holder, expires_at)"
+                    " SELECT m, %s, now() + %s FROM unnest(%s::text[]) AS m"
+                    " WHERE NOT EXISTS (SELECT 1 FROM model_leases l WHERE l.model = m)"
+                    " ORDER BY m LIMIT %s RETURNING model",
+                    (holder, lease, wanted, share - len(held)),
+                )
+                acquired = [str(r[0]) for r in await cur.fetchall()]
+            cur = await c.execute(
+                "SELECT l.model, l.expires_at, h.evaluated_at FROM model_leases l"
+                " LEFT JOIN (SELECT model, max(evaluated_at) AS evaluated_at FROM model_health"
+                " GROUP BY model) h ON h.model = l.model WHERE l.holder = %s ORDER BY l.model",
+                (holder,),
+            )
+            taken = set(acquired)
+            leases = [
+                ModelLease(str(m), expires, str(m) in taken, evaluated)
+                for m, expires, evaluated in await cur.fetchall()
+            ]
+        return LeaseOutcome(leases, holders, share)
+
+    async def release_model_leases(self, holder: str) -> int:
+        """End `holder`'s leases and heartbeat now; how many leases it had."""
+        async with self.transaction() as c:
+            await c.execute("SELECT pg_advisory_xact_lock(%s)", (LEASE_LOCK_KEY,))
+            cur = await c.execute("DELETE FROM model_leases WHERE holder = %s", (holder,))
+            released = cur.rowcount
+            await c.execute("DELETE FROM lease_holders WHERE holder = %s", (holder,))
+        return max(0, released)

@@ -1,0 +1,54 @@
+"""Store RPCs that let several monitors share the models through leases.
+
+Mixed into `StoreServicer`; like it, each method only translates protobuf around one `Store` call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+from grpc import aio
+
+from cyclone import wire
+from cyclone.rpc_errors import rpc_errors
+from cyclone.store.v1 import store_service_pb2 as pb
+from services.store.db import ModelLease
+from services.store.domain import Store
+from services.store.errors import database_errors
+
+Context: TypeAlias = aio.ServicerContext[Any, Any]
+
+
+def lease_to_pb(lease: ModelLease) -> pb.ModelLease:
+    message = pb.ModelLease(
+        model=lease.model, expires_at=wire.ts(lease.expires_at), acquired=lease.acquired
+    )
+    if lease.last_evaluated_at is not None:
+        message.last_evaluated_at.CopyFrom(wire.ts(lease.last_evaluated_at))
+    return message
+
+
+class LeaseRpcs:
+    """Mixed into StoreServicer, which provides `self.store`."""
+
+    store: Store
+
+    @rpc_errors(translate=database_errors)
+    async def LeaseModels(
+        self, request: pb.LeaseModelsRequest, context: Context
+    ) -> pb.LeaseModelsResponse:
+        outcome = await self.store.lease_models(
+            request.holder, list(request.models), request.lease_seconds
+        )
+        return pb.LeaseModelsResponse(
+            leases=[lease_to_pb(lease) for lease in outcome.leases],
+            holders=outcome.holders,
+            fair_share=outcome.fair_share,
+        )
+
+    @rpc_errors(translate=database_errors)
+    async def ReleaseModelLeases(
+        self, request: pb.ReleaseModelLeasesRequest, context: Context
+    ) -> pb.ReleaseModelLeasesResponse:
+        released = await self.store.release_model_leases(request.holder)
+        return pb.ReleaseModelLeasesResponse(released=released)
