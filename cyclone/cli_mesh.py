@@ -73,6 +73,24 @@ def up(
             " --no-pool: a revision (replicas) per version.",
         ),
     ] = True,
+    stores: Annotated[
+        int,
+        typer.Option(
+            help="Store processes over the one database, behind Envoy's control listener"
+            " (one dying fails no call a client retries).",
+            min=1,
+            max=8,
+        ),
+    ] = 1,
+    monitors: Annotated[
+        int,
+        typer.Option(
+            help="Monitor processes sharing the models through leases in the store (one"
+            " dying hands its models to the others within the lease time).",
+            min=1,
+            max=8,
+        ),
+    ] = 1,
 ) -> None:
     """Start the whole mesh on this machine; Ctrl-C or SIGTERM stops it."""
     from rich.live import Live
@@ -122,6 +140,8 @@ def up(
         idle_timeout_seconds=idle_seconds,
         replicas=replicas,
         pool_processes=None if pool else 0,
+        stores=stores,
+        monitors=monitors,
     )
     console = make_console()
     states: dict[str, tuple[str, str]] = {}

@@ -79,6 +79,17 @@ class MeshSettings:
     # Serve small models from a shared pool of this many processes (None: one per core; 0: a
     # revision per version, as before the pool).
     pool_processes: int | None = None
+    # Control-plane instances over the one database (docs/scaling-out.md). Several stores sit
+    # behind Envoy's control listener, which the trainer, monitors and revisions then call;
+    # several monitors share the models through leases in the store.
+    stores: int = 1
+    monitors: int = 1
+
+    def __post_init__(self) -> None:
+        if self.stores < 1:
+            raise MeshError(f"stores: must be at least 1, got {self.stores}")
+        if self.monitors < 1:
+            raise MeshError(f"monitors: must be at least 1, got {self.monitors}")
 
     @property
     def repository(self) -> Path:
@@ -92,15 +103,32 @@ class MeshSettings:
 
 @dataclasses.dataclass
 class ComponentPlan:
-    """How to start one component: `cyclone serve <name> <args>` on `port`."""
+    """How to start one component: `cyclone serve <service> <args>` on `port`; `name` tells
+    instances of one service apart (store, store-2, ...)."""
 
     name: str
     args: list[str]
     port: int
+    service: str = ""
+
+    @property
+    def serves(self) -> str:
+        return self.service or self.name
+
+
+def instance_name(service: str, index: int) -> str:
+    """The first instance keeps the service's name; the others are `<service>-<n>`."""
+    return service if index == 1 else f"{service}-{index}"
 
 
 # Callback for progress: (component, state, detail) with state in starting/ready/failed/stopped.
 Progress = Callable[[str, str, str], None]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def port_taken(host: str, port: int) -> bool:
@@ -146,20 +174,65 @@ class Mesh:
         self.progress = progress or (lambda component, state, detail: None)
         self.running: list[Spawned] = []
         self._stopping = threading.Event()
+        # Ports of the second and later instances: given (`ports["store-2"]`) or free ones,
+        # chosen once so a restarted instance comes back where Envoy expects it.
+        self._instance_ports: dict[str, int] = {}
+        for service, count in (("store", settings.stores), ("monitor", settings.monitors)):
+            for index in range(2, count + 1):
+                name = instance_name(service, index)
+                self._instance_ports[name] = settings.ports.get(name) or _free_port()
+
+    def instance_port(self, name: str) -> int:
+        return self._instance_ports.get(name) or self.settings.port(name)
+
+    def store_address(self) -> str:
+        """Where the trainer, monitors and revisions reach the store: the store itself, or with
+        several, Envoy's control listener in front of them."""
+        s = self.settings
+        port = s.port("control") if s.stores > 1 else s.port("store")
+        return f"127.0.0.1:{port}"
 
     # -- plan --------------------------------------------------------------------------------
 
     def plan(self) -> list[ComponentPlan]:
         s = self.settings
         common = ["--data-dir", str(s.data_dir)]
-        store = f"127.0.0.1:{s.port('store')}"
+        store = self.store_address()
         monitor = f"127.0.0.1:{s.port('monitor')}"
         trainer = f"127.0.0.1:{s.port('trainer')}"
         store_args = [*common]
         if s.database_url:
             store_args += ["--database-url", s.database_url]
+        stores = [
+            ComponentPlan(name, store_args, self.instance_port(name), "store")
+            for name in (instance_name("store", i) for i in range(1, s.stores + 1))
+        ]
+        monitor_args = [
+            *common,
+            "--store",
+            store,
+            "--trainer",
+            trainer,
+            # Known-answer probes go through Envoy, as clients' requests do.
+            "--probe-address",
+            f"127.0.0.1:{s.port('public')}",
+        ]
+        monitors = [
+            ComponentPlan(
+                name,
+                # The first monitor serves the dashboard (and is the one Envoy routes to).
+                [
+                    *monitor_args,
+                    "--dashboard-port",
+                    str(s.port("dashboard") if name == "monitor" else -1),
+                ],
+                self.instance_port(name),
+                "monitor",
+            )
+            for name in (instance_name("monitor", i) for i in range(1, s.monitors + 1))
+        ]
         return [
-            ComponentPlan("store", store_args, s.port("store")),
+            *stores,
             # The data plane's edge, run by this supervisor (not `cyclone serve`).
             ComponentPlan(ENVOY, [], s.port("public")),
             # The trainer drives Envoy's routes and starts the model revisions; both outlive it.
@@ -193,22 +266,7 @@ class Mesh:
                 ],
                 s.port("trainer"),
             ),
-            ComponentPlan(
-                "monitor",
-                [
-                    *common,
-                    "--store",
-                    store,
-                    "--trainer",
-                    trainer,
-                    # Known-answer probes go through Envoy, as clients' requests do.
-                    "--probe-address",
-                    f"127.0.0.1:{s.port('public')}",
-                    "--dashboard-port",
-                    str(s.port("dashboard")),
-                ],
-                s.port("monitor"),
-            ),
+            *monitors,
         ]
 
     def envoy_settings(self) -> EnvoySettings:
@@ -221,6 +279,10 @@ class Mesh:
             store=f"127.0.0.1:{s.port('store')}",
             monitor=f"127.0.0.1:{s.port('monitor')}",
             trainer=f"127.0.0.1:{s.port('trainer')}",
+            extra_stores=[
+                f"127.0.0.1:{self.instance_port(instance_name('store', i))}"
+                for i in range(2, s.stores + 1)
+            ],
         )
 
     def ports_in_use(self) -> list[str]:
@@ -274,14 +336,29 @@ class Mesh:
     def _spawn(self, component: ComponentPlan, *, restart: bool = False) -> Spawned:
         if component.name == ENVOY:
             return self._spawn_envoy(fresh=not restart)
-        return spawn(
-            component.name,
-            component.args,
+        args = component.args
+        if (
+            component.serves == "store"
+            and component.name != "store"
+            and "--database-url" not in args
+        ):
+            # A second store connects to the first one's embedded PostgreSQL; only the first
+            # starts (and stops) it.
+            from services.store.embedded import running_url
+
+            url = running_url(self.settings.data_dir)
+            if url is None:
+                raise RuntimeError("the embedded PostgreSQL of the first store is not running")
+            args = [*args, "--database-url", url]
+        spawned = spawn(
+            component.serves,
+            args,
             self.settings.data_dir / "logs" / f"{component.name}.log",
             port=component.port,
             env=self.environment(),
             new_session=True,
         )
+        return dataclasses.replace(spawned, component=component.name)
 
     def _spawn_envoy(self, *, fresh: bool, timeout: float = 30.0) -> Spawned:
         """Run Envoy on a fresh configuration (the mesh starts), or on the files it left (a

@@ -34,6 +34,31 @@ MONITOR_SERVICE = "cyclone.monitor.v1.MonitorService"
 TRAINER_SERVICE = "cyclone.trainer.v1.TrainerService"
 # Label ingestion: the only store RPCs on the public listener.
 PUBLIC_STORE_METHODS = ("AddLabels", "AddLabelsStream")
+# Store calls that may run twice with the same effect (reads; ingest is idempotent on
+# prediction id, labels are last-write-wins, a holder's lease call renews its own leases):
+# Envoy retries these on another store when one dies mid-call. Every other store call is
+# retried only when it never reached a store (connection refused, stream refused).
+STORE_IDEMPOTENT_METHODS = (
+    "LogPredictions",
+    "AddLabels",
+    "AddLabelsStream",
+    "GetTrainingData",
+    "QueryPredictions",
+    "GetModelVersion",
+    "ListModelVersions",
+    "GetStats",
+    "GetPlan",
+    "GetHealth",
+    "ListMetricPoints",
+    "ListPredictionStats",
+    "ListAlerts",
+    "GetTrainingJob",
+    "ListTrainingJobs",
+    "GetRollout",
+    "ListRollouts",
+    "LeaseModels",
+    "ReleaseModelLeases",
+)
 
 STORE_CLUSTER = "cyclone-store"
 TRACE_COLLECTOR_CLUSTER = "cyclone-otel-collector"
@@ -71,6 +96,9 @@ class EnvoySettings:
     control_port: int = 8081
     admin_port: int = 0
     store: Endpoint | None = None
+    # More store processes over the same database, in the store's cluster with `store`:
+    # health-checked, ejected on failures, and idempotent calls retried on a sibling.
+    extra_stores: tuple[Endpoint, ...] = ()
     monitor: Endpoint | None = None
     trainer: Endpoint | None = None
     descriptor: Path = DESCRIPTOR
@@ -448,15 +476,29 @@ def failover_cluster(
 
 def component_clusters(settings: EnvoySettings) -> list[dict[str, Any]]:
     found = [
-        (STORE_CLUSTER, settings.store),
         (MONITOR_CLUSTER, settings.monitor),
         (TRAINER_CLUSTER, settings.trainer),
     ]
-    return [
+    clusters = [
         endpoint_cluster(name, [address], settings, health_checked=False)
         for name, address in found
         if address is not None
     ]
+    stores = store_endpoints(settings)
+    if stores:
+        # Several stores: a dead one is found by its health checks and ejected after its
+        # first failures, so calls go to the live ones.
+        clusters.insert(
+            0, endpoint_cluster(STORE_CLUSTER, stores, settings, health_checked=len(stores) > 1)
+        )
+    return clusters
+
+
+def store_endpoints(settings: EnvoySettings) -> list[Endpoint]:
+    """Every store process behind the store cluster (none without a store)."""
+    if settings.store is None:
+        return []
+    return [settings.store, *settings.extra_stores]
 
 
 def static_clusters(settings: EnvoySettings) -> list[dict[str, Any]]:
@@ -731,20 +773,63 @@ def inference_routes(
     return routes
 
 
-def label_routes(settings: EnvoySettings) -> list[dict[str, Any]]:
+def _store_action(settings: EnvoySettings, *, idempotent: bool) -> dict[str, Any]:
+    """To the store cluster; with several stores, retried on a sibling: any call that never
+    reached a store, and an idempotent one that a dying store dropped."""
+    action = _cluster_action(STORE_CLUSTER)
+    if settings.extra_stores:
+        retry_on = "connect-failure,refused-stream"
+        if idempotent:
+            retry_on += ",unavailable,reset"
+        action["retry_policy"] = {
+            "retry_on": retry_on,
+            "num_retries": settings.num_retries,
+            "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"},
+            "retry_host_predicate": [
+                {
+                    "name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": {
+                        "@type": _T
+                        + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                    },
+                }
+            ],
+            "host_selection_retry_max_attempts": 3,
+        }
+    return action
+
+
+def store_routes(settings: EnvoySettings, methods: Sequence[str] | None = None) -> list[Any]:
+    """gRPC routes to the store: one per idempotent method (retried on a sibling store) among
+    `methods` (None: all, then every other method by prefix)."""
     if settings.store is None:
         return []
+    wanted = STORE_IDEMPOTENT_METHODS if methods is None else methods
     routes: list[dict[str, Any]] = [
         {
             "match": {"path": f"/{STORE_SERVICE}/{m}", "grpc": {}},
-            "route": _cluster_action(STORE_CLUSTER),
+            "route": _store_action(settings, idempotent=m in STORE_IDEMPOTENT_METHODS),
         }
-        for m in PUBLIC_STORE_METHODS
+        for m in wanted
     ]
+    if methods is None:
+        routes.append(
+            {
+                "match": {"prefix": f"/{STORE_SERVICE}/"},
+                "route": _store_action(settings, idempotent=False),
+            }
+        )
+    return routes
+
+
+def label_routes(settings: EnvoySettings) -> list[dict[str, Any]]:
+    if settings.store is None:
+        return []
+    routes = store_routes(settings, PUBLIC_STORE_METHODS)
     routes.append(
         {
             "match": {**_regex(r"/v1/models/[^/]+/labels"), "headers": [_method("POST")]},
-            "route": _cluster_action(STORE_CLUSTER),
+            "route": _store_action(settings, idempotent=True),
         }
     )
     return routes
@@ -774,11 +859,15 @@ def public_routes(splits: Mapping[str, TrafficSplit], settings: EnvoySettings) -
 def control_routes(splits: Mapping[str, TrafficSplit], settings: EnvoySettings) -> dict[str, Any]:
     """The control plane by gRPC service, plus the data plane (one address for operators)."""
     components = [
-        (STORE_SERVICE, STORE_CLUSTER, settings.store),
         (MONITOR_SERVICE, MONITOR_CLUSTER, settings.monitor),
         (TRAINER_SERVICE, TRAINER_CLUSTER, settings.trainer),
     ]
-    routes = [
+    routes = store_routes(settings) if settings.extra_stores else []
+    if settings.store is not None and not settings.extra_stores:
+        routes.append(
+            {"match": {"prefix": f"/{STORE_SERVICE}/"}, "route": _cluster_action(STORE_CLUSTER)}
+        )
+    routes += [
         {"match": {"prefix": f"/{service}/"}, "route": _cluster_action(cluster)}
         for service, cluster, address in components
         if address is not None

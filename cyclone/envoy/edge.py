@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from cyclone.envoy.config import CONTROL, PUBLIC, EnvoySettings, Layout
@@ -37,6 +38,7 @@ def edge_settings(
     store: str,
     monitor: str | None,
     trainer: str,
+    extra_stores: Sequence[str] = (),
 ) -> EnvoySettings:
     """The one description of the mesh's Envoy: the supervisor writes its bootstrap from it and
     the trainer its clusters and routes, so both agree."""
@@ -47,6 +49,7 @@ def edge_settings(
         control_port=control_port,
         admin_port=admin_port,
         store=_endpoint(store),
+        extra_stores=tuple(_endpoint(s) for s in extra_stores),
         monitor=_endpoint(monitor) if monitor else None,
         trainer=_endpoint(trainer),
         cold_start_hold_s=COLD_START_HOLD_S,

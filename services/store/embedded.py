@@ -164,6 +164,16 @@ def stop_if_running(data_dir: Path | str) -> bool:
     return True
 
 
+def running_url(data_dir: Path | str) -> str | None:
+    """The URL of the embedded server of `data_dir` while one runs (None: none runs), for a
+    second store over the same database: it connects and never starts or stops the server."""
+    base = Path(data_dir).expanduser().resolve()
+    live = _read_postmaster_pid(base / "pgdata")
+    if live is None or live[1] is None or not _is_our_postmaster(live[0], base / "pgdata"):
+        return None
+    return EmbeddedPostgres(pgdata=base / "pgdata", socket_dir=live[1], run_as=None).url
+
+
 def resolve_database_url(
     data_dir: Path | str | None = None, *, fast_unsafe: bool = False
 ) -> tuple[str, EmbeddedPostgres | None]:
