@@ -78,7 +78,8 @@ class AlertDispatcher:
             store_pb.ClaimAlertsRequest(limit=50, lease_seconds=self.lease_seconds), timeout=10
         )
         # Counted from before the claim: never later than the store's end of the lease.
-        deliver_until = claimed_at + self.lease_seconds - LEASE_MARGIN_SECONDS
+        margin = min(LEASE_MARGIN_SECONDS, self.lease_seconds / 4)
+        deliver_until = claimed_at + self.lease_seconds - margin
         delivered = 0
         for index, record in enumerate(claimed.alerts):
             if time.monotonic() >= deliver_until:

@@ -46,6 +46,9 @@ class MonitorSettings(ServerSettings):
     # random part (a Nomad job sets it from the allocation id).
     instance_id: str = ""
     alert_interval: float = 1.0
+    # How long a claimed alert is this monitor's to deliver; a monitor that dies mid-delivery
+    # hands its claimed alerts on after this.
+    alert_lease_seconds: int = 60
     # Where the `record` sink writes retrain/rollback requests (JSON lines).
     alert_record_path: Path | None = None
     # Trainer HOST:PORT: retrain and rollback actions go there (`cyclone up` sets it); empty:
@@ -71,6 +74,10 @@ class MonitorSettings(ServerSettings):
             )
         if self.tick_seconds <= 0:
             raise SettingsError(f"tick_seconds: must be positive, got {self.tick_seconds}")
+        if self.alert_lease_seconds < 1:
+            raise SettingsError(
+                f"alert_lease_seconds: must be at least 1, got {self.alert_lease_seconds}"
+            )
         # A lease is renewed every tick: it must outlast a few ticks, or a slow tick loses it.
         if self.lease_seconds < 3 * self.tick_seconds:
             raise SettingsError(
@@ -113,7 +120,11 @@ def build_monitor_server(
 
     async def start() -> None:
         await monitor.start(schedule=schedule)
-        dispatcher = AlertDispatcher(monitor.store, interval=settings.alert_interval)
+        dispatcher = AlertDispatcher(
+            monitor.store,
+            interval=settings.alert_interval,
+            lease_seconds=settings.alert_lease_seconds,
+        )
         dispatcher.start()
         dispatcher_box.append(dispatcher)
         if dashboard is not None:
