@@ -718,6 +718,8 @@ def deploy_nomad_render(
     ] = None,
     discovery: Annotated[str, typer.Option(help="Service discovery: nomad or consul.")] = "nomad",
     replicas: Annotated[int, typer.Option(help="Replicas per model revision.")] = 1,
+    stores: Annotated[int, typer.Option(help="Store instances (count).")] = 2,
+    monitors: Annotated[int, typer.Option(help="Monitor instances (count).")] = 2,
 ) -> None:
     """Write Nomad job files for the cluster and every serving or canary model version."""
     from cyclone.nomad import render as nomad
@@ -728,7 +730,11 @@ def deploy_nomad_render(
         fail(f"--replicas: must be >= 0, got {replicas}")
     try:
         settings = nomad.ClusterSettings(
-            image=image, datacenters=tuple(datacenter or ["dc1"]), discovery=discovery
+            image=image,
+            datacenters=tuple(datacenter or ["dc1"]),
+            discovery=discovery,
+            stores=stores,
+            monitors=monitors,
         )
     except ValueError as exc:
         fail(f"--{exc}")

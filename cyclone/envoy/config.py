@@ -799,33 +799,37 @@ def _store_action(settings: EnvoySettings, *, idempotent: bool) -> dict[str, Any
     return action
 
 
-def store_routes(settings: EnvoySettings, methods: Sequence[str] | None = None) -> list[Any]:
-    """gRPC routes to the store: one per idempotent method (retried on a sibling store) among
-    `methods` (None: all, then every other method by prefix)."""
+def store_routes(settings: EnvoySettings) -> list[dict[str, Any]]:
+    """The store's gRPC routes on the control listener: its idempotent methods (retried on a
+    sibling store when one dies mid-call), then every other method."""
     if settings.store is None:
         return []
-    wanted = STORE_IDEMPOTENT_METHODS if methods is None else methods
-    routes: list[dict[str, Any]] = [
-        {
-            "match": {"path": f"/{STORE_SERVICE}/{m}", "grpc": {}},
-            "route": _store_action(settings, idempotent=m in STORE_IDEMPOTENT_METHODS),
-        }
-        for m in wanted
-    ]
-    if methods is None:
-        routes.append(
+    # One route per method: a regex of them all is past Envoy's RE2 program size limit.
+    return [
+        *(
             {
-                "match": {"prefix": f"/{STORE_SERVICE}/"},
-                "route": _store_action(settings, idempotent=False),
+                "match": {"path": f"/{STORE_SERVICE}/{method}", "grpc": {}},
+                "route": _store_action(settings, idempotent=True),
             }
-        )
-    return routes
+            for method in STORE_IDEMPOTENT_METHODS
+        ),
+        {
+            "match": {"prefix": f"/{STORE_SERVICE}/"},
+            "route": _store_action(settings, idempotent=False),
+        },
+    ]
 
 
 def label_routes(settings: EnvoySettings) -> list[dict[str, Any]]:
     if settings.store is None:
         return []
-    routes = store_routes(settings, PUBLIC_STORE_METHODS)
+    routes: list[dict[str, Any]] = [
+        {
+            "match": {"path": f"/{STORE_SERVICE}/{m}", "grpc": {}},
+            "route": _store_action(settings, idempotent=m in STORE_IDEMPOTENT_METHODS),
+        }
+        for m in PUBLIC_STORE_METHODS
+    ]
     routes.append(
         {
             "match": {**_regex(r"/v1/models/[^/]+/labels"), "headers": [_method("POST")]},

@@ -75,6 +75,10 @@ class ClusterSettings:
     target_requests_per_replica: int = 50  # autoscaler target (requests/s per allocation)
     inference_cpu: int = 500
     inference_memory_mb: int = 512
+    # Control-plane instances (docs/scaling-out.md): stores are stateless over the one
+    # database; monitors share the models through leases in the store. The trainer stays one.
+    stores: int = 2
+    monitors: int = 2
 
     def __post_init__(self) -> None:
         if self.discovery not in DISCOVERY:
@@ -83,6 +87,10 @@ class ClusterSettings:
             raise ValueError(f"canaries: must be >= 0, got {self.canaries}")
         if self.max_replicas < 1:
             raise ValueError(f"max_replicas: must be >= 1, got {self.max_replicas}")
+        if self.stores < 1:
+            raise ValueError(f"stores: must be >= 1, got {self.stores}")
+        if self.monitors < 1:
+            raise ValueError(f"monitors: must be >= 1, got {self.monitors}")
 
 
 @dataclass(frozen=True)
@@ -156,7 +164,18 @@ def _resources(task: Block, cpu: int, memory: int) -> None:
 
 
 def _store_env(settings: ClusterSettings) -> str:
-    return "CYCLONE_STORE=" + _address_template(STORE_SERVICE, settings)
+    """Where a component reaches the store. Several stores: every instance in one gRPC target
+    (`ipv4:a:p,b:p`), so a client channel fails over to a live one by itself."""
+    if settings.stores == 1:
+        return "CYCLONE_STORE=" + _address_template(STORE_SERVICE, settings)
+    return (
+        f'CYCLONE_STORE=ipv4:{{{{ range $i, $s := {_lookup(settings)} "{STORE_SERVICE}" }}}}'
+        "{{ if $i }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}"
+    )
+
+
+# What tells instances of one job apart: the allocation (a monitor's lease holder id).
+INSTANCE_ENV = 'CYCLONE_INSTANCE_ID={{ env "NOMAD_ALLOC_ID" }}'
 
 
 # ---- jobs ---------------------------------------------------------------------------------------
@@ -198,10 +217,11 @@ def _component_job(
     settings: ClusterSettings,
     extra_ports: Mapping[str, int] | None = None,
     models: bool = False,
+    count: int = 1,
 ) -> Block:
     job = _job(name, settings)
     group = job.block("group", name.removeprefix("cyclone-"))
-    group.attr("count", 1)
+    group.attr("count", count)
     group.block("update").attr("max_parallel", 1).attr("health_check", "checks").attr(
         "min_healthy_time", "10s"
     ).attr("healthy_deadline", "3m").attr("auto_revert", True)
@@ -234,7 +254,7 @@ def store_job(settings: ClusterSettings) -> Block:
         + _address_template(TIMESCALE_SERVICE, settings)
         + "/cyclone"
     )
-    return _component_job(STORE_SERVICE, STORE_PORT, [], [url], settings)
+    return _component_job(STORE_SERVICE, STORE_PORT, [], [url], settings, count=settings.stores)
 
 
 def monitor_job(settings: ClusterSettings) -> Block:
@@ -242,9 +262,10 @@ def monitor_job(settings: ClusterSettings) -> Block:
         MONITOR_SERVICE,
         MONITOR_PORT,
         ["--dashboard-port", str(DASHBOARD_PORT)],
-        [_store_env(settings)],
+        [_store_env(settings), INSTANCE_ENV],
         settings,
         extra_ports={"dashboard": DASHBOARD_PORT},
+        count=settings.monitors,
     )
 
 
@@ -416,6 +437,9 @@ def envoy_files(revisions: Sequence[RevisionSpec], settings: ClusterSettings) ->
         control_port=settings.envoy_control_port,
         admin_port=settings.envoy_admin_port,
         store=placeholder,
+        # Several stores: the store cluster is health-checked and idempotent calls retried
+        # (its endpoints are every instance, from service discovery, either way).
+        extra_stores=(placeholder,) * (settings.stores - 1),
         monitor=placeholder,
         trainer=placeholder,
         descriptor=Path(settings.descriptor),

@@ -233,6 +233,17 @@ resources:
         timeout: 0s
         max_stream_duration:
           grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
       typed_per_filter_config: &id001
         envoy.filters.http.buffer:
           '@type': type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute
@@ -245,6 +256,17 @@ resources:
         timeout: 0s
         max_stream_duration:
           grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
       typed_per_filter_config: *id001
     - match:
         safe_regex:
@@ -258,6 +280,17 @@ resources:
         timeout: 0s
         max_stream_duration:
           grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
     - match:
         prefix: /cyclone.inference.v1.InferenceService/
         grpc: {}
@@ -470,12 +503,384 @@ resources:
     - '*'
     routes:
     - match:
+        path: /cyclone.store.v1.StoreService/LogPredictions
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/AddLabels
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/AddLabelsStream
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/GetTrainingData
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/QueryPredictions
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/GetModelVersion
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/ListModelVersions
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/GetStats
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/GetPlan
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/GetHealth
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/ListMetricPoints
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/ListPredictionStats
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/ListAlerts
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/GetTrainingJob
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/ListTrainingJobs
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/GetRollout
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/ListRollouts
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/LeaseModels
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/ReleaseModelLeases
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
         prefix: /cyclone.store.v1.StoreService/
       route:
         cluster: cyclone-store
         timeout: 0s
         max_stream_duration:
           grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
     - match:
         prefix: /cyclone.monitor.v1.MonitorService/
       route:
@@ -722,6 +1127,29 @@ EOT
             }
           }
         ]
+      },
+      "health_checks": [
+        {
+          "timeout": "2s",
+          "interval": "1s",
+          "no_traffic_interval": "1s",
+          "unhealthy_threshold": 2,
+          "healthy_threshold": 1,
+          "grpc_health_check": {
+            "service_name": ""
+          }
+        }
+      ],
+      "outlier_detection": {
+        "consecutive_5xx": 5,
+        "consecutive_gateway_failure": 2,
+        "enforcing_consecutive_gateway_failure": 100,
+        "consecutive_local_origin_failure": 2,
+        "enforcing_consecutive_local_origin_failure": 100,
+        "split_external_local_origin_errors": true,
+        "interval": "1s",
+        "base_ejection_time": "5s",
+        "max_ejection_percent": 100
       }
     },
     {

@@ -4,7 +4,7 @@ job "cyclone-monitor" {
   datacenters = ["dc1"]
 
   group "monitor" {
-    count = 1
+    count = 2
 
     update {
       max_parallel     = 1
@@ -51,7 +51,8 @@ job "cyclone-monitor" {
         env         = true
         change_mode = "restart"
         data        = <<EOT
-CYCLONE_STORE={{ range nomadService "cyclone-store" }}{{ .Address }}:{{ .Port }}{{ end }}
+CYCLONE_STORE=ipv4:{{ range $i, $s := nomadService "cyclone-store" }}{{ if $i }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}
+CYCLONE_INSTANCE_ID={{ env "NOMAD_ALLOC_ID" }}
 EOT
       }
 

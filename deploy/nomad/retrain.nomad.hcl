@@ -43,7 +43,7 @@ job "cyclone-retrain" {
         env         = true
         change_mode = "restart"
         data        = <<EOT
-CYCLONE_STORE={{ range nomadService "cyclone-store" }}{{ .Address }}:{{ .Port }}{{ end }}
+CYCLONE_STORE=ipv4:{{ range $i, $s := nomadService "cyclone-store" }}{{ if $i }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}
 EOT
       }
 

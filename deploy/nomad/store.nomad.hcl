@@ -4,7 +4,7 @@ job "cyclone-store" {
   datacenters = ["dc1"]
 
   group "store" {
-    count = 1
+    count = 2
 
     update {
       max_parallel     = 1

@@ -5,6 +5,7 @@ only when they never reached a store; one store stays exactly as before."""
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,12 @@ def _store_route(settings: cfg.EnvoySettings, method: str) -> dict[str, Any]:
     path = f"/{cfg.STORE_SERVICE}/{method}"
     for route in cfg.control_routes({}, settings)["virtual_hosts"][0]["routes"]:
         match = route["match"]
-        if match.get("path") == path or path.startswith(match.get("prefix", "\0")):
+        regex = match.get("safe_regex", {}).get("regex")
+        if (
+            match.get("path") == path
+            or path.startswith(match.get("prefix", "\0"))
+            or (regex is not None and re.fullmatch(regex, path))
+        ):
             return dict(route["route"])
     raise AssertionError(f"no route for {path}")
 

@@ -125,9 +125,45 @@ def test_cli_renders_from_a_model_repository(tmp_path: Path) -> None:
         (["--model-repository", "/nonexistent"], "--model-repository"),
         (["--model-repository", ".", "--discovery", "zookeeper"], "discovery"),
         (["--model-repository", ".", "--replicas", "-1"], "--replicas"),
+        (["--model-repository", ".", "--stores", "0"], "--stores"),
+        (["--model-repository", ".", "--monitors", "0"], "--monitors"),
     ],
 )
 def test_cli_bad_input_names_the_option(tmp_path: Path, args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["deploy", "nomad", "render", "--out", str(tmp_path), *args])
     assert result.exit_code == 2
     assert message in result.output
+
+
+def _group(text: str) -> dict:  # type: ignore[type-arg]
+    [(_, group)] = parse(text)["body"]["group"][0].items()
+    return dict(group)
+
+
+def _env(text: str) -> str:
+    [template] = _group(text)["task"][0].popitem()[1]["template"]
+    return str(template["data"])
+
+
+def test_stores_and_monitors_run_several_instances_the_trainer_one() -> None:
+    files = nomad.render(nomad.example_revisions())
+    assert _group(files["store.nomad.hcl"])["count"] == 2
+    assert _group(files["monitor.nomad.hcl"])["count"] == 2
+    assert _group(files["trainer.nomad.hcl"])["count"] == 1
+    # Each monitor is its own lease holder: the allocation tells them apart.
+    assert 'CYCLONE_INSTANCE_ID={{ env "NOMAD_ALLOC_ID" }}' in _env(files["monitor.nomad.hcl"])
+    # Callers list every store in one gRPC target and fail over between them.
+    for job in ("monitor.nomad.hcl", "trainer.nomad.hcl", "revisions/credit--1.nomad.hcl"):
+        assert "CYCLONE_STORE=ipv4:{{ range $i, $s := nomadService" in _env(files[job]), job
+    # Envoy health-checks the store cluster and retries idempotent calls on a sibling.
+    envoy = files["envoy.nomad.hcl"]
+    assert "/cyclone.store.v1.StoreService/LogPredictions" in envoy
+    assert "unavailable,reset" in envoy
+
+
+def test_one_store_keeps_the_plain_address() -> None:
+    files = nomad.render(nomad.example_revisions(), nomad.ClusterSettings(stores=1, monitors=1))
+    assert _group(files["store.nomad.hcl"])["count"] == 1
+    env = _env(files["monitor.nomad.hcl"])
+    assert 'CYCLONE_STORE={{ range nomadService "cyclone-store" }}' in env
+    assert "/cyclone.store.v1.StoreService/LogPredictions" not in files["envoy.nomad.hcl"]
