@@ -120,6 +120,24 @@ def alert_from_store(record: store_pb.AlertRecord) -> QueuedAlert:
     )
 
 
+def status_from_health(health: store_pb.ModelHealth) -> ModelStatus:
+    """Another monitor's latest evaluation as the store keeps it: level, reasons, actions and
+    row counts (its metric values are in the store's history, not here)."""
+    from services.monitor.evaluate import Evaluation
+
+    summary = json.loads(health.summary_json or "{}")
+    evaluation = Evaluation(
+        level=Level(health.level),
+        reasons=tuple(str(r) for r in json.loads(health.reasons_json or "[]")),
+        actions=tuple(str(a) for a in summary.get("actions", ())),
+        metrics={},
+        n_rows=int(summary.get("rows", 0)),
+        n_labelled=int(summary.get("labelled_rows", 0)),
+    )
+    evaluated_at = from_ts(health, "evaluated_at") or datetime.now(UTC)
+    return ModelStatus(health.model, health.version, evaluation, 0, evaluated_at)
+
+
 # --- to the store ------------------------------------------------------------------------------
 
 

@@ -73,6 +73,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # How long a model's lease lasts unless renewed (each tick renews it): a monitor that dies
 # hands its models to the others this long after its last tick at the latest.
 DEFAULT_LEASE_SECONDS = 10
+# With other monitors evaluating some of the models, their latest levels are read from the
+# store this often, so this monitor's status and dashboard still show every model.
+PEER_STATUS_SECONDS = 5.0
 # Evaluations in flight at once unless configured: enough to overlap store reads with the
 # numpy work of others, few enough that a burst of due models does not swamp the store.
 DEFAULT_CONCURRENT_EVALUATIONS = 8
@@ -397,16 +400,20 @@ class Monitor:
                 targets.append(AlertTarget(action, "record", {"path": str(self.record_path)}))
         return targets
 
-    def _publish(self, status: ModelStatus) -> None:
+    def _publish(self, status: ModelStatus, *, peer: bool = False) -> None:
+        """Show `status`; the gauges only for this monitor's own evaluations (`peer`: another
+        monitor's, which exports them itself)."""
         ev = status.evaluation
         self.statuses[status.model] = status
+        for queue in self._subscribers:
+            queue.put_nowait(status)
+        if peer:
+            return
         HEALTH.labels(status.model, status.version).set(ev.level.rank)
         for name, result in ev.metrics.items():
             if result.value is not None:
                 METRIC.labels(status.model, status.version, name).set(result.value)
         DRIFTED.labels(status.model, status.version).set(len(ev.drifted.get("any", ())))
-        for queue in self._subscribers:
-            queue.put_nowait(status)
 
     async def watch(self, model: str) -> AsyncIterator[ModelStatus]:
         queue: asyncio.Queue[ModelStatus] = asyncio.Queue()
@@ -502,6 +509,25 @@ class Monitor:
                 task.cancel()
         if models:
             LEASED.set(len(self._leases))
+
+    async def follow_peers(self, listed: dict[str, ModelInfo]) -> None:
+        """Statuses of the serving models other monitors evaluate, from the store's health:
+        published (status, dashboard) when newer than what this monitor shows."""
+        response = await self.store.GetHealth(
+            store_pb.GetHealthRequest(), timeout=self.request_timeout
+        )
+        for health in response.health:
+            info = listed.get(health.model)
+            if info is None or info.version != health.version:
+                continue
+            status = convert.status_from_health(health)
+            shown = self.statuses.get(health.model)
+            # A model held here shows this monitor's own (fuller) evaluation once it has one.
+            newer = shown is None or (
+                not self.holds(health.model) and shown.evaluated_at < status.evaluated_at
+            )
+            if newer:
+                self._publish(status, peer=True)
 
     async def _release_leases(self) -> None:
         """On a clean stop: hand the models to the other monitors now, not at expiry."""
@@ -632,12 +658,16 @@ class Monitor:
         """List the models and renew their leases every tick; start the round of each leased
         model when it is due, not at the next tick."""
         models: dict[str, ModelInfo] = {}
-        listed_at = -math.inf
+        listed_at = followed_at = -math.inf
         while True:
             try:
                 if time.monotonic() - listed_at >= self.tick_seconds:
                     listed_at = time.monotonic()
-                    models = await self.lease(await self._monitored_models())
+                    listed = await self._monitored_models()
+                    models = await self.lease(listed)
+                    if len(models) < len(listed) and listed_at - followed_at >= PEER_STATUS_SECONDS:
+                        followed_at = listed_at
+                        await self.follow_peers(listed)
             except grpc.RpcError as exc:
                 log.warning("store unavailable for scheduling (%s)", exc.code().name)
             except Exception:

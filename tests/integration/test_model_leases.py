@@ -207,6 +207,11 @@ async def test_two_monitors_evaluate_each_model_once(
         assert b.statuses == {}
         assert len(a._leases) == 3 and len(b._leases) == 2
         assert set(a._leases).isdisjoint(b._leases)
+        # b shows every model all the same: a's evaluations, from the store.
+        await b.follow_peers(await b._monitored_models())
+        assert sorted(b.statuses) == MODELS
+        assert all(s.evaluated_at >= a.statuses[s.model].evaluated_at for s in b.statuses.values())
+        assert {s.level for s in b.statuses.values()} == {a.statuses[m].level for m in MODELS}
     finally:
         await a.stop()
         await b.stop()
