@@ -204,6 +204,8 @@ def test_a_port_already_taken_is_refused_and_nothing_starts(tmp_path: Path) -> N
             "--public-port, --store-port: must differ",
         ),
         (["--idle-timeout", "soon"], "--idle-timeout"),
+        (["--stores", "0"], "--stores"),
+        (["--monitors", "0"], "--monitors"),
     ],
 )
 def test_bad_flags_name_the_flag_and_start_nothing(
