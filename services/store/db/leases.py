@@ -80,16 +80,22 @@ class LeasesMixin(StoreBase):
                     (holder, lease, wanted, share - len(held)),
                 )
                 acquired = [str(r[0]) for r in await cur.fetchall()]
+            evaluated: dict[str, datetime] = {}
+            if acquired:  # only a model new to the holder needs its last evaluation
+                cur = await c.execute(
+                    "SELECT model, max(evaluated_at) FROM model_health WHERE model = ANY(%s)"
+                    " GROUP BY model",
+                    (acquired,),
+                )
+                evaluated = {str(m): at for m, at in await cur.fetchall()}
             cur = await c.execute(
-                "SELECT l.model, l.expires_at, h.evaluated_at FROM model_leases l"
-                " LEFT JOIN (SELECT model, max(evaluated_at) AS evaluated_at FROM model_health"
-                " GROUP BY model) h ON h.model = l.model WHERE l.holder = %s ORDER BY l.model",
+                "SELECT model, expires_at FROM model_leases WHERE holder = %s ORDER BY model",
                 (holder,),
             )
             taken = set(acquired)
             leases = [
-                ModelLease(str(m), expires, str(m) in taken, evaluated)
-                for m, expires, evaluated in await cur.fetchall()
+                ModelLease(str(m), expires, str(m) in taken, evaluated.get(str(m)))
+                for m, expires in await cur.fetchall()
             ]
         return LeaseOutcome(leases, holders, share)
 
