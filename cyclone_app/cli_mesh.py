@@ -1,6 +1,6 @@
 """`cyclone up`, `down`, `status` and the rollout commands: the mesh as one product.
 
-Registered on the main app by `cyclone.cli`; kept apart so the command file stays readable.
+Registered on the main app by `cyclone_app.cli`; kept apart so the command file stays readable.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
-from cyclone.cli_output import console as make_console
 from cyclone.local_mesh import DEFAULT_PORTS, default_data_dir, read_mesh, resolve
+from cyclone_app.cli_output import console as make_console
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -304,7 +304,7 @@ def collect_status(
             "components": {k: vars(v) for k, v in mesh.components.items()},
         }
         out["mesh"]["revisions"] = _revision_processes(mesh.repository, mesh.data_dir)
-    from cyclone.cli_errors import describe_failure
+    from cyclone_app.cli_errors import describe_failure
 
     problems: list[str] = []
     models: dict[str, Any] = out["models"]
@@ -584,8 +584,8 @@ def _show_rollout(r: Any) -> None:
 def _trainer_call(trainer: str | None, call: Any) -> Any:
     import grpc
 
-    from cyclone.cli_errors import describe_failure
     from cyclone.client import TrainerClient
+    from cyclone_app.cli_errors import describe_failure
 
     target = resolve("trainer", trainer)
     try:

@@ -1,0 +1,3 @@
+from cyclone_app.cli import app
+
+app(prog_name="cyclone")
