@@ -57,8 +57,8 @@ ENTRY = store_pb.ModelVersion(
 
 @pytest.fixture(scope="module")
 def credit_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
-    from cyclone.examples import credit_frame, credit_pipeline
     from cyclone.models.convert import import_pipeline
+    from cyclone_app.examples import credit_frame, credit_pipeline
 
     root = tmp_path_factory.mktemp("scale-out-repo")
     frame = credit_frame(200, seed=3)
