@@ -504,7 +504,8 @@ class Monitor:
             self._leases.pop(model, None)
             self._taken_over.pop(model, None)
             self._next_due.pop(model, None)
-            task = self._rounds.get(model)
+            self._waiting.pop(model, None)
+            task = self._rounds.pop(model, None)  # gone now: not overdue, not in a round
             if task is not None:
                 task.cancel()
         if models:
@@ -611,10 +612,12 @@ class Monitor:
                     self._next_due[model] = math.inf
                 await self._probe_and_evaluate(info, start, due, probe_due)
         finally:
-            self._waiting.pop(model, None)
-            self._rounds.pop(model, None)
-            if self._next_due.get(model) == math.inf:
-                self._next_due[model] = time.monotonic()  # no plan read: try again next tick
+            # A round cancelled because its lease ended is no longer the model's round.
+            if self._rounds.get(model) is asyncio.current_task():
+                self._waiting.pop(model, None)
+                self._rounds.pop(model, None)
+                if self._next_due.get(model) == math.inf:
+                    self._next_due[model] = time.monotonic()  # no plan read: try next tick
 
     async def _probe_and_evaluate(
         self, info: ModelInfo, start: float, due: float | None, probe_due: bool
@@ -636,8 +639,8 @@ class Monitor:
                 evaluation_due |= await self.probe(model, plan)
             except Exception:
                 log.exception("probing %s failed", model)
-        taken_at = self._taken_over.pop(model, None)
-        if evaluation_due and due is not None and taken_at is not None:
+        taken_at = self._taken_over.pop(model, None) if due is not None else None
+        if evaluation_due and taken_at is not None:
             # Taken from another monitor: its last evaluation counts, the schedule carries on.
             wait = (taken_at - datetime.now(UTC)).total_seconds() + plan.every_seconds
             if wait > 0:
@@ -672,11 +675,18 @@ class Monitor:
                 log.warning("store unavailable for scheduling (%s)", exc.code().name)
             except Exception:
                 log.exception("monitor schedule failed")
-            # Leases end by the clock even while the store cannot be reached.
-            self._end_expired_leases()
-            models = {m: info for m, info in models.items() if m in self._leases}
-            self._start_due(models)  # rounds run on their own: the loop never waits for them
-            wake = min(listed_at + self.tick_seconds, self._earliest_due(models))
+            try:
+                # Leases end by the clock even while the store cannot be reached.
+                self._end_expired_leases()
+                models = {m: info for m, info in models.items() if m in self._leases}
+                self._start_due(models)  # rounds run on their own: the loop never waits
+            except Exception:
+                log.exception("monitor schedule failed")
+            wake = min(
+                listed_at + self.tick_seconds,
+                self._earliest_due(models),
+                min(self._leases.values(), default=math.inf),  # a lease ends: stop at once
+            )
             await asyncio.sleep(max(0.005, wake - time.monotonic()))
 
     # -- known-answer probes -------------------------------------------------------------------

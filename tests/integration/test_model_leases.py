@@ -256,3 +256,43 @@ async def test_a_lost_lease_stops_the_evaluation_in_flight(
         store_pb.ListMetricPointsRequest(model=MODELS[0], metric="level"), timeout=10
     )
     assert list(points.points) == []
+
+
+async def test_leases_end_by_the_clock_when_the_store_is_gone(
+    fresh_database_url: str, tmp_path: Path
+) -> None:
+    settings = StoreSettings(
+        port=0, database_url=fresh_database_url, log_level="WARNING", pool_min_size=1
+    )
+    started = await start_store(settings)
+    address = f"127.0.0.1:{started.server.port}"
+    async with aio.insecure_channel(address) as channel:
+        await register_models(
+            store_grpc.StoreServiceStub(channel), ENTRY, MODELS[:1], every_seconds=60
+        )
+    monitor = Monitor(
+        address, record_path=tmp_path / "a.jsonl", holder="a", lease_seconds=3, tick_seconds=0.2
+    )
+    reading, never = asyncio.Event(), asyncio.Event()
+
+    async def held(info: ModelInfo, plan: object) -> Window:
+        reading.set()
+        await never.wait()  # the window read hangs: the round is in flight when the store goes
+        raise AssertionError("unreachable")
+
+    monitor.read_window = held  # type: ignore[method-assign]
+    await monitor.start(schedule=True)
+    try:
+        await asyncio.wait_for(reading.wait(), 10)
+        assert monitor.holds(MODELS[0])
+        gone_at = asyncio.get_running_loop().time()
+        await started.server.stop(0)  # the store goes away: no renewal from now on
+
+        async def lease_ended() -> bool:
+            return not monitor.holds(MODELS[0]) and not monitor._rounds
+
+        await eventually(lease_ended, 10, "the lease ends and the round in flight stops")
+        assert asyncio.get_running_loop().time() - gone_at <= 3 + 0.5
+    finally:
+        await monitor.stop()
+    assert monitor.statuses == {}
