@@ -336,14 +336,16 @@ class Monitor:
         *,
         info: ModelInfo | None = None,
         plan: tuple[Plan, int] | None = None,
+        fenced: bool = False,
     ) -> tuple[ModelStatus, list[int]]:
         """Evaluate `model` now. The schedule passes the version and plan it already holds;
-        without them both are read from the store."""
+        without them both are read from the store. `fenced`: recorded only while this monitor
+        holds the model's lease (the store refuses it otherwise)."""
         lock = self._locks.setdefault(model, asyncio.Lock())
         async with lock:
             # Its alerts keep this span's trace: their delivery and any retrain continue it.
             with telemetry.span("monitor.evaluate", attributes={"cyclone.model": model}):
-                return await self._evaluate(model, info, plan)
+                return await self._evaluate(model, info, plan, fenced)
 
     async def read_window(self, info: ModelInfo, plan: Plan) -> Window:
         """The plan's window of `info`'s version: one GetTrainingData stream."""
@@ -356,7 +358,11 @@ class Monitor:
         return window_from_chunks(chunks, info.task)
 
     async def _evaluate(
-        self, model: str, info: ModelInfo | None, planned: tuple[Plan, int] | None
+        self,
+        model: str,
+        info: ModelInfo | None,
+        planned: tuple[Plan, int] | None,
+        fenced: bool = False,
     ) -> tuple[ModelStatus, list[int]]:
         if info is None:
             info = await self._model_version(model)
@@ -369,6 +375,8 @@ class Monitor:
         record = convert.evaluation_to_store(
             status, metric_points(status), self._alerts_for(plan, ev)
         )
+        if fenced:
+            record.lease_holder = self.holder
         traceparent = telemetry.current_traceparent()
         for alert in record.alerts:
             alert.traceparent = traceparent
@@ -653,7 +661,15 @@ class Monitor:
         # does not pile up the next.
         self._next_due[model] = start + plan.every_seconds
         try:
-            await self.evaluate_model(model, info=info, plan=planned)
+            await self.evaluate_model(model, info=info, plan=planned, fenced=True)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                log.exception("evaluating %s failed; next try in %ds", model, plan.every_seconds)
+                return
+            # The store says the lease ended before the record: another monitor has it now.
+            log.info("%s: lease ended before its evaluation was recorded; not recorded", model)
+            self._leases.pop(model, None)
+            LEASED.set(len(self._leases))
         except Exception:
             log.exception("evaluating %s failed; next try in %ds", model, plan.every_seconds)
 

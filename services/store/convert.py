@@ -234,6 +234,7 @@ def evaluation_from_pb(r: pb.RecordEvaluationRequest, now: datetime) -> Evaluati
         summary=load_json(r.summary_json, "summary_json", {}),
         points=points,
         alerts=alerts,
+        lease_holder=r.lease_holder,
     )
 
 

@@ -190,6 +190,8 @@ class EvaluationRecord:
     summary: dict[str, Any]
     points: list[MetricPoint]
     alerts: list[Alert]
+    # Recorded only while this monitor holds the model's lease ("": unconditionally).
+    lease_holder: str = ""
 
 
 class Store:
@@ -425,7 +427,14 @@ class Store:
         if ev.level not in LEVELS:
             raise InvalidArgument(f"level: expected one of {', '.join(LEVELS)}, got {ev.level!r}")
         return await self.db.record_evaluation(
-            ev.model, ev.version, ev.level, ev.reasons, ev.summary, ev.points, ev.alerts
+            ev.model,
+            ev.version,
+            ev.level,
+            ev.reasons,
+            ev.summary,
+            ev.points,
+            ev.alerts,
+            lease_holder=ev.lease_holder or None,
         )
 
     async def health(self, model: str) -> list[Health]:

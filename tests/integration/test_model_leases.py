@@ -296,3 +296,31 @@ async def test_leases_end_by_the_clock_when_the_store_is_gone(
     finally:
         await monitor.stop()
     assert monitor.statuses == {}
+
+
+async def test_an_evaluation_is_recorded_only_under_its_lease(
+    store: tuple[str, store_grpc.StoreServiceStub],
+) -> None:
+    _, stub = store
+
+    def record(holder: str) -> store_pb.RecordEvaluationRequest:
+        return store_pb.RecordEvaluationRequest(
+            model="model-0", version="1", level="GREEN", lease_holder=holder
+        )
+
+    await _lease(stub, "a", MODELS[:1])
+    await stub.RecordEvaluation(record("a"), timeout=10)
+    await expect_error(
+        stub.RecordEvaluation(record("b"), timeout=10),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "lease_holder",
+    )
+    await stub.ReleaseModelLeases(store_pb.ReleaseModelLeasesRequest(holder="a"), timeout=10)
+    await expect_error(
+        stub.RecordEvaluation(record("a"), timeout=10),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "lease_holder",
+    )
+    await stub.RecordEvaluation(record(""), timeout=10)  # unfenced (EvaluateNow): recorded
+    health = await stub.GetHealth(store_pb.GetHealthRequest(model="model-0"), timeout=10)
+    assert len(health.health) == 1

@@ -1357,6 +1357,7 @@ class RecordEvaluationRequest(_message.Message):
     SUMMARY_JSON_FIELD_NUMBER: _builtins.int
     POINTS_FIELD_NUMBER: _builtins.int
     ALERTS_FIELD_NUMBER: _builtins.int
+    LEASE_HOLDER_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name."""
     version: _builtins.str
@@ -1367,6 +1368,11 @@ class RecordEvaluationRequest(_message.Message):
     """Why, JSON list."""
     summary_json: _builtins.str
     """Summary for the status page, JSON object."""
+    lease_holder: _builtins.str
+    """The monitor's lease holder id (LeaseModels). When set, the evaluation is
+    recorded only while that holder holds the model's lease, else
+    FAILED_PRECONDITION: a monitor whose lease ended records nothing.
+    """
     @_builtins.property
     def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricPoint]:
         """Metric values."""
@@ -1385,10 +1391,11 @@ class RecordEvaluationRequest(_message.Message):
         summary_json: _builtins.str = ...,
         points: _abc.Iterable[Global___MetricPoint] | None = ...,
         alerts: _abc.Iterable[Global___AlertRecord] | None = ...,
+        lease_holder: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "level", b"level", "model", b"model", "points", b"points", "reasons_json", b"reasons_json", "summary_json", b"summary_json", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "lease_holder", b"lease_holder", "level", b"level", "model", b"model", "points", b"points", "reasons_json", b"reasons_json", "summary_json", b"summary_json", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,6 +10,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from ._base import StoreBase
+from .leases import check_lease
 from .types import Alert, MetricPoint
 
 
@@ -44,13 +45,19 @@ class HealthMixin(StoreBase):
         summary: dict[str, Any],
         points: Sequence[MetricPoint],
         alerts: Sequence[Alert],
+        *,
+        lease_holder: str | None = None,
     ) -> EvaluationOutcome:
         """Store one evaluation; on a level change also queue `alerts`, atomically.
 
         The row lock on model_health serialises concurrent monitors, so one level change
-        raises its alerts exactly once.
+        raises its alerts exactly once. With `lease_holder`, only while that holder holds the
+        model's lease (the lease row stays locked until commit, so it cannot be released or
+        taken meanwhile).
         """
         async with self.transaction() as conn:
+            if lease_holder is not None:
+                await check_lease(conn, model, lease_holder)
             cur = await conn.execute(
                 "SELECT level FROM model_health WHERE model = %s AND version = %s FOR UPDATE",
                 (model, version),

@@ -7,11 +7,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from ._base import StoreBase
+from cyclone.errors import FailedPrecondition
+
+from ._base import Conn, StoreBase
+from .types import StoreError
 
 # Serialises lease calls: each is a handful of statements on small tables once per monitor
 # tick, and a fair share needs a consistent count of holders and leases.
 LEASE_LOCK_KEY = 0x6C65617365  # "lease" in ASCII
+
+
+class LeaseLostError(StoreError, FailedPrecondition):
+    """The caller no longer holds the lease it acts under."""
+
+
+async def check_lease(conn: Conn, model: str, holder: str) -> None:
+    """Raise LeaseLostError unless `holder` holds `model`'s unexpired lease; the lease row
+    stays locked (shared) until the caller's transaction ends."""
+    cur = await conn.execute(
+        "SELECT 1 FROM model_leases WHERE model = %s AND holder = %s AND expires_at > now()"
+        " FOR SHARE",
+        (model, holder),
+    )
+    if await cur.fetchone() is None:
+        raise LeaseLostError(
+            f"lease_holder: {holder!r} does not hold the lease of model {model!r}"
+            " (it ended or another monitor took it)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
