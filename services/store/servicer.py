@@ -1,4 +1,10 @@
-"""`cyclone.store.v1.StoreService`: protobuf in, `Store` (domain.py) call, protobuf out."""
+"""`cyclone.store.v1.StoreService`: protobuf in, one `Store` (the domain package) call,
+protobuf out.
+
+This class holds the registry, prediction and label RPCs and mixes in the others by area
+(`monitoring_rpcs`, `training_rpcs`, `rollout_rpcs`); every one goes servicer -> `convert` ->
+`domain.Store` -> `db.StoreDB`.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +30,6 @@ Context: TypeAlias = aio.ServicerContext[Any, Any]
 
 class StoreServicer(MonitoringRpcs, TrainingRpcs, RolloutRpcs, pb_grpc.StoreServiceServicer):
     def __init__(self, db: StoreDB) -> None:
-        self.db = db
         self.store = Store(db)
 
     @rpc_errors(translate=database_errors)

@@ -8,6 +8,8 @@ from typing import Any, Final
 
 from psycopg.types.json import Jsonb
 
+from cyclone.errors import FailedPrecondition, InvalidArgument
+
 from ._base import StoreBase
 from .registry import RegistryMixin
 from .types import ModelVersion, NotFoundError, StoreError
@@ -24,7 +26,7 @@ JOB_STATES: Final = (
 ACTIVE_STATES: Final = ("queued", "running")
 
 
-class JobEndedError(StoreError):
+class JobEndedError(StoreError, FailedPrecondition):
     """The job has ended (or is not in the expected state); it can no longer change."""
 
 
@@ -172,7 +174,7 @@ class TrainingMixin(RegistryMixin, StoreBase):
             if row is None:
                 raise NotFoundError(f"job_id: {job_id} not found")
             if row[0] != mv.model:
-                raise ValueError(f"model_version.model: job {job_id} retrains {row[0]!r}")
+                raise InvalidArgument(f"model_version.model: job {job_id} retrains {row[0]!r}")
             if row[1] != "running":
                 raise JobEndedError(f"job_id: job {job_id} is {row[1]}, not running")
             # AlreadyExistsError propagates and rolls the whole transaction back.
