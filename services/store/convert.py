@@ -233,7 +233,7 @@ def evaluation_from_pb(r: pb.RecordEvaluationRequest, now: datetime) -> Evaluati
         version=r.version,
         level=r.level,
         reasons=load_json(r.reasons_json, "reasons_json", []),
-        summary=load_json(r.summary_json, "summary_json", {}),
+        summary=load_json_object(r.summary_json, "summary_json") or {},
         points=points,
         alerts=alerts,
     )

@@ -602,6 +602,41 @@ async def test_registry_errors(stub: pb_grpc.StoreServiceStub) -> None:
     assert [v.version for v in listed.model_versions] == ["1"]
 
 
+async def test_json_postgresql_would_refuse_is_invalid_argument_naming_the_field(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    """Python parses 1e999 as infinity and jsonb refuses both that and \\u0000: the store's
+    one JSON policy refuses them up front instead of failing in the database."""
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    for field, text in (
+        ("evaluation_json", '{"auc": 1e999}'),
+        ("reference_profile_json", '{"city": "\\u0000"}'),
+        ("hyperparameters_json", "null"),
+    ):
+        version = pb.ModelVersion(model=HOUSE, version="1", **{field: text})
+        await expect_error(
+            stub.RegisterModelVersion(pb.RegisterModelVersionRequest(model_version=version)),
+            invalid,
+            f"model_version.{field}: ",
+        )
+    await expect_error(
+        stub.GetModelVersion(pb.GetModelVersionRequest(model=HOUSE)), grpc.StatusCode.NOT_FOUND
+    )
+    record = pb.RecordEvaluationRequest(model="m", version="1", level="GREEN")
+    record.points.add(metric="accuracy", value=0.9, details_json='{"n": -1e400}')
+    await expect_error(
+        stub.RecordEvaluation(record), invalid, "points[0].details_json: not valid JSON"
+    )
+    # The summary is the status page's JSON object, not any JSON value.
+    summary = pb.RecordEvaluationRequest(model="m", version="1", level="GREEN", summary_json="[1]")
+    await expect_error(
+        stub.RecordEvaluation(summary),
+        invalid,
+        "summary_json: expected a JSON object, got an array",
+    )
+    assert list((await stub.GetHealth(pb.GetHealthRequest())).health) == []
+
+
 # --- GetStats ----------------------------------------------------------------------------
 
 

@@ -112,9 +112,12 @@ def load_json(text: str | bytes, field: str, default: Any = None) -> Any:
 
 
 def load_json_object(text: str, field: str) -> dict[str, Any] | None:
-    """A JSON object field: the object, or None when the text is empty."""
+    """A JSON object field: the object, or None when the text is empty (`null` is not an
+    object: empty text is how a caller says "none")."""
+    if not text:
+        return None
     value = load_json(text, field)
-    if value is not None and not isinstance(value, dict):
+    if not isinstance(value, dict):
         raise InvalidArgument(f"{field}: expected a JSON object, got {_json_type(value)}")
     return value
 
