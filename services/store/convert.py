@@ -36,7 +36,6 @@ from services.store.db import (
     TrainingChunk,
 )
 from services.store.db.rollouts import RolloutEventRow, RolloutRow
-from services.store.db.training import TrainingJob
 from services.store.domain import (
     EvaluationRecord,
     JobUpdate,
@@ -343,38 +342,6 @@ def job_update_from_pb(r: pb.UpdateTrainingJobRequest) -> JobUpdate:
         if message.HasField(field):
             changes[name] = load_metrics(getattr(r, field), field)
     return JobUpdate(r.job_id, changes, r.expected_state)
-
-
-def job_to_pb(j: TrainingJob) -> pb.TrainingJob:
-    """The store's one conversion of a job record. Its readers convert it on: the monitor's
-    `services/monitor/convert.py::job_from_store` (a summary for status and the dashboard) and
-    the trainer's `services/trainer/servicer.py::job_to_pb` (the trainer API's `Job`)."""
-    return pb.TrainingJob(
-        id=j.id,
-        model=j.model,
-        state=j.state,
-        alert_id=j.alert_id or 0,
-        reason=j.reason,
-        stage=j.stage,
-        created_at=ts_or_none(j.created_at),
-        started_at=ts_or_none(j.started_at),
-        finished_at=ts_or_none(j.finished_at),
-        message=j.message,
-        new_version=j.new_version or "",
-        window_start=ts_or_none(j.window_start),
-        window_end=ts_or_none(j.window_end),
-        window_rows=j.window_rows or 0,
-        train_rows=j.train_rows or 0,
-        holdout_rows=j.holdout_rows or 0,
-        champion_metrics_json=json.dumps(j.champion_metrics) if j.champion_metrics else "",
-        challenger_metrics_json=json.dumps(j.challenger_metrics) if j.challenger_metrics else "",
-        decision=j.decision,
-        rollout_id=j.rollout_id or "",
-        champion_version=j.champion_version or "",
-        family=j.family or "",
-        owner=j.owner,
-        updated_at=ts_or_none(j.updated_at),
-    )
 
 
 def trained_version_from_pb(r: pb.RegisterTrainedVersionRequest) -> ModelVersion | None:

@@ -1,6 +1,8 @@
 """Store RPCs the trainer uses: retraining jobs and the registration of retrained versions.
 
 Mixed into `StoreServicer`; like it, each method only translates protobuf around one `Store` call.
+A job goes out through `cyclone.wire.job_to_pb`, the one conversion of the job record, which the
+trainer and the monitor read back with `wire.job_from_pb`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from grpc import aio
 
 from cyclone.rpc_errors import rpc_errors
 from cyclone.store.v1 import store_service_pb2 as pb
+from cyclone.wire import job_to_pb
 from services.store import convert
 from services.store.domain import Store
 from services.store.errors import database_errors
@@ -30,35 +33,35 @@ class TrainingRpcs:
         job, created = await self.store.create_training_job(
             request.model, request.alert_id, request.reason, request.owner
         )
-        return pb.CreateTrainingJobResponse(job=convert.job_to_pb(job), created=created)
+        return pb.CreateTrainingJobResponse(job=job_to_pb(job), created=created)
 
     @rpc_errors(translate=database_errors)
     async def UpdateTrainingJob(
         self, request: pb.UpdateTrainingJobRequest, context: Context
     ) -> pb.UpdateTrainingJobResponse:
         job = await self.store.update_training_job(convert.job_update_from_pb(request))
-        return pb.UpdateTrainingJobResponse(job=convert.job_to_pb(job))
+        return pb.UpdateTrainingJobResponse(job=job_to_pb(job))
 
     @rpc_errors(translate=database_errors)
     async def GetTrainingJob(
         self, request: pb.GetTrainingJobRequest, context: Context
     ) -> pb.GetTrainingJobResponse:
         job = await self.store.get_training_job(request.job_id)
-        return pb.GetTrainingJobResponse(job=convert.job_to_pb(job))
+        return pb.GetTrainingJobResponse(job=job_to_pb(job))
 
     @rpc_errors(translate=database_errors)
     async def ListTrainingJobs(
         self, request: pb.ListTrainingJobsRequest, context: Context
     ) -> pb.ListTrainingJobsResponse:
         jobs = await self.store.list_training_jobs(request.model, request.state, request.limit)
-        return pb.ListTrainingJobsResponse(jobs=[convert.job_to_pb(j) for j in jobs])
+        return pb.ListTrainingJobsResponse(jobs=[job_to_pb(j) for j in jobs])
 
     @rpc_errors(translate=database_errors)
     async def FailOrphanedTrainingJobs(
         self, request: pb.FailOrphanedTrainingJobsRequest, context: Context
     ) -> pb.FailOrphanedTrainingJobsResponse:
         jobs = await self.store.fail_orphaned_training_jobs(request.owner, request.reason)
-        return pb.FailOrphanedTrainingJobsResponse(jobs=[convert.job_to_pb(j) for j in jobs])
+        return pb.FailOrphanedTrainingJobsResponse(jobs=[job_to_pb(j) for j in jobs])
 
     @rpc_errors(translate=database_errors)
     async def RegisterTrainedVersion(
@@ -68,5 +71,5 @@ class TrainingRpcs:
             request.job_id, convert.trained_version_from_pb(request)
         )
         return pb.RegisterTrainedVersionResponse(
-            model_version=convert.model_version_to_pb(stored), job=convert.job_to_pb(job)
+            model_version=convert.model_version_to_pb(stored), job=job_to_pb(job)
         )
