@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cyclone.errors import InvalidArgument
+from cyclone.errors import InvalidArgument, NotFound
 from services.store.db import ModelVersion, StoreDB
 from services.store.db.rollouts import RolloutEventRow, RolloutRow
 from services.store.domain import JobUpdate, RolloutUpdate, Store, checks
@@ -154,6 +154,12 @@ def test_finite_numbers_names_the_key() -> None:
     for bad in (math.nan, math.inf, -math.inf):
         with pytest.raises(InvalidArgument, match=r"^events\[2\]\.numbers\[p99\]: must be finite"):
             checks.finite_numbers("events[2].numbers", {"ok": 1.0, "p99": bad})
+
+
+def test_found_is_the_value_or_not_found_naming_the_field() -> None:
+    assert checks.found(0, "job_id: 0 not found") == 0  # falsy is still found
+    with pytest.raises(NotFound, match=r"^job_id: 7 not found$"):
+        checks.found(None, "job_id: 7 not found")
 
 
 def test_one_of_lists_the_choices() -> None:

@@ -13,10 +13,18 @@ from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
-from cyclone.errors import InvalidArgument
+from cyclone.errors import InvalidArgument, NotFound
 from cyclone.models.schema import validate_name
 
 T = TypeVar("T", bound=str)
+R = TypeVar("R")
+
+
+def found(value: R | None, missing: str) -> R:
+    """`value`, or NOT_FOUND saying `missing` ("<field>: ... not found") when there is none."""
+    if value is None:
+        raise NotFound(missing)
+    return value
 
 
 def require(field: str, value: str) -> str:

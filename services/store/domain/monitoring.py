@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cyclone.errors import InvalidArgument, NotFound
+from cyclone.errors import InvalidArgument
 from services.store.db import (
     Alert,
     EvaluationOutcome,
@@ -18,7 +18,7 @@ from services.store.db import (
     StoreDB,
 )
 
-from .checks import check_window, limit, not_negative, one_of, positive, require
+from .checks import check_window, found, limit, not_negative, one_of, positive, require
 
 MAX_CLAIM = 1000
 # Per-minute traffic over more than this is a report, not a chart.
@@ -49,13 +49,11 @@ class MonitoringArea:
     async def get_plan(self, model: str, revision: int) -> Plan:
         require("model", model)
         not_negative("revision", revision)
-        plan = await self.db.get_plan(model, revision or None)
-        if plan is None:
-            raise NotFound(
-                f"model: {model!r} has no monitoring plan"
-                + (f" revision {revision}" if revision else "")
-            )
-        return plan
+        return found(
+            await self.db.get_plan(model, revision or None),
+            f"model: {model!r} has no monitoring plan"
+            + (f" revision {revision}" if revision else ""),
+        )
 
     async def record_evaluation(self, ev: EvaluationRecord) -> EvaluationOutcome:
         require("model", ev.model)
@@ -111,10 +109,7 @@ class MonitoringArea:
     async def acknowledge_alert(self, alert_id: int) -> Alert:
         positive("alert_id", alert_id)
         await self.db.acknowledge_alert(alert_id)
-        alert = await self.db.get_alert(alert_id)
-        if alert is None:
-            raise NotFound(f"alert_id: {alert_id} not found")
-        return alert
+        return found(await self.db.get_alert(alert_id), f"alert_id: {alert_id} not found")
 
     async def list_alerts(self, model: str, status: str, max_alerts: int) -> list[Alert]:
         if status:

@@ -168,7 +168,9 @@ class PredictionsArea(RegistryArea):
         schema = mv.schema or {}
         kinds = {f["name"]: f.get("kind", "numeric") for f in schema.get("features", [])}
         classes = [str(c) for c in schema.get("class_labels", [])]
-        last_n, version = request.last_n or None, request.version or None
+        # Both readers take the same window: (start, end, last_n, version, chunk_rows).
+        window = (start, end, request.last_n or None, request.version or None, chunk_rows)
+        unlabelled = request.include_unlabelled
         if kinds and mv.task:
             # The schema is known: PostgreSQL hands over typed columns, no JSON in Python.
             columns = self.db.training_columns(
@@ -176,23 +178,11 @@ class PredictionsArea(RegistryArea):
                 list(kinds.items()),
                 mv.task,
                 classes,
-                start,
-                end,
-                last_n,
-                version,
-                chunk_rows,
-                include_unlabelled=request.include_unlabelled,
+                *window,
+                include_unlabelled=unlabelled,
             )
             return TrainingStream(kinds, mv.task, classes, columns)
-        chunks = self.db.training_data(
-            request.model,
-            start,
-            end,
-            last_n,
-            version,
-            chunk_rows,
-            include_unlabelled=request.include_unlabelled,
-        )
+        chunks = self.db.training_data(request.model, *window, include_unlabelled=unlabelled)
         return TrainingStream(kinds, mv.task, classes, chunks)
 
     async def query_predictions(self, q: PredictionQuery) -> tuple[list[PredictionRow], str]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from cyclone.errors import InvalidArgument, NotFound
+from cyclone.errors import InvalidArgument
 from services.store.db import AlreadyExistsError, ModelStats, ModelStatus, ModelVersion, StoreDB
 
-from .checks import name, one_of, require
+from .checks import found, name, one_of, require
 
 TASKS = ("regression", "classification")
 
@@ -44,10 +44,7 @@ class RegistryArea:
 
     async def resolve_version(self, model: str) -> ModelVersion:
         """The version a model's labels and windows follow: serving, else the latest."""
-        mv = await self._find_version(model, "")
-        if mv is None:
-            raise NotFound(f"model: {model!r} is not registered")
-        return mv
+        return found(await self._find_version(model, ""), f"model: {model!r} is not registered")
 
     async def register_model_version(
         self, mv: ModelVersion, *, if_not_exists: bool
@@ -63,10 +60,10 @@ class RegistryArea:
             raise already_registered(mv, existing) from None
 
     async def get_model_version(self, model: str, version: str) -> ModelVersion:
-        mv = await self._find_version(model, version)
-        if mv is None:
-            raise NotFound(f"version: {model!r} {version or '(any)'} is not registered")
-        return mv
+        return found(
+            await self._find_version(model, version),
+            f"version: {model!r} {version or '(any)'} is not registered",
+        )
 
     async def list_model_versions(self, model: str) -> list[ModelVersion]:
         return await self.db.list_model_versions(model or None)

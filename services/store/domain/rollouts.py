@@ -12,7 +12,7 @@ from cyclone.rollout_strategies import STRATEGIES
 from services.store.db import StoreDB
 from services.store.db.rollouts import ROLLOUT_STATES, RolloutEventRow, RolloutRow
 
-from .checks import finite_numbers, limit, one_of, percent, positive, require
+from .checks import finite_numbers, found, limit, one_of, percent, positive, require
 
 MAX_LIST = 1000
 
@@ -79,10 +79,10 @@ class RolloutsArea:
         )
 
     async def get_rollout(self, rollout_id: int) -> RolloutRow:
-        found = await self.db.get_rollout_row(positive("rollout_id", rollout_id))
-        if found is None:
-            raise NotFound(f"rollout_id: rollout {rollout_id} not found")
-        return found
+        return found(
+            await self.db.get_rollout_row(positive("rollout_id", rollout_id)),
+            f"rollout_id: rollout {rollout_id} not found",
+        )
 
     async def list_rollouts(self, model: str, active_only: bool, count: int) -> list[RolloutRow]:
         """Newest first, each with its events."""

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cyclone.errors import InvalidArgument, NotFound
+from cyclone.errors import InvalidArgument
 from services.store.db import AlreadyExistsError, ModelVersion, StoreDB, TrainingJob
 from services.store.db.training import JOB_STATES
 
-from .checks import limit, name, not_negative, one_of, positive, require
+from .checks import found, limit, name, not_negative, one_of, positive, require
 from .registry import already_registered, check_new_version
 
 MAX_JOBS = 1000
@@ -61,10 +61,7 @@ class TrainingArea:
 
     async def get_training_job(self, job_id: int) -> TrainingJob:
         positive("job_id", job_id)
-        job = await self.db.get_training_job(job_id)
-        if job is None:
-            raise NotFound(f"job_id: {job_id} not found")
-        return job
+        return found(await self.db.get_training_job(job_id), f"job_id: {job_id} not found")
 
     async def list_training_jobs(self, model: str, state: str, count: int) -> list[TrainingJob]:
         if state:
