@@ -17,9 +17,7 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from cyclone.errors import InvalidArgument
 from cyclone.store.v1 import store_service_pb2 as pb
-from cyclone.telemetry import valid_traceparent
 from cyclone.wire import from_ts, ts_or_none
 from services.store.db import (
     Alert,
@@ -46,6 +44,7 @@ from services.store.domain import (
     TrainingStream,
 )
 from services.store.domain.checks import load_json, load_json_object, load_metrics
+from services.store.domain.training import JOB_COUNTS
 
 STATUS_TO_PB = {
     "staged": pb.MODEL_STATUS_STAGED,
@@ -223,7 +222,7 @@ def evaluation_from_pb(r: pb.RecordEvaluationRequest, now: datetime) -> Evaluati
             previous_level=a.previous_level or None,
             reasons=load_json(a.reasons_json, f"alerts[{i}].reasons_json", []),
             targets=[target_from_pb(t) for t in a.targets],
-            traceparent=_traceparent(a.traceparent, f"alerts[{i}].traceparent"),
+            traceparent=a.traceparent,
         )
         for i, a in enumerate(r.alerts)
     ]
@@ -236,12 +235,6 @@ def evaluation_from_pb(r: pb.RecordEvaluationRequest, now: datetime) -> Evaluati
         points=points,
         alerts=alerts,
     )
-
-
-def _traceparent(text: str, field: str) -> str:
-    if text and not valid_traceparent(text):
-        raise InvalidArgument(f"{field}: not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
-    return text
 
 
 def health_to_pb(h: Health) -> pb.ModelHealth:
@@ -321,7 +314,6 @@ def alert_to_pb(a: Alert) -> pb.AlertRecord:
 
 # UpdateTrainingJob's optional fields by kind; each is the job column of the same name.
 _JOB_TEXT = ("state", "stage", "message", "decision", "rollout_id", "champion_version", "family")
-_JOB_COUNTS = ("window_rows", "train_rows", "holdout_rows")
 _JOB_TIMES = ("started_at", "finished_at", "window_start", "window_end")
 _JOB_METRICS = ("champion_metrics", "challenger_metrics")
 
@@ -330,7 +322,7 @@ def job_update_from_pb(r: pb.UpdateTrainingJobRequest) -> JobUpdate:
     """The fields the caller set: proto3 `optional` presence says which."""
     message: Message = r  # the names come from the tuples above: look them up untyped
     changes: dict[str, Any] = {}
-    for name in (*_JOB_TEXT, *_JOB_COUNTS):
+    for name in (*_JOB_TEXT, *JOB_COUNTS):
         if message.HasField(name):
             changes[name] = getattr(r, name)
     for name in _JOB_TIMES:

@@ -14,9 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cyclone.errors import InvalidArgument, NotFound
-from services.store.db import ModelVersion, StoreDB
+from services.store.db import Alert, ModelVersion, StoreDB
 from services.store.db.rollouts import RolloutEventRow, RolloutRow
-from services.store.domain import JobUpdate, RolloutUpdate, Store, checks
+from services.store.domain import EvaluationRecord, JobUpdate, RolloutUpdate, Store, checks
 
 # JSON values PostgreSQL's jsonb stores and gives back: finite doubles, no NUL in any text.
 _text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)))
@@ -162,6 +162,14 @@ def test_found_is_the_value_or_not_found_naming_the_field() -> None:
         checks.found(None, "job_id: 7 not found")
 
 
+def test_traceparent_is_w3c_or_empty() -> None:
+    good = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    assert checks.traceparent("alerts[0].traceparent", good) == good
+    assert checks.traceparent("alerts[0].traceparent", "") == ""
+    with pytest.raises(InvalidArgument, match=r"^alerts\[0\]\.traceparent: not a W3C traceparent"):
+        checks.traceparent("alerts[0].traceparent", "00-not-a-trace-01")
+
+
 def test_one_of_lists_the_choices() -> None:
     assert checks.one_of("state", "paused", ("paused", "done")) == "paused"
     with pytest.raises(InvalidArgument, match=r"^state: expected one of paused, done, got 'x'$"):
@@ -251,6 +259,14 @@ def _event(**overrides: Any) -> RolloutEventRow:
         (lambda s: s.fail_orphaned_training_jobs("", ""), "owner: empty"),
         (lambda s: s.list_rollouts("", False, 1001), "limit: must be between 1 and 1000"),
         (lambda s: s.get_training_job(0), "job_id: must be positive"),
+        (
+            lambda s: s.record_evaluation(
+                EvaluationRecord(
+                    "m", "1", "RED", [], {}, [], [Alert("m", "RED", "1", traceparent="00-x-01")]
+                )
+            ),
+            "alerts[0].traceparent: not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)",
+        ),
     ],
 )
 async def test_the_domain_refuses_bad_requests_before_the_database(call: Any, message: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from cyclone.errors import InvalidArgument, NotFound
 from cyclone.models.schema import validate_name
+from cyclone.telemetry import valid_traceparent
 
 T = TypeVar("T", bound=str)
 R = TypeVar("R")
@@ -80,6 +81,13 @@ def finite_numbers(field: str, numbers: Mapping[str, float]) -> dict[str, float]
         if not math.isfinite(value):
             raise InvalidArgument(f"{field}[{key}]: must be finite, got {value}")
     return dict(numbers)
+
+
+def traceparent(field: str, text: str) -> str:
+    """A W3C traceparent, or nothing."""
+    if text and not valid_traceparent(text):
+        raise InvalidArgument(f"{field}: not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
+    return text
 
 
 def check_window(start: datetime | None, end: datetime | None) -> None:

@@ -18,7 +18,7 @@ from services.store.db import (
     StoreDB,
 )
 
-from .checks import check_window, found, limit, not_negative, one_of, positive, require
+from .checks import check_window, found, limit, not_negative, one_of, positive, require, traceparent
 
 MAX_CLAIM = 1000
 # Per-minute traffic over more than this is a report, not a chart.
@@ -59,6 +59,8 @@ class MonitoringArea:
         require("model", ev.model)
         require("version", ev.version)
         one_of("level", ev.level, LEVELS)
+        for i, alert in enumerate(ev.alerts):
+            traceparent(f"alerts[{i}].traceparent", alert.traceparent)
         return await self.db.record_evaluation(
             ev.model, ev.version, ev.level, ev.reasons, ev.summary, ev.points, ev.alerts
         )

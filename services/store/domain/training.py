@@ -15,7 +15,7 @@ from .registry import already_registered, check_new_version
 
 MAX_JOBS = 1000
 # The job's counters UpdateTrainingJob may set; a count is never negative.
-COUNTS = ("window_rows", "train_rows", "holdout_rows")
+JOB_COUNTS = ("window_rows", "train_rows", "holdout_rows")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class TrainingArea:
             one_of("expected_state", update.expected_state, JOB_STATES)
         if "state" in update.changes:
             one_of("state", update.changes["state"], JOB_STATES)
-        for count in COUNTS:
+        for count in JOB_COUNTS:
             if count in update.changes:
                 not_negative(count, update.changes[count])
         if not update.changes:
