@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any, TypeAlias
-
-from grpc import aio
 
 from cyclone.rpc_errors import rpc_errors
 from cyclone.store.v1 import store_service_pb2 as pb
@@ -23,9 +20,8 @@ from services.store.domain import Store
 from services.store.errors import database_errors
 from services.store.monitoring_rpcs import MonitoringRpcs
 from services.store.rollout_rpcs import RolloutRpcs
+from services.store.rpc_area import Context
 from services.store.training_rpcs import TrainingRpcs
-
-Context: TypeAlias = aio.ServicerContext[Any, Any]
 
 
 class StoreServicer(MonitoringRpcs, TrainingRpcs, RolloutRpcs, pb_grpc.StoreServiceServicer):

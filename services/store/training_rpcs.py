@@ -7,25 +7,15 @@ trainer and the monitor read back with `wire.job_from_pb`.
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
-
-from grpc import aio
-
 from cyclone.rpc_errors import rpc_errors
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.wire import job_to_pb
 from services.store import convert
-from services.store.domain import Store
 from services.store.errors import database_errors
+from services.store.rpc_area import Context, RpcArea
 
-Context: TypeAlias = aio.ServicerContext[Any, Any]
 
-
-class TrainingRpcs:
-    """Mixed into StoreServicer, which provides `self.store`."""
-
-    store: Store
-
+class TrainingRpcs(RpcArea):
     @rpc_errors(translate=database_errors)
     async def CreateTrainingJob(
         self, request: pb.CreateTrainingJobRequest, context: Context
