@@ -820,6 +820,18 @@ async def test_training_data_and_query_reject_bad_requests(stub: pb_grpc.StoreSe
         query(feature_filter=pb.FeatureFilter(name="rooms", op="=")), invalid, "feature_filter"
     )
     await expect_error(query(start=ts(at(9)), end=ts(at(1))), invalid, "end")
+    # Before, a NaN tolerance matched nothing and a negative one called every row wrong.
+    for tolerance in (math.nan, -0.5, math.inf):
+        await expect_error(
+            query(wrong_only=True, tolerance=tolerance),
+            invalid,
+            f"tolerance: must be a finite number >= 0, got {tolerance}",
+        )
+    await expect_error(
+        query(feature_filter=pb.FeatureFilter(name="rooms", op=">", number=math.nan)),
+        invalid,
+        "feature_filter.number: must be finite, got nan",
+    )
     await expect_error(stub.QueryPredictions(pb.QueryPredictionsRequest()), invalid, "model")
     # Still all there.
     assert (await stats(stub, HOUSE)).predictions == 3

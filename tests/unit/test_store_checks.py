@@ -149,6 +149,15 @@ def test_percent_takes_0_to_100_and_refuses_nan(value: float) -> None:
             checks.percent("current_weight", value)
 
 
+@given(st.floats())
+def test_a_not_negative_number_is_finite_and_at_least_zero(value: float) -> None:
+    if math.isfinite(value) and value >= 0:
+        assert checks.not_negative_number("tolerance", value) == value
+    else:
+        with pytest.raises(InvalidArgument, match=r"^tolerance: must be a finite number >= 0"):
+            checks.not_negative_number("tolerance", value)
+
+
 def test_finite_numbers_names_the_key() -> None:
     assert checks.finite_numbers("numbers", {"p": 0.5}) == {"p": 0.5}
     for bad in (math.nan, math.inf, -math.inf):

@@ -76,11 +76,23 @@ def percent(field: str, value: float) -> float:
     return value
 
 
+def finite(field: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{field}: must be finite, got {value}")
+    return value
+
+
 def finite_numbers(field: str, numbers: Mapping[str, float]) -> dict[str, float]:
     for key, value in numbers.items():
-        if not math.isfinite(value):
-            raise InvalidArgument(f"{field}[{key}]: must be finite, got {value}")
+        finite(f"{field}[{key}]", value)
     return dict(numbers)
+
+
+def not_negative_number(field: str, value: float) -> float:
+    """A finite number >= 0 (a tolerance, a distance)."""
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidArgument(f"{field}: must be a finite number >= 0, got {value}")
+    return value
 
 
 def traceparent(field: str, text: str) -> str:

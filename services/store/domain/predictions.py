@@ -24,7 +24,17 @@ from services.store.db import (
 )
 from services.store.db.copy_binary import Payload, RecordError, WireRecord, encode_predictions
 
-from .checks import check_window, limit, load_json, not_negative, one_of, parse_uuid7, require
+from .checks import (
+    check_window,
+    finite,
+    limit,
+    load_json,
+    not_negative,
+    not_negative_number,
+    one_of,
+    parse_uuid7,
+    require,
+)
 from .registry import RegistryArea
 
 MAX_PAGE_SIZE = 1000
@@ -189,6 +199,7 @@ class PredictionsArea(RegistryArea):
         """One page of predictions and the next page's token ("" at the end)."""
         require("model", q.model)
         page_size = limit("page_size", q.page_size, MAX_PAGE_SIZE, 100)
+        not_negative_number("tolerance", q.tolerance)
         check_window(q.start, q.end)
         feature_filter = None
         if q.feature_filter is not None:
@@ -197,6 +208,8 @@ class PredictionsArea(RegistryArea):
             one_of("feature_filter.op", op, FILTER_OPS)
             if value is None:
                 raise InvalidArgument("feature_filter: set number or text")
+            if not isinstance(value, str):
+                finite("feature_filter.number", value)
             feature_filter = FeatureFilter(name, op, value)  # type: ignore[arg-type]
         try:
             rows, token = await self.db.query_predictions(
