@@ -598,6 +598,15 @@ async def test_registry_errors(stub: pb_grpc.StoreServiceStub) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "model_version.version",
     )
+    await expect_error(
+        stub.RegisterModelVersion(
+            pb.RegisterModelVersionRequest(
+                model_version=pb.ModelVersion(model=HOUSE, version="3", training_rows=-1)
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "model_version.training_rows: must not be negative",
+    )
     listed = await stub.ListModelVersions(pb.ListModelVersionsRequest(model=HOUSE))
     assert [v.version for v in listed.model_versions] == ["1"]
 

@@ -265,6 +265,18 @@ def _event(**overrides: Any) -> RolloutEventRow:
             "model_version.status: a retrained version starts as staged",
         ),
         (lambda s: s.register_trained_version(7, None), "model_version: missing"),
+        (
+            lambda s: s.register_model_version(
+                ModelVersion(model="m", version="2", training_rows=-5), if_not_exists=False
+            ),
+            "model_version.training_rows: must not be negative",
+        ),
+        (
+            lambda s: s.register_trained_version(
+                7, ModelVersion(model="m", version="2", sha256="ab", triggering_alert_id=-1)
+            ),
+            "model_version.triggering_alert_id: must not be negative",
+        ),
         (lambda s: s.fail_orphaned_training_jobs("", ""), "owner: empty"),
         (lambda s: s.list_rollouts("", False, 1001), "limit: must be between 1 and 1000"),
         (lambda s: s.get_training_job(0), "job_id: must be positive"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from cyclone.errors import InvalidArgument
 from services.store.db import AlreadyExistsError, ModelStats, ModelStatus, ModelVersion, StoreDB
 
-from .checks import found, name, one_of, require
+from .checks import found, name, not_negative, one_of, require
 
 TASKS = ("regression", "classification")
 
@@ -22,6 +22,8 @@ def check_new_version(mv: ModelVersion) -> None:
         )
     name("model_version.model", mv.model)
     name("model_version.version", mv.version)
+    not_negative("model_version.training_rows", mv.training_rows or 0)
+    not_negative("model_version.triggering_alert_id", mv.triggering_alert_id or 0)
 
 
 def already_registered(mv: ModelVersion, existing: ModelVersion | None) -> InvalidArgument:
