@@ -5,18 +5,12 @@ Mixed into `StoreServicer`; like it, each method only translates protobuf around
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
-
-from grpc import aio
-
 from cyclone import wire
 from cyclone.rpc_errors import rpc_errors
 from cyclone.store.v1 import store_service_pb2 as pb
 from services.store.db import ModelLease
-from services.store.domain import Store
 from services.store.errors import database_errors
-
-Context: TypeAlias = aio.ServicerContext[Any, Any]
+from services.store.rpc_area import Context, RpcArea
 
 
 def lease_to_pb(lease: ModelLease) -> pb.ModelLease:
@@ -28,11 +22,7 @@ def lease_to_pb(lease: ModelLease) -> pb.ModelLease:
     return message
 
 
-class LeaseRpcs:
-    """Mixed into StoreServicer, which provides `self.store`."""
-
-    store: Store
-
+class LeaseRpcs(RpcArea):
     @rpc_errors(translate=database_errors)
     async def LeaseModels(
         self, request: pb.LeaseModelsRequest, context: Context

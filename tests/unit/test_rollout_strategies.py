@@ -65,7 +65,7 @@ def test_unspecified_and_unknown_strategies() -> None:
 
 
 def test_the_plan_and_the_store_check_against_the_same_list() -> None:
-    from services.store.db import rollouts as store_rollouts
+    from services.store.domain import rollouts as store_rollouts
 
     assert store_rollouts.STRATEGIES is rollout_strategies.STRATEGIES
     for name in STRATEGIES:
