@@ -39,6 +39,7 @@ from services.store.db import (
     PredictionRow,
     StoreDB,
     TrainingChunk,
+    TrainingJob,
 )
 from services.store.db.copy_binary import Payload, RecordError, WireRecord, encode_predictions
 
@@ -485,6 +486,63 @@ class Store:
             )
         count = limit("limit", max_alerts, MAX_CLAIM, 100)
         return await self.db.list_alerts(model or None, status or None, count)
+
+    # -- training jobs: ownership as a lease ---------------------------------------------------
+
+    async def create_training_job(
+        self, model: str, alert_id: int, reason: str, owner: str, lease_seconds: float
+    ) -> tuple[TrainingJob, bool]:
+        """Queue a job leased to `owner`; an alert's existing job instead (created=False)."""
+        try:
+            validate_name("model", model)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if alert_id < 0:
+            raise InvalidArgument("alert_id: must not be negative")
+        lease = lease_of("lease_seconds", lease_seconds)
+        job, created = await self.db.create_training_job(
+            model, alert_id or None, reason, owner, lease
+        )
+        if job.model != model:
+            raise InvalidArgument(
+                f"alert_id: alert {alert_id} already has a job for model {job.model!r}"
+            )
+        return job, created
+
+    async def heartbeat_training_jobs(self, owner: str, lease_seconds: float) -> list[int]:
+        require("owner", owner)
+        return await self.db.heartbeat_training_jobs(
+            owner, lease_of("lease_seconds", lease_seconds)
+        )
+
+    async def claim_training_jobs(
+        self, owner: str, lease_seconds: float, reason: str, max_jobs: int
+    ) -> tuple[list[TrainingJob], list[TrainingJob]]:
+        """(queued jobs now `owner`'s, running ones failed): those whose lease expired."""
+        require("owner", owner)
+        return await self.db.claim_training_jobs(
+            owner,
+            lease_of("lease_seconds", lease_seconds),
+            reason or "its trainer stopped renewing the job's lease before it finished",
+            limit("limit", max_jobs, MAX_PAGE_SIZE, 100),
+        )
+
+
+# A job's lease when the caller names none, and the longest one (a trainer that stopped
+# must not hold its jobs for long).
+DEFAULT_LEASE_SECONDS = 60.0
+MAX_LEASE_SECONDS = 3600.0
+
+
+def lease_of(field: str, seconds: float) -> float:
+    """A lease length: 0 means the default, otherwise more than 0 and at most an hour."""
+    if seconds == 0:
+        return DEFAULT_LEASE_SECONDS
+    if not 0 < seconds <= MAX_LEASE_SECONDS:
+        raise InvalidArgument(
+            f"{field}: must be more than 0 and at most {MAX_LEASE_SECONDS:g} s, got {seconds:g}"
+        )
+    return seconds
 
 
 def _check_alert_id(alert_id: int) -> None:

@@ -16,6 +16,7 @@ from cyclone.store.v1 import store_service_pb2 as pb
 from services.store import convert
 from services.store.db import AlreadyExistsError, JobEndedError, StoreDB, TrainingJob
 from services.store.db.training import JOB_STATES
+from services.store.domain import Store
 from services.store.errors import database_errors
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
@@ -53,6 +54,7 @@ def job_to_pb(j: TrainingJob) -> pb.TrainingJob:
         family=j.family or "",
         owner=j.owner,
         updated_at=wire.ts_or_none(j.updated_at),
+        lease_expires_at=wire.ts_or_none(j.lease_expires_at),
     )
 
 
@@ -114,24 +116,15 @@ class TrainingRpcs:
     """Mixed into StoreServicer, which provides `self.db`."""
 
     db: StoreDB
+    store: Store
 
     @rpc_errors(translate=database_errors)
     async def CreateTrainingJob(
         self, request: pb.CreateTrainingJobRequest, context: Context
     ) -> pb.CreateTrainingJobResponse:
-        try:
-            validate_name("model", request.model)
-        except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
-        if request.alert_id < 0:
-            raise InvalidArgument("alert_id: must not be negative")
-        job, created = await self.db.create_training_job(
-            request.model, request.alert_id or None, request.reason, request.owner
+        job, created = await self.store.create_training_job(
+            request.model, request.alert_id, request.reason, request.owner, request.lease_seconds
         )
-        if job.model != request.model:
-            raise InvalidArgument(
-                f"alert_id: alert {request.alert_id} already has a job for model {job.model!r}"
-            )
         return pb.CreateTrainingJobResponse(job=job_to_pb(job), created=created)
 
     @rpc_errors(translate=database_errors)
@@ -149,7 +142,10 @@ class TrainingRpcs:
                     raise NotFound(f"job_id: {request.job_id} not found")
             else:
                 job = await self.db.update_training_job(
-                    request.job_id, changes, request.expected_state or None
+                    request.job_id,
+                    changes,
+                    request.expected_state or None,
+                    request.expected_owner or None,
                 )
         except JobEndedError as exc:
             raise FailedPrecondition(str(exc)) from None
@@ -188,6 +184,24 @@ class TrainingRpcs:
             request.owner, request.reason or "the trainer restarted while the job was unfinished"
         )
         return pb.FailOrphanedTrainingJobsResponse(jobs=[job_to_pb(j) for j in jobs])
+
+    @rpc_errors(translate=database_errors)
+    async def HeartbeatTrainingJobs(
+        self, request: pb.HeartbeatTrainingJobsRequest, context: Context
+    ) -> pb.HeartbeatTrainingJobsResponse:
+        ids = await self.store.heartbeat_training_jobs(request.owner, request.lease_seconds)
+        return pb.HeartbeatTrainingJobsResponse(job_ids=ids)
+
+    @rpc_errors(translate=database_errors)
+    async def ClaimTrainingJobs(
+        self, request: pb.ClaimTrainingJobsRequest, context: Context
+    ) -> pb.ClaimTrainingJobsResponse:
+        claimed, failed = await self.store.claim_training_jobs(
+            request.owner, request.lease_seconds, request.reason, request.limit
+        )
+        return pb.ClaimTrainingJobsResponse(
+            claimed=[job_to_pb(j) for j in claimed], failed=[job_to_pb(j) for j in failed]
+        )
 
     @rpc_errors(translate=database_errors)
     async def RegisterTrainedVersion(

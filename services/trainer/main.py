@@ -15,7 +15,13 @@ from cyclone.server import CycloneServer
 from cyclone.settings import ServerSettings, SettingsError
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
-from services.trainer.jobs import REMOTE_TIMEOUT_SECONDS, JobRunner, RolloutStarter
+from services.trainer.jobs import (
+    REMOTE_TIMEOUT_SECONDS,
+    JobRunner,
+    RolloutStarter,
+    ServeImmediately,
+    StoreJobGateway,
+)
 from services.trainer.servicer import TrainerServicer
 from services.trainer.traffic import TrafficPlane
 
@@ -103,10 +109,10 @@ def build_trainer_server(
     if rollout is None and traffic is not None:
         rollout = traffic.start_rollout
     runner = JobRunner(
-        store,
+        StoreJobGateway(store, settings.model_repository),
         settings.model_repository,
         max_parallel=settings.max_parallel_jobs,
-        rollout=rollout,
+        rollout=rollout or ServeImmediately(store),
         dispatcher=NomadDispatcher(settings) if settings.job_executor == "nomad" else None,
         remote_timeout=settings.remote_job_timeout_seconds,
     )
@@ -166,7 +172,12 @@ async def run_one_job(settings: TrainerSettings) -> int:
     get_plugins()
     async with aio_channel(settings.store) as channel:
         store = store_grpc.StoreServiceStub(channel)
-        runner = JobRunner(store, settings.model_repository, max_parallel=1)
+        runner = JobRunner(
+            StoreJobGateway(store, settings.model_repository),
+            settings.model_repository,
+            rollout=ServeImmediately(store),
+            max_parallel=1,
+        )
         job = await runner.run_one(int(text))
     log.info("job %d of %s ended %s: %s", job.id, job.model, job.state, job.message)
     return 1 if job.state == "failed" else 0
