@@ -27,7 +27,7 @@ Nomad, `worker.py` the worker processes, `ports.py` the protocols, `store_gatewa
 (the only module here that touches store protobufs), `model.py` the `Job` record.
 """
 
-from .model import TERMINAL, Job, JobGone, StoreFailure, WorkerDied
+from .model import TERMINAL, Claimed, Job, JobGone, StoreFailure, WorkerDied
 from .ports import JobDispatcher, JobStore, RolloutStarter, Worker
 from .remote import REMOTE_TIMEOUT_SECONDS
 from .runner import LEASE_SECONDS, JobRunner, default_owner
@@ -38,6 +38,7 @@ __all__ = [
     "LEASE_SECONDS",
     "REMOTE_TIMEOUT_SECONDS",
     "TERMINAL",
+    "Claimed",
     "Job",
     "JobDispatcher",
     "JobGone",
