@@ -73,6 +73,8 @@ _METHOD_SCOPES: Mapping[str, Scope] = {
     "/cyclone.store.v1.StoreService/CreateTrainingJob": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/UpdateTrainingJob": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/FailOrphanedTrainingJobs": Scope.INTERNAL,
+    "/cyclone.store.v1.StoreService/HeartbeatTrainingJobs": Scope.INTERNAL,
+    "/cyclone.store.v1.StoreService/ClaimTrainingJobs": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/RegisterTrainedVersion": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/CreateRollout": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/UpdateRollout": Scope.INTERNAL,

@@ -200,6 +200,8 @@ def test_internal_rpcs_have_no_rest_mapping_and_the_rest_do(descriptor: Any) -> 
             "CreateTrainingJob",
             "UpdateTrainingJob",
             "FailOrphanedTrainingJobs",
+            "HeartbeatTrainingJobs",
+            "ClaimTrainingJobs",
             "RegisterTrainedVersion",
             "CreateRollout",
             "UpdateRollout",

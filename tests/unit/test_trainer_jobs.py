@@ -373,3 +373,34 @@ async def test_a_worker_process_that_dies_is_reported_as_worker_died() -> None:
             await worker.write_version(b"", MODEL, "/nonexistent", "2", pd.DataFrame(), {})
     finally:
         worker.close()
+
+
+def test_the_servicer_sends_the_domain_job_as_the_trainer_proto() -> None:
+    from cyclone.trainer.v1 import trainer_service_pb2 as pb
+    from services.trainer import convert
+
+    start = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    job = Job(
+        7,
+        MODEL,
+        "rejected",
+        alert_id=3,
+        window_rows=10,
+        train_rows=7,
+        holdout_rows=3,
+        window_start=start,
+        window_end=start + timedelta(hours=1),
+        champion_metrics={"rmse": 2.0},
+        challenger_metrics={"rmse": 2.5},
+        created_at=start,
+    )
+    sent = convert.job_to_pb(job)
+    assert sent.state == pb.JOB_STATE_REJECTED and sent.alert_id == 3
+    assert (sent.window.rows, sent.window.train_rows, sent.window.holdout_rows) == (10, 7, 3)
+    assert sent.window.start.ToDatetime(tzinfo=UTC) == start
+    assert dict(sent.challenger_metrics) == {"rmse": 2.5}
+    assert sent.created_at.ToDatetime(tzinfo=UTC) == start
+    assert not sent.HasField("finished_at")
+    assert convert.job_state_from_pb(pb.JOB_STATE_QUEUED) == "queued"
+    with pytest.raises(Exception, match="state: unknown job state 99"):
+        convert.job_state_from_pb(99)

@@ -23,7 +23,7 @@ from cyclone.errors import InvalidArgument
 from cyclone.models.schema import validate_name
 from services.trainer.fit import JobFailure
 
-from .model import Job, JobGone, StoreFailure, WorkerDied
+from .model import DISPATCHED, Job, JobGone, StoreFailure, WorkerDied
 from .ports import JobDispatcher, JobStore, RolloutStarter, Worker
 from .remote import REMOTE_TIMEOUT_SECONDS, run_remote
 from .stages import JobStages
@@ -136,7 +136,7 @@ class JobRunner:
             try:
                 # Not the job's owner (the dispatching trainer is): no owner check on writes.
                 stages = self._stages(job_id, job.model, worker, owner="")
-                await self._run(stages, roll_out=job.stage != "dispatched")
+                await self._run(stages, roll_out=job.stage != DISPATCHED)
             finally:
                 worker.close()
         return await self.store.get(job_id)
