@@ -121,7 +121,9 @@ class JobRunner:
     async def _claim_expired(self) -> None:
         claimed = await self.store.claim(self.owner, self.lease_seconds, TAKEN_OVER)
         for job in claimed.failed:
-            log.warning("job %d of %s was left %s; marked failed", job.id, job.model, job.stage)
+            log.warning(
+                "job %d of %s: its trainer's lease expired; marked failed", job.id, job.model
+            )
         for job in claimed.queued:
             log.info("job %d of %s was left queued; taken over", job.id, job.model)
             self._enqueue(job.model, job.id)
