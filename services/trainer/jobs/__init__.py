@@ -30,12 +30,13 @@ Nomad, `worker.py` the worker processes, `ports.py` the protocols, `store_gatewa
 from .model import TERMINAL, Claimed, Job, JobGone, StoreFailure, WorkerDied
 from .ports import JobDispatcher, JobStore, RolloutStarter, Worker
 from .remote import REMOTE_TIMEOUT_SECONDS
-from .runner import LEASE_SECONDS, JobRunner, default_owner
+from .runner import LEASE_SECONDS, MAX_LEASE_SECONDS, JobRunner, default_owner
 from .store_gateway import ServeImmediately, StoreJobGateway
 from .worker import ProcessWorker, spawn_pool
 
 __all__ = [
     "LEASE_SECONDS",
+    "MAX_LEASE_SECONDS",
     "REMOTE_TIMEOUT_SECONDS",
     "TERMINAL",
     "Claimed",

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # How long a trainer holds its jobs without renewing them; a trainer that died loses its jobs
 # this long after its last heartbeat (another trainer, or its restart, takes them over).
 LEASE_SECONDS = 30.0
+# The store's limit on a lease.
+MAX_LEASE_SECONDS = 3600.0
 TAKEN_OVER = (
     "its trainer stopped or restarted before the job finished (lease expired); retrain again"
 )
