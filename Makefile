@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m cyclone demo
+	$(PY) -m cyclone_app demo
 
 # Test processes (pytest-xdist; each has its own embedded PostgreSQL and temp dirs). Most of
 # the suite waits on processes, sockets and PostgreSQL, so two workers pay off on two cores.
@@ -27,8 +27,8 @@ test: $(STAMP) check-generated lint typecheck protos-lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cyclone services plugins bench tests
-	$(VENV)/bin/ruff format --check cyclone services plugins bench tests
+	$(VENV)/bin/ruff check cyclone cyclone_app services plugins bench tests
+	$(VENV)/bin/ruff format --check cyclone cyclone_app services plugins bench tests
 	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)

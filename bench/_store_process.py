@@ -38,7 +38,7 @@ def scratch_database() -> Iterator[str]:
 def start_store_process(url: str) -> tuple[subprocess.Popen[bytes], str]:
     """`cyclone serve store` on database `url`; the process and its address."""
     port = free_port()
-    command = [PYTHON, "-m", "cyclone", "serve", "store", "--port", str(port)]
+    command = [PYTHON, "-m", "cyclone_app", "serve", "store", "--port", str(port)]
     command += ["--database-url", url, "--metrics-port", "-1"]
     store = start_process(command, port, timeout=60)
     return store, f"127.0.0.1:{port}"

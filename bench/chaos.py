@@ -30,7 +30,7 @@ from typing import Any
 import joblib
 
 from cyclone.client import InferenceClient, build_request
-from cyclone.examples import credit_frame, credit_pipeline
+from cyclone_app.examples import credit_frame, credit_pipeline
 from services.launch import free_port
 
 ROW = {"age": 41, "income": 52000, "debt_ratio": 0.31, "city": "porto"}
@@ -151,7 +151,15 @@ class Mesh:
         flags = [a for name, port in self.ports.items() for a in (f"--{name}-port", str(port))]
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "cyclone", "up", "--data-dir", str(self.data_dir), *flags],
+                [
+                    sys.executable,
+                    "-m",
+                    "cyclone_app",
+                    "up",
+                    "--data-dir",
+                    str(self.data_dir),
+                    *flags,
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=self.env,
@@ -168,7 +176,7 @@ class Mesh:
 
     def cli(self, *args: str) -> str:
         result = subprocess.run(
-            [sys.executable, "-m", "cyclone", *args],
+            [sys.executable, "-m", "cyclone_app", *args],
             capture_output=True,
             text=True,
             env=self.env,

@@ -21,11 +21,11 @@ from pathlib import Path
 from bench._common import Figures, median
 from cyclone.channels import aio_channel
 from cyclone.client import MODEL_HEADER
-from cyclone.examples import credit_frame, credit_pipeline
 from cyclone.inference.v1 import inference_service_pb2 as inference_pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from cyclone.models.convert import import_pipeline
 from cyclone.traffic import revision_name
+from cyclone_app.examples import credit_frame, credit_pipeline
 from services.launch import start_store, start_trainer
 from services.store.main import StoreSettings
 from services.trainer.main import TrainerSettings

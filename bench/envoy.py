@@ -23,9 +23,9 @@ import numpy as np
 from bench._common import PYTHON, Figures, free_port, percentile, start_process, stop_process
 from bench.inference import PREDICT, predict_payload, unary_load
 from cyclone.envoy import EnvoyProxy, EnvoySettings
-from cyclone.examples import bench_regressor
 from cyclone.models.convert import import_pipeline
 from cyclone.traffic import Endpoint, Revision, TrafficSplit
+from cyclone_app.examples import bench_regressor
 
 
 def rest_load(address: str, body: bytes, concurrency: int, seconds: float) -> tuple[float, float]:
@@ -93,7 +93,7 @@ def main() -> None:
         import_pipeline(model, "rf", Path(tmp) / "models")
         port = free_port()
         server = start_process(
-            [PYTHON, "-m", "cyclone", "serve", "inference", "--model-repository",
+            [PYTHON, "-m", "cyclone_app", "serve", "inference", "--model-repository",
              f"{tmp}/models", "--model", "rf", "--port", str(port), "--metrics-port", "-1"],
             port,
         )  # fmt: skip

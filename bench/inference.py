@@ -41,10 +41,10 @@ from grpc import aio
 from bench._common import PYTHON, Figures, free_port, percentile, start_process, stop_process
 from bench._store_process import scratch_database, start_store_process
 from bench.mlserver_peer import mlserver_executable, start_mlserver
-from cyclone.examples import bench_regressor
 from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.models.convert import import_pipeline
 from cyclone.oip.v2 import open_inference_pb2 as oip
+from cyclone_app.examples import bench_regressor
 from services.launch import spawn
 
 PREDICT = "/cyclone.inference.v1.InferenceService/Predict"

@@ -30,7 +30,7 @@ PostgreSQL: $CYCLONE_DATABASE_URL (a scratch database is created there and dropp
 embedded server in a temp dir with fsync off.
 
 With `--scenarios`, instead: the whole loop through `cyclone up` with the default plan on the
-generated worlds of `cyclone/worlds.py` -- per scenario, retrains while stable, time from the
+generated worlds of `cyclone_app/worlds.py` -- per scenario, retrains while stable, time from the
 change to a new version serving all traffic, and the recovered accuracy against an oracle
 fitted on exactly the post-change rows (`bench/loop_scenarios.py`; one run each).
 
@@ -56,7 +56,6 @@ from grpc import aio
 
 from bench._common import ROOT, Figures
 from bench.store import scratch_database
-from cyclone.examples import BIKE_FEATURES, bike_frame, bike_pipeline
 from cyclone.models.convert import import_pipeline
 from cyclone.plan import default_plan, plan_to_yaml
 from cyclone.rollout_plan import RedBlackSpec, RolloutSpec
@@ -64,6 +63,7 @@ from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
+from cyclone_app.examples import BIKE_FEATURES, bike_frame, bike_pipeline
 from services.launch import Spawned, free_port, spawn
 from services.store.db import uuid7
 
@@ -311,7 +311,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="10000,100000", help="window sizes, comma-separated")
     parser.add_argument(
-        "--scenarios", default="", help="worlds to run through cyclone up (cyclone/worlds.py)"
+        "--scenarios", default="", help="worlds to run through cyclone up (cyclone_app/worlds.py)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --scenarios worlds")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """The loop on generated worlds, through the mesh `cyclone up` starts, with the default plan.
 
-Per scenario of `cyclone/worlds.py` (one run each): a champion fitted on the old world is
+Per scenario of `cyclone_app/worlds.py` (one run each): a champion fitted on the old world is
 imported with its sample and labels, `cyclone up` starts (store, trainer + Envoy + revisions,
 monitor), the generated default plan is kept except for the schedule and the monitoring
 window (the sizes a user tunes; the default canary's pace stays), and requests with their labels
@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from cyclone.worlds import FEATURES, LABEL, RECOVERABLE, World, champion_pipeline
+from cyclone_app.worlds import FEATURES, LABEL, RECOVERABLE, World, champion_pipeline
 
 MODEL = "world"
 RATE = 300.0  # rows a second

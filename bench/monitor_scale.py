@@ -75,10 +75,10 @@ class SizeResult:
 
 def credit_entry() -> store_pb.ModelVersion:
     """The credit example's registry entry (schema, reference profile, baseline)."""
-    from cyclone.examples import credit_frame, credit_pipeline
     from cyclone.models.convert import import_pipeline
     from cyclone.models.registration import registry_entry
     from cyclone.models.repository import ModelRepository
+    from cyclone_app.examples import credit_frame, credit_pipeline
 
     with tempfile.TemporaryDirectory(prefix="cyclone-bench-monitor-") as root:
         sample = credit_frame(2000, seed=0)
@@ -128,7 +128,7 @@ async def register_models(
 def _traffic(rows: int, seed: int) -> list[tuple[str, str, str]]:
     """(input JSON, output JSON, label JSON) of `rows` credit applicants like the reference's,
     predicted right about three times in four."""
-    from cyclone.examples import credit_frame
+    from cyclone_app.examples import credit_frame
 
     rng = random.Random(seed)
     frame = credit_frame(rows, seed=seed)

@@ -44,12 +44,12 @@ from bench._common import Figures, median, percentile
 from cyclone.channels import aio_channel
 from cyclone.client import MODEL_HEADER, build_request
 from cyclone.envoy import EnvoyProxy, EnvoySettings
-from cyclone.examples import CREDIT_FEATURES, credit_frame
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from cyclone.models.convert import import_pipeline
 from cyclone.oip.v2 import open_inference_pb2 as oip_pb
 from cyclone.oip.v2 import open_inference_pb2_grpc as oip_grpc
 from cyclone.traffic import Revision, TrafficSplit
+from cyclone_app.examples import CREDIT_FEATURES, credit_frame
 from plugins.orchestrator_local import LocalOrchestrator
 
 ZIPF_S = 1.1

@@ -24,7 +24,6 @@ from bench._common import Figures
 from bench.inference import PREDICT, predict_payload, unary_load
 from cyclone.channels import aio_channel
 from cyclone.envoy import EnvoyProxy, EnvoySettings
-from cyclone.examples import bench_regressor
 from cyclone.inference.v1 import inference_service_pb2 as inference_pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from cyclone.models.convert import import_pipeline
@@ -34,6 +33,7 @@ from cyclone.rollout_plan import parse_rollout
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.traffic import TrafficSplit, revision_name
+from cyclone_app.examples import bench_regressor
 from plugins.orchestrator_local import LocalOrchestrator
 from services.launch import start_store
 from services.store.main import StoreSettings

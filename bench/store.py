@@ -36,9 +36,9 @@ from grpc import aio
 from bench._common import PYTHON, ROOT, Figures, free_port, start_process, stop_process
 from bench._store_process import scratch_database, start_store_process
 from bench.inference import predict_payload, unary_load
-from cyclone.examples import bench_regressor
 from cyclone.models.convert import import_pipeline
 from cyclone.store.v1 import store_service_pb2 as pb
+from cyclone_app.examples import bench_regressor
 from services.store.db import PredictionRecord, uuid7, uuid7_time
 from services.store.db.ingest import prepare_copy_cursor
 from services.store.db.queries import COPY_COLUMNS, COPY_TYPES, training_query

@@ -1,4 +1,5 @@
-"""Small helpers every service needs at its protobuf edge: timestamps and header names.
+"""Small helpers every service needs at its protobuf edge: timestamps, header names and the
+training-job record.
 
 The one place these are spelled, so the SDK, the Envoy config, the services and the probes
 agree on them without importing one another.
@@ -6,10 +7,14 @@ agree on them without importing one another.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from cyclone.store.v1 import store_service_pb2 as store_pb
 
 # Envoy routes gRPC by this header (the model is also in the message; Envoy does not parse it).
 MODEL_HEADER = "cyclone-model"
@@ -39,3 +44,105 @@ def from_ts(message: Any, field: str) -> datetime | None:
         return None
     result: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
     return result
+
+
+@dataclass(slots=True)
+class TrainingJob:
+    """A retraining job as the store keeps it (the field names are its `training_jobs` columns)
+    and the store API's `TrainingJob` message carries it; None where the message says 0 or "".
+
+    The store writes it (`job_to_pb`); the trainer and the monitor read it (`job_from_pb`)."""
+
+    id: int
+    model: str
+    state: str
+    alert_id: int | None
+    reason: str
+    stage: str
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime | None
+    message: str
+    new_version: str | None
+    window_start: datetime | None
+    window_end: datetime | None
+    window_rows: int | None
+    train_rows: int | None
+    holdout_rows: int | None
+    champion_metrics: dict[str, float] | None
+    challenger_metrics: dict[str, float] | None
+    decision: str
+    rollout_id: str | None
+    champion_version: str | None
+    family: str | None
+    owner: str
+    # Until when `owner` holds the job without renewing it (several trainers, one store).
+    lease_expires_at: datetime | None
+
+
+def job_to_pb(job: TrainingJob) -> store_pb.TrainingJob:
+    return store_pb.TrainingJob(
+        id=job.id,
+        model=job.model,
+        state=job.state,
+        alert_id=job.alert_id or 0,
+        reason=job.reason,
+        stage=job.stage,
+        created_at=ts_or_none(job.created_at),
+        started_at=ts_or_none(job.started_at),
+        finished_at=ts_or_none(job.finished_at),
+        updated_at=ts_or_none(job.updated_at),
+        message=job.message,
+        new_version=job.new_version or "",
+        window_start=ts_or_none(job.window_start),
+        window_end=ts_or_none(job.window_end),
+        window_rows=job.window_rows or 0,
+        train_rows=job.train_rows or 0,
+        holdout_rows=job.holdout_rows or 0,
+        champion_metrics_json=json.dumps(job.champion_metrics) if job.champion_metrics else "",
+        challenger_metrics_json=json.dumps(job.challenger_metrics)
+        if job.challenger_metrics
+        else "",
+        decision=job.decision,
+        rollout_id=job.rollout_id or "",
+        champion_version=job.champion_version or "",
+        family=job.family or "",
+        owner=job.owner,
+        lease_expires_at=ts_or_none(job.lease_expires_at),
+    )
+
+
+def job_from_pb(message: store_pb.TrainingJob) -> TrainingJob:
+    """The record the store sent (its metrics JSON is the store's own, already checked)."""
+    return TrainingJob(
+        id=message.id,
+        model=message.model,
+        state=message.state,
+        alert_id=message.alert_id or None,
+        reason=message.reason,
+        stage=message.stage,
+        created_at=from_ts(message, "created_at"),
+        started_at=from_ts(message, "started_at"),
+        finished_at=from_ts(message, "finished_at"),
+        updated_at=from_ts(message, "updated_at"),
+        message=message.message,
+        new_version=message.new_version or None,
+        window_start=from_ts(message, "window_start"),
+        window_end=from_ts(message, "window_end"),
+        window_rows=message.window_rows or None,
+        train_rows=message.train_rows or None,
+        holdout_rows=message.holdout_rows or None,
+        champion_metrics=_metrics(message.champion_metrics_json),
+        challenger_metrics=_metrics(message.challenger_metrics_json),
+        decision=message.decision,
+        rollout_id=message.rollout_id or None,
+        champion_version=message.champion_version or None,
+        family=message.family or None,
+        owner=message.owner,
+        lease_expires_at=from_ts(message, "lease_expires_at"),
+    )
+
+
+def _metrics(text: str) -> dict[str, float] | None:
+    return {str(k): float(v) for k, v in json.loads(text).items()} if text else None

@@ -1,6 +1,6 @@
 """The `local` orchestrator: a model revision as N supervised inference subprocesses.
 
-Each replica is `python -m cyclone serve inference --model-repository R --model M --version V
+Each replica is `python -m cyclone_app serve inference --model-repository R --model M --version V
 --port P [--store S]` on a port chosen once (a restarted replica keeps it, so the proxy's
 endpoints stay valid; `start(..., ports=...)` brings a stopped revision back on its old ports). `start` returns once every replica answers gRPC health with SERVING; a
 replica that dies is restarted with exponential backoff; `stop` sends SIGTERM and kills after a
@@ -482,7 +482,7 @@ class LocalOrchestrator:
         cmd = [
             self.python,
             "-m",
-            "cyclone",
+            "cyclone_app",
             "serve",
             "inference",
             "--model-repository",

@@ -5,7 +5,7 @@ is listening and its background work (prediction logging, plan scheduling, alert
 running when it returns; `await started.stop()` undoes all of it. The CLI's `serve`, the demo,
 `cyclone up`, the benchmarks and the tests all start services through this module.
 
-As a subprocess, `spawn(component, args)` runs `python -m cyclone serve <component>` on a free
+As a subprocess, `spawn(component, args)` runs `python -m cyclone_app serve <component>` on a free
 port and returns once the process answers gRPC health with SERVING.
 
 This is the composition root: it may import every service's package; the services themselves
@@ -193,7 +193,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclasses.dataclass
 class Spawned:
-    """A service running as `python -m cyclone serve <component>` in its own process."""
+    """A service running as `python -m cyclone_app serve <component>` in its own process."""
 
     component: str
     address: str
@@ -253,7 +253,7 @@ def spawn(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "cyclone", "serve", component, *args, "--port", str(port)],
+            [sys.executable, "-m", "cyclone_app", "serve", component, *args, "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},

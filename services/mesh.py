@@ -59,6 +59,24 @@ def serving_replicas() -> int:
     return 2 if cores >= 2 and available >= REPLICA_MEMORY_BYTES else 1
 
 
+# The serving pool's memory for models per process under `cyclone up`: 1.5 GiB holds ~500 small
+# models across two processes within 4 GiB (docs/serving-pool.md), but never more than
+# POOL_MEMORY_SHARE of the memory available at start split over the processes.
+POOL_MEMORY_MB = 1536.0
+POOL_MEMORY_SHARE = 0.3
+POOL_MEMORY_FLOOR_MB = 256.0
+
+
+def pool_memory_mb(processes: int, available_bytes: int | None = None) -> float:
+    """MiB of models each of `processes` pool processes holds before evicting."""
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = psutil.virtual_memory().available
+    share = available_bytes * POOL_MEMORY_SHARE / max(processes, 1) / 1024**2
+    return max(POOL_MEMORY_FLOOR_MB, min(POOL_MEMORY_MB, share))
+
+
 class MeshError(RuntimeError):
     """The mesh cannot start as asked; the message says why and nothing was started."""
 
@@ -155,6 +173,7 @@ class Mesh:
         store = f"127.0.0.1:{s.port('store')}"
         monitor = f"127.0.0.1:{s.port('monitor')}"
         trainer = f"127.0.0.1:{s.port('trainer')}"
+        pool_processes = (os.cpu_count() or 1) if s.pool_processes is None else s.pool_processes
         store_args = [*common]
         if s.database_url:
             store_args += ["--database-url", s.database_url]
@@ -176,7 +195,12 @@ class Mesh:
                     "--replicas",
                     str(s.replicas or serving_replicas()),
                     "--pool-processes",
-                    str((os.cpu_count() or 1) if s.pool_processes is None else s.pool_processes),
+                    str(pool_processes),
+                    *(
+                        ["--pool-memory-mb", f"{pool_memory_mb(pool_processes):g}"]
+                        if pool_processes
+                        else []
+                    ),
                     "--public-host",
                     s.host,
                     "--public-port",

@@ -35,7 +35,7 @@ class ModelRepo:
     @property
     def credit_rows(self) -> pd.DataFrame:
         """Feature columns of the classifier's training frame."""
-        from cyclone.examples import CREDIT_FEATURES
+        from cyclone_app.examples import CREDIT_FEATURES
 
         return self.credit_frame[CREDIT_FEATURES]
 
@@ -49,8 +49,8 @@ class ModelRepo:
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> ModelRepo:
     """`credit` (columns layout classifier) and `bench` (matrix layout regressor), version 1."""
-    from cyclone.examples import bench_regressor, credit_frame, credit_pipeline
     from cyclone.models.convert import import_pipeline
+    from cyclone_app.examples import bench_regressor, credit_frame, credit_pipeline
 
     root = tmp_path_factory.mktemp("model-repo")
     frame = credit_frame(400, seed=0)
@@ -115,7 +115,7 @@ class CliServer:
 
 @contextlib.contextmanager
 def cli_server_process(repository: Path, log_path: Path, *extra: str) -> Iterator[CliServer]:
-    """`python -m cyclone serve inference` on a free port (--port 0, read from its log); terminated after."""
+    """`python -m cyclone_app serve inference` on a free port (--port 0, read from its log); terminated after."""
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [

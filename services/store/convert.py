@@ -1,7 +1,8 @@
 """Protobuf ⇄ the store's domain records: the only place that knows both.
 
 Parsing names the request field at fault; JSON text follows the store's one policy
-(`domain.load_json`); timestamps go through `ts` / `from_ts`.
+(`domain.checks`: `load_json`, `load_json_object`, `load_metrics`); timestamps go through
+`cyclone.wire`. What a value must be is the domain's to check, not this module's.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
-from cyclone.errors import InvalidArgument
 from cyclone.store.v1 import store_service_pb2 as pb
-from cyclone.telemetry import valid_traceparent
 from cyclone.wire import from_ts, ts_or_none
 from services.store.db import (
     Alert,
@@ -33,15 +33,18 @@ from services.store.db import (
     PredictionRow,
     TrainingChunk,
 )
+from services.store.db.rollouts import RolloutEventRow, RolloutRow
 from services.store.domain import (
     EvaluationRecord,
+    JobUpdate,
     LabelValue,
     PredictionQuery,
+    RolloutUpdate,
     TrainingRequest,
     TrainingStream,
-    load_json,
-    load_json_object,
 )
+from services.store.domain.checks import load_json, load_json_object, load_metrics
+from services.store.domain.training import JOB_COUNTS
 
 STATUS_TO_PB = {
     "staged": pb.MODEL_STATUS_STAGED,
@@ -51,9 +54,6 @@ STATUS_TO_PB = {
 }
 PB_TO_STATUS: dict[int, ModelStatus] = {v: k for k, v in STATUS_TO_PB.items()}  # type: ignore[misc]
 _LABEL_FILTER = {pb.LABEL_FILTER_LABELLED: True, pb.LABEL_FILTER_UNLABELLED: False}
-
-
-# --- timestamps ------------------------------------------------------------------------------
 
 
 # --- registry ------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def evaluation_from_pb(r: pb.RecordEvaluationRequest, now: datetime) -> Evaluati
             previous_level=a.previous_level or None,
             reasons=load_json(a.reasons_json, f"alerts[{i}].reasons_json", []),
             targets=[target_from_pb(t) for t in a.targets],
-            traceparent=_traceparent(a.traceparent, f"alerts[{i}].traceparent"),
+            traceparent=a.traceparent,
         )
         for i, a in enumerate(r.alerts)
     ]
@@ -231,16 +231,10 @@ def evaluation_from_pb(r: pb.RecordEvaluationRequest, now: datetime) -> Evaluati
         version=r.version,
         level=r.level,
         reasons=load_json(r.reasons_json, "reasons_json", []),
-        summary=load_json(r.summary_json, "summary_json", {}),
+        summary=load_json_object(r.summary_json, "summary_json") or {},
         points=points,
         alerts=alerts,
     )
-
-
-def _traceparent(text: str, field: str) -> str:
-    if text and not valid_traceparent(text):
-        raise InvalidArgument(f"{field}: not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)")
-    return text
 
 
 def health_to_pb(h: Health) -> pb.ModelHealth:
@@ -313,6 +307,112 @@ def alert_to_pb(a: Alert) -> pb.AlertRecord:
         attempts=a.attempts,
         last_error=a.last_error or "",
         traceparent=a.traceparent,
+    )
+
+
+# --- training jobs ---------------------------------------------------------------------------
+
+# UpdateTrainingJob's optional fields by kind; each is the job column of the same name.
+_JOB_TEXT = ("state", "stage", "message", "decision", "rollout_id", "champion_version", "family")
+_JOB_TIMES = ("started_at", "finished_at", "window_start", "window_end")
+_JOB_METRICS = ("champion_metrics", "challenger_metrics")
+
+
+def job_update_from_pb(r: pb.UpdateTrainingJobRequest) -> JobUpdate:
+    """The fields the caller set: proto3 `optional` presence says which."""
+    message: Message = r  # the names come from the tuples above: look them up untyped
+    changes: dict[str, Any] = {}
+    for name in (*_JOB_TEXT, *JOB_COUNTS):
+        if message.HasField(name):
+            changes[name] = getattr(r, name)
+    for name in _JOB_TIMES:
+        when = from_ts(r, name)
+        if when is not None:
+            changes[name] = when
+    for name in _JOB_METRICS:
+        field = f"{name}_json"
+        if message.HasField(field):
+            changes[name] = load_metrics(getattr(r, field), field)
+    return JobUpdate(r.job_id, changes, r.expected_state, r.expected_owner)
+
+
+def trained_version_from_pb(r: pb.RegisterTrainedVersionRequest) -> ModelVersion | None:
+    return model_version_from_pb(r.model_version) if r.HasField("model_version") else None
+
+
+# --- rollouts --------------------------------------------------------------------------------
+
+
+def rollout_from_pb(r: pb.RolloutRecord) -> RolloutRow:
+    """A rollout to create (its id, times and events are the store's to set)."""
+    return RolloutRow(
+        model=r.model,
+        to_version=r.to_version,
+        strategy=r.strategy,
+        state=r.state,
+        from_version=r.from_version or None,
+        current_weight=r.current_weight,
+        weights=load_json_object(r.weights_json, "rollout.weights_json") or {},
+        reason=r.reason,
+        spec=load_json_object(r.spec_json, "rollout.spec_json") or {},
+        progress=load_json_object(r.progress_json, "rollout.progress_json") or {},
+    )
+
+
+def first_event_from_pb(r: pb.CreateRolloutRequest) -> RolloutEventRow | None:
+    return event_from_pb(r.event) if r.HasField("event") else None
+
+
+def event_from_pb(e: pb.RolloutEvent) -> RolloutEventRow:
+    return RolloutEventRow(
+        state=e.state,
+        weight=e.weight,
+        decision=e.decision,
+        reason=e.reason,
+        numbers=dict(e.numbers),
+        created_at=from_ts(e, "time"),
+    )
+
+
+def rollout_update_from_pb(r: pb.UpdateRolloutRequest) -> RolloutUpdate:
+    return RolloutUpdate(
+        rollout_id=r.rollout_id,
+        state=r.state,
+        current_weight=r.current_weight,
+        weights=load_json_object(r.weights_json, "weights_json"),
+        reason=r.reason or None,
+        progress=load_json_object(r.progress_json, "progress_json"),
+        events=[event_from_pb(e) for e in r.events],
+    )
+
+
+def rollout_to_pb(r: RolloutRow) -> pb.RolloutRecord:
+    return pb.RolloutRecord(
+        id=r.id,
+        model=r.model,
+        from_version=r.from_version or "",
+        to_version=r.to_version,
+        strategy=r.strategy,
+        state=r.state,
+        current_weight=r.current_weight,
+        weights_json=json.dumps(r.weights),
+        reason=r.reason,
+        spec_json=json.dumps(r.spec),
+        progress_json=json.dumps(r.progress),
+        events=[
+            pb.RolloutEvent(
+                seq=e.seq,
+                time=ts_or_none(e.created_at),
+                state=e.state,
+                weight=e.weight,
+                decision=e.decision,
+                reason=e.reason,
+                numbers=e.numbers,
+            )
+            for e in r.events
+        ],
+        created_at=ts_or_none(r.created_at),
+        updated_at=ts_or_none(r.updated_at),
     )
 
 

@@ -6,25 +6,16 @@ Mixed into `StoreServicer`; like it, each method only translates protobuf around
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, TypeAlias
-
-from grpc import aio
 
 from cyclone import wire
 from cyclone.rpc_errors import rpc_errors
 from cyclone.store.v1 import store_service_pb2 as pb
 from services.store import convert
-from services.store.domain import Store
 from services.store.errors import database_errors
+from services.store.rpc_area import Context, RpcArea
 
-Context: TypeAlias = aio.ServicerContext[Any, Any]
 
-
-class MonitoringRpcs:
-    """Mixed into StoreServicer, which provides `self.store`."""
-
-    store: Store
-
+class MonitoringRpcs(RpcArea):
     @rpc_errors(translate=database_errors)
     async def SavePlan(self, request: pb.SavePlanRequest, context: Context) -> pb.SavePlanResponse:
         return pb.SavePlanResponse(

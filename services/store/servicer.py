@@ -1,12 +1,15 @@
-"""`cyclone.store.v1.StoreService`: protobuf in, `Store` (domain.py) call, protobuf out."""
+"""`cyclone.store.v1.StoreService`: protobuf in, one `Store` (the domain package) call,
+protobuf out.
+
+This class holds the registry, prediction and label RPCs and mixes in the others by area
+(`monitoring_rpcs`, `training_rpcs`, `rollout_rpcs`); every one goes servicer -> `convert` ->
+`domain.Store` -> `db.StoreDB`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any, TypeAlias
-
-from grpc import aio
 
 from cyclone.rpc_errors import rpc_errors
 from cyclone.store.v1 import store_service_pb2 as pb
@@ -17,14 +20,12 @@ from services.store.domain import Store
 from services.store.errors import database_errors
 from services.store.monitoring_rpcs import MonitoringRpcs
 from services.store.rollout_rpcs import RolloutRpcs
+from services.store.rpc_area import Context
 from services.store.training_rpcs import TrainingRpcs
-
-Context: TypeAlias = aio.ServicerContext[Any, Any]
 
 
 class StoreServicer(MonitoringRpcs, TrainingRpcs, RolloutRpcs, pb_grpc.StoreServiceServicer):
     def __init__(self, db: StoreDB) -> None:
-        self.db = db
         self.store = Store(db)
 
     @rpc_errors(translate=database_errors)

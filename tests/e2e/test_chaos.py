@@ -18,7 +18,7 @@ import yaml
 
 from bench.chaos import ROW, Load, Mesh, kill_component, kill_revision, run_faults, wait_for
 from cyclone.client import InferenceClient
-from cyclone.examples import credit_frame
+from cyclone_app.examples import credit_frame
 
 ACTIVE = ("pending", "progressing", "paused")
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]

@@ -33,7 +33,7 @@ def _left_behind(marker: str) -> list[str]:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     workdir = tmp_path_factory.mktemp("demo")
     result = subprocess.run(
-        [sys.executable, "-m", "cyclone", "demo", "--workdir", str(workdir)],
+        [sys.executable, "-m", "cyclone_app", "demo", "--workdir", str(workdir)],
         capture_output=True,
         text=True,
         timeout=380,

@@ -18,7 +18,7 @@ import yaml
 from sklearn.ensemble import RandomForestClassifier
 from test_up import ROW, Up, _ports, _rest_predict
 
-from cyclone.examples import bike_frame, bike_pipeline, credit_frame, credit_pipeline
+from cyclone_app.examples import bike_frame, bike_pipeline, credit_frame, credit_pipeline
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 

@@ -33,7 +33,6 @@ import pytest_asyncio
 from cyclone.channels import aio_channel, sync_channel
 from cyclone.client import MODEL_HEADER, build_request
 from cyclone.envoy import EnvoyProxy, EnvoySettings
-from cyclone.examples import credit_frame, credit_pipeline
 from cyclone.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from cyclone.models.convert import import_pipeline
 from cyclone.models.repository import ModelRepository, sha256_of
@@ -42,6 +41,7 @@ from cyclone.rollout_plan import parse_rollout
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.traffic import Revision, TrafficSplit, revision_name
+from cyclone_app.examples import credit_frame, credit_pipeline
 from plugins.orchestrator_local import LocalOrchestrator
 from services.launch import Started, start_store
 from services.store.main import StoreSettings

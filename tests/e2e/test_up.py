@@ -20,7 +20,7 @@ import joblib
 import psutil
 import pytest
 
-from cyclone.examples import credit_frame, credit_pipeline
+from cyclone_app.examples import credit_frame, credit_pipeline
 from services.launch import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -79,7 +79,7 @@ class Up:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [sys.executable, "-m", "cyclone", *args],
+            [sys.executable, "-m", "cyclone_app", *args],
             capture_output=True,
             text=True,
             env=self.env,
@@ -155,7 +155,7 @@ def test_up_import_serve_status_stop_and_resume(tmp_path: Path, pipeline_file: P
 
         # A second `cyclone up` on the same data dir is refused; nothing else starts.
         second = subprocess.run(
-            [sys.executable, "-m", "cyclone", "up", "--data-dir", str(data_dir), *_flags(_ports())],
+            [sys.executable, "-m", "cyclone_app", "up", "--data-dir", str(data_dir), *_flags(_ports())],
             capture_output=True, text=True, env=up.env, timeout=60,
         )  # fmt: skip
         assert second.returncode != 0
@@ -183,7 +183,7 @@ def test_a_port_already_taken_is_refused_and_nothing_starts(tmp_path: Path) -> N
         taken.bind(("127.0.0.1", ports["store"]))
         taken.listen()
         result = subprocess.run(
-            [sys.executable, "-m", "cyclone", "up", "--data-dir", str(tmp_path / "d"), *_flags(ports)],
+            [sys.executable, "-m", "cyclone_app", "up", "--data-dir", str(tmp_path / "d"), *_flags(ports)],
             capture_output=True, text=True, timeout=60,
             env={**os.environ, "COLUMNS": "160"},
         )  # fmt: skip
@@ -210,7 +210,7 @@ def test_bad_flags_name_the_flag_and_start_nothing(
     tmp_path: Path, flags: list[str], message: str
 ) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "cyclone", "up", "--data-dir", str(tmp_path / "d"), *flags],
+        [sys.executable, "-m", "cyclone_app", "up", "--data-dir", str(tmp_path / "d"), *flags],
         capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
     assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -21,9 +21,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from typer.testing import CliRunner
 
-from cyclone.cli import app
 from cyclone.models.repository import ModelRepository
 from cyclone.models.schema import read_schema
+from cyclone_app.cli import app
 
 pytestmark = pytest.mark.integration
 

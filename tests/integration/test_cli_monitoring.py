@@ -13,13 +13,13 @@ import pytest
 from grpc import aio
 from typer.testing import CliRunner, Result
 
-from cyclone.cli import app
 from cyclone.client import MonitorClient
 from cyclone.ids import uuid7_batch
 from cyclone.monitor.v1 import monitor_service_pb2 as mpb
 from cyclone.plan import default_plan, plan_to_yaml
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from cyclone_app.cli import app
 from services.launch import start_monitor, start_store
 from services.monitor.main import MonitorSettings
 from services.store.main import StoreSettings

@@ -85,8 +85,8 @@ def test_missing_chromium_fails_under_ci_and_skips_elsewhere(
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cyclone.examples import credit_frame, credit_pipeline
     from cyclone.models.convert import import_pipeline
+    from cyclone_app.examples import credit_frame, credit_pipeline
 
     root = tmp_path_factory.mktemp("dashboard-repo")
     sample = credit_frame(2000, seed=0)
@@ -161,7 +161,7 @@ async def serving_version(store: store_grpc.StoreServiceStub) -> str:
 
 async def send_labelled(mesh: Mesh, rows: int, seed: int, expected_total: int) -> None:
     """Predict through inference, wait until the store has the rows, then label them."""
-    from cyclone.examples import credit_frame
+    from cyclone_app.examples import credit_frame
 
     frame = credit_frame(rows, seed=seed)
     records = [

@@ -20,7 +20,6 @@ from grpc_health.v1.health import aio as health_aio
 from support import free_port
 from typer.testing import CliRunner
 
-from cyclone.cli import app
 from cyclone.client import build_request
 from cyclone.envoy import EnvoyConfigError, EnvoyProxy, EnvoySettings
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
@@ -29,6 +28,7 @@ from cyclone.monitor.v1 import monitor_service_pb2_grpc as mon_grpc
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.traffic import Endpoint, Revision, TrafficSplit
+from cyclone_app.cli import app
 
 if TYPE_CHECKING:
     from tests.conftest import ModelRepo, RunningServer

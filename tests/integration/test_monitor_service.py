@@ -58,8 +58,8 @@ LEVEL = pb.Level.Name
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The credit model imported with a labelled sample: reference.json + evaluation.json."""
-    from cyclone.examples import credit_frame, credit_pipeline
     from cyclone.models.convert import import_pipeline
+    from cyclone_app.examples import credit_frame, credit_pipeline
 
     root = tmp_path_factory.mktemp("monitor-repo")
     sample = credit_frame(3000, seed=0)
@@ -229,13 +229,13 @@ async def stack(repo: Path, fresh_database_url: str, tmp_path: Path) -> AsyncIte
 
 
 def healthy(rows: int = 400, seed: int = 1) -> pd.DataFrame:
-    from cyclone.examples import credit_frame
+    from cyclone_app.examples import credit_frame
 
     return credit_frame(rows, seed=seed)
 
 
 def shifted(rows: int = 400, seed: int = 2) -> pd.DataFrame:
-    from cyclone.examples import credit_frame
+    from cyclone_app.examples import credit_frame
 
     return credit_frame(rows, seed=seed, shift=1.0)
 

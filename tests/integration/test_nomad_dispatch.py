@@ -18,13 +18,13 @@ from grpc import aio
 from nomad_fake import FakeNomad, serve
 from test_trainer_service import MODEL, PLAN, _register_champion, send_labelled
 
-from cyclone.examples import credit_frame
 from cyclone.server import CycloneServer
 from cyclone.settings import SettingsError
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
+from cyclone_app.examples import credit_frame
 from services.launch import start_store
 from services.store.main import StoreSettings
 from services.trainer.jobs import ServeImmediately
@@ -83,7 +83,15 @@ async def cluster(fresh_database_url: str, tmp_path: Path) -> AsyncIterator[Clus
         task_dir = tmp_path / dispatched.replace("/", "_")
         task_dir.mkdir()
         (task_dir / "job-id").write_bytes(task.get("payload", payload))
-        command = [sys.executable, "-m", "cyclone", "serve", "trainer", "--store", store_address]
+        command = [
+            sys.executable,
+            "-m",
+            "cyclone_app",
+            "serve",
+            "trainer",
+            "--store",
+            store_address,
+        ]
         command += ["--model-repository", str(repo), "--run-job-file", str(task_dir / "job-id")]
         with (task_dir / "out.log").open("wb") as out:
             run = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)

@@ -10,10 +10,10 @@ import pytest
 from grpc import aio
 from typer.testing import CliRunner
 
-from cyclone.cli import app
 from cyclone.nomad.validate import check_directory
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from cyclone_app.cli import app
 from services.launch import settings_class, start_store
 
 pytestmark = pytest.mark.integration

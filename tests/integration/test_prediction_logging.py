@@ -53,8 +53,8 @@ class Repo:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
-    from cyclone.examples import credit_frame, credit_pipeline
     from cyclone.models.convert import import_pipeline
+    from cyclone_app.examples import credit_frame, credit_pipeline
 
     root = tmp_path_factory.mktemp("logging-repo")
     frame = credit_frame(200, seed=1)
@@ -327,7 +327,7 @@ async def test_full_spool_drops_but_serving_goes_on(repo: Repo, tmp_path: Path) 
 
 
 class StoreProcess:
-    """`python -m cyclone serve store` on a fixed port, as an operator would run it."""
+    """`python -m cyclone_app serve store` on a fixed port, as an operator would run it."""
 
     def __init__(self, port: int, database_url: str, log_dir: Path) -> None:
         self.port = port
@@ -468,7 +468,7 @@ async def test_an_inference_process_killed_before_its_flush_loses_nothing(
     restarts on the same spool logs every answered prediction, once."""
     port = free_port()
     command = [
-        sys.executable, "-m", "cyclone", "serve", "inference",
+        sys.executable, "-m", "cyclone_app", "serve", "inference",
         "--model-repository", str(repo.root), "--port", str(port), "--metrics-port", "-1",
         "--spool-dir", str(tmp_path / "spool"),
     ]  # fmt: skip

@@ -42,8 +42,8 @@ FEATURES = ["age", "income", "debt_ratio", "city"]
 
 
 def _import(root: Path, seed: int, shift: float) -> Path:
-    from cyclone.examples import credit_frame, credit_pipeline
     from cyclone.models.convert import import_pipeline
+    from cyclone_app.examples import credit_frame, credit_pipeline
 
     sample = credit_frame(600, seed=seed, shift=shift)
     directory, _, _ = import_pipeline(

@@ -23,11 +23,11 @@ from typer.testing import CliRunner
 from cyclone.client import MODEL_HEADER
 from cyclone.envoy import EnvoySettings
 from cyclone.envoy import config as cfg
-from cyclone.examples import credit_frame, credit_pipeline
 from cyclone.inference.v1 import inference_service_pb2 as inference_pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from cyclone.models.convert import import_pipeline
 from cyclone.traffic import revision_name
+from cyclone_app.examples import credit_frame, credit_pipeline
 from services.trainer.main import TrainerSettings
 from services.trainer.traffic import TrafficPlane
 
@@ -187,7 +187,7 @@ async def test_negative_idle_timeout_is_refused(tmp_path: Path) -> None:
 
 
 def test_up_rejects_a_bad_idle_timeout(tmp_path: Path) -> None:
-    from cyclone.cli import app
+    from cyclone_app.cli import app
 
     result = CliRunner().invoke(app, ["up", "--data-dir", str(tmp_path), "--idle-timeout", "5x"])
     assert result.exit_code == 2

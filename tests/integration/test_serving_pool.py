@@ -16,12 +16,12 @@ from grpc import aio
 from support import expect_error
 
 from cyclone.client import build_request
-from cyclone.examples import credit_frame, credit_pipeline
 from cyclone.inference.v1 import inference_service_pb2 as pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from cyclone.models.convert import import_pipeline
 from cyclone.settings import SettingsError
 from cyclone.wire import POOL_MODEL_HEADER, POOL_VERSION_HEADER
+from cyclone_app.examples import credit_frame, credit_pipeline
 from services.inference.main import InferenceSettings
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ async def pool_server(
 
 
 def _request(model: str, frame: Any) -> pb.PredictRequest:
-    from cyclone.examples import CREDIT_FEATURES
+    from cyclone_app.examples import CREDIT_FEATURES
 
     return build_request(model, frame[CREDIT_FEATURES].head(3).to_dict(orient="records"))
 

@@ -19,10 +19,10 @@ import pytest
 from cyclone.channels import aio_channel
 from cyclone.client import MODEL_HEADER, build_request
 from cyclone.envoy import EnvoyProxy, EnvoySettings
-from cyclone.examples import CREDIT_FEATURES, credit_frame, credit_pipeline
 from cyclone.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from cyclone.models.convert import import_pipeline
 from cyclone.traffic import Revision, TrafficSplit
+from cyclone_app.examples import CREDIT_FEATURES, credit_frame, credit_pipeline
 from plugins.orchestrator_local import LocalOrchestrator, _serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]

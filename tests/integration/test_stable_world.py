@@ -21,7 +21,6 @@ import pandas as pd
 import pytest
 from grpc import aio
 
-from cyclone.examples import BIKE_FEATURES, bike_frame, bike_pipeline
 from cyclone.models.convert import import_pipeline
 from cyclone.models.registration import register
 from cyclone.models.repository import ModelRepository
@@ -32,6 +31,7 @@ from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
+from cyclone_app.examples import BIKE_FEATURES, bike_frame, bike_pipeline
 from services.launch import start_monitor, start_store, start_trainer
 from services.monitor.main import MonitorSettings
 from services.store.db import uuid7

@@ -143,6 +143,16 @@ async def test_second_active_rollout_of_a_model_is_refused(stub: pb_grpc.StoreSe
         (create(current_weight=101), grpc.StatusCode.INVALID_ARGUMENT, "rollout.current_weight"),
         (create(spec_json="[1]"), grpc.StatusCode.INVALID_ARGUMENT, "rollout.spec_json"),
         (create(progress_json="{"), grpc.StatusCode.INVALID_ARGUMENT, "rollout.progress_json"),
+        (
+            create(spec_json='{"steps": [1e999]}'),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "rollout.spec_json: not valid JSON (1e999 is out of range for a double)",
+        ),
+        (
+            create(weights_json="null"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "rollout.weights_json: expected a JSON object, got null",
+        ),
         (create("9"), grpc.StatusCode.NOT_FOUND, "rollout.to_version"),
         (
             pb.CreateRolloutRequest(rollout=create().rollout),
@@ -169,6 +179,12 @@ async def test_update_get_list_bad_input(stub: pb_grpc.StoreServiceStub) -> None
         (
             pb.UpdateRolloutRequest(rollout_id=rid, state="paused", weights_json="nope"),
             "weights_json: not valid JSON",
+        ),
+        (
+            pb.UpdateRolloutRequest(
+                rollout_id=rid, state="paused", progress_json='{"phase": "\\u0000"}'
+            ),
+            "progress_json: \\u0000 is not allowed",
         ),
         (
             pb.UpdateRolloutRequest(

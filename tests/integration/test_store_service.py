@@ -598,8 +598,52 @@ async def test_registry_errors(stub: pb_grpc.StoreServiceStub) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "model_version.version",
     )
+    await expect_error(
+        stub.RegisterModelVersion(
+            pb.RegisterModelVersionRequest(
+                model_version=pb.ModelVersion(model=HOUSE, version="3", training_rows=-1)
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "model_version.training_rows: must not be negative",
+    )
     listed = await stub.ListModelVersions(pb.ListModelVersionsRequest(model=HOUSE))
     assert [v.version for v in listed.model_versions] == ["1"]
+
+
+async def test_json_postgresql_would_refuse_is_invalid_argument_naming_the_field(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    """Python parses 1e999 as infinity and jsonb refuses both that and \\u0000: the store's
+    one JSON policy refuses them up front instead of failing in the database."""
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    for field, text in (
+        ("evaluation_json", '{"auc": 1e999}'),
+        ("reference_profile_json", '{"city": "\\u0000"}'),
+        ("hyperparameters_json", "null"),
+    ):
+        version = pb.ModelVersion(model=HOUSE, version="1", **{field: text})
+        await expect_error(
+            stub.RegisterModelVersion(pb.RegisterModelVersionRequest(model_version=version)),
+            invalid,
+            f"model_version.{field}: ",
+        )
+    await expect_error(
+        stub.GetModelVersion(pb.GetModelVersionRequest(model=HOUSE)), grpc.StatusCode.NOT_FOUND
+    )
+    record = pb.RecordEvaluationRequest(model="m", version="1", level="GREEN")
+    record.points.add(metric="accuracy", value=0.9, details_json='{"n": -1e400}')
+    await expect_error(
+        stub.RecordEvaluation(record), invalid, "points[0].details_json: not valid JSON"
+    )
+    # The summary is the status page's JSON object, not any JSON value.
+    summary = pb.RecordEvaluationRequest(model="m", version="1", level="GREEN", summary_json="[1]")
+    await expect_error(
+        stub.RecordEvaluation(summary),
+        invalid,
+        "summary_json: expected a JSON object, got an array",
+    )
+    assert list((await stub.GetHealth(pb.GetHealthRequest())).health) == []
 
 
 # --- GetStats ----------------------------------------------------------------------------
@@ -785,6 +829,18 @@ async def test_training_data_and_query_reject_bad_requests(stub: pb_grpc.StoreSe
         query(feature_filter=pb.FeatureFilter(name="rooms", op="=")), invalid, "feature_filter"
     )
     await expect_error(query(start=ts(at(9)), end=ts(at(1))), invalid, "end")
+    # Before, a NaN tolerance matched nothing and a negative one called every row wrong.
+    for tolerance in (math.nan, -0.5, math.inf):
+        await expect_error(
+            query(wrong_only=True, tolerance=tolerance),
+            invalid,
+            f"tolerance: must be a finite number >= 0, got {tolerance}",
+        )
+    await expect_error(
+        query(feature_filter=pb.FeatureFilter(name="rooms", op=">", number=math.nan)),
+        invalid,
+        "feature_filter.number: must be finite, got nan",
+    )
     await expect_error(stub.QueryPredictions(pb.QueryPredictionsRequest()), invalid, "model")
     # Still all there.
     assert (await stats(stub, HOUSE)).predictions == 3

@@ -389,3 +389,33 @@ async def test_training_rpcs_bad_input(stub: pb_grpc.StoreServiceStub) -> None:
     ]
     for call, code, field in cases:
         await fails(call, code, field)
+
+
+async def test_a_retrained_version_is_checked_like_any_version(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    """RegisterTrainedVersion checks what RegisterModelVersion checks (a task it knows), and
+    its metrics JSON by the store's one policy; nothing of a refused call is written."""
+    job = (await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m"))).job
+    await stub.UpdateTrainingJob(pb.UpdateTrainingJobRequest(job_id=job.id, state="running"))
+    await fails(
+        stub.RegisterTrainedVersion(
+            pb.RegisterTrainedVersionRequest(job_id=job.id, model_version=version(task="ranking"))
+        ),
+        Code.INVALID_ARGUMENT,
+        "model_version.task: expected one of regression, classification, got 'ranking'",
+    )
+    await fails(
+        stub.UpdateTrainingJob(
+            pb.UpdateTrainingJobRequest(job_id=job.id, champion_metrics_json='{"auc": 1e999}')
+        ),
+        Code.INVALID_ARGUMENT,
+        "champion_metrics_json: not valid JSON (1e999 is out of range for a double)",
+    )
+    await fails(
+        stub.GetModelVersion(pb.GetModelVersionRequest(model="m", version="2")),
+        Code.NOT_FOUND,
+        "version",
+    )
+    got = (await stub.GetTrainingJob(pb.GetTrainingJobRequest(job_id=job.id))).job
+    assert got.new_version == "" and got.champion_metrics_json == ""

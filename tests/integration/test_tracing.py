@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cyclone.examples import bench_regressor
 from cyclone.models.convert import import_pipeline
+from cyclone_app.examples import bench_regressor
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,6 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp_pb
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from cyclone.examples import CREDIT_FEATURES, credit_frame, credit_pipeline
 from cyclone.models.convert import import_pipeline
 from cyclone.models.repository import EVALUATION_FILE, REFERENCE_FILE
 from cyclone.monitor.v1 import monitor_service_pb2 as mon_pb
@@ -28,6 +27,7 @@ from cyclone.monitor.v1 import monitor_service_pb2_grpc as mon_grpc
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.telemetry import trace_id_of
+from cyclone_app.examples import CREDIT_FEATURES, credit_frame, credit_pipeline
 from services.launch import free_port, spawn, start_store
 from services.store.db import uuid7
 from services.store.main import StoreSettings

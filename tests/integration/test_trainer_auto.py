@@ -28,7 +28,7 @@ from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
-from cyclone.worlds import FEATURES, LABEL, World, champion_pipeline, stream
+from cyclone_app.worlds import FEATURES, LABEL, World, champion_pipeline, stream
 from plugins.alert_sinks import read_recorded
 from services import launch
 from services.store.db import uuid7

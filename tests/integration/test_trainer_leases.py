@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from grpc import aio
 
-from cyclone.examples import credit_frame
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from cyclone_app.examples import credit_frame
 from services.launch import start_store
 from services.store.main import StoreSettings
 from services.trainer.jobs import (

@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 from grpc import aio
 
-from cyclone.examples import CREDIT_FEATURES, credit_frame, credit_pipeline
 from cyclone.models.convert import import_pipeline
 from cyclone.models.repository import EVALUATION_FILE, PIPELINE_FILE, REFERENCE_FILE
 from cyclone.server import CycloneServer
@@ -24,6 +23,7 @@ from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
+from cyclone_app.examples import CREDIT_FEATURES, credit_frame, credit_pipeline
 from services.launch import start_store, start_trainer
 from services.store.db import uuid7
 from services.store.main import StoreSettings
@@ -353,7 +353,7 @@ async def test_cli_retrain_and_jobs(stack: Stack) -> None:
 
     from typer.testing import CliRunner
 
-    from cyclone.cli import app
+    from cyclone_app.cli import app
 
     await send_labelled(stack.store, credit_frame(100, seed=11))
     runner = CliRunner()
@@ -383,7 +383,7 @@ async def test_run_job_file_runs_one_queued_job_and_exits(stack: Stack, tmp_path
     def run(path: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [
-                sys.executable, "-m", "cyclone", "serve", "trainer", "--store", stack.store_address,
+                sys.executable, "-m", "cyclone_app", "serve", "trainer", "--store", stack.store_address,
                 "--model-repository", str(stack.repo), "--run-job-file", str(path),
             ],
             capture_output=True, text=True, timeout=180,

@@ -17,7 +17,6 @@ from grpc import aio
 from support import store_and_trainer
 
 from cyclone.client import MODEL_HEADER
-from cyclone.examples import credit_frame, credit_pipeline
 from cyclone.inference.v1 import inference_service_pb2 as inference_pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from cyclone.models.convert import import_pipeline
@@ -27,6 +26,7 @@ from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
+from cyclone_app.examples import credit_frame, credit_pipeline
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from cyclone.cli import app
+from cyclone_app.cli import app
 
 runner = CliRunner()
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cyclone.cli import app, without_revision_header
 from cyclone.local_mesh import ADDRESS_ENV, MESH_FILE, resolve
+from cyclone_app.cli import app, without_revision_header
 
 runner = CliRunner()
 

@@ -16,10 +16,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 import cyclone.models.convert as convert
-from cyclone.examples import CITIES, CREDIT_FEATURES, credit_frame
 from cyclone.models.convert import ConversionError, import_pipeline, infer_features
 from cyclone.models.repository import ModelRepository, sha256_of
 from cyclone.models.schema import read_schema
+from cyclone_app.examples import CITIES, CREDIT_FEATURES, credit_frame
 
 
 def _classifier(

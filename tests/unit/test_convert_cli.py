@@ -11,9 +11,9 @@ import pytest
 from sklearn.ensemble import RandomForestRegressor
 from typer.testing import CliRunner
 
-from cyclone.cli import app
 from cyclone.models.repository import PIPELINE_FILE
 from cyclone.models.schema import read_schema
+from cyclone_app.cli import app
 
 runner = CliRunner()
 NAMES = ["age", "income", "visits"]

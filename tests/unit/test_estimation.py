@@ -333,8 +333,8 @@ def test_regressor_import_stores_error_profile(tmp_path: Path) -> None:
 
 
 def test_status_lines_put_estimated_next_to_realized() -> None:
-    from cyclone.cli_mesh import estimated_lines as _estimated_lines
     from cyclone.monitor.v1 import monitor_service_pb2 as mpb
+    from cyclone_app.cli_mesh import estimated_lines as _estimated_lines
 
     status = mpb.ModelStatus()
     status.metrics.add(name="accuracy", value=0.81, status="ok")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cyclone.examples import BIKE_FEATURES, SEASONS, bike_frame, bike_pipeline
+from cyclone_app.examples import BIKE_FEATURES, SEASONS, bike_frame, bike_pipeline
 
 
 def _mae(pipeline: object, frame: object) -> float:

@@ -1,4 +1,4 @@
-"""The loop's decisions on generated worlds (cyclone/worlds.py), several seeds each, in process:
+"""The loop's decisions on generated worlds (cyclone_app/worlds.py), several seeds each, in process:
 the monitor's default plan on windows of each world (what goes RED and asks for a retrain), and
 the trainer's `auto` window on the stream it would read (where the change is, which rows are
 broken, which window wins and how good the challenger is against an oracle fitted on exactly
@@ -23,7 +23,7 @@ from cyclone.models.schema import ModelSchema
 from cyclone.plan import MetricRef, WindowSpec, default_plan
 from cyclone.plugin_api import Level
 from cyclone.reference import ReferenceProfile
-from cyclone.worlds import (
+from cyclone_app.worlds import (
     CAUSE,
     FEATURES,
     LABEL,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cyclone.cli import app
 from cyclone.nomad import render as nomad
 from cyclone.nomad.validate import JobFileError, check_cluster, check_directory, parse
+from cyclone_app.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = nomad.ClusterSettings().image

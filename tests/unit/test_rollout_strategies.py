@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from cyclone import rollout_strategies
-from cyclone.cli import app
 from cyclone.errors import InvalidArgument
 from cyclone.rollout_plan import check_rollout
 from cyclone.rollout_strategies import STRATEGIES, strategy_from_pb, strategy_to_pb
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
+from cyclone_app.cli import app
 from services.trainer import convert
 from services.trainer.rollout import Phase, Progress
 from services.trainer.rollout.strategies import BY_NAME, Strategy, canary, load
@@ -65,7 +65,7 @@ def test_unspecified_and_unknown_strategies() -> None:
 
 
 def test_the_plan_and_the_store_check_against_the_same_list() -> None:
-    from services.store.db import rollouts as store_rollouts
+    from services.store.domain import rollouts as store_rollouts
 
     assert store_rollouts.STRATEGIES is rollout_strategies.STRATEGIES
     for name in STRATEGIES:

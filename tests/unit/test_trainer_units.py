@@ -161,7 +161,7 @@ def test_lower_is_better_metrics_flip_the_direction() -> None:
 
 
 def test_status_says_what_happens_next_to_a_red_model() -> None:
-    from cyclone.cli_mesh import next_step
+    from cyclone_app.cli_mesh import next_step
 
     assert next_step([]).startswith("no retraining job yet")
     waiting = {"id": 3, "model": "m", "state": "running", "new_version": None, "message": ""}

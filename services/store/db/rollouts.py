@@ -10,8 +10,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-# Re-exported: the store enforces the one list of strategy names, derived from the trainer proto.
-from cyclone.rollout_strategies import STRATEGIES as STRATEGIES
+from cyclone.errors import FailedPrecondition
 
 from ._base import Conn, StoreBase
 from .types import NotFoundError, StoreError
@@ -26,7 +25,7 @@ _COLS = (
 _EVENT_COLS = "rollout_id, seq, created_at, state, weight, decision, reason, numbers"
 
 
-class RolloutConflictError(StoreError):
+class RolloutConflictError(StoreError, FailedPrecondition):
     """The model already has an active rollout, or the rollout has ended."""
 
 

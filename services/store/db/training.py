@@ -3,11 +3,13 @@ is a lease a trainer renews (migration 0010), so several trainers share one stor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from datetime import datetime
+from dataclasses import fields
 from typing import Any, Final
 
 from psycopg.types.json import Jsonb
+
+from cyclone.errors import FailedPrecondition, InvalidArgument
+from cyclone.wire import TrainingJob as TrainingJob  # the shared record, re-exported
 
 from ._base import StoreBase
 from .registry import RegistryMixin
@@ -28,39 +30,11 @@ ACTIVE_STATES: Final = ("queued", "running")
 DISPATCHED_STAGE: Final = "dispatched"
 
 
-class JobEndedError(StoreError):
+class JobEndedError(StoreError, FailedPrecondition):
     """The job has ended (or is not in the expected state); it can no longer change."""
 
 
-@dataclass(slots=True)
-class TrainingJob:
-    id: int
-    model: str
-    state: str
-    alert_id: int | None
-    reason: str
-    stage: str
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    updated_at: datetime
-    message: str
-    new_version: str | None
-    window_start: datetime | None
-    window_end: datetime | None
-    window_rows: int | None
-    train_rows: int | None
-    holdout_rows: int | None
-    champion_metrics: dict[str, Any] | None
-    challenger_metrics: dict[str, Any] | None
-    decision: str
-    rollout_id: str | None
-    champion_version: str | None
-    family: str | None
-    owner: str
-    lease_expires_at: datetime
-
-
+# The shared record's field names are the table's columns.
 _COLS = [f.name for f in fields(TrainingJob)]
 _RETURNING = " RETURNING " + ", ".join(_COLS)
 _SELECT = "SELECT " + ", ".join(_COLS) + " FROM training_jobs"
@@ -227,7 +201,7 @@ class TrainingMixin(RegistryMixin, StoreBase):
             if row is None:
                 raise NotFoundError(f"job_id: {job_id} not found")
             if row[0] != mv.model:
-                raise ValueError(f"model_version.model: job {job_id} retrains {row[0]!r}")
+                raise InvalidArgument(f"model_version.model: job {job_id} retrains {row[0]!r}")
             if row[1] != "running":
                 raise JobEndedError(f"job_id: job {job_id} is {row[1]}, not running")
             # AlreadyExistsError propagates and rolls the whole transaction back.

@@ -13,12 +13,13 @@ from typing import Any, TypeVar
 
 import grpc
 
+from cyclone import wire
 from cyclone.errors import NotFound
 from cyclone.models.registration import with_probes
 from cyclone.plan import Plan, PlanError, default_plan, parse_plan
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
-from cyclone.wire import from_ts, ts_or_none
+from cyclone.wire import ts_or_none
 from services.trainer.data import LabelledWindow, collect, window_request
 from services.trainer.fit import JobFailure
 
@@ -28,37 +29,35 @@ STORE_TIMEOUT = 30.0
 T = TypeVar("T")
 
 
-def _metrics(text: str) -> dict[str, float]:
-    return {str(k): float(v) for k, v in json.loads(text).items()} if text else {}
-
-
-def job_from_pb(j: store_pb.TrainingJob) -> Job:
+def job_from_pb(message: store_pb.TrainingJob) -> Job:
+    """The store's record (read through `cyclone.wire`, its one conversion) as the domain's."""
+    j = wire.job_from_pb(message)
     return Job(
         id=j.id,
         model=j.model,
         state=j.state,
-        alert_id=j.alert_id,
+        alert_id=j.alert_id or 0,
         reason=j.reason,
         stage=j.stage,
         message=j.message,
         owner=j.owner,
-        new_version=j.new_version,
-        champion_version=j.champion_version,
-        family=j.family,
+        new_version=j.new_version or "",
+        champion_version=j.champion_version or "",
+        family=j.family or "",
         decision=j.decision,
-        rollout_id=j.rollout_id,
-        window_rows=j.window_rows,
-        train_rows=j.train_rows,
-        holdout_rows=j.holdout_rows,
-        window_start=from_ts(j, "window_start"),
-        window_end=from_ts(j, "window_end"),
-        champion_metrics=_metrics(j.champion_metrics_json),
-        challenger_metrics=_metrics(j.challenger_metrics_json),
-        created_at=from_ts(j, "created_at"),
-        started_at=from_ts(j, "started_at"),
-        finished_at=from_ts(j, "finished_at"),
-        updated_at=from_ts(j, "updated_at"),
-        lease_expires_at=from_ts(j, "lease_expires_at"),
+        rollout_id=j.rollout_id or "",
+        window_rows=j.window_rows or 0,
+        train_rows=j.train_rows or 0,
+        holdout_rows=j.holdout_rows or 0,
+        window_start=j.window_start,
+        window_end=j.window_end,
+        champion_metrics=j.champion_metrics or {},
+        challenger_metrics=j.challenger_metrics or {},
+        created_at=j.created_at,
+        started_at=j.started_at,
+        finished_at=j.finished_at,
+        updated_at=j.updated_at,
+        lease_expires_at=j.lease_expires_at,
     )
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
-from cyclone.examples import BIKE_FEATURES, bike_frame, bike_pipeline
+from cyclone_app.examples import BIKE_FEATURES, bike_frame, bike_pipeline
 
 console = Console()
 MODEL = "bikes"

@@ -1,24 +1,32 @@
 """`cyclone up`, `down`, `status` and the rollout commands: the mesh as one product.
 
-Registered on the main app by `cyclone.cli`; kept apart so the command file stays readable.
+Registered on the main app by `cyclone_app.cli`; kept apart so the command file stays readable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from cyclone.cli_output import console as make_console
 from cyclone.local_mesh import DEFAULT_PORTS, default_data_dir, read_mesh, resolve
+from cyclone_app.cli_output import console as make_console
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from cyclone.local_mesh import MeshInfo
+    from services.mesh import Mesh, MeshSettings
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
@@ -75,17 +83,9 @@ def up(
     ] = True,
 ) -> None:
     """Start the whole mesh on this machine; Ctrl-C or SIGTERM stops it."""
-    from rich.live import Live
-    from rich.table import Table
+    from services.mesh import MeshError, MeshSettings
 
-    from cyclone.plan import parse_duration
-    from services.mesh import Mesh, MeshError, MeshSettings, hold_data_dir, port_taken
-
-    try:
-        idle_seconds = 0 if idle_timeout.strip() == "0" else parse_duration(idle_timeout.strip())
-    except ValueError as exc:
-        _fail(f"--idle-timeout: {exc}")
-        return
+    idle_seconds = _idle_seconds(idle_timeout)
     ports = {
         "public": public_port,
         "control": control_port,
@@ -94,24 +94,7 @@ def up(
         "trainer": trainer_port,
         "dashboard": dashboard_port,
     }
-    for name, port in ports.items():
-        if not 1 <= port <= 65535:
-            _fail(f"--{name}-port: must be between 1 and 65535, got {port}")
-    shared = sorted({p for p in ports.values() if list(ports.values()).count(p) > 1})
-    if shared:
-        names = [f"--{n}-port" for n, p in ports.items() if p in shared]
-        _fail(f"{', '.join(names)}: must differ, all are {shared[0]}")
-    # Before the data dir, its lock or the live table exist: a refusal leaves nothing behind.
-    taken = [
-        f"{name} port {port} (--{name}-port)"
-        for name, port in ports.items()
-        if port_taken(host if name == "public" else "127.0.0.1", port)
-    ]
-    if taken:
-        _fail(
-            f"already in use: {', '.join(taken)}; nothing was started. Stop what listens there "
-            "or pick free ports with those flags (another `cyclone up`? `cyclone status`)"
-        )
+    _refuse_unusable_ports(host, ports)
     settings = MeshSettings(
         data_dir=(data_dir or default_data_dir()).resolve(),
         host=host,
@@ -123,57 +106,125 @@ def up(
         replicas=replicas,
         pool_processes=None if pool else 0,
     )
+    try:
+        _run_mesh(settings)
+    except MeshError as exc:
+        _fail(str(exc))
+
+
+def _idle_seconds(idle_timeout: str) -> int:
+    """`--idle-timeout` in seconds ("0": never)."""
+    from cyclone.plan import parse_duration
+
+    text = idle_timeout.strip()
+    try:
+        return 0 if text == "0" else parse_duration(text)
+    except ValueError as exc:
+        _fail(f"--idle-timeout: {exc}")
+
+
+def _refuse_unusable_ports(host: str, ports: dict[str, int]) -> None:
+    """Out of range, shared or taken ports stop `up` before the data dir, its lock or the live
+    table exist: a refusal leaves nothing behind."""
+    from services.mesh import port_taken
+
+    for name, port in ports.items():
+        if not 1 <= port <= 65535:
+            _fail(f"--{name}-port: must be between 1 and 65535, got {port}")
+    shared = sorted({p for p in ports.values() if list(ports.values()).count(p) > 1})
+    if shared:
+        names = [f"--{n}-port" for n, p in ports.items() if p in shared]
+        _fail(f"{', '.join(names)}: must differ, all are {shared[0]}")
+    taken = [
+        f"{name} port {port} (--{name}-port)"
+        for name, port in ports.items()
+        if port_taken(host if name == "public" else "127.0.0.1", port)
+    ]
+    if taken:
+        _fail(
+            f"already in use: {', '.join(taken)}; nothing was started. Stop what listens there "
+            "or pick free ports with those flags (another `cyclone up`? `cyclone status`)"
+        )
+
+
+def _run_mesh(settings: MeshSettings) -> None:
+    """Hold the data dir, start the mesh under a live table of its components, say where it
+    listens, then supervise it until a signal asks it to stop, and stop it."""
+    from rich.live import Live
+
+    from services.mesh import Mesh, MeshError, hold_data_dir
+
     console = make_console()
     states: dict[str, tuple[str, str]] = {}
+    with (
+        hold_data_dir(settings.data_dir),
+        Live(
+            _component_table(settings.data_dir, states),
+            console=console,
+            transient=False,
+            auto_refresh=False,
+        ) as live,
+    ):
 
-    def render() -> Table:
-        table = Table("component", "state", "detail", title=f"Cyclone in {settings.data_dir}")
-        colours = {"starting": "yellow", "ready": "green", "failed": "red", "stopped": "dim"}
-        for name, (state, detail) in states.items():
-            table.add_row(name, f"[{colours.get(state, 'white')}]{state}[/]", detail)
-        return table
+        def progress(component: str, state: str, detail: str) -> None:
+            states[component] = (state, detail)
+            live.update(_component_table(settings.data_dir, states), refresh=True)
 
-    try:
-        with (
-            hold_data_dir(settings.data_dir),
-            Live(render(), console=console, transient=False, auto_refresh=False) as live,
-        ):
-
-            def progress(component: str, state: str, detail: str) -> None:
-                states[component] = (state, detail)
-                live.update(render(), refresh=True)
-
-            mesh = Mesh(settings, progress)
-            previous = {
-                sig: signal.signal(sig, lambda *_: mesh.request_stop())
-                for sig in (signal.SIGINT, signal.SIGTERM)
-            }
+        mesh = Mesh(settings, progress)
+        with _stop_on_signals(mesh):
             try:
                 info = mesh.start()
             except MeshError as exc:
                 live.stop()
                 _fail(str(exc))
-                return
             try:
                 live.stop()
-                console.print(
-                    f"\n[bold]Cyclone is up[/bold]\n"
-                    f"  predictions and labels  {info.public}  (gRPC and REST; "
-                    f"POST http://{info.public}/v1/models/MODEL:predict)\n"
-                    f"  control plane           {info.control}\n"
-                    f"  dashboard               {info.dashboard}\n"
-                    f"  models                  {settings.repository}\n"
-                    f"  logs                    {settings.data_dir / 'logs'}\n"
-                    "Ctrl-C stops everything."
-                )
+                console.print(_where_it_listens(info, settings))
                 mesh.wait()
             finally:
                 console.print("stopping…")
                 mesh.stop()
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-    except MeshError as exc:
-        _fail(str(exc))
+
+
+_STATE_COLOURS = {"starting": "yellow", "ready": "green", "failed": "red", "stopped": "dim"}
+
+
+def _component_table(data_dir: Path, states: dict[str, tuple[str, str]]) -> Table:
+    """`cyclone up`'s live view: each component's state and detail."""
+    from rich.table import Table
+
+    table = Table("component", "state", "detail", title=f"Cyclone in {data_dir}")
+    for name, (state, detail) in states.items():
+        table.add_row(name, f"[{_STATE_COLOURS.get(state, 'white')}]{state}[/]", detail)
+    return table
+
+
+@contextlib.contextmanager
+def _stop_on_signals(mesh: Mesh) -> Iterator[None]:
+    """Ctrl-C and SIGTERM ask the mesh to stop (it stops in order); the previous handlers come
+    back after."""
+    previous = {
+        sig: signal.signal(sig, lambda *_: mesh.request_stop())
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _where_it_listens(info: MeshInfo, settings: MeshSettings) -> str:
+    return (
+        f"\n[bold]Cyclone is up[/bold]\n"
+        f"  predictions and labels  {info.public}  (gRPC and REST; "
+        f"POST http://{info.public}/v1/models/MODEL:predict)\n"
+        f"  control plane           {info.control}\n"
+        f"  dashboard               {info.dashboard}\n"
+        f"  models                  {settings.repository}\n"
+        f"  logs                    {settings.data_dir / 'logs'}\n"
+        "Ctrl-C stops everything."
+    )
 
 
 def down(
@@ -284,126 +335,154 @@ def collect_status(
     monitor: str | None = None,
     trainer: str | None = None,
 ) -> dict[str, Any]:
-    """Everything `cyclone status --json` prints, as one JSON-able object."""
+    """Everything `cyclone status --json` prints, as one JSON-able object. Each service adds
+    what it knows; one that does not answer becomes a line in `problems`, not a failure."""
     import grpc
 
-    from cyclone.client import MonitorClient, StoreClient, TrainerClient
-    from cyclone.monitor.v1 import monitor_service_pb2 as mpb
-    from cyclone.store.v1 import store_service_pb2 as spb
-    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+    from cyclone_app.cli_errors import describe_failure
 
-    mesh = read_mesh(data_dir)
-    out: dict[str, Any] = {"mesh": None, "models": {}, "alerts": [], "jobs": [], "rollouts": []}
-    if mesh is not None:
-        out["mesh"] = {
-            "pid": mesh.pid,
-            "data_dir": mesh.data_dir,
-            "public": mesh.public,
-            "control": mesh.control,
-            "dashboard": mesh.dashboard,
-            "components": {k: vars(v) for k, v in mesh.components.items()},
-        }
-        out["mesh"]["revisions"] = _revision_processes(mesh.repository, mesh.data_dir)
-    from cyclone.cli_errors import describe_failure
-
-    problems: list[str] = []
-    models: dict[str, Any] = out["models"]
-    targets = {
-        name: resolve(name, flag, data_dir)
-        for name, flag in (("store", store), ("monitor", monitor), ("trainer", trainer))
+    out: dict[str, Any] = {
+        "mesh": _mesh_status(data_dir),
+        "models": {},
+        "alerts": [],
+        "jobs": [],
+        "rollouts": [],
     }
-    try:
-        with StoreClient(targets["store"].address) as store_client:
-            stats = store_client.stats()
-            out["storage_mode"] = stats.storage_mode
-            for m in stats.models:
-                models.setdefault(
-                    m.model, {"versions": {}, "serving": None, "split": {}, "level": None}
-                )["traffic"] = {
-                    "predictions": m.predictions,
-                    "labels": m.labels,
-                    "label_coverage": m.label_coverage,
-                    "ingest_lag_seconds": m.ingest_lag_seconds,
-                }
-            for v in store_client.model_versions():
-                entry = models.setdefault(
-                    v.model, {"versions": {}, "serving": None, "split": {}, "level": None}
-                )
-                status = _enum_name(spb.ModelStatus, v.status, "MODEL_STATUS_")
-                entry["versions"][v.version] = {
-                    "status": status,
-                    "parent": v.parent_version or None,
-                    "alert": v.triggering_alert_id or None,
-                    "training_rows": v.training_rows or None,
-                    "family": v.family or None,
-                }
-                if status == "serving":
-                    entry["serving"] = v.version
-                    entry["split"] = {v.version: 100.0}
-    except grpc.RpcError as exc:
-        problems.append(f"store: {describe_failure(exc, targets['store'])}")
-    try:
-        with MonitorClient(targets["monitor"].address) as monitor_client:
-            for s in monitor_client.status():
-                entry = models.setdefault(s.model, {"versions": {}, "split": {}})
-                entry["level"] = _enum_name(mpb.Level, s.level, "LEVEL_").upper()
-                entry["reasons"] = list(s.reasons)
-                entry["metrics"] = {
-                    m.name: m.value if m.HasField("value") else None for m in s.metrics
-                }
-                entry["estimated_vs_realized"] = estimated_lines(s.metrics)
-            out["alerts"] = [
-                {
-                    "id": a.id,
-                    "model": a.model,
-                    "action": a.action,
-                    "sink": a.sink,
-                    "status": a.status,
-                    "reasons": list(a.reasons),
-                }
-                for a in monitor_client.alerts()
-                if a.status != "delivered"
-            ]
-    except grpc.RpcError as exc:
-        problems.append(f"monitor: {describe_failure(exc, targets['monitor'])}")
-    try:
-        with TrainerClient(targets["trainer"].address, timeout=10) as trainer_client:
-            out["jobs"] = [
-                {
-                    "id": j.id,
-                    "model": j.model,
-                    "state": _enum_name(tpb.JobState, j.state, "JOB_STATE_"),
-                    "stage": j.stage,
-                    "new_version": j.new_version or None,
-                    "message": j.message,
-                }
-                for j in trainer_client.jobs(limit=20)
-            ]
-            for r in trainer_client.rollouts(limit=20):
-                state = _enum_name(tpb.RolloutState, r.state, "ROLLOUT_STATE_")
-                out["rollouts"].append(
-                    {
-                        "id": r.id,
-                        "model": r.model,
-                        "from": r.from_version or None,
-                        "to": r.to_version,
-                        "strategy": _strategy_name(r.strategy),
-                        "state": state,
-                        "weight": r.current_weight,
-                    }
-                )
-                if state in ("pending", "progressing", "paused") and r.model in models:
-                    split = {r.to_version: r.current_weight}
-                    if r.from_version:
-                        split[r.from_version] = 100.0 - r.current_weight
-                    models[r.model]["split"] = split
-    except grpc.RpcError as exc:
-        problems.append(f"trainer: {describe_failure(exc, targets['trainer'])}")
-    for model, entry in models.items():
+    problems: list[str] = []
+    for name, flag, add in (
+        ("store", store, _add_store_status),
+        ("monitor", monitor, _add_monitor_status),
+        ("trainer", trainer, _add_trainer_status),
+    ):
+        target = resolve(name, flag, data_dir)
+        try:
+            add(target.address, out)
+        except grpc.RpcError as exc:
+            problems.append(f"{name}: {describe_failure(exc, target)}")
+    for model, entry in out["models"].items():
         if entry.get("level") == "RED":
             entry["next"] = next_step([j for j in out["jobs"] if j["model"] == model])
     out["problems"] = problems
     return out
+
+
+def _mesh_status(data_dir: Path | None) -> dict[str, Any] | None:
+    """The running `cyclone up` (its addresses, components and revision processes), if any."""
+    mesh = read_mesh(data_dir)
+    if mesh is None:
+        return None
+    return {
+        "pid": mesh.pid,
+        "data_dir": mesh.data_dir,
+        "public": mesh.public,
+        "control": mesh.control,
+        "dashboard": mesh.dashboard,
+        "components": {k: vars(v) for k, v in mesh.components.items()},
+        "revisions": _revision_processes(mesh.repository, mesh.data_dir),
+    }
+
+
+def _model_entry(models: dict[str, Any], model: str) -> dict[str, Any]:
+    entry: dict[str, Any] = models.setdefault(
+        model, {"versions": {}, "serving": None, "split": {}, "level": None}
+    )
+    return entry
+
+
+def _add_store_status(address: str, out: dict[str, Any]) -> None:
+    """The storage mode, each model's traffic and every version's status (the serving one
+    takes all the traffic unless a rollout says otherwise)."""
+    from cyclone.client import StoreClient
+    from cyclone.store.v1 import store_service_pb2 as spb
+
+    models: dict[str, Any] = out["models"]
+    with StoreClient(address) as client:
+        stats = client.stats()
+        out["storage_mode"] = stats.storage_mode
+        for m in stats.models:
+            _model_entry(models, m.model)["traffic"] = {
+                "predictions": m.predictions,
+                "labels": m.labels,
+                "label_coverage": m.label_coverage,
+                "ingest_lag_seconds": m.ingest_lag_seconds,
+            }
+        for v in client.model_versions():
+            entry = _model_entry(models, v.model)
+            status = _enum_name(spb.ModelStatus, v.status, "MODEL_STATUS_")
+            entry["versions"][v.version] = {
+                "status": status,
+                "parent": v.parent_version or None,
+                "alert": v.triggering_alert_id or None,
+                "training_rows": v.training_rows or None,
+                "family": v.family or None,
+            }
+            if status == "serving":
+                entry["serving"] = v.version
+                entry["split"] = {v.version: 100.0}
+
+
+def _add_monitor_status(address: str, out: dict[str, Any]) -> None:
+    """Each model's level, reasons and metrics, and the alerts not yet delivered."""
+    from cyclone.client import MonitorClient
+    from cyclone.monitor.v1 import monitor_service_pb2 as mpb
+
+    with MonitorClient(address) as client:
+        for s in client.status():
+            entry = _model_entry(out["models"], s.model)
+            entry["level"] = _enum_name(mpb.Level, s.level, "LEVEL_").upper()
+            entry["reasons"] = list(s.reasons)
+            entry["metrics"] = {m.name: m.value if m.HasField("value") else None for m in s.metrics}
+            entry["estimated_vs_realized"] = estimated_lines(s.metrics)
+        out["alerts"] = [
+            {
+                "id": a.id,
+                "model": a.model,
+                "action": a.action,
+                "sink": a.sink,
+                "status": a.status,
+                "reasons": list(a.reasons),
+            }
+            for a in client.alerts()
+            if a.status != "delivered"
+        ]
+
+
+def _add_trainer_status(address: str, out: dict[str, Any]) -> None:
+    """The newest jobs and rollouts; a rollout in flight sets its model's traffic split."""
+    from cyclone.client import TrainerClient
+    from cyclone.trainer.v1 import trainer_service_pb2 as tpb
+
+    models: dict[str, Any] = out["models"]
+    with TrainerClient(address, timeout=10) as client:
+        out["jobs"] = [
+            {
+                "id": j.id,
+                "model": j.model,
+                "state": _enum_name(tpb.JobState, j.state, "JOB_STATE_"),
+                "stage": j.stage,
+                "new_version": j.new_version or None,
+                "message": j.message,
+            }
+            for j in client.jobs(limit=20)
+        ]
+        for r in client.rollouts(limit=20):
+            state = _enum_name(tpb.RolloutState, r.state, "ROLLOUT_STATE_")
+            out["rollouts"].append(
+                {
+                    "id": r.id,
+                    "model": r.model,
+                    "from": r.from_version or None,
+                    "to": r.to_version,
+                    "strategy": _strategy_name(r.strategy),
+                    "state": state,
+                    "weight": r.current_weight,
+                }
+            )
+            if state in ("pending", "progressing", "paused") and r.model in models:
+                split = {r.to_version: r.current_weight}
+                if r.from_version:
+                    split[r.from_version] = 100.0 - r.current_weight
+                models[r.model]["split"] = split
 
 
 def next_step(jobs: list[dict[str, Any]]) -> str:
@@ -584,8 +663,8 @@ def _show_rollout(r: Any) -> None:
 def _trainer_call(trainer: str | None, call: Any) -> Any:
     import grpc
 
-    from cyclone.cli_errors import describe_failure
     from cyclone.client import TrainerClient
+    from cyclone_app.cli_errors import describe_failure
 
     target = resolve("trainer", trainer)
     try:

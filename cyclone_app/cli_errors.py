@@ -16,7 +16,7 @@ import grpc
 
 from cyclone.local_mesh import ADDRESS_ENV, ADDRESS_FLAG, Target, default_data_dir
 
-log = logging.getLogger("cyclone.cli")
+log = logging.getLogger("cyclone_app.cli")
 NOT_REACHED = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 

@@ -328,7 +328,7 @@ def model_import(
     if mesh is not None and mesh.repository and target.resolve().is_relative_to(mesh.repository):
         import grpc
 
-        from cyclone.cli_mesh import announce_import
+        from cyclone_app.cli_mesh import announce_import
 
         try:
             typer.echo(announce_import(mesh, target))
@@ -408,7 +408,7 @@ def predict(
         return
     from rich.table import Table
 
-    from cyclone.cli_output import console
+    from cyclone_app.cli_output import console
 
     table = Table("prediction_id", "prediction", "probabilities", "version")
     for p in predictions:
@@ -457,7 +457,7 @@ def list_models(
 def _rpc_fail(exc: Any, target: Any = None) -> NoReturn:
     """One sentence (what was tried and the way out when nothing answered); the raw error goes
     to the CLI log."""
-    from cyclone.cli_errors import describe_failure
+    from cyclone_app.cli_errors import describe_failure
 
     fail(describe_failure(exc, target), 1)
 
@@ -657,8 +657,8 @@ def plugins_list() -> None:
     """Show loaded plugins, their package, and what they register."""
     from rich.table import Table
 
-    from cyclone.cli_output import console as make_console
     from cyclone.plugins import get_plugins
+    from cyclone_app.cli_output import console as make_console
 
     plugins = get_plugins()
     table = Table("plugin", "module", "package", "hooks", "problem")
@@ -684,7 +684,7 @@ def demo(
     ] = False,
 ) -> None:
     """Run the whole loop: import, serve, log, label, monitor, detect a dip, alert."""
-    from cyclone.demo import run_demo
+    from cyclone_app.demo import run_demo
 
     run_demo(workdir, keep_running)
 
@@ -749,7 +749,7 @@ def deploy_nomad_render(
         typer.echo(str(path))
 
 
-from cyclone import cli_mesh  # noqa: E402 - registered last: they extend `app`
+from cyclone_app import cli_mesh  # noqa: E402 - registered last: they extend `app`
 
 app.command("up")(cli_mesh.up)
 app.command("down")(cli_mesh.down)

@@ -1,0 +1,44 @@
+"""The store's domain: what each RPC means, on domain records, without protobuf or gRPC.
+
+Every StoreService RPC is one `Store` method; the servicer modules translate protobuf with
+`services.store.convert` and call it, and it checks the request and calls `StoreDB`. One module
+per area -- `registry`, `predictions`, `monitoring`, `training`, `rollouts` -- and one set of
+checks with the one JSON policy (`checks`). A failed check names the request field at fault,
+and every error is a `cyclone.errors` type (the database layer raises those too), so
+`rpc_errors` maps it.
+"""
+
+from __future__ import annotations
+
+from services.store.db import StoreDB
+
+from .monitoring import EvaluationRecord, MonitoringArea
+from .predictions import (
+    LabelValue,
+    PredictionQuery,
+    PredictionsArea,
+    TrainingRequest,
+    TrainingStream,
+)
+from .rollouts import RolloutsArea, RolloutUpdate
+from .training import JobUpdate, TrainingArea
+
+
+class Store(PredictionsArea, MonitoringArea, TrainingArea, RolloutsArea):
+    """One method per StoreService RPC (registry and predictions, monitoring, training jobs,
+    rollouts)."""
+
+    def __init__(self, db: StoreDB) -> None:
+        self.db = db
+
+
+__all__ = [
+    "EvaluationRecord",
+    "JobUpdate",
+    "LabelValue",
+    "PredictionQuery",
+    "RolloutUpdate",
+    "Store",
+    "TrainingRequest",
+    "TrainingStream",
+]
