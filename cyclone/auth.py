@@ -68,11 +68,16 @@ _METHOD_SCOPES: Mapping[str, Scope] = {
     "/cyclone.store.v1.StoreService/ClaimAlerts": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/CompleteAlert": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/RecordEvaluation": Scope.INTERNAL,
+    # Monitors sharing the models (docs/scaling-out.md).
+    "/cyclone.store.v1.StoreService/LeaseModels": Scope.INTERNAL,
+    "/cyclone.store.v1.StoreService/ReleaseModelLeases": Scope.INTERNAL,
     # The trainer's bookkeeping: jobs, lineage and rollouts are written by the trainer only
     # (people start and stop them through the trainer's own admin RPCs).
     "/cyclone.store.v1.StoreService/CreateTrainingJob": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/UpdateTrainingJob": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/FailOrphanedTrainingJobs": Scope.INTERNAL,
+    "/cyclone.store.v1.StoreService/HeartbeatTrainingJobs": Scope.INTERNAL,
+    "/cyclone.store.v1.StoreService/ClaimTrainingJobs": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/RegisterTrainedVersion": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/CreateRollout": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/UpdateRollout": Scope.INTERNAL,

@@ -77,6 +77,8 @@ class TrainingJob:
     champion_version: str | None
     family: str | None
     owner: str
+    # Until when `owner` holds the job without renewing it (several trainers, one store).
+    lease_expires_at: datetime | None
 
 
 def job_to_pb(job: TrainingJob) -> store_pb.TrainingJob:
@@ -107,6 +109,7 @@ def job_to_pb(job: TrainingJob) -> store_pb.TrainingJob:
         champion_version=job.champion_version or "",
         family=job.family or "",
         owner=job.owner,
+        lease_expires_at=ts_or_none(job.lease_expires_at),
     )
 
 
@@ -137,6 +140,7 @@ def job_from_pb(message: store_pb.TrainingJob) -> TrainingJob:
         champion_version=message.champion_version or None,
         family=message.family or None,
         owner=message.owner,
+        lease_expires_at=from_ts(message, "lease_expires_at"),
     )
 
 

@@ -334,7 +334,7 @@ def job_update_from_pb(r: pb.UpdateTrainingJobRequest) -> JobUpdate:
         field = f"{name}_json"
         if message.HasField(field):
             changes[name] = load_metrics(getattr(r, field), field)
-    return JobUpdate(r.job_id, changes, r.expected_state)
+    return JobUpdate(r.job_id, changes, r.expected_state, r.expected_owner)
 
 
 def trained_version_from_pb(r: pb.RegisterTrainedVersionRequest) -> ModelVersion | None:

@@ -21,7 +21,7 @@ class TrainingRpcs(RpcArea):
         self, request: pb.CreateTrainingJobRequest, context: Context
     ) -> pb.CreateTrainingJobResponse:
         job, created = await self.store.create_training_job(
-            request.model, request.alert_id, request.reason, request.owner
+            request.model, request.alert_id, request.reason, request.owner, request.lease_seconds
         )
         return pb.CreateTrainingJobResponse(job=job_to_pb(job), created=created)
 
@@ -52,6 +52,24 @@ class TrainingRpcs(RpcArea):
     ) -> pb.FailOrphanedTrainingJobsResponse:
         jobs = await self.store.fail_orphaned_training_jobs(request.owner, request.reason)
         return pb.FailOrphanedTrainingJobsResponse(jobs=[job_to_pb(j) for j in jobs])
+
+    @rpc_errors(translate=database_errors)
+    async def HeartbeatTrainingJobs(
+        self, request: pb.HeartbeatTrainingJobsRequest, context: Context
+    ) -> pb.HeartbeatTrainingJobsResponse:
+        ids = await self.store.heartbeat_training_jobs(request.owner, request.lease_seconds)
+        return pb.HeartbeatTrainingJobsResponse(job_ids=ids)
+
+    @rpc_errors(translate=database_errors)
+    async def ClaimTrainingJobs(
+        self, request: pb.ClaimTrainingJobsRequest, context: Context
+    ) -> pb.ClaimTrainingJobsResponse:
+        claimed, failed = await self.store.claim_training_jobs(
+            request.owner, request.lease_seconds, request.reason, request.limit
+        )
+        return pb.ClaimTrainingJobsResponse(
+            claimed=[job_to_pb(j) for j in claimed], failed=[job_to_pb(j) for j in failed]
+        )
 
     @rpc_errors(translate=database_errors)
     async def RegisterTrainedVersion(

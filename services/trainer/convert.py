@@ -1,4 +1,4 @@
-"""Protobuf <-> the trainer's domain (rollouts); jobs are converted in the servicer."""
+"""Protobuf <-> the trainer's domain: jobs and rollouts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,19 @@ from cyclone import rollout_strategies
 from cyclone.errors import InvalidArgument
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.wire import ts_or_none
+from services.trainer.jobs import Job
 from services.trainer.rollout import Rollout, RolloutState, RolloutStep
+
+JOB_STATE_TO_PB = {
+    "queued": pb.JOB_STATE_QUEUED,
+    "running": pb.JOB_STATE_RUNNING,
+    "succeeded": pb.JOB_STATE_SUCCEEDED,
+    "failed": pb.JOB_STATE_FAILED,
+    "cancelled": pb.JOB_STATE_CANCELLED,
+    "not_enough_data": pb.JOB_STATE_NOT_ENOUGH_DATA,
+    "rejected": pb.JOB_STATE_REJECTED,
+}
+PB_TO_JOB_STATE = {int(v): k for k, v in JOB_STATE_TO_PB.items()}
 
 STATE_TO_PB = {
     RolloutState.PENDING: pb.ROLLOUT_STATE_PENDING,
@@ -66,4 +78,39 @@ def rollout_to_pb(r: Rollout) -> pb.Rollout:
         reason=r.reason,
         created_at=ts_or_none(r.created_at),
         updated_at=ts_or_none(r.updated_at),
+    )
+
+
+def job_state_from_pb(value: int) -> str:
+    if value not in PB_TO_JOB_STATE:
+        raise InvalidArgument(f"state: unknown job state {value}")
+    return PB_TO_JOB_STATE[value]
+
+
+def job_to_pb(j: Job) -> pb.Job:
+    return pb.Job(
+        id=j.id,
+        model=j.model,
+        state=JOB_STATE_TO_PB.get(j.state, pb.JOB_STATE_UNSPECIFIED),
+        alert_id=j.alert_id,
+        reason=j.reason,
+        stage=j.stage,
+        message=j.message,
+        new_version=j.new_version,
+        window=pb.TrainingWindow(
+            rows=j.window_rows,
+            train_rows=j.train_rows,
+            holdout_rows=j.holdout_rows,
+            start=ts_or_none(j.window_start),
+            end=ts_or_none(j.window_end),
+        ),
+        champion_metrics=j.champion_metrics,
+        challenger_metrics=j.challenger_metrics,
+        decision=j.decision,
+        rollout_id=j.rollout_id,
+        champion_version=j.champion_version,
+        family=j.family,
+        created_at=ts_or_none(j.created_at),
+        started_at=ts_or_none(j.started_at),
+        finished_at=ts_or_none(j.finished_at),
     )

@@ -15,7 +15,15 @@ from cyclone.server import CycloneServer
 from cyclone.settings import ServerSettings, SettingsError
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
-from services.trainer.jobs import REMOTE_TIMEOUT_SECONDS, JobRunner, RolloutStarter
+from services.trainer.jobs import (
+    LEASE_SECONDS,
+    MAX_LEASE_SECONDS,
+    REMOTE_TIMEOUT_SECONDS,
+    JobRunner,
+    RolloutStarter,
+    ServeImmediately,
+    StoreJobGateway,
+)
 from services.trainer.servicer import TrainerServicer
 from services.trainer.traffic import TrafficPlane
 
@@ -65,6 +73,9 @@ class TrainerSettings(ServerSettings):
     nomad_retrain_job: str = RETRAIN_JOB
     # How long a dispatched job may take (on top of the plan's `retrain.wait`).
     remote_job_timeout_seconds: float = REMOTE_TIMEOUT_SECONDS
+    # How long this trainer holds its jobs without renewing them (three times per lease): a
+    # trainer that died loses its jobs to another (or to its restart) this long after.
+    job_lease_seconds: float = LEASE_SECONDS
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +86,11 @@ class TrainerSettings(ServerSettings):
             )
         if self.remote_job_timeout_seconds <= 0:
             raise SettingsError("remote_job_timeout_seconds: must be positive")
+        if not 0 < self.job_lease_seconds <= MAX_LEASE_SECONDS:
+            raise SettingsError(
+                f"job_lease_seconds: must be more than 0 and at most {MAX_LEASE_SECONDS:g},"
+                f" got {self.job_lease_seconds:g}"
+            )
         if self.pool_processes < 0:
             raise SettingsError(
                 f"pool_processes: must be 0 (no pool) or more, got {self.pool_processes}"
@@ -103,12 +119,13 @@ def build_trainer_server(
     if rollout is None and traffic is not None:
         rollout = traffic.start_rollout
     runner = JobRunner(
-        store,
+        StoreJobGateway(store, settings.model_repository),
         settings.model_repository,
         max_parallel=settings.max_parallel_jobs,
-        rollout=rollout,
+        rollout=rollout or ServeImmediately(store),
         dispatcher=NomadDispatcher(settings) if settings.job_executor == "nomad" else None,
         remote_timeout=settings.remote_job_timeout_seconds,
+        lease_seconds=settings.job_lease_seconds,
     )
     server = CycloneServer("trainer", settings)
     server.add_service(
@@ -166,7 +183,12 @@ async def run_one_job(settings: TrainerSettings) -> int:
     get_plugins()
     async with aio_channel(settings.store) as channel:
         store = store_grpc.StoreServiceStub(channel)
-        runner = JobRunner(store, settings.model_repository, max_parallel=1)
+        runner = JobRunner(
+            StoreJobGateway(store, settings.model_repository),
+            settings.model_repository,
+            rollout=ServeImmediately(store),
+            max_parallel=1,
+        )
         job = await runner.run_one(int(text))
     log.info("job %d of %s ended %s: %s", job.id, job.model, job.state, job.message)
     return 1 if job.state == "failed" else 0

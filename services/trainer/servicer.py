@@ -1,9 +1,9 @@
 """`cyclone.trainer.v1.TrainerService`: translates protobuf <-> the job runner (retraining) and
-the rollout controller (traffic); without a router the rollout RPCs fail with FAILED_PRECONDITION."""
+the rollout controller (traffic), through `convert.py`; without a router the rollout RPCs fail
+with FAILED_PRECONDITION."""
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeAlias
 
 from grpc import aio
@@ -13,7 +13,6 @@ from cyclone.errors import (
     InvalidArgument,
 )
 from cyclone.rpc_errors import rpc_errors, upstream
-from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
 from services.trainer import convert
@@ -23,54 +22,9 @@ from services.trainer.traffic import TrafficPlane
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 MAX_LIST = 1000
-_STATES = {
-    "queued": pb.JOB_STATE_QUEUED,
-    "running": pb.JOB_STATE_RUNNING,
-    "succeeded": pb.JOB_STATE_SUCCEEDED,
-    "failed": pb.JOB_STATE_FAILED,
-    "cancelled": pb.JOB_STATE_CANCELLED,
-    "not_enough_data": pb.JOB_STATE_NOT_ENOUGH_DATA,
-    "rejected": pb.JOB_STATE_REJECTED,
-}
-_STATE_NAMES = {v: k for k, v in _STATES.items()}
-
 
 # The store's status passes through, its details say it came from the store.
 store_errors = upstream("store")
-
-
-def _metrics(text: str) -> dict[str, float]:
-    return {str(k): float(v) for k, v in json.loads(text).items()} if text else {}
-
-
-def job_to_pb(j: store_pb.TrainingJob) -> pb.Job:
-    job = pb.Job(
-        id=j.id,
-        model=j.model,
-        state=_STATES.get(j.state, pb.JOB_STATE_UNSPECIFIED),
-        alert_id=j.alert_id,
-        reason=j.reason,
-        stage=j.stage,
-        message=j.message,
-        new_version=j.new_version,
-        window=pb.TrainingWindow(
-            rows=j.window_rows, train_rows=j.train_rows, holdout_rows=j.holdout_rows
-        ),
-        champion_metrics=_metrics(j.champion_metrics_json),
-        challenger_metrics=_metrics(j.challenger_metrics_json),
-        decision=j.decision,
-        rollout_id=j.rollout_id,
-        champion_version=j.champion_version,
-        family=j.family,
-    )
-    for name in ("created_at", "started_at", "finished_at"):
-        if j.HasField(name):
-            getattr(job, name).CopyFrom(getattr(j, name))
-    if j.HasField("window_start"):
-        job.window.start.CopyFrom(j.window_start)
-    if j.HasField("window_end"):
-        job.window.end.CopyFrom(j.window_end)
-    return job
 
 
 def _rollout_id(value: str) -> str:
@@ -90,11 +44,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     @rpc_errors(translate=store_errors)
     async def Retrain(self, request: pb.RetrainRequest, context: Context) -> pb.RetrainResponse:
         job, created = await self.runner.retrain(request.model, request.alert_id, request.reason)
-        return pb.RetrainResponse(job=job_to_pb(job), created=created)
+        return pb.RetrainResponse(job=convert.job_to_pb(job), created=created)
 
     @rpc_errors(translate=store_errors)
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
-        return pb.GetJobResponse(job=job_to_pb(await self.runner.get(request.job_id)))
+        return pb.GetJobResponse(job=convert.job_to_pb(await self.runner.get(request.job_id)))
 
     @rpc_errors(translate=store_errors)
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
@@ -102,22 +56,20 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             raise InvalidArgument(f"limit: must be between 1 and {MAX_LIST}")
         state = ""
         if request.state != pb.JOB_STATE_UNSPECIFIED:
-            if request.state not in _STATE_NAMES:
-                raise InvalidArgument(f"state: unknown job state {request.state}")
-            state = _STATE_NAMES[request.state]
+            state = convert.job_state_from_pb(request.state)
         jobs = await self.runner.list(request.model, state, request.limit or 50)
-        return pb.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs])
+        return pb.ListJobsResponse(jobs=[convert.job_to_pb(j) for j in jobs])
 
     @rpc_errors(translate=store_errors)
     async def WatchJob(self, request: pb.WatchJobRequest, context: Context) -> Any:
         async for job in self.runner.watch(request.job_id):
-            yield pb.WatchJobResponse(job=job_to_pb(job))
+            yield pb.WatchJobResponse(job=convert.job_to_pb(job))
 
     @rpc_errors(translate=store_errors)
     async def CancelJob(
         self, request: pb.CancelJobRequest, context: Context
     ) -> pb.CancelJobResponse:
-        return pb.CancelJobResponse(job=job_to_pb(await self.runner.cancel(request.job_id)))
+        return pb.CancelJobResponse(job=convert.job_to_pb(await self.runner.cancel(request.job_id)))
 
     @rpc_errors(translate=store_errors)
     async def Rollout(self, request: pb.RolloutRequest, context: Context) -> pb.RolloutResponse:

@@ -208,6 +208,8 @@ async def test_a_run_that_dies_without_recording_fails_the_job(cluster: Cluster)
     [
         ({"job_executor": "kubernetes"}, "job_executor"),
         ({"remote_job_timeout_seconds": 0.0}, "remote_job_timeout_seconds"),
+        ({"job_lease_seconds": 0.0}, "job_lease_seconds"),
+        ({"job_lease_seconds": 3601.0}, "job_lease_seconds"),
     ],
 )
 def test_bad_executor_settings_are_refused(flags: dict[str, object], field: str) -> None:

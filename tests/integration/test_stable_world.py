@@ -36,7 +36,7 @@ from services.launch import start_monitor, start_store, start_trainer
 from services.monitor.main import MonitorSettings
 from services.store.db import uuid7
 from services.store.main import StoreSettings
-from services.trainer.jobs import JobRunner
+from services.trainer.jobs import JobRunner, ServeImmediately, StoreJobGateway
 from services.trainer.main import TrainerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -194,7 +194,11 @@ async def test_stable_world_never_retrains_and_a_forced_retrain_is_rejected(worl
 async def test_a_retrain_asked_while_the_trainer_starts_waits_for_it(world: World) -> None:
     # The server takes calls while its start-up hooks (Envoy, revisions) still run; a job
     # queued then must wait for the worker pool, not fail with "not started".
-    runner = JobRunner(world.store, world.repository)
+    runner = JobRunner(
+        StoreJobGateway(world.store, world.repository),
+        world.repository,
+        rollout=ServeImmediately(world.store),
+    )
     queued, created = await runner.retrain(MODEL, reason="during start-up")
     assert created
     await asyncio.sleep(0.3)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -131,16 +133,97 @@ async def test_a_duplicate_version_rolls_the_registration_back(
     assert after.new_version == ""
 
 
-async def test_orphaned_jobs_of_other_owners_fail(stub: pb_grpc.StoreServiceStub) -> None:
-    old = (await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m", owner="a"))).job
+async def _until_expired(stub: pb_grpc.StoreServiceStub, *jobs: pb.TrainingJob) -> None:
+    """Sleep past the latest of the jobs' leases (as the store recorded them)."""
+    latest = max(j.lease_expires_at.ToDatetime(tzinfo=UTC) for j in jobs)
+    await asyncio.sleep(max((latest - datetime.now(UTC)).total_seconds(), 0) + 0.05)
+
+
+async def test_orphaned_jobs_of_other_owners_fail_once_their_lease_expired(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    old = (
+        await stub.CreateTrainingJob(
+            pb.CreateTrainingJobRequest(model="m", owner="a", lease_seconds=0.3)
+        )
+    ).job
     mine = (await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m", owner="b"))).job
+    live = (await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m", owner="c"))).job
+    # "c"'s lease (the default, a minute) still runs: only "a"'s job is orphaned.
+    await _until_expired(stub, old)
     failed = await stub.FailOrphanedTrainingJobs(
         pb.FailOrphanedTrainingJobsRequest(owner="b", reason="restarted")
     )
     assert [j.id for j in failed.jobs] == [old.id]
     assert failed.jobs[0].state == "failed" and failed.jobs[0].message == "restarted"
-    still = (await stub.GetTrainingJob(pb.GetTrainingJobRequest(job_id=mine.id))).job
-    assert still.state == "queued"
+    for job_id in (mine.id, live.id):
+        still = (await stub.GetTrainingJob(pb.GetTrainingJobRequest(job_id=job_id))).job
+        assert still.state == "queued"
+
+
+async def test_a_heartbeat_renews_the_owners_unfinished_jobs_only(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    create = pb.CreateTrainingJobRequest(model="m", owner="a", lease_seconds=1)
+    first = (await stub.CreateTrainingJob(create)).job
+    ended = (await stub.CreateTrainingJob(create)).job
+    other = (await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m", owner="b"))).job
+    await stub.UpdateTrainingJob(pb.UpdateTrainingJobRequest(job_id=ended.id, state="failed"))
+    beat = await stub.HeartbeatTrainingJobs(
+        pb.HeartbeatTrainingJobsRequest(owner="a", lease_seconds=120)
+    )
+    assert list(beat.job_ids) == [first.id]
+    renewed = (await stub.GetTrainingJob(pb.GetTrainingJobRequest(job_id=first.id))).job
+    lease = renewed.lease_expires_at.ToDatetime(tzinfo=UTC) - datetime.now(UTC)
+    assert timedelta(seconds=100) < lease <= timedelta(seconds=120)
+    untouched = (await stub.GetTrainingJob(pb.GetTrainingJobRequest(job_id=other.id))).job
+    assert untouched.lease_expires_at == other.lease_expires_at
+
+
+async def test_claims_take_over_expired_jobs_each_exactly_once(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    short = pb.CreateTrainingJobRequest(model="m", owner="gone", lease_seconds=0.3)
+    queued = [(await stub.CreateTrainingJob(short)).job for _ in range(12)]
+    running = (await stub.CreateTrainingJob(short)).job
+    await stub.UpdateTrainingJob(pb.UpdateTrainingJobRequest(job_id=running.id, state="running"))
+    alive = (await stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m", owner="x"))).job
+    # Before the lease ran out nothing is taken over.
+    early = await stub.ClaimTrainingJobs(pb.ClaimTrainingJobsRequest(owner="b"))
+    assert list(early.claimed) == [] and list(early.failed) == []
+    await _until_expired(stub, *queued, running)
+    first, second = await asyncio.gather(
+        stub.ClaimTrainingJobs(pb.ClaimTrainingJobsRequest(owner="b", lease_seconds=30)),
+        stub.ClaimTrainingJobs(pb.ClaimTrainingJobsRequest(owner="c", lease_seconds=30)),
+    )
+    by_b = {j.id for j in first.claimed}
+    by_c = {j.id for j in second.claimed}
+    assert not by_b & by_c
+    assert by_b | by_c == {j.id for j in queued}
+    assert all(j.owner == "b" and j.state == "queued" for j in first.claimed)
+    failed = [*first.failed, *second.failed]
+    assert [j.id for j in failed] == [running.id]
+    assert failed[0].state == "failed" and "lease" in failed[0].message
+    # The old owner can no longer write to a job taken from it; the new one can.
+    taken = queued[0].id
+    new_owner = "b" if taken in by_b else "c"
+    await fails(
+        stub.UpdateTrainingJob(
+            pb.UpdateTrainingJobRequest(
+                job_id=taken, state="running", expected_state="queued", expected_owner="gone"
+            )
+        ),
+        Code.FAILED_PRECONDITION,
+        "job_id",
+    )
+    started = await stub.UpdateTrainingJob(
+        pb.UpdateTrainingJobRequest(
+            job_id=taken, state="running", expected_state="queued", expected_owner=new_owner
+        )
+    )
+    assert started.job.state == "running"
+    still = (await stub.GetTrainingJob(pb.GetTrainingJobRequest(job_id=alive.id))).job
+    assert still.state == "queued" and still.owner == "x"
 
 
 async def test_training_rpcs_bad_input(stub: pb_grpc.StoreServiceStub) -> None:
@@ -232,6 +315,38 @@ async def test_training_rpcs_bad_input(stub: pb_grpc.StoreServiceStub) -> None:
             stub.FailOrphanedTrainingJobs(pb.FailOrphanedTrainingJobsRequest()),
             Code.INVALID_ARGUMENT,
             "owner",
+        ),
+        (
+            stub.CreateTrainingJob(pb.CreateTrainingJobRequest(model="m", lease_seconds=-1)),
+            Code.INVALID_ARGUMENT,
+            "lease_seconds",
+        ),
+        (
+            stub.HeartbeatTrainingJobs(pb.HeartbeatTrainingJobsRequest()),
+            Code.INVALID_ARGUMENT,
+            "owner",
+        ),
+        (
+            stub.HeartbeatTrainingJobs(
+                pb.HeartbeatTrainingJobsRequest(owner="a", lease_seconds=3601)
+            ),
+            Code.INVALID_ARGUMENT,
+            "lease_seconds",
+        ),
+        (
+            stub.ClaimTrainingJobs(pb.ClaimTrainingJobsRequest()),
+            Code.INVALID_ARGUMENT,
+            "owner",
+        ),
+        (
+            stub.ClaimTrainingJobs(pb.ClaimTrainingJobsRequest(owner="a", limit=1001)),
+            Code.INVALID_ARGUMENT,
+            "limit",
+        ),
+        (
+            stub.ClaimTrainingJobs(pb.ClaimTrainingJobsRequest(owner="a", lease_seconds=-2)),
+            Code.INVALID_ARGUMENT,
+            "lease_seconds",
         ),
         (
             stub.RegisterTrainedVersion(pb.RegisterTrainedVersionRequest(job_id=job.id)),

@@ -33,7 +33,7 @@ from plugins.alert_sinks import read_recorded
 from services import launch
 from services.store.db import uuid7
 from services.store.main import StoreSettings
-from services.trainer import jobs
+from services.trainer.jobs import stages
 from services.trainer.main import TrainerSettings
 
 pytestmark = pytest.mark.integration
@@ -117,8 +117,8 @@ async def make_red(stack: Stack) -> None:
 async def stack_of(
     fresh_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Any]:
-    monkeypatch.setattr(jobs, "RETRY_BACKOFF_SECONDS", 0.2)
-    monkeypatch.setattr(jobs, "FRESH_POLL_SECONDS", 0.3)
+    monkeypatch.setattr(stages, "RETRY_BACKOFF_SECONDS", 0.2)
+    monkeypatch.setattr(stages, "FRESH_POLL_SECONDS", 0.3)
     servers: list[CycloneServer] = []
     channels: list[aio.Channel] = []
 

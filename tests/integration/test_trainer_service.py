@@ -293,12 +293,17 @@ async def test_cancel_queued_job_never_runs(stack: Stack) -> None:
 
 
 async def test_restarted_trainer_fails_jobs_left_running(stack: Stack) -> None:
+    import asyncio
+
     created = await stack.store.CreateTrainingJob(
-        store_pb.CreateTrainingJobRequest(model=MODEL, owner="old-trainer")
+        store_pb.CreateTrainingJobRequest(model=MODEL, owner="old-trainer", lease_seconds=0.3)
     )
     await stack.store.UpdateTrainingJob(
         store_pb.UpdateTrainingJobRequest(job_id=created.job.id, state="running")
     )
+    # The old process stopped renewing its lease: once it ran out, the new one takes over.
+    expires = created.job.lease_expires_at.ToDatetime(tzinfo=UTC)
+    await asyncio.sleep(max((expires - datetime.now(UTC)).total_seconds(), 0) + 0.05)
     server = (
         await start_trainer(
             TrainerSettings(port=0, store=stack.store_address, model_repository=stack.repo)

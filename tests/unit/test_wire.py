@@ -59,6 +59,7 @@ _metrics = st.none() | st.dictionaries(
         rollout_id=_names,
         champion_version=_names,
         family=_names,
+        lease_expires_at=_moments,
     )
 )
 def test_a_training_job_round_trips_through_the_store_message(job: wire.TrainingJob) -> None:

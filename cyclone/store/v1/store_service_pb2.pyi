@@ -1937,6 +1937,7 @@ class TrainingJob(_message.Message):
     FAMILY_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Job id."""
     model: _builtins.str
@@ -1997,6 +1998,10 @@ class TrainingJob(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """Last change."""
 
+    @_builtins.property
+    def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Until when the owner holds the job without another heartbeat."""
+
     def __init__(
         self,
         *,
@@ -2024,10 +2029,11 @@ class TrainingJob(_message.Message):
         family: _builtins.str = ...,
         owner: _builtins.str = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "started_at", b"started_at", "updated_at", b"updated_at", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "lease_expires_at", b"lease_expires_at", "started_at", b"started_at", "updated_at", b"updated_at", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "challenger_metrics_json", b"challenger_metrics_json", "champion_metrics_json", b"champion_metrics_json", "champion_version", b"champion_version", "created_at", b"created_at", "decision", b"decision", "family", b"family", "finished_at", b"finished_at", "holdout_rows", b"holdout_rows", "id", b"id", "message", b"message", "model", b"model", "new_version", b"new_version", "owner", b"owner", "reason", b"reason", "rollout_id", b"rollout_id", "stage", b"stage", "started_at", b"started_at", "state", b"state", "train_rows", b"train_rows", "updated_at", b"updated_at", "window_end", b"window_end", "window_rows", b"window_rows", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "challenger_metrics_json", b"challenger_metrics_json", "champion_metrics_json", b"champion_metrics_json", "champion_version", b"champion_version", "created_at", b"created_at", "decision", b"decision", "family", b"family", "finished_at", b"finished_at", "holdout_rows", b"holdout_rows", "id", b"id", "lease_expires_at", b"lease_expires_at", "message", b"message", "model", b"model", "new_version", b"new_version", "owner", b"owner", "reason", b"reason", "rollout_id", b"rollout_id", "stage", b"stage", "started_at", b"started_at", "state", b"state", "train_rows", b"train_rows", "updated_at", b"updated_at", "window_end", b"window_end", "window_rows", b"window_rows", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2043,6 +2049,7 @@ class CreateTrainingJobRequest(_message.Message):
     ALERT_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name."""
     alert_id: _builtins.int
@@ -2051,6 +2058,10 @@ class CreateTrainingJobRequest(_message.Message):
     """Why."""
     owner: _builtins.str
     """The trainer process that will run it."""
+    lease_seconds: _builtins.float
+    """How long the owner holds the job without a heartbeat, in seconds (at most
+    3600); 0 means 60.
+    """
     def __init__(
         self,
         *,
@@ -2058,10 +2069,11 @@ class CreateTrainingJobRequest(_message.Message):
         alert_id: _builtins.int = ...,
         reason: _builtins.str = ...,
         owner: _builtins.str = ...,
+        lease_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "model", b"model", "owner", b"owner", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "lease_seconds", b"lease_seconds", "model", b"model", "owner", b"owner", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2119,6 +2131,7 @@ class UpdateTrainingJobRequest(_message.Message):
     CHAMPION_VERSION_FIELD_NUMBER: _builtins.int
     FAMILY_FIELD_NUMBER: _builtins.int
     EXPECTED_STATE_FIELD_NUMBER: _builtins.int
+    EXPECTED_OWNER_FIELD_NUMBER: _builtins.int
     job_id: _builtins.int
     """Job id."""
     state: _builtins.str
@@ -2147,6 +2160,8 @@ class UpdateTrainingJobRequest(_message.Message):
     """Model family."""
     expected_state: _builtins.str
     """Only update while the job is in this state (compare-and-set); empty: any unended state."""
+    expected_owner: _builtins.str
+    """Only update while this trainer owns the job; empty: whoever owns it."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """Start of running."""
@@ -2184,10 +2199,11 @@ class UpdateTrainingJobRequest(_message.Message):
         champion_version: _builtins.str | None = ...,
         family: _builtins.str | None = ...,
         expected_state: _builtins.str = ...,
+        expected_owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_challenger_metrics_json", b"_challenger_metrics_json", "_champion_metrics_json", b"_champion_metrics_json", "_champion_version", b"_champion_version", "_decision", b"_decision", "_family", b"_family", "_holdout_rows", b"_holdout_rows", "_message", b"_message", "_rollout_id", b"_rollout_id", "_stage", b"_stage", "_state", b"_state", "_train_rows", b"_train_rows", "_window_rows", b"_window_rows", "challenger_metrics_json", b"challenger_metrics_json", "champion_metrics_json", b"champion_metrics_json", "champion_version", b"champion_version", "decision", b"decision", "family", b"family", "finished_at", b"finished_at", "holdout_rows", b"holdout_rows", "message", b"message", "rollout_id", b"rollout_id", "stage", b"stage", "started_at", b"started_at", "state", b"state", "train_rows", b"train_rows", "window_end", b"window_end", "window_rows", b"window_rows", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_challenger_metrics_json", b"_challenger_metrics_json", "_champion_metrics_json", b"_champion_metrics_json", "_champion_version", b"_champion_version", "_decision", b"_decision", "_family", b"_family", "_holdout_rows", b"_holdout_rows", "_message", b"_message", "_rollout_id", b"_rollout_id", "_stage", b"_stage", "_state", b"_state", "_train_rows", b"_train_rows", "_window_rows", b"_window_rows", "challenger_metrics_json", b"challenger_metrics_json", "champion_metrics_json", b"champion_metrics_json", "champion_version", b"champion_version", "decision", b"decision", "expected_state", b"expected_state", "family", b"family", "finished_at", b"finished_at", "holdout_rows", b"holdout_rows", "job_id", b"job_id", "message", b"message", "rollout_id", b"rollout_id", "stage", b"stage", "started_at", b"started_at", "state", b"state", "train_rows", b"train_rows", "window_end", b"window_end", "window_rows", b"window_rows", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_challenger_metrics_json", b"_challenger_metrics_json", "_champion_metrics_json", b"_champion_metrics_json", "_champion_version", b"_champion_version", "_decision", b"_decision", "_family", b"_family", "_holdout_rows", b"_holdout_rows", "_message", b"_message", "_rollout_id", b"_rollout_id", "_stage", b"_stage", "_state", b"_state", "_train_rows", b"_train_rows", "_window_rows", b"_window_rows", "challenger_metrics_json", b"challenger_metrics_json", "champion_metrics_json", b"champion_metrics_json", "champion_version", b"champion_version", "decision", b"decision", "expected_owner", b"expected_owner", "expected_state", b"expected_state", "family", b"family", "finished_at", b"finished_at", "holdout_rows", b"holdout_rows", "job_id", b"job_id", "message", b"message", "rollout_id", b"rollout_id", "stage", b"stage", "started_at", b"started_at", "state", b"state", "train_rows", b"train_rows", "window_end", b"window_end", "window_rows", b"window_rows", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__challenger_metrics_json: _TypeAlias = _typing.Literal["challenger_metrics_json"]  # noqa: Y015
     _WhichOneofArgType__challenger_metrics_json: _TypeAlias = _typing.Literal["_challenger_metrics_json", b"_challenger_metrics_json"]  # noqa: Y015
@@ -2413,6 +2429,120 @@ class FailOrphanedTrainingJobsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FailOrphanedTrainingJobsResponse: _TypeAlias = FailOrphanedTrainingJobsResponse  # noqa: Y015
+
+@_typing.final
+class HeartbeatTrainingJobsRequest(_message.Message):
+    """HeartbeatTrainingJobsRequest names the live trainer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """The caller's owner id."""
+    lease_seconds: _builtins.float
+    """The renewed lease, in seconds (at most 3600); 0 means 60."""
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        lease_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "owner", b"owner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatTrainingJobsRequest: _TypeAlias = HeartbeatTrainingJobsRequest  # noqa: Y015
+
+@_typing.final
+class HeartbeatTrainingJobsResponse(_message.Message):
+    """HeartbeatTrainingJobsResponse lists the jobs whose lease was renewed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Ids of the caller's unfinished jobs."""
+
+    def __init__(
+        self,
+        *,
+        job_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_ids", b"job_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatTrainingJobsResponse: _TypeAlias = HeartbeatTrainingJobsResponse  # noqa: Y015
+
+@_typing.final
+class ClaimTrainingJobsRequest(_message.Message):
+    """ClaimTrainingJobsRequest names the trainer taking over jobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """The caller's owner id; claimed jobs become its own."""
+    lease_seconds: _builtins.float
+    """The claimed jobs' lease, in seconds (at most 3600); 0 means 60."""
+    reason: _builtins.str
+    """The message a failed (was running) job gets."""
+    limit: _builtins.int
+    """Most jobs taken over in one call, at most 1000; 0 means 100."""
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        lease_seconds: _builtins.float = ...,
+        reason: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "limit", b"limit", "owner", b"owner", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimTrainingJobsRequest: _TypeAlias = ClaimTrainingJobsRequest  # noqa: Y015
+
+@_typing.final
+class ClaimTrainingJobsResponse(_message.Message):
+    """ClaimTrainingJobsResponse lists what was taken over."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLAIMED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def claimed(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrainingJob]:
+        """Queued jobs now the caller's to run."""
+
+    @_builtins.property
+    def failed(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrainingJob]:
+        """Jobs that were running under an expired lease, now failed."""
+
+    def __init__(
+        self,
+        *,
+        claimed: _abc.Iterable[Global___TrainingJob] | None = ...,
+        failed: _abc.Iterable[Global___TrainingJob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claimed", b"claimed", "failed", b"failed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimTrainingJobsResponse: _TypeAlias = ClaimTrainingJobsResponse  # noqa: Y015
 
 @_typing.final
 class RegisterTrainedVersionRequest(_message.Message):

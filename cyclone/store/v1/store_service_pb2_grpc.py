@@ -171,6 +171,16 @@ class StoreServiceStub:
                 request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.FailOrphanedTrainingJobsRequest.SerializeToString,
                 response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.FailOrphanedTrainingJobsResponse.FromString,
                 _registered_method=True)
+        self.HeartbeatTrainingJobs = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/HeartbeatTrainingJobs',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.HeartbeatTrainingJobsRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.HeartbeatTrainingJobsResponse.FromString,
+                _registered_method=True)
+        self.ClaimTrainingJobs = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/ClaimTrainingJobs',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ClaimTrainingJobsRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ClaimTrainingJobsResponse.FromString,
+                _registered_method=True)
         self.RegisterTrainedVersion = channel.unary_unary(
                 '/cyclone.store.v1.StoreService/RegisterTrainedVersion',
                 request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.RegisterTrainedVersionRequest.SerializeToString,
@@ -403,8 +413,25 @@ class StoreServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FailOrphanedTrainingJobs(self, request, context):
-        """FailOrphanedTrainingJobs ends the queued and running jobs of trainer
-        processes other than the caller (after a restart) as failed.
+        """FailOrphanedTrainingJobs ends, as failed, the queued and running jobs of
+        other owners whose lease expired. Trainers now use ClaimTrainingJobs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HeartbeatTrainingJobs(self, request, context):
+        """HeartbeatTrainingJobs renews the lease of every unfinished job the caller
+        owns; it returns their ids (a job another trainer took over is not among them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimTrainingJobs(self, request, context):
+        """ClaimTrainingJobs takes over the unfinished jobs whose owner's lease expired:
+        a queued one becomes the caller's to run (each claimed by exactly one caller),
+        a running one (its fit died with its trainer) ends as failed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -588,6 +615,16 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.FailOrphanedTrainingJobs,
                     request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.FailOrphanedTrainingJobsRequest.FromString,
                     response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.FailOrphanedTrainingJobsResponse.SerializeToString,
+            ),
+            'HeartbeatTrainingJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.HeartbeatTrainingJobs,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.HeartbeatTrainingJobsRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.HeartbeatTrainingJobsResponse.SerializeToString,
+            ),
+            'ClaimTrainingJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimTrainingJobs,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ClaimTrainingJobsRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ClaimTrainingJobsResponse.SerializeToString,
             ),
             'RegisterTrainedVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterTrainedVersion,
@@ -1346,6 +1383,60 @@ class StoreService:
             '/cyclone.store.v1.StoreService/FailOrphanedTrainingJobs',
             cyclone_dot_store_dot_v1_dot_store__service__pb2.FailOrphanedTrainingJobsRequest.SerializeToString,
             cyclone_dot_store_dot_v1_dot_store__service__pb2.FailOrphanedTrainingJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HeartbeatTrainingJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/HeartbeatTrainingJobs',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.HeartbeatTrainingJobsRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.HeartbeatTrainingJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimTrainingJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/ClaimTrainingJobs',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ClaimTrainingJobsRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ClaimTrainingJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

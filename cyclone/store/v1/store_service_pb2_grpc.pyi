@@ -115,8 +115,17 @@ class StoreServiceStub:
     ListTrainingJobs: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ListTrainingJobsRequest, _store_service_pb2.ListTrainingJobsResponse]
     """ListTrainingJobs lists jobs, newest first."""
     FailOrphanedTrainingJobs: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.FailOrphanedTrainingJobsRequest, _store_service_pb2.FailOrphanedTrainingJobsResponse]
-    """FailOrphanedTrainingJobs ends the queued and running jobs of trainer
-    processes other than the caller (after a restart) as failed.
+    """FailOrphanedTrainingJobs ends, as failed, the queued and running jobs of
+    other owners whose lease expired. Trainers now use ClaimTrainingJobs.
+    """
+    HeartbeatTrainingJobs: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.HeartbeatTrainingJobsRequest, _store_service_pb2.HeartbeatTrainingJobsResponse]
+    """HeartbeatTrainingJobs renews the lease of every unfinished job the caller
+    owns; it returns their ids (a job another trainer took over is not among them).
+    """
+    ClaimTrainingJobs: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ClaimTrainingJobsRequest, _store_service_pb2.ClaimTrainingJobsResponse]
+    """ClaimTrainingJobs takes over the unfinished jobs whose owner's lease expired:
+    a queued one becomes the caller's to run (each claimed by exactly one caller),
+    a running one (its fit died with its trainer) ends as failed.
     """
     RegisterTrainedVersion: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.RegisterTrainedVersionRequest, _store_service_pb2.RegisterTrainedVersionResponse]
     """RegisterTrainedVersion registers a retrained version with its lineage and
@@ -225,8 +234,17 @@ class StoreServiceAsyncStub(StoreServiceStub):
     ListTrainingJobs: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ListTrainingJobsRequest, _store_service_pb2.ListTrainingJobsResponse]  # type: ignore[assignment]
     """ListTrainingJobs lists jobs, newest first."""
     FailOrphanedTrainingJobs: _aio.UnaryUnaryMultiCallable[_store_service_pb2.FailOrphanedTrainingJobsRequest, _store_service_pb2.FailOrphanedTrainingJobsResponse]  # type: ignore[assignment]
-    """FailOrphanedTrainingJobs ends the queued and running jobs of trainer
-    processes other than the caller (after a restart) as failed.
+    """FailOrphanedTrainingJobs ends, as failed, the queued and running jobs of
+    other owners whose lease expired. Trainers now use ClaimTrainingJobs.
+    """
+    HeartbeatTrainingJobs: _aio.UnaryUnaryMultiCallable[_store_service_pb2.HeartbeatTrainingJobsRequest, _store_service_pb2.HeartbeatTrainingJobsResponse]  # type: ignore[assignment]
+    """HeartbeatTrainingJobs renews the lease of every unfinished job the caller
+    owns; it returns their ids (a job another trainer took over is not among them).
+    """
+    ClaimTrainingJobs: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ClaimTrainingJobsRequest, _store_service_pb2.ClaimTrainingJobsResponse]  # type: ignore[assignment]
+    """ClaimTrainingJobs takes over the unfinished jobs whose owner's lease expired:
+    a queued one becomes the caller's to run (each claimed by exactly one caller),
+    a running one (its fit died with its trainer) ends as failed.
     """
     RegisterTrainedVersion: _aio.UnaryUnaryMultiCallable[_store_service_pb2.RegisterTrainedVersionRequest, _store_service_pb2.RegisterTrainedVersionResponse]  # type: ignore[assignment]
     """RegisterTrainedVersion registers a retrained version with its lineage and
@@ -494,8 +512,29 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _store_service_pb2.FailOrphanedTrainingJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_store_service_pb2.FailOrphanedTrainingJobsResponse, _abc.Awaitable[_store_service_pb2.FailOrphanedTrainingJobsResponse]]:
-        """FailOrphanedTrainingJobs ends the queued and running jobs of trainer
-        processes other than the caller (after a restart) as failed.
+        """FailOrphanedTrainingJobs ends, as failed, the queued and running jobs of
+        other owners whose lease expired. Trainers now use ClaimTrainingJobs.
+        """
+
+    @_abc_1.abstractmethod
+    def HeartbeatTrainingJobs(
+        self,
+        request: _store_service_pb2.HeartbeatTrainingJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.HeartbeatTrainingJobsResponse, _abc.Awaitable[_store_service_pb2.HeartbeatTrainingJobsResponse]]:
+        """HeartbeatTrainingJobs renews the lease of every unfinished job the caller
+        owns; it returns their ids (a job another trainer took over is not among them).
+        """
+
+    @_abc_1.abstractmethod
+    def ClaimTrainingJobs(
+        self,
+        request: _store_service_pb2.ClaimTrainingJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.ClaimTrainingJobsResponse, _abc.Awaitable[_store_service_pb2.ClaimTrainingJobsResponse]]:
+        """ClaimTrainingJobs takes over the unfinished jobs whose owner's lease expired:
+        a queued one becomes the caller's to run (each claimed by exactly one caller),
+        a running one (its fit died with its trainer) ends as failed.
         """
 
     @_abc_1.abstractmethod
