@@ -594,7 +594,15 @@ async def test_store_killed_and_restarted_under_load_loses_nothing(
             return await count_stored(fresh_database_url) >= len(answered)
 
         await eventually(all_stored, 20, f"{len(answered)} predictions in the store")
-        await asyncio.sleep(0.3)  # anything extra (a duplicate) would show up now
+        # The positive control: one more call, logged behind everything the sink still held
+        # (the spool replays first, batches go in serving order); once it is stored, a
+        # duplicate or a stray from before would be stored too.
+        answered.extend((await predict(inference, repo, start=0, count=1)).prediction_ids)
+
+        async def last_stored() -> bool:
+            return answered[-1] in stored_ids(fresh_database_url)
+
+        await eventually(last_stored, 20, "the last prediction in the store")
 
     ids = stored_ids(fresh_database_url)
     assert len(answered) > 100
