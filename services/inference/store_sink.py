@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import math
-import enum
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
