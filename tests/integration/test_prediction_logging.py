@@ -203,9 +203,14 @@ async def test_served_predictions_reach_the_store(
 class SlowStore(StoreServicer):
     """Takes its time before every LogPredictions, so a send is in flight when we stop."""
 
+    def __init__(self, store: Any) -> None:
+        super().__init__(store)
+        self.receiving = asyncio.Event()
+
     async def LogPredictions(
         self, request_iterator: Any, context: Any
     ) -> pb.LogPredictionsResponse:
+        self.receiving.set()
         await asyncio.sleep(0.6)
         return await super().LogPredictions(request_iterator, context)
 
@@ -218,9 +223,8 @@ async def test_stopping_the_inference_server_finishes_an_inflight_send(
     )
     db, _ = await open_store(settings)
     store = CycloneServer("store", settings)
-    store.add_service(
-        STORE_SERVICE, lambda s: pb_grpc.add_StoreServiceServicer_to_server(SlowStore(db), s)
-    )
+    slow = SlowStore(db)
+    store.add_service(STORE_SERVICE, lambda s: pb_grpc.add_StoreServiceServicer_to_server(slow, s))
     store.on_shutdown(db.close)
     await store.start()
     try:
@@ -228,7 +232,8 @@ async def test_stopping_the_inference_server_finishes_an_inflight_send(
             repo, f"127.0.0.1:{store.port}", tmp_path / "spool"
         ) as inference:
             served = (await predict(inference, repo, start=0, count=10)).prediction_ids
-            await asyncio.sleep(0.2)  # flushed after 0.05 s; the store is still sleeping on it
+            # Stop once the batch is in flight: the store is still sleeping on it.
+            await asyncio.wait_for(slow.receiving.wait(), 10)
         # Stopped: what was answered is in the store (or, failing that, in the spool).
         stored = await count_stored(fresh_database_url)
         spooled = [
