@@ -20,11 +20,13 @@ demo: $(STAMP)
 
 # Test processes (pytest-xdist; each has its own embedded PostgreSQL and temp dirs). Most of
 # the suite waits on processes, sockets and PostgreSQL, so two workers pay off on two cores.
+# Whole files go to a worker in collection order, which tests/conftest.py sorts slowest first
+# (xdist's default reorder would hand out the few-test, minutes-long e2e files last).
 TEST_WORKERS ?= 2
 
 # Everything CI checks: stale stubs, lint, types, proto lint, then the test suite.
 test: $(STAMP) check-generated lint typecheck protos-lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cyclone cyclone_app services plugins bench tests

@@ -22,6 +22,26 @@ CREDIT = "credit"
 BENCH = "bench"
 
 
+def _module_cost(items: list[pytest.Item]) -> int:
+    """0 for the whole-mesh files, 1 for files with slow tests, 2 for the rest."""
+    if any(item.get_closest_marker("e2e") for item in items):
+        return 0
+    return 1 if any(item.get_closest_marker("slow") for item in items) else 2
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest files first, each file's tests kept together and in order.
+
+    `make test` hands whole files to its workers in this order (`--dist loadfile
+    --no-loadscope-reorder`): a two-minute e2e file started last would leave one worker
+    running it alone at the end; started first, the short files fill in around it."""
+    by_module: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_module.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    ordered = sorted(by_module.values(), key=_module_cost)  # stable: collection order within
+    items[:] = [item for module in ordered for item in module]
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelRepo:
     """The session's model repository (read-only: copy it before changing anything)."""

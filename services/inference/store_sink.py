@@ -7,13 +7,16 @@ flusher task turns what piled up into one `LogPredictions` batch every
 are replayed in order when it answers again; while the spool holds anything, new
 batches queue behind it so the store receives them in serving order. The store is
 idempotent on prediction id, so a batch replayed after a lost acknowledgement is
-stored once.
+stored once. A batch the store refuses as INVALID_ARGUMENT would be refused forever and
+block everything behind it: it goes to a quarantine directory (`<spool>/rejected`, bounded
+like the spool) for an operator to inspect, and the sink moves on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 import math
@@ -41,8 +44,23 @@ QUEUED = Gauge("cyclone_store_sink_queued_rows", "Predictions waiting in memory 
 SENT = Counter("cyclone_store_sink_sent_rows", "Predictions the store acknowledged directly")
 SPOOLED = Counter("cyclone_store_sink_spooled_rows", "Predictions written to the disk spool")
 REPLAYED = Counter("cyclone_store_sink_replayed_rows", "Predictions replayed from the spool")
-DROPPED = Counter("cyclone_store_sink_dropped_rows", "Predictions lost because the spool was full")
+DROPPED = Counter(
+    "cyclone_store_sink_dropped_rows",
+    "Predictions lost because the spool (or the quarantine of rejected batches) was full",
+)
+REJECTED = Counter(
+    "cyclone_store_sink_rejected_rows",
+    "Predictions the store refused as invalid, quarantined under <spool>/rejected",
+)
 SPOOL_BYTES = Gauge("cyclone_store_sink_spool_bytes", "Bytes held in the disk spool")
+
+
+class Outcome(enum.Enum):
+    """What became of one send."""
+
+    STORED = "stored"
+    RETRY = "retry"  # the store is down or slow: keep the batch and try again later
+    REJECTED = "rejected"  # refused for good (INVALID_ARGUMENT): retrying cannot help
 
 
 class Submitted(NamedTuple):
@@ -166,6 +184,8 @@ class StoreSink:
         self.send_timeout = send_timeout
         self.retry_interval = retry_interval
         self.spool = Spool(spool_dir, spool_max_bytes)
+        # Batches the store refused for good: kept (not replayed) so nothing answered is lost.
+        self.rejected = Spool(spool_dir / "rejected", spool_max_bytes)
         SPOOL_BYTES.set(self.spool.bytes)
         self._pending: list[Submitted] = []
         self._pending_rows = 0
@@ -255,6 +275,7 @@ class StoreSink:
         if self.journal is not None:
             self.journal.close()
         self.spool.close()
+        self.rejected.close()
         if self._channel is not None:
             await self._channel.close()
 
@@ -293,9 +314,14 @@ class StoreSink:
 
     async def _deliver(self, request: pb.LogPredictionsRequest) -> None:
         rows = len(request.records)
-        if not len(self.spool) and await self._send(request):
-            SENT.inc(rows)
-            return
+        if not len(self.spool):
+            outcome = await self._send(request)
+            if outcome is Outcome.STORED:
+                SENT.inc(rows)
+                return
+            if outcome is Outcome.REJECTED:
+                self._quarantine(request.SerializeToString(), rows)
+                return
         try:
             self.spool.append(request.SerializeToString())
             SPOOLED.inc(rows)
@@ -307,15 +333,32 @@ class StoreSink:
     async def _replay(self) -> None:
         while (data := self.spool.peek()) is not None:
             request = pb.LogPredictionsRequest.FromString(data)
-            if not await self._send(request):
+            outcome = await self._send(request)
+            if outcome is Outcome.RETRY:
                 self._next_retry = time.monotonic() + self.retry_interval
                 return
+            if outcome is Outcome.REJECTED:
+                self._quarantine(data, len(request.records))
+            else:
+                REPLAYED.inc(len(request.records))
             self.spool.pop()
-            REPLAYED.inc(len(request.records))
             SPOOL_BYTES.set(self.spool.bytes)
         log.info("spool replayed; store is caught up")
 
-    async def _send(self, request: pb.LogPredictionsRequest) -> bool:
+    def _quarantine(self, data: bytes, rows: int) -> None:
+        """Keep a batch the store refused for good where an operator can look at it."""
+        REJECTED.inc(rows)
+        try:
+            self.rejected.append(data)
+        except SpoolFull as exc:
+            DROPPED.inc(rows)
+            log.error("dropping %d rejected predictions: %s", rows, exc)
+            return
+        log.error(
+            "quarantined %d predictions the store rejected in %s", rows, self.rejected.directory
+        )
+
+    async def _send(self, request: pb.LogPredictionsRequest) -> Outcome:
         assert self._stub is not None
 
         async def one() -> AsyncIterator[pb.LogPredictionsRequest]:
@@ -326,21 +369,20 @@ class StoreSink:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 # The store will never take this batch; retrying would block all behind it.
-                DROPPED.inc(len(request.records))
                 log.error(
                     "store rejected a batch of %d predictions: %s",
                     len(request.records),
                     exc.details(),
                 )
-                return True
+                return Outcome.REJECTED
             if self._store_up:
                 log.warning(
                     "store %s unavailable (%s); spooling predictions", self.address, exc.code().name
                 )
             self._store_up = False
             self._next_retry = time.monotonic() + self.retry_interval
-            return False
+            return Outcome.RETRY
         if not self._store_up:
             log.info("store %s is back", self.address)
         self._store_up = True
-        return True
+        return Outcome.STORED

@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 import yaml
 from grpc import aio
+from prometheus_client import REGISTRY
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from support import eventually, free_port
 
@@ -222,6 +223,28 @@ async def running_stack(
             await server.stop(0)
 
 
+def outbox_claims() -> float:
+    """ClaimAlerts calls the in-process store has answered: one per dispatcher tick."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "cyclone_grpc_requests"
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels.get("method") == "ClaimAlerts"
+    )
+
+
+async def dispatcher_ticks(count: int) -> None:
+    """Wait until the running dispatcher has started `count` more ticks. Ticks run one after
+    another, so all but the last of them ran to their end (deliveries written)."""
+    target = outbox_claims() + count
+
+    async def ticked() -> bool:
+        return outbox_claims() >= target
+
+    await eventually(ticked, 10, f"{count} more dispatcher ticks")
+
+
 @pytest.fixture
 async def stack(repo: Path, fresh_database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
     async with running_stack(repo, fresh_database_url, tmp_path) as s:
@@ -353,7 +376,7 @@ async def test_drift_and_accuracy_dip_go_red_and_alert_exactly_once(stack: Stack
         return stack.record_path.exists() and len(read_recorded(stack.record_path)) >= 2
 
     await eventually(delivered, 10, "the dispatcher to write both alerts")
-    await asyncio.sleep(0.5)  # a few more dispatcher ticks: nothing may be written twice
+    await dispatcher_ticks(3)  # later ticks ran to their end: nothing may be written twice
     recorded = read_recorded(stack.record_path)
     assert sorted(int(a.id) for a in recorded) == sorted(alert_ids)
     assert sorted(a.actions[0] for a in recorded) == ["notify", "retrain"]
@@ -375,7 +398,7 @@ async def test_drift_and_accuracy_dip_go_red_and_alert_exactly_once(stack: Stack
         len((await stack.client.ListAlerts(pb.ListAlertsRequest(model=MODEL), timeout=10)).alerts)
         == 2
     )
-    await asyncio.sleep(0.5)
+    await dispatcher_ticks(3)
     assert len(read_recorded(stack.record_path)) == 2
 
     # (3) the history and current health are in the store.

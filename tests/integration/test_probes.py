@@ -66,6 +66,16 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return good, wrong
 
 
+ORDINARY_ROW = {"age": 40.0, "income": 30000.0, "debt_ratio": 0.3, "city": "porto"}
+
+
+async def _wait_stored(store: store_grpc.StoreServiceStub, count: int) -> None:
+    deadline = time.monotonic() + 15
+    while await _predictions(store) < count:
+        assert time.monotonic() < deadline, "the ordinary call never reached the store"
+        await asyncio.sleep(0.05)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,7 +150,7 @@ async def test_probe_request_is_answered_but_not_logged(
     repos: tuple[Path, Path], store_address: str, tmp_path: Path
 ) -> None:
     good, _ = repos
-    rows = [{"age": 40.0, "income": 30000.0, "debt_ratio": 0.3, "city": "porto"}] * 5
+    rows = [ORDINARY_ROW] * 5
     async with (
         await start_inference(_inference(good, tmp_path, store_address)) as inference,
         aio.insecure_channel(f"127.0.0.1:{inference.server.port}") as channel,
@@ -151,11 +161,9 @@ async def test_probe_request_is_answered_but_not_logged(
         probed = await stub.Predict(build_request(MODEL, rows), metadata=PROBE_METADATA)
         assert len(probed.labels) == 5  # answered like any call
         await stub.Predict(build_request(MODEL, rows[:2]), timeout=10)
-        deadline = time.monotonic() + 15
-        while await _predictions(store) < 2:
-            assert time.monotonic() < deadline, "the ordinary call never reached the store"
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)  # several flush intervals: a logged probe would be there
+        # The positive control: the sink logs in serving order, so once the later ordinary
+        # call is stored a logged probe would be stored too.
+        await _wait_stored(store, 2)
         assert await _predictions(store) == 2
 
 
@@ -301,7 +309,14 @@ async def test_probes_through_envoy_are_answered_not_logged_and_keep_green(
             status = monitor.statuses[MODEL]
             assert status.level is Level.GREEN, status.evaluation.reasons
             assert status.evaluation.metrics["uptime"].value == 1.0
-            await asyncio.sleep(0.5)  # several flush intervals
-            assert await _predictions(store_grpc.StoreServiceStub(store_channel)) == 0
+            # The positive control: an ordinary call after the probes (logged in serving
+            # order) reaches the store; the probes before it must not have.
+            store = store_grpc.StoreServiceStub(store_channel)
+            async with aio.insecure_channel(f"127.0.0.1:{inference.server.port}") as channel:
+                await inf_grpc.InferenceServiceStub(channel).Predict(
+                    build_request(MODEL, [ORDINARY_ROW]), timeout=10
+                )
+            await _wait_stored(store, 1)
+            assert await _predictions(store) == 1
     finally:
         await envoy.stop()

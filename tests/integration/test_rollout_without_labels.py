@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from grpc import aio
-from support import store_and_trainer
+from support import eventually, store_and_trainer
 
 from cyclone.client import MODEL_HEADER, build_request, predictions_from_response
 from cyclone.inference.v1 import inference_service_pb2_grpc as inference_grpc
@@ -109,6 +109,18 @@ async def _candidate(m: Mesh, frame: pd.DataFrame, confirm: str) -> None:
     await m.plane.keeper.register_repository()
 
 
+async def answers_grow(
+    answered: dict[str, list[tuple[str, str]]], version: str, by: int = 20
+) -> None:
+    """Wait until `version` has answered `by` more requests of the running traffic."""
+    target = len(answered.get(version, [])) + by
+
+    async def grown() -> bool:
+        return len(answered.get(version, [])) >= target
+
+    await eventually(grown, 20, f"{by} more answers from version {version}")
+
+
 @contextlib.asynccontextmanager
 async def traffic(public: str) -> AsyncIterator[dict[str, list[tuple[str, str]]]]:
     """Unlabelled requests through Envoy (rows of the same world); by the version that
@@ -190,10 +202,7 @@ async def test_a_better_candidate_is_promoted_within_a_minute_with_no_label(
 
             reply = await _until(m, rollout_id, promoted, 60)
             took = time.monotonic() - started
-            await asyncio.sleep(1)
-            before = len(answered.get("2", []))
-            await asyncio.sleep(1)
-            assert len(answered.get("2", [])) > before  # the new version takes the traffic
+            await answers_grow(answered, "2")  # the new version takes the traffic
         r = reply.rollout
         assert r.state in (pb.ROLLOUT_STATE_PROGRESSING, pb.ROLLOUT_STATE_PROMOTED), r.reason
         promote = next(e for e in r.steps if e.decision == "promote")
@@ -216,10 +225,7 @@ async def test_labels_that_contradict_a_promotion_bring_the_old_version_back(
             # The labels come: every answer of v2 was wrong, every answer of v1 right.
             await _label(m, answered, wrong="2", right="1")
             reply = await _until(m, rollout_id, _ended, 60)
-            await asyncio.sleep(1.5)
-            tail = len(answered.get("1", []))
-            await asyncio.sleep(1)
-            assert len(answered.get("1", [])) > tail  # v1 serves again
+            await answers_grow(answered, "1")  # v1 serves again
     r = reply.rollout
     assert r.state == pb.ROLLOUT_STATE_ROLLED_BACK, [e.reason for e in r.steps]
     assert "labels contradict the estimate" in r.reason

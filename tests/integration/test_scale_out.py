@@ -39,7 +39,7 @@ from cyclone.traffic import Endpoint
 from services.inference.main import InferenceSettings
 from services.launch import Spawned, free_port, spawn, start_inference
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = "credit"
 FEATURES = ["age", "income", "debt_ratio", "city"]

@@ -36,7 +36,7 @@ from services.store.main import StoreSettings
 from services.trainer.jobs import stages
 from services.trainer.main import TrainerSettings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = "world"
 BEFORE = 3000

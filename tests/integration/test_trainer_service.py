@@ -29,7 +29,7 @@ from services.store.db import uuid7
 from services.store.main import StoreSettings
 from services.trainer.main import TrainerSettings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = "credit"
 PLAN = """

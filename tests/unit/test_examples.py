@@ -4,6 +4,7 @@ after the shift must really fix it -- otherwise the demo's story would be staged
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from cyclone_app.examples import BIKE_FEATURES, SEASONS, bike_frame, bike_pipeline
 
@@ -26,6 +27,7 @@ def test_bike_frame_is_hourly_and_plausible() -> None:
     assert by_hour[8] > 3 * by_hour[3]
 
 
+@pytest.mark.slow
 def test_new_bike_lanes_break_the_old_model_and_recent_data_fixes_it() -> None:
     before = bike_pipeline(bike_frame(24 * 31, start="2026-01-01", seed=0))
     same_world = bike_frame(24 * 14, start="2026-01-15", seed=5)
