@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -44,6 +44,23 @@ def from_ts(message: Any, field: str) -> datetime | None:
         return None
     result: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
     return result
+
+
+# A training job's states (the store refuses others); a finished job is in one of TERMINAL_JOB_STATES.
+JOB_STATES: Final = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "not_enough_data",
+    "rejected",
+)
+ACTIVE_JOB_STATES: Final = ("queued", "running")
+TERMINAL_JOB_STATES: Final = frozenset(JOB_STATES) - frozenset(ACTIVE_JOB_STATES)
+# A queued job's stage once a trainer dispatched it to run elsewhere (a Nomad batch job): the
+# remote run may be under way, so a trainer taking the job over fails it instead of running it.
+DISPATCHED_STAGE: Final = "dispatched"
 
 
 @dataclass(slots=True)

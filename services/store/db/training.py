@@ -9,25 +9,12 @@ from typing import Any, Final
 from psycopg.types.json import Jsonb
 
 from cyclone.errors import FailedPrecondition, InvalidArgument
+from cyclone.wire import ACTIVE_JOB_STATES, DISPATCHED_STAGE
 from cyclone.wire import TrainingJob as TrainingJob  # the shared record, re-exported
 
 from ._base import StoreBase
 from .registry import RegistryMixin
 from .types import ModelVersion, NotFoundError, StoreError
-
-JOB_STATES: Final = (
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-    "not_enough_data",
-    "rejected",
-)
-ACTIVE_STATES: Final = ("queued", "running")
-# A queued job's stage once a trainer dispatched it to run elsewhere (a Nomad batch job): the
-# remote run may be under way, so a trainer taking the job over fails it instead of running it.
-DISPATCHED_STAGE: Final = "dispatched"
 
 
 class JobEndedError(StoreError, FailedPrecondition):
@@ -133,13 +120,17 @@ class TrainingMixin(RegistryMixin, StoreBase):
             raise NotFoundError(f"job_id: {job_id} not found")
         if (
             expected_owner is not None
-            and job.state in ACTIVE_STATES
+            and job.state in ACTIVE_JOB_STATES
             and job.owner != expected_owner
         ):
             raise JobEndedError(f"job_id: job {job_id} was taken over by {job.owner}")
         raise JobEndedError(
             f"job_id: job {job_id} is {job.state}"
-            + (f", not {expected_state}" if expected_state and job.state in ACTIVE_STATES else "")
+            + (
+                f", not {expected_state}"
+                if expected_state and job.state in ACTIVE_JOB_STATES
+                else ""
+            )
         )
 
     async def fail_orphaned_training_jobs(self, owner: str, reason: str) -> list[TrainingJob]:

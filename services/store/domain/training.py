@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cyclone.errors import InvalidArgument
+from cyclone.wire import JOB_STATES
 from services.store.db import AlreadyExistsError, ModelVersion, StoreDB, TrainingJob
-from services.store.db.training import JOB_STATES
 
 from .checks import found, limit, name, not_negative, one_of, positive, require
 from .registry import already_registered, check_new_version

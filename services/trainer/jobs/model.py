@@ -10,22 +10,13 @@ from typing import Any, Final
 import grpc
 
 from cyclone.errors import CycloneError
+from cyclone.wire import DISPATCHED_STAGE, TERMINAL_JOB_STATES
 from services.trainer.auto import AutoWindow
 from services.trainer.data import LabelledWindow
 from services.trainer.fit import FitOutcome
 
-STATES: Final = (
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-    "not_enough_data",
-    "rejected",
-)
-TERMINAL: Final = frozenset({"succeeded", "failed", "cancelled", "not_enough_data", "rejected"})
-# Stage of a queued job a trainer dispatched to run elsewhere: that trainer rolls it out.
-DISPATCHED: Final = "dispatched"
+TERMINAL: Final = TERMINAL_JOB_STATES
+DISPATCHED: Final = DISPATCHED_STAGE
 
 
 @dataclass(frozen=True)
