@@ -35,7 +35,7 @@ TRAINER_SERVICE = "cyclone.trainer.v1.TrainerService"
 # Label ingestion: the only store RPCs on the public listener.
 PUBLIC_STORE_METHODS = ("AddLabels", "AddLabelsStream")
 # Store calls that may run twice with the same effect (reads; ingest is idempotent on
-# prediction id, labels are last-write-wins, a holder's lease call renews its own leases):
+# prediction id, labels are last-write-wins, a holder's lease calls renew its own leases):
 # Envoy retries these on another store when one dies mid-call. Every other store call is
 # retried only when it never reached a store (connection refused, stream refused).
 STORE_IDEMPOTENT_METHODS = (
@@ -58,6 +58,7 @@ STORE_IDEMPOTENT_METHODS = (
     "ListRollouts",
     "LeaseModels",
     "ReleaseModelLeases",
+    "HeartbeatTrainingJobs",
 )
 
 STORE_CLUSTER = "cyclone-store"
