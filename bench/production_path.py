@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -38,13 +36,13 @@ import numpy as np
 from grpc import aio
 
 from bench._common import Figures, percentile, stop_process
-from bench.inference import INFER, CLOCK_TICKS, infer_payload
+from bench.inference import INFER, infer_payload, tree_cpu_seconds
 from bench.mlserver_peer import mlserver_executable, start_mlserver
-from cyclone.client import MODEL_HEADER
 from cyclone.envoy import EnvoyProxy, EnvoySettings
 from cyclone.examples import bench_regressor
 from cyclone.models.convert import import_pipeline
 from cyclone.traffic import Revision, TrafficSplit
+from cyclone.wire import MODEL_HEADER
 from plugins.orchestrator_local import LocalOrchestrator
 from services.launch import spawn
 
@@ -52,31 +50,9 @@ MODEL = "rf"
 CORES = os.cpu_count() or 1
 
 
-def _cpu_seconds(pids: Sequence[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += sum(int(v) for v in fields[11:15]) / CLOCK_TICKS
-    return total
-
-
-def _tree(root: int) -> list[int]:
-    """`root` and its live descendants (MLServer's workers are its children)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-    tree, frontier = [root], [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
-        tree += children
-        frontier += children
-    return tree
+def _cpu_seconds(roots: Sequence[int]) -> float:
+    """CPU seconds of these processes and their descendants (MLServer's workers)."""
+    return sum(tree_cpu_seconds(pid) for pid in roots)
 
 
 @dataclass
@@ -85,6 +61,7 @@ class Sample:
     p50: float  # ms
     p99: float  # ms
     cpu_us: float  # serving side's CPU per request
+    client_cpu_us: float  # the load generator's (this process) CPU per request
 
 
 @dataclass
@@ -125,10 +102,10 @@ async def load(
 
 def measure(case: Case, payload: bytes, concurrency: int, seconds: float) -> Sample:
     pids = case.pids()
-    before = _cpu_seconds(pids)
+    before, client_before = _cpu_seconds(pids), time.process_time()
     throughput, p50, p99, calls = asyncio.run(load(case.address, payload, concurrency, seconds))
-    cpu = _cpu_seconds(pids) - before
-    return Sample(throughput, p50, p99, cpu / calls * 1e6)
+    cpu, client = _cpu_seconds(pids) - before, time.process_time() - client_before
+    return Sample(throughput, p50, p99, cpu / calls * 1e6, client / calls * 1e6)
 
 
 class PooledMesh:
@@ -144,7 +121,7 @@ class PooledMesh:
             public_port=0,
             control_port=0,
             rate_limit_per_client=None,  # one client sends everything (see the docstring)
-            **({"pool_hash_balance_percent": hash_balance} if hash_balance else {}),  # type: ignore[arg-type]
+            pool_hash_balance_percent=hash_balance,
         )
         self.proxy = EnvoyProxy(self.settings)
         self.revision: Revision | None = None
@@ -214,11 +191,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     )
                     stopping.append(lambda peer=peer: stop_process(peer))  # type: ignore[misc]
                     cases.append(
-                        Case(label, f"127.0.0.1:{port}", lambda pid=peer.pid: _tree(pid))  # type: ignore[misc]
+                        Case(label, f"127.0.0.1:{port}", lambda pid=peer.pid: [pid])  # type: ignore[misc]
                     )
             samples = _run(cases, payload, args)
-        except (OSError, RuntimeError, subprocess.CalledProcessError):
-            raise
         finally:
             for stop in reversed(stopping):
                 stop()
@@ -242,7 +217,7 @@ def _run(
                 print(
                     f"  rep {rep} c{conc:<2} {case.name:<16} {sample.throughput:8.0f} req/s"
                     f"  p50 {sample.p50:6.2f} ms  p99 {sample.p99:6.2f} ms"
-                    f"  cpu {sample.cpu_us:6.0f} us/req",
+                    f"  cpu {sample.cpu_us:6.0f} us/req (client {sample.client_cpu_us:4.0f})",
                     flush=True,
                 )
     return samples
@@ -259,7 +234,8 @@ def _figures(
             print(
                 f"  c{conc} {name:<16} {med(s.throughput for s in runs):8.0f} req/s"
                 f" (range {min(s.throughput for s in runs):.0f}..{max(s.throughput for s in runs):.0f})"
-                f"  p99 {med(s.p99 for s in runs):6.2f} ms  cpu {med(s.cpu_us for s in runs):5.0f} us/req"
+                f"  p99 {med(s.p99 for s in runs):6.2f} ms  cpu {med(s.cpu_us for s in runs):5.0f}"
+                f" us/req, client {med(s.client_cpu_us for s in runs):4.0f} us/req"
             )
         if not peers:
             continue
