@@ -131,6 +131,11 @@ class EnvoySettings:
             raise ValueError("rate_limit_per_client: must be 1 or more (None turns it off)")
         if not 0 <= self.trace_sampling_percent <= 100:
             raise ValueError("trace_sampling_percent: must be between 0 and 100")
+        if self.pool_hash_balance_percent is not None and self.pool_hash_balance_percent < 100:
+            raise ValueError(
+                "pool_hash_balance_percent: must be 100 or more (None turns the bound off), "
+                f"got {self.pool_hash_balance_percent}"
+            )
         if self.cold_start_hold_s < 0:
             raise ValueError("cold_start_hold_s: must be 0 (off) or more")
         if self.health_interval_s <= 0:
