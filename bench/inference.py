@@ -31,11 +31,12 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 from grpc import aio
 
 from bench._common import PYTHON, Figures, free_port, percentile, start_process, stop_process
@@ -115,6 +116,24 @@ class Case:
     method: str
     payload: bytes
     server_pid: int
+    # Processes run at this niceness during the case only (back to 0 after): the store and
+    # its PostgreSQL, to see what their CPU bursts cost the serving process's tail.
+    niced: Callable[[], list[int]] | None = None
+    nice: int = 0
+
+
+@contextlib.contextmanager
+def niceness(case: Case) -> Iterator[None]:
+    pids = case.niced() if case.niced is not None else []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).nice(case.nice)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).nice(0)  # lowering it back needs root (the bench's host)
 
 
 def measure(case: Case, concurrency: int, seconds: float) -> Sample:
@@ -231,6 +250,12 @@ def main() -> None:
         help="the logging server's flush interval (s); more, comma-separated, add a server each",
     )
     parser.add_argument(
+        "--store-nice",
+        type=int,
+        default=0,
+        help="also the logged case with the store and PostgreSQL at this niceness (needs root)",
+    )
+    parser.add_argument(
         "--baseline",
         type=Path,
         help="another Cyclone source tree (e.g. `git archive` of an older commit), served too",
@@ -293,6 +318,28 @@ def main() -> None:
                     # The first interval is the one the figures compare; others are extra cases.
                     name = "model_infer_logged" + (f"_flush{interval}" if k else "")
                     cases.append(Case(name, logged.address, INFER, infer, logged.process.pid))
+                    if args.store_nice and not k:
+
+                        def store_side(store_pid: int = store.pid) -> list[int]:
+                            # The store and PostgreSQL's backends serving its database (their
+                            # titles name it; the postmaster daemonizes, so not our children).
+                            database = url.rsplit("dbname=", 1)[-1].split()[0]
+                            pids = [store_pid]
+                            for proc in psutil.process_iter(["cmdline"]):
+                                if database in " ".join(proc.info["cmdline"] or ()):
+                                    pids.append(proc.pid)
+                            return pids
+
+                        niced = Case(
+                            f"{name}_store_nice{args.store_nice}",
+                            logged.address,
+                            INFER,
+                            infer,
+                            logged.process.pid,
+                            store_side,
+                            args.store_nice,
+                        )
+                        cases.append(niced)
             if args.baseline is not None:
                 base = spawn(
                     "inference",
@@ -339,7 +386,8 @@ def main() -> None:
                         # Let the previous case's background work end first (the logging
                         # server's last flush, the store's inserts), so no case pays for it.
                         time.sleep(args.settle)
-                        sample = measure(case, conc, args.seconds)
+                        with niceness(case):
+                            sample = measure(case, conc, args.seconds)
                         samples.setdefault((case.name, conc), []).append(sample)
                         print(
                             f"  rep {rep} c{conc:<2} {case.name:<24} {sample.throughput:8.0f} req/s"
