@@ -38,7 +38,8 @@ def test_block_rows_are_the_json_of_their_values() -> None:
     assert _rows(items) == expected
     # Byte for byte what json.dumps writes, so the stored text does not depend on the path.
     first = encode_items(items[:1]).records[0]
-    assert first.input_json == json.dumps(dict(zip(names, blocks[0][:, 0].tolist()))).encode()
+    row = dict(zip(names, blocks[0][:, 0].tolist(), strict=True))
+    assert first.input_json == json.dumps(row).encode()
     assert first.output_json == json.dumps({"value": values[0][0].item()}).encode()
 
 
