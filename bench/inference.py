@@ -19,6 +19,9 @@ the figure, divided by its requests. Figures are medians over `--reps`; the text
 give min..max. The machine is shared: figures are noisy, compare ratios from one run.
 
 Usage: python bench/inference.py [--seconds 3] [--reps 3] [--no-mlserver] [--no-logging]
+       [--log-flush-intervals 0.2[,0.05...]] [--store-nice N]
+(`--log-flush-intervals`: one logging server per interval; `--store-nice N`: also the logged
+case with the store and its PostgreSQL backends at niceness N during that case only.)
 """
 
 from __future__ import annotations

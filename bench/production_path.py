@@ -5,7 +5,10 @@ listener, the model's cluster pointing at the serving pool (one `cyclone serve i
 --pool-memory-mb` process per core, started by the local orchestrator, the version named by
 the cluster's headers). The client sends OIP `ModelInfer` (one [1, 12] FP32 tensor) with the
 `cyclone-model` header, as the SDK does. Envoy's per-client rate limit (1,000 req/s by default
-under `cyclone up`) is off: one client process sends all the load here.
+under `cyclone up`) is off: one client process sends all the load here. Nothing is logged to
+a store (no peer logs either): what logging costs is bench/inference.py's figure.
+`--hash-balance PERCENT` adds a second mesh whose pooled clusters use Envoy's consistent
+hashing with bounded loads (`EnvoySettings.pool_hash_balance_percent`).
 
 Peers, in the same run, interleaved (the order rotates every repetition):
 - MLServer 1.7 on the same ONNX file, direct (no proxy in front of it), in each worker
@@ -175,11 +178,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             for name, mesh in meshes.items():
                 stopping.append(lambda mesh=mesh: loop.run_until_complete(mesh.stop()))  # type: ignore[misc]
                 cases.append(Case(name, loop.run_until_complete(mesh.start()), mesh.pids))
-            one = spawn(
-                "inference",
-                ["--model-repository", str(work / "models"), "--model", MODEL],
-                work / "one.log",
-            )
+            serve = ["--model-repository", str(work / "models"), "--model", MODEL]
+            one = spawn("inference", [*serve, "--metrics-port", "-1"], work / "one.log")
             stopping.append(one.stop)
             cases.append(Case("one_process", one.address, lambda: [one.process.pid]))
             if not args.no_mlserver:
