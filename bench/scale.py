@@ -11,6 +11,8 @@ Sections:
   RSS, hot-model p99 against a one-model mesh, cold loads. Its own flags: run it alone for them.
 - monitor (bench/monitor_scale.py): 10/100/1,000 models on one schedule: evaluation lag and
   CPU per evaluation against the bare window read. Its own flags: run it alone for them.
+- production (bench/production_path.py): Envoy and the serving pool on every core against
+  MLServer's worker configurations, c1 and c32. Its own flags: run it alone for them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bench import monitor_scale, pool_scale, store_scale
+from bench import monitor_scale, pool_scale, production_path, store_scale
 from bench._common import ROOT, Figures
 
 
@@ -46,6 +48,7 @@ SECTIONS: dict[str, Any] = {
     "store": store_scale,
     "pool": _Alone(lambda: pool_scale.main([])),
     "monitor": _Alone(monitor_scale.main),
+    "production": _Alone(lambda: production_path.main([])),
 }
 
 

@@ -2,7 +2,7 @@
 
 One scratch database, one `cyclone serve store` process (its own rollup refresh running, as
 in production). Predictions are laid out evenly over the last few days, oldest first, in daily
-partitions; the table grows through `LogPredictions` in stages (e.g. 100k -> 1M -> 2M rows),
+partitions; the table grows through `LogPredictions` in stages (by default 1M -> 10M rows),
 a fifth of each stage labelled through `AddLabels`. At each size, after the store's rollup
 caught up:
 
@@ -59,10 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("store")
     group.add_argument(
         "--store-sizes",
-        default="100000,1000000,2000000",
-        help="table sizes (rows) to measure at, ascending; the last is the total ingested",
+        default="1000000,10000000",
+        help="table sizes (rows) to measure at, ascending; the last is the total ingested"
+        " (1M and 10M: ~20 minutes on a shared 2-core machine)",
     )
-    group.add_argument("--store-days", type=float, default=3.0, help="days the rows span")
+    group.add_argument(
+        "--store-days",
+        type=float,
+        default=15.0,
+        help="days the rows span (15 at 10M rows: the monitor's 10-minute window holds 4,630)",
+    )
     group.add_argument("--store-per-message", type=int, default=5000)
     group.add_argument("--store-samples", type=int, default=200, help="calls per latency figure")
     group.add_argument("--store-verbose", action="store_true", help="print every slice")

@@ -139,6 +139,10 @@ class EnvoySettings:
     rate_limit_per_client: int | None = 1000
     rate_limit_burst: int | None = None
     rate_limit_clients: int = 10_000
+    # A pooled model's requests go to one member by a hash of the model; with a bound, a member
+    # past this percentage of the mean outstanding requests passes the next one on (Envoy's
+    # consistent hashing with bounded loads), so one hot model can use every member.
+    pool_hash_balance_percent: int | None = None
     # OpenTelemetry: Envoy sends its spans over OTLP gRPC to this collector (off when None).
     otlp_collector: Endpoint | None = None
     trace_sampling_percent: float = 100.0
@@ -156,6 +160,11 @@ class EnvoySettings:
             raise ValueError("rate_limit_per_client: must be 1 or more (None turns it off)")
         if not 0 <= self.trace_sampling_percent <= 100:
             raise ValueError("trace_sampling_percent: must be between 0 and 100")
+        if self.pool_hash_balance_percent is not None and self.pool_hash_balance_percent < 100:
+            raise ValueError(
+                "pool_hash_balance_percent: must be 100 or more (None turns the bound off), "
+                f"got {self.pool_hash_balance_percent}"
+            )
         if self.cold_start_hold_s < 0:
             raise ValueError("cold_start_hold_s: must be 0 (off) or more")
         if self.health_interval_s <= 0:
@@ -407,6 +416,12 @@ def revision_cluster(revision: Revision, settings: EnvoySettings) -> dict[str, A
         # Each model on one member by a hash of the route's key (`_POOL_HASH`), not on all:
         # a member holds half the models, so twice as many fit before evictions.
         cluster["lb_policy"] = "MAGLEV"
+        if settings.pool_hash_balance_percent is not None:
+            cluster["common_lb_config"] = {
+                "consistent_hashing_lb_config": {
+                    "hash_balance_factor": settings.pool_hash_balance_percent
+                }
+            }
     return cluster
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cyclone.envoy import config as cfg
 from cyclone.traffic import Endpoint, Revision, TrafficSplit
 from cyclone.wire import POOL_MODEL_HEADER, POOL_VERSION_HEADER
@@ -48,3 +50,21 @@ def test_dedicated_revisions_are_unchanged() -> None:
         assert cluster["lb_policy"] != "MAGLEV"
     routes = cfg.inference_routes({"credit": split}, SETTINGS)
     assert all("hash_policy" not in r.get("route", {}) for r in routes)
+
+
+def test_pooled_clusters_bound_a_members_load_only_when_asked() -> None:
+    revision = Revision("credit", "1", POOL, pooled=True)
+    assert "common_lb_config" not in cfg.revision_cluster(revision, SETTINGS)  # default: off
+    bounded = cfg.EnvoySettings(work_dir=Path("/nonexistent"), pool_hash_balance_percent=150)
+    cluster = cfg.revision_cluster(revision, bounded)
+    assert cluster["lb_policy"] == "MAGLEV"
+    assert cluster["common_lb_config"] == {
+        "consistent_hashing_lb_config": {"hash_balance_factor": 150}
+    }
+    dedicated = cfg.revision_cluster(Revision("credit", "1", POOL), bounded)
+    assert "common_lb_config" not in dedicated  # least-request clusters have no hash to bound
+
+
+def test_a_bound_under_the_mean_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="pool_hash_balance_percent: must be 100 or more"):
+        cfg.EnvoySettings(work_dir=Path("/nonexistent"), pool_hash_balance_percent=99)

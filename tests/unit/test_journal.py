@@ -3,6 +3,9 @@ is skipped, sealed segments are released, and what a dead process left is found.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +78,27 @@ def test_segments_left_behind_are_recovered_and_a_torn_tail_skipped(tmp_path: Pa
     assert not second.left_behind[0].exists()
     second.close()  # nothing written: its empty segment goes too
     assert list(tmp_path.glob("*.journal")) == []
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+sys.path[:0] = [{root!r}]
+from tests.unit.test_journal import _classified
+from services.inference.journal import Journal
+journal = Journal(Path({directory!r}))
+for i in range(3):
+    journal.append(_classified([f"k{{i}}", f"k{{i}}b"]))
+print("appended", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no seal, no close, no flush of anything
+"""
+
+
+def test_what_a_sigkilled_process_appended_is_recovered(tmp_path: Path) -> None:
+    root = str(Path(__file__).resolve().parents[2])
+    code = _KILLED_WRITER.format(root=root, directory=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "appended", done.stderr  # positive control: it did append
+    assert done.returncode == -signal.SIGKILL
+    recovered = Journal(tmp_path).recover()
+    assert [r[2] for r in recovered] == [[f"k{i}", f"k{i}b"] for i in range(3)]
