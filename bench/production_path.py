@@ -42,10 +42,10 @@ from bench._common import Figures, percentile, stop_process
 from bench.inference import INFER, infer_payload, tree_cpu_seconds
 from bench.mlserver_peer import mlserver_executable, start_mlserver
 from cyclone.envoy import EnvoyProxy, EnvoySettings
-from cyclone.examples import bench_regressor
 from cyclone.models.convert import import_pipeline
 from cyclone.traffic import Revision, TrafficSplit
 from cyclone.wire import MODEL_HEADER
+from cyclone_app.examples import bench_regressor
 from plugins.orchestrator_local import LocalOrchestrator
 from services.launch import spawn
 
