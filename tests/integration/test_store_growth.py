@@ -15,6 +15,7 @@ import pytest
 from cyclone.settings import SettingsError, load_settings
 from services.store.db import PredictionRecord, StoreDB, queries, uuid7, uuid7_time
 from services.store.db.partitions import ensure_partitions
+from services.store.db.reads import stats_params
 from services.store.domain import Store
 from services.store.main import StoreSettings
 
@@ -294,3 +295,50 @@ async def test_lookups_by_prediction_id_touch_one_partition(db: StoreDB) -> None
     assert len(executed) == 1 and f"predictions_p{uuid7_time(pid):%Y%m%d}" in executed[0], (
         label_plan
     )
+
+
+# --- the dashboard and status plan only the partitions they read -------------------------------
+
+
+def _partitions_in(plan: str) -> set[str]:
+    return {
+        line.split(" on ")[1].split()[0] for line in plan.splitlines() if " on predictions_p" in line
+    }
+
+
+async def test_dashboard_and_status_plan_only_their_window_s_partitions(db: StoreDB) -> None:
+    """Ten days stored: the newest hour's per-minute stats and the status plan no older day.
+
+    0009's raw-row parts took their bounds from rollup_state at run time and so planned every
+    day stored (the dashboard's cost grew with the table); 0012 and the status query's
+    pending bounds give the planner the window.
+    """
+    now = datetime.now(UTC)
+    async with db.pool.connection() as c:
+        await ensure_partitions(c, 12, today=(now - timedelta(days=10)).date())
+    old_days = [now - timedelta(days=d) for d in range(2, 10)]
+    await db.copy_predictions([rec(t) for t in old_days] + [rec(now - timedelta(minutes=5))])
+    await db.refresh_rollup()
+    old_partitions = {f"predictions_p{t:%Y%m%d}" for t in old_days}
+
+    hour = {"model": "m", "start": now - timedelta(hours=1), "end": now}
+    dashboard = _partitions_in(await _plan(db, queries.PREDICTION_STATS, hour))
+    assert dashboard and len(dashboard) <= 2 and not dashboard & old_partitions, dashboard
+
+    async with db.pool.connection() as c:
+        row = await (await c.execute(queries.MATERIALIZED_TO)).fetchone()
+    assert row is not None and row[2] == []
+    status = _partitions_in(await _plan(db, queries.STATS, stats_params(None, row[0], row[2])))
+    assert not status & old_partitions, status
+
+    # A late row five days back: only its day joins the status plan, and the answer is raw's.
+    late = now - timedelta(days=5)
+    await db.copy_predictions([rec(late)])
+    async with db.pool.connection() as c:
+        row = await (await c.execute(queries.MATERIALIZED_TO)).fetchone()
+    assert row is not None and len(row[2]) == 1
+    status = _partitions_in(await _plan(db, queries.STATS, stats_params(None, row[0], row[2])))
+    assert status & old_partitions == {f"predictions_p{late:%Y%m%d}"}, status
+    assert await _figures(db) == await _figures(db, raw=True)
+    [stats] = await db.stats("m")
+    assert stats.predictions == len(old_days) + 2

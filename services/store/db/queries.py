@@ -155,8 +155,10 @@ HAS_LABEL = "EXISTS (SELECT 1 FROM labels l WHERE l.prediction_id = p.prediction
 # Per model, from the rollup for the minutes before %(since)s (the rollup's materialized_to,
 # read first and passed as a value so the planner prunes to the newest partition and sizes the
 # label join for a minute of rows), plus the label counts not yet folded in, and from raw rows
-# after it and for the %(pending)s minutes (late rows not yet refreshed). The cost follows the
-# minutes with traffic and the labels since the last refresh, not the rows.
+# after it and for the %(pending)s minutes (late rows not yet refreshed), which also span
+# [%(pending_lo)s, %(pending_hi)s): values, so the planner prunes to their partitions instead
+# of planning every day stored. The cost follows the minutes with traffic and the labels since
+# the last refresh, not the rows.
 STATS = """
 WITH r AS (
     SELECT model, sum(predictions) AS predictions, sum(labels) AS labels, max(last_at) AS last_at
@@ -177,6 +179,7 @@ WITH r AS (
                    AS labels, max(p.created_at) AS last_at
         FROM predictions p
         WHERE p.created_at >= d.m AND p.created_at < d.m + INTERVAL '1 minute'
+          AND p.created_at >= %(pending_lo)s AND p.created_at < %(pending_hi)s
           AND (%(model)s::text IS NULL OR p.model = %(model)s::text)
         GROUP BY p.model
     ) x

@@ -12,6 +12,7 @@ from psycopg.types.json import Jsonb
 
 from . import queries
 from ._base import StoreBase
+from .rollup import MINUTE
 from .types import (
     ColumnChunk,
     FeatureFilter,
@@ -46,6 +47,20 @@ def decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
         return datetime.fromisoformat(ts), uuid.UUID(pid)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError("invalid page token") from exc
+
+
+def stats_params(
+    model: str | None, materialized_to: datetime, pending: list[datetime]
+) -> dict[str, object]:
+    """queries.STATS' parameters: the rollup's watermark and the minutes read raw below it."""
+    return {
+        "model": model,
+        "since": materialized_to,
+        "pending": pending,
+        # Bounds the planner can prune by; an empty range when nothing is pending.
+        "pending_lo": min(pending, default=materialized_to),
+        "pending_hi": max(pending) + MINUTE if pending else materialized_to,
+    }
 
 
 class ReadsMixin(StoreBase):
@@ -228,11 +243,7 @@ class ReadsMixin(StoreBase):
             cur = await conn.execute(queries.MATERIALIZED_TO)
             now_row = await cur.fetchone()
             assert now_row is not None
-            params = {
-                "model": model,
-                "since": now_row[0],
-                "pending": now_row[2],
-            }
+            params = stats_params(model, now_row[0], now_row[2])
             cur = await conn.execute(queries.STATS_RAW if raw else queries.STATS, params)
             rows = await cur.fetchall()
         now: datetime = now_row[1]
