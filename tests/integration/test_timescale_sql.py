@@ -21,6 +21,7 @@ import pytest
 
 from services.store import timescale
 from services.store.db import queries, rollup, uuid7, uuid7_time
+from services.store.db.reads import stats_params
 from services.store.migrations import migrations_for
 
 pytestmark = pytest.mark.integration
@@ -160,20 +161,20 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
         _step(
             "rollup_stats",
             queries.STATS,
-            {"model": None, "since": window["hi"], "pending": []},
+            stats_params(None, window["hi"], []),
         ),
         # A label delta (labels3: a first label for ids[3]) is counted on read, then folded.
         _step("labels3", queries.UPSERT_LABELS, {"ids": ids[3:4], "labels": ["5"], "model": None}),
         _step(
             "delta_stats",
             queries.STATS,
-            {"model": None, "since": window["hi"], "pending": []},
+            stats_params(None, window["hi"], []),
         ),
         _step("fold_labels", rollup.FOLD_LABELS, {"to": window["hi"]}),
         _step(
             "relabelled_stats",
             queries.STATS,
-            {"model": None, "since": window["hi"], "pending": []},
+            stats_params(None, window["hi"], []),
         ),
         _step("raw_stats", queries.STATS_RAW, {"model": None}),
         # Back to three labelled rows for the reads below.
