@@ -302,7 +302,9 @@ async def test_lookups_by_prediction_id_touch_one_partition(db: StoreDB) -> None
 
 def _partitions_in(plan: str) -> set[str]:
     return {
-        line.split(" on ")[1].split()[0] for line in plan.splitlines() if " on predictions_p" in line
+        line.split(" on ")[1].split()[0]
+        for line in plan.splitlines()
+        if " on predictions_p" in line
     }
 
 

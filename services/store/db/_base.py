@@ -20,13 +20,13 @@ log = logging.getLogger("services.store.db")
 Conn = AsyncConnection[TupleRow]
 
 
-
 # The store's reads are short index scans, but the planner costs the raw-row branches of
 # prediction_stats_1m_range and the status query by whole partitions, so their estimates pass
 # jit_above_cost once the table holds a few days: compiling (~50-700 ms) then dwarfed the
 # ~2 ms of execution, and grew with the partitions in the plan (docs/performance.md).
 async def _configure(conn: Conn) -> None:
     await conn.execute("SET jit = off")
+
 
 class StoreBase:
     """Owns the connection pool. Every write method takes an optional ``conn`` so callers can
