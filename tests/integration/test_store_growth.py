@@ -344,3 +344,10 @@ async def test_dashboard_and_status_plan_only_their_window_s_partitions(db: Stor
     assert await _figures(db) == await _figures(db, raw=True)
     [stats] = await db.stats("m")
     assert stats.predictions == len(old_days) + 2
+
+
+async def test_store_connections_run_without_jit(db: StoreDB) -> None:
+    # JIT compiled the dashboard's whole-partition estimates for longer than it ran.
+    async with db.pool.connection() as c:
+        row = await (await c.execute("SHOW jit")).fetchone()
+    assert row == ("off",)
