@@ -8,7 +8,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-
 from cyclone.plan import Plan
 from services.trainer.data import LabelledWindow
 from services.trainer.fit import FitOutcome, FitTask, WrittenVersion

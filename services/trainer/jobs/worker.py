@@ -10,7 +10,6 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, TypeVar
 
-
 from services.trainer.fit import (
     FitOutcome,
     FitTask,
