@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 
 from cyclone.reference import CategoricalProfile, ColumnProfile, NumericProfile, to_float
 
@@ -55,6 +54,8 @@ class Window:
             return np.zeros(self.n_rows, dtype=bool)
         if self.task == "classification":
             return np.asarray(self.label_codes >= 0)
+        import pandas as pd  # lazy: a service that never builds a window does not pay for pandas
+
         return np.asarray(~pd.isna(self.labels), dtype=bool)
 
     @property
@@ -94,6 +95,8 @@ class Window:
 
 
 def _encode(values: npt.NDArray[Any], classes: list[str]) -> IntArray:
+    import pandas as pd  # lazy, see labelled_mask
+
     arr = np.asarray(values)
     if len(classes) == 0:
         return np.full(len(arr), -1, dtype=np.intp)
@@ -219,6 +222,8 @@ class CurrentColumn:
         """(categories, reference counts, current counts); unseen categories pooled last."""
         ref = self.reference
         assert isinstance(ref, CategoricalProfile)
+        import pandas as pd  # lazy, see Window.labelled_mask
+
         series = pd.Series(np.asarray(self.values, dtype=object))
         present = series[~series.isna()].astype(str)
         cats = list(ref.frequencies)

@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 
 FeatureKind = Literal["numeric", "categorical"]
 PROFILE_FORMAT = 1
@@ -329,11 +328,15 @@ def to_float(values: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
     """Values as float64; anything non-numeric becomes NaN (vectorised, no row loop)."""
     if values.dtype.kind in "fiub":
         return np.asarray(values, dtype=np.float64)
+    import pandas as pd  # lazy: services import this module at start; pandas costs ~0.3 s
+
     parsed = pd.to_numeric(pd.Series(values), errors="coerce")
     return np.asarray(parsed.to_numpy(dtype=np.float64, na_value=np.nan), dtype=np.float64)
 
 
 def profile_categorical(values: npt.ArrayLike) -> CategoricalProfile:
+    import pandas as pd  # lazy, see to_float
+
     series = pd.Series(np.asarray(values, dtype=object))
     missing = series.isna()
     present = series[~missing].astype(str)

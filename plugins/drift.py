@@ -41,7 +41,6 @@ from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
-from scipy import special, stats
 
 from cyclone.hookspecs import hookimpl
 from cyclone.plugin_api import CurrentColumn, DriftResult, DriftTestSpec, NumericProfile
@@ -72,13 +71,34 @@ def _numeric_guard(col: CurrentColumn, threshold: float) -> DriftResult | None:
     return None
 
 
+# scipy is imported inside these three wrappers, not at module level: the monitor loads this
+# plugin at start (get_plugins() checks every plugin then), and scipy costs ~0.3 s of import
+# that only the first drift test needs to pay.
+def _kolmogorov(x: float) -> float:
+    from scipy import special
+
+    return float(special.kolmogorov(x))
+
+
+def _chi2_sf(statistic: float, dof: int) -> float:
+    from scipy import stats
+
+    return float(stats.chi2.sf(statistic, dof))
+
+
+def _rel_entr(p: npt.NDArray[np.float64], q: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    from scipy import special
+
+    return np.asarray(special.rel_entr(p, q), dtype=np.float64)
+
+
 def _ks(col: CurrentColumn) -> tuple[float, float | None]:
     ref_p, cur_p = col.histogram
     d = float(np.abs(np.cumsum(cur_p) - np.cumsum(ref_p)).max())
     en = _effective_n(col, len(col.numeric))
     if _is_discrete(col):
         return d, _value_chi_square_p(col, en)
-    return d, (float(special.kolmogorov(math.sqrt(en) * d)) if en > 0 else None)
+    return d, (float(_kolmogorov(math.sqrt(en) * d)) if en > 0 else None)
 
 
 def _is_discrete(col: CurrentColumn) -> bool:
@@ -94,7 +114,7 @@ def _value_chi_square_p(col: CurrentColumn, n_eff: float) -> float | None:
     cur_cells = np.append(cur_p[1::2], cur_p[0::2].sum())
     ref_cells = np.maximum(ref_cells, EPS)
     statistic = n_eff * float(np.sum((cur_cells - ref_cells) ** 2 / ref_cells))
-    return float(stats.chi2.sf(statistic, max(len(ref_cells) - 1, 1)))
+    return float(_chi2_sf(statistic, max(len(ref_cells) - 1, 1)))
 
 
 def ks(col: CurrentColumn, threshold: float) -> DriftResult:
@@ -148,7 +168,7 @@ def js(col: CurrentColumn, threshold: float) -> DriftResult:
         return skip
     ref_p, cur_p = col.histogram
     m = 0.5 * (ref_p + cur_p)
-    divergence = 0.5 * float(np.sum(special.rel_entr(ref_p, m) + special.rel_entr(cur_p, m)))
+    divergence = 0.5 * float(np.sum(_rel_entr(ref_p, m) + _rel_entr(cur_p, m)))
     distance = math.sqrt(max(divergence, 0.0))
     return _decide(distance, _ks(col)[1], distance, threshold)
 
@@ -163,7 +183,7 @@ def chi_square(col: CurrentColumn, threshold: float) -> DriftResult:
     w2 = float(np.sum((cur_p - ref_p) ** 2 / ref_p))
     n_eff = n_ref * n_cur / (n_ref + n_cur)
     statistic = n_eff * w2
-    p = float(stats.chi2.sf(statistic, max(len(cats) - 1, 1)))
+    p = float(_chi2_sf(statistic, max(len(cats) - 1, 1)))
     return _decide(statistic, p, math.sqrt(w2), threshold)
 
 

@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 
 from cyclone.hookspecs import hookimpl
 from cyclone.plugin_api import (
@@ -26,6 +25,8 @@ from cyclone.plugin_api import (
 
 
 def _missing(name: str, values: npt.NDArray[np.generic], ctx: MetricContext) -> tuple[int, int]:
+    import pandas as pd  # lazy: the monitor loads every plugin at start; pandas costs ~0.3 s
+
     return int(pd.isna(values).sum()), len(values)
 
 
@@ -78,6 +79,8 @@ def _unseen(
         known = list(col.frequencies)
     else:
         return None
+    import pandas as pd  # lazy, see _missing
+
     series = pd.Series(np.asarray(values, dtype=object))
     present = series[~series.isna()].astype(str)
     return int((~present.isin(known)).sum()), len(present)
@@ -92,6 +95,8 @@ def _type_errors(
         return 0, len(values)
     if ctx.reference is None:
         return None
+    import pandas as pd  # lazy, see _missing
+
     # Present values that do not parse as numbers.
     present = ~pd.isna(values)
     parsed = pd.to_numeric(pd.Series(values), errors="coerce").notna().to_numpy()

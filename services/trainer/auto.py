@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from services.trainer.changepoint import ChangePoint, find_change, per_row_loss
 from services.trainer.data import LabelledWindow
 from services.trainer.evaluate import split_holdout
 from services.trainer.fit import LABEL
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SINCE_CHANGE = "since_change"
 NEWEST = "newest"
@@ -95,6 +97,8 @@ def broken_features(
     before. One reason per broken feature, naming it."""
     if since <= 0 or since >= len(frame):
         return []
+    import pandas as pd  # lazy: the trainer's main process imports this module at start
+
     reasons: list[str] = []
     for name, kind in features:
         before, after = frame[name].iloc[:since], frame[name].iloc[since:]
@@ -134,5 +138,7 @@ def broken_features(
 
 def _top_share(values: Any) -> float:
     """Share of the most frequent value (a change point is a few rows off: not exactly 1)."""
+    import pandas as pd  # lazy, see broken_features
+
     counts = pd.Series(values).value_counts()
     return float(counts.iloc[0] / counts.sum()) if len(counts) else 0.0

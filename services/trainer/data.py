@@ -6,15 +6,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cyclone.plan import RetrainSpec
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from services.trainer.fit import LABEL, JobFailure
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Kind = Literal["numeric", "categorical"]
 
@@ -97,6 +99,8 @@ async def collect(
             served.extend(list(answers.strings) or [str(v) for v in answers.numbers] or [""] * n)
         else:
             served.extend(list(answers.numbers) or [float("nan")] * n)
+    import pandas as pd  # lazy: the trainer's main process needs pandas only once a job runs
+
     frame = pd.DataFrame(columns)
     for name, kind in features:
         if kind == "numeric":

@@ -11,10 +11,9 @@ import json
 import math
 import pickle
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 
 from cyclone.models.repository import (
     EVALUATION_FILE,
@@ -25,6 +24,9 @@ from cyclone.models.repository import (
 )
 from cyclone.plan import MetricRef
 from cyclone.plugin_api import FamilyContext
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 LABEL = "__cyclone_label__"
 Task = Literal["classification", "regression"]

@@ -6,15 +6,16 @@ in-memory ones."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Protocol
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cyclone.plan import Plan
 from services.trainer.data import LabelledWindow
 from services.trainer.fit import FitOutcome, FitTask, WrittenVersion
 
 from .model import Champion, Claimed, Job, TrainedVersion
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class JobStore(Protocol):

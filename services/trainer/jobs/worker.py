@@ -8,9 +8,7 @@ import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, TypeVar
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from services.trainer.fit import (
     FitOutcome,
@@ -22,6 +20,9 @@ from services.trainer.fit import (
 )
 
 from .model import WorkerDied
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

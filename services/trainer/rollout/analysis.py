@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats as st
 
 from cyclone.rollout_plan import AnalysisSpec, PromoteIf
 
@@ -48,6 +47,8 @@ def _one_sided_p(diff: float, margin: float, se: float) -> float:
     """p-value of H1: the true difference exceeds `margin` (z-test; exact when there is no noise)."""
     if se == 0:
         return 0.0 if diff > margin else 1.0
+    from scipy import stats as st  # lazy: the trainer imports this module at start, scipy ~1 s
+
     return float(st.norm.sf((diff - margin) / se))
 
 
@@ -304,6 +305,8 @@ def paired(
 ) -> Check:
     """Shadow: both versions answered the same requests. Accuracy: exact McNemar (binomial on
     the discordant pairs); MAE: one-sample t-test on the per-row difference of absolute errors."""
+    from scipy import stats as st  # lazy, see _one_sided_p
+
     n = len(labels)
     if n < min_pairs:
         return Check("paired", None, f"{n} paired labelled rows < {min_pairs}", {"pairs": float(n)})
