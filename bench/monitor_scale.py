@@ -12,8 +12,13 @@ Time is compressed by default: a 20 s schedule puts 3x the load of a 1-minute on
 and its store (`--every 60` for the real thing: ~6 minutes at 1,000 models). Target: 1,000
 models every minute on one core, lag < 10 s. The sizes share one database, grown in turn.
 
+Each size runs once per tick listing in `--listings` (default both, for ratios in one run):
+"summary" is the monitor's (identities each tick, full records of new versions only), "full"
+the monitor before issue 22 (every version's full record every tick); each row also reports the
+tick's listing size in bytes and its round trip.
+
 Usage: python -m bench.monitor_scale [--sizes 10,100,1000] [--every 20] [--rows 1000]
-       [--concurrency 8]
+       [--concurrency 8] [--listings full,summary]
 `bench/scale.py` can call `run(sizes, every, rows, concurrency)`: it prints the table and
 returns the `Figures` (`.emit()` prints them as JSON lines).
 """
