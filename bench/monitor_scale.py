@@ -12,8 +12,13 @@ Time is compressed by default: a 20 s schedule puts 3x the load of a 1-minute on
 and its store (`--every 60` for the real thing: ~6 minutes at 1,000 models). Target: 1,000
 models every minute on one core, lag < 10 s. The sizes share one database, grown in turn.
 
+Each size runs once per tick listing in `--listings` (default both, for ratios in one run):
+"summary" is the monitor's (identities each tick, full records of new versions only), "full"
+the monitor before issue 22 (every version's full record every tick); each row also reports the
+tick's listing size in bytes and its round trip.
+
 Usage: python -m bench.monitor_scale [--sizes 10,100,1000] [--every 20] [--rows 1000]
-       [--concurrency 8]
+       [--concurrency 8] [--listings full,summary]
 `bench/scale.py` can call `run(sizes, every, rows, concurrency)`: it prints the table and
 returns the `Figures` (`.emit()` prints them as JSON lines).
 """
@@ -46,7 +51,9 @@ from bench._store_process import scratch_database, start_store_process
 from cyclone.plan import default_plan, plan_to_dict
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
+from services.monitor.convert import model_info_from_store
 from services.monitor.monitor import DEFAULT_CONCURRENT_EVALUATIONS, Monitor
+from services.monitor.records import ModelInfo
 from services.store.db import PredictionRecord, StoreDB, uuid7, uuid7_time
 
 CITIES = ("lisbon", "porto", "braga", "faro")
@@ -55,6 +62,9 @@ CITIES = ("lisbon", "porto", "braga", "faro")
 @dataclass(frozen=True)
 class SizeResult:
     models: int
+    listing: str  # "summary" (the monitor's tick) or "full" (before: every record, every tick)
+    tick_bytes: int  # the tick's ListModelVersions answer, serialized
+    tick_listing_ms: float  # its round trip, median of a few
     every_seconds: int
     evaluations: int  # in the steady stretch
     asked_per_s: float  # evaluations per second the schedule asks for: models / every
@@ -183,6 +193,52 @@ def pin_to_one_core() -> None:
             os.sched_setaffinity(int(tid), {core})
 
 
+class FullListingMonitor(Monitor):
+    """The monitor as it was before issue 22's lighter listing: every tick lists every version
+    with its schema, evaluation and reference profile. Here only to compare in the same run."""
+
+    async def _monitored_models(self) -> dict[str, ModelInfo]:
+        response = await self.store.ListModelVersions(
+            store_pb.ListModelVersionsRequest(), timeout=self.request_timeout
+        )
+        listed: dict[str, ModelInfo] = {}
+        for mv in response.model_versions:
+            if mv.status != store_pb.MODEL_STATUS_SERVING:
+                continue
+            key = (mv.model, mv.version, mv.sha256)
+            info = self._infos.get(key)
+            if info is None:
+                info = self._infos[key] = model_info_from_store(mv)
+            listed[mv.model] = info
+        return listed
+
+
+LISTINGS: dict[str, tuple[type[Monitor], store_pb.ListModelVersionsRequest]] = {
+    "full": (FullListingMonitor, store_pb.ListModelVersionsRequest()),
+    "summary": (
+        Monitor,
+        store_pb.ListModelVersionsRequest(status=store_pb.MODEL_STATUS_SERVING, summary=True),
+    ),
+}
+
+
+async def tick_listing(
+    address: str, request: store_pb.ListModelVersionsRequest
+) -> tuple[int, float]:
+    """(bytes, median ms) of the tick's listing, five calls."""
+    times, size = [], 0
+    async with aio.insecure_channel(
+        address, options=(("grpc.max_receive_message_length", 256 * 1024 * 1024),)
+    ) as channel:
+        store = store_grpc.StoreServiceStub(channel)
+        for _ in range(5):
+            t0 = time.perf_counter()
+            response = await store.ListModelVersions(request, timeout=60)
+            times.append(time.perf_counter() - t0)
+            size = response.ByteSize()
+    return size, statistics.median(times) * 1000
+
+
 @contextlib.asynccontextmanager
 async def scheduled(monitor: Monitor) -> AsyncIterator[list[tuple[str, float]]]:
     """The monitor's schedule running; yields (model, wall time) of each evaluation."""
@@ -215,9 +271,17 @@ async def window_read_cpu(monitor: Monitor, names: Sequence[str]) -> float:
 
 
 async def measure(
-    address: str, store_pid: int, n: int, every: int, tmp: Path, concurrency: int
+    address: str,
+    store_pid: int,
+    n: int,
+    every: int,
+    tmp: Path,
+    concurrency: int,
+    listing: str = "summary",
 ) -> SizeResult:
-    monitor = Monitor(
+    monitor_class, tick_request = LISTINGS[listing]
+    tick_bytes, tick_ms = await tick_listing(address, tick_request)
+    monitor = monitor_class(
         address,
         record_path=tmp / "alerts.jsonl",
         tick_seconds=1.0,
@@ -258,6 +322,9 @@ async def measure(
     per_eval = cpu / max(evaluations, 1)
     return SizeResult(
         models=n,
+        listing=listing,
+        tick_bytes=tick_bytes,
+        tick_listing_ms=tick_ms,
         every_seconds=every,
         evaluations=evaluations,
         asked_per_s=n / every,
@@ -282,6 +349,7 @@ async def run_sizes(
     every: int,
     rows: int,
     concurrency: int,
+    listings: Sequence[str] = ("summary",),
 ) -> list[SizeResult]:
     entry = credit_entry()
     results = []
@@ -297,10 +365,13 @@ async def run_sizes(
             print(
                 f"[{n} models] registered and filled in {time.monotonic() - t0:.1f} s", flush=True
             )
-            with tempfile.TemporaryDirectory(prefix="cyclone-bench-monitor-") as tmp:
-                result = await measure(address, store_pid, n, every, Path(tmp), concurrency)
-            print(f"[{n} models] {json.dumps(asdict(result))}", flush=True)
-            results.append(result)
+            for listing in listings:
+                with tempfile.TemporaryDirectory(prefix="cyclone-bench-monitor-") as tmp:
+                    result = await measure(
+                        address, store_pid, n, every, Path(tmp), concurrency, listing
+                    )
+                print(f"[{n} models] {json.dumps(asdict(result))}", flush=True)
+                results.append(result)
     return results
 
 
@@ -309,6 +380,7 @@ def run(
     every: int = 20,
     rows: int = 1000,
     concurrency: int = DEFAULT_CONCURRENT_EVALUATIONS,
+    listings: Sequence[str] = ("summary",),
 ) -> Figures:
     """The MONITOR section of the scale benchmark: a table and its figures."""
     with scratch_database() as url:
@@ -318,28 +390,32 @@ def run(
             # Level changes are logged as warnings: a thousand of them would drown the table.
             logging.getLogger("services.monitor").setLevel(logging.ERROR)
             results = asyncio.run(
-                run_sizes(url, address, store.pid, sizes, every, rows, concurrency)
+                run_sizes(url, address, store.pid, sizes, every, rows, concurrency, listings)
             )
         finally:
             stop_process(store)
     print(f"\nMONITOR: ~{rows}-row windows, default classification plan, every {every} s,")
     print(f"{concurrency} evaluations at once, this process on one core")
     header = (
-        f"{'models':>7} {'asked/s':>7} {'done/s':>7} {'lag p50':>8} {'p99':>7} {'max':>7}"
+        f"{'models':>7} {'listing':>8} {'tick KB':>8} {'list ms':>8} {'asked/s':>7} {'done/s':>7} {'lag p50':>8} {'p99':>7} {'max':>7}"
         f" {'overdue':>7} {'1st round':>9} {'cpu/eval':>9} {'read':>7} {'store/eval':>10}"
         f" {'cores':>6}"
     )
     print(header)
     for r in results:
         print(
-            f"{r.models:>7} {r.asked_per_s:>7.1f} {r.done_per_s:>7.1f} {r.lag_p50_s:>7.2f}s"
+            f"{r.models:>7} {r.listing:>8} {r.tick_bytes / 1024:>8.1f} {r.tick_listing_ms:>8.1f}"
+            f" {r.asked_per_s:>7.1f} {r.done_per_s:>7.1f} {r.lag_p50_s:>7.2f}s"
             f" {r.lag_p99_s:>6.2f}s {r.lag_max_s:>6.2f}s {r.overdue_max_s:>6.2f}s"
             f" {r.first_round_s:>8.1f}s"
             f" {r.cpu_per_evaluation_ms:>7.1f}ms {r.cpu_per_window_read_ms:>5.1f}ms"
             f" {r.store_cpu_per_evaluation_ms:>8.1f}ms {r.cores_used:>6.2f}"
         )
+    print_ratios(results)
     figures = Figures()
     for r in results:
+        if r.listing != "summary":
+            continue  # the "before" rows are for the ratios only
         # Higher is better for both: the read floor over our CPU; evaluations done over asked.
         figures.add(
             f"monitor_{r.models}_cpu_per_evaluation_ms",
@@ -355,15 +431,48 @@ def run(
     return figures
 
 
+def print_ratios(results: Sequence[SizeResult]) -> None:
+    """Full listing (before) over summary listing (after), per size, same run."""
+    by = {(r.models, r.listing): r for r in results}
+    pairs = [
+        (by[(n, "full")], by[(n, "summary")])
+        for n, kind in by
+        if kind == "full" and (n, "summary") in by
+    ]
+    if not pairs:
+        return
+    print("\nfull listing / summary listing (before / after), same run:")
+    print(
+        f"{'models':>7} {'tick bytes':>10} {'list ms':>8} {'lag p99':>8} {'cpu/eval':>9} {'store/eval':>10}"
+    )
+    for full, light in pairs:
+        print(
+            f"{full.models:>7} {full.tick_bytes / max(light.tick_bytes, 1):>9.0f}x"
+            f" {full.tick_listing_ms / light.tick_listing_ms:>7.1f}x"
+            f" {full.lag_p99_s / max(light.lag_p99_s, 1e-3):>7.1f}x"
+            f" {full.cpu_per_evaluation_ms / light.cpu_per_evaluation_ms:>8.2f}x"
+            f" {full.store_cpu_per_evaluation_ms / light.store_cpu_per_evaluation_ms:>9.2f}x"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10,100,1000")
     ap.add_argument("--every", type=int, default=20, help="schedule, seconds (60: the target)")
     ap.add_argument("--rows", type=int, default=1000, help="rows per window")
     ap.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENT_EVALUATIONS)
+    ap.add_argument(
+        "--listings",
+        default="full,summary",
+        help="the tick's listing: summary (now), full (before issue 22), or both to compare",
+    )
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    run(sizes, args.every, args.rows, args.concurrency).emit()
+    listings = [x for x in args.listings.split(",") if x]
+    unknown = [x for x in listings if x not in LISTINGS]
+    if unknown:
+        ap.error(f"--listings: unknown {unknown}; choose from {sorted(LISTINGS)}")
+    run(sizes, args.every, args.rows, args.concurrency, listings).emit()
 
 
 if __name__ == "__main__":

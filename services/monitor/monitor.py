@@ -79,9 +79,13 @@ PEER_STATUS_SECONDS = 5.0
 # Evaluations in flight at once unless configured: enough to overlap store reads with the
 # numpy work of others, few enough that a burst of due models does not swamp the store.
 DEFAULT_CONCURRENT_EVALUATIONS = 8
-# ListModelVersions answers with every version's schema and reference profile (~12 KB for a
-# small tabular model): past ~300 models that is more than gRPC's default 4 MB per message.
+# A full ListModelVersions (start-up, or many new versions) answers with every version's schema
+# and reference profile (~12 KB for a small tabular model): past ~300 models that is more than
+# gRPC's default 4 MB per message. Ticks list identities only.
 STORE_CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 256 * 1024 * 1024),)
+# More versions new to the monitor than this in one tick (start-up): their full records come
+# in one listing of the serving versions instead of one GetModelVersion each.
+FULL_LISTING_ABOVE = 32
 # While a model has not answered its first probe, rounds come this often (at most).
 STARTING_PROBE_SECONDS = 5.0
 
@@ -90,6 +94,12 @@ def default_holder() -> str:
     """This process's lease holder id: host and pid for people, a random part so a restarted
     process (same pid in a container) is never taken for the one before."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _version_key(mv: store_pb.ModelVersion) -> tuple[str, str, str]:
+    """Which record of a version: model, version and sha256 (a model removed and registered
+    again under the same version name is another artifact)."""
+    return mv.model, mv.version, mv.sha256
 
 
 def status_from_evaluation(
@@ -181,7 +191,7 @@ class Monitor:
         self.lags: deque[float] = deque(maxlen=10_000)  # recent lags (seconds), newest last
         # Serving versions as last listed (reference profiles parsed once per version) and
         # stored plans parsed once per text: the schedule re-reads neither every round.
-        self._infos: dict[tuple[str, str], ModelInfo] = {}
+        self._infos: dict[tuple[str, str, str], ModelInfo] = {}
         self._plans: dict[str, tuple[str, Plan]] = {}
         self._channel: aio.Channel | None = None
         self._store: store_grpc.StoreServiceStub | None = None
@@ -325,7 +335,7 @@ class Monitor:
     async def _known(self) -> str:
         """ "; registered models: a, b" for a NOT_FOUND message (a typo is the usual cause)."""
         listed = await self.store.ListModelVersions(
-            store_pb.ListModelVersionsRequest(), timeout=self.request_timeout
+            store_pb.ListModelVersionsRequest(summary=True), timeout=self.request_timeout
         )
         names = sorted({v.model for v in listed.model_versions})
         return f"; registered models: {', '.join(names)}" if names else "; no model is registered"
@@ -458,19 +468,59 @@ class Monitor:
     # -- schedule ------------------------------------------------------------------------------
 
     async def _monitored_models(self) -> dict[str, ModelInfo]:
-        """Every serving version, by model (parsed once per version: versions never change)."""
+        """Every serving version, by model. The tick lists identities only (no schema or
+        reference profile); a version's full record is fetched and parsed once, when it is
+        new here (versions never change but for their status, which the listing filters)."""
         response = await self.store.ListModelVersions(
-            store_pb.ListModelVersionsRequest(), timeout=self.request_timeout
+            store_pb.ListModelVersionsRequest(status=store_pb.MODEL_STATUS_SERVING, summary=True),
+            timeout=self.request_timeout,
         )
-        listed: dict[str, ModelInfo] = {}
-        for mv in convert.serving_versions(response.model_versions):
-            info = self._infos.get((mv.model, mv.version))
-            if info is None:
-                info = self._infos[(mv.model, mv.version)] = convert.model_info_from_store(mv)
-            listed[mv.model] = info
+        serving = convert.serving_versions(response.model_versions)
+        new = [mv for mv in serving if _version_key(mv) not in self._infos]
+        for mv in await self._full_versions(new):
+            self._infos[_version_key(mv)] = convert.model_info_from_store(mv)
+        listed = {
+            mv.model: self._infos[_version_key(mv)]
+            for mv in serving
+            if _version_key(mv) in self._infos
+        }
         for key in [k for k in self._infos if listed.get(k[0]) is not self._infos[k]]:
             del self._infos[key]  # retired versions, removed models
         return listed
+
+    async def _full_versions(
+        self, wanted: list[store_pb.ModelVersion]
+    ) -> list[store_pb.ModelVersion]:
+        """Full records of `wanted`: one call per version when few are new (a retrain), one
+        listing of every serving version when many are (start-up)."""
+        if not wanted:
+            return []
+        if len(wanted) > FULL_LISTING_ABOVE:
+            response = await self.store.ListModelVersions(
+                store_pb.ListModelVersionsRequest(status=store_pb.MODEL_STATUS_SERVING),
+                timeout=self.request_timeout,
+            )
+            keys = {_version_key(mv) for mv in wanted}
+            return [mv for mv in response.model_versions if _version_key(mv) in keys]
+        responses = await asyncio.gather(
+            *(
+                self.store.GetModelVersion(
+                    store_pb.GetModelVersionRequest(model=mv.model, version=mv.version),
+                    timeout=self.request_timeout,
+                )
+                for mv in wanted
+            ),
+            return_exceptions=True,
+        )
+        full = []
+        for response in responses:
+            if isinstance(response, grpc.RpcError) and response.code() == grpc.StatusCode.NOT_FOUND:
+                continue  # removed since the listing: gone at the next tick too
+            if isinstance(response, BaseException):
+                raise response
+            full.append(response.model_version)
+        keys = {_version_key(mv) for mv in wanted}
+        return [mv for mv in full if _version_key(mv) in keys]  # changed since: next tick
 
     # -- leases: which models this monitor evaluates ---------------------------------------
 

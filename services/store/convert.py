@@ -16,6 +16,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from cyclone.errors import InvalidArgument
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.wire import from_ts, ts_or_none
 from services.store.db import (
@@ -52,6 +53,21 @@ STATUS_TO_PB = {
     "retired": pb.MODEL_STATUS_RETIRED,
 }
 PB_TO_STATUS: dict[int, ModelStatus] = {v: k for k, v in STATUS_TO_PB.items()}  # type: ignore[misc]
+
+
+def status_filter_from_pb(value: int) -> ModelStatus | None:
+    """A listing's status filter: None (every status) when unset."""
+    if not value:
+        return None
+    status = PB_TO_STATUS.get(value)
+    if status is None:
+        raise InvalidArgument(
+            f"status: unknown value {value}; leave it unset for every status"
+            " or set one of STAGED, CANARY, SERVING, RETIRED"
+        )
+    return status
+
+
 _LABEL_FILTER = {pb.LABEL_FILTER_LABELLED: True, pb.LABEL_FILTER_UNLABELLED: False}
 
 

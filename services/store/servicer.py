@@ -110,7 +110,11 @@ class StoreServicer(
     async def ListModelVersions(
         self, request: pb.ListModelVersionsRequest, context: Context
     ) -> pb.ListModelVersionsResponse:
-        versions = await self.store.list_model_versions(request.model)
+        versions = await self.store.list_model_versions(
+            request.model,
+            status=convert.status_filter_from_pb(request.status),
+            summary=request.summary,
+        )
         return pb.ListModelVersionsResponse(
             model_versions=[convert.model_version_to_pb(v) for v in versions]
         )

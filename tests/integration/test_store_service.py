@@ -611,6 +611,61 @@ async def test_registry_errors(stub: pb_grpc.StoreServiceStub) -> None:
     assert [v.version for v in listed.model_versions] == ["1"]
 
 
+async def test_summary_listing_has_identities_only_and_filters_by_status(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    evaluation = json.dumps({"metrics": {"r2": 0.8}})
+    profile = json.dumps({"features": {"rooms": {"kind": "numeric"}}})
+    for version, sha in (("1", "a" * 64), ("2", "b" * 64)):
+        await stub.RegisterModelVersion(
+            pb.RegisterModelVersionRequest(
+                model_version=pb.ModelVersion(
+                    model=HOUSE,
+                    version=version,
+                    task="regression",
+                    sha256=sha,
+                    schema_json=json.dumps(HOUSE_SCHEMA),
+                    evaluation_json=evaluation,
+                    reference_profile_json=profile,
+                    hyperparameters_json="{}",
+                )
+            )
+        )
+    await register(stub, IRIS, IRIS_SCHEMA, "classification")
+    await stub.SetModelStatus(
+        pb.SetModelStatusRequest(model=HOUSE, version="2", status=pb.MODEL_STATUS_SERVING)
+    )
+
+    full = await stub.ListModelVersions(pb.ListModelVersionsRequest(model=HOUSE))
+    light = await stub.ListModelVersions(pb.ListModelVersionsRequest(model=HOUSE, summary=True))
+    assert [v.version for v in light.model_versions] == ["1", "2"]
+    for v in light.model_versions:
+        assert (v.task, v.sha256, v.artifact_uri) != ("", "", "")
+        assert v.created_at.seconds > 0
+        assert v.schema_json == v.evaluation_json == v.reference_profile_json == ""
+        assert v.hyperparameters_json == ""
+    assert all(v.reference_profile_json == profile for v in full.model_versions)
+    assert light.ByteSize() < full.ByteSize() / 2
+
+    serving = await stub.ListModelVersions(
+        pb.ListModelVersionsRequest(status=pb.MODEL_STATUS_SERVING, summary=True)
+    )
+    assert [(v.model, v.version) for v in serving.model_versions] == [(HOUSE, "2")]
+    staged = await stub.ListModelVersions(
+        pb.ListModelVersionsRequest(status=pb.MODEL_STATUS_STAGED)
+    )
+    assert sorted((v.model, v.version) for v in staged.model_versions) == [
+        (HOUSE, "1"),
+        (IRIS, "1"),
+    ]
+    assert staged.model_versions[0].schema_json  # not a summary: the full record
+    await expect_error(
+        stub.ListModelVersions(pb.ListModelVersionsRequest(status=99)),  # type: ignore[arg-type]
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "status: unknown value 99",
+    )
+
+
 async def test_json_postgresql_would_refuse_is_invalid_argument_naming_the_field(
     stub: pb_grpc.StoreServiceStub,
 ) -> None:

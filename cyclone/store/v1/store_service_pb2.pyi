@@ -891,16 +891,27 @@ class ListModelVersionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name; empty means all models."""
+    status: Global___ModelStatus.ValueType
+    """Only versions with this status; unspecified means every status."""
+    summary: _builtins.bool
+    """Identity only (model, version, sha256, task, status, created_at): no schema, evaluation,
+    reference profile or lineage JSON. For pollers that fetch a full record only when a
+    version is new to them (versions are immutable but for their status).
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        status: Global___ModelStatus.ValueType = ...,
+        summary: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "status", b"status", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,6 +23,12 @@ _JSON_COLS = {
     "holdout_metrics",
 }
 _STATUSES = ("staged", "canary", "serving", "retired")
+# The same columns in the same order, the JSON ones as NULL: a listing of identities only.
+_MV_SUMMARY_SELECT = (
+    "SELECT "
+    + ", ".join(f"NULL AS {c}" if c in _JSON_COLS else c for c in _MV_COLS)
+    + " FROM model_versions"
+)
 
 
 def _mv(row: TupleRow) -> ModelVersion:
@@ -67,12 +73,18 @@ class RegistryMixin(StoreBase):
             row = await cur.fetchone()
         return _mv(row) if row else None
 
-    async def list_model_versions(self, model: str | None = None) -> list[ModelVersion]:
+    async def list_model_versions(
+        self, model: str | None = None, *, status: ModelStatus | None = None, summary: bool = False
+    ) -> list[ModelVersion]:
+        """Versions of `model` (None: all) with `status` (None: any); `summary`: the JSON
+        columns are not read (None), so a frequent poll moves kilobytes, not megabytes."""
+        select = _MV_SUMMARY_SELECT if summary else _MV_SELECT
         async with self.pool.connection() as c:
             cur = await c.execute(
-                _MV_SELECT + " WHERE (%(m)s::text IS NULL OR model = %(m)s::text)"
+                select + " WHERE (%(m)s::text IS NULL OR model = %(m)s::text)"
+                " AND (%(s)s::text IS NULL OR status = %(s)s::text)"
                 " ORDER BY model, created_at, version",
-                {"m": model},
+                {"m": model, "s": status},
             )
             return [_mv(r) for r in await cur.fetchall()]
 

@@ -67,8 +67,11 @@ class RegistryArea:
             f"version: {model!r} {version or '(any)'} is not registered",
         )
 
-    async def list_model_versions(self, model: str) -> list[ModelVersion]:
-        return await self.db.list_model_versions(model or None)
+    async def list_model_versions(
+        self, model: str, *, status: ModelStatus | None = None, summary: bool = False
+    ) -> list[ModelVersion]:
+        """`status` None: every status; `summary`: identities only (no JSON blobs)."""
+        return await self.db.list_model_versions(model or None, status=status, summary=summary)
 
     async def set_model_status(
         self, model: str, version: str, status: ModelStatus | None
