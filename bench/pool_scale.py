@@ -20,7 +20,7 @@ directory is its name): each name is its own onnxruntime session in the pool, as
 models would be. Traffic is measured after one warm-up pass of the same traffic.
 
 Usage: python -m bench.pool_scale [--models 10,100,500] [--requests 2000] [--rounds 3]
-       [--concurrency 8] [--pool-memory-mb 1024]
+       [--concurrency 8] [--pool-memory-mb MB (default: what `cyclone up` gives, services.mesh)]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from cyclone.oip.v2 import open_inference_pb2_grpc as oip_grpc
 from cyclone.traffic import Revision, TrafficSplit
 from cyclone_app.examples import CREDIT_FEATURES, credit_frame
 from plugins.orchestrator_local import LocalOrchestrator
+from services.mesh import pool_memory_mb
 
 ZIPF_S = 1.1
 TEMPLATES = 4
@@ -308,8 +309,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="alternations with one model")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--pool-memory-mb", type=float, default=1024.0)
-    asyncio.run(run(parser.parse_args(argv)))
+    parser.add_argument(
+        "--pool-memory-mb", type=float, default=None, help="default: cyclone up's budget"
+    )
+    args = parser.parse_args(argv)
+    if args.pool_memory_mb is None:
+        args.pool_memory_mb = pool_memory_mb(args.processes)
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":
