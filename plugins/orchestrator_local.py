@@ -276,12 +276,7 @@ class LocalOrchestrator:
                     self._pool = running
                 else:
                     self._revisions[name] = running
-                for replica in replicas:
-                    running.supervisors.append(
-                        asyncio.create_task(
-                            self._supervise(running, replica), name=f"{name}:{replica.port}"
-                        )
-                    )
+                self._supervise_all(running, name)
             alive = sum(r.adopted_pid is not None for r in replicas)
             log.info(
                 "adopted revision %s: %d of %d replica(s) still running", name, alive, len(replicas)
@@ -318,12 +313,7 @@ class LocalOrchestrator:
             revision = Revision(model, version, tuple(Endpoint(self.host, p) for p in ports))
             running = _Running(revision, [_Replica(p) for p in ports], path.open("ab"))
             self._revisions[name] = running
-            for replica in running.replicas:
-                running.supervisors.append(
-                    asyncio.create_task(
-                        self._supervise(running, replica), name=f"{name}:{replica.port}"
-                    )
-                )
+            self._supervise_all(running, name)
         try:
             await self._wait_serving(running)
         except BaseException:
@@ -377,12 +367,7 @@ class LocalOrchestrator:
                     _pool_revision(endpoints), [_Replica(p) for p in ports], path.open("ab")
                 )
                 self._pool = pool
-                for replica in pool.replicas:
-                    pool.supervisors.append(
-                        asyncio.create_task(
-                            self._supervise(pool, replica), name=f"{POOL_NAME}:{replica.port}"
-                        )
-                    )
+                self._supervise_all(pool, POOL_NAME)
         try:
             await self._wait_serving(pool)
         except BaseException:
@@ -498,6 +483,13 @@ class LocalOrchestrator:
         if self.store:
             cmd += ["--store", self.store]
         return cmd + self.extra_args
+
+    def _supervise_all(self, running: _Running, name: str) -> None:
+        """Start a supervisor task for each of `running`'s replicas."""
+        running.supervisors.extend(
+            asyncio.create_task(self._supervise(running, replica), name=f"{name}:{replica.port}")
+            for replica in running.replicas
+        )
 
     async def _supervise(self, running: _Running, replica: _Replica) -> None:
         """Run one replica; restart it whenever it exits: at once the first time (a crash of

@@ -575,15 +575,7 @@ def _retry_policy(settings: EnvoySettings) -> dict[str, Any]:
         "retry_on": "connect-failure,refused-stream,unavailable,reset",
         "num_retries": retries,
         "retry_back_off": back_off,
-        "retry_host_predicate": [
-            {
-                "name": "envoy.retry_host_predicates.previous_hosts",
-                "typed_config": {
-                    "@type": _T
-                    + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-                },
-            }
-        ],
+        "retry_host_predicate": _previous_hosts(),
         "host_selection_retry_max_attempts": 3,
         "retry_priority": {
             "name": "envoy.retry_priorities.previous_priorities",
@@ -789,6 +781,18 @@ def inference_routes(
     return routes
 
 
+def _previous_hosts() -> list[dict[str, Any]]:
+    """A retry's host predicate: try a host other than the ones that already failed it."""
+    return [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": _T + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ]
+
+
 def _store_action(settings: EnvoySettings, *, idempotent: bool) -> dict[str, Any]:
     """To the store cluster; with several stores, retried on a sibling: any call that never
     reached a store, and an idempotent one that a dying store dropped."""
@@ -801,15 +805,7 @@ def _store_action(settings: EnvoySettings, *, idempotent: bool) -> dict[str, Any
             "retry_on": retry_on,
             "num_retries": settings.num_retries,
             "retry_back_off": {"base_interval": "0.05s", "max_interval": "0.5s"},
-            "retry_host_predicate": [
-                {
-                    "name": "envoy.retry_host_predicates.previous_hosts",
-                    "typed_config": {
-                        "@type": _T
-                        + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-                    },
-                }
-            ],
+            "retry_host_predicate": _previous_hosts(),
             "host_selection_retry_max_attempts": 3,
         }
     return action
