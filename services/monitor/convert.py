@@ -4,14 +4,16 @@ and the dashboard. The only module of the monitor that knows both."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 from google.protobuf import json_format
 
 from cyclone.monitor.v1 import monitor_service_pb2 as pb
-from cyclone.plugin_api import Level, ReferenceProfile
+from cyclone.plugin_api import DriftResult, Level, MetricResult, ReferenceProfile
+from cyclone.specs import Status
 from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.wire import from_ts, ts
 from services.monitor.records import (
@@ -121,21 +123,83 @@ def alert_from_store(record: store_pb.AlertRecord) -> QueuedAlert:
 
 
 def status_from_health(health: store_pb.ModelHealth) -> ModelStatus:
-    """Another monitor's latest evaluation as the store keeps it: level, reasons, actions and
-    row counts (its metric values are in the store's history, not here)."""
+    """Another monitor's latest evaluation as the store keeps it (`evaluation_summary`): level,
+    reasons, actions, row counts, metric values, notes and the drift tests' flagged features."""
     from services.monitor.evaluate import Evaluation
 
     summary = json.loads(health.summary_json or "{}")
+    if not isinstance(summary, dict):
+        summary = {}
+    drift = _drift_from_summary(summary.get("drift"))
     evaluation = Evaluation(
         level=Level(health.level),
         reasons=tuple(str(r) for r in json.loads(health.reasons_json or "[]")),
         actions=tuple(str(a) for a in summary.get("actions", ())),
-        metrics={},
+        metrics=_metrics_from_summary(summary.get("metrics")),
+        drift=drift,
+        drifted=_drifted(drift),
+        notes=tuple(str(n) for n in summary.get("notes", ())),
         n_rows=int(summary.get("rows", 0)),
         n_labelled=int(summary.get("labelled_rows", 0)),
     )
     evaluated_at = from_ts(health, "evaluated_at") or datetime.now(UTC)
-    return ModelStatus(health.model, health.version, evaluation, 0, evaluated_at)
+    revision = summary.get("plan_revision", 0)
+    plan_revision = revision if isinstance(revision, int) else 0
+    return ModelStatus(health.model, health.version, evaluation, plan_revision, evaluated_at)
+
+
+_STATUSES: tuple[Status, ...] = get_args(Status)
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _metrics_from_summary(raw: Any) -> dict[str, MetricResult]:
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[str, MetricResult] = {}
+    for name, entry in raw.items():
+        if isinstance(entry, dict):
+            status = entry.get("status")
+            out[str(name)] = MetricResult(
+                _finite(entry.get("value")),
+                status if status in _STATUSES else "error",
+                str(entry.get("detail", "")),
+            )
+    return out
+
+
+def _drifted(drift: dict[str, dict[str, DriftResult]]) -> dict[str, tuple[str, ...]]:
+    """Flagged features per test and under "any", as `evaluate` gives them."""
+    if not drift:
+        return {}
+    flagged = {test: tuple(features) for test, features in drift.items()}
+    flagged["any"] = tuple(sorted({f for features in drift.values() for f in features}))
+    return flagged
+
+
+def _drift_from_summary(raw: Any) -> dict[str, dict[str, DriftResult]]:
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[str, dict[str, DriftResult]] = {}
+    for test, features in raw.items():
+        if not isinstance(features, dict):
+            continue
+        results = {}
+        for feature, values in features.items():
+            if isinstance(values, list) and len(values) == 4:
+                statistic, p_value, effect, threshold = (_finite(v) for v in values)
+                results[str(feature)] = DriftResult(
+                    statistic=statistic or 0.0,
+                    p_value=p_value,
+                    effect_size=effect or 0.0,
+                    drifted=True,
+                    threshold=threshold or 0.0,
+                )
+        if results:
+            out[str(test)] = results
+    return out
 
 
 # --- to the store ------------------------------------------------------------------------------
@@ -180,15 +244,45 @@ def evaluation_to_store(
         version=status.version,
         level=ev.level.value,
         reasons_json=reasons,
-        summary_json=json.dumps(
-            {"rows": ev.n_rows, "labelled_rows": ev.n_labelled, "actions": list(ev.actions)}
-        ),
+        summary_json=json.dumps(evaluation_summary(status)),
         points=[point_to_store(p) for p in points],
         alerts=[
             store_pb.AlertRecord(reasons_json=reasons, targets=[target_to_store(t)])
             for t in targets
         ],
     )
+
+
+def evaluation_summary(status: ModelStatus) -> dict[str, Any]:
+    """What the store keeps of an evaluation beside level and reasons, enough for another
+    monitor to show it (`status_from_health`). Drift only for the flagged features: every
+    monitor reads every model's summary every few seconds, so it stays small."""
+    ev = status.evaluation
+    drift = {
+        test: {
+            feature: [
+                _finite(d.statistic),
+                _finite(d.p_value),
+                _finite(d.effect_size),
+                _finite(d.threshold),
+            ]
+            for feature, d in per_feature.items()
+            if d.drifted
+        }
+        for test, per_feature in ev.drift.items()
+    }
+    return {
+        "rows": ev.n_rows,
+        "labelled_rows": ev.n_labelled,
+        "actions": list(ev.actions),
+        "plan_revision": status.plan_revision,
+        "notes": list(ev.notes),
+        "metrics": {
+            name: {"value": _finite(r.value), "status": r.status, "detail": r.detail}
+            for name, r in ev.metrics.items()
+        },
+        "drift": {test: features for test, features in drift.items() if features},
+    }
 
 
 # --- to the monitor's clients ----------------------------------------------------------------

@@ -212,6 +212,10 @@ async def test_two_monitors_evaluate_each_model_once(
         assert sorted(b.statuses) == MODELS
         assert all(s.evaluated_at >= a.statuses[s.model].evaluated_at for s in b.statuses.values())
         assert {s.level for s in b.statuses.values()} == {a.statuses[m].level for m in MODELS}
+        # ... with a's metric values, not only its levels (the dashboard shows them).
+        for model in MODELS:
+            assert b.statuses[model].evaluation.metrics == a.statuses[model].evaluation.metrics
+            assert b.statuses[model].evaluation.metrics, model
     finally:
         await a.stop()
         await b.stop()

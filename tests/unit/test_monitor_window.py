@@ -351,3 +351,63 @@ def test_backoff_doubles_then_caps() -> None:
     assert backoff_seconds(3, cap=5.0) == 5.0
     assert backoff_seconds(20, cap=10**9) == float(2**16)  # the exponent itself is capped
     assert all(isinstance(backoff_seconds(a), float) for a in (0, 1, 50))
+
+
+def test_another_monitors_evaluation_comes_back_from_the_store_summary() -> None:
+    """What one monitor records is what another shows for the model: metric values and
+    statuses, notes, plan revision and the flagged drift (not the unflagged features)."""
+    ev = evaluation()
+    status = status_from_evaluation("credit", "3", ev, 4, AT)
+    request = convert.evaluation_to_store(status, metric_points(status), [])
+    health = store_pb.ModelHealth(
+        model="credit",
+        version="3",
+        level=request.level,
+        reasons_json=request.reasons_json,
+        summary_json=request.summary_json,
+    )
+    health.evaluated_at.FromDatetime(AT)
+
+    back = convert.status_from_health(health)
+
+    assert (back.model, back.version, back.plan_revision, back.evaluated_at) == (
+        "credit",
+        "3",
+        4,
+        AT,
+    )
+    assert back.evaluation.metrics == ev.metrics
+    assert back.evaluation.notes == ev.notes
+    assert (back.evaluation.n_rows, back.evaluation.n_labelled) == (500, 200)
+    assert back.evaluation.drift == {
+        "ks": {"age": ev.drift["ks"]["age"]},
+        "psi": {"age": ev.drift["psi"]["age"]},
+    }
+    assert back.evaluation.drifted == ev.drifted
+
+
+def test_a_summary_from_an_older_monitor_or_with_odd_values_still_reads() -> None:
+    """Summaries written before metrics were kept, or with values of the wrong kind, give what
+    can be read and never fail the peer listing."""
+    health = store_pb.ModelHealth(
+        model="m",
+        version="1",
+        level="AMBER",
+        reasons_json='["x"]',
+        summary_json=json.dumps(
+            {
+                "rows": 10,
+                "metrics": {"acc": {"value": "high", "status": "weird"}, "bad": 3},
+                "drift": {"ks": {"f": [1, 2]}, "psi": "no"},
+                "plan_revision": "two",
+            }
+        ),
+    )
+    back = convert.status_from_health(health)
+    assert back.level is Level.AMBER and back.evaluation.n_rows == 10
+    assert back.evaluation.metrics == {"acc": MetricResult(None, "error", "")}
+    assert back.evaluation.drift == {} and back.plan_revision == 0
+    old = convert.status_from_health(
+        store_pb.ModelHealth(model="m", version="1", level="GREEN", summary_json='{"rows": 3}')
+    )
+    assert old.evaluation.metrics == {} and old.evaluation.n_rows == 3
