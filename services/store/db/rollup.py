@@ -36,7 +36,6 @@ SELECT lo, least(hi, %(to)s::timestamptz) FROM taken
 """
 
 
-
 def clear_rollup(where: str) -> str:
     """Delete the rollup rows matching ``where`` and take them out of the running totals
     (migration 0013) in the same statement, so totals always equal the rows' sum."""
