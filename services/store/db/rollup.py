@@ -6,6 +6,10 @@ those minutes from raw rows (predictions ⨝ labels), adds the label counts that
 left in ``rollup_label_delta`` and moves ``materialized_to`` forward, all in one
 transaction: readers see either the old or the new state, never a mix. A batch that commits
 after the refresh took the log leaves its range for the next refresh.
+
+Per-model running totals (``prediction_rollup_total``, migration 0013) are what status reads:
+every statement that deletes, inserts or relabels rollup rows (here and in retention) adjusts
+them in the same statement, so they always equal the sum of the model's rollup rows.
 """
 
 from __future__ import annotations
