@@ -35,10 +35,10 @@ def scratch_database() -> Iterator[str]:
                 conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def start_store_process(url: str) -> tuple[subprocess.Popen[bytes], str]:
-    """`cyclone serve store` on database `url`; the process and its address."""
+def start_store_process(url: str, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`cyclone serve store` on database `url` (more `flags` of its own); process, address."""
     port = free_port()
     command = [PYTHON, "-m", "cyclone_app", "serve", "store", "--port", str(port)]
-    command += ["--database-url", url, "--metrics-port", "-1"]
+    command += ["--database-url", url, "--metrics-port", "-1", *flags]
     store = start_process(command, port, timeout=60)
     return store, f"127.0.0.1:{port}"

@@ -1,17 +1,23 @@
 """The STORE section of `bench/scale.py`: how the store's costs grow with its tables.
 
 One scratch database, one `cyclone serve store` process (its own rollup refresh running, as
-in production). Predictions are laid out evenly over the last few days, oldest first, in daily
-partitions; the table grows through `LogPredictions` in stages (by default 1M -> 10M rows),
-a fifth of each stage labelled through `AddLabels`. At each size, after the store's rollup
+in production; retention off, so the oldest days stay). Predictions are laid out evenly over
+the last days (1.5 days per million rows of the largest size: the same rows per minute at every
+size), oldest first, in daily partitions. The table grows in stages (by default 1M -> 10M ->
+50M rows): the newest `--store-stretch` rows of each stage (2M) go through `LogPredictions`,
+which is the ingest measured; the older ones are seeded straight into the database with the
+store's binary COPY encoding (`copy_binary`), a transaction per slice that also copies the
+slice's labels and marks its span for the rollup, as the store's ingest does. A fifth of the
+rows is labelled (through `AddLabels` for the stretch). At each size, after the store's rollup
 caught up:
 
 - label join: `AddLabels` of 100 labels for ids drawn from the whole table (each looks its
   prediction up by id and time), p50/p99;
 - window read: `GetTrainingData` of the newest 10 minutes (~the same rows at every size),
   labelled and unlabelled, as the monitor reads it;
-- status: `GetStats` (all models, the rollup) and the raw count it replaced (same figures,
-  psycopg, the floor of "what it cost before");
+- status: `GetStats` (all models: the rollup's running totals), and on the database directly
+  (psycopg) the same query, the query before the totals (every rollup minute summed) and the
+  raw count before the rollup, all three checked to give the same figures in one snapshot;
 - dashboard: `ListPredictionStats` of the newest hour.
 
 Floors measured in the same run: binary COPY into a bare table (no index) for ingest; the
@@ -27,11 +33,15 @@ import asyncio
 import gzip
 import json
 import math
+import os
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from typing import NamedTuple
 
 import psycopg
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -41,10 +51,13 @@ from bench._common import Figures, percentile, stop_process
 from bench._store_process import scratch_database, start_store_process
 from cyclone.store.v1 import store_service_pb2 as pb
 from services.store.db import queries
+from services.store.db.copy_binary import encode_predictions
 from services.store.db.ingest import prepare_copy_cursor
 from services.store.db.partitions import ensure_partitions
 from services.store.db.queries import COPY_COLUMNS, COPY_TYPES
-from services.store.db.types import PredictionRecord, uuid7, uuid7_time
+from services.store.db.reads import STATS_SNAPSHOT, stats_params
+from services.store.db.rollup import mark_dirty
+from services.store.db.types import EPOCH, PredictionRecord, uuid7_time
 
 SERVICE = "/cyclone.store.v1.StoreService/"
 MODEL = "scale"
@@ -59,15 +72,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("store")
     group.add_argument(
         "--store-sizes",
-        default="1000000,10000000",
-        help="table sizes (rows) to measure at, ascending; the last is the total ingested"
-        " (1M and 10M: ~20 minutes on a shared 2-core machine)",
+        default="1000000,10000000,50000000",
+        help="table sizes (rows) to measure at, ascending; the last is the total stored"
+        " (~0.5 GB of disk per million rows)",
     )
     group.add_argument(
         "--store-days",
         type=float,
-        default=15.0,
-        help="days the rows span (15 at 10M rows: the monitor's 10-minute window holds 4,630)",
+        default=None,
+        help="days the rows span; default 1.5 per million rows of the largest size, so the"
+        " monitor's 10-minute window holds ~4,630 rows at every size",
+    )
+    group.add_argument(
+        "--store-stretch",
+        type=int,
+        default=2_000_000,
+        help="rows of each stage sent through LogPredictions (the ingest measured); older rows"
+        " of the stage are seeded by binary COPY straight into the database",
     )
     group.add_argument("--store-per-message", type=int, default=5000)
     group.add_argument("--store-samples", type=int, default=200, help="calls per latency figure")
@@ -88,6 +109,35 @@ class Layout:
     def at(self, i: int) -> datetime:
         return self.start + self.step * i
 
+    @cached_property
+    def _start_us(self) -> int:
+        return (self.start - EPOCH) // timedelta(microseconds=1)
+
+    @cached_property
+    def _step_us(self) -> int:
+        return self.step // timedelta(microseconds=1)
+
+    def pid(self, i: int) -> str:
+        """Row i's id: a UUIDv7 of its millisecond (that of `at(i)`) whose random bits are i:
+        unique, and recomputable, so no list of 50M ids is kept to sample labels from. Integer
+        arithmetic and one format: seeding 50M rows is bound by this Python."""
+        ms = (self._start_us + self._step_us * i) // 1000
+        h = f"{ms:012x}7{i >> 62 & 0xFFF:03x}{1 << 63 | i & ((1 << 62) - 1):016x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _version(i: int) -> str:
+    return "1" if i % 10 else "2"
+
+
+def _latency(i: int) -> float:
+    return 0.5 + (i % 97) / 10
+
+
+def _labelled(lo: int, hi: int) -> range:
+    """The rows of [lo, hi) that get a label: a fifth."""
+    return range(lo + (-lo % 5), hi, 5)
+
 
 def _payloads(n: int = 1000) -> list[tuple[bytes, bytes]]:
     rng = random.Random(0)
@@ -101,30 +151,56 @@ def _payloads(n: int = 1000) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def _messages(layout: Layout, lo: int, hi: int, per_message: int, ids: list[str]) -> list[bytes]:
-    """LogPredictions messages for rows [lo, hi); appends their ids to ``ids``."""
+def _messages(layout: Layout, lo: int, hi: int, per_message: int) -> list[bytes]:
+    """LogPredictions messages for rows [lo, hi)."""
     payloads = _payloads()
     out = []
     for first in range(lo, hi, per_message):
         request = pb.LogPredictionsRequest()
         add = request.records.add
         for i in range(first, min(hi, first + per_message)):
-            pid = str(uuid7(layout.at(i)))
-            ids.append(pid)
             inp, outp = payloads[i % len(payloads)]
             add(
-                prediction_id=pid,
+                prediction_id=layout.pid(i),
                 model=MODEL,
-                version="1" if i % 10 else "2",
+                version=_version(i),
                 input_json=inp,
                 output_json=outp,
-                latency_ms=0.5 + (i % 97) / 10,
+                latency_ms=_latency(i),
             )
         out.append(request.SerializeToString())
     return out
 
 
+class _SeedRecord(NamedTuple):
+    """What `copy_binary.encode_predictions` reads of a record (as the wire's)."""
+
+    prediction_id: str
+    model: str
+    version: str
+    input_json: bytes
+    output_json: bytes
+    latency_ms: float
+    trace_id: str
+
+
+def _seed_slice(layout: Layout, lo: int, hi: int) -> tuple[bytes, bytes, datetime, datetime]:
+    """Rows [lo, hi) as the store's binary COPY payload, their labels as COPY text, their span."""
+    payloads = _payloads()
+    n = len(payloads)
+    records = (
+        _SeedRecord(layout.pid(i), MODEL, _version(i), *payloads[i % n], _latency(i), "")
+        for i in range(lo, hi)
+    )
+    payload = encode_predictions(records)
+    labels = "".join(
+        f"{layout.pid(i)}\t{k % 5000}\t{MODEL}\n" for k, i in enumerate(_labelled(lo, hi))
+    ).encode()
+    return payload.data, labels, uuid7_time(layout.pid(lo)), uuid7_time(layout.pid(hi - 1))
+
+
 def _label_messages(ids: list[str], per_message: int) -> list[bytes]:
+    """AddLabels messages, numbered as the seeded labels are (the k-th of a slice: k)."""
     out = []
     for first in range(0, len(ids), per_message):
         request = pb.AddLabelsRequest(model=MODEL)
@@ -158,7 +234,7 @@ async def _bare_copy_rate(url: str, layout: Layout, n: int) -> float:
     payloads = _payloads()
     rows = []
     for i in range(n):
-        pid = uuid7(layout.at(i))
+        pid = uuid.UUID(layout.pid(i))
         inp, out = payloads[i % len(payloads)]
         rows.append(PredictionRecord(pid, uuid7_time(pid), MODEL, "1", inp, out, 1.0, None))
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
@@ -202,17 +278,6 @@ async def _wait_for_rollup(url: str, timeout: float = 600.0) -> float:
     raise RuntimeError("the store's rollup did not catch up")
 
 
-async def _raw_stats_ms(url: str, samples: int) -> list[float]:
-    """The raw-row GetStats query (what status cost before the rollup), in ms."""
-    out = []
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        for _ in range(samples):
-            t0 = time.perf_counter()
-            await (await conn.execute(queries.STATS_RAW, {"model": None})).fetchall()
-            out.append((time.perf_counter() - t0) * 1000)
-    return out
-
-
 async def _disk(url: str) -> dict[str, int]:
     rows = await _sql(
         url,
@@ -239,6 +304,83 @@ async def _archived_bytes(url: str, limit: int) -> tuple[int, int]:
             async for data in copy:
                 chunks.append(bytes(data))
     return limit, len(level6(b"".join(chunks), compresslevel=6))
+
+
+_SEED_SLICE = 250_000
+
+
+async def _seed(url: str, layout: Layout, lo: int, hi: int) -> float:
+    """Rows [lo, hi) and a fifth of their labels straight into the database; rows/s.
+
+    Each slice is one transaction, like a store ingest batch: binary COPY of the rows, COPY of
+    their labels, and the slice's span marked for the rollup (the store's refresh, running
+    alongside, aggregates it). The next slice is encoded in a thread while this one is copied.
+    """
+    sql = f"COPY predictions ({COPY_COLUMNS}) FROM STDIN (FORMAT BINARY)".encode()
+    t0 = time.perf_counter()
+    bounds = [(a, min(hi, a + _SEED_SLICE)) for a in range(lo, hi, _SEED_SLICE)]
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        pending = asyncio.ensure_future(asyncio.to_thread(_seed_slice, layout, *bounds[0]))
+        for k in range(len(bounds)):
+            payload, labels, first, last = await pending
+            if k + 1 < len(bounds):
+                pending = asyncio.ensure_future(
+                    asyncio.to_thread(_seed_slice, layout, *bounds[k + 1])
+                )
+            async with conn.transaction(), conn.cursor() as cur:
+                async with cur.copy(sql) as copy:
+                    await copy.write(payload)
+                async with cur.copy(b"COPY labels (prediction_id, label, model) FROM STDIN") as c:
+                    await c.write(labels)
+                await mark_dirty(conn, first, last)
+    return (hi - lo) / (time.perf_counter() - t0)
+
+
+async def _status_on_database(
+    url: str, samples: int, *, raw: bool
+) -> tuple[list[float], list[float], list[float]]:
+    """ms per call on the database directly: status (the running totals) and the status query
+    before them (every rollup minute summed), each with its watermark read in the same
+    snapshot as GetStats does; then, if ``raw``, one raw count. Checks all agree."""
+
+    async def once(query: str) -> tuple[float, list[tuple[object, ...]]]:
+        t0 = time.perf_counter()
+        async with conn.transaction():
+            await conn.execute(STATS_SNAPSHOT)
+            row = await (await conn.execute(queries.MATERIALIZED_TO)).fetchone()
+            assert row is not None
+            params = stats_params(None, row[0], row[2])
+            rows = list(await (await conn.execute(query, params)).fetchall())
+        return (time.perf_counter() - t0) * 1000, rows
+
+    totals_ms: list[float] = []
+    scan_ms: list[float] = []
+    raw_ms: list[float] = []
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute("SET jit = off")  # as the store's connections
+        for query, out in ((queries.STATS, totals_ms), (queries.STATS_ROLLUP_SCAN, scan_ms)):
+            await once(query)  # warm
+            for _ in range(samples):
+                out.append((await once(query))[0])
+        # The three answers from one snapshot: nothing may differ.
+        async with conn.transaction():
+            await conn.execute(STATS_SNAPSHOT)
+            row = await (await conn.execute(queries.MATERIALIZED_TO)).fetchone()
+            assert row is not None
+            params = stats_params(None, row[0], row[2])
+            answers = [
+                list(await (await conn.execute(queries.STATS, params)).fetchall()),
+                list(await (await conn.execute(queries.STATS_ROLLUP_SCAN, params)).fetchall()),
+            ]
+            if raw:
+                t0 = time.perf_counter()
+                answers.append(
+                    list(await (await conn.execute(queries.STATS_RAW, params)).fetchall())
+                )
+                raw_ms.append((time.perf_counter() - t0) * 1000)
+        if any(a != answers[0] for a in answers):
+            raise AssertionError(f"status paths disagree: {answers}")
+    return totals_ms, scan_ms, raw_ms
 
 
 # --- through the store ------------------------------------------------------------------------
@@ -305,18 +447,23 @@ class Stage:
     raw_status_ms: list[float]
     dashboard_ms: list[float]
     floor_ms: list[float]
+    db_status_ms: list[float]
+    db_scan_status_ms: list[float]
+    seeded_rows: int = 0
+    seed_rate: float = float("nan")
+    load: tuple[float, float] = (float("nan"), float("nan"))
 
 
 async def _measure(
-    channel: aio.Channel, url: str, layout: Layout, ids: list[str], size: int, samples: int
+    channel: aio.Channel, url: str, layout: Layout, size: int, samples: int
 ) -> tuple[list[float], ...]:
     rng = random.Random(size)
     newest = layout.at(size - 1)
 
     async def label() -> object:
         request = pb.AddLabelsRequest(model=MODEL)
-        for pid in rng.sample(ids, 100):
-            request.labels.add(prediction_id=pid, number=1.0)
+        for i in rng.sample(range(size), 100):
+            request.labels.add(prediction_id=layout.pid(i), number=1.0)
         return await _unary(channel, "AddLabels", request.SerializeToString(), pb.AddLabelsResponse)
 
     window_rows = 0
@@ -357,8 +504,27 @@ async def _measure(
     floor_ms = await _latencies(
         lambda: _unary(channel, "GetHealth", health_request, pb.GetHealthResponse), samples
     )
-    raw_ms = await _raw_stats_ms(url, max(3, samples // 50))
-    return label_ms, window_ms, status_ms, dashboard_ms, floor_ms, raw_ms, [float(window_rows)]
+    # The raw count is a full scan (~10 s at 10M rows): a few samples, one above 10M.
+    raw_samples = max(3, samples // 50) if size <= 10_000_000 else 1
+    db_ms: list[float] = []
+    scan_ms: list[float] = []
+    raw_ms: list[float] = []
+    for k in range(raw_samples):
+        t, s, r = await _status_on_database(url, samples if k == 0 else 0, raw=True)
+        db_ms += t
+        scan_ms += s
+        raw_ms += r
+    return (
+        label_ms,
+        window_ms,
+        status_ms,
+        dashboard_ms,
+        floor_ms,
+        raw_ms,
+        [float(window_rows)],
+        db_ms,
+        scan_ms,
+    )
 
 
 def _growth_per_10x(small: float, large: float, rows_small: int, rows_large: int) -> float:
@@ -366,34 +532,48 @@ def _growth_per_10x(small: float, large: float, rows_small: int, rows_large: int
     return (large / small) ** (1 / decades) if decades > 0 else float("nan")
 
 
+def _p(values: list[float]) -> str:
+    return f"{percentile(values, 0.5):.1f}/{percentile(values, 0.99):.1f}"
+
+
 async def _run(args: argparse.Namespace, figures: Figures, url: str, address: str) -> None:
     sizes = [int(s) for s in str(args.store_sizes).split(",")]
     total = sizes[-1]
     end = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
-    span = timedelta(days=args.store_days)
+    days = args.store_days if args.store_days is not None else 1.5 * total / 1e6
+    span = timedelta(days=days)
     layout = Layout(end - span, span / total, total)
     await _partitions_for(url, layout)
     # The ingest floor is measured before every stage (the machine's load moves); the best is
     # kept, so the ratio is against the fastest the machine showed in this run.
     floor_rates: list[float] = []
-    ids: list[str] = []
     stages: list[Stage] = []
+    logged_rows, logged_total_s = 0, 0.0
     async with aio.insecure_channel(address, options=OPTIONS) as channel:
         await _register(channel)
         done = 0
         for size in sizes:
+            t_stage = time.perf_counter()
             floor_rates.append(await _bare_copy_rate(url, layout, min(100_000, total)))
             print(f"floor: binary COPY into a bare table {floor_rates[-1]:,.0f} rows/s", flush=True)
+            stretch_from = max(done, size - args.store_stretch)
+            seed_rate = float("nan")
+            if stretch_from > done:
+                seed_rate = await _seed(url, layout, done, stretch_from)
+                print(
+                    f"  seeded rows {done:,}-{stretch_from:,} by binary COPY at {seed_rate:,.0f}"
+                    f" rows/s (load average {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
             logged_seconds = 0.0
             label_seconds = 0.0
             labelled = 0
             # Build and send in slices, so memory stays bounded and building is not timed.
-            for lo in range(done, size, 200_000):
+            for lo in range(stretch_from, size, 200_000):
                 hi = min(size, lo + 200_000)
-                first_new = len(ids)
-                messages = _messages(layout, lo, hi, args.store_per_message, ids)
+                messages = _messages(layout, lo, hi, args.store_per_message)
                 logged_seconds += await _log(channel, messages, hi - lo)
-                to_label = ids[first_new::5]
+                to_label = [layout.pid(i) for i in _labelled(lo, hi)]
                 label_msgs = _label_messages(to_label, args.store_per_message)
                 t0 = time.perf_counter()
                 for m in label_msgs:
@@ -401,18 +581,33 @@ async def _run(args: argparse.Namespace, figures: Figures, url: str, address: st
                 label_seconds += time.perf_counter() - t0
                 if args.store_verbose:
                     print(
-                        f"  rows {lo:,}-{hi:,}: labels {len(to_label) / (time.perf_counter() - t0):,.0f}/s",
+                        f"  rows {lo:,}-{hi:,}: labels"
+                        f" {len(to_label) / (time.perf_counter() - t0):,.0f}/s",
                         flush=True,
                     )
                 labelled += len(to_label)
-            rate = (size - done) / logged_seconds
+            rate = (size - stretch_from) / logged_seconds
+            logged_rows += size - stretch_from
+            logged_total_s += logged_seconds
             label_rate = labelled / label_seconds if label_seconds else float("nan")
+            seeded = stretch_from - done
             done = size
+            t0 = time.perf_counter()
             await _sql(url, "VACUUM ANALYZE predictions", "VACUUM ANALYZE labels")
+            vacuum_s = time.perf_counter() - t0
             catch_up = await _wait_for_rollup(url)
-            label_ms, window_ms, status_ms, dashboard_ms, floor_ms, raw_ms, wrows = await _measure(
-                channel, url, layout, ids, size, args.store_samples
-            )
+            load_before = os.getloadavg()[0]
+            (
+                label_ms,
+                window_ms,
+                status_ms,
+                dashboard_ms,
+                floor_ms,
+                raw_ms,
+                wrows,
+                db_ms,
+                scan_ms,
+            ) = await _measure(channel, url, layout, size, args.store_samples)
             await _wait_for_rollup(url)
             stage = Stage(
                 size,
@@ -426,15 +621,23 @@ async def _run(args: argparse.Namespace, figures: Figures, url: str, address: st
                 raw_ms,
                 dashboard_ms,
                 floor_ms,
+                db_ms,
+                scan_ms,
+                seeded,
+                seed_rate,
+                (load_before, os.getloadavg()[0]),
             )
             stages.append(stage)
             print(
-                f"{size:>11,} rows: ingest {rate:,.0f} rows/s, labels {label_rate:,.0f}/s,"
-                f" rollup caught up in {catch_up:.1f} s; p99 ms: AddLabels(100) "
-                f"{percentile(label_ms, 0.99):.1f}, window ({stage.window_rows} rows) "
-                f"{percentile(window_ms, 0.99):.1f}, GetStats {percentile(status_ms, 0.99):.1f}"
-                f" (raw count {percentile(raw_ms, 0.99):.0f}), ListPredictionStats 1h "
-                f"{percentile(dashboard_ms, 0.99):.1f}, GetHealth {percentile(floor_ms, 0.99):.1f}",
+                f"{size:>11,} rows ({seeded:,} seeded): ingest {rate:,.0f} rows/s through"
+                f" LogPredictions, labels {label_rate:,.0f}/s, VACUUM ANALYZE {vacuum_s:.0f} s,"
+                f" rollup caught up in {catch_up:.1f} s, stage {time.perf_counter() - t_stage:.0f}"
+                f" s, load average {stage.load[0]:.1f} -> {stage.load[1]:.1f}\n"
+                f"    p50/p99 ms: AddLabels(100) {_p(label_ms)}, window ({stage.window_rows}"
+                f" rows) {_p(window_ms)}, GetStats {_p(status_ms)}, ListPredictionStats 1h"
+                f" {_p(dashboard_ms)}, GetHealth {_p(floor_ms)}\n"
+                f"    on the database: status (totals) {_p(db_ms)}, status before the totals"
+                f" (rollup summed) {_p(scan_ms)}, raw count {_p(raw_ms)} (same figures)",
                 flush=True,
             )
         disk = await _disk(url)
@@ -442,19 +645,30 @@ async def _run(args: argparse.Namespace, figures: Figures, url: str, address: st
 
     floor_rate = max(floor_rates)
     first, last = stages[0], stages[-1]
-    sustained = total / sum(s.rows / s.ingest_rate for s in _increments(stages))
+    sustained = logged_rows / logged_total_s
     figures.add("store_ingest_sustained", sustained, "rows/s", floor_rate, True)
     figures.add("store_ingest_at_largest", last.ingest_rate, "rows/s", floor_rate, True)
-    for name, pick in (
+    picks: list[tuple[str, Callable[[Stage], list[float]]]] = [
         ("label_join_p99", lambda s: s.label_ms),
         ("window_read_p99", lambda s: s.window_ms),
         ("status_p99", lambda s: s.status_ms),
         ("dashboard_p99", lambda s: s.dashboard_ms),
-    ):
+        ("status_on_database_p99", lambda s: s.db_status_ms),
+        ("status_before_totals_on_database_p99", lambda s: s.db_scan_status_ms),
+    ]
+    for name, pick in picks:
         small, large = percentile(pick(first), 0.99), percentile(pick(last), 0.99)
         growth = _growth_per_10x(small, large, first.rows, last.rows)
         # Value: the growth per 10x rows; floor 1.0 (flat). Ratio < 1 means it grew.
         figures.add(f"store_{name}_growth_per_10x", growth, "x", 1.0, False)
+        for stage in stages[:-1]:
+            figures.add(
+                f"store_{name}_at_{stage.rows}",
+                percentile(pick(stage), 0.99),
+                "ms",
+                percentile(stage.floor_ms, 0.99),
+                False,
+            )
         figures.add(
             f"store_{name}_at_{last.rows}",
             large,
@@ -462,6 +676,13 @@ async def _run(args: argparse.Namespace, figures: Figures, url: str, address: st
             percentile(last.floor_ms, 0.99),
             False,
         )
+    figures.add(
+        f"store_status_totals_vs_rollup_sum_at_{last.rows}",
+        percentile(last.db_status_ms, 0.99),
+        "ms",
+        percentile(last.db_scan_status_ms, 0.99),
+        False,
+    )
     figures.add(
         f"store_status_rollup_vs_raw_at_{last.rows}",
         percentile(last.status_ms, 0.99),
@@ -483,21 +704,10 @@ async def _run(args: argparse.Namespace, figures: Figures, url: str, address: st
     figures.add("store_archive_mb_per_million_rows", archive, "MB", table, False)
 
 
-def _increments(stages: list[Stage]) -> list[Stage]:
-    """Each stage with `rows` = the rows it added (for the sustained rate)."""
-    out, before = [], 0
-    for s in stages:
-        out.append(Stage(s.rows - before, *[getattr(s, f) for f in _FIELDS[1:]]))
-        before = s.rows
-    return out
-
-
-_FIELDS = list(Stage.__dataclass_fields__)
-
-
 def run(args: argparse.Namespace, figures: Figures) -> None:
     with scratch_database() as url:
-        store, address = start_store_process(url)
+        # Retention off: the layout reaches further back than the 30 days kept by default.
+        store, address = start_store_process(url, "--retention-days", "0")
         try:
             asyncio.run(_run(args, figures, url, address))
         finally:

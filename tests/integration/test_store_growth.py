@@ -9,13 +9,14 @@ import json
 import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from cyclone.settings import SettingsError, load_settings
 from services.store.db import PredictionRecord, StoreDB, queries, uuid7, uuid7_time
 from services.store.db.partitions import ensure_partitions
-from services.store.db.reads import stats_params
+from services.store.db.reads import STATS_SNAPSHOT, stats_params
 from services.store.domain import Store
 from services.store.main import StoreSettings
 
@@ -351,3 +352,161 @@ async def test_store_connections_run_without_jit(db: StoreDB) -> None:
     async with db.pool.connection() as c:
         row = await (await c.execute("SHOW jit")).fetchone()
     assert row == ("off",)
+
+
+# --- status reads running totals (0013), not every stored minute -------------------------------
+
+
+async def _scan_figures(db: StoreDB, model: str | None = None) -> list[object]:
+    """_figures through the status query before 0013: every rollup minute summed."""
+    async with db.pool.connection() as c, c.transaction():
+        await c.execute(STATS_SNAPSHOT)
+        row = await (await c.execute(queries.MATERIALIZED_TO)).fetchone()
+        assert row is not None
+        params = stats_params(model, row[0], row[2])
+        rows = await (await c.execute(queries.STATS_ROLLUP_SCAN, params)).fetchall()
+    return [(m, n, lab, lab / n if n else 0.0, last) for m, n, lab, last in rows]
+
+
+async def _totals_are_the_rollup_s_sums(db: StoreDB) -> None:
+    async with db.pool.connection() as c:
+        cur = await c.execute(
+            "SELECT model, predictions, labels, last_at FROM prediction_rollup_total ORDER BY 1"
+        )
+        totals = await cur.fetchall()
+        cur = await c.execute(
+            "SELECT model, sum(predictions), sum(labels), max(last_at) FROM prediction_rollup_1m"
+            " GROUP BY 1 ORDER BY 1"
+        )
+        assert totals == await cur.fetchall()
+
+
+async def _assert_three_paths_agree(db: StoreDB, models: tuple[str, ...]) -> list[object]:
+    """Totals, the old rollup scan and raw rows give the same figures, for all and per model."""
+    await _totals_are_the_rollup_s_sums(db)
+    figures = await _figures(db)
+    assert figures == await _scan_figures(db) == await _figures(db, raw=True)
+    for model in models:
+        one = await _figures(db, model)
+        assert one == await _scan_figures(db, model) == await _figures(db, model, raw=True)
+    return figures
+
+
+async def test_status_totals_answer_as_summing_the_rollup_and_raw_rows(db: StoreDB) -> None:
+    """Same figures from the totals, the old full sum of the rollup and raw rows, through late
+    labels, late rows into refreshed minutes, rows after a refresh and retention dropping days
+    (retain_for is 3 days here), including a model whose every row is dropped."""
+    rng = random.Random(22)
+    now = datetime.now(UTC).replace(microsecond=0)
+    async with db.pool.connection() as c:
+        await ensure_partitions(c, 8, today=(now - timedelta(days=6)).date())
+
+    def batch(n: int, days_ago: float, model: str | None = None) -> list[PredictionRecord]:
+        return [
+            rec(
+                now - timedelta(days=days_ago, seconds=rng.uniform(0, 3600)),
+                model=model or rng.choice(("a", "b")),
+                version=rng.choice("12"),
+                latency=round(rng.uniform(0.5, 9.0), 2),
+            )
+            for _ in range(n)
+        ]
+
+    old = batch(60, 5) + batch(20, 5, model="gone")  # past retention
+    kept = batch(80, 2) + batch(80, 0.1)
+    await db.copy_predictions(old + kept)
+    await db.add_labels([(r.prediction_id, "1") for r in (old + kept)[::4]])
+    assert (await db.refresh_rollup()).minutes > 0
+    models = ("a", "b", "gone")
+    first = await _assert_three_paths_agree(db, models)
+    assert [f[0] for f in first] == ["a", "b", "gone"]  # type: ignore[index]
+
+    # Labels arriving late for refreshed minutes: read as deltas, then folded.
+    await db.add_labels([(r.prediction_id, "2") for r in (old + kept)[1::4]])
+    await _assert_three_paths_agree(db, models)
+    # Late rows into refreshed minutes (pending until the next refresh) and rows after it.
+    await db.copy_predictions(batch(15, 2) + batch(10, 0.1))
+    await db.copy_predictions(
+        [rec(datetime.now(UTC) - timedelta(seconds=2), model="a") for _ in range(5)]
+    )
+    assert await _count(db, "SELECT count(*) FROM rollup_pending_minutes()") > 0
+    await _assert_three_paths_agree(db, models)
+    refreshed = await db.refresh_rollup()
+    assert refreshed.minutes > 0 and refreshed.relabelled > 0
+    await _assert_three_paths_agree(db, models)
+
+    # Retention drops the 5-day-old partition: its minutes leave the totals, "gone" entirely.
+    result = await db.apply_retention()
+    assert f"predictions_p{old[0].created_at:%Y%m%d}" in result.dropped_partitions
+    after = await _assert_three_paths_agree(db, models)
+    assert [f[0] for f in after] == ["a", "b"]  # type: ignore[index]
+    assert (
+        await _count(db, "SELECT count(*) FROM prediction_rollup_total WHERE model = 'gone'") == 0
+    )
+    before_by_model = {f[0]: f[1] for f in first}  # type: ignore[index]
+    after_by_model = {f[0]: f[1] for f in after}  # type: ignore[index]
+    assert after_by_model["a"] < before_by_model["a"] + 30  # the old day's rows are gone
+
+    # A refresh after retention (a pending range reaching into the dropped day) keeps agreeing.
+    await db.copy_predictions(batch(5, 2))
+    await db.refresh_rollup()
+    await _assert_three_paths_agree(db, models)
+
+
+async def test_status_reads_no_rollup_minute_when_none_is_stale(db: StoreDB) -> None:
+    """Its cost does not grow with the minutes stored: no rollup row is read unless stale."""
+    t0 = datetime.now(UTC) - timedelta(hours=20)
+    await db.copy_predictions([rec(t0 + timedelta(minutes=i)) for i in range(600)])
+    await db.refresh_rollup()
+    assert await _count(db, "SELECT count(*) FROM prediction_rollup_1m") == 600
+
+    async def rollup_rows_read() -> int:
+        async with db.pool.connection() as c:
+            row = await (await c.execute(queries.MATERIALIZED_TO)).fetchone()
+            assert row is not None
+            sql = "EXPLAIN (ANALYZE, FORMAT JSON) " + queries.STATS
+            cur = await c.execute(sql.encode(), stats_params(None, row[0], row[2]))
+            plan = (await cur.fetchone())[0]  # type: ignore[index]
+
+        def walk(node: dict[str, Any]) -> int:
+            own = node["Actual Rows"] if node.get("Relation Name") == "prediction_rollup_1m" else 0
+            return own + sum(walk(child) for child in node.get("Plans", []))
+
+        return int(walk(plan[0]["Plan"]))
+
+    assert await rollup_rows_read() == 0
+    # A late row makes its minute stale: that one minute's rollup row is read (and subtracted).
+    await db.copy_predictions([rec(t0 + timedelta(minutes=7, seconds=30))])
+    assert await rollup_rows_read() == 1
+    [stats] = await db.stats("m")
+    assert stats.predictions == 601
+
+
+async def test_status_sees_watermark_and_totals_in_one_snapshot(db: StoreDB) -> None:
+    """A refresh committing between reading the watermark and the totals must not count the
+    minutes it materialized twice (once in the totals, once as raw rows after the watermark)."""
+    t0 = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=30)
+    await db.copy_predictions([rec(t0 + timedelta(seconds=10 * i)) for i in range(60)])
+    await db.refresh_rollup(now=t0 + timedelta(minutes=11))
+
+    async def status_with_refresh_in_between(snapshot: bool, refresh_at: datetime) -> int:
+        async with db.pool.connection() as c, c.transaction():
+            if snapshot:
+                await c.execute(STATS_SNAPSHOT)
+            row = await (await c.execute(queries.MATERIALIZED_TO)).fetchone()
+            assert row is not None
+            # The injected race: another connection materializes the newer rows now.
+            assert (await db.refresh_rollup(now=refresh_at)).minutes > 0
+            params = stats_params(None, row[0], row[2])
+            rows = await (await c.execute(queries.STATS, params)).fetchall()
+        return int(rows[0][1])
+
+    # Positive control: without one snapshot the race shows: 140 where raw rows say 100 (the
+    # 40 rows the refresh materialized counted in the totals and again after the watermark).
+    await db.copy_predictions([rec(t0 + timedelta(minutes=12, seconds=i)) for i in range(40)])
+    assert await status_with_refresh_in_between(False, t0 + timedelta(minutes=14)) == 140
+    await db.copy_predictions([rec(t0 + timedelta(minutes=15, seconds=i)) for i in range(40)])
+    assert await status_with_refresh_in_between(True, t0 + timedelta(minutes=17)) == 140  # right
+    assert (
+        [f[1] for f in await _figures(db)] == [140] == [f[1] for f in await _figures(db, raw=True)]
+    )  # type: ignore[index]

@@ -152,6 +152,11 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
         _step("take_dirty", rollup.TAKE_DIRTY, {"to": (old + timedelta(hours=1)).isoformat()}),
         _step("clear_rollup", rollup.CLEAR, window),
         _step("recompute_rollup", rollup.RECOMPUTE, window),
+        _step("rollup_minutes", "SELECT count(*)::int AS n FROM prediction_rollup_1m"),
+        _step(
+            "totals",
+            "SELECT model, predictions::int, labels::int FROM prediction_rollup_total",
+        ),
         _step(
             "advance_rollup",
             "UPDATE rollup_state SET materialized_to = %(to)s",
@@ -170,10 +175,20 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
             queries.STATS,
             stats_params(None, window["hi"], []),
         ),
+        _step(
+            "delta_stats_scan",
+            queries.STATS_ROLLUP_SCAN,
+            stats_params(None, window["hi"], []),
+        ),
         _step("fold_labels", rollup.FOLD_LABELS, {"to": window["hi"]}),
         _step(
             "relabelled_stats",
             queries.STATS,
+            stats_params(None, window["hi"], []),
+        ),
+        _step(
+            "relabelled_stats_scan",
+            queries.STATS_ROLLUP_SCAN,
             stats_params(None, window["hi"], []),
         ),
         _step("raw_stats", queries.STATS_RAW, {"model": None}),
@@ -250,12 +265,17 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
     assert rows("compressed") == [{"n": 1}]
     assert rows("labels1") == [{"stored": 4, "unmatched": [orphan]}]
     assert rows("labels2") == [{"stored": 1, "unmatched": []}]
-    assert out["recompute_rollup"]["affectedRows"] == 2  # two minutes of model m, version 1
+    # Two minutes of model m, version 1 recomputed, folded into one running total (0013).
+    assert rows("rollup_minutes") == [{"n": 2}]
+    assert rows("totals") == [{"model": "m", "predictions": 6, "labels": 3}]
     assert rows("pending") == [{"n": 0}]
     assert [r["labels"] for r in rows("delta_stats")] == [4]
-    assert out["fold_labels"]["affectedRows"] == 1
+    assert rows("fold_labels") == [{"count": 1}]
     assert [r["labels"] for r in rows("relabelled_stats")] == [4]
     assert rows("relabelled_stats") == rows("raw_stats")
+    # The running totals answer as summing every rollup minute did (the query before 0013).
+    assert rows("delta_stats") == rows("delta_stats_scan")
+    assert rows("relabelled_stats") == rows("relabelled_stats_scan")
     assert [(r["predictions"], r["labels"]) for r in rows("rollup_stats")] == [(6, 3)]
     assert out["update_compressed"]["affectedRows"] == 1
     assert rows("get")[0]["label"] == 7  # replaced, last write wins

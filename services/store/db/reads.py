@@ -49,6 +49,10 @@ def decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
         raise ValueError("invalid page token") from exc
 
 
+# REPEATABLE READ takes the snapshot at the transaction's first query and keeps it.
+STATS_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+
 def stats_params(
     model: str | None, materialized_to: datetime, pending: list[datetime]
 ) -> dict[str, object]:
@@ -236,10 +240,14 @@ class ReadsMixin(StoreBase):
     async def stats(self, model: str | None = None, *, raw: bool = False) -> list[ModelStats]:
         """Per model: predictions, labelled predictions, label coverage, ingest lag.
 
-        Read from the per-minute rollup (plus the minutes after it); ``raw`` counts every row
-        instead (the reference the rollup is checked against).
+        Read from the rollup's running totals (plus the minutes after them and the stale ones);
+        ``raw`` counts every row instead (the reference the rollup is checked against).
         """
-        async with self.pool.connection() as conn:
+        async with self.pool.connection() as conn, conn.transaction():
+            # One snapshot for the watermark and the totals: a refresh committing in between
+            # would add minutes to the totals that the raw part, reading after the old
+            # watermark, counts again.
+            await conn.execute(STATS_SNAPSHOT)
             cur = await conn.execute(queries.MATERIALIZED_TO)
             now_row = await cur.fetchone()
             assert now_row is not None

@@ -3,7 +3,8 @@
 Plain PostgreSQL drops whole daily partitions (no DELETE, no bloat); TimescaleDB drops chunks
 through its retention policy (timescale.py). Either way the store then deletes what belongs to
 the dropped days in its own tables: labels (by id: a UUIDv7 orders by its millisecond, so the
-primary key is a time index), rollup minutes and their pending ranges.
+primary key is a time index), rollup minutes (and their share of the running totals) and
+their pending ranges.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from psycopg import sql
 
 from ._base import StoreBase
 from .partitions import PARTITIONED_TABLES, drop_partitions_before
-from .rollup import first_uuid7
+from .rollup import DROP_EMPTY_TOTALS, clear_rollup, first_uuid7
+
+# The dropped days' rollup minutes leave the running totals in the same statement.
+_CLEAR_PAST = clear_rollup("bucket < %(cutoff)s")
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,8 @@ class RetentionMixin(StoreBase):
                 "DELETE FROM labels WHERE prediction_id < %s", (first_uuid7(cutoff),)
             )
             deleted = cur.rowcount
-            await conn.execute("DELETE FROM prediction_rollup_1m WHERE bucket < %s", (cutoff,))
+            await conn.execute(_CLEAR_PAST, {"cutoff": cutoff})
+            await conn.execute(DROP_EMPTY_TOTALS)
             await conn.execute("DELETE FROM rollup_dirty WHERE hi <= %s", (cutoff,))
             await conn.execute("DELETE FROM rollup_label_delta WHERE bucket < %s", (cutoff,))
         if dropped or deleted:

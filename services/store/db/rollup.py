@@ -6,6 +6,10 @@ those minutes from raw rows (predictions ⨝ labels), adds the label counts that
 left in ``rollup_label_delta`` and moves ``materialized_to`` forward, all in one
 transaction: readers see either the old or the new state, never a mix. A batch that commits
 after the refresh took the log leaves its range for the next refresh.
+
+Per-model running totals (``prediction_rollup_total``, migration 0013) are what status reads:
+every statement that deletes, inserts or relabels rollup rows (here and in retention) adjusts
+them in the same statement, so they always equal the sum of the model's rollup rows.
 """
 
 from __future__ import annotations
@@ -35,14 +39,35 @@ WITH taken AS (DELETE FROM rollup_dirty WHERE lo < %(to)s::timestamptz RETURNING
 SELECT lo, least(hi, %(to)s::timestamptz) FROM taken
 """
 
-CLEAR = "DELETE FROM prediction_rollup_1m WHERE bucket >= %(lo)s AND bucket < %(hi)s"
+
+def clear_rollup(where: str) -> str:
+    """Delete the rollup rows matching ``where`` and take them out of the running totals
+    (migration 0013) in the same statement, so totals always equal the rows' sum."""
+    return f"""
+WITH gone AS (
+    DELETE FROM prediction_rollup_1m WHERE {where} RETURNING model, predictions, labels
+), per_model AS (
+    SELECT model, sum(predictions) AS predictions, sum(labels) AS labels FROM gone GROUP BY model
+)
+UPDATE prediction_rollup_total t
+SET predictions = t.predictions - g.predictions, labels = t.labels - g.labels
+FROM per_model g
+WHERE t.model = g.model
+"""
+
+
+CLEAR = clear_rollup("bucket >= %(lo)s AND bucket < %(hi)s")
+
+# A model none of whose minutes is left (retention) has no total either, as raw counting says.
+DROP_EMPTY_TOTALS = "DELETE FROM prediction_rollup_total WHERE predictions = 0"
 
 # Same definitions as prediction_stats_1m_raw (0009), plus labels and the newest row. One
-# statement, one snapshot: the label deltas it drops are exactly those its count includes.
+# statement, one snapshot: the label deltas it drops are exactly those its count includes, and
+# the running totals gain exactly the rows it inserts.
 RECOMPUTE = """
 WITH counted AS (
     DELETE FROM rollup_label_delta WHERE bucket >= %(lo)s AND bucket < %(hi)s
-)
+), inserted AS (
 INSERT INTO prediction_rollup_1m
     (model, version, bucket, predictions, labels, avg_latency_ms, p50_latency_ms,
      max_latency_ms, avg_value, last_at)
@@ -57,19 +82,37 @@ SELECT p.model, p.version,
 FROM predictions p
 WHERE p.created_at >= %(lo)s AND p.created_at < %(hi)s
 GROUP BY 1, 2, 3
+RETURNING model, predictions, labels, last_at
+)
+INSERT INTO prediction_rollup_total AS t (model, predictions, labels, last_at)
+SELECT model, sum(predictions), sum(labels), max(last_at) FROM inserted GROUP BY model
+ON CONFLICT (model) DO UPDATE
+SET predictions = t.predictions + EXCLUDED.predictions,
+    labels = t.labels + EXCLUDED.labels,
+    last_at = greatest(t.last_at, EXCLUDED.last_at)
 """.replace("{has_label}", queries.HAS_LABEL)
 
-# Label counts added since the last refresh, folded in (one snapshot for both halves).
+# Label counts added since the last refresh, folded into the rollup and its totals (one
+# snapshot for all three); the answer is the rollup rows relabelled.
 FOLD_LABELS = """
 WITH taken AS (
     DELETE FROM rollup_label_delta WHERE bucket < %(to)s::timestamptz
     RETURNING model, version, bucket, n
 ), summed AS (
     SELECT model, version, bucket, sum(n) AS n FROM taken GROUP BY 1, 2, 3
+), folded AS (
+    UPDATE prediction_rollup_1m r SET labels = r.labels + s.n
+    FROM summed s
+    WHERE r.model = s.model AND r.version = s.version AND r.bucket = s.bucket
+    RETURNING r.model, s.n
+), per_model AS (
+    SELECT model, sum(n) AS n FROM folded GROUP BY model
+), totals AS (
+    UPDATE prediction_rollup_total t SET labels = t.labels + f.n
+    FROM per_model f
+    WHERE t.model = f.model
 )
-UPDATE prediction_rollup_1m r SET labels = r.labels + s.n
-FROM summed s
-WHERE r.model = s.model AND r.version = s.version AND r.bucket = s.bucket
+SELECT count(*) FROM folded
 """
 
 MARK_DIRTY = "INSERT INTO rollup_dirty (lo, hi) VALUES (%s, %s)"
@@ -136,8 +179,11 @@ class RollupMixin(StoreBase):
             for lo, hi in ranges:
                 await conn.execute(CLEAR, {"lo": lo, "hi": hi})
                 await conn.execute(RECOMPUTE, {"lo": lo, "hi": hi})
+            if ranges:
+                await conn.execute(DROP_EMPTY_TOTALS)
             cur = await conn.execute(FOLD_LABELS, {"to": to})
-            relabelled = cur.rowcount
+            folded = await cur.fetchone()
+            relabelled = int(folded[0]) if folded is not None else 0
             await conn.execute(
                 "UPDATE rollup_state SET materialized_to = greatest(materialized_to, %s)", (to,)
             )
@@ -153,8 +199,10 @@ class RollupMixin(StoreBase):
 
 
 __all__ = [
+    "DROP_EMPTY_TOTALS",
     "RefreshResult",
     "RollupMixin",
+    "clear_rollup",
     "dirty_span",
     "first_uuid7",
     "mark_dirty",
