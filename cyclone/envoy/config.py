@@ -59,6 +59,9 @@ STORE_IDEMPOTENT_METHODS = (
     "LeaseModels",
     "ReleaseModelLeases",
     "HeartbeatTrainingJobs",
+    # A retried take hands the caller a newer epoch; a retried release ends nothing twice.
+    "AcquireRoleLease",
+    "ReleaseRoleLease",
 )
 
 STORE_CLUSTER = "cyclone-store"
