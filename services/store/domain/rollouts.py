@@ -12,8 +12,8 @@ from cyclone.rollout_strategies import STRATEGIES
 from services.store.db import RoleFence, StoreDB
 from services.store.db.rollouts import ROLLOUT_STATES, RolloutEventRow, RolloutRow
 
-from .role_leases import check_fence
 from .checks import finite_numbers, found, limit, one_of, percent, positive, require
+from .role_leases import check_fence
 
 MAX_LIST = 1000
 
