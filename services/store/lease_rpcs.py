@@ -66,7 +66,5 @@ class LeaseRpcs(RpcArea):
     async def ReleaseRoleLease(
         self, request: pb.ReleaseRoleLeaseRequest, context: Context
     ) -> pb.ReleaseRoleLeaseResponse:
-        released = await self.store.release_role_lease(
-            request.role, request.holder, request.epoch
-        )
+        released = await self.store.release_role_lease(request.role, request.holder, request.epoch)
         return pb.ReleaseRoleLeaseResponse(released=released)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from cyclone.errors import FailedPrecondition, InvalidArgument, NotFound
+from cyclone.errors import FailedPrecondition, InvalidArgument, NotFound, NotLeader
 from cyclone.rollout_plan import RolloutSpec
 from cyclone.rollout_strategies import STRATEGIES, StrategyName
 from cyclone.traffic import Revision, RevisionStats, TrafficRouter, TrafficSplit, revision_name
@@ -253,6 +253,8 @@ class RolloutController:
         for rollout in await self.store.list(active_only=True, limit=1000):
             try:
                 await self._resume(rollout, running)
+            except NotLeader:
+                raise  # deposed while starting up: the new leader resumes it
             except Exception:
                 log.exception("rollout %s: could not resume; rolling back", rollout.id)
                 await self.roll_back_to_champion(rollout, "could not resume after a restart")
@@ -298,6 +300,10 @@ class RolloutController:
                         await self._tick(rollout)
             except asyncio.CancelledError:
                 raise
+            except NotLeader as exc:
+                # Deposed: stop driving, roll nothing back; the new leader resumes it.
+                log.warning("rollout %s: %s; left to the new leader", rollout.id, exc)
+                break
             except Exception as exc:
                 log.exception("rollout %s: step failed", rollout.id)
                 async with self._lock(rollout.id):
