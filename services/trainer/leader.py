@@ -3,11 +3,16 @@
 Every trainer runs jobs; only the holder of the `trainer-traffic` role lease runs the traffic
 plane (attaches to Envoy, adopts the revisions, drives the rollouts). The holder renews the
 lease three times per lease; a standby tries as often and takes the role when the lease is free
-or expired. A trainer counts its lease from *before* the call that renewed it, so its own
-deadline is never later than the store's: when the deadline passes unrenewed (paused, cut off
-from the store), it stops driving Envoy at once, before any standby can have taken over. Writes
-it still had in flight are fenced: Envoy's xDS writes check the deadline (`may_write`) and
-rollout writes carry the lease's epoch, which the store refuses once another trainer leads.
+or expired.
+
+A trainer counts its lease from *before* the call that renewed it, so its own deadline is never
+later than the store's. When the deadline passes unrenewed (paused, cut off from the store) it
+stops driving at once, before any standby can have taken over: `leads` turns False, so Envoy's
+xDS writes (`may_write`) are refused, and its rollout writes carry the lease's epoch, which the
+store refuses while the lease is expired or held by another. A rollout whose write is refused
+stops where the store last recorded it. Then either the next renewal says nobody took the role
+(a stall: it leads on under the same epoch and resumes those rollouts from the store), or the
+store names another holder and this trainer stops its traffic plane for good.
 """
 
 from __future__ import annotations
@@ -43,9 +48,14 @@ def default_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+async def _nothing() -> None:
+    return None
+
+
 class LeaderElection:
-    """Holds or waits for one role lease; runs `on_elected` when this instance starts leading
-    and `on_deposed` when it stops (lease lost, not renewed in time, or a clean stop)."""
+    """Holds or waits for one role lease; runs `on_elected` when this instance starts leading,
+    `on_deposed` when it stops (another took the role, or a clean stop) and `on_resumed` when
+    its lease, lapsed but taken by nobody, is renewed. While lapsed, `leads` is False."""
 
     def __init__(
         self,
@@ -53,6 +63,7 @@ class LeaderElection:
         *,
         on_elected: Transition,
         on_deposed: Transition,
+        on_resumed: Transition | None = None,
         holder: str = "",
         address: str = "",
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
@@ -64,6 +75,7 @@ class LeaderElection:
         self.store = store
         self.on_elected = on_elected
         self.on_deposed = on_deposed
+        self.on_resumed = on_resumed or _nothing
         self.holder = holder or default_holder()
         self.address = address
         self.lease_seconds = lease_seconds
@@ -133,12 +145,7 @@ class LeaderElection:
 
     async def _run(self) -> None:
         while True:
-            wait = self.renew_every
-            if self.epoch > 0:
-                wait = min(wait, max(0.0, self._deadline - self.clock()))
-            await asyncio.sleep(wait)
-            if self.epoch > 0 and not self.leads:
-                await self._depose("lease not renewed in time")
+            await asyncio.sleep(self.renew_every)
             try:
                 await self.try_once()
             except Exception:  # keep electing whatever one attempt did
@@ -159,6 +166,8 @@ class LeaderElection:
                 timeout=self.renew_every,
             )
         except aio.AioRpcError as exc:
+            # Past the deadline `leads` is False by itself: Envoy and rollout writes are
+            # refused until a renewal says nobody else took the role meanwhile.
             log.warning("role %s: store unreachable (%s)", self.role, exc.code().name)
             return
         if not reply.held:
@@ -170,6 +179,7 @@ class LeaderElection:
             # A new epoch for this holder: writes under the old one are fenced, so restart
             # the traffic plane under the new one.
             await self._depose("lease renewed under a new epoch")
+        lapsed = self.epoch > 0 and not self.leads
         self._deadline = sent + self.lease_seconds
         self.leader_address = self.address
         if self.epoch == 0:
@@ -178,6 +188,15 @@ class LeaderElection:
             self._leading = asyncio.create_task(self._lead(), name=f"lead-{self.role}")
             # Its failure is logged in `_lead`; retrieve it so asyncio does not warn again.
             self._leading.add_done_callback(lambda t: t.cancelled() or t.exception())
+        elif lapsed:
+            # Nobody took the role while this trainer was paused or cut off: it leads on
+            # under the same epoch; what was refused meanwhile resumes from the store.
+            log.warning("role %s: lease renewed after it lapsed (epoch %d)", self.role, self.epoch)
+            async with self._transition:
+                try:
+                    await self.on_resumed()
+                except Exception:
+                    log.exception("role %s: resuming after a lapse failed", self.role)
 
     async def _lead(self) -> None:
         async with self._transition:

@@ -193,10 +193,14 @@ def _elected_traffic_plane(
         await server.hold_back(TRAINER_SERVICE, True)
         await traffic.stop()
 
+    async def traffic_resume() -> None:
+        await traffic.resume()
+
     election = LeaderElection(
         store,
         on_elected=lead,
         on_deposed=step_down,
+        on_resumed=traffic_resume,
         holder=settings.instance_id,
         lease_seconds=settings.leader_lease_seconds,
     )

@@ -154,6 +154,12 @@ class TrafficPlane:
             await self.idle.wake_model(model)  # the rollout starts from a running revision
         return await self.controller.start(model, version, strategy)
 
+    async def resume(self) -> None:
+        """After a lapse of leadership nobody else used: drive again the rollouts whose writes
+        were refused meanwhile, from what the store recorded."""
+        if self.controller is not None:
+            await self.controller.start_up()
+
     async def _rollout_active(self, model: str) -> bool:
         if self.controller is None:
             return False

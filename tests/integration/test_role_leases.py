@@ -82,6 +82,21 @@ async def test_an_expired_lease_goes_to_the_next_caller_with_a_new_epoch(
     assert not a.held and a.lease.holder == "b"
 
 
+async def test_a_lapsed_lease_nobody_took_is_renewed_under_the_same_epoch(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    assert (await acquire(stub, "a", seconds=0.5)).held
+    await asyncio.sleep(0.7)
+    fence = pb.RoleFence(role=ROLE, holder="a", epoch=1)
+    request = create()
+    request.fence.CopyFrom(fence)
+    # Lapsed: its writes are refused until it renews.
+    await expect_error(stub.CreateRollout(request), grpc.StatusCode.FAILED_PRECONDITION, "fence:")
+    renewed = await acquire(stub, "a", epoch=1)
+    assert renewed.held and renewed.lease.epoch == 1
+    assert (await stub.CreateRollout(request)).rollout.id > 0
+
+
 async def test_release_hands_the_role_over_at_once_and_keeps_epochs_growing(
     stub: pb_grpc.StoreServiceStub,
 ) -> None:

@@ -39,8 +39,8 @@ class FakeStore:
             raise Unreachable()
         now = self.clock[0]
         live = self.expires > now
-        if self.holder == request.holder and self.epoch == request.epoch and live:
-            self.expires = now + request.lease_seconds
+        if self.holder == request.holder and self.epoch == request.epoch:
+            self.expires = now + request.lease_seconds  # nobody took it meanwhile
         elif not live or self.holder == request.holder:
             self.holder, self.epoch = request.holder, self.epoch + 1
             self.expires, self.address = now + request.lease_seconds, request.address
@@ -168,15 +168,20 @@ async def test_a_failed_first_leadership_fails_the_start() -> None:
     assert not a.leads
 
 
-async def test_the_background_loop_renews_and_a_lost_store_deposes() -> None:
+async def test_the_background_loop_renews_and_a_lapse_nobody_used_resumes() -> None:
     store = FakeStore([0.0])
     loop = asyncio.get_running_loop()
     store.clock = _LoopClock(loop)  # type: ignore[assignment]
     recorder = Recorder()
+
+    async def resumed() -> None:
+        recorder.events.append("resumed")
+
     a = LeaderElection(
         store,  # type: ignore[arg-type]
         on_elected=recorder.elected,
         on_deposed=recorder.deposed,
+        on_resumed=resumed,
         holder="a",
         lease_seconds=0.3,
         clock=loop.time,
@@ -186,10 +191,31 @@ async def test_the_background_loop_renews_and_a_lost_store_deposes() -> None:
     await asyncio.sleep(0.5)
     assert a.leads and store.calls >= calls + 2  # renewed past its first lease
     store.down = True
+    await asyncio.sleep(0.4)
+    assert not a.leads and a.epoch == 1  # lapsed: writes refused, nothing torn down
+    store.down = False
     deadline = loop.time() + 2
-    while a.epoch and loop.time() < deadline:
+    while not a.leads and loop.time() < deadline:
         await asyncio.sleep(0.02)
-    assert recorder.events == ["elected", "deposed"]
+    assert a.leads and a.epoch == 1 and recorder.events == ["elected", "resumed"]
+    await a.stop()
+    assert recorder.events == ["elected", "resumed", "deposed"]
+
+
+async def test_a_lapsed_leader_learning_of_a_takeover_steps_down() -> None:
+    clock = [100.0]
+    store = FakeStore(clock)
+    a, events = election(store, clock, "a", lease=3.0)
+    await a.start()
+    store.down = True
+    clock[0] += 3.5
+    await a.try_once()
+    assert not a.leads and events.events == ["elected"]
+    store.down = False
+    store.holder, store.epoch, store.expires, store.address = "b", 2, clock[0] + 3, "b:1"
+    await a.try_once()
+    assert a.epoch == 0 and a.leader_address == "b:1"
+    assert events.events == ["elected", "deposed"]
     await a.stop()
 
 

@@ -47,9 +47,9 @@ class RoleLeasesMixin(StoreBase):
     async def acquire_role_lease(
         self, role: str, holder: str, lease: timedelta, epoch: int, address: str
     ) -> tuple[bool, RoleLease]:
-        """Renew `holder`'s lease on `role` (same epoch, unexpired) or take the role when it is
-        free, expired or held by `holder` under another epoch (its restart, or a lost reply),
-        with the next epoch. Returns whether `holder` holds it and the lease as it stands."""
+        """Renew `holder`'s lease on `role` (same epoch, not taken by another meanwhile) or take
+        the role when it is free, expired or held by `holder` under another epoch (its
+        restart, or a lost reply), with the next epoch. Returns whether `holder` holds it and the lease as it stands."""
         async with self.transaction() as c:
             cur = await c.execute(
                 "SELECT holder, epoch, expires_at > now() FROM role_leases WHERE role = %s"
@@ -68,7 +68,9 @@ class RoleLeasesMixin(StoreBase):
             else:
                 current_holder, current_epoch, live = str(row[0]), int(row[1]), bool(row[2])
                 taken = False
-                if current_holder == holder and current_epoch == epoch and live:
+                # The holder's own epoch: renewed even after it expired, as long as nobody
+                # took the role meanwhile (then no other epoch wrote anything in between).
+                if current_holder == holder and current_epoch == epoch:
                     await c.execute(
                         "UPDATE role_leases SET expires_at = now() + %s, address = %s"
                         " WHERE role = %s",

@@ -248,9 +248,13 @@ class RolloutController:
                 self._watchers[rollout.id].remove(queue)
 
     async def start_up(self) -> None:
-        """Resume (or cleanly roll back) the rollouts a previous controller left active."""
+        """Resume (or cleanly roll back) the rollouts a previous controller left active, and
+        those this one stopped driving (a write refused while its leadership lapsed)."""
         running = {r.name: r for r in await self.orchestrator.running()}
         for rollout in await self.store.list(active_only=True, limit=1000):
+            task = self._tasks.get(rollout.id)
+            if task is not None and not task.done():
+                continue  # still driven here
             try:
                 await self._resume(rollout, running)
             except NotLeader:
@@ -301,8 +305,9 @@ class RolloutController:
             except asyncio.CancelledError:
                 raise
             except NotLeader as exc:
-                # Deposed: stop driving, roll nothing back; the new leader resumes it.
-                log.warning("rollout %s: %s; left to the new leader", rollout.id, exc)
+                # A write refused (leadership lapsed or lost): stop driving, roll nothing back.
+                # The store has its last recorded step; whoever leads next resumes from it.
+                log.warning("rollout %s: %s; resumed by the next leader", rollout.id, exc)
                 break
             except Exception as exc:
                 log.exception("rollout %s: step failed", rollout.id)
