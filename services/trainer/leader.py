@@ -87,6 +87,8 @@ class LeaderElection:
         self._task: asyncio.Task[None] | None = None
         self._leading: asyncio.Task[None] | None = None
         self._transition = asyncio.Lock()
+        self._renewing = asyncio.Lock()
+        self._lapsed = False
 
     @property
     def renew_every(self) -> float:
@@ -97,12 +99,53 @@ class LeaderElection:
         """True while this instance holds an unexpired lease (by its own, earlier, deadline)."""
         return self.epoch > 0 and self.clock() < self._deadline
 
-    def fence(self) -> store_pb.RoleFence:
-        """What rollout writes carry: the store refuses them once this epoch no longer leads.
-        Raises NotLeader when this instance holds no lease (nothing to write under)."""
+    async def ensure_leading(self) -> bool:
+        """Asked before every write: True while this trainer leads. A lease that lapsed (the
+        process stalled past its deadline) is renewed first when nobody took it meanwhile,
+        so a stall costs a renewal, not a refused write."""
+        if self.leads:
+            return True
         if self.epoch <= 0:
-            raise NotLeader(f"role {self.role}: this trainer does not lead; not writing")
+            return False
+        self._lapsed = True  # the loop resumes what was refused before this renewal
+        async with self._renewing:
+            if not self.leads and self.epoch > 0:
+                await self._renew_same_epoch()
+        return self.leads
+
+    async def fence(self) -> store_pb.RoleFence:
+        """What rollout writes carry: the store refuses them once this epoch no longer leads.
+        Raises NotLeader when this instance does not lead (nothing to write under)."""
+        if not await self.ensure_leading():
+            raise NotLeader(
+                f"role {self.role}: this trainer does not lead (leader:"
+                f" {self.describe_leader()}); not writing"
+            )
         return store_pb.RoleFence(role=self.role, holder=self.holder, epoch=self.epoch)
+
+    async def _renew_same_epoch(self) -> None:
+        """Renew under the current epoch only; any other outcome is the loop's to act on."""
+        sent = self.clock()
+        epoch = self.epoch
+        try:
+            reply = await self._acquire()
+        except aio.AioRpcError:
+            return
+        if reply.held and reply.lease.epoch == epoch == self.epoch:
+            self._deadline = sent + self.lease_seconds
+
+    async def _acquire(self) -> store_pb.AcquireRoleLeaseResponse:
+        reply: store_pb.AcquireRoleLeaseResponse = await self.store.AcquireRoleLease(
+            store_pb.AcquireRoleLeaseRequest(
+                role=self.role,
+                holder=self.holder,
+                lease_seconds=self.lease_seconds,
+                epoch=self.epoch,
+                address=self.address,
+            ),
+            timeout=self.renew_every,
+        )
+        return reply
 
     def describe_leader(self) -> str:
         if self.leads:
@@ -155,16 +198,7 @@ class LeaderElection:
         """One AcquireRoleLease: renew, take, or learn who leads."""
         sent = self.clock()
         try:
-            reply = await self.store.AcquireRoleLease(
-                store_pb.AcquireRoleLeaseRequest(
-                    role=self.role,
-                    holder=self.holder,
-                    lease_seconds=self.lease_seconds,
-                    epoch=self.epoch,
-                    address=self.address,
-                ),
-                timeout=self.renew_every,
-            )
+            reply = await self._acquire()
         except aio.AioRpcError as exc:
             # Past the deadline `leads` is False by itself: Envoy and rollout writes are
             # refused until a renewal says nobody else took the role meanwhile.
@@ -179,7 +213,8 @@ class LeaderElection:
             # A new epoch for this holder: writes under the old one are fenced, so restart
             # the traffic plane under the new one.
             await self._depose("lease renewed under a new epoch")
-        lapsed = self.epoch > 0 and not self.leads
+        lapsed = self.epoch > 0 and (self._lapsed or not self.leads)
+        self._lapsed = False
         self._deadline = sent + self.lease_seconds
         self.leader_address = self.address
         if self.epoch == 0:
@@ -217,6 +252,7 @@ class LeaderElection:
         leading, self._leading = self._leading, None
         was = self.epoch
         self.epoch = 0
+        self._lapsed = False
         if leading is not None and not leading.done():
             leading.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

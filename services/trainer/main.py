@@ -204,7 +204,7 @@ def _elected_traffic_plane(
         holder=settings.instance_id,
         lease_seconds=settings.leader_lease_seconds,
     )
-    traffic = TrafficPlane(settings, store, may_write=lambda: election.leads, fence=election.fence)
+    traffic = TrafficPlane(settings, store, may_write=election.ensure_leading, fence=election.fence)
     return election, traffic
 
 

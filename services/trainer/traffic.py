@@ -15,7 +15,7 @@ they are, so a trainer that dies or restarts fails no request.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cyclone.envoy import EnvoyProxy
@@ -45,8 +45,8 @@ class TrafficPlane:
         settings: Any,
         store: store_grpc.StoreServiceStub,
         *,
-        may_write: Callable[[], bool] | None = None,
-        fence: Callable[[], store_pb.RoleFence | None] | None = None,
+        may_write: Callable[[], Awaitable[bool]] | None = None,
+        fence: Callable[[], Awaitable[store_pb.RoleFence | None]] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store

@@ -89,9 +89,9 @@ async def test_the_first_trainer_leads_at_once_and_the_second_stands_by() -> Non
     assert a.leads and a_events.events == ["elected"]  # before start returned: no wait
     await b.start()
     assert not b.leads and b.leader_address == "a:1" and b_events.events == []
-    assert a.fence() == pb.RoleFence(role=a.role, holder="a", epoch=1)
-    with pytest.raises(NotLeader):
-        b.fence()
+    assert await a.fence() == pb.RoleFence(role=a.role, holder="a", epoch=1)
+    with pytest.raises(NotLeader, match="a:1"):
+        await b.fence()
     await a.stop()
     await b.stop()
 
@@ -113,6 +113,37 @@ async def test_a_leader_stops_leading_at_its_own_deadline_never_after_the_stores
     assert store.expires >= 100.0 + 3.0 > clock[0] - 0.2
     await a.stop()
     assert events.events == ["elected", "deposed"]
+
+
+async def test_a_write_after_a_stall_renews_first_and_the_loop_resumes_what_was_refused() -> None:
+    clock = [100.0]
+    store = FakeStore(clock)
+    resumed: list[int] = []
+
+    async def on_resumed() -> None:
+        resumed.append(a.epoch)
+
+    recorder = Recorder()
+    a = LeaderElection(
+        store,  # type: ignore[arg-type]
+        on_elected=recorder.elected,
+        on_deposed=recorder.deposed,
+        on_resumed=on_resumed,
+        holder="a",
+        lease_seconds=3.0,
+        clock=lambda: clock[0],
+    )
+    await a.start()
+    clock[0] += 10  # stalled past its lease; nobody took the role
+    assert not a.leads
+    assert await a.ensure_leading() and a.epoch == 1  # renewed, same epoch
+    assert resumed == []
+    await a.try_once()  # the loop's next round resumes rollouts refused during the stall
+    assert resumed == [1] and recorder.events == ["elected"]
+    store.down = True
+    clock[0] += 10
+    assert not await a.ensure_leading()  # cannot renew: the write is refused
+    await a.stop()
 
 
 async def test_a_standby_takes_over_after_expiry_and_the_old_leader_steps_down() -> None:

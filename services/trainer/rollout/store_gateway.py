@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -74,6 +74,10 @@ def _row_key(features: dict[str, Any], i: int) -> str:
     return json.dumps({name: col[i] for name, col in features.items()}, sort_keys=True)
 
 
+async def _unfenced() -> pb.RoleFence | None:
+    return None
+
+
 class StoreGateway:
     """Talks to `cyclone.store.v1.StoreService` at `address`."""
 
@@ -82,14 +86,14 @@ class StoreGateway:
         address: str,
         timeout: float = 30.0,
         *,
-        fence: Callable[[], pb.RoleFence | None] | None = None,
+        fence: Callable[[], Awaitable[pb.RoleFence | None]] | None = None,
     ) -> None:
         self.channel = aio_channel(address)
         self.stub = pb_grpc.StoreServiceStub(self.channel)
         self.timeout = timeout
         # The leading trainer's role lease: rollout writes carry it and the store refuses them
         # once another trainer took the lead (None: unfenced, a lone trainer without election).
-        self.fence = fence or (lambda: None)
+        self.fence = fence or _unfenced
 
     def _fenced(self, exc: aio.AioRpcError) -> bool:
         return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and (
@@ -191,7 +195,7 @@ class StoreGateway:
         try:
             reply = await self.stub.CreateRollout(
                 pb.CreateRolloutRequest(
-                    rollout=self._record(rollout), event=step_to_pb(first), fence=self.fence()
+                    rollout=self._record(rollout), event=step_to_pb(first), fence=await self.fence()
                 ),
                 timeout=self.timeout,
             )
@@ -219,7 +223,7 @@ class StoreGateway:
                     reason=rollout.reason,
                     progress_json=json.dumps(rollout.progress.to_dict()),
                     events=[step_to_pb(s) for s in steps],
-                    fence=self.fence(),
+                    fence=await self.fence(),
                 ),
                 timeout=self.timeout,
             )
