@@ -743,6 +743,7 @@ def deploy_nomad_render(
     replicas: Annotated[int, typer.Option(help="Replicas per model revision.")] = 1,
     stores: Annotated[int, typer.Option(help="Store instances (count).")] = 2,
     monitors: Annotated[int, typer.Option(help="Monitor instances (count).")] = 2,
+    trainers: Annotated[int, typer.Option(help="Trainer instances (count).")] = 2,
 ) -> None:
     """Write Nomad job files for the cluster and every serving or canary model version."""
     from cyclone.nomad import render as nomad
@@ -758,6 +759,7 @@ def deploy_nomad_render(
             discovery=discovery,
             stores=stores,
             monitors=monitors,
+            trainers=trainers,
         )
     except ValueError as exc:
         fail(f"--{exc}")
