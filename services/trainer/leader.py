@@ -9,10 +9,11 @@ A trainer counts its lease from *before* the call that renewed it, so its own de
 later than the store's. When the deadline passes unrenewed (paused, cut off from the store) it
 stops driving at once, before any standby can have taken over: `leads` turns False, so Envoy's
 xDS writes (`may_write`) are refused, and its rollout writes carry the lease's epoch, which the
-store refuses while the lease is expired or held by another. A rollout whose write is refused
-stops where the store last recorded it. Then either the next renewal says nobody took the role
-(a stall: it leads on under the same epoch and resumes those rollouts from the store), or the
-store names another holder and this trainer stops its traffic plane for good.
+store refuses while the lease is expired or held by another. A write first tries one renewal:
+after a mere stall (nobody took the role) it goes on under the same epoch. A rollout whose write
+was refused stops where the store last recorded it and is resumed from there at the next
+renewal. When the store names another holder, or cannot be reached once the lease lapsed, this
+trainer stops its traffic plane (a partitioned leader stops supervising revisions too).
 """
 
 from __future__ import annotations
@@ -200,9 +201,11 @@ class LeaderElection:
         try:
             reply = await self._acquire()
         except aio.AioRpcError as exc:
-            # Past the deadline `leads` is False by itself: Envoy and rollout writes are
-            # refused until a renewal says nobody else took the role meanwhile.
             log.warning("role %s: store unreachable (%s)", self.role, exc.code().name)
+            if self.epoch > 0 and not self.leads:
+                # Lapsed and no word from the store: another trainer may lead by now. Stop
+                # the traffic plane (revision supervision too), not only its writes.
+                await self._depose("lease lapsed and the store is unreachable")
             return
         if not reply.held:
             self.leader_address = reply.lease.address or reply.lease.holder
