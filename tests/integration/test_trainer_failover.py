@@ -276,6 +276,7 @@ async def _run_failover(
         finally:
             load.stop.set()
             await asyncio.gather(*clients)
+        print(f"predictions answered {load.answered}, failed {len(load.failed)}; job {ended.state}")
         assert not load.failed, load.failed[:5]
         assert load.answered.get("1", 0) > 0 and load.answered.get("2", 0) > 0, load.answered
         # Run by trainer 2, the only one alive (jobs are claimed under leases in the store).

@@ -252,3 +252,12 @@ class _LoopClock:
 
     def __getitem__(self, index: int) -> float:
         return self.loop.time()
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.5, 3601.0, float("nan")])
+def test_a_bad_leader_lease_is_refused_naming_the_setting(seconds: float) -> None:
+    from cyclone.settings import SettingsError
+    from services.trainer.main import TrainerSettings
+
+    with pytest.raises(SettingsError, match="^leader_lease_seconds"):
+        TrainerSettings(leader_lease_seconds=seconds)
