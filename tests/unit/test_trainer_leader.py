@@ -259,5 +259,5 @@ def test_a_bad_leader_lease_is_refused_naming_the_setting(seconds: float) -> Non
     from cyclone.settings import SettingsError
     from services.trainer.main import TrainerSettings
 
-    with pytest.raises(SettingsError, match="^leader_lease_seconds"):
+    with pytest.raises(SettingsError, match=r"^leader_lease_seconds"):
         TrainerSettings(leader_lease_seconds=seconds)
