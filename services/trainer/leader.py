@@ -36,7 +36,8 @@ from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 log = logging.getLogger(__name__)
 
 TRAFFIC_ROLE = "trainer-traffic"
-DEFAULT_LEASE_SECONDS = 5.0
+# As the monitors' model leases: a loaded 2-core machine stalled a trainer for 6-9 s at times.
+DEFAULT_LEASE_SECONDS = 10.0
 # Renewals per lease: a lease survives two lost renewals in a row.
 RENEWALS_PER_LEASE = 3
 
@@ -217,8 +218,13 @@ class LeaderElection:
             # the traffic plane under the new one.
             await self._depose("lease renewed under a new epoch")
         lapsed = self.epoch > 0 and (self._lapsed or not self.leads)
-        self._lapsed = False
         self._deadline = sent + self.lease_seconds
+        if self.epoch > 0 and not self.leads:
+            # The reply came after the lease it renewed had ended (this process stalled
+            # meanwhile): another trainer may hold the role by now; the next try tells.
+            self._lapsed = True
+            return
+        self._lapsed = False
         self.leader_address = self.address
         if self.epoch == 0:
             self.epoch = reply.lease.epoch
@@ -238,8 +244,6 @@ class LeaderElection:
 
     async def _lead(self) -> None:
         async with self._transition:
-            if not self.leads:
-                return
             try:
                 await self.on_elected()
             except asyncio.CancelledError:

@@ -32,12 +32,15 @@ class FakeStore:
         self.down = False
         self.calls = 0
         self.released: list[tuple[str, int]] = []
+        self.stall = 0.0  # the caller's clock moves this much while a call is in flight
 
     async def AcquireRoleLease(self, request: pb.AcquireRoleLeaseRequest, **_: Any) -> Any:
         self.calls += 1
         if self.down:
             raise Unreachable()
         now = self.clock[0]
+        if self.stall and isinstance(self.clock, list):
+            self.clock[0] += self.stall
         live = self.expires > now
         if self.holder == request.holder and self.epoch == request.epoch:
             self.expires = now + request.lease_seconds  # nobody took it meanwhile
@@ -143,6 +146,35 @@ async def test_a_write_after_a_stall_renews_first_and_the_loop_resumes_what_was_
     store.down = True
     clock[0] += 10
     assert not await a.ensure_leading()  # cannot renew: the write is refused
+    await a.stop()
+
+
+async def test_a_renewal_answered_after_its_lease_ended_does_not_resume() -> None:
+    clock = [100.0]
+    store = FakeStore(clock)
+    resumed: list[int] = []
+
+    async def on_resumed() -> None:
+        resumed.append(1)
+
+    recorder = Recorder()
+    a = LeaderElection(
+        store,  # type: ignore[arg-type]
+        on_elected=recorder.elected,
+        on_deposed=recorder.deposed,
+        on_resumed=on_resumed,
+        holder="a",
+        lease_seconds=3.0,
+        clock=lambda: clock[0],
+    )
+    await a.start()
+    clock[0] += 4  # lapsed
+    store.stall = 5  # and the renewal's reply is handled after the lease it gave ended
+    await a.try_once()
+    assert not a.leads and resumed == []
+    store.stall = 0
+    await a.try_once()  # a timely renewal: it leads on and resumes
+    assert a.leads and resumed == [1] and recorder.events == ["elected"]
     await a.stop()
 
 
