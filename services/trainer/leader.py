@@ -36,7 +36,7 @@ from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 log = logging.getLogger(__name__)
 
 TRAFFIC_ROLE = "trainer-traffic"
-# As the monitors' model leases: a loaded 2-core machine stalled a trainer for 6-9 s at times.
+# As the monitors' model leases: on a busy 2-core machine a trainer went over 5 s unrenewed.
 DEFAULT_LEASE_SECONDS = 10.0
 # Renewals per lease: a lease survives two lost renewals in a row.
 RENEWALS_PER_LEASE = 3
