@@ -1,6 +1,7 @@
 """The trainer's traffic plane: Envoy, the model revisions and the rollouts that move between them.
 
-Started with the trainer when it runs with `envoy` on: it starts Envoy, resumes (or rolls
+Started when a trainer running with `envoy` on leads the traffic plane (one trainer at a time,
+`services.trainer.leader`; a lone trainer leads at once): it starts Envoy, resumes (or rolls
 back) the rollouts a previous process left, then serves every registered model. With
 `idle_timeout_seconds` it also scales idle revisions to zero (`services.trainer.idle`). Stopped
 in reverse: rollouts pause where they are (they resume on the next start), the revisions stop,
@@ -9,7 +10,9 @@ Envoy stops.
 With `envoy_apart` (as under `cyclone up`) the data plane outlives the trainer: Envoy runs
 under the mesh's supervisor and the revisions in sessions of their own. The trainer attaches to
 that Envoy, adopts the revisions a previous trainer left running, and at stop leaves both as
-they are, so a trainer that dies or restarts fails no request.
+they are, so a trainer that dies or restarts fails no request. With several trainers, the one
+elected next does the same; its writes are fenced (`may_write`, `fence`) so one that lost the
+lead writes nothing.
 """
 
 from __future__ import annotations
