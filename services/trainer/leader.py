@@ -12,8 +12,9 @@ xDS writes (`may_write`) are refused, and its rollout writes carry the lease's e
 store refuses while the lease is expired or held by another. A write first tries one renewal:
 after a mere stall (nobody took the role) it goes on under the same epoch. A rollout whose write
 was refused stops where the store last recorded it and is resumed from there at the next
-renewal. When the store names another holder, or cannot be reached once the lease lapsed, this
-trainer stops its traffic plane (a partitioned leader stops supervising revisions too).
+renewal. When the store names another holder, or still cannot be reached a whole lease after
+the lapse (cut off, not merely slow), this trainer stops its traffic plane (a partitioned
+leader stops supervising revisions too).
 """
 
 from __future__ import annotations
@@ -145,7 +146,9 @@ class LeaderElection:
                 epoch=self.epoch,
                 address=self.address,
             ),
-            timeout=self.renew_every,
+            # A slow answer still renews (the deadline counts from the call); one slower
+            # than the lease renews nothing.
+            timeout=self.lease_seconds,
         )
         return reply
 
@@ -203,9 +206,10 @@ class LeaderElection:
             reply = await self._acquire()
         except aio.AioRpcError as exc:
             log.warning("role %s: store unreachable (%s)", self.role, exc.code().name)
-            if self.epoch > 0 and not self.leads:
-                # Lapsed and no word from the store: another trainer may lead by now. Stop
-                # the traffic plane (revision supervision too), not only its writes.
+            if self.epoch > 0 and self.clock() > self._deadline + self.lease_seconds:
+                # Lapsed a whole lease ago and still no word from the store (cut off, not
+                # merely slow): another trainer may lead by now. Stop the traffic plane
+                # (revision supervision too), not only its writes, which stopped at the lapse.
                 await self._depose("lease lapsed and the store is unreachable")
             return
         if not reply.held:

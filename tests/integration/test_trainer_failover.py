@@ -50,7 +50,7 @@ from services.store.main import StoreSettings
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
 MODEL = "credit"
-LEASE_SECONDS = 2.0
+LEASE_SECONDS = 3.0
 CLIENTS = 4
 
 
