@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +139,9 @@ class Load:
 class Mesh:
     """`cyclone up` in a subprocess on free ports, with the CLI pointed at it."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, up_args: Sequence[str] = ()) -> None:
         self.data_dir = data_dir
+        self.up_args = list(up_args)  # more `cyclone up` flags (e.g. --trainers 2)
         self.ports = {name: free_port() for name in PORT_NAMES}
         self.env = {**os.environ, "CYCLONE_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
         self.env.pop("CYCLONE_TOKEN", None)
@@ -159,6 +160,7 @@ class Mesh:
                     "--data-dir",
                     str(self.data_dir),
                     *flags,
+                    *self.up_args,
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -71,6 +71,9 @@ _METHOD_SCOPES: Mapping[str, Scope] = {
     # Monitors sharing the models (docs/scaling-out.md).
     "/cyclone.store.v1.StoreService/LeaseModels": Scope.INTERNAL,
     "/cyclone.store.v1.StoreService/ReleaseModelLeases": Scope.INTERNAL,
+    # Trainers electing the traffic plane's leader.
+    "/cyclone.store.v1.StoreService/AcquireRoleLease": Scope.INTERNAL,
+    "/cyclone.store.v1.StoreService/ReleaseRoleLease": Scope.INTERNAL,
     # The trainer's bookkeeping: jobs, lineage and rollouts are written by the trainer only
     # (people start and stop them through the trainer's own admin RPCs).
     "/cyclone.store.v1.StoreService/CreateTrainingJob": Scope.INTERNAL,

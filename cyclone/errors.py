@@ -39,6 +39,11 @@ class Unavailable(CycloneError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class NotLeader(Unavailable):
+    """This instance does not lead the role the request needs (a standby trainer, or one whose
+    lease ended): another instance does, or will within the lease time; retry."""
+
+
 class ModelLoadError(CycloneError):
     """A model in the repository cannot be loaded (corrupt, missing or inconsistent files)."""
 

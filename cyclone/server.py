@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 Hook = Callable[[], Awaitable[None]]
 
 
+def _status(serving: bool) -> Any:
+    if serving:
+        return health_pb2.HealthCheckResponse.SERVING
+    return health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -98,6 +104,8 @@ class CycloneServer:
         self.port = 0
         self.metrics_port = 0
         self._metrics_server: Any = None
+        self._held_back: set[str] = set()
+        self._serving = False
 
     def add_service(self, full_name: str, register: Callable[[Any], None]) -> None:
         """Register a servicer through its generated `add_*_to_server`.
@@ -120,13 +128,18 @@ class CycloneServer:
         self._shutdown_hooks.append(hook)
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
         for name in ("", *self._service_names):
-            await self.health.set(name, status)
+            await self.health.set(name, _status(serving and name not in self._held_back))
+
+    async def hold_back(self, full_name: str, held: bool) -> None:
+        """Report `full_name` NOT_SERVING while `held`, whatever the server's own state (a
+        standby trainer: up, but not the one to serve the trainer service)."""
+        if held:
+            self._held_back.add(full_name)
+        else:
+            self._held_back.discard(full_name)
+        if self._serving:
+            await self.health.set(full_name, _status(not held))
 
     async def start(self) -> int:
         reflection.enable_server_reflection(
@@ -152,6 +165,7 @@ class CycloneServer:
         await self.grpc.start()
         for hook in self._start_hooks:
             await hook()
+        self._serving = True
         await self.set_serving(True)
         self._start_metrics()
         log.info(
@@ -174,6 +188,7 @@ class CycloneServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, finish in-flight calls within `grace`, then run shutdown hooks."""
+        self._serving = False
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.settings.grace_seconds if grace is None else grace)
         for hook in reversed(self._shutdown_hooks):

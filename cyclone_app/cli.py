@@ -239,6 +239,29 @@ def serve_trainer(
             help="Seconds a dispatched job may take (plus the plan's retrain.wait).",
         ),
     ] = None,
+    leader_lease_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--leader-lease",
+            help="With --envoy and several trainers: seconds a dead leader keeps the traffic"
+            " plane before a standby takes it over.",
+        ),
+    ] = None,
+    instance_id: Annotated[
+        str | None,
+        typer.Option(help="This trainer's lease holder id (default: host, pid, random part)."),
+    ] = None,
+    advertise_address: Annotated[
+        str | None, typer.Option(help="HOST:PORT other trainers reach this one at.")
+    ] = None,
+    envoy_stores: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated: every store in Envoy's store cluster (several)."),
+    ] = None,
+    envoy_trainers: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated: every trainer in Envoy's trainer cluster (several)."),
+    ] = None,
     data_dir: DataDirOpt = None,
     host: HostOpt = None,
     port: PortOpt = None,
@@ -720,6 +743,7 @@ def deploy_nomad_render(
     replicas: Annotated[int, typer.Option(help="Replicas per model revision.")] = 1,
     stores: Annotated[int, typer.Option(help="Store instances (count).")] = 2,
     monitors: Annotated[int, typer.Option(help="Monitor instances (count).")] = 2,
+    trainers: Annotated[int, typer.Option(help="Trainer instances (count).")] = 2,
 ) -> None:
     """Write Nomad job files for the cluster and every serving or canary model version."""
     from cyclone.nomad import render as nomad
@@ -735,6 +759,7 @@ def deploy_nomad_render(
             discovery=discovery,
             stores=stores,
             monitors=monitors,
+            trainers=trainers,
         )
     except ValueError as exc:
         fail(f"--{exc}")

@@ -99,6 +99,16 @@ def up(
             max=8,
         ),
     ] = 1,
+    trainers: Annotated[
+        int,
+        typer.Option(
+            help="Trainer processes: all run retraining jobs, one (elected through a lease in"
+            " the store) drives Envoy and the rollouts; a standby takes over within the lease"
+            " time when it dies.",
+            min=1,
+            max=8,
+        ),
+    ] = 1,
 ) -> None:
     """Start the whole mesh on this machine; Ctrl-C or SIGTERM stops it."""
     from services.mesh import MeshError, MeshSettings
@@ -125,6 +135,7 @@ def up(
         pool_processes=None if pool else 0,
         stores=stores,
         monitors=monitors,
+        trainers=trainers,
     )
     try:
         _run_mesh(settings)

@@ -100,14 +100,19 @@ class MeshSettings:
     # Control-plane instances over the one database (docs/scaling-out.md). Several stores sit
     # behind Envoy's control listener, which the trainer, monitors and revisions then call;
     # several monitors share the models through leases in the store.
+    # Several trainers all run jobs; one at a time (the holder of the traffic role's lease)
+    # drives Envoy and the rollouts, and Envoy's control listener routes trainer calls to it.
     stores: int = 1
     monitors: int = 1
+    trainers: int = 1
 
     def __post_init__(self) -> None:
         if self.stores < 1:
             raise MeshError(f"stores: must be at least 1, got {self.stores}")
         if self.monitors < 1:
             raise MeshError(f"monitors: must be at least 1, got {self.monitors}")
+        if self.trainers < 1:
+            raise MeshError(f"trainers: must be at least 1, got {self.trainers}")
 
     @property
     def repository(self) -> Path:
@@ -195,7 +200,11 @@ class Mesh:
         # Ports of the second and later instances: given (`ports["store-2"]`) or free ones,
         # chosen once so a restarted instance comes back where Envoy expects it.
         self._instance_ports: dict[str, int] = {}
-        for service, count in (("store", settings.stores), ("monitor", settings.monitors)):
+        for service, count in (
+            ("store", settings.stores),
+            ("monitor", settings.monitors),
+            ("trainer", settings.trainers),
+        ):
             for index in range(2, count + 1):
                 name = instance_name(service, index)
                 self._instance_ports[name] = settings.ports.get(name) or _free_port()
@@ -210,6 +219,19 @@ class Mesh:
         port = s.port("control") if s.stores > 1 else s.port("store")
         return f"127.0.0.1:{port}"
 
+    def trainer_address(self) -> str:
+        """Where the monitors and clients reach the trainer: the trainer itself, or with
+        several, Envoy's control listener, which routes to the leading one."""
+        s = self.settings
+        port = s.port("control") if s.trainers > 1 else s.port("trainer")
+        return f"127.0.0.1:{port}"
+
+    def _instances(self, service: str, count: int) -> list[str]:
+        return [
+            f"127.0.0.1:{self.instance_port(instance_name(service, i))}"
+            for i in range(1, count + 1)
+        ]
+
     # -- plan --------------------------------------------------------------------------------
 
     def plan(self) -> list[ComponentPlan]:
@@ -217,7 +239,7 @@ class Mesh:
         common = ["--data-dir", str(s.data_dir)]
         store = self.store_address()
         monitor = f"127.0.0.1:{s.port('monitor')}"
-        trainer = f"127.0.0.1:{s.port('trainer')}"
+        trainer = self.trainer_address()
         pool_processes = (os.cpu_count() or 1) if s.pool_processes is None else s.pool_processes
         store_args = [*common]
         if s.database_url:
@@ -250,46 +272,61 @@ class Mesh:
             )
             for name in (instance_name("monitor", i) for i in range(1, s.monitors + 1))
         ]
+        trainer_args = [
+            *common,
+            "--store",
+            store,
+            "--model-repository",
+            str(s.repository.resolve()),
+            "--envoy",
+            "--envoy-apart",
+            "--replicas",
+            str(s.replicas or serving_replicas()),
+            "--pool-processes",
+            str(pool_processes),
+            *(
+                ["--pool-memory-mb", f"{pool_memory_mb(pool_processes):g}"]
+                if pool_processes
+                else []
+            ),
+            "--public-host",
+            s.host,
+            "--public-port",
+            str(s.port("public")),
+            "--control-port",
+            str(s.port("control")),
+            "--monitor",
+            monitor,
+            *(
+                ["--idle-timeout", f"{s.idle_timeout_seconds:g}"]
+                if s.idle_timeout_seconds > 0
+                else []
+            ),
+        ]
+        if s.stores > 1:
+            trainer_args += ["--envoy-stores", ",".join(self._instances("store", s.stores))]
+        if s.trainers > 1:
+            trainer_args += [
+                "--envoy-trainers",
+                ",".join(self._instances("trainer", s.trainers)),
+            ]
+        # The trainers drive Envoy's routes and start the model revisions (the one holding the
+        # traffic role's lease at a time); both outlive them. Each keeps its id across
+        # restarts, so a restarted leader takes its own lease back at once.
+        trainers = [
+            ComponentPlan(
+                name,
+                [*trainer_args, "--instance-id", name],
+                self.instance_port(name),
+                "trainer",
+            )
+            for name in (instance_name("trainer", i) for i in range(1, s.trainers + 1))
+        ]
         return [
             *stores,
             # The data plane's edge, run by this supervisor (not `cyclone serve`).
             ComponentPlan(ENVOY, [], s.port("public")),
-            # The trainer drives Envoy's routes and starts the model revisions; both outlive it.
-            ComponentPlan(
-                "trainer",
-                [
-                    *common,
-                    "--store",
-                    store,
-                    "--model-repository",
-                    str(s.repository.resolve()),
-                    "--envoy",
-                    "--envoy-apart",
-                    "--replicas",
-                    str(s.replicas or serving_replicas()),
-                    "--pool-processes",
-                    str(pool_processes),
-                    *(
-                        ["--pool-memory-mb", f"{pool_memory_mb(pool_processes):g}"]
-                        if pool_processes
-                        else []
-                    ),
-                    "--public-host",
-                    s.host,
-                    "--public-port",
-                    str(s.port("public")),
-                    "--control-port",
-                    str(s.port("control")),
-                    "--monitor",
-                    monitor,
-                    *(
-                        ["--idle-timeout", f"{s.idle_timeout_seconds:g}"]
-                        if s.idle_timeout_seconds > 0
-                        else []
-                    ),
-                ],
-                s.port("trainer"),
-            ),
+            *trainers,
             *monitors,
         ]
 
@@ -303,10 +340,8 @@ class Mesh:
             store=f"127.0.0.1:{s.port('store')}",
             monitor=f"127.0.0.1:{s.port('monitor')}",
             trainer=f"127.0.0.1:{s.port('trainer')}",
-            extra_stores=[
-                f"127.0.0.1:{self.instance_port(instance_name('store', i))}"
-                for i in range(2, s.stores + 1)
-            ],
+            extra_stores=self._instances("store", s.stores)[1:],
+            extra_trainers=self._instances("trainer", s.trainers)[1:],
         )
 
     def ports_in_use(self) -> list[str]:
@@ -427,16 +462,21 @@ class Mesh:
 
     def info(self) -> MeshInfo:
         s = self.settings
+        components = {
+            r.component: ComponentInfo(r.address, r.process.pid, str(r.log_path))
+            for r in self.running
+        }
+        first = components.get("trainer")
+        if first is not None and s.trainers > 1:
+            # Clients reach the leading trainer through Envoy, whichever instance it is.
+            components["trainer"] = dataclasses.replace(first, address=self.trainer_address())
         return MeshInfo(
             pid=os.getpid(),
             data_dir=str(s.data_dir),
             public=f"127.0.0.1:{s.port('public')}",
             control=f"127.0.0.1:{s.port('control')}",
             dashboard=f"http://127.0.0.1:{s.port('dashboard')}/",
-            components={
-                r.component: ComponentInfo(r.address, r.process.pid, str(r.log_path))
-                for r in self.running
-            },
+            components=components,
             repository=str(s.repository.resolve()),
         )
 

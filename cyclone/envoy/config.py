@@ -59,6 +59,9 @@ STORE_IDEMPOTENT_METHODS = (
     "LeaseModels",
     "ReleaseModelLeases",
     "HeartbeatTrainingJobs",
+    # A retried take hands the caller a newer epoch; a retried release ends nothing twice.
+    "AcquireRoleLease",
+    "ReleaseRoleLease",
 )
 
 STORE_CLUSTER = "cyclone-store"
@@ -102,6 +105,9 @@ class EnvoySettings:
     extra_stores: tuple[Endpoint, ...] = ()
     monitor: Endpoint | None = None
     trainer: Endpoint | None = None
+    # More trainers: the trainer cluster then routes only to the one whose gRPC health says
+    # SERVING for the trainer service (the traffic plane's leader; standbys say NOT_SERVING).
+    extra_trainers: tuple[Endpoint, ...] = ()
     descriptor: Path = DESCRIPTOR
     concurrency: int | None = None  # worker threads; None = one per core
     health_interval_s: float = 1.0
@@ -362,6 +368,7 @@ def endpoint_cluster(
     *,
     health_checked: bool,
     tls: bool = True,
+    health_service: str = "",
 ) -> dict[str, Any]:
     """A cluster of gRPC endpoints (STATIC for IP addresses, STRICT_DNS for host names)."""
     cluster: dict[str, Any] = {
@@ -392,7 +399,7 @@ def endpoint_cluster(
                 "no_traffic_interval": interval,
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
-                "grpc_health_check": {"service_name": ""},
+                "grpc_health_check": {"service_name": health_service},
             }
         ]
         cluster["outlier_detection"] = {
@@ -491,15 +498,13 @@ def failover_cluster(
 
 
 def component_clusters(settings: EnvoySettings) -> list[dict[str, Any]]:
-    found = [
-        (MONITOR_CLUSTER, settings.monitor),
-        (TRAINER_CLUSTER, settings.trainer),
-    ]
-    clusters = [
-        endpoint_cluster(name, [address], settings, health_checked=False)
-        for name, address in found
-        if address is not None
-    ]
+    clusters = []
+    if settings.monitor is not None:
+        clusters.append(
+            endpoint_cluster(MONITOR_CLUSTER, [settings.monitor], settings, health_checked=False)
+        )
+    if settings.trainer is not None:
+        clusters.append(trainer_cluster(settings))
     stores = store_endpoints(settings)
     if stores:
         # Several stores: a dead one is found by its health checks and ejected after its
@@ -508,6 +513,25 @@ def component_clusters(settings: EnvoySettings) -> list[dict[str, Any]]:
             0, endpoint_cluster(STORE_CLUSTER, stores, settings, health_checked=len(stores) > 1)
         )
     return clusters
+
+
+def trainer_cluster(settings: EnvoySettings) -> dict[str, Any]:
+    """One trainer: its endpoint. Several: all of them, health-checked on the trainer service,
+    which only the traffic plane's leader reports SERVING; with no leader (the old one died,
+    the next not elected yet) Envoy answers UNAVAILABLE instead of trying a standby."""
+    assert settings.trainer is not None
+    trainers = [settings.trainer, *settings.extra_trainers]
+    several = len(trainers) > 1
+    cluster = endpoint_cluster(
+        TRAINER_CLUSTER,
+        trainers,
+        settings,
+        health_checked=several,
+        health_service=TRAINER_SERVICE if several else "",
+    )
+    if several:
+        cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    return cluster
 
 
 def store_endpoints(settings: EnvoySettings) -> list[Endpoint]:

@@ -39,6 +39,7 @@ def edge_settings(
     monitor: str | None,
     trainer: str,
     extra_stores: Sequence[str] = (),
+    extra_trainers: Sequence[str] = (),
 ) -> EnvoySettings:
     """The one description of the mesh's Envoy: the supervisor writes its bootstrap from it and
     the trainer its clusters and routes, so both agree."""
@@ -52,6 +53,7 @@ def edge_settings(
         extra_stores=tuple(_endpoint(s) for s in extra_stores),
         monitor=_endpoint(monitor) if monitor else None,
         trainer=_endpoint(trainer),
+        extra_trainers=tuple(_endpoint(t) for t in extra_trainers),
         cold_start_hold_s=COLD_START_HOLD_S,
     )
 

@@ -15,7 +15,7 @@ import logging
 import re
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -25,6 +25,7 @@ from google.protobuf import descriptor_pb2
 from cyclone.envoy import config as cfg
 from cyclone.envoy.admin import EnvoyAdmin
 from cyclone.envoy.files import EnvoyConfigError, dump, envoy_binary, validate, write_atomically
+from cyclone.errors import NotLeader
 from cyclone.traffic import Endpoint, Revision, RevisionStats, TrafficSplit
 
 log = logging.getLogger(__name__)
@@ -122,11 +123,23 @@ def load_splits(path: Any) -> dict[str, TrafficSplit]:
         return {}
 
 
+async def _always() -> bool:
+    return True
+
+
 class EnvoyProxy:
     """One Envoy process in front of Cyclone; `async with EnvoyProxy(settings) as proxy:`."""
 
-    def __init__(self, settings: cfg.EnvoySettings) -> None:
+    def __init__(
+        self,
+        settings: cfg.EnvoySettings,
+        *,
+        may_write: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
         self.settings = settings
+        # Fencing: asked before every xDS write; False (a trainer whose leadership ended)
+        # refuses the write with NotLeader, so a deposed leader never drives Envoy.
+        self.may_write = may_write or _always
         self.layout = cfg.Layout(settings.work_dir)
         self._services = descriptor_services(settings.descriptor)
         self._splits: dict[str, TrafficSplit] = {}
@@ -181,6 +194,7 @@ class EnvoyProxy:
         """Write and validate the bootstrap, the listeners and the initial clusters and routes
         (the components only, plus any split applied before start). Whoever runs Envoy calls
         it once; an Envoy restarted on the same files comes back with the last config."""
+        await self._check_may_write()
         layout = self.layout
         layout.xds_dir.mkdir(parents=True, exist_ok=True)
         clusters = cfg.component_clusters(self.settings)
@@ -475,7 +489,12 @@ class EnvoyProxy:
             await self._wait_drained(leaving)
             await self._write_clusters(target)
 
+    async def _check_may_write(self) -> None:
+        if not await self.may_write():
+            raise NotLeader("envoy: this trainer no longer leads the traffic plane; not writing")
+
     async def _write_clusters(self, clusters: list[dict[str, Any]], timeout: float = 30.0) -> None:
+        await self._check_may_write()
         self._version += 1
         write_atomically(self.layout.cds, dump(cfg.cds_response(str(self._version), clusters)))
         self._installed_clusters = clusters
@@ -504,6 +523,7 @@ class EnvoyProxy:
         routes = {t: body for t, body in routes.items() if self._installed_routes.get(t) != body}
         if not routes:
             return
+        await self._check_may_write()
         self._version += 1
         version = str(self._version)
         for table, body in routes.items():

@@ -76,9 +76,12 @@ class ClusterSettings:
     inference_cpu: int = 500
     inference_memory_mb: int = 512
     # Control-plane instances (docs/scaling-out.md): stores are stateless over the one
-    # database; monitors share the models through leases in the store. The trainer stays one.
+    # database; monitors share the models through leases in the store; trainers claim jobs
+    # through leases too. On Nomad no trainer drives Envoy (its routes are rendered here and
+    # rollouts are Nomad deployments), so any trainer serves any trainer call.
     stores: int = 2
     monitors: int = 2
+    trainers: int = 2
 
     def __post_init__(self) -> None:
         if self.discovery not in DISCOVERY:
@@ -91,6 +94,8 @@ class ClusterSettings:
             raise ValueError(f"stores: must be >= 1, got {self.stores}")
         if self.monitors < 1:
             raise ValueError(f"monitors: must be >= 1, got {self.monitors}")
+        if self.trainers < 1:
+            raise ValueError(f"trainers: must be >= 1, got {self.trainers}")
 
 
 @dataclass(frozen=True)
@@ -274,9 +279,10 @@ def trainer_job(settings: ClusterSettings) -> Block:
         TRAINER_SERVICE,
         TRAINER_PORT,
         ["--model-repository", settings.models_path],
-        [_store_env(settings)],
+        [_store_env(settings), INSTANCE_ENV],
         settings,
         models=True,
+        count=settings.trainers,
     )
 
 

@@ -883,6 +883,44 @@ resources:
               '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
           host_selection_retry_max_attempts: 3
     - match:
+        path: /cyclone.store.v1.StoreService/AcquireRoleLease
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
+        path: /cyclone.store.v1.StoreService/ReleaseRoleLease
+        grpc: {}
+      route:
+        cluster: cyclone-store
+        timeout: 0s
+        max_stream_duration:
+          grpc_timeout_header_max: 0s
+        retry_policy:
+          retry_on: connect-failure,refused-stream,unavailable,reset
+          num_retries: 3
+          retry_back_off:
+            base_interval: 0.05s
+            max_interval: 0.5s
+          retry_host_predicate:
+          - name: envoy.retry_host_predicates.previous_hosts
+            typed_config:
+              '@type': type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate
+          host_selection_retry_max_attempts: 3
+    - match:
         prefix: /cyclone.store.v1.StoreService/
       route:
         cluster: cyclone-store

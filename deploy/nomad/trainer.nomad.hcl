@@ -4,7 +4,7 @@ job "cyclone-trainer" {
   datacenters = ["dc1"]
 
   group "trainer" {
-    count = 1
+    count = 2
 
     update {
       max_parallel     = 1
@@ -59,6 +59,7 @@ job "cyclone-trainer" {
         change_mode = "restart"
         data        = <<EOT
 CYCLONE_STORE=ipv4:{{ range $i, $s := nomadService "cyclone-store" }}{{ if $i }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}
+CYCLONE_INSTANCE_ID={{ env "NOMAD_ALLOC_ID" }}
 EOT
       }
 

@@ -33,6 +33,7 @@ from services.store.db import (
     PredictionRow,
     TrainingChunk,
 )
+from services.store.db.role_leases import RoleFence
 from services.store.db.rollouts import RolloutEventRow, RolloutRow
 from services.store.domain import (
     EvaluationRecord,
@@ -399,7 +400,15 @@ def rollout_update_from_pb(r: pb.UpdateRolloutRequest) -> RolloutUpdate:
         reason=r.reason or None,
         progress=load_json_object(r.progress_json, "progress_json"),
         events=[event_from_pb(e) for e in r.events],
+        fence=fence_from_pb(r),
     )
+
+
+def fence_from_pb(r: pb.CreateRolloutRequest | pb.UpdateRolloutRequest) -> RoleFence | None:
+    """The role lease a write is made under; None when the request names none."""
+    if not r.HasField("fence"):
+        return None
+    return RoleFence(r.fence.role, r.fence.holder, r.fence.epoch)
 
 
 def rollout_to_pb(r: RolloutRow) -> pb.RolloutRecord:

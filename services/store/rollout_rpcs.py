@@ -18,7 +18,9 @@ class RolloutRpcs(RpcArea):
         self, request: pb.CreateRolloutRequest, context: Context
     ) -> pb.CreateRolloutResponse:
         created = await self.store.create_rollout(
-            convert.rollout_from_pb(request.rollout), convert.first_event_from_pb(request)
+            convert.rollout_from_pb(request.rollout),
+            convert.first_event_from_pb(request),
+            convert.fence_from_pb(request),
         )
         return pb.CreateRolloutResponse(rollout=convert.rollout_to_pb(created))
 

@@ -15,6 +15,7 @@ from cyclone.server import CycloneServer
 from cyclone.settings import ServerSettings, SettingsError
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
+from services.trainer.handoff import LeaderHandoff
 from services.trainer.jobs import (
     LEASE_SECONDS,
     MAX_LEASE_SECONDS,
@@ -24,6 +25,7 @@ from services.trainer.jobs import (
     ServeImmediately,
     StoreJobGateway,
 )
+from services.trainer.leader import DEFAULT_LEASE_SECONDS, LeaderElection
 from services.trainer.servicer import TrainerServicer
 from services.trainer.traffic import TrafficPlane
 
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 TRAINER_SERVICE = "cyclone.trainer.v1.TrainerService"
 JOB_EXECUTORS = ("local", "nomad")
+# Below this a lease is renewed more often than a loaded store answers.
+MIN_LEADER_LEASE_SECONDS = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +80,19 @@ class TrainerSettings(ServerSettings):
     # How long this trainer holds its jobs without renewing them (three times per lease): a
     # trainer that died loses its jobs to another (or to its restart) this long after.
     job_lease_seconds: float = LEASE_SECONDS
+    # Several trainers (docs/scaling-out.md): with `envoy`, the one holding the traffic role's
+    # lease in the store runs the traffic plane; the others stand by and take over this long
+    # after the leader stopped renewing (a clean stop hands over at once).
+    leader_lease_seconds: float = DEFAULT_LEASE_SECONDS
+    # This process's lease holder id (default: host, pid and a random part). Give each live
+    # trainer its own; a restart under the same id takes its old lease over at once.
+    instance_id: str = ""
+    # Where other trainers reach this one (HOST:PORT); default: this server's host and port.
+    advertise_address: str = ""
+    # Every store and every trainer Envoy's clusters hold, in one order all trainers share
+    # (`cyclone up --stores/--trainers N`); empty: `store` and this trainer.
+    envoy_stores: tuple[str, ...] = ()
+    envoy_trainers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,6 +107,11 @@ class TrainerSettings(ServerSettings):
             raise SettingsError(
                 f"job_lease_seconds: must be more than 0 and at most {MAX_LEASE_SECONDS:g},"
                 f" got {self.job_lease_seconds:g}"
+            )
+        if not MIN_LEADER_LEASE_SECONDS <= self.leader_lease_seconds <= MAX_LEASE_SECONDS:
+            raise SettingsError(
+                f"leader_lease_seconds: must be between {MIN_LEADER_LEASE_SECONDS:g} and"
+                f" {MAX_LEASE_SECONDS:g}, got {self.leader_lease_seconds:g}"
             )
         if self.pool_processes < 0:
             raise SettingsError(
@@ -107,6 +129,7 @@ class Trainer:
 
     runner: JobRunner
     traffic: TrafficPlane | None
+    election: LeaderElection | None = None
 
 
 def build_trainer_server(
@@ -115,9 +138,13 @@ def build_trainer_server(
     get_plugins()  # a broken plugin set fails at start-up, not mid-job
     channel = aio_channel(settings.store)
     store = store_grpc.StoreServiceStub(channel)
-    traffic = TrafficPlane(settings, store) if settings.envoy else None
-    if rollout is None and traffic is not None:
-        rollout = traffic.start_rollout
+    server = CycloneServer("trainer", settings)
+    traffic: TrafficPlane | None = None
+    election: LeaderElection | None = None
+    if settings.envoy:
+        election, traffic = _elected_traffic_plane(settings, store, server)
+        if rollout is None:
+            rollout = LeaderHandoff(election, traffic)
     runner = JobRunner(
         StoreJobGateway(store, settings.model_repository),
         settings.model_repository,
@@ -127,26 +154,63 @@ def build_trainer_server(
         remote_timeout=settings.remote_job_timeout_seconds,
         lease_seconds=settings.job_lease_seconds,
     )
-    server = CycloneServer("trainer", settings)
     server.add_service(
         TRAINER_SERVICE,
-        lambda s: pb_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(runner, traffic), s),
+        lambda s: pb_grpc.add_TrainerServiceServicer_to_server(
+            TrainerServicer(runner, traffic, election), s
+        ),
     )
 
     async def start() -> None:
-        if traffic is not None:
-            await traffic.start(server.port)
+        if election is not None:
+            # A standby is up (health "" SERVING) but not the trainer service's server.
+            await server.hold_back(TRAINER_SERVICE, True)
+            election.address = settings.advertise_address or _own_address(settings, server.port)
+            await election.start()
         await runner.start()
 
     async def stop() -> None:
         await runner.stop()
-        if traffic is not None:
-            await traffic.stop()
+        if election is not None:
+            await election.stop()
         await channel.close()
 
     server.on_start(start)
     server.on_shutdown(stop)
-    return server, Trainer(runner, traffic)
+    return server, Trainer(runner, traffic, election)
+
+
+def _elected_traffic_plane(
+    settings: TrainerSettings, store: store_grpc.StoreServiceStub, server: CycloneServer
+) -> tuple[LeaderElection, TrafficPlane]:
+    """The traffic plane, run only while this trainer holds the traffic role's lease."""
+
+    async def lead() -> None:
+        await traffic.start(server.port)
+        await server.hold_back(TRAINER_SERVICE, False)
+
+    async def step_down() -> None:
+        await server.hold_back(TRAINER_SERVICE, True)
+        await traffic.stop()
+
+    async def traffic_resume() -> None:
+        await traffic.resume()
+
+    election = LeaderElection(
+        store,
+        on_elected=lead,
+        on_deposed=step_down,
+        on_resumed=traffic_resume,
+        holder=settings.instance_id,
+        lease_seconds=settings.leader_lease_seconds,
+    )
+    traffic = TrafficPlane(settings, store, may_write=election.ensure_leading, fence=election.fence)
+    return election, traffic
+
+
+def _own_address(settings: TrainerSettings, port: int) -> str:
+    host = "127.0.0.1" if settings.host in ("", "0.0.0.0", "::") else settings.host
+    return f"{host}:{port}"
 
 
 class NomadDispatcher:

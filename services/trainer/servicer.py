@@ -1,6 +1,7 @@
 """`cyclone.trainer.v1.TrainerService`: translates protobuf <-> the job runner (retraining) and
 the rollout controller (traffic), through `convert.py`; without a router the rollout RPCs fail
-with FAILED_PRECONDITION."""
+with FAILED_PRECONDITION, on a standby trainer (another one leads the traffic plane) with
+UNAVAILABLE naming the leader."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from grpc import aio
 from cyclone.errors import (
     FailedPrecondition,
     InvalidArgument,
+    NotLeader,
 )
 from cyclone.rpc_errors import rpc_errors, upstream
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
 from services.trainer import convert
 from services.trainer.jobs import JobRunner
+from services.trainer.leader import LeaderElection
 from services.trainer.rollout import RolloutController
 from services.trainer.traffic import TrafficPlane
 
@@ -37,9 +40,15 @@ def _rollout_id(value: str) -> str:
 
 
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
-    def __init__(self, runner: JobRunner, traffic: TrafficPlane | None = None) -> None:
+    def __init__(
+        self,
+        runner: JobRunner,
+        traffic: TrafficPlane | None = None,
+        election: LeaderElection | None = None,
+    ) -> None:
         self.runner = runner
         self.traffic = traffic
+        self.election = election
 
     @rpc_errors(translate=store_errors)
     async def Retrain(self, request: pb.RetrainRequest, context: Context) -> pb.RetrainResponse:
@@ -74,7 +83,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     @rpc_errors(translate=store_errors)
     async def Rollout(self, request: pb.RolloutRequest, context: Context) -> pb.RolloutResponse:
         strategy = convert.strategy_from_pb(request.strategy)
-        started = await self._controller("Rollout").start(request.model, request.version, strategy)
+        self._controller("Rollout")
+        assert self.traffic is not None
+        started = await self.traffic.rollout(request.model, request.version, strategy)
         return pb.RolloutResponse(rollout=convert.rollout_to_pb(started))
 
     @rpc_errors(translate=store_errors)
@@ -130,10 +141,16 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             )
 
     def _controller(self, rpc: str) -> RolloutController:
-        controller = self.traffic.controller if self.traffic is not None else None
-        if controller is None:
+        if self.traffic is None:
             raise FailedPrecondition(
                 f"{rpc}: this trainer runs without a router (start it with --envoy, as "
                 "`cyclone up` does) so it cannot move traffic"
+            )
+        controller = self.traffic.controller
+        if controller is None:
+            leader = self.election.describe_leader() if self.election else "none"
+            raise NotLeader(
+                f"{rpc}: this trainer is a standby; the traffic plane's leader is {leader}"
+                " (retry: through Envoy's control listener calls reach the leader)"
             )
         return controller

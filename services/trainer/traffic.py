@@ -1,6 +1,7 @@
 """The trainer's traffic plane: Envoy, the model revisions and the rollouts that move between them.
 
-Started with the trainer when it runs with `envoy` on: it starts Envoy, resumes (or rolls
+Started when a trainer running with `envoy` on leads the traffic plane (one trainer at a time,
+`services.trainer.leader`; a lone trainer leads at once): it starts Envoy, resumes (or rolls
 back) the rollouts a previous process left, then serves every registered model. With
 `idle_timeout_seconds` it also scales idle revisions to zero (`services.trainer.idle`). Stopped
 in reverse: rollouts pause where they are (they resume on the next start), the revisions stop,
@@ -9,20 +10,31 @@ Envoy stops.
 With `envoy_apart` (as under `cyclone up`) the data plane outlives the trainer: Envoy runs
 under the mesh's supervisor and the revisions in sessions of their own. The trainer attaches to
 that Envoy, adopts the revisions a previous trainer left running, and at stop leaves both as
-they are, so a trainer that dies or restarts fails no request.
+they are, so a trainer that dies or restarts fails no request. With several trainers, the one
+elected next does the same; its writes are fenced (`may_write`, `fence`) so one that lost the
+lead writes nothing.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cyclone.envoy import EnvoyProxy
 from cyclone.envoy.edge import edge_settings
+from cyclone.errors import NotLeader
 from cyclone.plugins import orchestrators
+from cyclone.rollout_strategies import StrategyName
+from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from services.trainer.idle import IdleWatcher
-from services.trainer.rollout import ControllerSettings, ProbeSmokeTester, RolloutController
+from services.trainer.rollout import (
+    ControllerSettings,
+    ProbeSmokeTester,
+    Rollout,
+    RolloutController,
+)
 from services.trainer.rollout.calibrations import RepositoryCalibrations
 from services.trainer.rollout.store_gateway import StoreGateway
 from services.trainer.serving import ServingKeeper
@@ -31,9 +43,20 @@ log = logging.getLogger(__name__)
 
 
 class TrafficPlane:
-    def __init__(self, settings: Any, store: store_grpc.StoreServiceStub) -> None:
+    def __init__(
+        self,
+        settings: Any,
+        store: store_grpc.StoreServiceStub,
+        *,
+        may_write: Callable[[], Awaitable[bool]] | None = None,
+        fence: Callable[[], Awaitable[store_pb.RoleFence | None]] | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
+        # Fencing when several trainers elect a leader (services.trainer.leader): Envoy's
+        # writes ask `may_write`, rollout writes carry `fence`.
+        self.may_write = may_write
+        self.fence = fence
         self.proxy: EnvoyProxy | None = None
         self.orchestrator: Any = None
         self.controller: RolloutController | None = None
@@ -71,10 +94,15 @@ class TrafficPlane:
                 public_port=s.public_port,
                 control_port=s.control_port,
                 admin_port=s.envoy_admin_port,
-                store=s.store,
                 monitor=s.monitor or None,
-                trainer=f"127.0.0.1:{trainer_port}",
-            )
+                # Several stores or trainers (`cyclone up --stores/--trainers N`): Envoy's
+                # clusters hold them all, in the order every trainer is given them.
+                store=(s.envoy_stores or (s.store,))[0],
+                extra_stores=s.envoy_stores[1:],
+                trainer=(s.envoy_trainers or (f"127.0.0.1:{trainer_port}",))[0],
+                extra_trainers=s.envoy_trainers[1:],
+            ),
+            may_write=self.may_write,
         )
         if s.envoy_apart:
             await self.proxy.attach()
@@ -84,7 +112,7 @@ class TrafficPlane:
                 log.info("adopted %d running revision(s)", len(adopted))
         else:
             await self.proxy.start()
-        self._gateway = StoreGateway(s.store)
+        self._gateway = StoreGateway(s.store, fence=self.fence)
         self.controller = RolloutController(
             self.orchestrator,
             self.proxy,
@@ -117,12 +145,23 @@ class TrafficPlane:
 
     async def start_rollout(self, model: str, version: str, job_id: int) -> str:
         """The retraining job's hand-off: roll the new version out with the plan's strategy."""
+        return (await self.rollout(model, version)).id
+
+    async def rollout(
+        self, model: str, version: str, strategy: StrategyName | None = None
+    ) -> Rollout:
+        """Start a rollout (the plan's strategy unless given) from a running revision."""
         if self.controller is None:
-            raise RuntimeError("the traffic plane is not started")
+            raise NotLeader("the traffic plane is not started on this trainer")
         if self.idle is not None:
             await self.idle.wake_model(model)  # the rollout starts from a running revision
-        rollout = await self.controller.start(model, version)
-        return rollout.id
+        return await self.controller.start(model, version, strategy)
+
+    async def resume(self) -> None:
+        """After a lapse of leadership nobody else used: drive again the rollouts whose writes
+        were refused meanwhile, from what the store recorded."""
+        if self.controller is not None:
+            await self.controller.start_up()
 
     async def _rollout_active(self, model: str) -> bool:
         if self.controller is None:
@@ -130,13 +169,20 @@ class TrafficPlane:
         return any(r.state.active for r in await self.controller.list(model, 10))
 
     async def stop(self) -> None:
-        if self.idle is not None:
-            await self.idle.close()
-        if self.controller is not None:
-            await self.controller.close()
-        if self.orchestrator is not None:
-            await self.orchestrator.close()
-        if self.proxy is not None:
-            await self.proxy.stop()
-        if self._gateway is not None:
-            await self._gateway.close()
+        """Stop driving traffic; it can start again (a trainer elected anew)."""
+        idle, self.idle = self.idle, None
+        controller, self.controller = self.controller, None
+        self.keeper = None
+        orchestrator, self.orchestrator = self.orchestrator, None
+        proxy, self.proxy = self.proxy, None
+        gateway, self._gateway = self._gateway, None
+        if idle is not None:
+            await idle.close()
+        if controller is not None:
+            await controller.close()
+        if orchestrator is not None:
+            await orchestrator.close()
+        if proxy is not None:
+            await proxy.stop()
+        if gateway is not None:
+            await gateway.close()

@@ -199,6 +199,8 @@ def test_internal_rpcs_have_no_rest_mapping_and_the_rest_do(descriptor: Any) -> 
             "RecordEvaluation",
             "LeaseModels",
             "ReleaseModelLeases",
+            "AcquireRoleLease",
+            "ReleaseRoleLease",
             "CreateTrainingJob",
             "UpdateTrainingJob",
             "FailOrphanedTrainingJobs",

@@ -127,6 +127,7 @@ def test_cli_renders_from_a_model_repository(tmp_path: Path) -> None:
         (["--model-repository", ".", "--replicas", "-1"], "--replicas"),
         (["--model-repository", ".", "--stores", "0"], "--stores"),
         (["--model-repository", ".", "--monitors", "0"], "--monitors"),
+        (["--model-repository", ".", "--trainers", "0"], "--trainers"),
     ],
 )
 def test_cli_bad_input_names_the_option(tmp_path: Path, args: list[str], message: str) -> None:
@@ -145,13 +146,17 @@ def _env(text: str) -> str:
     return str(template["data"])
 
 
-def test_stores_and_monitors_run_several_instances_the_trainer_one() -> None:
+def test_stores_monitors_and_trainers_run_several_instances() -> None:
     files = nomad.render(nomad.example_revisions())
     assert _group(files["store.nomad.hcl"])["count"] == 2
     assert _group(files["monitor.nomad.hcl"])["count"] == 2
-    assert _group(files["trainer.nomad.hcl"])["count"] == 1
-    # Each monitor is its own lease holder: the allocation tells them apart.
-    assert 'CYCLONE_INSTANCE_ID={{ env "NOMAD_ALLOC_ID" }}' in _env(files["monitor.nomad.hcl"])
+    assert _group(files["trainer.nomad.hcl"])["count"] == 2
+    # Each monitor and trainer is its own lease holder: the allocation tells them apart.
+    for job in ("monitor.nomad.hcl", "trainer.nomad.hcl"):
+        assert 'CYCLONE_INSTANCE_ID={{ env "NOMAD_ALLOC_ID" }}' in _env(files[job]), job
+    # No trainer drives Envoy on Nomad (routes rendered, rollouts are deployments): none
+    # leads a traffic plane, so any of them serves any call.
+    assert "--envoy" not in files["trainer.nomad.hcl"]
     # Callers list every store in one gRPC target and fail over between them.
     for job in ("monitor.nomad.hcl", "trainer.nomad.hcl", "revisions/credit--1.nomad.hcl"):
         assert "CYCLONE_STORE=ipv4:{{ range $i, $s := nomadService" in _env(files[job]), job

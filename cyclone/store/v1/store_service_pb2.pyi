@@ -2771,6 +2771,7 @@ class CreateRolloutRequest(_message.Message):
 
     ROLLOUT_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    FENCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rollout(self) -> Global___RolloutRecord:
         """The rollout; id, events and times are ignored."""
@@ -2779,15 +2780,22 @@ class CreateRolloutRequest(_message.Message):
     def event(self) -> Global___RolloutEvent:
         """Its first event."""
 
+    @_builtins.property
+    def fence(self) -> Global___RoleFence:
+        """When set, recorded only while this role lease is held (the trainer
+        leading the traffic plane); FAILED_PRECONDITION otherwise.
+        """
+
     def __init__(
         self,
         *,
         rollout: Global___RolloutRecord | None = ...,
         event: Global___RolloutEvent | None = ...,
+        fence: Global___RoleFence | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "rollout", b"rollout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "fence", b"fence", "rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "rollout", b"rollout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "fence", b"fence", "rollout", b"rollout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2830,6 +2838,7 @@ class UpdateRolloutRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     PROGRESS_JSON_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    FENCE_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.int
     """Rollout id."""
     state: _builtins.str
@@ -2846,6 +2855,12 @@ class UpdateRolloutRequest(_message.Message):
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutEvent]:
         """Events to append."""
 
+    @_builtins.property
+    def fence(self) -> Global___RoleFence:
+        """When set, recorded only while this role lease is held (the trainer
+        leading the traffic plane); FAILED_PRECONDITION otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -2856,10 +2871,11 @@ class UpdateRolloutRequest(_message.Message):
         reason: _builtins.str = ...,
         progress_json: _builtins.str = ...,
         events: _abc.Iterable[Global___RolloutEvent] | None = ...,
+        fence: Global___RoleFence | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_weight", b"current_weight", "events", b"events", "progress_json", b"progress_json", "reason", b"reason", "rollout_id", b"rollout_id", "state", b"state", "weights_json", b"weights_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_weight", b"current_weight", "events", b"events", "fence", b"fence", "progress_json", b"progress_json", "reason", b"reason", "rollout_id", b"rollout_id", "state", b"state", "weights_json", b"weights_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3138,3 +3154,194 @@ class ReleaseModelLeasesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseModelLeasesResponse: _TypeAlias = ReleaseModelLeasesResponse  # noqa: Y015
+
+@_typing.final
+class RoleFence(_message.Message):
+    """RoleFence names the role lease a write is made under."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """The role (e.g. "trainer-traffic")."""
+    holder: _builtins.str
+    """The holder making the write."""
+    epoch: _builtins.int
+    """The epoch the holder got from AcquireRoleLease."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "holder", b"holder", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoleFence: _TypeAlias = RoleFence  # noqa: Y015
+
+@_typing.final
+class AcquireRoleLeaseRequest(_message.Message):
+    """AcquireRoleLeaseRequest takes or renews a role's lease for one holder."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """The role, a name (e.g. "trainer-traffic")."""
+    holder: _builtins.str
+    """Who asks: one id per process, unique among live ones."""
+    lease_seconds: _builtins.float
+    """How long the lease lasts unless renewed (0.5..3600)."""
+    epoch: _builtins.int
+    """The epoch the holder believes it holds (0: none yet). A renewal needs the
+    holder's unexpired lease with this epoch; otherwise the role is taken
+    only when free or expired, with a new epoch.
+    """
+    address: _builtins.str
+    """Where the holder serves (HOST:PORT), told to the others."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        lease_seconds: _builtins.float = ...,
+        epoch: _builtins.int = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "holder", b"holder", "lease_seconds", b"lease_seconds", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcquireRoleLeaseRequest: _TypeAlias = AcquireRoleLeaseRequest  # noqa: Y015
+
+@_typing.final
+class RoleLease(_message.Message):
+    """RoleLease is a role's current lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """The role."""
+    holder: _builtins.str
+    """Who holds it."""
+    epoch: _builtins.int
+    """Its epoch: one more at each change of holder (a fencing token)."""
+    address: _builtins.str
+    """Where the holder serves."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When it ends unless renewed."""
+
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "epoch", b"epoch", "expires_at", b"expires_at", "holder", b"holder", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoleLease: _TypeAlias = RoleLease  # noqa: Y015
+
+@_typing.final
+class AcquireRoleLeaseResponse(_message.Message):
+    """AcquireRoleLeaseResponse says whether the caller holds the role now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELD_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    held: _builtins.bool
+    """True when the caller holds the role after the call."""
+    @_builtins.property
+    def lease(self) -> Global___RoleLease:
+        """The role's lease after the call (the caller's, or the other holder's)."""
+
+    def __init__(
+        self,
+        *,
+        held: _builtins.bool = ...,
+        lease: Global___RoleLease | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "lease", b"lease"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcquireRoleLeaseResponse: _TypeAlias = AcquireRoleLeaseResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseRoleLeaseRequest(_message.Message):
+    """ReleaseRoleLeaseRequest names the lease to end."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """The role."""
+    holder: _builtins.str
+    """The holder stopping."""
+    epoch: _builtins.int
+    """Its epoch."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "holder", b"holder", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseRoleLeaseRequest: _TypeAlias = ReleaseRoleLeaseRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseRoleLeaseResponse(_message.Message):
+    """ReleaseRoleLeaseResponse says whether a lease ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    released: _builtins.bool
+    """True when the holder held the role with that epoch and it ended now."""
+    def __init__(
+        self,
+        *,
+        released: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseRoleLeaseResponse: _TypeAlias = ReleaseRoleLeaseResponse  # noqa: Y015

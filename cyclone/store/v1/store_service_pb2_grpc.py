@@ -146,6 +146,16 @@ class StoreServiceStub:
                 request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseModelLeasesRequest.SerializeToString,
                 response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseModelLeasesResponse.FromString,
                 _registered_method=True)
+        self.AcquireRoleLease = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/AcquireRoleLease',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.AcquireRoleLeaseRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.AcquireRoleLeaseResponse.FromString,
+                _registered_method=True)
+        self.ReleaseRoleLease = channel.unary_unary(
+                '/cyclone.store.v1.StoreService/ReleaseRoleLease',
+                request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseRoleLeaseRequest.SerializeToString,
+                response_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseRoleLeaseResponse.FromString,
+                _registered_method=True)
         self.CreateTrainingJob = channel.unary_unary(
                 '/cyclone.store.v1.StoreService/CreateTrainingJob',
                 request_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.CreateTrainingJobRequest.SerializeToString,
@@ -381,6 +391,25 @@ class StoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcquireRoleLease(self, request, context):
+        """AcquireRoleLease takes or renews the lease of a named role that one
+        instance at a time may play (the trainers' traffic plane). The holder
+        renews it with the epoch it got; a free or expired role is taken with the
+        next epoch (a fencing token: writes made under an older one are refused).
+        `held` false names the current holder.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseRoleLease(self, request, context):
+        """ReleaseRoleLease ends the holder's lease at once (a clean stop), so a
+        standby takes the role at its next try instead of at expiry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateTrainingJob(self, request, context):
         """Training jobs
 
@@ -590,6 +619,16 @@ def add_StoreServiceServicer_to_server(servicer, server):
                     servicer.ReleaseModelLeases,
                     request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseModelLeasesRequest.FromString,
                     response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseModelLeasesResponse.SerializeToString,
+            ),
+            'AcquireRoleLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireRoleLease,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.AcquireRoleLeaseRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.AcquireRoleLeaseResponse.SerializeToString,
+            ),
+            'ReleaseRoleLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseRoleLease,
+                    request_deserializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseRoleLeaseRequest.FromString,
+                    response_serializer=cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseRoleLeaseResponse.SerializeToString,
             ),
             'CreateTrainingJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateTrainingJob,
@@ -1248,6 +1287,60 @@ class StoreService:
             '/cyclone.store.v1.StoreService/ReleaseModelLeases',
             cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseModelLeasesRequest.SerializeToString,
             cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseModelLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireRoleLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/AcquireRoleLease',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.AcquireRoleLeaseRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.AcquireRoleLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseRoleLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyclone.store.v1.StoreService/ReleaseRoleLease',
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseRoleLeaseRequest.SerializeToString,
+            cyclone_dot_store_dot_v1_dot_store__service__pb2.ReleaseRoleLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

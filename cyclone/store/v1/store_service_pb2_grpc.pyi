@@ -102,6 +102,17 @@ class StoreServiceStub:
     """ReleaseModelLeases gives up every lease of a holder (a monitor stopping),
     so the others take its models on their next tick instead of at expiry.
     """
+    AcquireRoleLease: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.AcquireRoleLeaseRequest, _store_service_pb2.AcquireRoleLeaseResponse]
+    """AcquireRoleLease takes or renews the lease of a named role that one
+    instance at a time may play (the trainers' traffic plane). The holder
+    renews it with the epoch it got; a free or expired role is taken with the
+    next epoch (a fencing token: writes made under an older one are refused).
+    `held` false names the current holder.
+    """
+    ReleaseRoleLease: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.ReleaseRoleLeaseRequest, _store_service_pb2.ReleaseRoleLeaseResponse]
+    """ReleaseRoleLease ends the holder's lease at once (a clean stop), so a
+    standby takes the role at its next try instead of at expiry.
+    """
     CreateTrainingJob: _grpc.UnaryUnaryMultiCallable[_store_service_pb2.CreateTrainingJobRequest, _store_service_pb2.CreateTrainingJobResponse]
     """Training jobs
 
@@ -220,6 +231,17 @@ class StoreServiceAsyncStub(StoreServiceStub):
     ReleaseModelLeases: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ReleaseModelLeasesRequest, _store_service_pb2.ReleaseModelLeasesResponse]  # type: ignore[assignment]
     """ReleaseModelLeases gives up every lease of a holder (a monitor stopping),
     so the others take its models on their next tick instead of at expiry.
+    """
+    AcquireRoleLease: _aio.UnaryUnaryMultiCallable[_store_service_pb2.AcquireRoleLeaseRequest, _store_service_pb2.AcquireRoleLeaseResponse]  # type: ignore[assignment]
+    """AcquireRoleLease takes or renews the lease of a named role that one
+    instance at a time may play (the trainers' traffic plane). The holder
+    renews it with the epoch it got; a free or expired role is taken with the
+    next epoch (a fencing token: writes made under an older one are refused).
+    `held` false names the current holder.
+    """
+    ReleaseRoleLease: _aio.UnaryUnaryMultiCallable[_store_service_pb2.ReleaseRoleLeaseRequest, _store_service_pb2.ReleaseRoleLeaseResponse]  # type: ignore[assignment]
+    """ReleaseRoleLease ends the holder's lease at once (a clean stop), so a
+    standby takes the role at its next try instead of at expiry.
     """
     CreateTrainingJob: _aio.UnaryUnaryMultiCallable[_store_service_pb2.CreateTrainingJobRequest, _store_service_pb2.CreateTrainingJobResponse]  # type: ignore[assignment]
     """Training jobs
@@ -468,6 +490,29 @@ class StoreServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_store_service_pb2.ReleaseModelLeasesResponse, _abc.Awaitable[_store_service_pb2.ReleaseModelLeasesResponse]]:
         """ReleaseModelLeases gives up every lease of a holder (a monitor stopping),
         so the others take its models on their next tick instead of at expiry.
+        """
+
+    @_abc_1.abstractmethod
+    def AcquireRoleLease(
+        self,
+        request: _store_service_pb2.AcquireRoleLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.AcquireRoleLeaseResponse, _abc.Awaitable[_store_service_pb2.AcquireRoleLeaseResponse]]:
+        """AcquireRoleLease takes or renews the lease of a named role that one
+        instance at a time may play (the trainers' traffic plane). The holder
+        renews it with the epoch it got; a free or expired role is taken with the
+        next epoch (a fencing token: writes made under an older one are refused).
+        `held` false names the current holder.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseRoleLease(
+        self,
+        request: _store_service_pb2.ReleaseRoleLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_store_service_pb2.ReleaseRoleLeaseResponse, _abc.Awaitable[_store_service_pb2.ReleaseRoleLeaseResponse]]:
+        """ReleaseRoleLease ends the holder's lease at once (a clean stop), so a
+        standby takes the role at its next try instead of at expiry.
         """
 
     @_abc_1.abstractmethod

@@ -19,6 +19,7 @@ from .outbox import OutboxMixin
 from .reads import ReadsMixin, decode_page_token, encode_page_token
 from .registry import RegistryMixin
 from .retention import RetentionMixin, RetentionResult
+from .role_leases import RoleFence, RoleLease, RoleLeasesMixin
 from .rollouts import RolloutsMixin
 from .rollup import RefreshResult, RollupMixin
 from .training import JobEndedError, TrainingJob, TrainingMixin
@@ -58,6 +59,7 @@ class StoreDB(
     RollupMixin,
     RetentionMixin,
     LeasesMixin,
+    RoleLeasesMixin,
 ):
     """The store's database: see the mixins for the methods."""
 
@@ -91,6 +93,8 @@ __all__ = [
     "PredictionRow",
     "RefreshResult",
     "RetentionResult",
+    "RoleFence",
+    "RoleLease",
     "StoreDB",
     "StoreError",
     "TrainingChunk",

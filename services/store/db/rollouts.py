@@ -13,6 +13,7 @@ from psycopg.types.json import Jsonb
 from cyclone.errors import FailedPrecondition
 
 from ._base import Conn, StoreBase
+from .role_leases import RoleFence, check_role_fence
 from .types import NotFoundError, StoreError
 
 ACTIVE_STATES = ("pending", "progressing", "paused")
@@ -84,10 +85,15 @@ def _event(r: Sequence[Any]) -> RolloutEventRow:
 
 
 class RolloutsMixin(StoreBase):
-    async def insert_rollout(self, rollout: RolloutRow, event: RolloutEventRow) -> RolloutRow:
-        """Record a new rollout and its first event; RolloutConflictError if one is active."""
+    async def insert_rollout(
+        self, rollout: RolloutRow, event: RolloutEventRow, fence: RoleFence | None = None
+    ) -> RolloutRow:
+        """Record a new rollout and its first event; RolloutConflictError if one is active,
+        LeaseLostError when `fence` no longer holds its role."""
         try:
             async with self.transaction() as c:
+                if fence is not None:
+                    await check_role_fence(c, fence)
                 cur = await c.execute(
                     "INSERT INTO rollouts (model, from_version, to_version, strategy, status,"
                     " current_weight, weights, reason, spec, progress)"
@@ -126,9 +132,13 @@ class RolloutsMixin(StoreBase):
         reason: str | None = None,
         progress: dict[str, Any] | None = None,
         events: Sequence[RolloutEventRow] = (),
+        fence: RoleFence | None = None,
     ) -> RolloutRow:
-        """Change state/weights/progress and append events in one transaction."""
+        """Change state/weights/progress and append events in one transaction (only while
+        `fence`, when given, holds its role)."""
         async with self.transaction() as c:
+            if fence is not None:
+                await check_role_fence(c, fence)
             cur = await c.execute(
                 "SELECT status FROM rollouts WHERE id = %s FOR UPDATE", (rollout_id,)
             )

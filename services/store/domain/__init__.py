@@ -2,7 +2,7 @@
 
 Every StoreService RPC is one `Store` method; the servicer modules translate protobuf with
 `services.store.convert` and call it, and it checks the request and calls `StoreDB`. One module
-per area -- `registry`, `predictions`, `monitoring`, `training`, `rollouts`, `leases` -- and
+per area -- `registry`, `predictions`, `monitoring`, `training`, `rollouts`, `leases`, `role_leases` -- and
 one set of checks with the one JSON policy (`checks`). A failed check names the request field at fault,
 and every error is a `cyclone.errors` type (the database layer raises those too), so
 `rpc_errors` maps it.
@@ -21,13 +21,16 @@ from .predictions import (
     TrainingRequest,
     TrainingStream,
 )
+from .role_leases import RoleLeasesArea
 from .rollouts import RolloutsArea, RolloutUpdate
 from .training import JobUpdate, TrainingArea
 
 
-class Store(PredictionsArea, MonitoringArea, TrainingArea, RolloutsArea, LeasesArea):
+class Store(
+    PredictionsArea, MonitoringArea, TrainingArea, RolloutsArea, LeasesArea, RoleLeasesArea
+):
     """One method per StoreService RPC (registry and predictions, monitoring, training jobs,
-    rollouts, model leases)."""
+    rollouts, model leases, role leases)."""
 
     def __init__(self, db: StoreDB) -> None:
         self.db = db

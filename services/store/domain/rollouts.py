@@ -9,10 +9,11 @@ from typing import Any
 
 from cyclone.errors import InvalidArgument, NotFound
 from cyclone.rollout_strategies import STRATEGIES
-from services.store.db import StoreDB
+from services.store.db import RoleFence, StoreDB
 from services.store.db.rollouts import ROLLOUT_STATES, RolloutEventRow, RolloutRow
 
 from .checks import finite_numbers, found, limit, one_of, percent, positive, require
+from .role_leases import check_fence
 
 MAX_LIST = 1000
 
@@ -29,6 +30,8 @@ class RolloutUpdate:
     reason: str | None = None
     progress: dict[str, Any] | None = None
     events: Sequence[RolloutEventRow] = ()
+    # The role lease the write is made under (the leading trainer's), checked by the store.
+    fence: RoleFence | None = None
 
 
 def check_event(event: RolloutEventRow, field: str) -> RolloutEventRow:
@@ -43,7 +46,10 @@ class RolloutsArea:
     db: StoreDB
 
     async def create_rollout(
-        self, rollout: RolloutRow, first_event: RolloutEventRow | None
+        self,
+        rollout: RolloutRow,
+        first_event: RolloutEventRow | None,
+        fence: RoleFence | None = None,
     ) -> RolloutRow:
         """Record a new rollout with its first event (FAILED_PRECONDITION while the model has
         an active one)."""
@@ -59,7 +65,7 @@ class RolloutsArea:
             raise NotFound(
                 f"rollout.to_version: model {rollout.model!r} has no version {rollout.to_version!r}"
             )
-        return await self.db.insert_rollout(rollout, first_event)
+        return await self.db.insert_rollout(rollout, first_event, check_fence(fence))
 
     async def update_rollout(self, update: RolloutUpdate) -> RolloutRow:
         """Record a step: FAILED_PRECONDITION once the rollout has ended."""
@@ -76,6 +82,7 @@ class RolloutsArea:
             reason=update.reason,
             progress=update.progress,
             events=update.events,
+            fence=check_fence(update.fence),
         )
 
     async def get_rollout(self, rollout_id: int) -> RolloutRow:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from cyclone.errors import FailedPrecondition, InvalidArgument, NotFound
+from cyclone.errors import FailedPrecondition, InvalidArgument, NotFound, NotLeader
 from cyclone.rollout_plan import RolloutSpec
 from cyclone.rollout_strategies import STRATEGIES, StrategyName
 from cyclone.traffic import Revision, RevisionStats, TrafficRouter, TrafficSplit, revision_name
@@ -248,11 +248,17 @@ class RolloutController:
                 self._watchers[rollout.id].remove(queue)
 
     async def start_up(self) -> None:
-        """Resume (or cleanly roll back) the rollouts a previous controller left active."""
+        """Resume (or cleanly roll back) the rollouts a previous controller left active, and
+        those this one stopped driving (a write refused while its leadership lapsed)."""
         running = {r.name: r for r in await self.orchestrator.running()}
         for rollout in await self.store.list(active_only=True, limit=1000):
+            task = self._tasks.get(rollout.id)
+            if task is not None and not task.done():
+                continue  # still driven here
             try:
                 await self._resume(rollout, running)
+            except NotLeader:
+                raise  # deposed while starting up: the new leader resumes it
             except Exception:
                 log.exception("rollout %s: could not resume; rolling back", rollout.id)
                 await self.roll_back_to_champion(rollout, "could not resume after a restart")
@@ -298,6 +304,11 @@ class RolloutController:
                         await self._tick(rollout)
             except asyncio.CancelledError:
                 raise
+            except NotLeader as exc:
+                # A write refused (leadership lapsed or lost): stop driving, roll nothing back.
+                # The store has its last recorded step; whoever leads next resumes from it.
+                log.warning("rollout %s: %s; resumed by the next leader", rollout.id, exc)
+                break
             except Exception as exc:
                 log.exception("rollout %s: step failed", rollout.id)
                 async with self._lock(rollout.id):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,7 +13,7 @@ import yaml
 from grpc import aio
 
 from cyclone.channels import aio_channel
-from cyclone.errors import FailedPrecondition, NotFound
+from cyclone.errors import FailedPrecondition, NotFound, NotLeader
 from cyclone.rollout_plan import RolloutSpec, parse_rollout, rollout_to_dict
 from cyclone.store.v1 import store_service_pb2 as pb
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
@@ -74,13 +74,31 @@ def _row_key(features: dict[str, Any], i: int) -> str:
     return json.dumps({name: col[i] for name, col in features.items()}, sort_keys=True)
 
 
+async def _unfenced() -> pb.RoleFence | None:
+    return None
+
+
 class StoreGateway:
     """Talks to `cyclone.store.v1.StoreService` at `address`."""
 
-    def __init__(self, address: str, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 30.0,
+        *,
+        fence: Callable[[], Awaitable[pb.RoleFence | None]] | None = None,
+    ) -> None:
         self.channel = aio_channel(address)
         self.stub = pb_grpc.StoreServiceStub(self.channel)
         self.timeout = timeout
+        # The leading trainer's role lease: rollout writes carry it and the store refuses them
+        # once another trainer took the lead (None: unfenced, a lone trainer without election).
+        self.fence = fence or _unfenced
+
+    def _fenced(self, exc: aio.AioRpcError) -> bool:
+        return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and (
+            exc.details() or ""
+        ).startswith("fence:")
 
     async def close(self) -> None:
         await self.channel.close()
@@ -176,10 +194,14 @@ class StoreGateway:
     async def create(self, rollout: Rollout, first: RolloutStep) -> Rollout:
         try:
             reply = await self.stub.CreateRollout(
-                pb.CreateRolloutRequest(rollout=self._record(rollout), event=step_to_pb(first)),
+                pb.CreateRolloutRequest(
+                    rollout=self._record(rollout), event=step_to_pb(first), fence=await self.fence()
+                ),
                 timeout=self.timeout,
             )
         except aio.AioRpcError as exc:
+            if self._fenced(exc):
+                raise NotLeader(exc.details() or "fenced") from None
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise FailedPrecondition(exc.details() or "model has an active rollout") from None
             if exc.code() == grpc.StatusCode.NOT_FOUND:
@@ -191,18 +213,24 @@ class StoreGateway:
         return rollout
 
     async def save(self, rollout: Rollout, steps: Sequence[RolloutStep]) -> None:
-        await self.stub.UpdateRollout(
-            pb.UpdateRolloutRequest(
-                rollout_id=int(rollout.id),
-                state=rollout.state.value,
-                current_weight=rollout.weight,
-                weights_json=json.dumps(rollout.weights),
-                reason=rollout.reason,
-                progress_json=json.dumps(rollout.progress.to_dict()),
-                events=[step_to_pb(s) for s in steps],
-            ),
-            timeout=self.timeout,
-        )
+        try:
+            await self.stub.UpdateRollout(
+                pb.UpdateRolloutRequest(
+                    rollout_id=int(rollout.id),
+                    state=rollout.state.value,
+                    current_weight=rollout.weight,
+                    weights_json=json.dumps(rollout.weights),
+                    reason=rollout.reason,
+                    progress_json=json.dumps(rollout.progress.to_dict()),
+                    events=[step_to_pb(s) for s in steps],
+                    fence=await self.fence(),
+                ),
+                timeout=self.timeout,
+            )
+        except aio.AioRpcError as exc:
+            if self._fenced(exc):
+                raise NotLeader(exc.details() or "fenced") from None
+            raise
 
     async def get(self, rollout_id: str) -> Rollout | None:
         if not rollout_id.isdigit():
