@@ -15,7 +15,7 @@ For each model count:
 - setup: how long starting the N pooled revisions and installing their routes took;
 - the standing CPU of the serving side with no traffic (Envoy + the pool, in % of one core),
   against the one-model mesh's: mostly Envoy's active health checks, one per pooled cluster
-  per member per `--health-interval-s`, which the same cores pay while serving.
+  per member per `--pool-health-interval-s`, which the same cores pay while serving.
 
 Models: a few random-forest pipelines (a few MB of ONNX each) fitted and converted once with
 `cyclone.models.convert.import_pipeline`, hard-linked under N model names (a version's
@@ -24,7 +24,7 @@ models would be. Traffic is measured after one warm-up pass of the same traffic.
 
 Usage: python -m bench.pool_scale [--models 10,100,500] [--requests 2000] [--rounds 3]
        [--concurrency 8] [--pool-memory-mb MB (default: what `cyclone up` gives, services.mesh)]
-       [--health-interval-s S (the pooled mesh's Envoy; default EnvoySettings')]
+       [--pool-health-interval-s S (the pooled clusters' health checks; default EnvoySettings')]
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ async def _traffic(
     return latencies
 
 
-async def _envoy(work_dir: Path, health_interval_s: float | None = None) -> EnvoyProxy:
+async def _envoy(work_dir: Path, pool_health_interval_s: float | None = None) -> EnvoyProxy:
     settings = EnvoySettings(
         work_dir=work_dir,
         public_host="127.0.0.1",
@@ -166,8 +166,8 @@ async def _envoy(work_dir: Path, health_interval_s: float | None = None) -> Envo
         control_port=0,
         rate_limit_per_client=None,  # one client sends all the traffic here
     )
-    if health_interval_s is not None:
-        settings = dataclasses.replace(settings, health_interval_s=health_interval_s)
+    if pool_health_interval_s is not None:
+        settings = dataclasses.replace(settings, pool_health_interval_s=pool_health_interval_s)
     proxy = EnvoyProxy(settings)
     await proxy.start()
     return proxy
@@ -239,7 +239,7 @@ async def pooled_mesh(
             "pool_memory_mb": args.pool_memory_mb,
         }
     )
-    proxy = await _envoy(work / f"pool-{count}-envoy", args.health_interval_s)
+    proxy = await _envoy(work / f"pool-{count}-envoy", args.pool_health_interval_s)
     try:
         started = time.perf_counter()
         semaphore = asyncio.Semaphore(8)
@@ -256,8 +256,8 @@ async def pooled_mesh(
         await proxy.wait_healthy(revisions[-1], 60)
         setup_s = time.perf_counter() - started
         pool_pids = orchestrator.replica_pids(revisions[0].name)
-        serving_pids = [*pool_pids, *([proxy.pid] if proxy.pid else [])]
-        idle_cpu = await _idle_cpu_percent(serving_pids)
+        pool_idle_cpu = await _idle_cpu_percent(pool_pids)
+        idle_cpu = pool_idle_cpu + await _idle_cpu_percent([proxy.pid] if proxy.pid else [])
         one_idle_cpu = await _idle_cpu_percent(one_model.pids())
 
         rng = np.random.default_rng(count)
@@ -290,7 +290,8 @@ async def pooled_mesh(
             f" {one_p99:.1f} ms over {len(baseline)}),"
             f" Envoy {envoy_rss / MIB:.0f} MiB, pool {_rss(pool_pids) / MIB:.0f} MiB"
             f" ({len(pool_pids)} processes), p99 all models {all_p99:.1f} ms; idle CPU"
-            f" {idle_cpu:.1f} % of a core (one-model mesh {one_idle_cpu:.1f} %)",
+            f" {idle_cpu:.1f} % of a core, the pool's {pool_idle_cpu:.1f} % (one-model mesh"
+            f" {one_idle_cpu:.1f} %)",
             flush=True,
         )
         figures.add(f"pool_{count}_rss_mib", rss / MIB, "MiB", dedicated / MIB, False)
@@ -343,10 +344,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--pool-memory-mb", type=float, default=None, help="default: cyclone up's budget"
     )
     parser.add_argument(
-        "--health-interval-s",
+        "--pool-health-interval-s",
         type=float,
         default=None,
-        help="the pooled mesh's Envoy health check interval (default: EnvoySettings')",
+        help="how often pooled clusters check a healthy member (default: EnvoySettings')",
     )
     args = parser.parse_args(argv)
     if args.pool_memory_mb is None:
