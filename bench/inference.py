@@ -21,7 +21,9 @@ give min..max. The machine is shared: figures are noisy, compare ratios from one
 Usage: python bench/inference.py [--seconds 3] [--reps 3] [--no-mlserver] [--no-logging]
        [--log-flush-intervals 0.2[,0.05...]] [--store-nice N]
 (`--log-flush-intervals`: one logging server per interval; `--store-nice N`: also the logged
-case with the store and its PostgreSQL backends at niceness N during that case only.)
+case with the store and its PostgreSQL backends at niceness N during that case only;
+`--baseline TREE`: another source tree's server, unlogged and logging to the same store, in
+the same interleaved run.)
 """
 
 from __future__ import annotations
@@ -361,6 +363,36 @@ def main() -> None:
                 cases.append(
                     Case("baseline_model_infer", base.address, INFER, infer, base.process.pid)
                 )
+                if not args.no_logging:
+                    # The baseline logging to the same store, at the first flush interval.
+                    base_logged = spawn(
+                        "inference",
+                        [
+                            "--model-repository",
+                            f"{tmp}/models",
+                            "--model",
+                            "rf",
+                            "--metrics-port",
+                            "-1",
+                            "--store",
+                            store_address,
+                        ],
+                        Path(tmp) / "baseline-logged.log",
+                        env={
+                            "PYTHONPATH": str(args.baseline.resolve()),
+                            "CYCLONE_LOG_FLUSH_INTERVAL": args.log_flush_intervals.split(",")[0],
+                        },
+                    )
+                    stopping.append(base_logged.stop)
+                    cases.append(
+                        Case(
+                            "baseline_model_infer_logged",
+                            base_logged.address,
+                            INFER,
+                            infer,
+                            base_logged.process.pid,
+                        )
+                    )
                 cases.append(
                     Case("baseline_predict", base.address, PREDICT, predict, base.process.pid)
                 )

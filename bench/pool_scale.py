@@ -12,7 +12,10 @@ For each model count:
   concurrency: the ratio (target <= 1.5);
 - the cold-load latency of an evicted version: it is unloaded from every member, then one
   request through Envoy (median and worst of a few);
-- setup: how long starting the N pooled revisions and installing their routes took.
+- setup: how long starting the N pooled revisions and installing their routes took;
+- the standing CPU of the serving side with no traffic (Envoy + the pool, in % of one core),
+  against the one-model mesh's: mostly Envoy's active health checks, one per pooled cluster
+  per member per `--pool-health-interval-s`, which the same cores pay while serving.
 
 Models: a few random-forest pipelines (a few MB of ONNX each) fitted and converted once with
 `cyclone.models.convert.import_pipeline`, hard-linked under N model names (a version's
@@ -21,6 +24,7 @@ models would be. Traffic is measured after one warm-up pass of the same traffic.
 
 Usage: python -m bench.pool_scale [--models 10,100,500] [--requests 2000] [--rounds 3]
        [--concurrency 8] [--pool-memory-mb MB (default: what `cyclone up` gives, services.mesh)]
+       [--pool-health-interval-s S (the pooled clusters' health checks; default EnvoySettings')]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -106,6 +111,22 @@ def _zipf(count: int, draws: int, rng: np.random.Generator) -> np.ndarray:
     return rng.choice(count, size=draws, p=weights / weights.sum())
 
 
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
+async def _idle_cpu_percent(pids: Sequence[int], seconds: float = 3.0) -> float:
+    """CPU the processes take with no traffic, in % of one core."""
+    before, started = _cpu_seconds(pids), time.perf_counter()
+    await asyncio.sleep(seconds)
+    return 100 * (_cpu_seconds(pids) - before) / (time.perf_counter() - started)
+
+
 def _rss(pids: Sequence[int]) -> int:
     total = 0
     for pid in pids:
@@ -137,16 +158,17 @@ async def _traffic(
     return latencies
 
 
-async def _envoy(work_dir: Path) -> EnvoyProxy:
-    proxy = EnvoyProxy(
-        EnvoySettings(
-            work_dir=work_dir,
-            public_host="127.0.0.1",
-            public_port=0,
-            control_port=0,
-            rate_limit_per_client=None,  # one client sends all the traffic here
-        )
+async def _envoy(work_dir: Path, pool_health_interval_s: float | None = None) -> EnvoyProxy:
+    settings = EnvoySettings(
+        work_dir=work_dir,
+        public_host="127.0.0.1",
+        public_port=0,
+        control_port=0,
+        rate_limit_per_client=None,  # one client sends all the traffic here
     )
+    if pool_health_interval_s is not None:
+        settings = dataclasses.replace(settings, pool_health_interval_s=pool_health_interval_s)
+    proxy = EnvoyProxy(settings)
     await proxy.start()
     return proxy
 
@@ -175,10 +197,13 @@ class OneModelMesh:
         took = await _traffic(self.proxy.public_address, [self.model], picks, concurrency)
         return took[self.model]
 
-    def rss(self) -> int:
+    def pids(self) -> list[int]:
         assert self.proxy is not None and self.revision is not None
         pids = self.orchestrator.replica_pids(self.revision.name)
-        return _rss([*pids, *([self.proxy.pid] if self.proxy.pid else [])])
+        return [*pids, *([self.proxy.pid] if self.proxy.pid else [])]
+
+    def rss(self) -> int:
+        return _rss(self.pids())
 
     async def stop(self) -> None:
         await self.orchestrator.close()
@@ -214,7 +239,7 @@ async def pooled_mesh(
             "pool_memory_mb": args.pool_memory_mb,
         }
     )
-    proxy = await _envoy(work / f"pool-{count}-envoy")
+    proxy = await _envoy(work / f"pool-{count}-envoy", args.pool_health_interval_s)
     try:
         started = time.perf_counter()
         semaphore = asyncio.Semaphore(8)
@@ -230,6 +255,10 @@ async def pooled_mesh(
         )
         await proxy.wait_healthy(revisions[-1], 60)
         setup_s = time.perf_counter() - started
+        pool_pids = orchestrator.replica_pids(revisions[0].name)
+        pool_idle_cpu = await _idle_cpu_percent(pool_pids)
+        idle_cpu = pool_idle_cpu + await _idle_cpu_percent([proxy.pid] if proxy.pid else [])
+        one_idle_cpu = await _idle_cpu_percent(one_model.pids())
 
         rng = np.random.default_rng(count)
         await _traffic(proxy.public_address, names, _zipf(count, args.requests, rng), 8)
@@ -245,7 +274,6 @@ async def pooled_mesh(
             every += [v for values in latencies.values() for v in values]
         hot_p99, all_p99 = percentile(hot, 0.99), percentile(every, 0.99)
         one_p99 = percentile(baseline, 0.99)
-        pool_pids = orchestrator.replica_pids(revisions[0].name)
         envoy_rss = _rss([proxy.pid] if proxy.pid else [])
         rss = _rss(pool_pids) + envoy_rss
 
@@ -261,7 +289,9 @@ async def pooled_mesh(
             f"  {count} models: setup {setup_s:.1f} s, {len(hot)} hot requests (one-model p99"
             f" {one_p99:.1f} ms over {len(baseline)}),"
             f" Envoy {envoy_rss / MIB:.0f} MiB, pool {_rss(pool_pids) / MIB:.0f} MiB"
-            f" ({len(pool_pids)} processes), p99 all models {all_p99:.1f} ms",
+            f" ({len(pool_pids)} processes), p99 all models {all_p99:.1f} ms; idle CPU"
+            f" {idle_cpu:.1f} % of a core, the pool's {pool_idle_cpu:.1f} % (one-model mesh"
+            f" {one_idle_cpu:.1f} %)",
             flush=True,
         )
         figures.add(f"pool_{count}_rss_mib", rss / MIB, "MiB", dedicated / MIB, False)
@@ -269,6 +299,7 @@ async def pooled_mesh(
         figures.add(f"pool_{count}_cold_load_median_ms", median(cold), "ms", hot_p99, False)
         figures.add(f"pool_{count}_cold_load_max_ms", max(cold), "ms", hot_p99, False)
         figures.add(f"pool_{count}_setup_s", setup_s, "s", setup_s, False)
+        figures.add(f"pool_{count}_idle_cpu_percent", idle_cpu, "%", one_idle_cpu, False)
         print(
             f"  targets: RSS {'within' if rss <= MEMORY_TARGET_BYTES else 'OVER'} 4 GiB;"
             f" hot p99 {hot_p99 / one_p99:.2f}x the one-model mesh"
@@ -311,6 +342,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
         "--pool-memory-mb", type=float, default=None, help="default: cyclone up's budget"
+    )
+    parser.add_argument(
+        "--pool-health-interval-s",
+        type=float,
+        default=None,
+        help="how often pooled clusters check a healthy member (default: EnvoySettings')",
     )
     args = parser.parse_args(argv)
     if args.pool_memory_mb is None:

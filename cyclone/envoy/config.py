@@ -111,6 +111,12 @@ class EnvoySettings:
     descriptor: Path = DESCRIPTOR
     concurrency: int | None = None  # worker threads; None = one per core
     health_interval_s: float = 1.0
+    # A pooled revision's cluster checks a healthy member this often (an unhealthy one every
+    # `health_interval_s`). Every pooled cluster checks the same few processes: at 1 s, 500
+    # models cost the pool ~1,000 checks a second, a third of a core with no traffic at all
+    # (bench/pool_scale.py). A member that dies refuses connections; outlier detection ejects
+    # it per cluster on its first failed requests, which Envoy retries on the other members.
+    pool_health_interval_s: float = 10.0
     # How long a health check may take. Longer than the interval on purpose: a revision slow
     # to answer on a loaded machine is still serving, and marking it unhealthy can leave a
     # killed sibling as the only place a failed-over retry may go. A dead revision refuses
@@ -175,6 +181,8 @@ class EnvoySettings:
             raise ValueError("cold_start_hold_s: must be 0 (off) or more")
         if self.health_interval_s <= 0:
             raise ValueError("health_interval_s: must be more than 0")
+        if self.pool_health_interval_s <= 0:
+            raise ValueError("pool_health_interval_s: must be more than 0")
         if self.health_timeout_s <= 0:
             raise ValueError("health_timeout_s: must be more than 0")
 
@@ -419,6 +427,11 @@ def endpoint_cluster(
 def revision_cluster(revision: Revision, settings: EnvoySettings) -> dict[str, Any]:
     cluster = endpoint_cluster(revision.name, revision.endpoints, settings, health_checked=True)
     if revision.pooled:
+        check = cluster["health_checks"][0]
+        check["interval"] = check["no_traffic_interval"] = _seconds(
+            max(settings.pool_health_interval_s, settings.health_interval_s)
+        )
+        check["unhealthy_interval"] = _seconds(settings.health_interval_s)
         cluster["typed_extension_protocol_options"] = _http2(_pool_headers(revision))
         # Each model on one member by a hash of the route's key (`_POOL_HASH`), not on all:
         # a member holds half the models, so twice as many fit before evictions.

@@ -65,6 +65,16 @@ class Prepared:
         return self._columns is None
 
 
+def feed_of(model: LoadedModel, job: Prepared) -> dict[str, np.ndarray]:
+    """onnxruntime's feed for one request: from its block when the model takes one, without
+    making the request's per-feature columns (`job.columns` would make them, and a request
+    that has them no longer counts as `whole_block`: the journal and the store sink then
+    take their slower per-column paths, ~15 µs more a logged request)."""
+    if model.takes_block and job.block is not None:
+        return model.feed_block(job.block, {})
+    return model.feed(job.columns)
+
+
 def _concat_columns(model: LoadedModel, jobs: Sequence[Prepared]) -> dict[str, np.ndarray]:
     return {
         name: np.concatenate([job.columns[name] for job in jobs]) for name in model.feature_names
@@ -72,7 +82,7 @@ def _concat_columns(model: LoadedModel, jobs: Sequence[Prepared]) -> dict[str, n
 
 
 def _run_one(model: LoadedModel, job: Prepared) -> Outputs:
-    return model.run(model.feed_block(job.block, job.columns), job.rows)
+    return model.run(feed_of(model, job), job.rows)
 
 
 def run_batch(model: LoadedModel, jobs: Sequence[Prepared]) -> list[Outputs | Exception]:

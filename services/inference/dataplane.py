@@ -19,7 +19,7 @@ import numpy as np
 
 from cyclone.ids import uuid7_batch
 from cyclone.telemetry import current_trace_id
-from services.inference.batching import Prepared, run_batch
+from services.inference.batching import Prepared, feed_of, run_batch
 from services.inference.catalog import ModelCatalog
 from services.inference.model import LoadedModel, Outputs
 from services.inference.sink import NullSink, PredictionSink
@@ -68,9 +68,7 @@ class DataPlane:
         scored = self.score_inline(model, job, started, record=record)
         if scored is not None:
             return scored
-        outputs = await asyncio.to_thread(
-            model.run, model.feed_block(job.block, job.columns), job.rows
-        )
+        outputs = await asyncio.to_thread(model.run, feed_of(model, job), job.rows)
         return self._scored(model, job, outputs, started, record)
 
     def score_inline(
@@ -83,7 +81,7 @@ class DataPlane:
         request is measurable at that size."""
         if job.rows > OFFLOAD_ROWS:
             return None
-        outputs = model.run(model.feed_block(job.block, job.columns), job.rows)
+        outputs = model.run(feed_of(model, job), job.rows)
         return self._scored(model, job, outputs, started, record)
 
     def _scored(
@@ -126,7 +124,7 @@ class DataPlane:
                 outcome = next(batched)
             else:
                 try:
-                    feed = model.feed_block(job.block, job.columns)
+                    feed = feed_of(model, job)
                     outcome = await asyncio.to_thread(model.run, feed, job.rows)
                 except Exception as exc:
                     outcome = exc

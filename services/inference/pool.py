@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
@@ -78,6 +79,12 @@ class ModelPool:
         self._loading: dict[tuple[str, str], asyncio.Future[LoadedModel]] = {}
         # Loads one at a time: the memory a load took is measured as the process's RSS growth.
         self._load_lock = asyncio.Lock()
+        # One thread loads versions and drops evicted ones: freeing an onnxruntime session
+        # holds the GIL ~1 ms, which would otherwise stall the event loop at every eviction.
+        # (Not at a lower priority: a niced loader holding the GIL is a priority inversion,
+        # measured worse for the hot models; docs/serving-pool.md.)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-loader")
+        self._used_bytes = 0
         self.loads = 0
         self.evictions = 0
         # Memory per byte of model file, the mean of what loads that grew the process took:
@@ -115,7 +122,9 @@ class ModelPool:
             started = time.perf_counter()
             rss_before = _rss()
             try:
-                loaded = await asyncio.to_thread(self._load, self.repository, model, version)
+                loaded = await asyncio.get_running_loop().run_in_executor(
+                    self._loader, self._load, self.repository, model, version
+                )
             except ModelLoadError as exc:
                 raise NotFound(
                     f"version: {model!r} version {version!r} cannot be loaded: {exc.message}"
@@ -137,6 +146,7 @@ class ModelPool:
             per_byte = sum(self._ratios) / len(self._ratios) if self._ratios else 1.0
             cost = max(grown, int(file_size * per_byte))
             self._resident[(model, version)] = _Resident(loaded, cost, time.monotonic())
+            self._used_bytes += cost
             self.loads += 1
             self._evict_past_budget(keep=(model, version))
             log.info(
@@ -155,19 +165,28 @@ class ModelPool:
         # No `heap.resettle()` here (a dedicated revision's load/unload does one): a full
         # collection per eviction would stall the event loop as often as models churn, and
         # versions loaded after start-up are never frozen, so the collector reaches them.
-        while self.used_bytes > self.budget_bytes and len(self._resident) > 1:
-            key, resident = next(iter(self._resident.items()))
+        while self._used_bytes > self.budget_bytes and len(self._resident) > 1:
+            key = next(iter(self._resident))
             if key == keep:
                 break
-            del self._resident[key]
+            cost = self._drop(key)
             self.evictions += 1
             self.recently_evicted.append(key)
             log.info(
                 "pool evicted %s version %s (%.1f MiB, least recently used)",
                 key[0],
                 key[1],
-                resident.cost_bytes / MIB,
+                cost / MIB,
             )
+
+    def _drop(self, key: tuple[str, str]) -> int:
+        """Forget a resident version; the loader thread releases it (its session's memory).
+        A request still scoring with it keeps it alive until that request ends."""
+        doomed = [self._resident.pop(key)]
+        cost = doomed[0].cost_bytes
+        self._used_bytes -= cost
+        self._loader.submit(doomed.clear)  # the last reference goes on the loader thread
+        return cost
 
     def unload(self, model: str, version: str | None = None) -> None:
         """Drop `model` at `version` (None: every version of it) ahead of the LRU."""
@@ -176,7 +195,7 @@ class ModelPool:
             what = f"{model!r}" + (f" version {version!r}" if version else "")
             raise NotFound(f"model_name: {what} is not loaded here")
         for key in keys:
-            del self._resident[key]
+            self._drop(key)
         self.evictions += len(keys)
 
     def models(self) -> list[LoadedModel]:
@@ -184,7 +203,7 @@ class ModelPool:
 
     @property
     def used_bytes(self) -> int:
-        return sum(r.cost_bytes for r in self._resident.values())
+        return self._used_bytes
 
     def stats(self) -> PoolStats:
         return PoolStats(

@@ -68,3 +68,24 @@ def test_pooled_clusters_bound_a_members_load_only_when_asked() -> None:
 def test_a_bound_under_the_mean_is_refused_naming_the_field() -> None:
     with pytest.raises(ValueError, match="pool_hash_balance_percent: must be 100 or more"):
         cfg.EnvoySettings(work_dir=Path("/nonexistent"), pool_hash_balance_percent=99)
+
+
+def test_pooled_clusters_check_healthy_members_less_often() -> None:
+    pooled = cfg.revision_cluster(Revision("credit", "1", POOL, pooled=True), SETTINGS)
+    check = pooled["health_checks"][0]
+    # Every pooled cluster checks the same members: a healthy one every 10 s, not every second.
+    assert check["interval"] == check["no_traffic_interval"] == "10s"
+    assert check["unhealthy_interval"] == "1s"  # a member that failed is watched as closely
+    assert pooled["outlier_detection"]["consecutive_local_origin_failure"] == 2
+    dedicated = cfg.revision_cluster(Revision("credit", "1", POOL), SETTINGS)
+    assert dedicated["health_checks"][0]["interval"] == "1s"
+    assert "unhealthy_interval" not in dedicated["health_checks"][0]
+    # Never less often than the base interval, should that be the longer one.
+    slow = cfg.EnvoySettings(work_dir=Path("/nonexistent"), health_interval_s=30)
+    pooled = cfg.revision_cluster(Revision("credit", "1", POOL, pooled=True), slow)
+    assert pooled["health_checks"][0]["interval"] == "30s"
+
+
+def test_a_pool_health_interval_of_zero_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="pool_health_interval_s: must be more than 0"):
+        cfg.EnvoySettings(work_dir=Path("/nonexistent"), pool_health_interval_s=0)
