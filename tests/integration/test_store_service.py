@@ -287,6 +287,52 @@ async def test_labels_before_and_after_predictions_and_replace(
     assert s.label_coverage == pytest.approx(4 / 6)
 
 
+async def test_labels_for_another_models_predictions_are_refused(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    """A label is checked against the model the request names; one for another model's
+    prediction would land on that model unchecked (a number on a classifier, or replacing its
+    label), so the request is refused and nothing of it is stored."""
+    await register(stub, HOUSE, HOUSE_SCHEMA, "regression")
+    await register(stub, IRIS, IRIS_SCHEMA, "classification")
+    records = [iris_record(i, "setosa") for i in range(3)]
+    ids = [r.prediction_id for r in records]
+    await log(stub, batch(records))
+    await stub.AddLabels(pb.AddLabelsRequest(model=IRIS, labels=text_labels([(ids[0], "setosa")])))
+    unknown = str(uuid7(at(900)))
+
+    await expect_error(
+        stub.AddLabels(
+            pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(unknown, 1.0), (ids[0], 3.0)]))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"labels[1].prediction_id: {ids[0]} is a prediction of model 'iris', not 'house'",
+    )
+    stream = [
+        pb.AddLabelsStreamRequest(
+            batch=pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(unknown, 1.0)]))
+        ),
+        pb.AddLabelsStreamRequest(
+            batch=pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(ids[1], 2.0)]))
+        ),
+    ]
+    await expect_error(
+        stub.AddLabelsStream(iter(stream)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "labels[1].prediction_id",
+    )
+    chunks = await training(stub, model=IRIS)
+    assert dict(zip(chunks[0].prediction_ids, chunks[0].labels.strings, strict=True)) == {
+        ids[0]: "setosa"
+    }
+    assert (await stats(stub, IRIS)).labels == 1
+    # The house's own labels still go in, matched or not.
+    ok = await stub.AddLabels(
+        pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(unknown, 1.0)]))
+    )
+    assert (ok.stored, list(ok.unmatched_prediction_ids)) == (1, [unknown])
+
+
 async def test_add_labels_stream(stub: pb_grpc.StoreServiceStub) -> None:
     ids = await setup_house(stub, n=25)
     missing = str(uuid7(at(500)))
