@@ -35,6 +35,7 @@ class ForeignLabels(InvalidArgument):
         self.model = model
         self.owners = owners
 
+
 _JSONB_OID = 3802
 
 
