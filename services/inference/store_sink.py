@@ -52,6 +52,10 @@ REJECTED = Counter(
     "cyclone_store_sink_rejected_rows",
     "Predictions the store refused as invalid, quarantined under <spool>/rejected",
 )
+UNJOURNALED = Counter(
+    "cyclone_store_sink_unjournaled_rows",
+    "Answered predictions the journal could not write (disk full): logged from memory only",
+)
 SPOOL_BYTES = Gauge("cyclone_store_sink_spool_bytes", "Bytes held in the disk spool")
 
 
@@ -256,8 +260,8 @@ class StoreSink:
             )
         )
         self._pending_rows += len(prediction_ids)
-        if self.journal is not None:
-            self.journal.append(self._pending[-1])
+        if self.journal is not None and not self.journal.append(self._pending[-1]):
+            UNJOURNALED.inc(len(prediction_ids))
         if self._pending_rows >= self.batch_rows:
             self._wake.set()
 
