@@ -21,6 +21,10 @@ class SpoolFull(Exception):
     """Adding the batch would pass the spool's byte bound, or the disk refused it."""
 
 
+class SpoolDiskFull(SpoolFull):
+    """The disk refused the batch (full, or failing)."""
+
+
 class SpoolInUse(RuntimeError):
     """Another process already spools into this directory."""
 
@@ -69,7 +73,7 @@ class Spool:
             tmp.rename(path)
         except OSError as exc:  # a full disk is a full spool: the caller counts the loss
             tmp.unlink(missing_ok=True)
-            raise SpoolFull(f"spool {self.directory}: {exc.strerror or exc}") from None
+            raise SpoolDiskFull(f"spool {self.directory}: {exc.strerror or exc}") from None
         self._next += 1
         self._files.append(path)
         self.bytes += len(data)

@@ -170,3 +170,28 @@ def test_the_sink_answers_while_its_journal_disk_is_full(tmp_path: Path) -> None
     sink.journal.close()
     sink.spool.close()
     sink.rejected.close()
+
+
+async def test_a_batch_the_spool_disk_refuses_is_left_in_the_journal(tmp_path: Path) -> None:
+    """The store is down and the disk refuses the spool's write: the batch is counted as
+    dropped, but its journal segment stays for the next start to log."""
+    from types import SimpleNamespace
+
+    from services.inference.store_sink import DROPPED, StoreSink
+    from services.launch import free_port
+
+    spool = tmp_path / "spool"
+    sink = StoreSink(f"127.0.0.1:{free_port()}", spool, flush_interval=3600, send_timeout=0.5)
+    await sink.start()
+    item = _classified(["p1", "p2"])
+    model = SimpleNamespace(
+        name="credit", version="2", schema=SimpleNamespace(class_labels=("0", "1"))
+    )
+    sink.submit(model, item.prediction_ids, item.job, item.outputs, 1.5, "t1")  # type: ignore[arg-type]
+    (spool / f"{0:016d}.tmp").symlink_to("/dev/full")
+    before = DROPPED._value.get()
+    await sink.flush()
+    assert DROPPED._value.get() - before == 2  # positive control: the spool refused it
+    (spool / f"{0:016d}.tmp").unlink(missing_ok=True)
+    await sink.stop()
+    assert [r[2] for r in Journal(spool / "journal").recover()] == [["p1", "p2"]]
