@@ -296,3 +296,40 @@ def test_a_killed_component_is_restarted_and_nothing_leaks(
     finally:
         assert up.stop() == 0, up.log.read_text()[-3000:]
     assert _left_behind(str(data_dir)) == []
+
+
+def test_up_after_its_supervisor_was_killed_stops_what_it_left(tmp_path: Path) -> None:
+    """`cyclone up` SIGKILLed leaves its store, trainer and monitor running (own sessions): a
+    new `cyclone up` on the data dir stops them before starting its own. Left running, the
+    old trainer restarted the revisions the new mesh stopped and wrote Envoy's files too."""
+    data_dir = tmp_path / "data"
+    first = Up(data_dir, _ports())
+    first.start()
+    assert first.process is not None
+    old = {c: _component_pid(data_dir, c) for c in ("store", "trainer", "monitor")}
+    assert all(old.values()), old
+    first.process.kill()
+    first.process.wait(10)
+    assert all(psutil.pid_exists(pid) for pid in old.values())  # positive control: orphans
+
+    again = Up(data_dir, _ports())
+    again.start()
+    assert again.process is not None
+    pid = again.process.pid
+    try:
+        _eventually(lambda: json.loads((data_dir / "mesh.json").read_text())["pid"] == pid)
+        alive = [
+            p
+            for p in old.values()
+            if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+        ]
+        assert alive == []
+        status = json.loads(again.cli("status", "--json").stdout)
+        assert status["problems"] == []
+        serving = [
+            p for p in _left_behind(str(data_dir)) if " serve " in p and "inference" not in p
+        ]
+        assert len(serving) == 3, serving  # one store, one trainer, one monitor
+    finally:
+        assert again.stop() == 0, again.log.read_text()[-3000:]
+    assert _left_behind(str(data_dir)) == []
