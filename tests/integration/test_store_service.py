@@ -7,6 +7,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -1025,3 +1026,38 @@ async def test_monitoring_rpcs_refuse_bad_input_by_field(stub: pb_grpc.StoreServ
     # Nothing above left a trace.
     assert list((await stub.ListAlerts(pb.ListAlertsRequest())).alerts) == []
     assert list((await stub.GetHealth(pb.GetHealthRequest())).health) == []
+
+
+async def test_a_killed_embedded_postgres_is_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's own PostgreSQL SIGKILLed (the OOM killer): the store lives on, so nothing
+    else would restart it; the store does, and its calls work again."""
+    import asyncio
+    import os
+    import signal
+    import time
+
+    from services.store.embedded import DATABASE_URL_ENV
+
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
+    settings = StoreSettings(port=0, data_dir=tmp_path, log_level="WARNING", pool_min_size=1)
+    pid_file = tmp_path / "pgdata" / "postmaster.pid"
+    async with (
+        await start_store(settings) as started,
+        aio.insecure_channel(f"127.0.0.1:{started.server.port}") as channel,
+    ):
+        stub = pb_grpc.StoreServiceStub(channel)
+        await register(stub, HOUSE, HOUSE_SCHEMA, "regression")
+        killed = int(pid_file.read_text().split()[0])
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                listed = await stub.ListModelVersions(pb.ListModelVersionsRequest(model=HOUSE))
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "the store never got its database back"
+                await asyncio.sleep(0.5)
+        assert [v.version for v in listed.model_versions] == ["1"]  # the same data
+        assert int(pid_file.read_text().split()[0]) != killed
