@@ -541,9 +541,12 @@ def status(
     trainer: Annotated[str | None, typer.Option(help="Trainer HOST:PORT.")] = None,
 ) -> None:
     """Components, models, versions, traffic split, levels, open alerts, jobs and rollouts."""
+    if data_dir is not None:
+        # The clients send that data dir's token (`cyclone.auth.client_token`), not ~/.cyclone's.
+        os.environ["CYCLONE_DATA_DIR"] = str(data_dir)
     collected = collect_status(data_dir, store, monitor, trainer)
-    # Nothing answered at all: say so in the exit code too (scripts, `&&`).
-    nothing = collected["mesh"] is None and len(collected["problems"]) == 3
+    # No service answered (none running, or none let us in): say so in the exit code too.
+    nothing = len(collected["problems"]) == 3
     if as_json:
         typer.echo(json.dumps(collected, indent=2, default=str))
         if nothing:

@@ -479,6 +479,10 @@ class LocalOrchestrator:
             str(port),
             "--metrics-port",
             "-1",
+            # Its spool and journal live in this data dir, not in whatever the environment or
+            # ~/.cyclone says: another mesh's replica on the same port would replay them.
+            "--data-dir",
+            str(self.data_dir),
         ]
         if self.store:
             cmd += ["--store", self.store]

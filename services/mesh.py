@@ -154,6 +154,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _serves_control_plane(cmdline: str, data_dir: str) -> bool:
+    """A store, trainer or monitor of the mesh of `data_dir` (its `--data-dir` argument)."""
+    served = any(f"serve {s} " in cmdline for s in ("store", "trainer", "monitor"))
+    return served and f"--data-dir {data_dir} " in f"{cmdline} "
+
+
 def port_taken(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -530,22 +536,32 @@ class Mesh:
 
     def _stop_strays(self, grace: float = 5.0) -> list[int]:
         """Processes of this mesh that are not its components: revisions (they run in sessions
-        of their own, outliving trainers) and an Envoy a mesh killed outright left, found by
-        the mesh's model repository or data dir in their command line; stopped."""
+        of their own, outliving trainers), and what a mesh killed outright left -- its Envoy,
+        store, trainer and monitors -- found by the mesh's model repository or data dir in
+        their command line; stopped. The control plane goes first: a stray trainer would
+        start again the revisions stopped under it."""
+        control = self._stop_procs(
+            lambda argv, cmdline: _serves_control_plane(cmdline, str(self.settings.data_dir)),
+            grace,
+        )
+        return control + self._stop_procs(self._is_stray_data_plane, grace)
+
+    def _is_stray_data_plane(self, argv: list[str], cmdline: str) -> bool:
+        repository = str(self.settings.repository.resolve())
+        revision = "serve inference" in cmdline and repository in cmdline
+        envoy = Path(argv[0]).name == "envoy" and str(self.settings.data_dir) in cmdline
+        return revision or envoy
+
+    def _stop_procs(self, matches: Callable[[list[str], str], bool], grace: float) -> list[int]:
         import psutil
 
-        marker = str(self.settings.data_dir)
-        repository = str(self.settings.repository.resolve())
         ours = {os.getpid(), *(r.process.pid for r in self.running)}
         strays = []
         for proc in psutil.process_iter(["pid", "cmdline"]):
             argv = proc.info["cmdline"] or []
             if proc.info["pid"] in ours or not argv:
                 continue
-            cmdline = " ".join(argv)
-            revision = "serve inference" in cmdline and repository in cmdline
-            envoy = Path(argv[0]).name == "envoy" and marker in cmdline
-            if revision or envoy:
+            if matches(argv, " ".join(argv)):
                 strays.append(proc)
         for proc in strays:
             with contextlib.suppress(psutil.Error):

@@ -805,7 +805,16 @@ def inference_routes(
                 **_json_listing(sorted(splits)),
             }
         )
-    routes.append(
+    routes += [
+        {
+            # A served model's predict path asked with GET (a browser, curl without -d): not
+            # "not served", which the next route would say.
+            "match": {
+                **_regex(r"/v1/models/[^/]+:predict"),
+                "headers": [{**_method("POST"), "invert_match": True}],
+            },
+            **_json_error(405, _UNIMPLEMENTED, "predict takes POST with a JSON body"),
+        },
         {
             "match": _regex(r"/v1/models/[^/]+"),
             **_json_error(
@@ -813,8 +822,17 @@ def inference_routes(
                 _NOT_FOUND,
                 f"model is not served here (the path names the model); served: {served}",
             ),
-        }
-    )
+        },
+        {
+            "match": {"prefix": "/v2/"},
+            **_json_error(
+                404,
+                _NOT_FOUND,
+                "the Open Inference Protocol is served over gRPC here"
+                f" ({OIP_SERVICE}); over REST: POST /v1/models/{{model}}:predict",
+            ),
+        },
+    ]
     return routes
 
 

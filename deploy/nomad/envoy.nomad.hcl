@@ -444,12 +444,41 @@ resources:
       route: *id003
     - match:
         safe_regex:
+          regex: /v1/models/[^/]+:predict
+        headers:
+        - name: :method
+          string_match:
+            exact: POST
+          invert_match: true
+      direct_response:
+        status: 405
+        body:
+          inline_string: '{"code":12,"message":"predict takes POST with a JSON body","details":[]}'
+      response_headers_to_add:
+      - header:
+          key: content-type
+          value: application/json
+        append_action: OVERWRITE_IF_EXISTS_OR_ADD
+    - match:
+        safe_regex:
           regex: /v1/models/[^/]+
       direct_response:
         status: 404
         body:
           inline_string: '{"code":5,"message":"model is not served here (the path
             names the model); served: credit","details":[]}'
+      response_headers_to_add:
+      - header:
+          key: content-type
+          value: application/json
+        append_action: OVERWRITE_IF_EXISTS_OR_ADD
+    - match:
+        prefix: /v2/
+      direct_response:
+        status: 404
+        body:
+          inline_string: '{"code":5,"message":"the Open Inference Protocol is served
+            over gRPC here (inference.GRPCInferenceService); over REST: POST /v1/models/{model}:predict","details":[]}'
       response_headers_to_add:
       - header:
           key: content-type
@@ -1099,12 +1128,41 @@ resources:
       route: *id002
     - match:
         safe_regex:
+          regex: /v1/models/[^/]+:predict
+        headers:
+        - name: :method
+          string_match:
+            exact: POST
+          invert_match: true
+      direct_response:
+        status: 405
+        body:
+          inline_string: '{"code":12,"message":"predict takes POST with a JSON body","details":[]}'
+      response_headers_to_add:
+      - header:
+          key: content-type
+          value: application/json
+        append_action: OVERWRITE_IF_EXISTS_OR_ADD
+    - match:
+        safe_regex:
           regex: /v1/models/[^/]+
       direct_response:
         status: 404
         body:
           inline_string: '{"code":5,"message":"model is not served here (the path
             names the model); served: credit","details":[]}'
+      response_headers_to_add:
+      - header:
+          key: content-type
+          value: application/json
+        append_action: OVERWRITE_IF_EXISTS_OR_ADD
+    - match:
+        prefix: /v2/
+      direct_response:
+        status: 404
+        body:
+          inline_string: '{"code":5,"message":"the Open Inference Protocol is served
+            over gRPC here (inference.GRPCInferenceService); over REST: POST /v1/models/{model}:predict","details":[]}'
       response_headers_to_add:
       - header:
           key: content-type

@@ -124,6 +124,8 @@ class Journal:
         self._index = last + 1
         self._fd = self._open(self._index)
         self._written = 0
+        self._size = 0  # bytes of whole records in the open segment
+        self._failing = False  # the last append found the disk full (logged once per streak)
 
     def _path(self, index: int) -> Path:
         return self.directory / f"{index:016d}{_SUFFIX}"
@@ -155,10 +157,40 @@ class Journal:
             log.info("journal: %d answered requests from before a restart to log", len(items))
         return items
 
-    def append(self, item: Submitted) -> None:
+    def append(self, item: Submitted) -> bool:
+        """Journal one answered request. False when the disk refused it (full): the request is
+        still logged from memory, it only would not survive this process dying -- serving
+        never fails because of the journal."""
         data = encode(item)
-        os.write(self._fd, _LENGTH.pack(len(data)) + data)
-        self._written += 1
+        record = _LENGTH.pack(len(data)) + data
+        try:
+            written = os.write(self._fd, record)
+        except OSError as exc:
+            written, error = 0, exc.strerror
+        else:
+            error = f"short write ({written} of {len(record)} bytes)"
+        if written == len(record):
+            self._size += written
+            self._written += 1
+            if self._failing:
+                self._failing = False
+                log.warning("journal %s: writing again", self.directory)
+            return True
+        # A torn record would hide every record after it from recovery: cut it off.
+        if written:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                log.exception("journal %s: could not cut off a torn record", self.directory)
+        if not self._failing:
+            self._failing = True
+            log.error(
+                "journal %s: %s; answered requests are logged from memory only until it"
+                " writes again",
+                self.directory,
+                error,
+            )
+        return False
 
     def seal(self) -> Path | None:
         """Close the segment being written (the flush took its requests) and start the next;
@@ -170,6 +202,7 @@ class Journal:
         self._index += 1
         self._fd = self._open(self._index)
         self._written = 0
+        self._size = 0
         return sealed
 
     @staticmethod

@@ -249,9 +249,7 @@ class LoadedModel:
             if rows == -1:
                 rows = len(column)
             elif len(column) != rows:
-                raise InvalidArgument(
-                    f"features.{f.name}: has {len(column)} values, but other features have {rows}"
-                )
+                raise InvalidArgument(self._ragged(columns))
             if len(column) == 0:
                 continue  # an empty column has no type to check; the row count says why it fails
             if f.kind == "numeric":
@@ -270,6 +268,15 @@ class LoadedModel:
         for f in self._categorical:
             self._check_categorical(f, columns[f.name])
         return rows
+
+    def _ragged(self, columns: Mapping[str, np.ndarray]) -> str:
+        """Columns of different lengths: name the one that differs from most (the first
+        feature's may be the odd one, e.g. a JSON `[null]` the transcoder read as empty)."""
+        lengths = {f.name: len(columns[f.name]) for f in self._features if f.name in columns}
+        counts = list(lengths.values())
+        common = max(counts, key=counts.count)
+        odd = next(name for name, n in lengths.items() if n != common)
+        return f"features.{odd}: has {lengths[odd]} values, but the other features have {common}"
 
     @property
     def _names(self) -> frozenset[str]:

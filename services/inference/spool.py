@@ -18,7 +18,11 @@ _SUFFIX = ".batch"
 
 
 class SpoolFull(Exception):
-    """Adding the batch would pass the spool's byte bound."""
+    """Adding the batch would pass the spool's byte bound, or the disk refused it."""
+
+
+class SpoolDiskFull(SpoolFull):
+    """The disk refused the batch (full, or failing)."""
 
 
 class SpoolInUse(RuntimeError):
@@ -61,11 +65,15 @@ class Spool:
             raise SpoolFull(f"spool {self.directory} would exceed {self.max_bytes} bytes")
         path = self.directory / f"{self._next:016d}{_SUFFIX}"
         tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.rename(path)
+        try:
+            with tmp.open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            tmp.rename(path)
+        except OSError as exc:  # a full disk is a full spool: the caller counts the loss
+            tmp.unlink(missing_ok=True)
+            raise SpoolDiskFull(f"spool {self.directory}: {exc.strerror or exc}") from None
         self._next += 1
         self._files.append(path)
         self.bytes += len(data)

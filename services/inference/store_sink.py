@@ -36,7 +36,7 @@ from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
 from services.inference.batching import Prepared
 from services.inference.journal import Journal
 from services.inference.model import LoadedModel, Outputs
-from services.inference.spool import Spool, SpoolFull
+from services.inference.spool import Spool, SpoolDiskFull, SpoolFull
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ DROPPED = Counter(
 REJECTED = Counter(
     "cyclone_store_sink_rejected_rows",
     "Predictions the store refused as invalid, quarantined under <spool>/rejected",
+)
+UNJOURNALED = Counter(
+    "cyclone_store_sink_unjournaled_rows",
+    "Answered predictions the journal could not write (disk full): logged from memory only",
 )
 SPOOL_BYTES = Gauge("cyclone_store_sink_spool_bytes", "Bytes held in the disk spool")
 
@@ -256,8 +260,8 @@ class StoreSink:
             )
         )
         self._pending_rows += len(prediction_ids)
-        if self.journal is not None:
-            self.journal.append(self._pending[-1])
+        if self.journal is not None and not self.journal.append(self._pending[-1]):
+            UNJOURNALED.inc(len(prediction_ids))
         if self._pending_rows >= self.batch_rows:
             self._wake.set()
 
@@ -336,28 +340,34 @@ class StoreSink:
         request, sealed = self._drain()
         if len(self.spool) and (replay or time.monotonic() >= self._next_retry):
             await self._replay()
-        if request is not None:
-            await self._deliver(request)
+        if request is not None and not await self._deliver(request):
+            # The disk refused the spool: the journal's copy (written before it filled) is
+            # left for the next start to log.
+            return
         # The batch is in the store or the spool (or refused for good): its journal can go.
         Journal.release(sealed)
 
-    async def _deliver(self, request: pb.LogPredictionsRequest) -> None:
+    async def _deliver(self, request: pb.LogPredictionsRequest) -> bool:
+        """Store or spool the batch; False when only the journal may still hold it."""
         rows = len(request.records)
         if not len(self.spool):
             outcome = await self._send(request)
             if outcome is Outcome.STORED:
                 SENT.inc(rows)
-                return
+                return True
             if outcome is Outcome.REJECTED:
                 self._quarantine(request.SerializeToString(), rows)
-                return
+                return True
         try:
             self.spool.append(request.SerializeToString())
             SPOOLED.inc(rows)
         except SpoolFull as exc:
             DROPPED.inc(rows)
             log.error("dropping %d predictions: %s", rows, exc)
-        SPOOL_BYTES.set(self.spool.bytes)
+            return not isinstance(exc, SpoolDiskFull)
+        finally:
+            SPOOL_BYTES.set(self.spool.bytes)
+        return True
 
     async def _replay(self) -> None:
         while (data := self.spool.peek()) is not None:

@@ -789,11 +789,18 @@ class Monitor:
         else:
             self._probe_answered.add(model)
             self._unanswered_since.pop(model, None)
-            # During a rollout the endpoint may answer with another registered version: judge
-            # it by that version's own recorded answers.
             expected = serving
             if answer.version and answer.version != serving.version:
-                expected = await self._answers_of(model, answer.version) or serving
+                # During a rollout the endpoint may answer with another version. Its recorded
+                # answers are for its own rows, not the ones sent: ask again with those, and
+                # judge only an answer from that version (else this round has no verdict).
+                other = await self._answers_of(model, answer.version)
+                if other is None:
+                    return False
+                answer = await probes.ask(channel, model, other, timeout=self.request_timeout)
+                if isinstance(answer, probes.NoAnswer) or answer.version != other.version:
+                    return False
+                expected = other
             wrong = probes.wrong_answers(expected, answer, plan.probes.tolerance)
             outcome = probes.ProbeRound(address, answer.version, wrong)
         record = self.probe_records.setdefault(model, probes.ProbeRecord())

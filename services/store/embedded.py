@@ -70,6 +70,12 @@ class EmbeddedPostgres:
     def url_for(self, database: str) -> str:
         return f"postgresql://{SUPERUSER}@/{quote(database)}?host={quote(str(self.socket_dir))}"
 
+    def running(self) -> bool:
+        """Whether this data's postmaster is alive (False once killed, even with its pid file
+        left behind)."""
+        live = _read_postmaster_pid(self.pgdata)
+        return live is not None and _is_our_postmaster(live[0], self.pgdata)
+
     def stop(self, timeout: float = 30.0) -> None:
         if self._stopped:
             return

@@ -12,7 +12,7 @@ from cyclone.server import CycloneServer
 from cyclone.settings import ServerSettings, SettingsError
 from cyclone.store.v1 import store_service_pb2_grpc as pb_grpc
 from services.store.db import StoreDB
-from services.store.embedded import EmbeddedPostgres, resolve_database_url
+from services.store.embedded import EmbeddedPostgres, resolve_database_url, start_embedded
 from services.store.servicer import StoreServicer
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,26 @@ async def _maintain(db: StoreDB, every: float, housekeeping_every: float = 3600.
         await asyncio.sleep(every)
 
 
+async def _keep_embedded(
+    embedded: EmbeddedPostgres, settings: StoreSettings, every: float = 1.0
+) -> None:
+    """The embedded PostgreSQL is this store's: killed (OOM killer, kill -9) it is started
+    again on the same data and socket, and the pools' connections come back by themselves
+    (this store's and a second store's over it). Nothing else would restart it: the store
+    process lives on, so its supervisor sees nothing wrong."""
+    while True:
+        await asyncio.sleep(every)
+        if embedded.running():
+            continue
+        log.error("embedded PostgreSQL (%s) is gone; starting it again", embedded.pgdata)
+        try:
+            await asyncio.to_thread(
+                start_embedded, settings.data_dir, fast_unsafe=settings.embedded_fast_unsafe
+            )
+        except Exception:
+            log.exception("embedded PostgreSQL did not start again; next try in %.0fs", every)
+
+
 async def open_store(settings: StoreSettings) -> tuple[StoreDB, EmbeddedPostgres | None]:
     if settings.database_url:
         url, embedded = settings.database_url, None
@@ -114,11 +134,16 @@ async def build_store_server(settings: StoreSettings) -> CycloneServer:
         STORE_SERVICE, lambda s: pb_grpc.add_StoreServiceServicer_to_server(StoreServicer(db), s)
     )
     maintenance = asyncio.create_task(_maintain(db, settings.rollup_refresh_seconds))
+    tasks = [maintenance]
+    if embedded is not None:
+        tasks.append(asyncio.create_task(_keep_embedded(embedded, settings)))
 
     async def shutdown() -> None:
-        maintenance.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await maintenance
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await db.close()
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)

@@ -38,8 +38,8 @@ def _flags(ports: dict[str, int]) -> list[str]:
 
 
 class Up:
-    def __init__(self, data_dir: Path, ports: dict[str, int]) -> None:
-        self.data_dir, self.ports = data_dir, ports
+    def __init__(self, data_dir: Path, ports: dict[str, int], *extra: str) -> None:
+        self.data_dir, self.ports, self.extra = data_dir, ports, extra
         self.env = {
             **os.environ,
             "CYCLONE_DATA_DIR": str(data_dir),
@@ -61,6 +61,7 @@ class Up:
                     "--data-dir",
                     str(self.data_dir),
                     *_flags(self.ports),
+                    *self.extra,
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -177,6 +178,34 @@ def test_up_import_serve_status_stop_and_resume(tmp_path: Path, pipeline_file: P
     assert _left_behind(str(data_dir)) == []
 
 
+def test_up_with_two_stores_and_two_monitors_serves_labels_and_stops(
+    tmp_path: Path, pipeline_file: Path
+) -> None:
+    """The trainer renders Envoy's store cluster as the supervisor does: the stores themselves
+    (it once pointed it at the control listener, its own address, and the trainer died of
+    Envoy's overflow at start)."""
+    data_dir = tmp_path / "data"
+    up = Up(data_dir, _ports(), "--stores", "2", "--monitors", "2")
+    up.start()
+    try:
+        imported = up.cli(
+            "model", "import", str(pipeline_file / "credit.joblib"), "--name", "credit",
+            "--sample", str(pipeline_file / "sample.csv"), "--label-column", "defaulted",
+        )  # fmt: skip
+        assert "serving it through" in imported.stdout, imported.stdout
+        predicted = up.cli("predict", "--model", "credit", "--row", json.dumps(ROW), "--json")
+        prediction_id = json.loads(predicted.stdout.splitlines()[0])["prediction_id"]
+        up.cli("label", "--model", "credit", "--id", prediction_id, "--value", "1")
+        status = json.loads(up.cli("status", "--json").stdout)
+        components = set(status["mesh"]["components"])
+        assert {"store", "store-2", "monitor", "monitor-2", "trainer", "envoy"} <= components
+        assert status["problems"] == []
+        assert status["models"]["credit"]["serving"] == "1"
+    finally:
+        assert up.stop() == 0, up.log.read_text()[-3000:]
+    assert _left_behind(str(data_dir)) == []
+
+
 def test_a_port_already_taken_is_refused_and_nothing_starts(tmp_path: Path) -> None:
     ports = _ports()
     with socket.socket() as taken:
@@ -266,4 +295,41 @@ def test_a_killed_component_is_restarted_and_nothing_leaks(
         assert {r["version"] for r in revisions} == {"1"} and 1 <= len(revisions) <= 2
     finally:
         assert up.stop() == 0, up.log.read_text()[-3000:]
+    assert _left_behind(str(data_dir)) == []
+
+
+def test_up_after_its_supervisor_was_killed_stops_what_it_left(tmp_path: Path) -> None:
+    """`cyclone up` SIGKILLed leaves its store, trainer and monitor running (own sessions): a
+    new `cyclone up` on the data dir stops them before starting its own. Left running, the
+    old trainer restarted the revisions the new mesh stopped and wrote Envoy's files too."""
+    data_dir = tmp_path / "data"
+    first = Up(data_dir, _ports())
+    first.start()
+    assert first.process is not None
+    old = {c: _component_pid(data_dir, c) for c in ("store", "trainer", "monitor")}
+    assert all(old.values()), old
+    first.process.kill()
+    first.process.wait(10)
+    assert all(psutil.pid_exists(pid) for pid in old.values())  # positive control: orphans
+
+    again = Up(data_dir, _ports())
+    again.start()
+    assert again.process is not None
+    pid = again.process.pid
+    try:
+        _eventually(lambda: json.loads((data_dir / "mesh.json").read_text())["pid"] == pid)
+        alive = [
+            p
+            for p in old.values()
+            if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+        ]
+        assert alive == []
+        status = json.loads(again.cli("status", "--json").stdout)
+        assert status["problems"] == []
+        serving = [
+            p for p in _left_behind(str(data_dir)) if " serve " in p and "inference" not in p
+        ]
+        assert len(serving) == 3, serving  # one store, one trainer, one monitor
+    finally:
+        assert again.stop() == 0, again.log.read_text()[-3000:]
     assert _left_behind(str(data_dir)) == []

@@ -278,6 +278,12 @@ async def test_rest_predict_returns_json_and_bad_input_is_400(
         assert "income" in (error.value.details() or "")
         status, body = await http(envoy.public_address, "/v1/models/nope:predict", rest_body(rows))
         assert status == 404 and body["message"].endswith("; served: credit"), body
+        # A served model's predict path without POST is not "not served".
+        status, body = await http(envoy.public_address, "/v1/models/credit:predict")
+        assert status == 405 and "POST" in body["message"], body
+        # The Open Inference Protocol's REST paths say where it is served instead.
+        status, body = await http(envoy.public_address, "/v2/models/credit/infer", b"{}")
+        assert status == 404 and "over gRPC" in body["message"], body
         # The features straight in the body, without their wrapper: the message shows it.
         unwrapped = json.loads(rest_body(rows))["features"]
         status, body = await http(

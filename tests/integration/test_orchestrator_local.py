@@ -66,6 +66,29 @@ async def test_two_replicas_serve_restart_after_a_kill_and_stop_cleanly(
     assert not await _serving(revision.endpoints[1].address, timeout=0.5)
 
 
+async def test_a_replica_spools_in_the_orchestrators_data_dir(
+    model_repo: ModelRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not in $CYCLONE_DATA_DIR or ~/.cyclone: there, another mesh's replica that got the same
+    port would find this one's journal and log its predictions into the wrong store."""
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("CYCLONE_DATA_DIR", str(elsewhere))
+    data_dir = tmp_path / "data"
+    store = f"127.0.0.1:{free_port()}"  # nothing listens: the sink just waits
+    orch = LocalOrchestrator(
+        {"model_repository": model_repo.root, "data_dir": data_dir, "store": store}
+    )
+    try:
+        revision = await orch.start(CREDIT, "1", 1)
+        [endpoint] = revision.endpoints
+        assert await _serving(endpoint.address)  # positive control: the replica is up
+        spools = [p.name for p in (data_dir / "spool").iterdir()]
+        assert spools == [f"inference-{CREDIT}-{endpoint.port}"]
+        assert not elsewhere.exists()
+    finally:
+        await orch.close()
+
+
 async def test_a_revision_that_cannot_start_leaves_nothing_behind(
     model_repo: ModelRepo, tmp_path: Path
 ) -> None:

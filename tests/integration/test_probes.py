@@ -196,6 +196,31 @@ async def test_a_different_model_answering_turns_red_naming_the_rows(
     assert status.evaluation.actions == ("notify",)  # a serving fault: not retrained
 
 
+async def test_another_version_answering_is_judged_on_its_own_rows(
+    store_address: str, monitor: Monitor, tmp_path: Path
+) -> None:
+    """Mid-rollout the endpoint answers with the new version: it is judged by its own recorded
+    answers to its own rows (each version keeps rows of its own sample), not by its answers to
+    the serving version's rows against what it answered to others (a false RED every rollout)."""
+    repo = tmp_path / "repo"
+    first = _import(repo, seed=0, shift=0.0)
+    second = _import(repo, seed=7, shift=1.5)  # version 2: another sample, other probe rows
+    rows = [json.loads((d / "probes.json").read_text())["rows"] for d in (first, second)]
+    assert rows[0] != rows[1]
+    async with aio.insecure_channel(store_address) as channel:
+        stub = store_grpc.StoreServiceStub(channel)
+        assert await register(stub, ModelRepository(repo).files(MODEL, first.name))
+        assert not await register(stub, ModelRepository(repo).files(MODEL, second.name))
+    # The server answers with the repository's latest version, 2, while 1 is serving.
+    async with await start_inference(_inference(repo, tmp_path)) as inference:
+        await _set_probes(monitor, {"every": "1s", "address": f"127.0.0.1:{inference.server.port}"})
+        await monitor.run_due()
+    status = monitor.statuses[MODEL]
+    assert monitor.probe_records[MODEL].rounds, "no probe round judged"  # positive control
+    assert status.level is Level.GREEN, status.evaluation.reasons
+    assert not [r for r in status.evaluation.reasons if r.startswith("probes:")]
+
+
 async def test_an_unreachable_endpoint_turns_amber_and_counts_against_uptime(
     repos: tuple[Path, Path], store_address: str, monitor: Monitor
 ) -> None:

@@ -7,6 +7,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -285,6 +286,52 @@ async def test_labels_before_and_after_predictions_and_replace(
     s = await stats(stub, IRIS)
     assert (s.predictions, s.labels) == (6, 4)
     assert s.label_coverage == pytest.approx(4 / 6)
+
+
+async def test_labels_for_another_models_predictions_are_refused(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    """A label is checked against the model the request names; one for another model's
+    prediction would land on that model unchecked (a number on a classifier, or replacing its
+    label), so the request is refused and nothing of it is stored."""
+    await register(stub, HOUSE, HOUSE_SCHEMA, "regression")
+    await register(stub, IRIS, IRIS_SCHEMA, "classification")
+    records = [iris_record(i, "setosa") for i in range(3)]
+    ids = [r.prediction_id for r in records]
+    await log(stub, batch(records))
+    await stub.AddLabels(pb.AddLabelsRequest(model=IRIS, labels=text_labels([(ids[0], "setosa")])))
+    unknown = str(uuid7(at(900)))
+
+    await expect_error(
+        stub.AddLabels(
+            pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(unknown, 1.0), (ids[0], 3.0)]))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"labels[1].prediction_id: {ids[0]} is a prediction of model 'iris', not 'house'",
+    )
+    stream = [
+        pb.AddLabelsStreamRequest(
+            batch=pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(unknown, 1.0)]))
+        ),
+        pb.AddLabelsStreamRequest(
+            batch=pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(ids[1], 2.0)]))
+        ),
+    ]
+    await expect_error(
+        stub.AddLabelsStream(iter(stream)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "labels[1].prediction_id",
+    )
+    chunks = await training(stub, model=IRIS)
+    assert dict(zip(chunks[0].prediction_ids, chunks[0].labels.strings, strict=True)) == {
+        ids[0]: "setosa"
+    }
+    assert (await stats(stub, IRIS)).labels == 1
+    # The house's own labels still go in, matched or not.
+    ok = await stub.AddLabels(
+        pb.AddLabelsRequest(model=HOUSE, labels=number_labels([(unknown, 1.0)]))
+    )
+    assert (ok.stored, list(ok.unmatched_prediction_ids)) == (1, [unknown])
 
 
 async def test_add_labels_stream(stub: pb_grpc.StoreServiceStub) -> None:
@@ -979,3 +1026,38 @@ async def test_monitoring_rpcs_refuse_bad_input_by_field(stub: pb_grpc.StoreServ
     # Nothing above left a trace.
     assert list((await stub.ListAlerts(pb.ListAlertsRequest())).alerts) == []
     assert list((await stub.GetHealth(pb.GetHealthRequest())).health) == []
+
+
+async def test_a_killed_embedded_postgres_is_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's own PostgreSQL SIGKILLed (the OOM killer): the store lives on, so nothing
+    else would restart it; the store does, and its calls work again."""
+    import asyncio
+    import os
+    import signal
+    import time
+
+    from services.store.embedded import DATABASE_URL_ENV
+
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
+    settings = StoreSettings(port=0, data_dir=tmp_path, log_level="WARNING", pool_min_size=1)
+    pid_file = tmp_path / "pgdata" / "postmaster.pid"
+    async with (
+        await start_store(settings) as started,
+        aio.insecure_channel(f"127.0.0.1:{started.server.port}") as channel,
+    ):
+        stub = pb_grpc.StoreServiceStub(channel)
+        await register(stub, HOUSE, HOUSE_SCHEMA, "regression")
+        killed = int(pid_file.read_text().split()[0])
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                listed = await stub.ListModelVersions(pb.ListModelVersionsRequest(model=HOUSE))
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "the store never got its database back"
+                await asyncio.sleep(0.5)
+        assert [v.version for v in listed.model_versions] == ["1"]  # the same data
+        assert int(pid_file.read_text().split()[0]) != killed

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 from typer.testing import CliRunner
 
@@ -139,3 +141,38 @@ def test_down_with_nothing_running_names_the_data_dir(data_dir: Path) -> None:
     result = runner.invoke(app, ["down"])
     assert result.exit_code == 1
     assert f"no `cyclone up` is running in {data_dir}" in result.output
+
+
+def test_status_of_another_data_dir_sends_that_data_dirs_token(
+    data_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cyclone status --data-dir X` reaches X's mesh with X's token (its services refuse any
+    other); when none of them lets it in, the exit code says so."""
+
+    other = tmp_path_factory.mktemp("other-mesh")
+    (data_dir / "token").write_text("token-of-the-default-dir\n")
+    (other / "token").write_text("token-of-the-other-dir\n")
+    monkeypatch.delenv("CYCLONE_TOKEN", raising=False)
+    sent: list[str] = []
+
+    def refuse(request: bytes, context: grpc.ServicerContext) -> bytes:
+        sent.extend(v for k, v in context.invocation_metadata() if k == "authorization")
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: wrong token")
+
+    class AnyMethod(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(refuse)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((AnyMethod(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        _write_mesh(other, os.getpid(), store=address, monitor=address, trainer=address)
+        result = runner.invoke(app, ["status", "--data-dir", str(other)])
+    finally:
+        server.stop(0)
+    assert sent, result.output
+    assert set(sent) == {"Bearer token-of-the-other-dir"}
+    assert result.exit_code == 1, result.output

@@ -3,6 +3,7 @@ is skipped, sealed segments are released, and what a dead process left is found.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -102,3 +103,95 @@ def test_what_a_sigkilled_process_appended_is_recovered(tmp_path: Path) -> None:
     assert done.returncode == -signal.SIGKILL
     recovered = Journal(tmp_path).recover()
     assert [r[2] for r in recovered] == [[f"k{i}", f"k{i}b"] for i in range(3)]
+
+
+def _disk_full(journal: Journal) -> int:
+    """Point the journal's open segment at /dev/full (every write: ENOSPC); the saved fd
+    puts the real segment back."""
+    saved = os.dup(journal._fd)
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, journal._fd)
+    os.close(full)
+    return saved
+
+
+def _disk_back(journal: Journal, saved: int) -> None:
+    os.dup2(saved, journal._fd)
+    os.close(saved)
+
+
+def test_a_full_disk_never_fails_an_append_and_later_records_recover(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    assert journal.append(_classified(["a", "b"]))
+    saved = _disk_full(journal)
+    assert not journal.append(_classified(["lost", "lost"]))  # refused, not raised
+    _disk_back(journal, saved)
+    assert journal.append(_classified(["c", "d"]))
+    journal.close()
+    assert [r[2] for r in Journal(tmp_path).recover()] == [["a", "b"], ["c", "d"]]
+
+
+def test_a_short_write_is_cut_off_so_the_records_after_it_recover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path)
+    assert journal.append(_classified(["a", "b"]))
+    real_write = os.write
+    # The disk fills half-way through a record.
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))
+    assert not journal.append(_classified(["torn", "torn"]))
+    monkeypatch.setattr(os, "write", real_write)
+    assert journal.append(_classified(["c", "d"]))
+    journal.close()
+    assert [r[2] for r in Journal(tmp_path).recover()] == [["a", "b"], ["c", "d"]]
+
+
+def test_the_sink_answers_while_its_journal_disk_is_full(tmp_path: Path) -> None:
+    """`submit` runs on every answered request: a full disk must not fail the request; the
+    rows stay queued for the store and are counted as not journaled."""
+    from types import SimpleNamespace
+
+    from services.inference.store_sink import UNJOURNALED, StoreSink
+
+    sink = StoreSink("127.0.0.1:1", tmp_path / "spool")
+    assert sink.journal is not None
+    item = _classified(["p1", "p2"])
+    model = SimpleNamespace(
+        name="credit", version="2", schema=SimpleNamespace(class_labels=("0", "1"))
+    )
+    before = UNJOURNALED._value.get()
+    saved = _disk_full(sink.journal)
+    try:
+        sink.submit(model, item.prediction_ids, item.job, item.outputs, 1.5, "t1")  # type: ignore[arg-type]
+    finally:
+        _disk_back(sink.journal, saved)
+    assert sink._pending_rows == 2
+    assert UNJOURNALED._value.get() - before == 2
+    sink.journal.close()
+    sink.spool.close()
+    sink.rejected.close()
+
+
+async def test_a_batch_the_spool_disk_refuses_is_left_in_the_journal(tmp_path: Path) -> None:
+    """The store is down and the disk refuses the spool's write: the batch is counted as
+    dropped, but its journal segment stays for the next start to log."""
+    from types import SimpleNamespace
+
+    from services.inference.store_sink import DROPPED, StoreSink
+    from services.launch import free_port
+
+    spool = tmp_path / "spool"
+    sink = StoreSink(f"127.0.0.1:{free_port()}", spool, flush_interval=3600, send_timeout=0.5)
+    await sink.start()
+    item = _classified(["p1", "p2"])
+    model = SimpleNamespace(
+        name="credit", version="2", schema=SimpleNamespace(class_labels=("0", "1"))
+    )
+    sink.submit(model, item.prediction_ids, item.job, item.outputs, 1.5, "t1")  # type: ignore[arg-type]
+    (spool / f"{0:016d}.tmp").symlink_to("/dev/full")
+    before = DROPPED._value.get()
+    await sink.flush()
+    assert DROPPED._value.get() - before == 2  # positive control: the spool refused it
+    (spool / f"{0:016d}.tmp").unlink(missing_ok=True)
+    await sink.stop()
+    assert [r[2] for r in Journal(spool / "journal").recover()] == [["p1", "p2"]]

@@ -150,7 +150,21 @@ def test_two_dimensional_column(credit: LoadedModel, model_repo: ModelRepo) -> N
 def test_mismatched_column_lengths(credit: LoadedModel, model_repo: ModelRepo) -> None:
     columns = _columns(model_repo)
     columns["debt_ratio"] = columns["debt_ratio"][:2]
-    _expect_invalid(credit, columns, "features.debt_ratio: has 2 values, but other features have 3")
+    _expect_invalid(
+        credit, columns, "features.debt_ratio: has 2 values, but the other features have 3"
+    )
+
+
+def test_mismatched_first_column_is_the_one_named(
+    credit: LoadedModel, model_repo: ModelRepo
+) -> None:
+    """The first feature short (REST `[null]` reads as no value): it is named, not the next."""
+    columns = _columns(model_repo)
+    first = credit.schema.feature_names[0]
+    columns[first] = columns[first][:0]
+    _expect_invalid(
+        credit, columns, f"features.{first}: has 0 values, but the other features have 3"
+    )
 
 
 @pytest.mark.parametrize(("value", "shown"), [(np.nan, "NaN"), (np.inf, "inf"), (-np.inf, "-inf")])

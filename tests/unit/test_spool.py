@@ -114,3 +114,16 @@ def test_one_process_per_spool_directory(tmp_path: Path) -> None:
         [sys.executable, "-c", probe, str(tmp_path / "spool")], capture_output=True, text=True
     )
     assert free.returncode == 0, free.stdout + free.stderr
+
+
+def test_a_batch_the_disk_refuses_is_spool_full_and_leaves_nothing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 1 << 20)
+    spool.append(b"kept")
+    # The next batch's temporary file is /dev/full: its write fails with ENOSPC.
+    (tmp_path / f"{1:016d}.tmp").symlink_to("/dev/full")
+    with pytest.raises(SpoolFull, match="No space left"):
+        spool.append(b"refused")
+    assert len(spool) == 1 and spool.bytes == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", f"{0:016d}.batch"]
+    spool.append(b"later")  # the disk has room again
+    assert drain(spool) == [b"kept", b"later"]

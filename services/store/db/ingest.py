@@ -14,12 +14,27 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 from psycopg.rows import TupleRow
 
+from cyclone.errors import InvalidArgument
+
 from . import queries
 from ._base import Conn, StoreBase
 from .rollup import mark_dirty
 from .types import LabelResult, PredictionRecord, uuid7_time
 
 log = logging.getLogger(__name__)
+
+
+class ForeignLabels(InvalidArgument):
+    """Labels sent for `model` whose predictions belong to other models (id -> its model)."""
+
+    def __init__(self, model: str, owners: dict[uuid.UUID, str]) -> None:
+        pid, owner = next(iter(owners.items()))
+        super().__init__(
+            f"labels: prediction {pid} is a prediction of model {owner!r}, not {model!r}"
+        )
+        self.model = model
+        self.owners = owners
+
 
 _JSONB_OID = 3802
 
@@ -161,7 +176,9 @@ class IngestMixin(StoreBase):
                 {"ids": list(latest), "labels": list(latest.values()), "model": model},
             )
             row = await cur.fetchone()
-        assert row is not None
+            assert row is not None
+            if row[2]:  # nothing was stored; raising here rolls back the rollup's delta too
+                raise ForeignLabels(model or "", dict(zip(row[2], row[3], strict=True)))
         return LabelResult(int(row[0]), list(row[1]), expired)
 
 

@@ -24,9 +24,14 @@ WITH u AS (
         WHERE pr.prediction_id = u.id AND pr.created_at = uuid7_time(u.id)
         LIMIT 1
     ) p ON true
+), foreign_ AS (
+    -- Ids of another model's predictions: the caller checks the labels against the model it
+    -- names, so storing them would put unchecked labels on that other model.
+    SELECT id, model FROM m WHERE %(model)s::text IS NOT NULL AND model <> %(model)s::text
 ), ins AS (
     INSERT INTO labels AS l (prediction_id, label, labelled_at, model)
     SELECT id, label, now(), coalesce(model, %(model)s::text) FROM m
+    WHERE NOT EXISTS (SELECT 1 FROM foreign_)
     ON CONFLICT (prediction_id) DO UPDATE
         SET label = EXCLUDED.label,
             labelled_at = EXCLUDED.labelled_at,
@@ -44,7 +49,9 @@ WITH u AS (
     GROUP BY 1, 2, 3
 )
 SELECT (SELECT count(*) FROM ins) AS stored,
-       coalesce(array_agg(id) FILTER (WHERE model IS NULL), '{}') AS unmatched
+       coalesce(array_agg(id) FILTER (WHERE model IS NULL), '{}') AS unmatched,
+       (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM foreign_) AS foreign_ids,
+       (SELECT coalesce(array_agg(model ORDER BY id), '{}') FROM foreign_) AS foreign_models
 FROM m
 """
 

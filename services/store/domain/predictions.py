@@ -23,6 +23,7 @@ from services.store.db import (
     TrainingChunk,
 )
 from services.store.db.copy_binary import Payload, RecordError, WireRecord, encode_predictions
+from services.store.db.ingest import ForeignLabels
 
 from .checks import (
     check_window,
@@ -160,7 +161,16 @@ class PredictionsArea(RegistryArea):
         ]
         if not items:
             raise InvalidArgument("labels: empty")
-        return await self.db.add_labels(items, model=model, not_before=self.db.retention_cutoff())
+        try:
+            return await self.db.add_labels(
+                items, model=model, not_before=self.db.retention_cutoff()
+            )
+        except ForeignLabels as exc:
+            i, pid = next((i, pid) for i, (pid, _) in enumerate(items) if pid in exc.owners)
+            raise InvalidArgument(
+                f"labels[{offset + i}].prediction_id: {pid} is a prediction of model"
+                f" {exc.owners[pid]!r}, not {model!r} (nothing stored)"
+            ) from None
 
     async def training_data(self, request: TrainingRequest) -> TrainingStream:
         """A window of a model's rows (labelled, or all with `include_unlabelled`)."""
