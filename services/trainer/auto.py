@@ -1,6 +1,7 @@
 """``retrain.window: auto``: which rows to hold out and which windows to fit, from the change
-point of the served predictions' loss; and the features that broke at that point (a data fault
-that retraining would learn instead of fixing). Pure functions over a `LabelledWindow`."""
+point of the served predictions' loss; the features that broke at that point (a data fault
+that retraining would learn instead of fixing) and those whose values are new there (learned,
+and said). Pure functions over a `LabelledWindow`."""
 
 from __future__ import annotations
 
@@ -92,9 +93,9 @@ def plan_auto(
 def broken_features(
     frame: pd.DataFrame, features: tuple[tuple[str, str], ...], since: int
 ) -> list[str]:
-    """Features that broke at row ``since``: all missing, one constant value, mostly out of
-    the range seen before, or mostly a category never seen before -- while they were not so
-    before. One reason per broken feature, naming it."""
+    """Features that broke at row ``since``: missing in most rows, or stuck at one value, while
+    they were not so before. Such a column carries nothing a model could learn: retraining on it
+    would only learn the fault. One reason per broken feature, naming it."""
     if since <= 0 or since >= len(frame):
         return []
     import pandas as pd  # lazy: the trainer's main process imports this module at start
@@ -115,25 +116,49 @@ def broken_features(
                 reasons.append(
                     f"{name}: stuck at {value:g} in {_top_share(a_ok):.0%} of rows since the change"
                 )
-            elif len(a_ok):
-                low, high = float(b_ok.min()), float(b_ok.max())
-                outside = float(np.mean((a_ok < low) | (a_ok > high)))
-                if outside >= BROKEN_SHARE:
-                    reasons.append(
-                        f"{name}: {outside:.0%} of values outside [{low:g}, {high:g}] seen before"
-                    )
         else:
-            seen = set(before.astype(str))
             a_text = after.astype(str)
-            unseen = float(np.mean(~a_text.isin(seen)))
-            if unseen >= BROKEN_SHARE:
-                reasons.append(f"{name}: {unseen:.0%} of values are categories never seen before")
-            elif _top_share(a_text) >= STUCK_SHARE > 2 * _top_share(before.astype(str)):
+            if _top_share(a_text) >= STUCK_SHARE > 2 * _top_share(before.astype(str)):
                 value = a_text.mode().iloc[0]
                 reasons.append(
                     f"{name}: stuck at {value!r} in {_top_share(a_text):.0%} of rows since the change"
                 )
     return reasons
+
+
+def novel_features(
+    frame: pd.DataFrame, features: tuple[tuple[str, str], ...], since: int
+) -> list[str]:
+    """Features whose values since row ``since`` are mostly new: outside the range seen before,
+    or categories never seen before. A new season, market or price level looks like this, and
+    so does an upstream change of units or codes: the values still carry information, so the
+    job retrains on them (the champion/challenger comparison decides) and says so, for a person
+    to check it was the world and not the pipeline."""
+    if since <= 0 or since >= len(frame):
+        return []
+    import pandas as pd  # lazy, see broken_features
+
+    notes: list[str] = []
+    for name, kind in features:
+        before, after = frame[name].iloc[:since], frame[name].iloc[since:]
+        if kind == "numeric":
+            b = pd.to_numeric(before, errors="coerce").to_numpy(dtype=np.float64)
+            a = pd.to_numeric(after, errors="coerce").to_numpy(dtype=np.float64)
+            b_ok, a_ok = b[np.isfinite(b)], a[np.isfinite(a)]
+            if len(b_ok) == 0 or len(a_ok) == 0:
+                continue
+            low, high = float(b_ok.min()), float(b_ok.max())
+            outside = float(np.mean((a_ok < low) | (a_ok > high)))
+            if outside >= BROKEN_SHARE:
+                notes.append(
+                    f"{name}: {outside:.0%} of values outside [{low:g}, {high:g}] seen before"
+                )
+        else:
+            seen = set(before.astype(str))
+            unseen = float(np.mean(~after.astype(str).isin(seen)))
+            if unseen >= BROKEN_SHARE:
+                notes.append(f"{name}: {unseen:.0%} of values are categories never seen before")
+    return notes
 
 
 def _top_share(values: Any) -> float:

@@ -224,6 +224,33 @@ async def test_a_broken_feature_is_a_data_fault_not_a_retrain(stack_of: Any) -> 
     assert "x1: stuck at 0" in alert.reasons[0] and alert.model == MODEL
 
 
+async def test_new_values_are_learned_and_said_not_refused_as_a_fault(stack_of: Any) -> None:
+    """A new world whose values were never seen (a region renamed into new codes, a feature on
+    a new scale) is retrained on, not stopped as a data fault: only a column missing or stuck
+    carries nothing to learn. The job's decision and the version's lineage name the new values."""
+    world = World("concept", 5)
+    stack: Stack = await stack_of(world)
+    rows = stream(world, BEFORE, 1500)
+    after = rows.index >= BEFORE
+    rows.loc[after, "region"] = rows.loc[after, "region"] + "-2"
+    rows.loc[after, "x4"] = rows.loc[after, "x4"] + 50.0
+    await serve(stack, rows)
+    response = await stack.trainer.Retrain(pb.RetrainRequest(model=MODEL, alert_id=9), timeout=10)
+    job, _ = await finished(stack, response.job.id)
+    assert pb.JobState.Name(job.state) == "JOB_STATE_SUCCEEDED", job.message
+    assert "new values since the change" in job.decision, job.decision
+    assert "region: 100% of values are categories never seen before" in job.decision
+    assert "x4: 100% of values outside" in job.decision
+    mv = (
+        await stack.store.GetModelVersion(
+            store_pb.GetModelVersionRequest(model=MODEL, version=job.new_version)
+        )
+    ).model_version
+    novel = json.loads(mv.holdout_metrics_json)["window"]["novel_values"]
+    assert [n.split(":")[0] for n in novel] == ["x4", "region"]
+    assert not stack.alerts.exists()  # no fault told to the notify sinks
+
+
 async def test_a_challenger_that_cannot_win_is_retried_while_red_then_notified(
     stack_of: Any,
 ) -> None:

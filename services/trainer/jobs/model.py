@@ -138,4 +138,9 @@ def window_text(outcome: FitOutcome, prepared: Prepared) -> str:
     if len(outcome.candidates) > 1:
         scores = ", ".join(f"{k} {v:.4g}" for k, v in outcome.candidates.items())
         text += f"; candidates on the holdout: {scores}"
+    novel = prepared.lineage.get("novel_values")
+    if novel:
+        # Learned, not refused (`auto.novel_features`): said, so a person can tell a new world
+        # from a pipeline that changed its units or codes.
+        text += f"; new values since the change, retrained on them: {'; '.join(novel)}"
     return text

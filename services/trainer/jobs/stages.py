@@ -18,7 +18,13 @@ from cyclone.models.repository import ModelRepository
 from cyclone.plan import Plan, primary_metric
 from cyclone.plugin_api import Alert
 from cyclone.plugins import get_plugins
-from services.trainer.auto import AutoWindow, broken_features, locate_change, plan_auto
+from services.trainer.auto import (
+    AutoWindow,
+    broken_features,
+    locate_change,
+    novel_features,
+    plan_auto,
+)
 from services.trainer.data import LabelledWindow
 from services.trainer.evaluate import class_counts, split_holdout
 from services.trainer.fit import LABEL, FitOutcome, FitTask, JobFailure
@@ -174,6 +180,7 @@ class JobStages:
         }
         if window.start is not None:
             fields.update(window_start=window.start, window_end=window.end)
+        novel: list[str] = []
         if auto is not None and auto.change is not None:
             broken = broken_features(window.frame, champion.features, auto.change.index)
             if broken:
@@ -184,6 +191,7 @@ class JobStages:
                 await self.notify(plan, champion.version, message)
                 await self.finish("failed", message, **fields)
                 return None
+            novel = novel_features(window.frame, champion.features, auto.change.index)
         if auto is not None and auto.change is not None and auto.fresh_rows < spec.min_rows:
             # Too few rows after the change to fit on them alone (a recent change and a job by
             # hand, or `wait` ran out): the whole window, which a retry may improve on.
@@ -201,6 +209,8 @@ class JobStages:
             lineage: dict[str, Any] = {"kind": "since_alert" if spec.since_alert else spec.kind}
         else:
             lineage = auto.lineage(counts)
+        if novel:
+            lineage["novel_values"] = novel
         holdout = window.frame.iloc[auto.holdout].reset_index(drop=True)
         trains = [
             (name, window.frame.iloc[rows].reset_index(drop=True))
