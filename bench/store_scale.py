@@ -383,6 +383,36 @@ async def _status_on_database(
     return totals_ms, scan_ms, raw_ms
 
 
+async def _label_pages(url: str, layout: Layout, size: int, calls: int = 30) -> str:
+    """What a label join touches, server-side: the store's label upsert for 100 ids drawn
+    from the whole table, under EXPLAIN (ANALYZE, BUFFERS), rolled back. Pages touched per
+    label (hit + read) is the algorithm's cost; pages read from outside shared buffers is the
+    memory's; execution ms follows the second once the table outgrows the cache."""
+    rng = random.Random(size + 1)
+    touched, read, exec_ms = [], [], []
+    sql = ("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + queries.UPSERT_LABELS).encode()
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        await conn.execute("SET jit = off")
+        await conn.rollback()
+        for _ in range(calls):
+            ids = [layout.pid(i) for i in rng.sample(range(size), 100)]
+            await conn.execute("SET LOCAL enable_seqscan = off")  # as the store's upsert
+            cur = await conn.execute(sql, {"ids": ids, "labels": ["1"] * 100, "model": None})
+            row = await cur.fetchone()
+            await conn.rollback()
+            assert row is not None
+            plan = row[0][0]
+            hit, miss = plan["Plan"]["Shared Hit Blocks"], plan["Plan"]["Shared Read Blocks"]
+            touched.append((hit + miss) / 100)
+            read.append(float(miss))
+            exec_ms.append(plan["Execution Time"])
+    return (
+        f"label upsert server-side (p50/p99): pages touched per label {_p(touched)}, pages"
+        f" read from outside shared buffers per 100 labels {_p(read)}, execution ms"
+        f" {_p(exec_ms)}"
+    )
+
+
 # --- through the store ------------------------------------------------------------------------
 
 
@@ -505,6 +535,7 @@ async def _measure(
         lambda: _unary(channel, "GetHealth", health_request, pb.GetHealthResponse), samples
     )
     # The raw count is a full scan (~10 s at 10M rows): a few samples, one above 10M.
+    print("    " + await _label_pages(url, layout, size), flush=True)
     raw_samples = max(3, samples // 50) if size <= 10_000_000 else 1
     db_ms: list[float] = []
     scan_ms: list[float] = []
