@@ -262,11 +262,28 @@ def down(
     data_dir: Annotated[Path | None, typer.Option(help="Data dir of the mesh.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for it to stop.")] = 60.0,
 ) -> None:
-    """Stop the mesh `cyclone up` started on this data dir."""
+    """Stop the mesh `cyclone up` started on this data dir (or what a killed one left)."""
     mesh = read_mesh(data_dir)
     if mesh is None:
+        from services.mesh import data_dir_holder
+
+        directory = (data_dir or default_data_dir()).expanduser().resolve()
+        holder = data_dir_holder(directory)
+        if holder is not None:
+            _fail(
+                f"a `cyclone up` (pid {holder}) holds {directory} but has not written where it"
+                " listens yet (still starting): try again once it is up",
+                1,
+            )
+        leftovers = _stop_leftovers(directory)
+        if leftovers:
+            typer.echo(
+                f"no `cyclone up` was running in {directory}; stopped what a killed one left:"
+                f" {', '.join(leftovers)}"
+            )
+            return
         _fail(
-            f"no `cyclone up` is running in {data_dir or default_data_dir()} (nothing to stop;"
+            f"no `cyclone up` is running in {directory} (nothing to stop;"
             " --data-dir or CYCLONE_DATA_DIR names another data dir)",
             1,
         )
@@ -285,6 +302,26 @@ def down(
             1,
         )
     typer.echo(f"stopped the mesh in {mesh.data_dir} ({len(pids)} processes)")
+
+
+def _stop_leftovers(data_dir: Path) -> list[str]:
+    """What a `cyclone up` killed outright left running on `data_dir` (its supervisor gone, its
+    store, trainer, monitors, Envoy and revisions in sessions of their own); then the embedded
+    PostgreSQL its store left. The model repository comes from the mesh file it left, if any."""
+    from cyclone.local_mesh import MESH_FILE
+    from services.mesh import stop_strays
+    from services.store.embedded import stop_if_running
+
+    repository = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        recorded = json.loads((data_dir / MESH_FILE).read_text()).get("repository")
+        repository = Path(recorded) if recorded else None
+    stopped = [str(pid) for pid in stop_strays(data_dir, repository)]
+    if stop_if_running(data_dir):
+        stopped.append("the embedded PostgreSQL")
+    with contextlib.suppress(FileNotFoundError):
+        (data_dir / MESH_FILE).unlink()
+    return stopped
 
 
 def _running(pids: set[int]) -> set[int]:

@@ -160,6 +160,55 @@ def _serves_control_plane(cmdline: str, data_dir: str) -> bool:
     return served and f"--data-dir {data_dir} " in f"{cmdline} "
 
 
+def stop_strays(
+    data_dir: Path, repository: Path | None, *, keep: set[int] | None = None, grace: float = 5.0
+) -> list[int]:
+    """Processes of the mesh of `data_dir` that no supervisor holds: revisions (they run in
+    sessions of their own, outliving trainers), and what a mesh killed outright left -- its
+    Envoy, store, trainer and monitors -- found by the mesh's data dir (or model `repository`,
+    for revisions) in their command line; stopped, and their pids returned. The control plane
+    goes first: a stray trainer would start again the revisions stopped under it."""
+    directory = str(data_dir)
+    keep = keep or {os.getpid()}
+    control = _stop_procs(
+        lambda argv, cmdline: _serves_control_plane(cmdline, directory), keep, grace
+    )
+    resolved = str(repository.resolve()) if repository is not None else None
+
+    def data_plane(argv: list[str], cmdline: str) -> bool:
+        if Path(argv[0]).name == "envoy":
+            return directory in cmdline
+        if "serve inference" not in cmdline:
+            return False
+        return (resolved is not None and resolved in cmdline) or (
+            f"--data-dir {directory} " in f"{cmdline} "
+        )
+
+    return control + _stop_procs(data_plane, keep, grace)
+
+
+def _stop_procs(
+    matches: Callable[[list[str], str], bool], keep: set[int], grace: float
+) -> list[int]:
+    import psutil
+
+    strays = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if proc.info["pid"] in keep or not argv:
+            continue
+        if matches(argv, " ".join(argv)):
+            strays.append(proc)
+    for proc in strays:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(strays, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return [p.pid for p in strays]
+
+
 def port_taken(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -168,6 +217,22 @@ def port_taken(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+def data_dir_holder(data_dir: Path) -> str | None:
+    """Who holds `data_dir`'s lock (a live `cyclone up`, starting or running), else None."""
+    try:
+        handle = (data_dir / LOCK_FILE).open("a+")
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            return handle.read().strip() or "another process"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 @contextlib.contextmanager
@@ -535,42 +600,13 @@ class Mesh:
             os.killpg(running.process.pid, signal.SIGKILL)
 
     def _stop_strays(self, grace: float = 5.0) -> list[int]:
-        """Processes of this mesh that are not its components: revisions (they run in sessions
-        of their own, outliving trainers), and what a mesh killed outright left -- its Envoy,
-        store, trainer and monitors -- found by the mesh's model repository or data dir in
-        their command line; stopped. The control plane goes first: a stray trainer would
-        start again the revisions stopped under it."""
-        control = self._stop_procs(
-            lambda argv, cmdline: _serves_control_plane(cmdline, str(self.settings.data_dir)),
-            grace,
+        """Processes of this mesh that are not its components (`stop_strays`)."""
+        return stop_strays(
+            self.settings.data_dir,
+            self.settings.repository,
+            keep={os.getpid(), *(r.process.pid for r in self.running)},
+            grace=grace,
         )
-        return control + self._stop_procs(self._is_stray_data_plane, grace)
-
-    def _is_stray_data_plane(self, argv: list[str], cmdline: str) -> bool:
-        repository = str(self.settings.repository.resolve())
-        revision = "serve inference" in cmdline and repository in cmdline
-        envoy = Path(argv[0]).name == "envoy" and str(self.settings.data_dir) in cmdline
-        return revision or envoy
-
-    def _stop_procs(self, matches: Callable[[list[str], str], bool], grace: float) -> list[int]:
-        import psutil
-
-        ours = {os.getpid(), *(r.process.pid for r in self.running)}
-        strays = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            argv = proc.info["cmdline"] or []
-            if proc.info["pid"] in ours or not argv:
-                continue
-            if matches(argv, " ".join(argv)):
-                strays.append(proc)
-        for proc in strays:
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-        _, alive = psutil.wait_procs(strays, timeout=grace)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        return [p.pid for p in strays]
 
     def request_stop(self) -> None:
         self._stopping.set()

@@ -333,3 +333,26 @@ def test_up_after_its_supervisor_was_killed_stops_what_it_left(tmp_path: Path) -
     finally:
         assert again.stop() == 0, again.log.read_text()[-3000:]
     assert _left_behind(str(data_dir)) == []
+
+
+def test_down_after_its_supervisor_was_killed_stops_what_it_left(tmp_path: Path) -> None:
+    """`cyclone down` with the supervisor SIGKILLed: no mesh answers, but its store, trainer,
+    monitor, Envoy, revisions and PostgreSQL still run; down stops them all and says so (it
+    used to say nothing was running and leave them)."""
+    data_dir = tmp_path / "data"
+    first = Up(data_dir, _ports())
+    first.start()
+    assert first.process is not None
+    old = {c: _component_pid(data_dir, c) for c in ("store", "trainer", "monitor")}
+    first.process.kill()
+    first.process.wait(10)
+    assert all(psutil.pid_exists(pid) for pid in old.values())  # positive control: orphans
+    assert _left_behind(str(data_dir)) != []
+
+    down = first.cli("down", "--data-dir", str(data_dir))
+    assert down.returncode == 0, down.stderr
+    assert "stopped what a killed one left" in down.stdout
+    assert _left_behind(str(data_dir)) == []
+    assert not (data_dir / "mesh.json").exists()
+    again = first.cli("down", "--data-dir", str(data_dir), check=False)
+    assert again.returncode == 1 and "no `cyclone up` is running" in again.stderr
