@@ -62,7 +62,7 @@ class LeaderHandoff:
                     started = await self._started(model, version)
                     if started:
                         return started
-                if self.election.leads and self.traffic.controller is not None:
+                if self.election.leads and self.traffic.ready:
                     asked = True
                     return await self.traffic.start_rollout(model, version, job_id)
                 leader = self.election.leader_address

@@ -59,7 +59,7 @@ class FakeElection:
 
 class FakeTraffic:
     def __init__(self) -> None:
-        self.controller: Any = None
+        self.ready = False
         self.started: list[str] = []
 
     async def start_rollout(self, model: str, version: str, job_id: int) -> str:
@@ -97,7 +97,7 @@ async def test_a_standby_hands_the_rollout_to_the_leader_retrying_while_unavaila
 
 async def test_the_leader_starts_the_rollout_itself() -> None:
     traffic = FakeTraffic()
-    traffic.controller = object()
+    traffic.ready = True
     election = FakeElection("", leads=True)
     handoff = LeaderHandoff(election, traffic, timeout=5, store=RolloutRecords())  # type: ignore[arg-type]
     assert await handoff("credit", "2", 11) == "3"
@@ -168,3 +168,28 @@ async def test_a_leader_that_does_not_answer_in_time_is_asked_again() -> None:
         )
         assert await handoff("credit", "2", 11) == "7"
     assert len(servicer.asked) == 2 and records.lookups == 1
+
+
+async def test_a_new_leader_starts_the_rollout_only_once_its_traffic_plane_is_up() -> None:
+    traffic = FakeTraffic()  # elected, but still resuming the store's rollouts
+    handoff = LeaderHandoff(
+        FakeElection("", leads=True),  # type: ignore[arg-type]
+        traffic,  # type: ignore[arg-type]
+        timeout=5,
+        store=RolloutRecords(),  # type: ignore[arg-type]
+    )
+    asked = asyncio.create_task(handoff("credit", "2", 11))
+    await asyncio.sleep(0.2)
+    assert traffic.started == [] and not asked.done()
+    traffic.ready = True
+    assert await asyncio.wait_for(asked, 5) == "3"
+    assert traffic.started == ["2"]
+
+
+async def test_a_traffic_plane_that_is_starting_refuses_rollouts_as_retryable() -> None:
+    from services.trainer.traffic import TrafficPlane
+
+    plane = TrafficPlane(settings=None, store=None)  # type: ignore[arg-type]
+    plane.controller = object()  # type: ignore[assignment]
+    with pytest.raises(NotLeader, match="starting"):
+        await plane.rollout("credit", "2")
