@@ -11,7 +11,8 @@ directly (a trainer runs the jobs it is asked for), so the standby claims and ru
    elected and rolls version 3 out itself; it answers through Envoy.
 
 Each job runs once (one owner, one version, one rollout), and each trainer's event loop stays
-responsive meanwhile (asyncio debug mode's slow-callback warnings, counted from the logs).
+responsive meanwhile (asyncio debug mode's slow-callback warnings after start-up, counted from
+the logs).
 """
 
 from __future__ import annotations
@@ -56,12 +57,18 @@ rollout: {strategy: red_black, red_black: {keep_old_for: 1s}, health_timeout: 1m
 """
 # asyncio debug mode logs every callback or task step that holds the loop longer than its
 # slow_callback_duration (0.1 s): "Executing <...> took 0.123 seconds".
+# After start-up no callback took over 0.1 s here. With the window's frame built on the loop
+# (pandas imported there) the first job held it 0.2 s, 0.9 s on a cold file cache, more under
+# load; tests/unit/test_trainer_event_loop.py catches that deterministically, this catches a
+# stall that could cost a renewal (every 2.7 s).
+SLOW_LIMIT_SECONDS = 0.5
 SLOW = re.compile(r"Executing (?P<what>.*) took (?P<seconds>[0-9.]+) seconds")
 
 
-def _slow_callbacks(log: Path) -> list[tuple[float, str]]:
+def _slow_callbacks(log: Path, after: int = 0) -> list[tuple[float, str]]:
+    """The slow callbacks logged past byte `after` of `log`, longest first."""
     found = []
-    for line in log.read_text(errors="replace").splitlines():
+    for line in log.read_bytes()[after:].decode(errors="replace").splitlines():
         match = SLOW.search(line)
         if match:
             found.append((float(match["seconds"]), match["what"][:300]))
@@ -122,12 +129,13 @@ async def test_a_standby_job_is_rolled_out_by_the_leader_and_by_the_next_one(
                         )
                     )
                 assert await _holder(fresh_database_url) == ("trainer-1", 1)
+                # Up: what the jobs and rollouts do from here on is what is counted.
+                started = [(tmp_path / f"trainer-{i}.log").stat().st_size for i in (1, 2)]
                 await _standby_jobs(fresh_database_url, store, proxy.public_address, running)
             for index in (1, 2):
-                slow = _slow_callbacks(tmp_path / f"trainer-{index}.log")
+                slow = _slow_callbacks(tmp_path / f"trainer-{index}.log", started[index - 1])
                 print(f"trainer-{index}: {len(slow)} slow callbacks; longest {slow[:5]}")
-                # Far below a renewal interval: no loop stall can cost the lease.
-                assert not slow or slow[0][0] < LEASE_SECONDS / 6, slow[:5]
+                assert not slow or slow[0][0] < SLOW_LIMIT_SECONDS, slow[:5]
         finally:
             await proxy.stop()
 
