@@ -95,6 +95,12 @@ def save_splits(path: Any, splits: Mapping[str, TrafficSplit]) -> None:
     write_atomically(path, json.dumps(document, indent=1, sort_keys=True))
 
 
+async def _write_yaml(path: Any, document: Mapping[str, Any]) -> None:
+    """Off the event loop: the YAML of every cluster and its fsync take a trainer's loop ~0.1 s
+    with a few models and grow with each (every write is under `EnvoyProxy._lock`)."""
+    await asyncio.to_thread(lambda: write_atomically(path, dump(document)))
+
+
 def load_splits(path: Any) -> dict[str, TrafficSplit]:
     """The saved splits; none when the file is missing or unreadable (the driver re-applies)."""
     try:
@@ -254,7 +260,8 @@ class EnvoyProxy:
         """Drive an Envoy that runs apart (`cyclone up` supervises it): wait until it is up,
         then carry on from the clusters, routes and splits it has. Never starts or stops it,
         so a restarted trainer changes nothing in flight."""
-        if not self._load_installed():
+        # In a thread: parsing the xDS files' YAML holds the loop ~0.1 s per attach.
+        if not await asyncio.to_thread(self._load_installed):
             raise RuntimeError(
                 f"no Envoy configuration under {self.layout.work_dir}: whoever runs Envoy"
                 " writes it first (EnvoyProxy.write_config)"
@@ -484,7 +491,7 @@ class EnvoyProxy:
         await self._write_clusters(list(union.values()))
         await self._write_routes(routes)
         self._splits = splits
-        save_splits(self.layout.splits, splits)
+        await asyncio.to_thread(save_splits, self.layout.splits, splits)
         if leaving:
             await self._wait_drained(leaving)
             await self._write_clusters(target)
@@ -496,7 +503,7 @@ class EnvoyProxy:
     async def _write_clusters(self, clusters: list[dict[str, Any]], timeout: float = 30.0) -> None:
         await self._check_may_write()
         self._version += 1
-        write_atomically(self.layout.cds, dump(cfg.cds_response(str(self._version), clusters)))
+        await _write_yaml(self.layout.cds, cfg.cds_response(str(self._version), clusters))
         self._installed_clusters = clusters
         # Envoy lists the bootstrap's static clusters (the trace collector) too.
         wanted = {c["name"] for c in [*clusters, *cfg.static_clusters(self.settings)]}
@@ -527,7 +534,7 @@ class EnvoyProxy:
         self._version += 1
         version = str(self._version)
         for table, body in routes.items():
-            write_atomically(self.layout.rds(table), dump(cfg.rds_response(version, body)))
+            await _write_yaml(self.layout.rds(table), cfg.rds_response(version, body))
         self._installed_routes.update(routes)
         deadline = time.monotonic() + timeout
         while True:

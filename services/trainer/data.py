@@ -3,6 +3,7 @@ frame (features + label, oldest first)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -99,6 +100,20 @@ async def collect(
             served.extend(list(answers.strings) or [str(v) for v in answers.numbers] or [""] * n)
         else:
             served.extend(list(answers.numbers) or [float("nan")] * n)
+    # Off the event loop: importing pandas (the first job's, over a second) and building the
+    # frame would hold up the trainer's lease renewals and its RPCs meanwhile.
+    return await asyncio.to_thread(assemble, columns, labels, served, times, features, task)
+
+
+def assemble(
+    columns: dict[str, list[Any]],
+    labels: list[Any],
+    served: list[Any],
+    times: list[int],
+    features: tuple[tuple[str, Kind], ...],
+    task: str,
+) -> LabelledWindow:
+    """The window as a frame, from the columns `collect` gathered (blocking: run in a thread)."""
     import pandas as pd  # lazy: the trainer's main process needs pandas only once a job runs
 
     frame = pd.DataFrame(columns)

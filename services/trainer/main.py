@@ -144,7 +144,7 @@ def build_trainer_server(
     if settings.envoy:
         election, traffic = _elected_traffic_plane(settings, store, server)
         if rollout is None:
-            rollout = LeaderHandoff(election, traffic)
+            rollout = LeaderHandoff(election, traffic, store=store)
     runner = JobRunner(
         StoreJobGateway(store, settings.model_repository),
         settings.model_repository,

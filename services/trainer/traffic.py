@@ -63,6 +63,9 @@ class TrafficPlane:
         self.keeper: ServingKeeper | None = None
         self.idle: IdleWatcher | None = None
         self._gateway: StoreGateway | None = None
+        # True once start() is done: a rollout started while the controller still resumes the
+        # store's active rollouts could be resumed (driven) a second time.
+        self.ready = False
 
     async def start(self, trainer_port: int) -> None:
         s = self.settings
@@ -136,6 +139,7 @@ class TrafficPlane:
                 self.orchestrator, self.proxy, self._rollout_active, s.idle_timeout_seconds
             )
             self.idle.start()
+        self.ready = True
         log.info(
             "traffic plane up: public %s, control %s, serving %s",
             self.proxy.public_address,
@@ -153,6 +157,8 @@ class TrafficPlane:
         """Start a rollout (the plan's strategy unless given) from a running revision."""
         if self.controller is None:
             raise NotLeader("the traffic plane is not started on this trainer")
+        if not self.ready:
+            raise NotLeader("the traffic plane is starting on this trainer; retry")
         if self.idle is not None:
             await self.idle.wake_model(model)  # the rollout starts from a running revision
         return await self.controller.start(model, version, strategy)
@@ -170,6 +176,7 @@ class TrafficPlane:
 
     async def stop(self) -> None:
         """Stop driving traffic; it can start again (a trainer elected anew)."""
+        self.ready = False
         idle, self.idle = self.idle, None
         controller, self.controller = self.controller, None
         self.keeper = None
