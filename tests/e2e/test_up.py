@@ -92,10 +92,15 @@ class Up:
 
 
 def _left_behind(marker: str) -> list[str]:
+    """Processes naming `marker` (the data dir) on their command line, but not the test run
+    itself (its workers; the data dir under pytest's basetemp has "pytest" in its path)."""
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        with_marker = " ".join(proc.info["cmdline"] or [])
-        if marker in with_marker and "pytest" not in with_marker:
+        argv = proc.info["cmdline"] or []
+        if any(Path(a).name == "pytest" or "xdist" in a for a in argv) or "pytest" in argv:
+            continue
+        with_marker = " ".join(argv)
+        if marker in with_marker:
             found.append(with_marker)
     return found
 

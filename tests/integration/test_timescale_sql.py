@@ -263,8 +263,9 @@ def test_timescale_ddl_and_queries(tmp_path: Path) -> None:
         {"hypertable_name": "predictions", "compression_enabled": True},
     ]
     assert rows("compressed") == [{"n": 1}]
-    assert rows("labels1") == [{"stored": 4, "unmatched": [orphan]}]
-    assert rows("labels2") == [{"stored": 1, "unmatched": []}]
+    no_foreign = {"foreign_ids": [], "foreign_models": []}
+    assert rows("labels1") == [{"stored": 4, "unmatched": [orphan], **no_foreign}]
+    assert rows("labels2") == [{"stored": 1, "unmatched": [], **no_foreign}]
     # Two minutes of model m, version 1 recomputed, folded into one running total (0013).
     assert rows("rollup_minutes") == [{"n": 2}]
     assert rows("totals") == [{"model": "m", "predictions": 6, "labels": 3}]
