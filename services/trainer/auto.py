@@ -104,8 +104,7 @@ def broken_features(
     for name, kind in features:
         before, after = frame[name].iloc[:since], frame[name].iloc[since:]
         if kind == "numeric":
-            b = pd.to_numeric(before, errors="coerce").to_numpy(dtype=np.float64)
-            a = pd.to_numeric(after, errors="coerce").to_numpy(dtype=np.float64)
+            b, a = _numbers(before), _numbers(after)
             b_ok, a_ok = b[np.isfinite(b)], a[np.isfinite(a)]
             if len(b_ok) == 0:
                 continue
@@ -136,15 +135,11 @@ def novel_features(
     to check it was the world and not the pipeline."""
     if since <= 0 or since >= len(frame):
         return []
-    import pandas as pd  # lazy, see broken_features
-
     notes: list[str] = []
     for name, kind in features:
         before, after = frame[name].iloc[:since], frame[name].iloc[since:]
         if kind == "numeric":
-            b = pd.to_numeric(before, errors="coerce").to_numpy(dtype=np.float64)
-            a = pd.to_numeric(after, errors="coerce").to_numpy(dtype=np.float64)
-            b_ok, a_ok = b[np.isfinite(b)], a[np.isfinite(a)]
+            b_ok, a_ok = _finite(_numbers(before)), _finite(_numbers(after))
             if len(b_ok) == 0 or len(a_ok) == 0:
                 continue
             low, high = float(b_ok.min()), float(b_ok.max())
@@ -159,6 +154,17 @@ def novel_features(
             if unseen >= BROKEN_SHARE:
                 notes.append(f"{name}: {unseen:.0%} of values are categories never seen before")
     return notes
+
+
+def _numbers(values: Any) -> Any:
+    """A column as floats; what does not parse is NaN (counted as missing)."""
+    import pandas as pd  # lazy, see broken_features
+
+    return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+
+
+def _finite(values: Any) -> Any:
+    return values[np.isfinite(values)]
 
 
 def _top_share(values: Any) -> float:
