@@ -1061,3 +1061,23 @@ async def test_a_killed_embedded_postgres_is_started_again(
                 await asyncio.sleep(0.5)
         assert [v.version for v in listed.model_versions] == ["1"]  # the same data
         assert int(pid_file.read_text().split()[0]) != killed
+
+
+async def test_lists_filtered_by_an_unknown_model_are_not_found_naming_the_field(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    """A typo in a list's model filter is NOT_FOUND naming the known models, not an empty
+    list that reads as "nothing happened yet"; a known model with nothing listed is empty."""
+    missing = grpc.StatusCode.NOT_FOUND
+    await register(stub, HOUSE, HOUSE_SCHEMA, "regression")
+    for call in (
+        stub.ListAlerts(pb.ListAlertsRequest(model="nope")),
+        stub.ListTrainingJobs(pb.ListTrainingJobsRequest(model="nope")),
+        stub.ListRollouts(pb.ListRolloutsRequest(model="nope")),
+    ):
+        await expect_error(call, missing, "model: 'nope' is not registered", HOUSE)
+    assert list((await stub.ListAlerts(pb.ListAlertsRequest(model=HOUSE))).alerts) == []
+    jobs = await stub.ListTrainingJobs(pb.ListTrainingJobsRequest(model=HOUSE))
+    assert list(jobs.jobs) == []
+    assert list((await stub.ListRollouts(pb.ListRolloutsRequest(model=HOUSE))).rollouts) == []
+    assert list((await stub.ListRollouts(pb.ListRolloutsRequest())).rollouts) == []

@@ -1882,7 +1882,7 @@ class ListAlertsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name; empty means all."""
+    """Model name; empty means all. A model that is not registered is NOT_FOUND."""
     status: _builtins.str
     """Status; empty means all."""
     limit: _builtins.int
@@ -2355,7 +2355,7 @@ class ListTrainingJobsRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name; empty means all."""
+    """Model name; empty means all. A model that is not registered is NOT_FOUND."""
     state: _builtins.str
     """State; empty means all."""
     limit: _builtins.int
@@ -2969,7 +2969,7 @@ class ListRolloutsRequest(_message.Message):
     ACTIVE_ONLY_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name; empty means all."""
+    """Model name; empty means all. A model that is not registered is NOT_FOUND."""
     active_only: _builtins.bool
     """Only pending, progressing and paused rollouts."""
     limit: _builtins.int
