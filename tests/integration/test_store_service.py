@@ -1081,3 +1081,35 @@ async def test_lists_filtered_by_an_unknown_model_are_not_found_naming_the_field
     assert list(jobs.jobs) == []
     assert list((await stub.ListRollouts(pb.ListRolloutsRequest(model=HOUSE))).rollouts) == []
     assert list((await stub.ListRollouts(pb.ListRolloutsRequest())).rollouts) == []
+
+
+async def test_a_version_serving_again_raises_its_red_again(stub: pb_grpc.StoreServiceStub) -> None:
+    """v1 went RED (alerts queued, a retrain made v2), then v1 was rolled back to: its RED is
+    news again. Marking an already serving version serving forgets nothing."""
+    for version in ("1", "2"):
+        await register(stub, HOUSE, HOUSE_SCHEMA, "regression", version=version, sha=version * 64)
+
+    async def serve(version: str) -> None:
+        await stub.SetModelStatus(
+            pb.SetModelStatusRequest(model=HOUSE, version=version, status=pb.MODEL_STATUS_SERVING)
+        )
+
+    async def red(version: str) -> pb.RecordEvaluationResponse:
+        return await stub.RecordEvaluation(
+            pb.RecordEvaluationRequest(
+                model=HOUSE,
+                version=version,
+                level="RED",
+                alerts=[pb.AlertRecord(targets=[pb.AlertTarget(action="retrain", sink="record")])],
+            )
+        )
+
+    await serve("1")
+    assert (await red("1")).alert_ids
+    assert not (await red("1")).alert_ids  # still RED: not news
+    await serve("2")
+    await serve("1")  # rolled back to
+    again = await red("1")
+    assert again.level_changed and again.alert_ids, again
+    await serve("1")  # already serving
+    assert not (await red("1")).level_changed
