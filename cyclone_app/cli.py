@@ -638,11 +638,12 @@ def retrain(
     import grpc
 
     from cyclone.client import TrainerClient
+    from cyclone_app.cli_errors import waiting_out_failover
 
     target = _target("trainer", trainer)
     try:
         with TrainerClient(target.address) as client:
-            job = client.retrain(model, reason)
+            job = waiting_out_failover(lambda: client.retrain(model, reason))
             typer.echo(_job_line(job))
             if wait:
                 for update in client.watch(job.id):
@@ -664,11 +665,12 @@ def jobs(
     import grpc
 
     from cyclone.client import TrainerClient
+    from cyclone_app.cli_errors import waiting_out_failover
 
     target = _target("trainer", trainer)
     try:
         with TrainerClient(target.address) as client:
-            listed = client.jobs(model, limit)
+            listed = waiting_out_failover(lambda: client.jobs(model, limit))
     except grpc.RpcError as exc:
         _rpc_fail(exc, target)
     for job in listed:

@@ -8,16 +8,38 @@ details.
 from __future__ import annotations
 
 import logging
+import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from cyclone.local_mesh import ADDRESS_ENV, ADDRESS_FLAG, Target, default_data_dir
 
 log = logging.getLogger("cyclone_app.cli")
+T = TypeVar("T")
 NOT_REACHED = frozenset({grpc.StatusCode.UNAVAILABLE})
+# What gRPC and Envoy say when no server took the call. Any other UNAVAILABLE came from a server
+# that answered and says why (a standby trainer naming the leader, a store whose database is
+# down): that is shown, not "nothing answered".
+_TRANSPORT_DETAILS = (
+    "failed to connect",
+    "connection refused",
+    "no healthy upstream",
+    "upstream connect error",
+    "socket closed",
+    "connection reset",
+    "dns resolution failed",
+    "broken pipe",
+)
+# Envoy is up but none of the component's instances is healthy: a trainer failing over (a
+# standby takes the leader's role within its lease, 10 s by default, then passes Envoy's
+# next health check) or a restart under way.
+NOT_FORWARDED = ("no healthy upstream", "connection failure")  # Envoy's reset reasons: local/remote
+FAILOVER_WAIT_SECONDS = 20.0
 
 
 def _code(exc: BaseException) -> grpc.StatusCode | None:
@@ -41,10 +63,41 @@ def unreachable(target: Target) -> str:
     )
 
 
+def not_reached(exc: BaseException) -> bool:
+    """The call reached no server (rather than a server answering UNAVAILABLE with why)."""
+    if _code(exc) not in NOT_REACHED:
+        return False
+    details = _details(exc).lower()
+    return not details or any(marker in details for marker in _TRANSPORT_DETAILS)
+
+
+def waiting_out_failover(call: Callable[[], T], *, wait: float = FAILOVER_WAIT_SECONDS) -> T:
+    """`call()`, tried again while Envoy has no instance to send it to (none healthy, or the
+    one it chose refused the connection: nothing was forwarded, so a write is safe to repeat),
+    for up to `wait` seconds."""
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            details = _details(exc)
+            forwarded = not any(marker in details for marker in NOT_FORWARDED)
+            if forwarded or time.monotonic() >= deadline:
+                raise
+            if not said:
+                print(
+                    f"no instance answers yet (failing over?); waiting up to {wait:.0f}s",
+                    file=sys.stderr,
+                )
+                said = True
+            time.sleep(0.5)
+
+
 def message(exc: BaseException, target: Target | None = None) -> str:
     """The sentence a person reads for a failed call to `target`."""
     code = _code(exc)
-    if code in NOT_REACHED and target is not None:
+    if not_reached(exc) and target is not None:
         return unreachable(target)
     details = _details(exc)
     if code is None:

@@ -735,12 +735,12 @@ def _trainer_call(trainer: str | None, call: Any) -> Any:
     import grpc
 
     from cyclone.client import TrainerClient
-    from cyclone_app.cli_errors import describe_failure
+    from cyclone_app.cli_errors import describe_failure, waiting_out_failover
 
     target = resolve("trainer", trainer)
     try:
         with TrainerClient(target.address) as client:
-            return call(client)
+            return waiting_out_failover(lambda: call(client))
     except grpc.RpcError as exc:
         _fail(describe_failure(exc, target), 1)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 from cyclone import heap
 from cyclone.errors import (
@@ -21,6 +22,19 @@ from services.inference.model import LoadedModel
 from services.inference.pool import MIB, ModelPool, PoolTarget
 
 log = logging.getLogger(__name__)
+
+
+class RequestFields(NamedTuple):
+    """What the API that was called names a request's model and version: an error names the
+    caller's field (`model` on the Cyclone API, `model_name` on an OIP inference)."""
+
+    model: str
+    version: str
+
+
+CYCLONE_FIELDS = RequestFields("model", "version")
+OIP_INFER_FIELDS = RequestFields("model_name", "model_version")
+OIP_MODEL_FIELDS = RequestFields("name", "version")  # ModelReady, ModelMetadata
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -70,43 +84,54 @@ class ModelCatalog:
         return self.pool is not None
 
     def lookup(
-        self, name: str, version: str, target: PoolTarget | None = None
+        self,
+        name: str,
+        version: str,
+        target: PoolTarget | None = None,
+        fields: RequestFields = CYCLONE_FIELDS,
     ) -> LoadedModel | None:
         """The model a request names, when it is loaded; None when a pool member must load it
         first (await `acquire`). The hot path: no await."""
         if self.pool is None:
-            return self.get(name, version)
-        return self.pool.loaded(*self._pool_key(name, version, target))
+            return self.get(name, version, fields)
+        return self.pool.loaded(*self._pool_key(name, version, target, fields))
 
     async def acquire(
-        self, name: str, version: str, target: PoolTarget | None = None
+        self,
+        name: str,
+        version: str,
+        target: PoolTarget | None = None,
+        fields: RequestFields = CYCLONE_FIELDS,
     ) -> LoadedModel:
         """The model a request names, loading it into the pool when it is not (waits for it)."""
         if self.pool is None:
-            return self.get(name, version)
-        return await self.pool.get(*self._pool_key(name, version, target))
+            return self.get(name, version, fields)
+        return await self.pool.get(*self._pool_key(name, version, target, fields))
 
-    def _pool_key(self, name: str, version: str, target: PoolTarget | None) -> tuple[str, str]:
+    def _pool_key(
+        self, name: str, version: str, target: PoolTarget | None, fields: RequestFields
+    ) -> tuple[str, str]:
         """Which version answers: the one the request's Envoy cluster names, else the one the
         request names, else the repository's latest."""
         if target is not None:
             if name and name != target.model:
                 raise FailedPrecondition(
-                    f"model_name: this route serves {target.model!r}, not {name!r}"
+                    f"{fields.model}: this route serves {target.model!r}, not {name!r}"
                 )
             if version and version != target.version:
                 raise NotFound(
-                    f"version: {target.model!r} version {version!r} is not served by this route"
+                    f"{fields.version}: {target.model!r} version {version!r} is not served by"
+                    " this route"
                     f" (serving {target.version!r})"
                 )
             return target.model, target.version
         if not name:
-            raise NotFound("model: empty model name")
+            raise NotFound(f"{fields.model}: empty model name")
         if version:
             return name, version
         versions = self.repository.versions(name)
         if not versions:
-            raise NotFound(f"model: {name!r} is not in the repository")
+            raise NotFound(f"{fields.model}: {name!r} is not in the repository")
         return name, versions[-1]
 
     def _open(self, repository: ModelRepository, name: str, version: str) -> LoadedModel:
@@ -173,19 +198,24 @@ class ModelCatalog:
         del self.models[name]
         heap.resettle()
 
-    def get(self, name: str, version: str = "") -> LoadedModel:
+    def get(
+        self, name: str, version: str = "", fields: RequestFields = CYCLONE_FIELDS
+    ) -> LoadedModel:
         loaded = self.models.get(name)
         if loaded is None:
             if not name:
-                raise NotFound("model: empty model name")
+                raise NotFound(f"{fields.model}: empty model name")
             if name in self.failures:
-                raise FailedPrecondition(f"model: {name!r} failed to load: {self.failures[name]}")
+                raise FailedPrecondition(
+                    f"{fields.model}: {name!r} failed to load: {self.failures[name]}"
+                )
             raise NotFound(
-                f"model: {name!r} is not served here (serving: {', '.join(self.models) or 'none'})"
+                f"{fields.model}: {name!r} is not served here"
+                f" (serving: {', '.join(self.models) or 'none'})"
             )
         if version and version != loaded.version:
             raise NotFound(
-                f"version: {name!r} version {version!r} is not served here (serving {loaded.version!r})"
+                f"{fields.version}: {name!r} version {version!r} is not served here (serving {loaded.version!r})"
             )
         return loaded
 

@@ -14,6 +14,7 @@ from cyclone.oip.v2 import open_inference_pb2 as pb
 from cyclone.oip.v2 import open_inference_pb2_grpc as pb_grpc
 from cyclone.rpc_errors import rpc_errors
 from services.inference import convert
+from services.inference.catalog import OIP_INFER_FIELDS, OIP_MODEL_FIELDS
 from services.inference.dataplane import DataPlane
 from services.inference.pool import PoolTarget
 
@@ -42,7 +43,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         if self.catalog.pooled:
             try:
-                await self.catalog.acquire(request.name, request.version, _pool_target(context))
+                await self.catalog.acquire(
+                    request.name, request.version, _pool_target(context), OIP_MODEL_FIELDS
+                )
             except CycloneError:
                 return pb.ModelReadyResponse(ready=False)
             return pb.ModelReadyResponse(ready=True)
@@ -60,7 +63,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         target = _pool_target(context) if self.catalog.pooled else None
         return convert.model_metadata(
-            await self.catalog.acquire(request.name, request.version, target)
+            await self.catalog.acquire(request.name, request.version, target, OIP_MODEL_FIELDS)
         )
 
     @rpc_errors()
@@ -70,9 +73,10 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Answers with the response already serialized (see `convert.infer_response`)."""
         started = time.perf_counter()
         target = _pool_target(context) if self.catalog.pooled else None
+        name, version = request.model_name, request.model_version
         model = self.catalog.lookup(
-            request.model_name, request.model_version, target
-        ) or await self.catalog.acquire(request.model_name, request.model_version, target)
+            name, version, target, OIP_INFER_FIELDS
+        ) or await self.catalog.acquire(name, version, target, OIP_INFER_FIELDS)
         wanted = convert.requested_outputs(model, request)
         job = convert.quick_prepared_from_tensors(model, request)
         if job is not None:
@@ -94,7 +98,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.RepositoryModelLoadResponse:
         if self.catalog.pooled:
-            await self.catalog.acquire(request.model_name, convert.load_version(request) or "")
+            await self.catalog.acquire(
+                request.model_name, convert.load_version(request) or "", fields=OIP_INFER_FIELDS
+            )
         else:
             self.catalog.load(request.model_name, convert.load_version(request))
         return pb.RepositoryModelLoadResponse()

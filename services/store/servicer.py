@@ -35,10 +35,12 @@ class StoreServicer(
     async def LogPredictions(
         self, request_iterator: AsyncIterator[pb.LogPredictionsRequest], context: Context
     ) -> pb.LogPredictionsResponse:
-        received, inserted = await self.store.log_predictions(
+        logged = await self.store.log_predictions(
             request.records async for request in request_iterator
         )
-        return pb.LogPredictionsResponse(received=received, inserted=inserted)
+        return pb.LogPredictionsResponse(
+            received=logged.received, inserted=logged.inserted, expired=logged.expired
+        )
 
     @rpc_errors(translate=database_errors)
     async def AddLabels(

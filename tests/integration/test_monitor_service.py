@@ -548,6 +548,10 @@ async def test_plans_default_custom_and_rejected(stack: Stack) -> None:
     error = await rpc_error(stack.client.GetPlan(pb.GetPlanRequest(model="nope"), timeout=10))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "'nope' is not registered; registered models: credit" in error.details()
+    # Alerts filtered by a model nobody registered: the same answer, not an empty list.
+    error = await rpc_error(stack.client.ListAlerts(pb.ListAlertsRequest(model="nope"), timeout=10))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "'nope' is not registered; registered models: credit" in error.details()
 
 
 # --- (6) not enough data ------------------------------------------------------------------------

@@ -131,6 +131,51 @@ async def test_a_version_that_cannot_load_is_not_found_naming_it(
         assert (await stub.Predict(_request("m1", frame))).version == "1"
 
 
+async def test_a_request_naming_another_model_than_its_route_names_the_callers_field(
+    start_inference_server: Any, pool_repo: tuple[Path, Any]
+) -> None:
+    """The route (cluster headers) serves m0 v1; a body naming m1, or m0 v2, is refused naming
+    the field of the API that was called: `model`/`version` on the Cyclone API,
+    `model_name`/`model_version` on the Open Inference Protocol."""
+    from cyclone.oip.v2 import open_inference_pb2 as oip_pb
+    from cyclone.oip.v2 import open_inference_pb2_grpc as oip_grpc
+
+    root, frame = pool_repo
+    route = _as_cluster("m0", "1")
+    async with pool_server(start_inference_server, root, budget_mb=512) as (running, stub):
+        failed = grpc.StatusCode.FAILED_PRECONDITION
+        missing = grpc.StatusCode.NOT_FOUND
+        details = await expect_error(
+            stub.Predict(_request("m1", frame), metadata=route), failed, "serves 'm0'"
+        )
+        assert details.startswith("model: "), details
+        versioned = _request("m0", frame)
+        versioned.version = "2"
+        details = await expect_error(stub.Predict(versioned, metadata=route), missing, "'2'")
+        assert details.startswith("version: "), details
+        async with aio.insecure_channel(running.address) as channel:
+            oip = oip_grpc.GRPCInferenceServiceStub(channel)
+            details = await expect_error(
+                oip.ModelInfer(oip_pb.ModelInferRequest(model_name="m1"), metadata=route),
+                failed,
+                "serves 'm0'",
+            )
+            assert details.startswith("model_name: "), details
+            details = await expect_error(
+                oip.ModelInfer(
+                    oip_pb.ModelInferRequest(model_name="m0", model_version="2"), metadata=route
+                ),
+                missing,
+                "'2'",
+            )
+            assert details.startswith("model_version: "), details
+            details = await expect_error(
+                oip.ModelMetadata(oip_pb.ModelMetadataRequest(name="m1"), metadata=route),
+                failed,
+            )
+            assert details.startswith("name: "), details
+
+
 def test_bad_pool_settings_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="pool_memory_mb: must be more than 0"):
         InferenceSettings(model_repository=tmp_path, pool_memory_mb=0)

@@ -111,6 +111,36 @@ async def test_label_for_a_dropped_prediction_is_ignored_with_an_answer(db: Stor
     assert await _count(db, "SELECT count(*) FROM labels") == 1
 
 
+async def test_predictions_past_retention_are_counted_expired_not_stored(db: StoreDB) -> None:
+    """As labels of such predictions are: a batch (a spool replayed after a long outage) mixing
+    old and fresh records stores the fresh ones and names how many were past retention."""
+    from cyclone.store.v1 import store_service_pb2 as store_pb
+
+    now = datetime.now(UTC)
+    old, fresh = rec(now - timedelta(days=4)), rec(now - timedelta(minutes=5))
+    wire = [
+        store_pb.PredictionRecord(
+            prediction_id=str(r.prediction_id),
+            model="m",
+            version="1",
+            input_json=b'{"x": 1}',
+            output_json=b'{"value": 0.0}',
+            latency_ms=1.0,
+        )
+        for r in (old, fresh)
+    ]
+
+    async def batches() -> AsyncIterator[list[store_pb.PredictionRecord]]:
+        yield wire
+        yield wire[:1]  # a batch holding nothing but expired records
+
+    logged = await Store(db).log_predictions(batches())
+
+    assert (logged.received, logged.inserted, logged.expired) == (3, 1, 2)
+    assert await db.get_prediction(old.prediction_id) is None
+    assert await db.get_prediction(fresh.prediction_id) is not None
+
+
 async def test_keep_forever_drops_nothing(fresh_database_url: str) -> None:
     store = StoreDB(min_size=1, max_size=2, retain_for=None)
     await store.open(fresh_database_url)

@@ -1061,3 +1061,55 @@ async def test_a_killed_embedded_postgres_is_started_again(
                 await asyncio.sleep(0.5)
         assert [v.version for v in listed.model_versions] == ["1"]  # the same data
         assert int(pid_file.read_text().split()[0]) != killed
+
+
+async def test_lists_filtered_by_an_unknown_model_are_not_found_naming_the_field(
+    stub: pb_grpc.StoreServiceStub,
+) -> None:
+    """A typo in a list's model filter is NOT_FOUND naming the known models, not an empty
+    list that reads as "nothing happened yet"; a known model with nothing listed is empty."""
+    missing = grpc.StatusCode.NOT_FOUND
+    await register(stub, HOUSE, HOUSE_SCHEMA, "regression")
+    for call in (
+        stub.ListAlerts(pb.ListAlertsRequest(model="nope")),
+        stub.ListTrainingJobs(pb.ListTrainingJobsRequest(model="nope")),
+        stub.ListRollouts(pb.ListRolloutsRequest(model="nope")),
+    ):
+        await expect_error(call, missing, "model: 'nope' is not registered", HOUSE)
+    assert list((await stub.ListAlerts(pb.ListAlertsRequest(model=HOUSE))).alerts) == []
+    jobs = await stub.ListTrainingJobs(pb.ListTrainingJobsRequest(model=HOUSE))
+    assert list(jobs.jobs) == []
+    assert list((await stub.ListRollouts(pb.ListRolloutsRequest(model=HOUSE))).rollouts) == []
+    assert list((await stub.ListRollouts(pb.ListRolloutsRequest())).rollouts) == []
+
+
+async def test_a_version_serving_again_raises_its_red_again(stub: pb_grpc.StoreServiceStub) -> None:
+    """v1 went RED (alerts queued, a retrain made v2), then v1 was rolled back to: its RED is
+    news again. Marking an already serving version serving forgets nothing."""
+    for version in ("1", "2"):
+        await register(stub, HOUSE, HOUSE_SCHEMA, "regression", version=version, sha=version * 64)
+
+    async def serve(version: str) -> None:
+        await stub.SetModelStatus(
+            pb.SetModelStatusRequest(model=HOUSE, version=version, status=pb.MODEL_STATUS_SERVING)
+        )
+
+    async def red(version: str) -> pb.RecordEvaluationResponse:
+        return await stub.RecordEvaluation(
+            pb.RecordEvaluationRequest(
+                model=HOUSE,
+                version=version,
+                level="RED",
+                alerts=[pb.AlertRecord(targets=[pb.AlertTarget(action="retrain", sink="record")])],
+            )
+        )
+
+    await serve("1")
+    assert (await red("1")).alert_ids
+    assert not (await red("1")).alert_ids  # still RED: not news
+    await serve("2")
+    await serve("1")  # rolled back to
+    again = await red("1")
+    assert again.level_changed and again.alert_ids, again
+    await serve("1")  # already serving
+    assert not (await red("1")).level_changed

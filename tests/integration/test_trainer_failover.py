@@ -30,6 +30,7 @@ import psycopg
 import pytest
 from grpc import aio
 from support import eventually
+from typer.testing import CliRunner
 
 from cyclone.client import MODEL_HEADER
 from cyclone.envoy import EnvoyProxy
@@ -44,12 +45,14 @@ from cyclone.store.v1 import store_service_pb2 as store_pb
 from cyclone.store.v1 import store_service_pb2_grpc as store_grpc
 from cyclone.trainer.v1 import trainer_service_pb2 as pb
 from cyclone.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
+from cyclone_app.cli import app
 from services.launch import Spawned, free_port, spawn, start_store
 from services.store.main import StoreSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
 MODEL = "credit"
+cli = CliRunner()
 LEASE_SECONDS = 3.0
 CLIENTS = 4
 
@@ -233,6 +236,11 @@ async def _run_failover(
             await standby.ListRollouts(pb.ListRolloutsRequest(model=MODEL), timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "standby" in (refused.value.details() or "")
+        # The CLI pointed at the standby quotes it (not "nothing answered").
+        said = await asyncio.to_thread(
+            cli.invoke, app, ["rollouts", "--trainer", trainers[1].address]
+        )
+        assert said.exit_code == 1 and "this trainer is a standby" in said.output, said.output
 
         async def reaches_leader() -> bool:
             try:
@@ -251,6 +259,12 @@ async def _run_failover(
             )
             os.killpg(trainers[0].process.pid, signal.SIGKILL)
             killed_at = time.monotonic()
+            # A user's `cyclone rollouts` right after the kill waits the failover out.
+            listed = asyncio.create_task(
+                asyncio.to_thread(
+                    cli.invoke, app, ["rollouts", "--model", MODEL, "--trainer", control]
+                )
+            )
 
             async def standby_leads() -> bool:
                 held = await _holder(url)
@@ -260,6 +274,8 @@ async def _run_failover(
             takeover = time.monotonic() - killed_at
             await eventually(reaches_leader, 60, "trainer calls through Envoy reach trainer 2")
             serving = time.monotonic() - killed_at
+            said = await listed
+            assert said.exit_code == 0, said.output
             print(f"takeover {takeover:.2f}s, trainer calls served again {serving:.2f}s")
             # The lease ran out and the standby's next try took it (one try per third).
             assert takeover <= LEASE_SECONDS * (1 + 1 / 3) + 1.5, takeover

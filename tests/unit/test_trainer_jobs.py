@@ -342,6 +342,29 @@ async def test_expired_jobs_are_taken_over_queued_ones_run_running_ones_fail(
     assert store.jobs[3].state == "queued" and store.jobs[3].owner == "alive"
 
 
+async def test_an_alerts_job_that_died_with_its_trainer_is_answered_again_once(
+    rig: Rig,
+) -> None:
+    """The alert's job was running on a trainer that was killed: a new job retrains (the model
+    would otherwise stay RED, alerts come on level changes only); a by-hand job is not
+    repeated, nor is the repeat if it dies too."""
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    store = rig.store
+    store.jobs[1] = Job(1, MODEL, "running", alert_id=7, owner="dead", lease_expires_at=past)
+    store.jobs[2] = Job(2, MODEL, "running", owner="dead", lease_expires_at=past)
+    await until(lambda: len(store.jobs) == 3 and store.jobs[3].ended)
+    again = store.jobs[3]
+    assert again.state == "succeeded" and again.alert_id == 0, again
+    assert again.reason == "alert 7 again: job 1 died with its trainer mid-run"
+    assert store.jobs[1].state == "failed" and store.jobs[2].state == "failed"
+    # The repeat dying too is not repeated.
+    store.jobs[3] = dataclasses.replace(again, state="running", lease_expires_at=past)
+    await until(lambda: store.jobs[3].state == "failed")
+    beats = store.heartbeats
+    await until(lambda: store.heartbeats >= beats + 2)  # a further claim round went by
+    assert len(store.jobs) == 3
+
+
 async def test_unknown_model_and_bad_ids_are_refused_before_any_job(rig: Rig) -> None:
     with pytest.raises(NotFound, match="model: 'nope'"):
         await rig.runner.retrain("nope")

@@ -388,7 +388,7 @@ class ListAlertsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name; empty means all."""
+    """Model name; empty means all. A model that is not registered is NOT_FOUND."""
     status: _builtins.str
     """Status; empty means all."""
     limit: _builtins.int

@@ -185,19 +185,27 @@ class LogPredictionsResponse(_message.Message):
 
     RECEIVED_FIELD_NUMBER: _builtins.int
     INSERTED_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
     received: _builtins.int
     """Records received."""
     inserted: _builtins.int
-    """Records newly stored (received minus duplicates of stored ones)."""
+    """Records newly stored (received minus duplicates of stored ones and expired
+    ones).
+    """
+    expired: _builtins.int
+    """Records of predictions made before the store's retention cutoff: not stored,
+    as labels of such predictions are not (AddLabelsResponse.expired_prediction_ids).
+    """
     def __init__(
         self,
         *,
         received: _builtins.int = ...,
         inserted: _builtins.int = ...,
+        expired: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inserted", b"inserted", "received", b"received"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired", b"expired", "inserted", b"inserted", "received", b"received"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1874,7 +1882,7 @@ class ListAlertsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name; empty means all."""
+    """Model name; empty means all. A model that is not registered is NOT_FOUND."""
     status: _builtins.str
     """Status; empty means all."""
     limit: _builtins.int
@@ -2347,7 +2355,7 @@ class ListTrainingJobsRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name; empty means all."""
+    """Model name; empty means all. A model that is not registered is NOT_FOUND."""
     state: _builtins.str
     """State; empty means all."""
     limit: _builtins.int
@@ -2961,7 +2969,7 @@ class ListRolloutsRequest(_message.Message):
     ACTIVE_ONLY_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name; empty means all."""
+    """Model name; empty means all. A model that is not registered is NOT_FOUND."""
     active_only: _builtins.bool
     """Only pending, progressing and paused rollouts."""
     limit: _builtins.int

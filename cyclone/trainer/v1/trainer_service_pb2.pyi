@@ -434,7 +434,7 @@ class ListJobsRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name; empty means all."""
+    """Model name; empty means all. A model that is not registered is NOT_FOUND."""
     state: Global___JobState.ValueType
     """State; unspecified means all."""
     limit: _builtins.int
@@ -914,7 +914,7 @@ class ListRolloutsRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Model name; empty means all."""
+    """Model name; empty means all. A model that is not registered is NOT_FOUND."""
     state: Global___RolloutState.ValueType
     """State; unspecified means all."""
     limit: _builtins.int

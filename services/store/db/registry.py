@@ -107,11 +107,26 @@ class RegistryMixin(StoreBase):
     async def set_model_status(
         self, model: str, version: str, status: ModelStatus, *, conn: Conn | None = None
     ) -> ModelVersion:
-        """Change status; making a version 'serving' retires the previous serving one."""
+        """Change status; making a version 'serving' retires the previous serving one and,
+        when it was not serving already, forgets the level it had before (see below)."""
         if status not in _STATUSES:
             raise ValueError(f"invalid status {status!r}")
         async with self._conn(conn) as c, c.transaction():
             if status == "serving":
+                cur = await c.execute(
+                    "SELECT status FROM model_versions WHERE model = %s AND version = %s"
+                    " FOR UPDATE",
+                    (model, version),
+                )
+                before = await cur.fetchone()
+                if before is not None and before[0] != "serving":
+                    # Serving again (rolled back to, or rolled out anew): its level starts
+                    # afresh, so a RED it had before is news again (alerts, a retrain) rather
+                    # than a RED nobody acts on because its alerts went out last time.
+                    await c.execute(
+                        "DELETE FROM model_health WHERE model = %s AND version = %s",
+                        (model, version),
+                    )
                 await c.execute(
                     "UPDATE model_versions SET status = 'retired'"
                     " WHERE model = %s AND status = 'serving' AND version <> %s",

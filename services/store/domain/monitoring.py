@@ -19,6 +19,7 @@ from services.store.db import (
 )
 
 from .checks import check_window, found, limit, not_negative, one_of, positive, require, traceparent
+from .registry import require_known_model
 
 MAX_CLAIM = 1000
 # Per-minute traffic over more than this is a report, not a chart.
@@ -126,4 +127,7 @@ class MonitoringArea:
         if status:
             one_of("status", status, ALERT_STATUSES)
         count = limit("limit", max_alerts, MAX_CLAIM, 100)
-        return await self.db.list_alerts(model or None, status or None, count)
+        alerts = await self.db.list_alerts(model or None, status or None, count)
+        if not alerts:
+            await require_known_model(self.db, model)
+        return alerts

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 
 from cyclone.errors import InvalidArgument
+from cyclone.ids import uuid7_time
 from services.store.db import (
     EPOCH,
     ColumnChunk,
@@ -108,23 +109,41 @@ class PredictionQuery:
     tolerance: float = 0.0
 
 
+@dataclass(frozen=True)
+class Logged:
+    """What one LogPredictions call did with its records."""
+
+    received: int
+    inserted: int
+    expired: int  # made before the retention cutoff: not stored, as their labels are not
+
+
 class PredictionsArea(RegistryArea):
-    async def log_predictions(
-        self, batches: AsyncIterator[Sequence[WireRecord]]
-    ) -> tuple[int, int]:
-        """Ingest batches of records as they arrive: (received, newly inserted)."""
-        received = inserted = 0
+    async def log_predictions(self, batches: AsyncIterator[Sequence[WireRecord]]) -> Logged:
+        """Ingest batches of records as they arrive. Records older than the retention cutoff
+        are counted, not stored: their labels would be refused as expired, and retention
+        would drop them anyway (a spool replayed after a long outage sends such records)."""
+        received = inserted = expired = 0
+        cutoff = self.db.retention_cutoff()
         pending: asyncio.Task[int] | None = None
         try:
             async for records in batches:
                 # Encode this batch while PostgreSQL is still working through the previous one.
                 payload = _encode(records, received)
+                rows = payload.rows
+                if (
+                    cutoff is not None
+                    and rows
+                    and EPOCH + timedelta(milliseconds=payload.first_ms) < cutoff
+                ):
+                    records, payload = _drop_expired(records, cutoff, received)
+                    expired += rows - payload.rows
                 if pending is not None:
                     inserted += await pending
                     pending = None
                 if payload.rows:
                     pending = asyncio.create_task(self._copy(records, payload, received))
-                received += payload.rows
+                received += rows
             if pending is not None:
                 inserted += await pending
                 pending = None
@@ -133,7 +152,7 @@ class PredictionsArea(RegistryArea):
                 pending.cancel()
                 with contextlib.suppress(BaseException):
                     await pending
-        return received, inserted
+        return Logged(received, inserted, expired)
 
     async def _copy(self, records: Sequence[WireRecord], payload: Payload, offset: int) -> int:
         try:
@@ -244,6 +263,15 @@ def _encode(records: Sequence[WireRecord], offset: int) -> Payload:
         return encode_predictions(records)
     except RecordError as exc:
         raise InvalidArgument(f"records[{offset + exc.index}].{exc.field}: {exc.reason}") from None
+
+
+def _drop_expired(
+    records: Sequence[WireRecord], cutoff: datetime, offset: int
+) -> tuple[Sequence[WireRecord], Payload]:
+    """The batch without its records made before `cutoff`, encoded again (rare: only a batch
+    whose oldest record is past retention pays for it)."""
+    kept = [r for r in records if uuid7_time(r.prediction_id) >= cutoff]
+    return kept, _encode(kept, offset)
 
 
 def _bad_json(records: Sequence[WireRecord], offset: int) -> InvalidArgument:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cyclone.errors import InvalidArgument
+from cyclone.errors import InvalidArgument, NotFound
 from services.store.db import AlreadyExistsError, ModelStats, ModelStatus, ModelVersion, StoreDB
 
 from .checks import found, name, not_negative, one_of, require
@@ -32,6 +32,17 @@ def already_registered(mv: ModelVersion, existing: ModelVersion | None) -> Inval
         f"model_version: {mv.model!r} version {mv.version!r} is already registered"
         + (" with a different sha256" if differs else "")
     )
+
+
+async def require_known_model(db: StoreDB, model: str) -> None:
+    """NOT_FOUND when a list's `model` filter names no registered model: an empty answer would
+    read as "nothing happened yet" when the name is a typo. Called only when a filtered list
+    came back empty, so a known model costs nothing."""
+    if not model or await db.latest_version(model) is not None:
+        return
+    names = sorted({v.model for v in await db.list_model_versions(None, summary=True)})
+    known = f"registered models: {', '.join(names)}" if names else "no model is registered"
+    raise NotFound(f"model: {model!r} is not registered; {known}")
 
 
 class RegistryArea:

@@ -13,6 +13,7 @@ from services.store.db import RoleFence, StoreDB
 from services.store.db.rollouts import ROLLOUT_STATES, RolloutEventRow, RolloutRow
 
 from .checks import finite_numbers, found, limit, one_of, percent, positive, require
+from .registry import require_known_model
 from .role_leases import check_fence
 
 MAX_LIST = 1000
@@ -94,4 +95,7 @@ class RolloutsArea:
     async def list_rollouts(self, model: str, active_only: bool, count: int) -> list[RolloutRow]:
         """Newest first, each with its events."""
         count = limit("limit", count, MAX_LIST, 50)
-        return await self.db.list_rollout_rows(model or None, active_only, count)
+        rows = await self.db.list_rollout_rows(model or None, active_only, count)
+        if not rows:
+            await require_known_model(self.db, model)
+        return rows

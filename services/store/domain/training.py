@@ -11,7 +11,7 @@ from cyclone.wire import JOB_STATES
 from services.store.db import AlreadyExistsError, ModelVersion, StoreDB, TrainingJob
 
 from .checks import found, limit, name, not_negative, one_of, positive, require
-from .registry import already_registered, check_new_version
+from .registry import already_registered, check_new_version, require_known_model
 
 MAX_JOBS = 1000
 # A job's lease when the caller names none, and the longest one (a trainer that stopped must
@@ -80,7 +80,10 @@ class TrainingArea:
         if state:
             one_of("state", state, JOB_STATES)
         count = limit("limit", count, MAX_JOBS, 50)
-        return await self.db.list_training_jobs(model or None, state or None, count)
+        jobs = await self.db.list_training_jobs(model or None, state or None, count)
+        if not jobs:
+            await require_known_model(self.db, model)
+        return jobs
 
     async def fail_orphaned_training_jobs(self, owner: str, reason: str) -> list[TrainingJob]:
         """End the unfinished jobs of every trainer but `owner` whose lease expired."""

@@ -127,9 +127,23 @@ class JobRunner:
             log.warning(
                 "job %d of %s: its trainer's lease expired; marked failed", job.id, job.model
             )
+            if job.alert_id:
+                await self._answer_again(job)
         for job in claimed.queued:
             log.info("job %d of %s was left queued; taken over", job.id, job.model)
             self._enqueue(job.model, job.id)
+
+    async def _answer_again(self, lost: Job) -> None:
+        """An alert's job died with its trainer: nothing else would retrain (alerts come on
+        level changes only), so the model would stay RED. One new job answers the alert again;
+        it carries no alert, so if it dies too (a fit that kills its trainer) none follows."""
+        reason = f"alert {lost.alert_id} again: job {lost.id} died with its trainer mid-run"
+        try:
+            again, _ = await self.retrain(lost.model, 0, reason)
+        except Exception as exc:  # the store is away: the alert stays unanswered, say so
+            log.error("job %d of %s: could not queue it again: %s", lost.id, lost.model, exc)
+            return
+        log.warning("job %d of %s queued again as job %d", lost.id, lost.model, again.id)
 
     async def run_one(self, job_id: int) -> Job:
         """Run one job another trainer queued (a Nomad batch job dispatched with its id), then
