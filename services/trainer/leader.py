@@ -72,6 +72,7 @@ class LeaderElection:
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         role: str = TRAFFIC_ROLE,
         clock: Callable[[], float] = time.monotonic,
+        step_down_when_cut_off: bool = True,
     ) -> None:
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds: must be positive, got {lease_seconds:g}")
@@ -84,6 +85,10 @@ class LeaderElection:
         self.lease_seconds = lease_seconds
         self.role = role
         self.clock = clock
+        # False when the led work must outlive a store outage (a traffic plane that runs its own
+        # Envoy and revisions: no other trainer can take those over, and stopping them would
+        # fail every request); its writes are still fenced while the lease is lapsed.
+        self.step_down_when_cut_off = step_down_when_cut_off
         self.epoch = 0  # the lease's epoch while this instance holds it, else 0
         self.leader_address = ""  # where the leader serves, as last seen
         self._deadline = 0.0
@@ -206,7 +211,8 @@ class LeaderElection:
             reply = await self._acquire()
         except aio.AioRpcError as exc:
             log.warning("role %s: store unreachable (%s)", self.role, exc.code().name)
-            if self.epoch > 0 and self.clock() > self._deadline + self.lease_seconds:
+            cut_off = self.epoch > 0 and self.clock() > self._deadline + self.lease_seconds
+            if cut_off and self.step_down_when_cut_off:
                 # Lapsed a whole lease ago and still no word from the store (cut off, not
                 # merely slow): another trainer may lead by now. Stop the traffic plane
                 # (revision supervision too), not only its writes, which stopped at the lapse.

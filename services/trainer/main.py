@@ -203,6 +203,9 @@ def _elected_traffic_plane(
         on_resumed=traffic_resume,
         holder=settings.instance_id,
         lease_seconds=settings.leader_lease_seconds,
+        # Apart, a standby can take Envoy and the revisions over; with its own Envoy this
+        # trainer stopping them on a store outage would fail every request.
+        step_down_when_cut_off=settings.envoy_apart,
     )
     traffic = TrafficPlane(settings, store, may_write=election.ensure_leading, fence=election.fence)
     return election, traffic

@@ -69,7 +69,13 @@ class Recorder:
         self.events.append("deposed")
 
 
-def election(store: FakeStore, clock: list[float], name: str, lease: float = 3.0) -> Any:
+def election(
+    store: FakeStore,
+    clock: list[float],
+    name: str,
+    lease: float = 3.0,
+    step_down_when_cut_off: bool = True,
+) -> Any:
     recorder = Recorder()
     chosen = LeaderElection(
         store,  # type: ignore[arg-type]
@@ -79,6 +85,7 @@ def election(store: FakeStore, clock: list[float], name: str, lease: float = 3.0
         address=f"{name}:1",
         lease_seconds=lease,
         clock=lambda: clock[0],
+        step_down_when_cut_off=step_down_when_cut_off,
     )
     return chosen, recorder
 
@@ -118,6 +125,26 @@ async def test_a_leader_stops_leading_at_its_own_deadline_never_after_the_stores
     clock[0] += 3.0  # a whole lease past the lapse without a word: cut off
     await a.try_once()
     assert a.epoch == 0 and events.events == ["elected", "deposed"]
+    await a.stop()
+
+
+async def test_a_leader_whose_work_nobody_can_take_over_keeps_it_through_a_store_outage() -> None:
+    """A trainer running its own Envoy and revisions (not apart): stopping them because the
+    store is away would fail every request, and no standby could take them over. Its writes
+    are still refused while the lease is lapsed; it leads on once the store answers."""
+    clock = [100.0]
+    store = FakeStore(clock)
+    a, events = election(store, clock, "a", lease=3.0, step_down_when_cut_off=False)
+    await a.start()
+    store.down = True
+    clock[0] += 10.0  # lapsed more than a whole lease ago: a leader apart would step down
+    await a.try_once()
+    assert not a.leads and a.epoch == 1 and events.events == ["elected"]
+    with pytest.raises(NotLeader):
+        await a.fence()
+    store.down = False
+    await a.try_once()
+    assert a.leads and a.epoch == 1 and events.events == ["elected"]
     await a.stop()
 
 
