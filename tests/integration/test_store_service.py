@@ -1052,15 +1052,25 @@ async def test_a_killed_embedded_postgres_is_started_again(
         killed = int(pid_file.read_text().split()[0])
         os.kill(killed, signal.SIGKILL)
         deadline = time.monotonic() + 60
+
+        def restarted() -> bool:
+            # A backend the dead postmaster left may still answer a pooled call for a moment:
+            # only a new postmaster shows the restart.
+            try:
+                return int(pid_file.read_text().split()[0]) != killed
+            except (OSError, ValueError, IndexError):
+                return False
+
         while True:
             try:
                 listed = await stub.ListModelVersions(pb.ListModelVersionsRequest(model=HOUSE))
-                break
+                if restarted():
+                    break
             except grpc.RpcError:
-                assert time.monotonic() < deadline, "the store never got its database back"
-                await asyncio.sleep(0.5)
+                pass
+            assert time.monotonic() < deadline, "the store never got its database back"
+            await asyncio.sleep(0.5)
         assert [v.version for v in listed.model_versions] == ["1"]  # the same data
-        assert int(pid_file.read_text().split()[0]) != killed
 
 
 async def test_lists_filtered_by_an_unknown_model_are_not_found_naming_the_field(
