@@ -28,12 +28,10 @@ import psycopg
 import pytest
 from grpc import aio
 from support import eventually
-from test_trainer_failover import _cleanup, _holder, _trainer_args, _true
+from test_trainer_failover import _cleanup, _holder, _trainer_args, _true, _two_trainer_edge
 from test_trainer_service import _register_champion, send_labelled
 
 from cyclone.client import MODEL_HEADER
-from cyclone.envoy import EnvoyProxy
-from cyclone.envoy.edge import edge_settings
 from cyclone.inference.v1 import inference_service_pb2 as inference_pb
 from cyclone.inference.v1 import inference_service_pb2_grpc as inference_grpc
 from cyclone.store.v1 import store_service_pb2 as store_pb
@@ -95,18 +93,7 @@ async def test_a_standby_job_is_rolled_out_by_the_leader_and_by_the_next_one(
         store = store_grpc.StoreServiceStub(store_channel)
         await _register_champion(store, repository)
         await store.SavePlan(store_pb.SavePlanRequest(model=MODEL, plan_yaml=PLAN))
-        proxy = EnvoyProxy(
-            edge_settings(
-                data_dir,
-                public_host="127.0.0.1",
-                public_port=ports["public"],
-                control_port=ports["control"],
-                store=store_server.address,
-                monitor=None,
-                trainer=f"127.0.0.1:{trainer_ports[0]}",
-                extra_trainers=[f"127.0.0.1:{trainer_ports[1]}"],
-            )
-        )
+        proxy = _two_trainer_edge(data_dir, ports, store_server.address, trainer_ports)
         await proxy.start()
         try:
             with _cleanup(repository) as running:

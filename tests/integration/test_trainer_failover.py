@@ -85,6 +85,25 @@ def _stop_revisions(repository: Path) -> None:
     psutil.wait_procs(found, timeout=10)
 
 
+def _two_trainer_edge(
+    data_dir: Path, ports: dict[str, int], store: str, trainer_ports: list[int]
+) -> EnvoyProxy:
+    """The supervisor's Envoy for two trainers: the same description the trainers write their
+    clusters from."""
+    return EnvoyProxy(
+        edge_settings(
+            data_dir,
+            public_host="127.0.0.1",
+            public_port=ports["public"],
+            control_port=ports["control"],
+            store=store,
+            monitor=None,
+            trainer=f"127.0.0.1:{trainer_ports[0]}",
+            extra_trainers=[f"127.0.0.1:{trainer_ports[1]}"],
+        )
+    )
+
+
 def _trainer_args(
     name: str, store: str, repository: Path, data_dir: Path, ports: dict[str, int], peers: str
 ) -> list[str]:
@@ -176,18 +195,7 @@ async def test_the_standby_takes_the_traffic_plane_when_the_leader_is_killed_und
     )
     async with await start_store(store_settings) as store:
         # The supervisor's Envoy: the same description the trainers write their clusters from.
-        proxy = EnvoyProxy(
-            edge_settings(
-                data_dir,
-                public_host="127.0.0.1",
-                public_port=ports["public"],
-                control_port=ports["control"],
-                store=store.address,
-                monitor=None,
-                trainer=f"127.0.0.1:{trainer_ports[0]}",
-                extra_trainers=[f"127.0.0.1:{trainer_ports[1]}"],
-            )
-        )
+        proxy = _two_trainer_edge(data_dir, ports, store.address, trainer_ports)
         await proxy.start()
         public, control = proxy.public_address, proxy.control_address
         try:

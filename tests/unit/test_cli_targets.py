@@ -143,6 +143,20 @@ def test_down_with_nothing_running_names_the_data_dir(data_dir: Path) -> None:
     assert f"no `cyclone up` is running in {data_dir}" in result.output
 
 
+def test_down_while_a_starting_up_holds_the_data_dir_stops_nothing(data_dir: Path) -> None:
+    """A `cyclone up` still starting holds the data dir's lock but wrote no mesh file yet:
+    down must not sweep its components as a killed mesh's leftovers; it says so, exit 1."""
+    from services.mesh import data_dir_holder, hold_data_dir
+
+    assert data_dir_holder(data_dir) is None  # positive control: nobody holds it yet
+    with hold_data_dir(data_dir):
+        assert data_dir_holder(data_dir) == str(os.getpid())
+        result = runner.invoke(app, ["down"])
+    assert result.exit_code == 1, result.output
+    assert f"pid {os.getpid()}" in result.output and "still starting" in result.output
+    assert data_dir_holder(data_dir) is None  # released with the holder
+
+
 def test_status_of_another_data_dir_sends_that_data_dirs_token(
     data_dir: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
